@@ -1,0 +1,341 @@
+//! The in-memory dirty bitmap: QEMU's `BdrvDirtyBitmap` state model over the [`HBitmap`] engine.
+//!
+//! No I/O here. A [`DirtyBitmap`] knows its name, granularity, covered size and QEMU's state flags
+//! (disabled, busy, readonly, persistent, inconsistent, skip_store); the checks and messages are
+//! QEMU's (`bdrv_dirty_bitmap_check`, `block-dirty-bitmap-*`).
+#![deny(unsafe_code)]
+
+pub mod hbitmap;
+pub mod sha256;
+
+pub use hbitmap::HBitmap;
+
+use crate::error::{Error, Result};
+use crate::format::{BME_MAX_GRANULARITY_BITS, BME_MAX_NAME_SIZE, BME_MIN_GRANULARITY_BITS};
+
+/// Check flag: refuse busy bitmaps. QEMU: BDRV_BITMAP_BUSY.
+pub const CHECK_BUSY: u32 = 1;
+/// Check flag: refuse readonly bitmaps. QEMU: BDRV_BITMAP_RO.
+pub const CHECK_RO: u32 = 2;
+/// Check flag: refuse inconsistent bitmaps. QEMU: BDRV_BITMAP_INCONSISTENT.
+pub const CHECK_INCONSISTENT: u32 = 4;
+/// Checks for operations that change bits. QEMU: BDRV_BITMAP_DEFAULT.
+pub const CHECK_DEFAULT: u32 = CHECK_BUSY | CHECK_RO | CHECK_INCONSISTENT;
+/// Checks for operations that only change state or read. QEMU: BDRV_BITMAP_ALLOW_RO.
+pub const CHECK_ALLOW_RO: u32 = CHECK_BUSY | CHECK_INCONSISTENT;
+
+/// Smallest granularity in bytes (512). QEMU: BME_MIN_GRANULARITY_BITS.
+pub const MIN_GRANULARITY: u64 = 1 << BME_MIN_GRANULARITY_BITS;
+/// Largest granularity in bytes (2 GiB). QEMU: BME_MAX_GRANULARITY_BITS.
+pub const MAX_GRANULARITY: u64 = 1 << BME_MAX_GRANULARITY_BITS;
+
+/// Checks a bitmap name the way `block-dirty-bitmap-add` does (1..=1023 bytes, no NUL).
+pub fn validate_name(name: &[u8]) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::InvalidArgument("Bitmap name cannot be empty".into()));
+    }
+    if name.len() > BME_MAX_NAME_SIZE {
+        return Err(Error::InvalidArgument(format!(
+            "Bitmap name too long: {} bytes (maximum {BME_MAX_NAME_SIZE})",
+            name.len()
+        )));
+    }
+    if name.contains(&0) {
+        return Err(Error::InvalidArgument("Bitmap name must not contain NUL bytes".into()));
+    }
+    Ok(())
+}
+
+/// Checks a granularity: a power of two from 512 B to 2 GiB. Returns its log2.
+pub fn validate_granularity(granularity: u64) -> Result<u32> {
+    if !granularity.is_power_of_two() || granularity < MIN_GRANULARITY {
+        return Err(Error::InvalidArgument(format!(
+            "Granularity must be power of 2 and at least 512 (got {granularity})"
+        )));
+    }
+    if granularity > MAX_GRANULARITY {
+        return Err(Error::InvalidArgument(format!(
+            "Granularity exceeds maximum ({MAX_GRANULARITY} bytes) (got {granularity})"
+        )));
+    }
+    Ok(granularity.trailing_zeros())
+}
+
+/// A dirty bitmap with QEMU's state flags.
+#[derive(Clone, Debug)]
+pub struct DirtyBitmap {
+    name: Option<Vec<u8>>,
+    bits: HBitmap,
+    disabled: bool,
+    busy: bool,
+    readonly: bool,
+    persistent: bool,
+    inconsistent: bool,
+    skip_store: bool,
+}
+
+impl DirtyBitmap {
+    /// A new enabled, empty, transient bitmap over `size` bytes (QEMU: bdrv_create_dirty_bitmap).
+    /// `name` None makes an anonymous bitmap. Granularity: a power of two from 512 B to 2 GiB.
+    pub fn new(name: Option<&[u8]>, size: u64, granularity: u64) -> Result<Self> {
+        if let Some(n) = name {
+            validate_name(n)?;
+        }
+        let gbits = validate_granularity(granularity)?;
+        let granules = size.div_ceil(granularity);
+        if granules > hbitmap::MAX_GRANULES {
+            return Err(Error::TooBig(format!(
+                "Bitmap of {size} bytes at granularity {granularity} needs {granules} bits; the \
+                 maximum is {}",
+                hbitmap::MAX_GRANULES
+            )));
+        }
+        Ok(DirtyBitmap {
+            name: name.map(<[u8]>::to_vec),
+            bits: HBitmap::new(size, gbits),
+            disabled: false,
+            busy: false,
+            readonly: false,
+            persistent: false,
+            inconsistent: false,
+            skip_store: false,
+        })
+    }
+
+    /// The name (None for anonymous bitmaps).
+    pub fn name(&self) -> Option<&[u8]> {
+        self.name.as_deref()
+    }
+
+    /// The name for messages ("(null)" for anonymous bitmaps, as glib prints it).
+    pub fn display_name(&self) -> String {
+        match &self.name {
+            Some(n) => String::from_utf8_lossy(n).into_owned(),
+            None => "(null)".into(),
+        }
+    }
+
+    /// Granularity in bytes.
+    pub fn granularity(&self) -> u64 {
+        1u64 << self.bits.granularity_bits()
+    }
+
+    /// log2 of the granularity.
+    pub fn granularity_bits(&self) -> u32 {
+        self.bits.granularity_bits()
+    }
+
+    /// Covered length in bytes.
+    pub fn size(&self) -> u64 {
+        self.bits.size()
+    }
+
+    /// Whether guest writes are recorded (QEMU: bdrv_dirty_bitmap_enabled).
+    pub fn enabled(&self) -> bool {
+        !self.disabled
+    }
+
+    /// QEMU's `recording` (no successors yet, so the same as enabled).
+    pub fn recording(&self) -> bool {
+        !self.disabled
+    }
+
+    /// The raw persistent flag.
+    pub fn persistent(&self) -> bool {
+        self.persistent
+    }
+
+    /// persistent && !skip_store: whether the bitmap is written back on store.
+    pub fn persistence(&self) -> bool {
+        self.persistent && !self.skip_store
+    }
+
+    /// Whether the bitmap was found in_use on open (unusable except for removal).
+    pub fn inconsistent(&self) -> bool {
+        self.inconsistent
+    }
+
+    /// Whether the bitmap belongs to an image that cannot be written.
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    /// Whether an operation holds the bitmap.
+    pub fn busy(&self) -> bool {
+        self.busy
+    }
+
+    /// QEMU: bdrv_dirty_bitmap_check. Runs BUSY, then RO, then INCONSISTENT, as requested.
+    pub fn check(&self, flags: u32) -> Result<()> {
+        let name = || self.display_name();
+        if flags & CHECK_BUSY != 0 && self.busy {
+            return Err(Error::Busy { name: name() });
+        }
+        if flags & CHECK_RO != 0 && self.readonly {
+            return Err(Error::ReadOnlyBitmap { name: name() });
+        }
+        if flags & CHECK_INCONSISTENT != 0 && self.inconsistent {
+            return Err(Error::Inconsistent { name: name() });
+        }
+        Ok(())
+    }
+
+    /// Sets persistence (QEMU: bdrv_dirty_bitmap_set_persistence).
+    pub fn set_persistence(&mut self, persistent: bool) {
+        self.persistent = persistent;
+    }
+
+    /// Sets the readonly flag (QEMU: bdrv_dirty_bitmap_set_readonly).
+    pub fn set_readonly(&mut self, readonly: bool) {
+        self.readonly = readonly;
+    }
+
+    /// Sets the busy flag (QEMU: bdrv_dirty_bitmap_set_busy).
+    pub fn set_busy(&mut self, busy: bool) {
+        self.busy = busy;
+    }
+
+    /// Sets skip_store (QEMU: bdrv_dirty_bitmap_skip_store).
+    pub fn set_skip_store(&mut self, skip: bool) {
+        self.skip_store = skip;
+    }
+
+    /// Marks the bitmap inconsistent, which also disables it (QEMU:
+    /// bdrv_dirty_bitmap_set_inconsistent). Only persistent bitmaps can be inconsistent.
+    pub fn set_inconsistent(&mut self) -> Result<()> {
+        if !self.persistent {
+            return Err(Error::Precondition(format!(
+                "Bitmap '{}' is not persistent and cannot be marked inconsistent",
+                self.display_name()
+            )));
+        }
+        self.inconsistent = true;
+        self.disabled = true;
+        Ok(())
+    }
+
+    /// Enables recording with QMP's checks (ALLOW_RO).
+    pub fn enable(&mut self) -> Result<()> {
+        self.check(CHECK_ALLOW_RO)?;
+        self.disabled = false;
+        Ok(())
+    }
+
+    /// Disables recording with QMP's checks (ALLOW_RO).
+    pub fn disable(&mut self) -> Result<()> {
+        self.check(CHECK_ALLOW_RO)?;
+        self.disabled = true;
+        Ok(())
+    }
+
+    /// Sets the enabled state without checks (QEMU: bdrv_enable/disable_dirty_bitmap).
+    pub fn set_enabled_unchecked(&mut self, enabled: bool) {
+        self.disabled = !enabled;
+    }
+
+    fn check_range(&self, what: &str, offset: u64, bytes: u64) -> Result<()> {
+        match offset.checked_add(bytes) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(Error::Precondition(format!(
+                "Bitmap '{}': {what} range [{offset}, +{bytes}) is beyond its size {}",
+                self.display_name(),
+                self.size()
+            ))),
+        }
+    }
+
+    /// Marks [offset, offset + bytes) dirty, rounded outward to granules (QEMU:
+    /// bdrv_set_dirty_bitmap). Works on disabled bitmaps. Refused on readonly and inconsistent
+    /// bitmaps and for ranges beyond the end.
+    pub fn set_dirty(&mut self, offset: u64, bytes: u64) -> Result<()> {
+        self.check(CHECK_RO | CHECK_INCONSISTENT)?;
+        self.check_range("set", offset, bytes)?;
+        self.bits.set(offset, bytes);
+        Ok(())
+    }
+
+    /// Clears [offset, offset + bytes) (QEMU: bdrv_reset_dirty_bitmap). `offset` must be a
+    /// multiple of the granularity, and `bytes` too unless the range ends at the bitmap's end.
+    pub fn reset_dirty(&mut self, offset: u64, bytes: u64) -> Result<()> {
+        self.check(CHECK_RO | CHECK_INCONSISTENT)?;
+        self.check_range("reset", offset, bytes)?;
+        let g = self.granularity();
+        if offset % g != 0 {
+            return Err(Error::Precondition(format!(
+                "Bitmap '{}': reset offset {offset} is not a multiple of the granularity {g}",
+                self.display_name()
+            )));
+        }
+        if bytes % g != 0 && offset + bytes != self.size() {
+            return Err(Error::Precondition(format!(
+                "Bitmap '{}': reset length {bytes} is not a multiple of the granularity {g} and \
+                 does not reach the end of the bitmap",
+                self.display_name()
+            )));
+        }
+        self.bits.reset(offset, bytes);
+        Ok(())
+    }
+
+    /// Clears every bit with QMP's checks (DEFAULT) (QEMU: block-dirty-bitmap-clear).
+    pub fn clear(&mut self) -> Result<()> {
+        self.check(CHECK_DEFAULT)?;
+        self.bits.reset_all();
+        Ok(())
+    }
+
+    /// Whether the granule containing `offset` is dirty (false beyond the end).
+    pub fn get(&self, offset: u64) -> bool {
+        self.bits.get(offset)
+    }
+
+    /// Dirty granules times granularity, in bytes.
+    pub fn count(&self) -> u64 {
+        self.bits.count()
+    }
+
+    /// First dirty offset in [offset, offset + bytes) clamped to the size; None if none.
+    pub fn next_dirty(&self, offset: u64, bytes: u64) -> Option<u64> {
+        self.bits.next_dirty(offset, bytes)
+    }
+
+    /// First clean offset in [offset, offset + bytes) clamped to the size; None if none.
+    pub fn next_zero(&self, offset: u64, bytes: u64) -> Option<u64> {
+        self.bits.next_zero(offset, bytes)
+    }
+
+    /// The next dirty run in [start, min(end, size)), at most `max_bytes` long.
+    pub fn next_dirty_area(&self, start: u64, end: u64, max_bytes: u64) -> Option<(u64, u64)> {
+        if max_bytes == 0 {
+            return None;
+        }
+        self.bits.next_dirty_area(start, end, max_bytes)
+    }
+
+    /// SHA-256 of the bits, equal to QEMU's `x-debug-block-dirty-bitmap-sha256`.
+    pub fn sha256(&self) -> String {
+        self.bits.sha256_hex()
+    }
+
+    /// self |= src with QEMU's checks: DEFAULT on the target, ALLOW_RO on the source, equal
+    /// sizes. Granularities may differ. On error nothing changes.
+    pub fn merge_from(&mut self, src: &DirtyBitmap) -> Result<()> {
+        self.check(CHECK_DEFAULT)?;
+        src.check(CHECK_ALLOW_RO)?;
+        if self.size() != src.size() {
+            return Err(Error::SizeMismatch { dest: self.size(), src: src.size() });
+        }
+        self.bits.merge_from(&src.bits);
+        Ok(())
+    }
+
+    /// The engine, for readers (store, serialization).
+    pub fn bits(&self) -> &HBitmap {
+        &self.bits
+    }
+
+    /// The engine, for loaders. No checks.
+    pub fn bits_mut(&mut self) -> &mut HBitmap {
+        &mut self.bits
+    }
+}
