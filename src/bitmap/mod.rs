@@ -102,6 +102,14 @@ impl DirtyBitmap {
         })
     }
 
+    /// A bitmap whose name comes from an image's directory: QEMU accepts any bytes there on load
+    /// (even an empty name), so only the granularity and size are checked.
+    pub fn with_unchecked_name(name: Vec<u8>, size: u64, granularity: u64) -> Result<Self> {
+        let mut bm = Self::new(None, size, granularity)?;
+        bm.name = Some(name);
+        Ok(bm)
+    }
+
     /// The name (None for anonymous bitmaps).
     pub fn name(&self) -> Option<&[u8]> {
         self.name.as_deref()

@@ -68,4 +68,12 @@ impl Header {
     pub fn extensions_end(&self) -> u64 {
         todo!()
     }
+    /// Refuses unknown incompatible features, naming them from the feature table.
+    pub fn check_incompatible(
+        &self,
+        table: Option<&[crate::format::extension::FeatureName]>,
+    ) -> Result<()> {
+        let _ = table;
+        todo!()
+    }
 }
