@@ -269,7 +269,7 @@ impl Refcounts {
         let cs = self.cluster_size();
         let epb = self.entries_per_block;
         let file_clusters = storage
-            .len()
+            .size()
             .map_err(|e| Error::io("Could not get the image length", e))?
             .div_ceil(cs);
         let a = file_clusters.max(self.alloc_end).max(1);

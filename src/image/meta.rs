@@ -20,7 +20,7 @@ pub struct Meta {
 impl Meta {
     /// Reads and validates cluster 0: header, extensions, unknown incompatible features.
     pub fn read(storage: &dyn Storage) -> Result<Meta> {
-        let len = storage.len().map_err(|e| Error::io("Could not get the image length", e))?;
+        let len = storage.size().map_err(|e| Error::io("Could not get the image length", e))?;
         let mut probe = vec![0u8; len.min(104) as usize];
         storage
             .read_exact_at(&mut probe, 0)

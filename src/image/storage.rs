@@ -14,8 +14,8 @@ pub trait Storage: Send {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Writes all of `buf` at `offset`, growing the file when needed.
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
-    /// Current length in bytes.
-    fn len(&self) -> io::Result<u64>;
+    /// Current length of the file in bytes.
+    fn size(&self) -> io::Result<u64>;
     /// Makes every completed write durable (fdatasync).
     fn flush(&mut self) -> io::Result<()>;
     /// Gives the space of [offset, offset + len) back to the filesystem if possible; the range
@@ -59,7 +59,7 @@ impl Storage for FileStorage {
         self.file.write_all_at(buf, offset)
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }
 
@@ -96,7 +96,7 @@ impl Storage for MemStorage {
         Ok(())
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.data.len() as u64)
     }
 
