@@ -121,7 +121,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Wraps an I/O error with what qdirty was doing.
     pub fn io(op: impl Into<String>, source: io::Error) -> Self {
-        Error::Io { op: op.into(), source }
+        Error::Io {
+            op: op.into(),
+            source,
+        }
     }
 
     /// A hint to show after the message, as QEMU's `error_append_hint` does.
@@ -141,7 +144,9 @@ impl Error {
                 _ if source.kind() == io::ErrorKind::UnexpectedEof => libc::EIO,
                 _ => libc::EIO,
             },
-            Error::InvalidArgument(_) | Error::Precondition(_) | Error::InvalidImage(_) => libc::EINVAL,
+            Error::InvalidArgument(_) | Error::Precondition(_) | Error::InvalidImage(_) => {
+                libc::EINVAL
+            }
             Error::Unsupported(_) => libc::ENOTSUP,
             Error::NeedsRepair(_) => libc::EACCES,
             Error::BitmapNotFound { .. } => libc::ENOENT,
@@ -160,7 +165,10 @@ impl Error {
     /// Prefixes the message with context, keeping the variant (and so the errno).
     pub fn context(self, prefix: impl std::fmt::Display) -> Self {
         match self {
-            Error::Io { op, source } => Error::Io { op: format!("{prefix}: {op}"), source },
+            Error::Io { op, source } => Error::Io {
+                op: format!("{prefix}: {op}"),
+                source,
+            },
             Error::InvalidArgument(m) => Error::InvalidArgument(format!("{prefix}: {m}")),
             Error::Precondition(m) => Error::Precondition(format!("{prefix}: {m}")),
             Error::InvalidImage(m) => Error::InvalidImage(format!("{prefix}: {m}")),

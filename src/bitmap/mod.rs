@@ -41,7 +41,9 @@ pub fn validate_name(name: &[u8]) -> Result<()> {
         )));
     }
     if name.contains(&0) {
-        return Err(Error::InvalidArgument("Bitmap name must not contain NUL bytes".into()));
+        return Err(Error::InvalidArgument(
+            "Bitmap name must not contain NUL bytes".into(),
+        ));
     }
     Ok(())
 }
@@ -331,7 +333,10 @@ impl DirtyBitmap {
         self.check(CHECK_DEFAULT)?;
         src.check(CHECK_ALLOW_RO)?;
         if self.size() != src.size() {
-            return Err(Error::SizeMismatch { dest: self.size(), src: src.size() });
+            return Err(Error::SizeMismatch {
+                dest: self.size(),
+                src: src.size(),
+            });
         }
         self.bits.merge_from(&src.bits);
         Ok(())

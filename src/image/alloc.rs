@@ -95,10 +95,17 @@ impl Refcounts {
         }
         if !self.blocks.contains_key(&index) {
             let mut data = vec![0u8; self.cluster_size() as usize];
-            storage
-                .read_exact_at(&mut data, offset)
-                .map_err(|e| Error::io(format!("Could not read refcount block at {offset:#x}"), e))?;
-            self.blocks.insert(index, Block { offset, data, dirty: false });
+            storage.read_exact_at(&mut data, offset).map_err(|e| {
+                Error::io(format!("Could not read refcount block at {offset:#x}"), e)
+            })?;
+            self.blocks.insert(
+                index,
+                Block {
+                    offset,
+                    data,
+                    dirty: false,
+                },
+            );
         }
         Ok(self.blocks.get_mut(&index))
     }
@@ -255,7 +262,14 @@ impl Refcounts {
                 .map_err(|e| Error::io("Could not update the refcount table", e))?;
             flush(storage)?;
             self.reftable[bi as usize] = offset;
-            self.blocks.insert(bi, Block { offset, data, dirty: false });
+            self.blocks.insert(
+                bi,
+                Block {
+                    offset,
+                    data,
+                    dirty: false,
+                },
+            );
             self.alloc_end = self.alloc_end.max(j + 1);
             return Ok(());
         }
@@ -301,7 +315,9 @@ impl Refcounts {
         }
         let end = a + b + t;
         if end.checked_mul(cs).is_none_or(|e| e > MAX_HOST_OFFSET) {
-            return Err(Error::TooBig("Cannot grow the refcount table beyond 2^56".into()));
+            return Err(Error::TooBig(
+                "Cannot grow the refcount table beyond 2^56".into(),
+            ));
         }
         let mut new_table = self.reftable.clone();
         new_table.resize(entries as usize, 0);
@@ -354,7 +370,14 @@ impl Refcounts {
         self.reftable_clusters = t as u32;
         for (bi, data) in new_blocks {
             let offset = self.reftable[bi as usize];
-            self.blocks.insert(bi, Block { offset, data, dirty: false });
+            self.blocks.insert(
+                bi,
+                Block {
+                    offset,
+                    data,
+                    dirty: false,
+                },
+            );
         }
         self.alloc_end = self.alloc_end.max(end);
         self.free(storage, old_offset, u64::from(old_clusters))?;
@@ -386,5 +409,7 @@ impl Refcounts {
 
 /// fdatasync with a message.
 pub fn flush(storage: &mut dyn Storage) -> Result<()> {
-    storage.flush().map_err(|e| Error::io("Could not flush the image", e))
+    storage
+        .flush()
+        .map_err(|e| Error::io("Could not flush the image", e))
 }

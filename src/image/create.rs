@@ -18,17 +18,22 @@ const DEFAULT_CLUSTER_SIZE: u32 = 65536;
 
 /// Builds the bytes of a blank image.
 pub fn blank_image(size: u64, cluster_size: u32) -> Result<Vec<u8>> {
-    let cluster_size = if cluster_size == 0 { DEFAULT_CLUSTER_SIZE } else { cluster_size };
+    let cluster_size = if cluster_size == 0 {
+        DEFAULT_CLUSTER_SIZE
+    } else {
+        cluster_size
+    };
     let cluster_bits = cluster_size.trailing_zeros();
-    if !cluster_size.is_power_of_two() || !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits)
+    if !cluster_size.is_power_of_two()
+        || !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits)
     {
         return Err(Error::InvalidArgument(format!(
             "Cluster size must be a power of two between 512 and 2048k (got {cluster_size})"
         )));
     }
-    let size = size.checked_next_multiple_of(512).ok_or_else(|| {
-        Error::InvalidArgument(format!("Image size {size} is too large"))
-    })?;
+    let size = size
+        .checked_next_multiple_of(512)
+        .ok_or_else(|| Error::InvalidArgument(format!("Image size {size} is too large")))?;
     let cs = u64::from(cluster_size);
     // Each L2 table maps cs / 8 clusters.
     let l2_coverage = cs * (cs / 8);
@@ -61,11 +66,20 @@ pub fn blank_image(size: u64, cluster_size: u32) -> Result<Vec<u8>> {
     let refblocks_off = (1 + t) * cs;
     let l1_off = (1 + t + b) * cs;
     for i in 0..b {
-        be::put_u64(&mut img, (reftable_off + 8 * i) as usize, refblocks_off + i * cs);
+        be::put_u64(
+            &mut img,
+            (reftable_off + 8 * i) as usize,
+            refblocks_off + i * cs,
+        );
     }
     for c in 0..total {
         let block = (refblocks_off + (c / epb) * cs) as usize;
-        refcount::set_refcount(&mut img[block..block + cs as usize], c % epb, REFCOUNT_ORDER, 1);
+        refcount::set_refcount(
+            &mut img[block..block + cs as usize],
+            c % epb,
+            REFCOUNT_ORDER,
+            1,
+        );
     }
     let header = Header {
         version: 3,

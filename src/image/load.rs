@@ -5,7 +5,9 @@ use crate::bitmap::DirtyBitmap;
 use crate::error::{Error, Result};
 use crate::format::bitmap_dir::{encode_directory, parse_directory, BitmapDirEntry};
 use crate::format::bitmap_table::{decode_table, table_size_for, TableEntry};
-use crate::format::{AUTOCLEAR_BITMAPS, AUTOCLEAR_MASK, BME_FLAG_IN_USE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use crate::format::{
+    AUTOCLEAR_BITMAPS, AUTOCLEAR_MASK, BME_FLAG_IN_USE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+};
 
 /// QEMU's warning when a program without bitmap support wrote a v3 image.
 pub const BITMAPS_DROPPED_WARNING: &str = "a program lacking bitmap support modified this file, \
@@ -64,7 +66,10 @@ impl Image {
             }
             (Some(ext), true) => {
                 ext.validate(self.cluster_size())?;
-                self.dir = DiskDir { ext: Some(ext), entries: self.read_directory(&ext)? };
+                self.dir = DiskDir {
+                    ext: Some(ext),
+                    entries: self.read_directory(&ext)?,
+                };
             }
             (None, false) => {}
         }
@@ -87,10 +92,15 @@ impl Image {
         Ok(())
     }
 
-    fn read_directory(&self, ext: &crate::format::extension::BitmapsExt) -> Result<Vec<BitmapDirEntry>> {
+    fn read_directory(
+        &self,
+        ext: &crate::format::extension::BitmapsExt,
+    ) -> Result<Vec<BitmapDirEntry>> {
         let size = ext.bitmap_directory_size;
         if size == 0 {
-            return Err(Error::InvalidImage("Requested bitmap directory size is zero".into()));
+            return Err(Error::InvalidImage(
+                "Requested bitmap directory size is zero".into(),
+            ));
         }
         if size > crate::format::QCOW2_MAX_BITMAP_DIRECTORY_SIZE {
             return Err(Error::InvalidImage(format!(
@@ -136,9 +146,14 @@ impl Image {
         let cs = self.cluster_size();
         let expected = table_size_for(self.size(), u32::from(e.granularity_bits), cs);
         let mut raw = vec![0u8; e.table_size as usize * 8];
-        self.storage.read_exact_at(&mut raw, e.table_offset).map_err(|err| {
-            Error::io(format!("Could not read bitmap_table table from image for bitmap '{name}'"), err)
-        })?;
+        self.storage
+            .read_exact_at(&mut raw, e.table_offset)
+            .map_err(|err| {
+                Error::io(
+                    format!("Could not read bitmap_table table from image for bitmap '{name}'"),
+                    err,
+                )
+            })?;
         let table = decode_table(&raw, cs, &e.name)?;
         if u64::from(e.table_size) != expected {
             return Err(Error::InvalidImage(format!(
@@ -179,7 +194,9 @@ impl Image {
     /// in place, with QEMU's order (qcow2-format.md §6.2): header with the bitmaps bit clear +
     /// flush, directory + flush, header with the bit set + flush.
     pub(super) fn mark_in_use(&mut self) -> Result<()> {
-        let Some(ext) = self.dir.ext else { return Ok(()) };
+        let Some(ext) = self.dir.ext else {
+            return Ok(());
+        };
         let mut changed = false;
         for e in &mut self.dir.entries {
             if e.in_use() {

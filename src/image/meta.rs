@@ -20,7 +20,9 @@ pub struct Meta {
 impl Meta {
     /// Reads and validates cluster 0: header, extensions, unknown incompatible features.
     pub fn read(storage: &dyn Storage) -> Result<Meta> {
-        let len = storage.size().map_err(|e| Error::io("Could not get the image length", e))?;
+        let len = storage
+            .size()
+            .map_err(|e| Error::io("Could not get the image length", e))?;
         let mut probe = vec![0u8; len.min(104) as usize];
         storage
             .read_exact_at(&mut probe, 0)
@@ -43,12 +45,17 @@ impl Meta {
         let exts = Extensions::parse(&buf, &header)?;
         header.check_incompatible(exts.feature_table.as_deref())?;
         let backing_name = Extensions::backing_file_name(&buf, &header)?;
-        Ok(Meta { header, exts, backing_name })
+        Ok(Meta {
+            header,
+            exts,
+            backing_name,
+        })
     }
 
     /// Rewrites the whole cluster 0 from memory, as QEMU's qcow2_update_header (no flush).
     pub fn write(&mut self, storage: &mut dyn Storage) -> Result<()> {
-        let cluster = encode_header_cluster(&self.header, &self.exts, self.backing_name.as_deref())?;
+        let cluster =
+            encode_header_cluster(&self.header, &self.exts, self.backing_name.as_deref())?;
         storage
             .write_all_at(&cluster, 0)
             .map_err(|e| Error::io("Failed to update the image header", e))?;

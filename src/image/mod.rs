@@ -12,6 +12,8 @@ mod load;
 mod meta;
 pub mod storage;
 mod store;
+#[cfg(test)]
+mod tests;
 
 use std::path::Path;
 
@@ -107,7 +109,8 @@ impl Image {
 
     /// Opens an image held by any storage. `name` is used in messages.
     pub fn open_storage(storage: Box<dyn Storage>, name: &str, read_write: bool) -> Result<Image> {
-        let meta = Meta::read(storage.as_ref()).map_err(|e| e.context(format!("Could not open '{name}'")))?;
+        let meta = Meta::read(storage.as_ref())
+            .map_err(|e| e.context(format!("Could not open '{name}'")))?;
         let mut img = Image {
             storage,
             name: name.to_string(),
@@ -119,7 +122,8 @@ impl Image {
             next_id: 1,
             closed: false,
         };
-        img.load().map_err(|e| e.context(format!("Could not open '{name}'")))?;
+        img.load()
+            .map_err(|e| e.context(format!("Could not open '{name}'")))?;
         Ok(img)
     }
 
@@ -131,7 +135,10 @@ impl Image {
             return Ok(());
         }
         self.store(true).map_err(|e| {
-            e.context(format!("Lost persistent bitmaps during close of image '{}'", self.name))
+            e.context(format!(
+                "Lost persistent bitmaps during close of image '{}'",
+                self.name
+            ))
         })
     }
 
@@ -139,7 +146,10 @@ impl Image {
     /// marked in_use again on disk before this returns.
     pub fn store_bitmaps(&mut self) -> Result<()> {
         if self.read_only {
-            return Err(Error::ReadOnlyImage(format!("Image '{}' is read-only", self.name)));
+            return Err(Error::ReadOnlyImage(format!(
+                "Image '{}' is read-only",
+                self.name
+            )));
         }
         self.store(false)?;
         self.mark_in_use()
@@ -187,18 +197,27 @@ impl Image {
 
     /// A bitmap by id, for changes.
     pub fn bitmap_mut(&mut self, id: BitmapId) -> Option<&mut DirtyBitmap> {
-        self.slots.iter_mut().find(|s| s.id == id).map(|s| &mut s.bm)
+        self.slots
+            .iter_mut()
+            .find(|s| s.id == id)
+            .map(|s| &mut s.bm)
     }
 
     /// A bitmap by exact name.
     pub fn find_bitmap(&self, name: &[u8]) -> Option<BitmapId> {
-        self.slots.iter().find(|s| s.bm.name() == Some(name)).map(|s| s.id)
+        self.slots
+            .iter()
+            .find(|s| s.bm.name() == Some(name))
+            .map(|s| s.id)
     }
 
     fn lookup(&self, name: &[u8]) -> Result<usize> {
-        self.slots.iter().position(|s| s.bm.name() == Some(name)).ok_or_else(|| {
-            Error::BitmapNotFound { name: String::from_utf8_lossy(name).into_owned() }
-        })
+        self.slots
+            .iter()
+            .position(|s| s.bm.name() == Some(name))
+            .ok_or_else(|| Error::BitmapNotFound {
+                name: String::from_utf8_lossy(name).into_owned(),
+            })
     }
 
     fn insert(&mut self, bm: DirtyBitmap) -> BitmapId {
@@ -209,9 +228,18 @@ impl Image {
     }
 
     /// Adds a bitmap (QMP block-dirty-bitmap-add). `granularity` 0 means the default.
-    pub fn add_bitmap(&mut self, name: &[u8], granularity: u64, opts: AddOptions) -> Result<BitmapId> {
+    pub fn add_bitmap(
+        &mut self,
+        name: &[u8],
+        granularity: u64,
+        opts: AddOptions,
+    ) -> Result<BitmapId> {
         bitmap::validate_name(name)?;
-        let granularity = if granularity == 0 { self.default_granularity() } else { granularity };
+        let granularity = if granularity == 0 {
+            self.default_granularity()
+        } else {
+            granularity
+        };
         bitmap::validate_granularity(granularity)?;
         if opts.autoload.is_some() {
             crate::warning::warn(AUTOLOAD_WARNING);
@@ -220,7 +248,9 @@ impl Image {
             self.can_store_new_bitmap(name, granularity)?;
         }
         if self.find_bitmap(name).is_some() {
-            return Err(Error::BitmapExists { name: String::from_utf8_lossy(name).into_owned() });
+            return Err(Error::BitmapExists {
+                name: String::from_utf8_lossy(name).into_owned(),
+            });
         }
         let mut bm = DirtyBitmap::new(Some(name), self.size(), granularity)?;
         bm.set_enabled_unchecked(!opts.disabled);
@@ -237,7 +267,10 @@ impl Image {
             errno,
         };
         if self.meta.header.version < 3 {
-            return Err(fail("Cannot store dirty bitmaps in qcow2 v2 files".into(), libc::ENOTSUP));
+            return Err(fail(
+                "Cannot store dirty bitmaps in qcow2 v2 files".into(),
+                libc::ENOTSUP,
+            ));
         }
         if self.read_only {
             return Err(fail("the image is opened read-only".into(), libc::EROFS));
@@ -266,8 +299,12 @@ impl Image {
                 libc::EFBIG,
             ));
         }
-        let persistent: Vec<&DirtyBitmap> =
-            self.slots.iter().map(|s| &s.bm).filter(|b| b.persistent()).collect();
+        let persistent: Vec<&DirtyBitmap> = self
+            .slots
+            .iter()
+            .map(|s| &s.bm)
+            .filter(|b| b.persistent())
+            .collect();
         if persistent.len() as u64 + 1 > u64::from(QCOW2_MAX_BITMAPS) {
             return Err(fail(
                 "Maximum number of persistent bitmaps is already reached".into(),
@@ -280,7 +317,10 @@ impl Image {
             .sum::<u64>()
             + dir_entry_size(name.len());
         if dir_size > QCOW2_MAX_BITMAP_DIRECTORY_SIZE {
-            return Err(fail("Not enough space in the bitmap directory".into(), libc::EFBIG));
+            return Err(fail(
+                "Not enough space in the bitmap directory".into(),
+                libc::EFBIG,
+            ));
         }
         Ok(())
     }
@@ -319,7 +359,10 @@ impl Image {
         src.check(CHECK_ALLOW_RO)?;
         let target = &mut self.slots[t].bm;
         if target.size() != src.size() {
-            return Err(Error::SizeMismatch { dest: target.size(), src: src.size() });
+            return Err(Error::SizeMismatch {
+                dest: target.size(),
+                src: src.size(),
+            });
         }
         target.check(CHECK_DEFAULT)?;
         target.merge_from(src)

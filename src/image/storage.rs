@@ -35,7 +35,10 @@ pub struct FileStorage {
 impl FileStorage {
     /// Opens `path` for reading, and for writing when `write` is set.
     pub fn open(path: &Path, write: bool) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new().read(true).write(write).open(path)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)?;
         Ok(FileStorage { file })
     }
 
@@ -78,7 +81,9 @@ pub struct MemStorage {
 impl Storage for MemStorage {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
-        let end = start.checked_add(buf.len()).ok_or(io::ErrorKind::UnexpectedEof)?;
+        let end = start
+            .checked_add(buf.len())
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
         if end > self.data.len() {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
@@ -88,7 +93,9 @@ impl Storage for MemStorage {
 
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
-        let end = start.checked_add(buf.len()).ok_or(io::ErrorKind::InvalidInput)?;
+        let end = start
+            .checked_add(buf.len())
+            .ok_or(io::ErrorKind::InvalidInput)?;
         if end > self.data.len() {
             self.data.resize(end, 0);
         }

@@ -190,7 +190,13 @@ impl Image {
             return Err(e.context("Failed to update bitmap extension"));
         }
         allocated.clear();
-        let old = std::mem::replace(&mut self.dir, DiskDir { ext: new_ext, entries });
+        let old = std::mem::replace(
+            &mut self.dir,
+            DiskDir {
+                ext: new_ext,
+                entries,
+            },
+        );
         Ok(match old.ext {
             Some(ext) => vec![(
                 ext.bitmap_directory_offset,

@@ -1,0 +1,263 @@
+//! Unit tests of the image layer on in-memory storage. Interop with QEMU's tools is tested in
+//! `tests/interop_*.rs`.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use super::alloc::Refcounts;
+use super::create::blank_image;
+use super::storage::Storage;
+use super::{AddOptions, Image};
+use crate::error::Error;
+use crate::format::{be, AUTOCLEAR_BITMAPS};
+
+/// Memory storage whose bytes outlive the image (so a test can reopen them).
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<Vec<u8>>>);
+
+impl Shared {
+    fn new(bytes: Vec<u8>) -> Self {
+        Shared(Arc::new(Mutex::new(bytes)))
+    }
+    fn bytes(&self) -> Vec<u8> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl Storage for Shared {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let d = self.0.lock().unwrap();
+        let start = offset as usize;
+        let end = start
+            .checked_add(buf.len())
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        if end > d.len() {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.copy_from_slice(&d[start..end]);
+        Ok(())
+    }
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut d = self.0.lock().unwrap();
+        let end = offset as usize + buf.len();
+        if end > d.len() {
+            d.resize(end, 0);
+        }
+        d[offset as usize..end].copy_from_slice(buf);
+        Ok(())
+    }
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.0.lock().unwrap().len() as u64)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+const MIB: u64 = 1 << 20;
+const P: AddOptions = AddOptions {
+    persistent: true,
+    disabled: false,
+    autoload: None,
+};
+
+fn open(s: &Shared, rw: bool) -> Image {
+    Image::open_storage(Box::new(s.clone()), "mem", rw).unwrap()
+}
+
+fn runs(img: &Image, name: &str) -> Vec<(u64, u64)> {
+    let b = img
+        .bitmap(img.find_bitmap(name.as_bytes()).unwrap())
+        .unwrap();
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while let Some((s, l)) = b.next_dirty_area(pos, u64::MAX, u64::MAX) {
+        out.push((s, l));
+        pos = s + l;
+    }
+    out
+}
+
+#[test]
+fn blank_image_has_consistent_refcounts() {
+    for cs in [512u32, 4096, 65536, 2 << 20] {
+        let s = Shared::new(blank_image(100 * MIB, cs).unwrap());
+        let img = open(&s, false);
+        assert_eq!(img.size(), 100 * MIB);
+        assert_eq!(img.cluster_size(), u64::from(cs));
+        drop(img);
+        let mut st = s.clone();
+        let len = st.size().unwrap();
+        let mut rc = Refcounts::load(&st, cs.trailing_zeros(), 4, u64::from(cs), 1).unwrap();
+        // Every cluster of the blank file is in use exactly once; the next one is free.
+        for c in 0..len / u64::from(cs) {
+            assert_eq!(
+                rc.get(&st, c).unwrap(),
+                1,
+                "cluster {c} of a {cs}-byte-cluster image"
+            );
+        }
+        let off = rc.alloc(&mut st, 1).unwrap();
+        assert_eq!(off, len);
+    }
+}
+
+#[test]
+fn store_and_load_round_trip_with_flags() {
+    let s = Shared::new(blank_image(64 * MIB, 65536).unwrap());
+    let mut img = open(&s, true);
+    img.add_bitmap(b"on", 0, P).unwrap();
+    img.add_bitmap(
+        b"off",
+        4096,
+        AddOptions {
+            disabled: true,
+            ..P
+        },
+    )
+    .unwrap();
+    img.add_bitmap(b"ram", 0, AddOptions::default()).unwrap();
+    img.set_dirty(3 * MIB + 1, 10);
+    let off = img.find_bitmap(b"off").unwrap();
+    img.bitmap_mut(off).unwrap().set_dirty(0, 8192).unwrap();
+    img.close().unwrap();
+
+    let img = open(&s, false);
+    assert_eq!(
+        img.bitmap_ids().len(),
+        2,
+        "transient bitmaps are not stored"
+    );
+    let on = img.bitmap(img.find_bitmap(b"on").unwrap()).unwrap();
+    assert!(on.enabled() && on.persistent() && on.readonly() && !on.inconsistent());
+    assert_eq!(runs(&img, "on"), vec![(3 * MIB, 65536)]);
+    let off = img.bitmap(img.find_bitmap(b"off").unwrap()).unwrap();
+    assert!(!off.enabled());
+    assert_eq!(off.granularity(), 4096);
+    assert_eq!(runs(&img, "off"), vec![(0, 8192)]);
+}
+
+#[test]
+fn read_write_open_marks_in_use_and_crash_leaves_inconsistent() {
+    let s = Shared::new(blank_image(64 * MIB, 65536).unwrap());
+    let mut img = open(&s, true);
+    img.add_bitmap(b"a", 0, P).unwrap();
+    img.add_bitmap(
+        b"b",
+        0,
+        AddOptions {
+            disabled: true,
+            ..P
+        },
+    )
+    .unwrap();
+    img.close().unwrap();
+
+    let img = open(&s, true);
+    // While open for writing, another reader sees both bitmaps in_use.
+    let peek = open(&Shared::new(s.bytes()), false);
+    for id in peek.bitmap_ids() {
+        assert!(peek.bitmap(id).unwrap().inconsistent());
+    }
+    std::mem::forget(img); // a crash: nothing stored
+
+    let mut img = open(&s, true);
+    let a = img.find_bitmap(b"a").unwrap();
+    let err = img.bitmap_mut(a).unwrap().clear().unwrap_err();
+    assert!(matches!(err, Error::Inconsistent { .. }), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "Bitmap 'a' is inconsistent and cannot be used"
+    );
+    assert!(err.hint().unwrap().contains("block-dirty-bitmap-remove"));
+    assert!(img.bitmap_mut(a).unwrap().enable().is_err());
+    assert!(img.merge_bitmap(b"b", b"a").is_err());
+    assert!(matches!(
+        img.add_bitmap(b"a", 0, P).unwrap_err(),
+        Error::CannotStore { .. } | Error::BitmapExists { .. }
+    ));
+    img.remove_bitmap(b"a").unwrap();
+    img.remove_bitmap(b"b").unwrap();
+    img.close().unwrap();
+    let bytes = s.bytes();
+    assert_eq!(
+        be::get_u64(&bytes, 88) & AUTOCLEAR_BITMAPS,
+        0,
+        "last removal clears the bit"
+    );
+    let img = open(&s, false);
+    assert!(img.bitmap_ids().is_empty());
+}
+
+#[test]
+fn read_only_open_writes_nothing_and_refuses_changes() {
+    let s = Shared::new(blank_image(64 * MIB, 65536).unwrap());
+    let mut img = open(&s, true);
+    img.add_bitmap(b"a", 0, P).unwrap();
+    img.close().unwrap();
+    let before = s.bytes();
+    let mut img = open(&s, false);
+    let a = img.find_bitmap(b"a").unwrap();
+    assert!(matches!(
+        img.bitmap_mut(a).unwrap().set_dirty(0, 1).unwrap_err(),
+        Error::ReadOnlyBitmap { .. }
+    ));
+    assert!(matches!(
+        img.remove_bitmap(b"a").unwrap_err(),
+        Error::ReadOnlyBitmap { .. }
+    ));
+    assert!(img.add_bitmap(b"p", 0, P).is_err());
+    img.add_bitmap(b"t", 0, AddOptions::default()).unwrap();
+    img.close().unwrap();
+    assert!(s.bytes() == before, "a read-only open must not write");
+}
+
+#[test]
+fn refcount_blocks_and_table_grow() {
+    // 512-byte clusters: one refcount block covers 128 KiB and a one-cluster table 8 MiB.
+    let s = Shared::new(blank_image(64 * MIB, 512).unwrap());
+    let mut st = s.clone();
+    let mut rc = Refcounts::load(&st, 9, 4, 512, 1).unwrap();
+    let mut got = Vec::new();
+    for _ in 0..20_000 {
+        got.push(rc.alloc(&mut st, 1).unwrap());
+    }
+    got.push(rc.alloc(&mut st, 40).unwrap());
+    rc.write_dirty_blocks(&mut st).unwrap();
+    let (t_off, t_clusters) = rc.reftable_location();
+    assert!(t_clusters > 1, "the refcount table grew");
+    let mut fresh = Refcounts::load(&st, 9, 4, t_off, t_clusters).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for &o in &got {
+        assert!(seen.insert(o), "cluster {o:#x} handed out twice");
+        assert_eq!(fresh.get(&st, o / 512).unwrap(), 1);
+    }
+    rc.free(&st, got[0], 1).unwrap();
+    rc.write_dirty_blocks(&mut st).unwrap();
+    let mut fresh = Refcounts::load(&st, 9, 4, t_off, t_clusters).unwrap();
+    assert_eq!(fresh.get(&st, got[0] / 512).unwrap(), 0);
+}
+
+#[test]
+fn add_validates_like_qmp() {
+    let s = Shared::new(blank_image(64 * MIB, 65536).unwrap());
+    let mut img = open(&s, true);
+    assert!(img
+        .add_bitmap(b"", 0, P)
+        .unwrap_err()
+        .to_string()
+        .contains("cannot be empty"));
+    assert!(img.add_bitmap(&[b'x'; 1024], 0, P).is_err());
+    img.add_bitmap(&[b'x'; 1023], 0, P).unwrap();
+    for g in [256u64, 3000, 1 << 32] {
+        assert!(img.add_bitmap(b"g", g, P).is_err(), "granularity {g}");
+    }
+    img.add_bitmap(b"g", 1 << 31, P).unwrap();
+    assert!(matches!(
+        img.add_bitmap(b"g", 0, AddOptions::default()).unwrap_err(),
+        Error::BitmapExists { .. }
+    ));
+    let id = img.find_bitmap(b"g").unwrap();
+    assert_eq!(img.bitmap(id).unwrap().granularity(), 1 << 31);
+    img.close().unwrap();
+}
