@@ -181,7 +181,9 @@ impl Refcounts {
     /// themselves reach the disk with [`Refcounts::write_dirty_blocks`], which the caller runs
     /// (and flushes) before anything on disk points at the new clusters.
     pub fn alloc(&mut self, storage: &mut dyn Storage, n: u64) -> Result<u64> {
-        assert!(n > 0);
+        if n == 0 {
+            return Err(Error::Precondition("Cannot allocate zero clusters".into()));
+        }
         'search: loop {
             // First fit: n consecutive clusters with refcount 0.
             let mut start = self.next_free(storage, self.free_hint)?;
@@ -288,24 +290,22 @@ impl Refcounts {
             .div_ceil(cs);
         let a = file_clusters.max(self.alloc_end).max(1);
         // Fixed point: blocks (B) and table clusters (T) placed at a.. must all be covered.
-        let mut b = 0u64;
-        let mut t;
+        let (mut b, mut t) = (0u64, 1u64);
         let mut entries;
         loop {
-            let total = a + b + 1; // at least one table cluster
-            let covered_blocks = total.div_ceil(epb).max(need + 1);
+            let covered_blocks = (a + b + t).div_ceil(epb).max(need + 1);
             entries = covered_blocks.max(self.reftable.len() as u64);
             entries += entries / 2; // 50 % headroom, as QEMU
-            t = (entries * 8).div_ceil(cs);
-            entries = t * cs / 8;
-            let end = a + b + t;
+            let new_t = (entries * 8).div_ceil(cs);
+            entries = new_t * cs / 8;
+            let end = a + b + new_t;
             let new_b = (a / epb..end.div_ceil(epb))
                 .filter(|&bi| bi >= self.reftable.len() as u64 || self.reftable[bi as usize] == 0)
                 .count() as u64;
-            if new_b == b {
+            if new_b == b && new_t == t {
                 break;
             }
-            b = new_b;
+            (b, t) = (new_b, new_t);
         }
         if t * cs > QCOW_MAX_REFTABLE_SIZE {
             return Err(Error::TooBig(format!(
