@@ -79,6 +79,52 @@ pub const QCOW2_MAX_BITMAPS: u32 = 65535;
 /// Largest bitmap directory in bytes. QEMU: QCOW2_MAX_BITMAP_DIRECTORY_SIZE.
 pub const QCOW2_MAX_BITMAP_DIRECTORY_SIZE: u64 = 1024 * QCOW2_MAX_BITMAPS as u64;
 
+/// Length of the v2 part of the header / offset of `incompatible_features`. QEMU:
+/// offsetof(QCowHeader, incompatible_features).
+pub const V3_FIELDS_OFFSET: usize = 72;
+/// Offset of the compression type byte. QEMU: offsetof(QCowHeader, compression_type).
+pub const COMPRESSION_TYPE_OFFSET: usize = 104;
+/// Compression type deflate. QEMU: QCOW2_COMPRESSION_TYPE_ZLIB.
+pub const COMPRESSION_TYPE_ZLIB: u8 = 0;
+/// Compression type zstd. QEMU: QCOW2_COMPRESSION_TYPE_ZSTD.
+pub const COMPRESSION_TYPE_ZSTD: u8 = 1;
+/// No encryption. QEMU: QCOW_CRYPT_NONE.
+pub const QCOW_CRYPT_NONE: u32 = 0;
+/// Legacy AES encryption. QEMU: QCOW_CRYPT_AES.
+pub const QCOW_CRYPT_AES: u32 = 1;
+/// LUKS encryption. QEMU: QCOW_CRYPT_LUKS.
+pub const QCOW_CRYPT_LUKS: u32 = 2;
+/// Subclusters per cluster with extended L2 entries. QEMU: QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER.
+pub const QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER: u64 = 32;
+/// Size of one snapshot table header, used to bound nb_snapshots. QEMU: sizeof(QCowSnapshotHeader).
+pub const SNAPSHOT_HEADER_SIZE: u64 = 40;
+/// Longest backing file name QEMU reads (it also requires len < PATH_MAX = 4096).
+/// QEMU: the `MIN(1023, ...)` in qcow2_do_open.
+pub const MAX_BACKING_FILE_NAME: u32 = 1023;
+/// Backing format names must be shorter than this. QEMU: sizeof(bs->backing_format).
+pub const BACKING_FORMAT_BUF_SIZE: u32 = 16;
+/// Size of one feature name table entry. QEMU: sizeof(Qcow2Feature).
+pub const FEATURE_NAME_ENTRY_SIZE: usize = 48;
+/// Size of the name field of a feature name table entry. QEMU: Qcow2Feature.name.
+pub const FEATURE_NAME_LEN: usize = 46;
+/// Feature table entry type: incompatible. QEMU: QCOW2_FEAT_TYPE_INCOMPATIBLE.
+pub const FEAT_TYPE_INCOMPATIBLE: u8 = 0;
+/// Feature table entry type: compatible. QEMU: QCOW2_FEAT_TYPE_COMPATIBLE.
+pub const FEAT_TYPE_COMPATIBLE: u8 = 1;
+/// Feature table entry type: autoclear. QEMU: QCOW2_FEAT_TYPE_AUTOCLEAR.
+pub const FEAT_TYPE_AUTOCLEAR: u8 = 2;
+/// Size of the bitmaps extension data. QEMU: sizeof(Qcow2BitmapHeaderExt).
+pub const BITMAPS_EXT_SIZE: u32 = 24;
+/// Size of the full disk encryption pointer extension data. QEMU:
+/// sizeof(Qcow2CryptoHeaderExtension).
+pub const CRYPTO_EXT_SIZE: u32 = 16;
+/// Reserved bits of a bitmap table entry. QEMU: BME_TABLE_ENTRY_RESERVED_MASK.
+pub const BME_TABLE_ENTRY_RESERVED_MASK: u64 = 0xFF00_0000_0000_01FE;
+/// Offset bits of a bitmap table entry. QEMU: BME_TABLE_ENTRY_OFFSET_MASK.
+pub const BME_TABLE_ENTRY_OFFSET_MASK: u64 = 0x00FF_FFFF_FFFF_FE00;
+/// "All ones" flag of a bitmap table entry. QEMU: BME_TABLE_ENTRY_FLAG_ALL_ONES.
+pub const BME_TABLE_ENTRY_FLAG_ALL_ONES: u64 = 1;
+
 /// ceil(a / b) for b > 0.
 pub fn div_round_up(a: u64, b: u64) -> u64 {
     a / b + u64::from(a % b != 0)
@@ -88,3 +134,6 @@ pub fn div_round_up(a: u64, b: u64) -> u64 {
 pub fn round_up(a: u64, align: u64) -> u64 {
     div_round_up(a, align) * align
 }
+
+#[cfg(test)]
+mod tests;
