@@ -119,9 +119,14 @@ impl Image {
     fn load_bitmaps(&mut self) -> Result<()> {
         let entries = self.dir.entries.clone();
         for e in &entries {
-            // Names read from disk may be empty or hold NULs: QEMU accepts them on load.
+            if e.in_use() && self.find_bitmap(e.qemu_name()).is_some() {
+                // QEMU skips an in_use entry whose name is already loaded.
+                continue;
+            }
+            // Names read from disk may be empty: QEMU accepts them on load, and uses them up to
+            // the first NUL.
             let mut bm = DirtyBitmap::with_unchecked_name(
-                e.name.clone(),
+                e.qemu_name().to_vec(),
                 self.size(),
                 1u64 << e.granularity_bits,
             )?;
@@ -142,7 +147,7 @@ impl Image {
 
     /// Reads a consistent bitmap's table and data clusters into `bm`.
     fn load_bitmap_data(&self, e: &BitmapDirEntry, bm: &mut DirtyBitmap) -> Result<()> {
-        let name = String::from_utf8_lossy(&e.name).into_owned();
+        let name = String::from_utf8_lossy(e.qemu_name()).into_owned();
         let cs = self.cluster_size();
         let expected = table_size_for(self.size(), u32::from(e.granularity_bits), cs);
         let mut raw = vec![0u8; e.table_size as usize * 8];
@@ -202,7 +207,7 @@ impl Image {
             if e.in_use() {
                 continue;
             }
-            let loaded = self.slots.iter().any(|s| s.bm.name() == Some(&e.name[..]));
+            let loaded = self.slots.iter().any(|s| s.bm.name() == Some(e.qemu_name()));
             if loaded {
                 e.flags |= BME_FLAG_IN_USE;
                 changed = true;

@@ -155,9 +155,9 @@ impl Image {
         self.mark_in_use()
     }
 
-    /// Virtual disk size in bytes.
+    /// Virtual disk size in bytes, as QEMU sees it (the header's size rounded down to 512).
     pub fn size(&self) -> u64 {
-        self.meta.header.size
+        self.meta.header.size & !511
     }
 
     /// Cluster size in bytes.
@@ -275,7 +275,7 @@ impl Image {
         if self.read_only {
             return Err(fail("the image is opened read-only".into(), libc::EROFS));
         }
-        if self.find_bitmap(name).is_some() || self.dir.entries.iter().any(|e| e.name == name) {
+        if self.find_bitmap(name).is_some() || self.dir.entries.iter().any(|e| e.qemu_name() == name) {
             return Err(fail(
                 format!("Bitmap already exists: {}", String::from_utf8_lossy(name)),
                 libc::EEXIST,

@@ -46,7 +46,7 @@ impl Image {
                 name: name.clone(),
                 extra_data: Vec::new(),
             };
-            match entries.iter().position(|e| e.name == name) {
+            match entries.iter().position(|e| e.qemu_name() == name) {
                 Some(ei) if entries[ei].in_use() => {
                     old_tables.push(entries[ei].clone());
                     entries[ei] = entry;
@@ -208,7 +208,7 @@ impl Image {
 
     /// Removes the stored copy of a bitmap (nothing to do when it is not on disk).
     pub(super) fn remove_from_disk(&mut self, name: &[u8]) -> Result<()> {
-        let Some(ei) = self.dir.entries.iter().position(|e| e.name == name) else {
+        let Some(ei) = self.dir.entries.iter().position(|e| e.qemu_name() == name) else {
             return Ok(());
         };
         if self.read_only {
@@ -254,7 +254,7 @@ impl Image {
             Err(err) => {
                 crate::warning::warn(&format!(
                     "Clusters of bitmap '{}' are left allocated (leaked): {err}",
-                    String::from_utf8_lossy(&e.name)
+                    String::from_utf8_lossy(e.qemu_name())
                 ));
                 Vec::new()
             }
