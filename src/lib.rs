@@ -9,11 +9,17 @@
 //!   merge, with QEMU's semantics and write order.
 //! - `ffi`: the C ABI (`include/qdirty.h`).
 
+// `cbindgen:ignore` keeps the internals' constants out of include/qdirty.h: only `ffi` is C ABI.
+/// cbindgen:ignore
 pub mod bitmap;
+/// cbindgen:ignore
 pub mod error;
 pub mod ffi;
+/// cbindgen:ignore
 pub mod format;
+/// cbindgen:ignore
 pub mod image;
+/// cbindgen:ignore
 pub mod warning;
 
 pub use bitmap::DirtyBitmap;
@@ -21,4 +27,6 @@ pub use error::{Error, Result};
 pub use image::{AddOptions, BitmapId, Image};
 
 /// The library version (Cargo package version).
+///
+/// cbindgen:ignore
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

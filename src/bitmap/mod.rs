@@ -67,6 +67,9 @@ pub fn validate_granularity(granularity: u64) -> Result<u32> {
 #[derive(Clone, Debug)]
 pub struct DirtyBitmap {
     name: Option<Vec<u8>>,
+    /// Covered length in bytes (the engine's size, except for bitmaps loaded inconsistent,
+    /// whose engine is left empty so that they cost no memory).
+    size: u64,
     bits: HBitmap,
     disabled: bool,
     busy: bool,
@@ -94,6 +97,7 @@ impl DirtyBitmap {
         }
         Ok(DirtyBitmap {
             name: name.map(<[u8]>::to_vec),
+            size,
             bits: HBitmap::new(size, gbits),
             disabled: false,
             busy: false,
@@ -109,6 +113,17 @@ impl DirtyBitmap {
     pub fn with_unchecked_name(name: Vec<u8>, size: u64, granularity: u64) -> Result<Self> {
         let mut bm = Self::new(None, size, granularity)?;
         bm.name = Some(name);
+        Ok(bm)
+    }
+
+    /// A bitmap found in_use in an image: persistent, disabled, inconsistent, with no content.
+    /// Its bits are never allocated (they cannot be used), whatever the size.
+    pub fn new_inconsistent(name: Vec<u8>, size: u64, granularity: u64) -> Result<Self> {
+        let mut bm = Self::with_unchecked_name(name, 0, granularity)?;
+        bm.size = size;
+        bm.persistent = true;
+        bm.inconsistent = true;
+        bm.disabled = true;
         Ok(bm)
     }
 
@@ -137,7 +152,7 @@ impl DirtyBitmap {
 
     /// Covered length in bytes.
     pub fn size(&self) -> u64 {
-        self.bits.size()
+        self.size
     }
 
     /// Whether guest writes are recorded (QEMU: bdrv_dirty_bitmap_enabled).
@@ -311,6 +326,10 @@ impl DirtyBitmap {
 
     /// First clean offset in [offset, offset + bytes) clamped to the size; None if none.
     pub fn next_zero(&self, offset: u64, bytes: u64) -> Option<u64> {
+        if self.bits.size() != self.size {
+            // An unallocated (inconsistent) bitmap is all clean.
+            return (offset < self.size && bytes > 0).then_some(offset);
+        }
         self.bits.next_zero(offset, bytes)
     }
 
@@ -324,6 +343,19 @@ impl DirtyBitmap {
 
     /// SHA-256 of the bits, equal to QEMU's `x-debug-block-dirty-bitmap-sha256`.
     pub fn sha256(&self) -> String {
+        if self.bits.size() != self.size {
+            // An unallocated (inconsistent) bitmap hashes as its all-zero words.
+            let words = self.size.div_ceil(self.granularity()).div_ceil(64).max(1);
+            let zeros = [0u8; 4096];
+            let mut h = sha256::Sha256::new();
+            let mut left = words * 8;
+            while left > 0 {
+                let n = left.min(zeros.len() as u64) as usize;
+                h.update(&zeros[..n]);
+                left -= n as u64;
+            }
+            return sha256::to_hex(&h.finalize());
+        }
         self.bits.sha256_hex()
     }
 

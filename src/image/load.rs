@@ -125,18 +125,17 @@ impl Image {
             }
             // Names read from disk may be empty: QEMU accepts them on load, and uses them up to
             // the first NUL.
-            let mut bm = DirtyBitmap::with_unchecked_name(
-                e.qemu_name().to_vec(),
-                self.size(),
-                1u64 << e.granularity_bits,
-            )?;
-            bm.set_persistence(true);
-            if e.in_use() {
-                bm.set_inconsistent()?;
+            let name = e.qemu_name().to_vec();
+            let granularity = 1u64 << e.granularity_bits;
+            let mut bm = if e.in_use() {
+                DirtyBitmap::new_inconsistent(name, self.size(), granularity)?
             } else {
+                let mut bm = DirtyBitmap::with_unchecked_name(name, self.size(), granularity)?;
+                bm.set_persistence(true);
                 self.load_bitmap_data(e, &mut bm)?;
                 bm.set_enabled_unchecked(e.auto());
-            }
+                bm
+            };
             if self.read_only {
                 bm.set_readonly(true);
             }
@@ -207,7 +206,10 @@ impl Image {
             if e.in_use() {
                 continue;
             }
-            let loaded = self.slots.iter().any(|s| s.bm.name() == Some(e.qemu_name()));
+            let loaded = self
+                .slots
+                .iter()
+                .any(|s| s.bm.name() == Some(e.qemu_name()));
             if loaded {
                 e.flags |= BME_FLAG_IN_USE;
                 changed = true;

@@ -275,7 +275,9 @@ impl Image {
         if self.read_only {
             return Err(fail("the image is opened read-only".into(), libc::EROFS));
         }
-        if self.find_bitmap(name).is_some() || self.dir.entries.iter().any(|e| e.qemu_name() == name) {
+        if self.find_bitmap(name).is_some()
+            || self.dir.entries.iter().any(|e| e.qemu_name() == name)
+        {
             return Err(fail(
                 format!("Bitmap already exists: {}", String::from_utf8_lossy(name)),
                 libc::EEXIST,

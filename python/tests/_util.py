@@ -1,0 +1,63 @@
+"""Shared helpers of the qdirty Python tests."""
+
+import os
+import sys
+import tempfile
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import qdirty  # noqa: E402
+
+MiB = 1 << 20
+KiB = 1 << 10
+
+# sha256 of 8 zero bytes: an empty bitmap of at most 64 granules (QEMU hashes 64-bit words).
+SHA_EMPTY_WORD = "af5570f5a1810b7af78caf4bc70a660f0df51e42baf91d4de5b2328de0e83dfc"
+# sha256 of 01 00 00 00 00 00 00 00: only granule 0 dirty.
+SHA_FIRST_GRANULE = "7c9fa136d4413fa6173637e883b6998d32e1d675f88cddff9dcbcf331820f4b8"
+
+
+class TempDirTest(unittest.TestCase):
+    """A test with a fresh temporary directory (under QDIRTY_TEST_TMP when set)."""
+
+    def setUp(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory(
+            prefix="qdirty-py-", dir=os.environ.get("QDIRTY_TEST_TMP") or None
+        )
+        self.dir = self._tmp.name
+
+    def tearDown(self) -> None:
+        qdirty.set_warning_handler(None)
+        self._tmp.cleanup()
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def new_image(self, name: str = "disk.qcow2", size: int = MiB, cluster_size: int = 0) -> str:
+        p = self.path(name)
+        qdirty.Image.create(p, size, cluster_size)
+        return p
+
+    def assertQdirtyError(self, errno_value: int):  # noqa: N802 (unittest style)
+        return _ErrnoContext(self, errno_value)
+
+
+class _ErrnoContext:
+    def __init__(self, test: unittest.TestCase, errno_value: int) -> None:
+        self.test = test
+        self.errno = errno_value
+        self.exception = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.test.fail(f"QdirtyError(errno {self.errno}) not raised")
+        if not issubclass(exc_type, qdirty.QdirtyError):
+            return False
+        self.exception = exc
+        self.test.assertEqual(exc.errno, self.errno, f"wrong errno for: {exc}")
+        self.test.assertTrue(exc.message, "the error has no message")
+        return True

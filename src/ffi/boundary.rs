@@ -1,0 +1,187 @@
+//! The panic and argument boundary: every exported function's body is one `ffi_call!`.
+//!
+//! `ffi_call!` runs the body inside [`std::panic::catch_unwind`], so no panic ever unwinds into C
+//! (since Rust 1.81 that would abort the host process). Two shapes exist:
+//!
+//! - `ffi_call!(errp = errp, { ... })` for fallible functions with a trailing
+//!   `qdirty_error **errp`. The body returns `Result<T, FfiError>`; the macro
+//!   1. returns `-EINVAL` / `NULL` without any side effect when `*errp` is already set (a caller
+//!      bug, as in QEMU's `Error **` rules),
+//!   2. on `Ok(v)` returns `v` converted by [`FfiReturn::success`],
+//!   3. on `Err(e)` stores `e` into `*errp` (when `errp` is not NULL) and returns
+//!      [`FfiReturn::failure`] (`-errno` or `NULL`),
+//!   4. on a panic stores `"internal error (panic): MESSAGE"` (errno `EIO`) and returns the
+//!      failure value.
+//! - `ffi_call!({ ... })` for infallible-looking functions without `errp` (getters, free
+//!   functions). The body returns the value itself; a panic returns [`OnPanic::on_panic`], the
+//!   same safe default the function documents for NULL arguments.
+//!
+//! A panic while an image's mutex is held poisons it; every later call on that image then fails
+//! with "image is unusable after an internal error" instead of touching half-updated state.
+//!
+//! `tests/exports.rs` parses `src/ffi/*.rs` and fails if an exported function's body is anything
+//! other than a single `ffi_call!`.
+
+use std::any::Any;
+use std::os::raw::c_int;
+
+use super::error::{qdirty_error, FfiError};
+
+/// The value a function without `errp` returns when its body panicked.
+pub(crate) trait OnPanic {
+    /// The safe default.
+    fn on_panic() -> Self;
+}
+
+impl OnPanic for () {
+    fn on_panic() -> Self {}
+}
+impl OnPanic for bool {
+    fn on_panic() -> Self {
+        false
+    }
+}
+impl OnPanic for u32 {
+    fn on_panic() -> Self {
+        0
+    }
+}
+impl OnPanic for u64 {
+    fn on_panic() -> Self {
+        0
+    }
+}
+impl OnPanic for c_int {
+    fn on_panic() -> Self {
+        0
+    }
+}
+/// `-1` is the "none" value of `qdirty_bitmap_next_dirty` / `_next_zero`.
+impl OnPanic for i64 {
+    fn on_panic() -> Self {
+        -1
+    }
+}
+impl<T> OnPanic for *mut T {
+    fn on_panic() -> Self {
+        std::ptr::null_mut()
+    }
+}
+impl<T> OnPanic for *const T {
+    fn on_panic() -> Self {
+        std::ptr::null()
+    }
+}
+
+/// How a fallible function reports success and failure.
+pub(crate) trait FfiReturn: Sized {
+    /// What the body produces on success.
+    type Ok;
+    /// The C return value for success.
+    fn success(v: Self::Ok) -> Self;
+    /// The C return value for a failure with the given positive errno.
+    fn failure(errno: c_int) -> Self;
+}
+
+/// `0` on success, `-errno` on failure.
+impl FfiReturn for c_int {
+    type Ok = ();
+    fn success(_: ()) -> Self {
+        0
+    }
+    fn failure(errno: c_int) -> Self {
+        -errno
+    }
+}
+
+/// A created object on success, `NULL` on failure.
+impl<T> FfiReturn for *mut T {
+    type Ok = *mut T;
+    fn success(v: *mut T) -> Self {
+        v
+    }
+    fn failure(_: c_int) -> Self {
+        std::ptr::null_mut()
+    }
+}
+
+/// Whether the caller passed an `errp` whose `*errp` is already set.
+///
+/// # Safety
+/// `errp` is NULL or points to a readable `qdirty_error *`.
+pub(crate) unsafe fn errp_in_use(errp: *mut *mut qdirty_error) -> bool {
+    // SAFETY: the caller guarantees errp is NULL or valid for reads.
+    !errp.is_null() && unsafe { !(*errp).is_null() }
+}
+
+/// Turns the outcome of an `ffi_call!(errp = ..)` body into the C return value.
+///
+/// `outcome` is `None` when `*errp` was already set on entry: nothing is stored then.
+///
+/// # Safety
+/// `errp` is NULL or points to a writable `qdirty_error *`.
+pub(crate) unsafe fn finish<R: FfiReturn>(
+    errp: *mut *mut qdirty_error,
+    outcome: std::thread::Result<Option<Result<R::Ok, FfiError>>>,
+) -> R {
+    let err = match outcome {
+        Ok(None) => return R::failure(libc::EINVAL),
+        Ok(Some(Ok(v))) => return R::success(v),
+        Ok(Some(Err(e))) => e,
+        Err(payload) => FfiError::panic(payload),
+    };
+    let errno = err.errno;
+    // SAFETY: forwarded from the caller.
+    unsafe { super::error::set_error(errp, err) };
+    R::failure(errno)
+}
+
+/// The text of a panic payload; drops the payload without letting a second panic escape.
+pub(crate) fn panic_message(payload: Box<dyn Any + Send>) -> String {
+    let msg = if let Some(s) = payload.downcast_ref::<&'static str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".to_owned()
+    };
+    if let Err(again) =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(payload)))
+    {
+        // A payload whose destructor panics: leak the second payload rather than unwind.
+        std::mem::forget(again);
+    }
+    msg
+}
+
+/// Drops the payload of a panic caught in a function without `errp`.
+pub(crate) fn discard_panic(payload: Box<dyn Any + Send>) {
+    let _ = panic_message(payload);
+}
+
+/// Wraps the body of every exported function: see the module docs.
+macro_rules! ffi_call {
+    (errp = $errp:expr, $body:block) => {{
+        let __errp: *mut *mut $crate::ffi::error::qdirty_error = $errp;
+        let __outcome = ::std::panic::catch_unwind(::std::panic::AssertUnwindSafe(|| {
+            // SAFETY: errp is NULL or valid (documented precondition of every function).
+            if unsafe { $crate::ffi::boundary::errp_in_use(__errp) } {
+                return None;
+            }
+            let __body = || -> ::std::result::Result<_, $crate::ffi::error::FfiError> { $body };
+            Some(__body())
+        }));
+        // SAFETY: as above.
+        unsafe { $crate::ffi::boundary::finish(__errp, __outcome) }
+    }};
+    ($body:block) => {{
+        match ::std::panic::catch_unwind(::std::panic::AssertUnwindSafe(|| $body)) {
+            Ok(v) => v,
+            Err(payload) => {
+                $crate::ffi::boundary::discard_panic(payload);
+                $crate::ffi::boundary::OnPanic::on_panic()
+            }
+        }
+    }};
+}
+pub(crate) use ffi_call;

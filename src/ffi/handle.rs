@@ -1,0 +1,288 @@
+//! What the opaque `qdirty_image` / `qdirty_bitmap` pointers really are, and the only casts
+//! between the two worlds.
+//!
+//! - `qdirty_image *` is a `Box<ImageHandle>`: the [`Image`] and the bitmap handles handed out so
+//!   far, both behind one mutex.
+//! - `qdirty_bitmap *` is a `Box<BitmapHandle>` owned by its image handle: created the first
+//!   time a bitmap is handed out (first/next/find/add), freed when the bitmap is removed through
+//!   `qdirty_image_remove_bitmap` or the image is closed. It names the bitmap by [`BitmapId`]; every
+//!   call locks the image and looks the bitmap up, so a bitmap that disappeared is an error
+//!   (ENOENT), never a dangling reference.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::ptr::NonNull;
+use std::sync::{Mutex, MutexGuard};
+
+use super::error::{cstring_lossy, FfiError};
+use crate::bitmap::DirtyBitmap;
+use crate::image::{BitmapId, Image};
+
+/// An open qcow2 image and its dirty bitmaps.
+///
+/// Ownership: owned by the caller from `qdirty_image_open` until `qdirty_image_close`, which
+/// always frees it. It owns its `qdirty_bitmap` handles.
+/// Thread safety: may be used from several threads; calls on one image are serialized by an
+/// internal lock. A panic inside qdirty (a bug) makes the image unusable: later calls fail with
+/// "image is unusable after an internal error", and close abandons it without storing.
+/// Methods: qdirty_image_open, qdirty_image_close, qdirty_image_size, qdirty_image_read_only,
+/// qdirty_image_store_bitmaps, qdirty_image_first_bitmap, qdirty_image_find_bitmap,
+/// qdirty_image_add_bitmap, qdirty_image_remove_bitmap, qdirty_image_merge_bitmap,
+/// qdirty_image_set_dirty
+#[allow(non_camel_case_types)]
+pub struct qdirty_image {
+    _private: [u8; 0],
+}
+
+/// A dirty bitmap of an image.
+///
+/// Ownership: borrowed from its image; never freed by the caller. Valid until the bitmap is
+/// removed with `qdirty_image_remove_bitmap` or the image is closed. Finding the same bitmap
+/// twice returns the same pointer.
+/// Thread safety: as its image (calls are serialized by the image's lock).
+/// Methods: qdirty_bitmap_next, qdirty_bitmap_name, qdirty_bitmap_granularity,
+/// qdirty_bitmap_size, qdirty_bitmap_enabled, qdirty_bitmap_persistent,
+/// qdirty_bitmap_inconsistent, qdirty_bitmap_readonly, qdirty_bitmap_enable,
+/// qdirty_bitmap_disable, qdirty_bitmap_set_dirty, qdirty_bitmap_reset_dirty,
+/// qdirty_bitmap_clear, qdirty_bitmap_get, qdirty_bitmap_count, qdirty_bitmap_next_dirty,
+/// qdirty_bitmap_next_zero, qdirty_bitmap_next_dirty_area, qdirty_bitmap_sha256
+#[allow(non_camel_case_types)]
+pub struct qdirty_bitmap {
+    _private: [u8; 0],
+}
+
+const IMAGE_MAGIC: u64 = 0x7164_6972_7479_494d; // "qdirtyIM"
+const BITMAP_MAGIC: u64 = 0x7164_6972_7479_424d; // "qdirtyBM"
+
+/// The image crosses threads inside its mutex: it must be Send.
+const _: fn() = || {
+    fn assert_send<T: Send>() {}
+    assert_send::<Image>();
+};
+
+/// What `qdirty_image *` points to.
+pub(crate) struct ImageHandle {
+    magic: u64,
+    state: Mutex<ImageState>,
+}
+
+/// Everything behind the image lock.
+pub(crate) struct ImageState {
+    pub(crate) image: Image,
+    handles: BitmapHandles,
+}
+
+/// Bitmap handles by id. Raw pointers (from `Box::into_raw`) so that moving the map never
+/// invalidates the pointers C holds.
+#[derive(Default)]
+struct BitmapHandles(HashMap<BitmapId, NonNull<BitmapHandle>>);
+
+impl Drop for BitmapHandles {
+    fn drop(&mut self) {
+        for (_, p) in self.0.drain() {
+            free_bitmap_handle(p);
+        }
+    }
+}
+
+fn free_bitmap_handle(p: NonNull<BitmapHandle>) {
+    // SAFETY: every pointer in the map came from Box::into_raw and is removed from the map
+    // before it is freed, so it is freed exactly once.
+    let mut b = unsafe { Box::from_raw(p.as_ptr()) };
+    // Best effort against use after free: a stale pointer no longer carries the magic.
+    // SAFETY: writing a field of a live box.
+    unsafe { std::ptr::write_volatile(&mut b.magic, 0) };
+}
+
+/// What `qdirty_bitmap *` points to.
+pub(crate) struct BitmapHandle {
+    magic: u64,
+    image: *const ImageHandle,
+    pub(crate) id: BitmapId,
+    /// The name, truncated at its first NUL byte.
+    pub(crate) name: CString,
+}
+
+impl ImageHandle {
+    /// A new handle, as the pointer C gets.
+    pub(crate) fn into_raw(image: Image) -> *mut super::qdirty_image {
+        let h = Box::new(ImageHandle {
+            magic: IMAGE_MAGIC,
+            state: Mutex::new(ImageState {
+                image,
+                handles: BitmapHandles::default(),
+            }),
+        });
+        Box::into_raw(h).cast()
+    }
+
+    /// Borrows the handle behind a C pointer.
+    ///
+    /// # Safety
+    /// `img` is NULL or a pointer from `qdirty_image_open` not yet closed.
+    pub(crate) unsafe fn from_ptr<'a>(
+        img: *const super::qdirty_image,
+        what: &str,
+    ) -> Result<&'a ImageHandle, FfiError> {
+        // SAFETY: caller's contract.
+        let h = unsafe { img.cast::<ImageHandle>().as_ref() }
+            .ok_or_else(|| FfiError::null_arg(what))?;
+        if h.magic != IMAGE_MAGIC {
+            return Err(FfiError::invalid(format!(
+                "{what} is not an open qdirty_image"
+            )));
+        }
+        Ok(h)
+    }
+
+    /// Takes the handle back from C for closing.
+    ///
+    /// # Safety
+    /// `img` is a pointer accepted by [`ImageHandle::from_ptr`]; C gives up ownership.
+    pub(crate) unsafe fn take(img: *mut super::qdirty_image) -> Box<ImageHandle> {
+        // SAFETY: caller's contract; the pointer came from Box::into_raw.
+        let mut b = unsafe { Box::from_raw(img.cast::<ImageHandle>()) };
+        // SAFETY: writing a field of a live box.
+        unsafe { std::ptr::write_volatile(&mut b.magic, 0) };
+        b
+    }
+
+    /// Locks the image.
+    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, ImageState>, FfiError> {
+        self.state.lock().map_err(|_| FfiError::poisoned())
+    }
+
+    /// The state, for closing, and whether an earlier panic poisoned the lock.
+    pub(crate) fn into_state(self) -> (ImageState, bool) {
+        match self.state.into_inner() {
+            Ok(state) => (state, false),
+            Err(poisoned) => (poisoned.into_inner(), true),
+        }
+    }
+
+    /// Whether `self` and `other` are the same image.
+    pub(crate) fn same(&self, other: &ImageHandle) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+impl ImageState {
+    /// The image, for closing (bitmap handles are freed when `self` drops).
+    pub(crate) fn into_image(self) -> Image {
+        let ImageState { image, handles } = self;
+        drop(handles);
+        image
+    }
+
+    /// The C pointer of the bitmap `id`, creating its handle on first use. NULL if the bitmap
+    /// does not exist.
+    pub(crate) fn handle_for(
+        &mut self,
+        owner: &ImageHandle,
+        id: BitmapId,
+    ) -> *mut super::qdirty_bitmap {
+        if let Some(p) = self.handles.0.get(&id) {
+            return p.as_ptr().cast();
+        }
+        let Some(bm) = self.image.bitmap(id) else {
+            return std::ptr::null_mut();
+        };
+        let name = bm.name().unwrap_or_default();
+        let name = name.split(|&b| b == 0).next().unwrap_or_default();
+        let h = Box::new(BitmapHandle {
+            magic: BITMAP_MAGIC,
+            image: owner,
+            id,
+            name: cstring_lossy(name),
+        });
+        let p = NonNull::from(Box::leak(h));
+        self.handles.0.insert(id, p);
+        p.as_ptr().cast()
+    }
+
+    /// Frees the handles of bitmaps that no longer exist (after a removal).
+    pub(crate) fn prune_handles(&mut self) {
+        let live: std::collections::HashSet<BitmapId> =
+            self.image.bitmap_ids().into_iter().collect();
+        let gone: Vec<BitmapId> = self
+            .handles
+            .0
+            .keys()
+            .filter(|id| !live.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            if let Some(p) = self.handles.0.remove(&id) {
+                free_bitmap_handle(p);
+            }
+        }
+    }
+}
+
+impl BitmapHandle {
+    /// Borrows the handle behind a C pointer.
+    ///
+    /// # Safety
+    /// `bm` is NULL or a bitmap pointer still owned by an open image.
+    pub(crate) unsafe fn from_ptr<'a>(
+        bm: *const super::qdirty_bitmap,
+    ) -> Result<&'a BitmapHandle, FfiError> {
+        // SAFETY: caller's contract.
+        let h = unsafe { bm.cast::<BitmapHandle>().as_ref() }
+            .ok_or_else(|| FfiError::null_arg("bitmap"))?;
+        if h.magic != BITMAP_MAGIC {
+            return Err(FfiError::invalid(
+                "bitmap is not a valid qdirty_bitmap (removed, or its image closed?)",
+            ));
+        }
+        Ok(h)
+    }
+
+    /// The image this bitmap belongs to.
+    pub(crate) fn image(&self) -> Result<&ImageHandle, FfiError> {
+        // SAFETY: the image owns this handle and frees it before itself, so while the handle is
+        // valid (caller's contract) the image is too.
+        unsafe { ImageHandle::from_ptr(self.image.cast(), "the bitmap's image") }
+    }
+
+    /// The error for a bitmap that no longer exists in its image.
+    pub(crate) fn gone(&self) -> FfiError {
+        FfiError::new(
+            libc::ENOENT,
+            format!(
+                "Bitmap '{}' no longer exists in its image",
+                self.name.to_string_lossy()
+            ),
+        )
+    }
+}
+
+/// Runs `f` with the image locked and the bitmap looked up.
+///
+/// # Safety
+/// `bm` is NULL or a bitmap pointer still owned by an open image.
+pub(crate) unsafe fn with_bitmap<R>(
+    bm: *const super::qdirty_bitmap,
+    f: impl FnOnce(&DirtyBitmap, &BitmapHandle) -> Result<R, FfiError>,
+) -> Result<R, FfiError> {
+    // SAFETY: caller's contract.
+    let h = unsafe { BitmapHandle::from_ptr(bm) }?;
+    let state = h.image()?.lock()?;
+    let b = state.image.bitmap(h.id).ok_or_else(|| h.gone())?;
+    f(b, h)
+}
+
+/// Runs `f` with the image locked and the bitmap looked up for changes.
+///
+/// # Safety
+/// `bm` is NULL or a bitmap pointer still owned by an open image.
+pub(crate) unsafe fn with_bitmap_mut<R>(
+    bm: *mut super::qdirty_bitmap,
+    f: impl FnOnce(&mut DirtyBitmap) -> Result<R, crate::Error>,
+) -> Result<R, FfiError> {
+    // SAFETY: caller's contract.
+    let h = unsafe { BitmapHandle::from_ptr(bm) }?;
+    let mut state = h.image()?.lock()?;
+    let b = state.image.bitmap_mut(h.id).ok_or_else(|| h.gone())?;
+    Ok(f(b)?)
+}

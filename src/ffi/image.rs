@@ -1,0 +1,442 @@
+//! `qdirty_image_*`: create, open and close images; find, add, remove and merge their bitmaps.
+
+use std::ffi::{CStr, OsStr};
+use std::os::raw::{c_char, c_int};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use super::boundary::ffi_call;
+use super::error::{qdirty_error, FfiError};
+use super::handle::{qdirty_bitmap, qdirty_image, ImageHandle};
+use super::{
+    QDIRTY_BITMAP_AUTOLOAD, QDIRTY_BITMAP_DISABLED, QDIRTY_BITMAP_PERSISTENT, QDIRTY_OPEN_RDWR,
+};
+use crate::image::{AddOptions, Image};
+
+/// Borrows a C string argument as bytes.
+///
+/// # Safety
+/// `s` is NULL or a NUL-terminated string.
+pub(crate) unsafe fn arg_bytes<'a>(s: *const c_char, what: &str) -> Result<&'a [u8], FfiError> {
+    if s.is_null() {
+        return Err(FfiError::null_arg(what));
+    }
+    // SAFETY: caller's contract.
+    Ok(unsafe { CStr::from_ptr(s) }.to_bytes())
+}
+
+/// Borrows a C string argument as a path.
+///
+/// # Safety
+/// `s` is NULL or a NUL-terminated string.
+unsafe fn arg_path<'a>(s: *const c_char) -> Result<&'a Path, FfiError> {
+    // SAFETY: caller's contract.
+    let bytes = unsafe { arg_bytes(s, "path") }?;
+    if bytes.is_empty() {
+        return Err(FfiError::invalid("path must not be empty"));
+    }
+    Ok(Path::new(OsStr::from_bytes(bytes)))
+}
+
+/// Rejects flag bits outside `known`.
+fn check_flags(flags: u32, known: u32, what: &str) -> Result<(), FfiError> {
+    if flags & !known != 0 {
+        return Err(FfiError::invalid(format!(
+            "{what}: unknown flags {:#x} (known flags: {known:#x})",
+            flags & !known
+        )));
+    }
+    Ok(())
+}
+
+/// Creates a blank qcow2 v3 image file of `size` bytes (rounded up to 512) with no bitmaps, so
+/// that tests and tools need no qemu-img. Fails if the file exists.
+///
+/// `cluster_size` is a power of two from 512 to 2 MiB; 0 means 64 KiB.
+///
+/// Returns: 0, or a negative errno: -EINVAL (NULL or empty path, bad cluster size), -EEXIST
+/// (the file exists), other I/O errors.
+/// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+/// Ownership: nothing is transferred.
+/// Thread safety: may be called from any thread.
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string. `errp` is NULL or points to a `qdirty_error *`
+/// that is NULL (otherwise the call returns -EINVAL and does nothing).
+#[no_mangle]
+pub unsafe extern "C" fn qdirty_image_create(
+    path: *const c_char,
+    size: u64,
+    cluster_size: u32,
+    errp: *mut *mut qdirty_error,
+) -> c_int {
+    ffi_call!(errp = errp, {
+        // SAFETY: see the function's Safety section.
+        let path = unsafe { arg_path(path) }?;
+        Image::create(path, size, cluster_size)?;
+        Ok(())
+    })
+}
+
+/// Opens a qcow2 image and loads its bitmaps, as QEMU does.
+///
+/// `flags`: 0 opens read-only (nothing is ever written); QDIRTY_OPEN_RDWR opens read-write,
+/// which marks every loaded bitmap in_use in the file before this function returns, and stores
+/// them on `qdirty_image_close`. Bitmaps stored with the `auto` flag load enabled, the others
+/// disabled; bitmaps found in_use load as inconsistent.
+///
+/// Returns: the image, or NULL on failure: unknown flag bits or a NULL path (EINVAL), a file
+/// that is not a usable qcow2 image (EINVAL, ENOTSUP), an image that needs repair before it can
+/// be written (EACCES, with a hint naming `qemu-img check -r all`), I/O errors.
+/// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+/// Ownership: the caller owns the image and must pass it to `qdirty_image_close`.
+/// Thread safety: may be called from any thread.
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string. `errp` is NULL or points to a `qdirty_error *`
+/// that is NULL (otherwise the call returns NULL and does nothing).
+#[no_mangle]
+pub unsafe extern "C" fn qdirty_image_open(
+    path: *const c_char,
+    flags: u32,
+    errp: *mut *mut qdirty_error,
+) -> *mut qdirty_image {
+    ffi_call!(errp = errp, {
+        check_flags(flags, QDIRTY_OPEN_RDWR, "qdirty_image_open")?;
+        // SAFETY: see the function's Safety section.
+        let path = unsafe { arg_path(path) }?;
+        let image = Image::open(path, flags & QDIRTY_OPEN_RDWR != 0)?;
+        Ok(ImageHandle::into_raw(image))
+    })
+}
+
+/// Closes an image: stores its persistent bitmaps when it was opened read-write (clearing
+/// in_use), then frees it together with all its `qdirty_bitmap` handles.
+///
+/// The image is freed even when storing fails (the error says why; bitmaps not stored stay
+/// marked in_use in the file and load as inconsistent next time). An image made unusable by an
+/// internal error is not stored: the call fails with EIO, the bitmap handles are freed, and the
+/// image itself is abandoned as if the process had crashed (its file stays open, its bitmaps
+/// stay in_use on disk).
+///
+/// Returns: 0, or a negative errno: -EINVAL (`img` NULL or not an open image: nothing is
+/// freed), -EIO and other errors of the final store.
+/// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+/// Ownership: takes `img`; it and its bitmaps are invalid afterwards, whatever the result.
+/// Thread safety: no other thread may use `img` or its bitmaps during or after this call.
+///
+/// # Safety
+/// `img` is NULL or an image from `qdirty_image_open` not yet closed. `errp` is NULL or points
+/// to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing: the
+/// image stays open).
+#[no_mangle]
+pub unsafe extern "C" fn qdirty_image_close(
+    img: *mut qdirty_image,
+    errp: *mut *mut qdirty_error,
+) -> c_int {
+    ffi_call!(errp = errp, {
+        // SAFETY: see the function's Safety section.
+        unsafe { ImageHandle::from_ptr(img, "img") }?;
+        // SAFETY: validated above; C gives up ownership.
+        let handle = unsafe { ImageHandle::take(img) };
+        let (state, poisoned) = handle.into_state();
+        if poisoned {
+            // A panic left the image half-updated: storing it could corrupt the file, and
+            // dropping an Image stores. Leak it instead, as a crash would: its bitmaps stay
+            // in_use on disk and load as inconsistent next time.
+            std::mem::forget(state.into_image());
+            return Err(FfiError::new(
+                libc::EIO,
+                "image is unusable after an internal error; it was closed without storing its bitmaps",
+            ));
+        }
+        Ok(state.into_image().close()?)
+    })
+}
+
+/// Stores the persistent bitmaps now without closing, as a checkpoint (QEMU stores them on
+/// close or inactivation); they stay loaded and are marked in_use again.
+///
+/// Returns: 0, or a negative errno: -EINVAL (`img` NULL), -EROFS (read-only image), I/O errors.
+/// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+/// Ownership: nothing is transferred.
+/// Thread safety: may be called from any thread; serialized per image.
+///
+/// # Safety
+/// `img` is NULL or an open image. `errp` is NULL or points to a `qdirty_error *` that is NULL
+/// (otherwise the call returns -EINVAL and does nothing).
+#[no_mangle]
+pub unsafe extern "C" fn qdirty_image_store_bitmaps(
+    img: *mut qdirty_image,
+    errp: *mut *mut qdirty_error,
+) -> c_int {
+    ffi_call!(errp = errp, {
+        // SAFETY: see the function's Safety section.
+        let h = unsafe { ImageHandle::from_ptr(img, "img") }?;
+        h.lock()?.image.store_bitmaps()?;
+        Ok(())
+    })
+}
+
+/// The virtual disk size in bytes.
+///
+/// Returns: the size; 0 if `img` is NULL or unusable.
+/// Thread safety: may be called from any thread; serialized per image.
+///
+/// # Safety
+/// `img` is NULL or an open image.
+#[no_mangle]
+pub unsafe extern "C" fn qdirty_image_size(img: *const qdirty_image) -> u64 {
+    ffi_call!({
+        // SAFETY: see the function's Safety section.
+        let size = || -> Result<u64, FfiError> {
+            Ok(unsafe { ImageHandle::from_ptr(img, "img") }?
+                .lock()?
+                .image
+                .size())
+        };
+        size().unwrap_or(0)
+    })
+}
+
+/// Whether the image is read-only (opened without QDIRTY_OPEN_RDWR, or a qcow2 v2 image).
+///
+/// Returns: true or false; false if `img` is NULL or unusable.
+/// Thread safety: may be called from any thread; serialized per image.
+///
+/// # Safety
+/// `img` is NULL or an open image.
+#[no_mangle]
+pub unsafe extern "C" fn qdirty_image_read_only(img: *const qdirty_image) -> bool {
+    ffi_call!({
+        // SAFETY: see the function's Safety section.
+        let ro = || -> Result<bool, FfiError> {
+            Ok(unsafe { ImageHandle::from_ptr(img, "img") }?
+                .lock()?
+                .image
+                .read_only())
+        };
+        ro().unwrap_or(false)
+    })
+}
+
+/// The first bitmap of the image, in QEMU's list order (newest first); iterate with
+/// `qdirty_bitmap_next`.
+///
+/// Returns: the bitmap, or NULL if the image has none, or `img` is NULL or unusable.
+/// Ownership: borrowed from the image (see `qdirty_bitmap`).
+/// Thread safety: may be called from any thread; serialized per image. Adding or removing
+/// bitmaps while iterating from another thread may skip or repeat bitmaps.
+///
+/// # Safety
+/// `img` is NULL or an open image.
+#[no_mangle]
+pub unsafe extern "C" fn qdirty_image_first_bitmap(img: *mut qdirty_image) -> *mut qdirty_bitmap {
+    ffi_call!({
+        let first = || -> Result<*mut qdirty_bitmap, FfiError> {
+            // SAFETY: see the function's Safety section.
+            let h = unsafe { ImageHandle::from_ptr(img, "img") }?;
+            let mut state = h.lock()?;
+            Ok(match state.image.bitmap_ids().first() {
+                Some(&id) => state.handle_for(h, id),
+                None => std::ptr::null_mut(),
+            })
+        };
+        first().unwrap_or(std::ptr::null_mut())
+    })
+}
+
+/// The bitmap named `name` (exact byte comparison).
+///
+/// Returns: the bitmap, or NULL if there is none of that name, or an argument is NULL or
+/// unusable.
+/// Ownership: borrowed from the image (see `qdirty_bitmap`).
+/// Thread safety: may be called from any thread; serialized per image.
+///
+/// # Safety
+/// `img` is NULL or an open image; `name` is NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn qdirty_image_find_bitmap(
+    img: *mut qdirty_image,
+    name: *const c_char,
+) -> *mut qdirty_bitmap {
+    ffi_call!({
+        let find = || -> Result<*mut qdirty_bitmap, FfiError> {
+            // SAFETY: see the function's Safety section.
+            let h = unsafe { ImageHandle::from_ptr(img, "img") }?;
+            // SAFETY: as above.
+            let name = unsafe { arg_bytes(name, "name") }?;
+            let mut state = h.lock()?;
+            Ok(match state.image.find_bitmap(name) {
+                Some(id) => state.handle_for(h, id),
+                None => std::ptr::null_mut(),
+            })
+        };
+        find().unwrap_or(std::ptr::null_mut())
+    })
+}
+
+/// Adds a bitmap (QMP `block-dirty-bitmap-add`).
+///
+/// `name`: 1..1023 bytes, unique on the image (including inconsistent bitmaps).
+/// `granularity`: a power of two from 512 B to 2 GiB; 0 means QEMU's default
+/// min(max(cluster size, 4 KiB), 64 KiB).
+/// `flags`: QDIRTY_BITMAP_PERSISTENT (store it in the image on close; checks that the image can
+/// store it), QDIRTY_BITMAP_DISABLED (create it not recording writes), QDIRTY_BITMAP_AUTOLOAD
+/// (deprecated: accepted, ignored, and the warning "Autoload option is deprecated and its value
+/// is ignored" goes to the warning handler).
+///
+/// Returns: the new bitmap, or NULL on failure: unknown flag bits, NULL arguments, a bad name or
+/// granularity (EINVAL), a duplicate name (EEXIST), a persistent bitmap on a read-only image
+/// (EROFS or EPERM) or on an image that cannot store it (ENOTSUP, EFBIG, ENOSPC...).
+/// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+/// Ownership: the bitmap is borrowed from the image (see `qdirty_bitmap`).
+/// Thread safety: may be called from any thread; serialized per image.
+///
+/// # Safety
+/// `img` is NULL or an open image; `name` is NULL or a NUL-terminated string. `errp` is NULL or
+/// points to a `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
+#[no_mangle]
+pub unsafe extern "C" fn qdirty_image_add_bitmap(
+    img: *mut qdirty_image,
+    name: *const c_char,
+    granularity: u32,
+    flags: u32,
+    errp: *mut *mut qdirty_error,
+) -> *mut qdirty_bitmap {
+    ffi_call!(errp = errp, {
+        check_flags(
+            flags,
+            QDIRTY_BITMAP_PERSISTENT | QDIRTY_BITMAP_DISABLED | QDIRTY_BITMAP_AUTOLOAD,
+            "qdirty_image_add_bitmap",
+        )?;
+        // SAFETY: see the function's Safety section.
+        let h = unsafe { ImageHandle::from_ptr(img, "img") }?;
+        // SAFETY: as above.
+        let name = unsafe { arg_bytes(name, "name") }?;
+        let opts = AddOptions {
+            persistent: flags & QDIRTY_BITMAP_PERSISTENT != 0,
+            disabled: flags & QDIRTY_BITMAP_DISABLED != 0,
+            autoload: (flags & QDIRTY_BITMAP_AUTOLOAD != 0).then_some(true),
+        };
+        let mut state = h.lock()?;
+        let id = state.image.add_bitmap(name, u64::from(granularity), opts)?;
+        let p = state.handle_for(h, id);
+        if p.is_null() {
+            return Err(FfiError::new(
+                libc::EIO,
+                "internal error: the new bitmap cannot be found",
+            ));
+        }
+        Ok(p)
+    })
+}
+
+/// Removes the bitmap named `name` (QMP `block-dirty-bitmap-remove`), from the file too when it
+/// is persistent. This is the only operation allowed on an inconsistent bitmap.
+///
+/// Returns: 0, or a negative errno: -EINVAL (NULL argument), -ENOENT (no such bitmap), -EBUSY,
+/// -EPERM (read-only bitmap), -EROFS, I/O errors.
+/// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+/// Ownership: the removed bitmap's `qdirty_bitmap` handle is freed: do not use it afterwards.
+/// Thread safety: may be called from any thread; serialized per image. No other thread may use
+/// the removed bitmap's handle.
+///
+/// # Safety
+/// `img` is NULL or an open image; `name` is NULL or a NUL-terminated string. `errp` is NULL or
+/// points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
+/// nothing).
+#[no_mangle]
+pub unsafe extern "C" fn qdirty_image_remove_bitmap(
+    img: *mut qdirty_image,
+    name: *const c_char,
+    errp: *mut *mut qdirty_error,
+) -> c_int {
+    ffi_call!(errp = errp, {
+        // SAFETY: see the function's Safety section.
+        let h = unsafe { ImageHandle::from_ptr(img, "img") }?;
+        // SAFETY: as above.
+        let name = unsafe { arg_bytes(name, "name") }?;
+        let mut state = h.lock()?;
+        let result = state.image.remove_bitmap(name);
+        state.prune_handles();
+        Ok(result?)
+    })
+}
+
+/// Merges bitmap `src_name` into bitmap `target` (target |= source, QMP
+/// `block-dirty-bitmap-merge`). The source is a bitmap of `src_img`, or of `img` when `src_img` is
+/// NULL or `img`. Granularities may differ; the disk sizes must be equal.
+///
+/// Returns: 0, or a negative errno: -EINVAL (NULL argument, different sizes, inconsistent
+/// bitmap), -ENOENT (no such bitmap), -EBUSY, -EPERM (read-only target).
+/// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+/// Ownership: nothing is transferred.
+/// Thread safety: may be called from any thread; locks both images (in a fixed order, so
+/// concurrent merges in opposite directions do not deadlock).
+///
+/// # Safety
+/// `img` is NULL or an open image; `src_img` is NULL or an open image; `target` and `src_name`
+/// are NULL or NUL-terminated strings. `errp` is NULL or points to a `qdirty_error *` that is
+/// NULL (otherwise the call returns -EINVAL and does nothing).
+#[no_mangle]
+pub unsafe extern "C" fn qdirty_image_merge_bitmap(
+    img: *mut qdirty_image,
+    target: *const c_char,
+    src_img: *mut qdirty_image,
+    src_name: *const c_char,
+    errp: *mut *mut qdirty_error,
+) -> c_int {
+    ffi_call!(errp = errp, {
+        // SAFETY: see the function's Safety section.
+        let h = unsafe { ImageHandle::from_ptr(img, "img") }?;
+        // SAFETY: as above.
+        let target = unsafe { arg_bytes(target, "target") }?;
+        // SAFETY: as above.
+        let src_name = unsafe { arg_bytes(src_name, "src_name") }?;
+        let src = if src_img.is_null() {
+            h
+        } else {
+            // SAFETY: as above.
+            unsafe { ImageHandle::from_ptr(src_img, "src_img") }?
+        };
+        if src.same(h) {
+            h.lock()?.image.merge_bitmap(target, src_name)?;
+            return Ok(());
+        }
+        // Lock in address order so that two opposite merges cannot deadlock.
+        let (mut dst_state, src_state) = if (h as *const ImageHandle) < (src as *const ImageHandle)
+        {
+            let d = h.lock()?;
+            (d, src.lock()?)
+        } else {
+            let s = src.lock()?;
+            (h.lock()?, s)
+        };
+        dst_state
+            .image
+            .merge_bitmap_from(target, &src_state.image, src_name)?;
+        Ok(())
+    })
+}
+
+/// The guest write hook (QEMU's `bdrv_set_dirty`): marks `[offset, offset + bytes)` in every
+/// enabled bitmap of the image and in no disabled one, clamped to the disk size.
+///
+/// Does nothing when `img` is NULL or unusable (there is no error to report: check bitmaps with
+/// `qdirty_bitmap_get` if in doubt).
+/// Thread safety: may be called from any thread; serialized per image.
+///
+/// # Safety
+/// `img` is NULL or an open image.
+#[no_mangle]
+pub unsafe extern "C" fn qdirty_image_set_dirty(img: *mut qdirty_image, offset: u64, bytes: u64) {
+    ffi_call!({
+        // SAFETY: see the function's Safety section.
+        if let Ok(h) = unsafe { ImageHandle::from_ptr(img, "img") } {
+            if let Ok(mut state) = h.lock() {
+                state.image.set_dirty(offset, bytes);
+            }
+        }
+    })
+}
