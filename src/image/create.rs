@@ -45,7 +45,8 @@ pub fn blank_image(size: u64, cluster_size: u32) -> Result<Vec<u8>> {
             l1_entries * 8
         )));
     }
-    let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
+    // An empty disk has no L1 table at all (offset 0), as qemu-img creates it.
+    let l1_clusters = (l1_entries * 8).div_ceil(cs);
     let epb = refcount::refblock_entries(cluster_bits, REFCOUNT_ORDER);
     // Fixed point: header + reftable (t) + refblocks (b) + L1 all covered by b blocks whose
     // offsets fit in t table clusters.
@@ -89,7 +90,7 @@ pub fn blank_image(size: u64, cluster_size: u32) -> Result<Vec<u8>> {
         size,
         crypt_method: 0,
         l1_size: l1_entries as u32,
-        l1_table_offset: l1_off,
+        l1_table_offset: if l1_entries == 0 { 0 } else { l1_off },
         refcount_table_offset: reftable_off,
         refcount_table_clusters: t as u32,
         nb_snapshots: 0,
