@@ -131,7 +131,6 @@ impl Error {
     pub fn hint(&self) -> Option<&'static str> {
         match self {
             Error::Inconsistent { .. } => Some(INCONSISTENT_HINT),
-            Error::NeedsRepair(_) => Some("Run 'qemu-img check -r all' on the image to repair it"),
             _ => None,
         }
     }

@@ -195,3 +195,54 @@ fn f_header_length_104_image() {
     assert_eq!(nbd_dirty_extents(&img, "b"), vec![(0, 4096)]);
     assert!(raw_header(&img).header_length >= 104);
 }
+
+/// A QEMU process with lazy refcounts that dies leaves the dirty bit set: QEMU itself repairs
+/// the refcounts on its next writable open. qdirty does not repair refcounts, so it opens such an
+/// image read-only only, says to run `qemu-img check -r all`, and works after that.
+#[test]
+fn f_dirty_lazy_refcount_image_needs_repair() {
+    let test = "f_dirty_lazy_refcount_image_needs_repair";
+    if !require_qemu(test) {
+        return;
+    }
+    let tmp = TempDir::new(test);
+    let img = tmp.join("lazy.qcow2");
+    qemu_img_create(&img, 8 * MIB, "lazy_refcounts=on", &[]);
+    qemu_img_bitmap_add(&img, "b1", None, false);
+    qemu_io_abort(&img, &["write -P 0x5a 1M 64k".to_string()]);
+    let dirty = read_file(&img);
+    assert_eq!(dirty[79] & 1, 1, "sanity: QEMU left the dirty bit set");
+
+    let err = Image::open(&img, true).unwrap_err();
+    assert!(err.to_string().contains("qemu-img check -r all"), "{err}");
+    assert_eq!(err.errno(), libc::EACCES);
+    assert!(read_file(&img) == dirty, "a refused open writes nothing");
+    let ro = Image::open(&img, false).unwrap();
+    let b1 = ro.find_bitmap(b"b1").unwrap();
+    assert!(ro.bitmap(b1).unwrap().inconsistent(), "QEMU left b1 in_use");
+    drop(ro);
+
+    run_ok(
+        "qemu-img",
+        &["check", "-r", "all", "lazy.qcow2"],
+        tmp.path(),
+    );
+    let mut rw = Image::open(&img, true).unwrap();
+    rw.remove_bitmap(b"b1").unwrap();
+    rw.add_bitmap(
+        b"b2",
+        0,
+        AddOptions {
+            persistent: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    rw.close().unwrap();
+    assert_check_clean(&img, test);
+    let names: Vec<String> = qemu_img_info_bitmaps(&img, false)
+        .into_iter()
+        .map(|b| b.name)
+        .collect();
+    assert_eq!(names, vec!["b2".to_string()]);
+}

@@ -36,13 +36,16 @@ impl Image {
         if !self.read_only {
             if h.incompatible_features & INCOMPAT_CORRUPT != 0 {
                 return Err(Error::NeedsRepair(
-                    "qcow2: Image is corrupt; cannot be opened read/write".into(),
+                    "qcow2: Image is corrupt; cannot be opened read/write (repair it with \
+                     'qemu-img check -r all')"
+                        .into(),
                 ));
             }
             if h.incompatible_features & INCOMPAT_DIRTY != 0 {
                 return Err(Error::NeedsRepair(
-                    "The image's refcounts may be stale (dirty bit set by lazy refcounts); qdirty \
-                     does not repair refcounts, so it cannot open the image read/write"
+                    "The image is dirty (lazy refcounts were in use) and its refcounts may be \
+                     stale; it cannot be opened read/write before 'qemu-img check -r all' \
+                     repairs it"
                         .into(),
                 ));
             }

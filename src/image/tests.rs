@@ -261,3 +261,72 @@ fn add_validates_like_qmp() {
     assert_eq!(img.bitmap(id).unwrap().granularity(), 1 << 31);
     img.close().unwrap();
 }
+
+fn set_header_u64(s: &Shared, offset: usize, f: impl Fn(u64) -> u64) {
+    let mut d = s.0.lock().unwrap();
+    let v = f(be::get_u64(&d, offset));
+    be::put_u64(&mut d, offset, v);
+}
+
+#[test]
+fn corrupt_and_dirty_images_open_read_only_only() {
+    use crate::format::{INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+    for bit in [INCOMPAT_CORRUPT, INCOMPAT_DIRTY] {
+        let s = Shared::new(blank_image(64 * MIB, 65536).unwrap());
+        set_header_u64(&s, 72, |v| v | bit);
+        let before = s.bytes();
+        let err = Image::open_storage(Box::new(s.clone()), "mem", true).unwrap_err();
+        assert!(matches!(err, Error::NeedsRepair(_)), "{err}");
+        assert!(err.to_string().contains("qemu-img check -r all"), "{err}");
+        assert_eq!(err.errno(), libc::EACCES);
+        let img = open(&s, false);
+        drop(img);
+        assert!(
+            s.bytes() == before,
+            "refused and read-only opens write nothing"
+        );
+    }
+}
+
+#[test]
+fn unknown_incompatible_features_are_refused() {
+    let s = Shared::new(blank_image(64 * MIB, 65536).unwrap());
+    set_header_u64(&s, 72, |v| v | 1 << 63);
+    for rw in [false, true] {
+        let err = Image::open_storage(Box::new(s.clone()), "mem", rw).unwrap_err();
+        assert!(matches!(err, Error::Unsupported(_)), "{err}");
+        assert!(err.to_string().contains("8000000000000000"), "{err}");
+    }
+}
+
+#[test]
+fn inconsistent_bitmaps_of_huge_disks_cost_no_memory() {
+    // 1 PiB disk, 2 MiB clusters; a consistent bitmap at 1 MiB granularity (128 MiB of bits
+    // would be 2^30 granules; use 16 MiB granularity: 2^26 granules, 8 MiB).
+    let s = Shared::new(blank_image(1 << 50, 2 << 20).unwrap());
+    let mut img = open(&s, true);
+    img.add_bitmap(b"big", 16 << 20, P).unwrap();
+    img.close().unwrap();
+    std::mem::forget(open(&s, true)); // a crash while open: the bitmap stays in_use on disk
+                                      // Make the in_use entry claim a 512-byte granularity: 2^41 granules if it were allocated.
+    {
+        let mut d = s.0.lock().unwrap();
+        let ext_dir_off = {
+            let cluster0 = d[..2 << 20].to_vec();
+            let h = crate::format::header::Header::parse(&cluster0).unwrap();
+            let exts = crate::format::extension::Extensions::parse(&cluster0, &h).unwrap();
+            exts.bitmaps.unwrap().bitmap_directory_offset as usize
+        };
+        assert_eq!(be::get_u32(&d, ext_dir_off + 12) & 1, 1, "in_use on disk");
+        d[ext_dir_off + 17] = 9;
+    }
+    let mut img = open(&s, true);
+    let id = img.find_bitmap(b"big").unwrap();
+    let b = img.bitmap(id).unwrap();
+    assert!(b.inconsistent());
+    assert_eq!((b.size(), b.granularity(), b.count()), (1 << 50, 512, 0));
+    assert_eq!(b.next_zero(4096, 1), Some(4096));
+    assert_eq!(b.next_dirty(0, u64::MAX), None);
+    img.remove_bitmap(b"big").unwrap();
+    img.close().unwrap();
+}
