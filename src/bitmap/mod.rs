@@ -6,9 +6,11 @@
 #![deny(unsafe_code)]
 
 pub mod hbitmap;
+pub mod set;
 pub mod sha256;
 
 pub use hbitmap::HBitmap;
+pub use set::{BitmapId, BitmapInfo, BitmapSet, DirtyIter};
 
 use crate::error::{Error, Result};
 use crate::format::{BME_MAX_GRANULARITY_BITS, BME_MAX_NAME_SIZE, BME_MIN_GRANULARITY_BITS};
@@ -77,7 +79,16 @@ pub struct DirtyBitmap {
     persistent: bool,
     inconsistent: bool,
     skip_store: bool,
+    /// The successor that records writes while an operation holds this bitmap.
+    successor: Option<BitmapId>,
+    /// Live iterators (they block release and truncate).
+    active_iterators: u32,
 }
+
+/// The bits of a bitmap taken away by [`DirtyBitmap::clear_with_backup`] or
+/// [`DirtyBitmap::merge_with_backup`], to be given back by [`DirtyBitmap::restore`].
+#[derive(Clone, Debug)]
+pub struct Backup(HBitmap);
 
 impl DirtyBitmap {
     /// A new enabled, empty, transient bitmap over `size` bytes (QEMU: bdrv_create_dirty_bitmap).
@@ -105,6 +116,8 @@ impl DirtyBitmap {
             persistent: false,
             inconsistent: false,
             skip_store: false,
+            successor: None,
+            active_iterators: 0,
         })
     }
 
@@ -160,9 +173,32 @@ impl DirtyBitmap {
         !self.disabled
     }
 
-    /// QEMU's `recording` (no successors yet, so the same as enabled).
-    pub fn recording(&self) -> bool {
-        !self.disabled
+    /// The successor, while an operation holds the bitmap (see [`BitmapSet::create_successor`]).
+    pub fn successor(&self) -> Option<BitmapId> {
+        self.successor
+    }
+
+    /// Whether a successor exists (QEMU: bdrv_dirty_bitmap_has_successor).
+    pub fn has_successor(&self) -> bool {
+        self.successor.is_some()
+    }
+
+    pub(crate) fn set_successor(&mut self, s: Option<BitmapId>) {
+        self.successor = s;
+    }
+
+    /// Number of live iterators.
+    pub fn active_iterators(&self) -> u32 {
+        self.active_iterators
+    }
+
+    pub(crate) fn add_iterator(&mut self, delta: i32) {
+        self.active_iterators = self.active_iterators.saturating_add_signed(delta);
+    }
+
+    /// The skip_store flag.
+    pub fn skip_store(&self) -> bool {
+        self.skip_store
     }
 
     /// The raw persistent flag.
@@ -372,6 +408,176 @@ impl DirtyBitmap {
         }
         self.bits.merge_from(&src.bits);
         Ok(())
+    }
+
+    /// Whether `offset` is dirty and how long the run of that state is, capped at `bytes`
+    /// (QEMU: bdrv_dirty_bitmap_status, with the 2022 fix: true means dirty).
+    pub fn status(&self, offset: u64, bytes: u64) -> Result<(bool, u64)> {
+        if bytes == 0 {
+            return Err(Error::Precondition(format!(
+                "Bitmap '{}': status needs a non-empty range",
+                self.display_name()
+            )));
+        }
+        self.check_range("status", offset, bytes)?;
+        if self.bits.size() != self.size {
+            return Ok((false, bytes));
+        }
+        Ok(self.bits.status(offset, bytes))
+    }
+
+    /// Bytes of disk one serialization chunk must be aligned to: 64 granules
+    /// (QEMU: bdrv_dirty_bitmap_serialization_align).
+    pub fn serialization_align(&self) -> u64 {
+        self.bits.serialization_align()
+    }
+
+    /// Checks QEMU's chunk rules: start aligned to serialization_align, range inside the bitmap,
+    /// length aligned unless the chunk reaches the end.
+    fn check_chunk(&self, what: &str, offset: u64, bytes: u64) -> Result<()> {
+        self.check_range(what, offset, bytes)?;
+        let align = self.serialization_align();
+        if offset % align != 0 || (bytes % align != 0 && offset + bytes != self.size()) {
+            return Err(Error::Precondition(format!(
+                "Bitmap '{}': {what} range [{offset}, +{bytes}) is not aligned to {align} bytes \
+                 (64 granules) and does not end at the end of the bitmap",
+                self.display_name()
+            )));
+        }
+        if self.bits.size() != self.size {
+            return Err(Error::Inconsistent {
+                name: self.display_name(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Bytes needed to serialize [offset, offset + bytes) (QEMU:
+    /// bdrv_dirty_bitmap_serialization_size): whole little-endian 64-bit words.
+    pub fn serialization_size(&self, offset: u64, bytes: u64) -> Result<u64> {
+        self.check_chunk("serialization", offset, bytes)?;
+        Ok(self.bits.serialization_size(offset, bytes))
+    }
+
+    /// Serializes [offset, offset + bytes) into `buf` in QEMU's layout (granule k of the chunk
+    /// is bit k % 8 of byte k / 8). `buf` must hold serialization_size bytes.
+    pub fn serialize_part(&self, buf: &mut [u8], offset: u64, bytes: u64) -> Result<()> {
+        let need = self.serialization_size(offset, bytes)?;
+        if (buf.len() as u64) < need {
+            return Err(Error::InvalidArgument(format!(
+                "serialization buffer of {} bytes is too small: {need} needed",
+                buf.len()
+            )));
+        }
+        self.bits.serialize_part(buf, offset, bytes);
+        Ok(())
+    }
+
+    fn check_deserialize(&self, what: &str, offset: u64, bytes: u64) -> Result<()> {
+        self.check(CHECK_RO)?;
+        self.check_chunk(what, offset, bytes)
+    }
+
+    /// Overwrites [offset, offset + bytes) from `buf` (QEMU layout). Until
+    /// [`DirtyBitmap::deserialize_finish`] (or `finish`), count and searches are stale.
+    pub fn deserialize_part(
+        &mut self,
+        buf: &[u8],
+        offset: u64,
+        bytes: u64,
+        finish: bool,
+    ) -> Result<()> {
+        self.check_deserialize("deserialization", offset, bytes)?;
+        let need = self.bits.serialization_size(offset, bytes);
+        if (buf.len() as u64) < need {
+            return Err(Error::InvalidArgument(format!(
+                "deserialization buffer of {} bytes is too small: {need} needed",
+                buf.len()
+            )));
+        }
+        self.bits.deserialize_part(buf, offset, bytes);
+        if finish {
+            self.bits.deserialize_finish();
+        }
+        Ok(())
+    }
+
+    /// Fills [offset, offset + bytes) with clean granules (see deserialize_part).
+    pub fn deserialize_zeroes(&mut self, offset: u64, bytes: u64, finish: bool) -> Result<()> {
+        self.check_deserialize("deserialization", offset, bytes)?;
+        self.bits.deserialize_zeroes(offset, bytes);
+        if finish {
+            self.bits.deserialize_finish();
+        }
+        Ok(())
+    }
+
+    /// Fills [offset, offset + bytes) with dirty granules, never past the end (see
+    /// deserialize_part).
+    pub fn deserialize_ones(&mut self, offset: u64, bytes: u64, finish: bool) -> Result<()> {
+        self.check_deserialize("deserialization", offset, bytes)?;
+        self.bits.deserialize_ones(offset, bytes);
+        if finish {
+            self.bits.deserialize_finish();
+        }
+        Ok(())
+    }
+
+    /// Rebuilds summaries and the count after deserialize_* calls.
+    pub fn deserialize_finish(&mut self) {
+        self.bits.deserialize_finish();
+    }
+
+    /// Clears the bitmap by swapping in fresh bits and returns the old ones (QEMU:
+    /// bdrv_clear_dirty_bitmap with a backup). DEFAULT checks.
+    pub fn clear_with_backup(&mut self) -> Result<Backup> {
+        self.check(CHECK_DEFAULT)?;
+        let fresh = HBitmap::new(self.bits.size(), self.bits.granularity_bits());
+        Ok(Backup(std::mem::replace(&mut self.bits, fresh)))
+    }
+
+    /// self |= src, returning the previous bits (QEMU: bdrv_merge_dirty_bitmap with a backup).
+    pub fn merge_with_backup(&mut self, src: &DirtyBitmap) -> Result<Backup> {
+        self.check(CHECK_DEFAULT)?;
+        src.check(CHECK_ALLOW_RO)?;
+        if self.size() != src.size() {
+            return Err(Error::SizeMismatch {
+                dest: self.size(),
+                src: src.size(),
+            });
+        }
+        let old = self.bits.clone();
+        self.bits.merge_from(&src.bits);
+        Ok(Backup(old))
+    }
+
+    /// Puts back the bits saved by clear_with_backup or merge_with_backup (QEMU:
+    /// bdrv_restore_dirty_bitmap). Refused on readonly bitmaps and for a backup of another shape.
+    pub fn restore(&mut self, backup: Backup) -> Result<()> {
+        self.check(CHECK_RO)?;
+        if backup.0.size() != self.bits.size()
+            || backup.0.granularity_bits() != self.bits.granularity_bits()
+        {
+            return Err(Error::Precondition(format!(
+                "Bitmap '{}': the backup has another size or granularity",
+                self.display_name()
+            )));
+        }
+        self.bits = backup.0;
+        Ok(())
+    }
+
+    /// Resizes the bits to `new_size` bytes (QEMU: hbitmap_truncate); the caller checked busy,
+    /// successor and iterators.
+    pub(crate) fn truncate(&mut self, new_size: u64) {
+        if self.bits.size() == self.size {
+            self.bits.truncate(new_size);
+        }
+        self.size = new_size;
+    }
+
+    pub(crate) fn set_name(&mut self, name: Option<Vec<u8>>) {
+        self.name = name;
     }
 
     /// The engine, for readers (store, serialization).

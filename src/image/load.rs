@@ -1,7 +1,7 @@
 //! Loading bitmaps on open (QEMU: qcow2_load_dirty_bitmaps, qcow2-format.md §5, §6.1, §6.2).
 
-use super::{alloc, DiskDir, Image};
-use crate::bitmap::DirtyBitmap;
+use super::{alloc, Disk, DiskDir};
+use crate::bitmap::{BitmapSet, DirtyBitmap};
 use crate::error::{Error, Result};
 use crate::format::bitmap_dir::{encode_directory, parse_directory, BitmapDirEntry};
 use crate::format::bitmap_table::{decode_table, table_size_for, TableEntry};
@@ -20,12 +20,11 @@ pub const V2_BITMAPS_WARNING: &str = "This qcow2 v2 image contains bitmaps, but 
      considered inconsistent. Some clusters may be leaked, run 'qemu-img check -r' on the image \
      file to fix.";
 
-impl Image {
+impl Disk {
     /// Everything open does after the header was read: feature checks for writing, the
     /// autoclear rules, the directory, the bitmaps, and in_use marking.
-    pub(super) fn load(&mut self) -> Result<()> {
-        let h = &self.meta.header;
-        if h.version < 3 {
+    pub(super) fn load(&mut self, set: &mut BitmapSet) -> Result<()> {
+        if self.meta.header.version < 3 {
             // v2 images are only read, and any bitmaps extension in them is ignored.
             self.read_only = true;
             if self.meta.exts.bitmaps.is_some() {
@@ -33,40 +32,9 @@ impl Image {
             }
             return Ok(());
         }
-        if !self.read_only {
-            if h.incompatible_features & INCOMPAT_CORRUPT != 0 {
-                return Err(Error::NeedsRepair(
-                    "qcow2: Image is corrupt; cannot be opened read/write (repair it with \
-                     'qemu-img check -r all')"
-                        .into(),
-                ));
-            }
-            if h.incompatible_features & INCOMPAT_DIRTY != 0 {
-                return Err(Error::NeedsRepair(
-                    "The image is dirty (lazy refcounts were in use) and its refcounts may be \
-                     stale; it cannot be opened read/write before 'qemu-img check -r all' \
-                     repairs it"
-                        .into(),
-                ));
-            }
-        }
-        let bitmaps_bit = h.autoclear_features & AUTOCLEAR_BITMAPS != 0;
-        let mut header_changed = false;
+        let bitmaps_bit = self.meta.header.autoclear_features & AUTOCLEAR_BITMAPS != 0;
         match (self.meta.exts.bitmaps, bitmaps_bit) {
-            (Some(_), false) => {
-                crate::warning::warn(BITMAPS_DROPPED_WARNING);
-                if !self.read_only {
-                    self.meta.exts.bitmaps = None;
-                    header_changed = true;
-                }
-            }
-            (None, true) => {
-                // Bit without extension: no bitmaps; clear the bit on a writable open.
-                if !self.read_only {
-                    self.meta.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
-                    header_changed = true;
-                }
-            }
+            (Some(_), false) => crate::warning::warn(BITMAPS_DROPPED_WARNING),
             (Some(ext), true) => {
                 ext.validate(self.cluster_size())?;
                 self.dir = DiskDir {
@@ -74,23 +42,68 @@ impl Image {
                     entries: self.read_directory(&ext)?,
                 };
             }
-            (None, false) => {}
+            _ => {}
         }
         if !self.read_only {
-            let h = &mut self.meta.header;
-            if h.autoclear_features & !AUTOCLEAR_MASK != 0 {
-                h.autoclear_features &= AUTOCLEAR_MASK;
-                header_changed = true;
-            }
-            if header_changed {
-                // Before any other write: unknown autoclear bits go, and so does an extension
-                // that a bitmap-unaware program invalidated.
-                self.write_header_sync()?;
-            }
+            self.prepare_writes()?;
         }
-        self.load_bitmaps()?;
+        self.load_bitmaps(set)?;
         if !self.read_only {
-            self.mark_in_use()?;
+            self.mark_in_use(set)?;
+        }
+        Ok(())
+    }
+
+    /// What a writable open does before anything else is written: refuse corrupt and dirty
+    /// images; drop an extension that a bitmap-unaware program invalidated, a bitmaps bit
+    /// without extension, and unknown autoclear bits, in one header write.
+    pub(super) fn prepare_writes(&mut self) -> Result<()> {
+        let h = &mut self.meta.header;
+        if h.incompatible_features & INCOMPAT_CORRUPT != 0 {
+            return Err(Error::NeedsRepair(
+                "qcow2: Image is corrupt; cannot be opened read/write (repair it with 'qemu-img \
+                 check -r all')"
+                    .into(),
+            ));
+        }
+        if h.incompatible_features & INCOMPAT_DIRTY != 0 {
+            return Err(Error::NeedsRepair(
+                "The image is dirty (lazy refcounts were in use) and its refcounts may be stale; \
+                 it cannot be opened read/write before 'qemu-img check -r all' repairs it"
+                    .into(),
+            ));
+        }
+        let mut changed = false;
+        let bit = h.autoclear_features & AUTOCLEAR_BITMAPS != 0;
+        if self.meta.exts.bitmaps.is_some() && !bit {
+            self.meta.exts.bitmaps = None;
+            changed = true;
+        }
+        if self.meta.exts.bitmaps.is_none() && bit {
+            h.autoclear_features &= !AUTOCLEAR_BITMAPS;
+            changed = true;
+        }
+        if h.autoclear_features & !AUTOCLEAR_MASK != 0 {
+            h.autoclear_features &= AUTOCLEAR_MASK;
+            changed = true;
+        }
+        if changed {
+            self.write_header_sync()?;
+        }
+        Ok(())
+    }
+
+    /// QEMU's qcow2_reopen_bitmaps_rw consistency rule: every stored bitmap has an in-memory
+    /// counterpart.
+    pub(super) fn reopen_checks(&self, set: &BitmapSet) -> Result<()> {
+        for e in &self.dir.entries {
+            if set.find(e.qemu_name()).is_none() {
+                return Err(Error::InvalidImage(format!(
+                    "Unexpected bitmap '{}' in image '{}'",
+                    String::from_utf8_lossy(e.qemu_name()),
+                    self.name
+                )));
+            }
         }
         Ok(())
     }
@@ -119,10 +132,10 @@ impl Image {
 
     /// Creates the in-memory bitmaps from the directory, in directory order, each at the head
     /// of the list (so the last entry is listed first, as in QEMU).
-    fn load_bitmaps(&mut self) -> Result<()> {
+    fn load_bitmaps(&mut self, set: &mut BitmapSet) -> Result<()> {
         let entries = self.dir.entries.clone();
         for e in &entries {
-            if e.in_use() && self.find_bitmap(e.qemu_name()).is_some() {
+            if e.in_use() && set.find(e.qemu_name()).is_some() {
                 // QEMU skips an in_use entry whose name is already loaded.
                 continue;
             }
@@ -142,7 +155,7 @@ impl Image {
             if self.read_only {
                 bm.set_readonly(true);
             }
-            self.insert(bm);
+            set.insert(bm);
         }
         Ok(())
     }
@@ -200,7 +213,7 @@ impl Image {
     /// Sets in_use on disk for every consistent entry that has a writable in-memory bitmap,
     /// in place, with QEMU's order (qcow2-format.md §6.2): header with the bitmaps bit clear +
     /// flush, directory + flush, header with the bit set + flush.
-    pub(super) fn mark_in_use(&mut self) -> Result<()> {
+    pub(super) fn mark_in_use(&mut self, set: &BitmapSet) -> Result<()> {
         let Some(ext) = self.dir.ext else {
             return Ok(());
         };
@@ -209,10 +222,9 @@ impl Image {
             if e.in_use() {
                 continue;
             }
-            let loaded = self
-                .slots
+            let loaded = set
                 .iter()
-                .any(|s| s.bm.name() == Some(e.qemu_name()));
+                .any(|(_, b)| b.name() == Some(e.qemu_name()) && !b.inconsistent());
             if loaded {
                 e.flags |= BME_FLAG_IN_USE;
                 changed = true;

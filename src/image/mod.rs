@@ -14,10 +14,14 @@ pub mod storage;
 mod store;
 #[cfg(test)]
 mod tests;
+mod txn;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::bitmap::{self, DirtyBitmap, CHECK_ALLOW_RO, CHECK_BUSY, CHECK_DEFAULT, CHECK_RO};
+use crate::bitmap::{
+    self, BitmapInfo, BitmapSet, DirtyBitmap, CHECK_BUSY, CHECK_DEFAULT, CHECK_RO,
+};
 use crate::error::{Error, Result};
 use crate::format::bitmap_dir::BitmapDirEntry;
 use crate::format::bitmap_table::table_size_for;
@@ -29,9 +33,8 @@ use alloc::Refcounts;
 use meta::Meta;
 use storage::{FileStorage, Storage};
 
-/// Identifies a bitmap of an image for as long as it exists (never reused within an image).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BitmapId(pub u64);
+pub use crate::bitmap::BitmapId;
+pub use txn::Transaction;
 
 /// Options of [`Image::add_bitmap`] (QMP `block-dirty-bitmap-add`).
 #[derive(Clone, Copy, Debug, Default)]
@@ -47,13 +50,6 @@ pub struct AddOptions {
 /// The warning given for the deprecated autoload option.
 pub const AUTOLOAD_WARNING: &str = "Autoload option is deprecated and its value is ignored";
 
-/// One in-memory bitmap and its id.
-#[derive(Debug)]
-struct Slot {
-    id: BitmapId,
-    bm: DirtyBitmap,
-}
-
 /// The bitmap directory as it is on disk now.
 #[derive(Clone, Debug, Default)]
 struct DiskDir {
@@ -63,18 +59,28 @@ struct DiskDir {
     entries: Vec<BitmapDirEntry>,
 }
 
-/// An open qcow2 image.
-pub struct Image {
+/// The qcow2 file behind an image and what qdirty knows of it (QEMU: the qcow2 driver's
+/// bitmap state, block/qcow2-bitmap.c).
+struct Disk {
     storage: Box<dyn Storage>,
+    /// For messages.
     name: String,
     read_only: bool,
     meta: Meta,
-    /// Refcounts, loaded on the first allocation of a read-write image.
+    /// Refcounts, loaded on the first allocation (read-write, built-in allocator only).
     refcounts: Option<Refcounts>,
     dir: DiskDir,
-    /// In-memory bitmaps, newest first.
-    slots: Vec<Slot>,
-    next_id: u64,
+}
+
+/// An open qcow2 image with its dirty bitmaps, or a standalone set of bitmaps with no image
+/// behind them ([`Image::new_memory`]).
+pub struct Image {
+    set: BitmapSet,
+    /// None for standalone bitmaps.
+    disk: Option<Disk>,
+    name: String,
+    /// Unique in the process (transactions refer to images by it).
+    uid: u64,
     /// Set once the image was closed (store attempted); Drop then does nothing.
     closed: bool,
 }
@@ -83,12 +89,14 @@ impl std::fmt::Debug for Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Image")
             .field("name", &self.name)
-            .field("read_only", &self.read_only)
+            .field("read_only", &self.read_only())
             .field("size", &self.size())
-            .field("bitmaps", &self.slots.len())
+            .field("bitmaps", &self.set.len())
             .finish_non_exhaustive()
     }
 }
+
+static NEXT_UID: AtomicU64 = AtomicU64::new(1);
 
 impl Image {
     /// Creates a blank qcow2 v3 image of `size` bytes (rounded up to 512) with the given cluster
@@ -109,70 +117,151 @@ impl Image {
 
     /// Opens an image held by any storage. `name` is used in messages.
     pub fn open_storage(storage: Box<dyn Storage>, name: &str, read_write: bool) -> Result<Image> {
-        let meta = Meta::read(storage.as_ref())
-            .map_err(|e| e.context(format!("Could not open '{name}'")))?;
-        let mut img = Image {
+        let ctx = || format!("Could not open '{name}'");
+        let meta = Meta::read(storage.as_ref()).map_err(|e| e.context(ctx()))?;
+        let mut disk = Disk {
             storage,
             name: name.to_string(),
             read_only: !read_write,
             meta,
             refcounts: None,
             dir: DiskDir::default(),
-            slots: Vec::new(),
-            next_id: 1,
-            closed: false,
         };
-        img.load()
-            .map_err(|e| e.context(format!("Could not open '{name}'")))?;
-        Ok(img)
+        let mut set = BitmapSet::new(disk.size());
+        disk.load(&mut set).map_err(|e| e.context(ctx()))?;
+        Ok(Image::assemble(set, Some(disk), name))
+    }
+
+    /// Standalone bitmaps over `size` bytes with no image behind them (raw disks, guest RAM,
+    /// tests): every in-memory operation works; persistent bitmaps are refused.
+    pub fn new_memory(size: u64) -> Image {
+        Image::assemble(BitmapSet::new(size), None, "(memory)")
+    }
+
+    fn assemble(set: BitmapSet, disk: Option<Disk>, name: &str) -> Image {
+        Image {
+            set,
+            disk,
+            name: name.to_string(),
+            uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
+            closed: false,
+        }
     }
 
     /// Stores the persistent bitmaps (read-write images) and closes the image. The image is gone
     /// even when the store fails; the error says which bitmaps were lost.
     pub fn close(mut self) -> Result<()> {
         self.closed = true;
-        if self.read_only {
-            return Ok(());
+        self.store_on_close()
+    }
+
+    fn store_on_close(&mut self) -> Result<()> {
+        match self.disk.as_mut() {
+            Some(d) if !d.read_only => d.store(&mut self.set, true).map_err(|e| {
+                e.context(format!(
+                    "Lost persistent bitmaps during close of image '{}'",
+                    self.name
+                ))
+            }),
+            _ => Ok(()),
         }
-        self.store(true).map_err(|e| {
-            e.context(format!(
-                "Lost persistent bitmaps during close of image '{}'",
-                self.name
-            ))
-        })
     }
 
     /// Stores the persistent bitmaps now without closing. They stay loaded and writable and are
     /// marked in_use again on disk before this returns.
     pub fn store_bitmaps(&mut self) -> Result<()> {
-        if self.read_only {
-            return Err(Error::ReadOnlyImage(format!(
-                "Image '{}' is read-only",
-                self.name
-            )));
+        let set = &mut self.set;
+        let d = match self.disk.as_mut() {
+            Some(d) if !d.read_only => d,
+            Some(d) => {
+                return Err(Error::ReadOnlyImage(format!(
+                    "Image '{}' is read-only",
+                    d.name
+                )))
+            }
+            None => {
+                return Err(Error::Unsupported(
+                    "Standalone bitmaps have no image to store to".into(),
+                ))
+            }
+        };
+        d.store(set, false)?;
+        d.mark_in_use(set)
+    }
+
+    /// Switches between read-write and read-only (QEMU: qcow2_reopen_bitmaps_ro / _rw).
+    /// To read-only: the bitmaps are stored and become readonly. To read-write: the file is
+    /// reopened for writing, the bitmaps become writable and are marked in_use on disk.
+    pub fn reopen(&mut self, read_write: bool) -> Result<()> {
+        let Some(d) = self.disk.as_mut() else {
+            return Ok(());
+        };
+        if read_write == !d.read_only {
+            return Ok(());
         }
-        self.store(false)?;
-        self.mark_in_use()
+        if read_write {
+            if d.meta.header.version < 3 {
+                return Err(Error::ReadOnlyImage(format!(
+                    "Image '{}' is a qcow2 v2 image and can only be read",
+                    d.name
+                )));
+            }
+            d.storage.set_writable(true).map_err(|e| {
+                Error::io(
+                    format!(
+                        "Failed to reopen bitmaps rw: no write access to '{}'",
+                        d.name
+                    ),
+                    e,
+                )
+            })?;
+            d.read_only = false;
+            d.reopen_checks(&self.set)?;
+            if let Err(e) = d.prepare_writes().and_then(|()| d.mark_in_use(&self.set)) {
+                d.read_only = true;
+                return Err(e);
+            }
+            for id in self.set.ids() {
+                if let Some(b) = self.set.get_mut(id) {
+                    if b.persistent() {
+                        b.set_readonly(false);
+                    }
+                }
+            }
+        } else {
+            d.store(&mut self.set, false)?;
+            for id in self.set.ids() {
+                if let Some(b) = self.set.get_mut(id) {
+                    if b.persistent() {
+                        b.set_readonly(true);
+                    }
+                }
+            }
+            d.read_only = true;
+            d.refcounts = None;
+            let _ = d.storage.set_writable(false);
+        }
+        Ok(())
     }
 
     /// Virtual disk size in bytes, as QEMU sees it (the header's size rounded down to 512).
     pub fn size(&self) -> u64 {
-        self.meta.header.size & !511
+        self.set.size()
     }
 
-    /// Cluster size in bytes.
+    /// Cluster size in bytes (0 for standalone bitmaps).
     pub fn cluster_size(&self) -> u64 {
-        self.meta.header.cluster_size()
+        self.disk.as_ref().map_or(0, Disk::cluster_size)
     }
 
-    /// qcow2 version (2 or 3).
+    /// qcow2 version (2 or 3; 0 for standalone bitmaps).
     pub fn version(&self) -> u32 {
-        self.meta.header.version
+        self.disk.as_ref().map_or(0, |d| d.meta.header.version)
     }
 
     /// Whether the image was opened (or could only be opened) read-only.
     pub fn read_only(&self) -> bool {
-        self.read_only
+        self.disk.as_ref().is_some_and(|d| d.read_only)
     }
 
     /// The name given at open (the path for files).
@@ -180,51 +269,53 @@ impl Image {
         &self.name
     }
 
-    /// QEMU's default granularity: the cluster size clamped to [4 KiB, 64 KiB].
+    /// A number that identifies this image in the process.
+    pub fn uid(&self) -> u64 {
+        self.uid
+    }
+
+    /// QEMU's default granularity: the cluster size clamped to [4 KiB, 64 KiB]; 64 KiB without
+    /// an image.
     pub fn default_granularity(&self) -> u64 {
-        self.cluster_size().clamp(4096, 65536)
+        match self.cluster_size() {
+            0 => 65536,
+            c => c.clamp(4096, 65536),
+        }
+    }
+
+    /// The bitmaps of the image.
+    pub fn bitmaps(&self) -> &BitmapSet {
+        &self.set
+    }
+
+    /// The bitmaps of the image, for in-memory operations (successors, iterators, ...).
+    pub fn bitmaps_mut(&mut self) -> &mut BitmapSet {
+        &mut self.set
     }
 
     /// The bitmaps, newest first (QEMU's list order).
     pub fn bitmap_ids(&self) -> Vec<BitmapId> {
-        self.slots.iter().map(|s| s.id).collect()
+        self.set.ids()
     }
 
     /// A bitmap by id.
     pub fn bitmap(&self, id: BitmapId) -> Option<&DirtyBitmap> {
-        self.slots.iter().find(|s| s.id == id).map(|s| &s.bm)
+        self.set.get(id)
     }
 
     /// A bitmap by id, for changes.
     pub fn bitmap_mut(&mut self, id: BitmapId) -> Option<&mut DirtyBitmap> {
-        self.slots
-            .iter_mut()
-            .find(|s| s.id == id)
-            .map(|s| &mut s.bm)
+        self.set.get_mut(id)
     }
 
     /// A bitmap by exact name.
     pub fn find_bitmap(&self, name: &[u8]) -> Option<BitmapId> {
-        self.slots
-            .iter()
-            .find(|s| s.bm.name() == Some(name))
-            .map(|s| s.id)
+        self.set.find(name)
     }
 
-    fn lookup(&self, name: &[u8]) -> Result<usize> {
-        self.slots
-            .iter()
-            .position(|s| s.bm.name() == Some(name))
-            .ok_or_else(|| Error::BitmapNotFound {
-                name: String::from_utf8_lossy(name).into_owned(),
-            })
-    }
-
-    fn insert(&mut self, bm: DirtyBitmap) -> BitmapId {
-        let id = BitmapId(self.next_id);
-        self.next_id += 1;
-        self.slots.insert(0, Slot { id, bm });
-        id
+    /// A snapshot of every bitmap (QEMU: query-block's dirty-bitmaps).
+    pub fn query(&self) -> Vec<BitmapInfo> {
+        self.set.query()
     }
 
     /// Adds a bitmap (QMP block-dirty-bitmap-add). `granularity` 0 means the default.
@@ -247,42 +338,44 @@ impl Image {
         if opts.persistent {
             self.can_store_new_bitmap(name, granularity)?;
         }
-        if self.find_bitmap(name).is_some() {
-            return Err(Error::BitmapExists {
-                name: String::from_utf8_lossy(name).into_owned(),
-            });
-        }
-        let mut bm = DirtyBitmap::new(Some(name), self.size(), granularity)?;
+        let id = self.set.create(Some(name), granularity)?;
+        let bm = self.set.get_mut(id).expect("just created");
         bm.set_enabled_unchecked(!opts.disabled);
         bm.set_persistence(opts.persistent);
-        Ok(self.insert(bm))
+        Ok(id)
     }
 
-    /// QEMU's qcow2_co_can_store_new_dirty_bitmap, with its messages.
-    fn can_store_new_bitmap(&self, name: &[u8], granularity: u64) -> Result<()> {
+    /// Whether a new persistent bitmap can be stored (QEMU: qcow2_co_can_store_new_dirty_bitmap,
+    /// with its messages prefixed "Can't make bitmap 'NAME' persistent in 'IMAGE': ").
+    pub fn can_store_new_bitmap(&self, name: &[u8], granularity: u64) -> Result<()> {
         let fail = |reason: String, errno: i32| Error::CannotStore {
             name: String::from_utf8_lossy(name).into_owned(),
             image: self.name.clone(),
             reason,
             errno,
         };
-        if self.meta.header.version < 3 {
+        let Some(d) = self.disk.as_ref() else {
+            return Err(fail(
+                "Can't store persistent bitmaps to standalone bitmaps".into(),
+                libc::ENOTSUP,
+            ));
+        };
+        if d.meta.header.version < 3 {
             return Err(fail(
                 "Cannot store dirty bitmaps in qcow2 v2 files".into(),
                 libc::ENOTSUP,
             ));
         }
-        if self.read_only {
+        if d.read_only {
             return Err(fail("the image is opened read-only".into(), libc::EROFS));
         }
-        if self.find_bitmap(name).is_some()
-            || self.dir.entries.iter().any(|e| e.qemu_name() == name)
-        {
+        if self.set.find(name).is_some() || d.dir.entries.iter().any(|e| e.qemu_name() == name) {
             return Err(fail(
                 format!("Bitmap already exists: {}", String::from_utf8_lossy(name)),
                 libc::EEXIST,
             ));
         }
+        bitmap::validate_granularity(granularity).map_err(|e| fail(e.to_string(), libc::EINVAL))?;
         let gbits = granularity.trailing_zeros();
         let bytes = self.size().div_ceil(granularity).div_ceil(8);
         if bytes > BME_MAX_PHYS_SIZE {
@@ -294,7 +387,7 @@ impl Image {
                 libc::EFBIG,
             ));
         }
-        let table = table_size_for(self.size(), gbits, self.cluster_size());
+        let table = table_size_for(self.size(), gbits, d.cluster_size());
         if table > BME_MAX_TABLE_SIZE {
             return Err(fail(
                 format!("Bitmap table of {table} entries exceeds the maximum {BME_MAX_TABLE_SIZE}"),
@@ -302,9 +395,9 @@ impl Image {
             ));
         }
         let persistent: Vec<&DirtyBitmap> = self
-            .slots
+            .set
             .iter()
-            .map(|s| &s.bm)
+            .map(|(_, b)| b)
             .filter(|b| b.persistent())
             .collect();
         if persistent.len() as u64 + 1 > u64::from(QCOW2_MAX_BITMAPS) {
@@ -330,61 +423,120 @@ impl Image {
     /// Removes a bitmap, from the image too when it is persistent (QMP block-dirty-bitmap-remove).
     /// Allowed on inconsistent bitmaps; refused on busy and readonly ones.
     pub fn remove_bitmap(&mut self, name: &[u8]) -> Result<()> {
-        let idx = self.lookup(name)?;
-        self.slots[idx].bm.check(CHECK_BUSY | CHECK_RO)?;
-        if self.slots[idx].bm.persistence() {
-            self.remove_from_disk(name)?;
+        let id = self.set.lookup(name)?;
+        let bm = self.set.bitmap(id)?;
+        bm.check(CHECK_BUSY | CHECK_RO)?;
+        if bm.persistence() {
+            self.remove_stored_bitmap(name)?;
         }
-        self.slots.remove(idx);
+        self.set.release(id)?;
         Ok(())
+    }
+
+    /// Deletes the stored copy of a bitmap from the image; the in-memory bitmap is not touched
+    /// (QEMU: bdrv_remove_persistent_dirty_bitmap). Nothing to do when it is not stored.
+    pub fn remove_stored_bitmap(&mut self, name: &[u8]) -> Result<()> {
+        match self.disk.as_mut() {
+            Some(d) => d.remove_from_disk(name),
+            None => Ok(()),
+        }
+    }
+
+    /// Drops a bitmap from memory only (QEMU: bdrv_release_dirty_bitmap); a stored copy stays
+    /// in the image, marked in_use.
+    pub fn release_bitmap(&mut self, id: BitmapId) -> Result<()> {
+        self.set.release(id).map(drop)
     }
 
     /// target |= source within this image (QMP block-dirty-bitmap-merge). Granularities may
     /// differ. The target is unchanged on any error.
     pub fn merge_bitmap(&mut self, target: &[u8], source: &[u8]) -> Result<()> {
-        let t = self.lookup(target)?;
-        let s = self.lookup(source)?;
-        let src = self.slots[s].bm.clone();
-        self.merge_checked(t, &src)
+        let t = self.set.lookup(target)?;
+        let s = self.set.lookup(source)?;
+        let src = self.set.bitmap(s)?.clone();
+        self.set.merge(t, &src, false).map(drop)
     }
 
     /// target |= a bitmap of another image (QMP merge with an external source).
     pub fn merge_bitmap_from(&mut self, target: &[u8], src: &Image, source: &[u8]) -> Result<()> {
-        let t = self.lookup(target)?;
-        let s = src.lookup(source)?;
-        self.merge_checked(t, &src.slots[s].bm)
-    }
-
-    /// QMP merge order: the source is checked (ALLOW_RO) and sized against the target's length
-    /// first, then the target (DEFAULT).
-    fn merge_checked(&mut self, t: usize, src: &DirtyBitmap) -> Result<()> {
-        src.check(CHECK_ALLOW_RO)?;
-        let target = &mut self.slots[t].bm;
-        if target.size() != src.size() {
-            return Err(Error::SizeMismatch {
-                dest: target.size(),
-                src: src.size(),
-            });
-        }
-        target.check(CHECK_DEFAULT)?;
-        target.merge_from(src)
+        let t = self.set.lookup(target)?;
+        let s = src.set.bitmap(src.set.lookup(source)?)?;
+        self.set.merge(t, s, false).map(drop)
     }
 
     /// The guest write hook (QEMU: bdrv_set_dirty): marks the range in every enabled bitmap,
     /// clamped to the disk size. Disabled, readonly and inconsistent bitmaps are skipped.
     pub fn set_dirty(&mut self, offset: u64, bytes: u64) {
-        let size = self.size();
-        if offset >= size || bytes == 0 {
-            return;
-        }
-        let bytes = bytes.min(size - offset);
-        for s in &mut self.slots {
-            if s.bm.enabled() && !s.bm.readonly() && !s.bm.inconsistent() {
-                s.bm.bits_mut().set(offset, bytes);
-            }
-        }
+        self.set.set_dirty(offset, bytes);
     }
 
+    /// Resizes every bitmap after the disk was resized (QEMU: bdrv_dirty_bitmap_truncate, with
+    /// qcow2's conditions for images). For an image, the new size must be the one its header
+    /// now says: a host that resized the image calls this afterwards. Refused while a bitmap is
+    /// busy, frozen, iterated, readonly or inconsistent, or when stored bitmaps are not loaded.
+    pub fn truncate(&mut self, new_size: u64) -> Result<()> {
+        if let Some(d) = self.disk.as_mut() {
+            for (_, b) in self.set.iter() {
+                if b.persistent() {
+                    b.check(CHECK_DEFAULT)?;
+                }
+            }
+            for e in &d.dir.entries {
+                if self.set.find(e.qemu_name()).is_none() {
+                    return Err(Error::Precondition(
+                        "Cannot resize qcow2 with persistent bitmaps that were not loaded into memory"
+                            .into(),
+                    ));
+                }
+            }
+            d.refresh_size()?;
+            if d.size() != new_size {
+                return Err(Error::Precondition(format!(
+                    "The image '{}' is {} bytes, not {new_size}: resize the image first",
+                    d.name,
+                    d.size()
+                )));
+            }
+        }
+        self.set.truncate(new_size)
+    }
+}
+
+impl Disk {
+    /// Virtual disk size in bytes, as QEMU sees it (rounded down to 512).
+    fn size(&self) -> u64 {
+        self.meta.header.size & !511
+    }
+
+    fn cluster_size(&self) -> u64 {
+        self.meta.header.cluster_size()
+    }
+
+    /// Allocates `n` contiguous clusters (refcount 1): through the host's allocator when the
+    /// storage has one, else through the image's refcounts.
+    fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        let cs = self.cluster_size();
+        if let Some(a) = self.storage.allocator() {
+            let off = a
+                .alloc(n, cs)
+                .map_err(|e| Error::io("The host could not allocate clusters", e))?;
+            if off % cs != 0 || off == 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "The host allocated clusters at {off:#x}, which is not a valid cluster offset"
+                )));
+            }
+            return Ok(off);
+        }
+        self.refcounts()?;
+        let rc = self.refcounts.as_mut().expect("loaded by refcounts()");
+        let off = rc.alloc(self.storage.as_mut(), n)?;
+        let (t_off, t_clusters) = rc.reftable_location();
+        self.meta.header.refcount_table_offset = t_off;
+        self.meta.header.refcount_table_clusters = t_clusters;
+        Ok(off)
+    }
+
+    /// The image's refcounts, read on first use.
     fn refcounts(&mut self) -> Result<&mut Refcounts> {
         if self.refcounts.is_none() {
             let h = &self.meta.header;
@@ -399,35 +551,48 @@ impl Image {
         Ok(self.refcounts.as_mut().expect("loaded above"))
     }
 
-    /// Allocates `n` clusters (refcount 1).
-    fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
-        self.refcounts()?;
-        let rc = self.refcounts.as_mut().expect("loaded");
-        let off = rc.alloc(self.storage.as_mut(), n)?;
-        let (t_off, t_clusters) = rc.reftable_location();
-        self.meta.header.refcount_table_offset = t_off;
-        self.meta.header.refcount_table_clusters = t_clusters;
-        Ok(off)
+    /// Makes refcount increments durable-ready: writes changed refcount blocks (built-in
+    /// allocator only; the host's flush covers its own).
+    fn write_refcounts(&mut self) -> Result<()> {
+        if let Some(rc) = self.refcounts.as_mut() {
+            rc.write_dirty_blocks(self.storage.as_mut())?;
+        }
+        Ok(())
     }
 
-    /// Writes the header from memory and flushes.
+    /// Writes the header from memory and flushes. With host I/O the header is read again first,
+    /// so that only what qdirty owns (autoclear bit 0 and the bitmaps extension) changes.
     fn write_header_sync(&mut self) -> Result<()> {
+        if self.storage.allocator().is_some() {
+            let fresh = Meta::read(self.storage.as_ref())?;
+            let autoclear = self.meta.header.autoclear_features;
+            let bitmaps = self.meta.exts.bitmaps;
+            self.meta = fresh;
+            self.meta.header.autoclear_features = autoclear;
+            self.meta.exts.bitmaps = bitmaps;
+        }
         self.meta.write(self.storage.as_mut())?;
         alloc::flush(self.storage.as_mut())
+    }
+
+    /// Reads the virtual size from the header on storage again (after a host resize).
+    fn refresh_size(&mut self) -> Result<()> {
+        let fresh = Meta::read(self.storage.as_ref())?;
+        self.meta.header.size = fresh.header.size;
+        self.meta.header.l1_size = fresh.header.l1_size;
+        self.meta.header.l1_table_offset = fresh.header.l1_table_offset;
+        Ok(())
     }
 }
 
 impl Drop for Image {
     fn drop(&mut self) {
-        if self.closed || self.read_only {
+        if self.closed {
             return;
         }
         self.closed = true;
-        if let Err(e) = self.store(true) {
-            crate::warning::warn(&format!(
-                "Lost persistent bitmaps during close of image '{}': {e}",
-                self.name
-            ));
+        if let Err(e) = self.store_on_close() {
+            crate::warning::warn(&e.to_string());
         }
     }
 }

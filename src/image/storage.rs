@@ -3,7 +3,19 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Cluster allocation done by the owner of the storage (a hypervisor with its own qcow2 driver):
+/// when a storage has one, qdirty never reads or writes refcounts; it asks the owner for
+/// clusters and gives them back through it.
+pub trait ClusterAllocator {
+    /// Allocates `n` contiguous clusters of `cluster_size` bytes with refcount 1 and returns
+    /// the offset of the first. The refcount change must be durable once `Storage::flush`
+    /// returns.
+    fn alloc(&mut self, n: u64, cluster_size: u64) -> io::Result<u64>;
+    /// Gives back `n` clusters starting at `offset` (qdirty no longer references them).
+    fn free(&mut self, offset: u64, n: u64, cluster_size: u64) -> io::Result<()>;
+}
 
 /// Byte-addressed storage holding one qcow2 file.
 ///
@@ -24,12 +36,26 @@ pub trait Storage: Send {
         let _ = (offset, len);
         Ok(())
     }
+    /// The owner's cluster allocator, if the owner allocates clusters itself. Default: none,
+    /// qdirty allocates through the image's refcounts.
+    fn allocator(&mut self) -> Option<&mut dyn ClusterAllocator> {
+        None
+    }
+    /// Makes the storage writable or read-only (reopen). Default: unsupported.
+    fn set_writable(&mut self, writable: bool) -> io::Result<()> {
+        let _ = writable;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this storage cannot be reopened",
+        ))
+    }
 }
 
 /// A qcow2 file on the local filesystem.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
+    path: Option<PathBuf>,
 }
 
 impl FileStorage {
@@ -39,12 +65,15 @@ impl FileStorage {
             .read(true)
             .write(write)
             .open(path)?;
-        Ok(FileStorage { file })
+        Ok(FileStorage {
+            file,
+            path: Some(path.to_path_buf()),
+        })
     }
 
     /// Wraps an open file.
     pub fn from_file(file: File) -> Self {
-        FileStorage { file }
+        FileStorage { file, path: None }
     }
 
     /// The underlying file.
@@ -68,6 +97,20 @@ impl Storage for FileStorage {
 
     fn flush(&mut self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn set_writable(&mut self, writable: bool) -> io::Result<()> {
+        let Some(path) = &self.path else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "no path to reopen",
+            ));
+        };
+        self.file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)?;
+        Ok(())
     }
 }
 
@@ -108,6 +151,10 @@ impl Storage for MemStorage {
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn set_writable(&mut self, _writable: bool) -> io::Result<()> {
         Ok(())
     }
 }

@@ -9,8 +9,8 @@
 //! 5. only then the old directory, tables and data clusters are freed (refcount decrements,
 //!    written and flushed): a crash before that leaks them, nothing more.
 
-use super::{alloc, DiskDir, Image};
-use crate::bitmap::DirtyBitmap;
+use super::{alloc, Disk, DiskDir};
+use crate::bitmap::{BitmapId, BitmapSet, DirtyBitmap};
 use crate::error::{Error, Result};
 use crate::format::bitmap_dir::{encode_directory, BitmapDirEntry};
 use crate::format::bitmap_table::{decode_table, encode_table, table_size_for, TableEntry};
@@ -23,16 +23,15 @@ use crate::format::{
 /// Clusters to give back after a commit: (offset, number of clusters).
 type FreeList = Vec<(u64, u64)>;
 
-impl Image {
+impl Disk {
     /// Writes every persistent, consistent, writable bitmap (QEMU's store). With `release`, the
     /// stored bitmaps are dropped from memory afterwards (close).
-    pub(super) fn store(&mut self, release: bool) -> Result<()> {
+    pub(super) fn store(&mut self, set: &mut BitmapSet, release: bool) -> Result<()> {
         let mut entries = self.dir.entries.clone();
         // Which in-memory bitmaps are written, and where their entries go.
-        let mut to_write: Vec<(usize, usize)> = Vec::new(); // (slot index, entry index)
+        let mut to_write: Vec<(BitmapId, usize)> = Vec::new(); // (bitmap, entry index)
         let mut old_tables: Vec<BitmapDirEntry> = Vec::new();
-        for (si, s) in self.slots.iter().enumerate() {
-            let bm = &s.bm;
+        for (si, bm) in set.iter() {
             if !bm.persistence() || bm.inconsistent() || bm.readonly() {
                 continue;
             }
@@ -83,7 +82,8 @@ impl Image {
         let mut allocated: FreeList = Vec::new();
         let result = (|| {
             for &(si, ei) in &to_write {
-                let (off, size) = self.write_bitmap(si, &mut allocated)?;
+                let bm = set.bitmap(si)?;
+                let (off, size) = self.write_bitmap(bm, &mut allocated)?;
                 entries[ei].table_offset = off;
                 entries[ei].table_size = size;
             }
@@ -103,18 +103,18 @@ impl Image {
         }
         self.free_now(&to_free)?;
         if release {
-            let written: Vec<_> = to_write.iter().map(|&(si, _)| self.slots[si].id).collect();
-            self.slots.retain(|s| !written.contains(&s.id));
+            for &(id, _) in &to_write {
+                set.remove_unchecked(id);
+            }
         }
         Ok(())
     }
 
     /// Writes one bitmap's data clusters and table; returns (table offset, table size).
     /// All-zero data clusters are not allocated.
-    fn write_bitmap(&mut self, si: usize, allocated: &mut FreeList) -> Result<(u64, u32)> {
+    fn write_bitmap(&mut self, bm: &DirtyBitmap, allocated: &mut FreeList) -> Result<(u64, u32)> {
         let cs = self.cluster_size();
         let size = self.size();
-        let bm: &DirtyBitmap = &self.slots[si].bm;
         let name = bm.display_name();
         let gbits = bm.granularity_bits();
         let n = table_size_for(size, gbits, cs);
@@ -124,7 +124,7 @@ impl Image {
         for (i, slot) in table.iter_mut().enumerate() {
             let start = i as u64 * per_cluster;
             let count = per_cluster.min(size - start);
-            let bits = self.slots[si].bm.bits();
+            let bits = bm.bits();
             if bits.next_dirty(start, count).is_none() {
                 continue;
             }
@@ -173,9 +173,7 @@ impl Image {
                 bitmap_directory_offset: off,
             })
         };
-        if let Some(rc) = self.refcounts.as_mut() {
-            rc.write_dirty_blocks(self.storage.as_mut())?;
-        }
+        self.write_refcounts()?;
         alloc::flush(self.storage.as_mut())?;
         // Commit point.
         let old_header = self.meta.clone();
@@ -266,9 +264,17 @@ impl Image {
         if list.is_empty() {
             return Ok(());
         }
+        let cs = self.cluster_size();
+        if let Some(a) = self.storage.allocator() {
+            for &(off, n) in list {
+                a.free(off, n, cs)
+                    .map_err(|e| Error::io("The host could not free clusters", e))?;
+            }
+            return alloc::flush(self.storage.as_mut());
+        }
         self.refcounts()?;
         let storage = self.storage.as_mut();
-        let rc = self.refcounts.as_mut().expect("loaded");
+        let rc = self.refcounts.as_mut().expect("loaded by refcounts()");
         for &(off, n) in list {
             rc.free(storage, off, n)?;
         }
