@@ -36,6 +36,10 @@
 // was enabled when stored.
 #define QDIRTY_BITMAP_AUTOLOAD 4u
 
+// The major version of the C ABI, the `N` of the soname `libqdirty.so.N`. A program compiled
+// against this header runs with any libqdirty of the same ABI major that is at least as new.
+#define QDIRTY_ABI_MAJOR 0u
+
 // A dirty bitmap of an image.
 //
 // Ownership: borrowed from its image; never freed by the caller. Valid until the bitmap is

@@ -36,9 +36,37 @@ fn lib_dir() -> PathBuf {
         .unwrap_or_else(|| panic!("libqdirty.so not found in {} or its parent", deps.display()))
 }
 
+/// The cdylib's soname (`libqdirty.so.N`, set by build.rs) is what the C tests record as
+/// DT_NEEDED and what the loader looks for: make it resolve to the library in `libdir`, as the
+/// installed `libqdirty.so.N` link does (the symlink is replaced atomically, by rename).
+fn link_soname(libdir: &Path) {
+    let out = Command::new("readelf")
+        .arg("-d")
+        .arg(libdir.join("libqdirty.so"))
+        .env("LC_ALL", "C")
+        .output()
+        .expect("cannot run readelf (binutils)");
+    let dynamic = String::from_utf8_lossy(&out.stdout);
+    let Some(soname) = dynamic
+        .lines()
+        .filter(|l| l.contains("(SONAME)"))
+        .find_map(|l| Some(l[l.find('[')? + 1..l.rfind(']')?].to_owned()))
+    else {
+        return; // no soname: the loader looks for libqdirty.so itself
+    };
+    if soname == "libqdirty.so" {
+        return;
+    }
+    let tmp = libdir.join(format!("{soname}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink("libqdirty.so", &tmp).unwrap();
+    std::fs::rename(&tmp, libdir.join(&soname)).unwrap();
+}
+
 #[test]
 fn c_tests() {
     let libdir = lib_dir();
+    link_soname(&libdir);
     let exe = libdir.join(format!("qdirty_c_tests-{}", std::process::id()));
     let c_dir = root().join("c-tests");
     let mut sources: Vec<PathBuf> = std::fs::read_dir(&c_dir)

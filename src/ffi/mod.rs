@@ -58,6 +58,8 @@ mod handle;
 mod image;
 // qdirty_bitmap_*.
 mod bitmap;
+// The ABI version (the soname's number).
+mod version;
 
 /// `qdirty_image_open` flag: open the image read-write. Without it the image is opened
 /// read-only and nothing is ever written to it.
@@ -80,6 +82,7 @@ pub use error::{
 };
 pub use handle::{qdirty_bitmap, qdirty_image};
 pub use misc::{qdirty_set_warning_handler, qdirty_string_free, qdirty_version, qdirty_warning_fn};
+pub use version::QDIRTY_ABI_MAJOR;
 
 pub use image::{
     qdirty_image_add_bitmap, qdirty_image_close, qdirty_image_create, qdirty_image_find_bitmap,

@@ -1,0 +1,437 @@
+//! Packaging: scripts/install.sh installs the cdylib this test run built (never a nested `cargo
+//! build`: cargo holds the target directory's lock) under a temporary prefix, and
+//! examples/consumer.c, compiled with nothing but `pkg-config --cflags --libs qdirty`, runs
+//! against that installed copy. Also checks the layout, the .pc file, and that the ABI major
+//! agrees everywhere: src/ffi/version.rs, include/qdirty.h, the soname, cargo-c's metadata.
+//!
+//! Needs pkg-config, a C compiler and readelf (binutils); `.ci/run` installs them. A missing
+//! tool fails the test: it is a plain dependency, not an optional oracle like QEMU.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The host triple, for the cc crate (integration tests have no TARGET/HOST variables).
+fn host_triple() -> String {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let out = Command::new(&rustc)
+        .arg("-vV")
+        .output()
+        .expect("cannot run rustc -vV");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
+        .expect("rustc -vV printed no host triple")
+}
+
+/// The cdylib cargo built for this test run: target/<profile>/deps, next to this test executable
+/// (target/<profile>/ may hold an older copy from `cargo build`), else target/<profile>.
+fn cdylib() -> PathBuf {
+    let deps = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    [
+        deps.join("libqdirty.so"),
+        deps.parent().unwrap().join("libqdirty.so"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .unwrap_or_else(|| panic!("libqdirty.so not found in {} or its parent", deps.display()))
+}
+
+/// A fresh, empty scratch directory (removed by [`Scratch`]'s drop on success).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let base = std::env::var_os("QDIRTY_TEST_TMP")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let d = base.join(format!("qdirty-install-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Scratch(d)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn output_text(out: &Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs a tool that this test needs, failing loudly (with how to get it) when it is missing.
+fn run_tool(cmd: &mut Command, package: &str) -> Output {
+    let name = cmd.get_program().to_string_lossy().into_owned();
+    cmd.output().unwrap_or_else(|e| {
+        panic!("cannot run {name} ({e}): install it (apt-get install {package}; .ci/run does)")
+    })
+}
+
+/// Runs scripts/install.sh with `args` and `--lib <this run's cdylib>`; asserts success.
+fn install(args: &[&str]) -> Output {
+    let out = Command::new("bash")
+        .arg(root().join("scripts/install.sh"))
+        .args(args)
+        .arg("--lib")
+        .arg(cdylib())
+        .output()
+        .expect("cannot run bash");
+    assert!(
+        out.status.success(),
+        "scripts/install.sh {args:?} failed:\n{}",
+        output_text(&out)
+    );
+    out
+}
+
+/// `[name]` values of the `(tag)` entries of `readelf -d lib` (e.g. SONAME, NEEDED).
+fn dynamic_entries(file: &Path, tag: &str) -> Vec<String> {
+    let out = run_tool(
+        Command::new("readelf")
+            .arg("-d")
+            .arg(file)
+            .env("LC_ALL", "C"),
+        "binutils",
+    );
+    assert!(
+        out.status.success(),
+        "readelf -d {} failed:\n{}",
+        file.display(),
+        output_text(&out)
+    );
+    let key = format!("({tag})");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&key))
+        .filter_map(|l| {
+            let open = l.find('[')?;
+            let close = l.rfind(']')?;
+            Some(l[open + 1..close].to_owned())
+        })
+        .collect()
+}
+
+fn soname(lib: &Path) -> String {
+    let names = dynamic_entries(lib, "SONAME");
+    assert_eq!(
+        names.len(),
+        1,
+        "{} has SONAME entries {names:?}",
+        lib.display()
+    );
+    names[0].clone()
+}
+
+/// `QDIRTY_ABI_MAJOR` as include/qdirty.h defines it.
+fn header_abi_major() -> u32 {
+    let header = std::fs::read_to_string(root().join("include/qdirty.h")).unwrap();
+    let value = header
+        .lines()
+        .find_map(|l| l.strip_prefix("#define QDIRTY_ABI_MAJOR "))
+        .expect("include/qdirty.h has no #define QDIRTY_ABI_MAJOR");
+    value
+        .trim()
+        .trim_end_matches('u')
+        .parse()
+        .unwrap_or_else(|e| panic!("#define QDIRTY_ABI_MAJOR {value}: {e}"))
+}
+
+fn expected_soname() -> String {
+    format!("libqdirty.so.{}", qdirty::ffi::QDIRTY_ABI_MAJOR)
+}
+
+/// The value of `key = value` in the `[table]` of Cargo.toml (a minimal reader for flat keys).
+fn cargo_toml_value(table: &str, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    let mut in_table = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_table = line == format!("[{table}]");
+        } else if in_table {
+            if let Some((k, v)) = line.split_once('=') {
+                if k.trim() == key {
+                    return Some(v.trim().trim_matches('"').to_owned());
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The `Field: value` of a .pc file.
+fn pc_field(pc: &str, field: &str) -> Option<String> {
+    pc.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .map(|v| v.trim().to_owned())
+}
+
+fn pc_variable(pc: &str, var: &str) -> Option<String> {
+    pc.lines()
+        .find_map(|l| l.strip_prefix(&format!("{var}=")))
+        .map(|v| v.trim().to_owned())
+}
+
+#[test]
+fn the_abi_major_agrees_everywhere() {
+    let abi = qdirty::ffi::QDIRTY_ABI_MAJOR;
+    assert_eq!(
+        header_abi_major(),
+        abi,
+        "include/qdirty.h is stale: QDIRTY_BLESS=1 cargo test --test header"
+    );
+    assert_eq!(
+        abi.to_string(),
+        env!("CARGO_PKG_VERSION_MAJOR"),
+        "the ABI major follows the crate's major version"
+    );
+    assert_eq!(
+        soname(&cdylib()),
+        expected_soname(),
+        "build.rs sets the soname from src/ffi/version.rs"
+    );
+    // cargo-c: soname libqdirty.so.<crate major>, pkg-config name qdirty, the committed header.
+    let capi = "package.metadata.capi";
+    assert_eq!(
+        cargo_toml_value(&format!("{capi}.library"), "version_suffix_components").as_deref(),
+        Some("1"),
+        "cargo-c must name the soname after the major version only"
+    );
+    assert_eq!(
+        cargo_toml_value(&format!("{capi}.pkg_config"), "name").as_deref(),
+        Some("qdirty")
+    );
+    assert_eq!(
+        cargo_toml_value(&format!("{capi}.header"), "generation").as_deref(),
+        Some("false")
+    );
+}
+
+#[test]
+fn installed_copy_serves_a_pkg_config_consumer() {
+    let scratch = Scratch::new("consumer");
+    let prefix = scratch.0.join("prefix");
+    let prefix_s = prefix.to_str().expect("non-UTF-8 temporary directory");
+    install(&["--prefix", prefix_s]);
+
+    // The layout: the library, its two links, the header, the .pc file.
+    let libdir = prefix.join("lib");
+    let real = format!("libqdirty.so.{VERSION}");
+    let so_n = expected_soname();
+    let meta = std::fs::symlink_metadata(libdir.join(&real)).unwrap();
+    assert!(meta.is_file(), "{real} must be a regular file");
+    assert_eq!(
+        std::fs::read(libdir.join(&real)).unwrap(),
+        std::fs::read(cdylib()).unwrap(),
+        "{real} is not a copy of the library built"
+    );
+    assert_eq!(
+        std::fs::read_link(libdir.join(&so_n)).unwrap(),
+        Path::new(&real)
+    );
+    assert_eq!(
+        std::fs::read_link(libdir.join("libqdirty.so")).unwrap(),
+        Path::new(&so_n)
+    );
+    assert_eq!(
+        soname(&libdir.join(&real)),
+        so_n,
+        "SONAME of the installed library"
+    );
+    assert_eq!(
+        std::fs::read(prefix.join("include/qdirty.h")).unwrap(),
+        std::fs::read(root().join("include/qdirty.h")).unwrap(),
+        "the installed header differs from include/qdirty.h"
+    );
+    let pc = std::fs::read_to_string(libdir.join("pkgconfig/qdirty.pc")).unwrap();
+    assert_eq!(pc_field(&pc, "Version").as_deref(), Some(VERSION), "{pc}");
+    assert_eq!(
+        pc_variable(&pc, "prefix").as_deref(),
+        Some(prefix_s),
+        "{pc}"
+    );
+
+    // pkg-config, as a consumer's build system calls it.
+    let pkg_config = |args: &[&str]| {
+        let out = run_tool(
+            Command::new("pkg-config")
+                .args(args)
+                .env("PKG_CONFIG_PATH", libdir.join("pkgconfig"))
+                .env_remove("PKG_CONFIG_SYSROOT_DIR"),
+            "pkg-config",
+        );
+        assert!(
+            out.status.success(),
+            "pkg-config {args:?} failed:\n{}",
+            output_text(&out)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    assert_eq!(pkg_config(&["--modversion", "qdirty"]), VERSION);
+    let flags = pkg_config(&["--cflags", "--libs", "qdirty"]);
+    assert!(
+        flags.contains(&format!("-I{prefix_s}/include")) && flags.contains("-lqdirty"),
+        "pkg-config --cflags --libs qdirty printed {flags:?}"
+    );
+
+    // examples/consumer.c with the pkg-config flags and nothing else that locates qdirty (the
+    // rpath only makes the program find the library at run time without LD_LIBRARY_PATH).
+    let exe = scratch.0.join("consumer");
+    let t = host_triple();
+    let tool = cc::Build::new()
+        .target(&t)
+        .host(&t)
+        .opt_level(0)
+        .debug(false)
+        .cargo_metadata(false)
+        .get_compiler();
+    let out = tool
+        .to_command()
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic"])
+        .arg(root().join("examples/consumer.c"))
+        .args(flags.split_whitespace())
+        .arg(format!("-Wl,-rpath,{}", libdir.display()))
+        // DT_RPATH, searched before any LD_LIBRARY_PATH (cargo sets one pointing into target/).
+        .arg("-Wl,--disable-new-dtags")
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the C compiler {:?}: {e}", tool.path()));
+    assert!(
+        out.status.success(),
+        "cc examples/consumer.c $(pkg-config --cflags --libs qdirty) failed:\n{}",
+        output_text(&out)
+    );
+    assert_eq!(
+        dynamic_entries(&exe, "NEEDED")
+            .into_iter()
+            .filter(|n| n.starts_with("libqdirty"))
+            .collect::<Vec<_>>(),
+        std::slice::from_ref(&so_n),
+        "the consumer must depend on the soname"
+    );
+
+    // The dynamic loader resolves the soname to the installed copy.
+    if cfg!(target_env = "gnu") {
+        let out = Command::new(&exe)
+            .env("LD_TRACE_LOADED_OBJECTS", "1")
+            .env_remove("LD_LIBRARY_PATH")
+            .output()
+            .unwrap();
+        let trace = String::from_utf8_lossy(&out.stdout);
+        let want = format!("{so_n} => {}", libdir.join(&so_n).display());
+        assert!(
+            trace.contains(&want),
+            "the consumer does not load the installed library ({want}):\n{trace}"
+        );
+    }
+
+    let work = scratch.0.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let out = Command::new(&exe)
+        .arg(&work)
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    print!("{stdout}");
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "examples/consumer.c failed:\n{}",
+        output_text(&out)
+    );
+    let abi = qdirty::ffi::QDIRTY_ABI_MAJOR;
+    assert!(
+        stdout.contains(&format!("qdirty {VERSION} (ABI {abi})")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("dirty extent: offset 1048576 length 65536"));
+    assert_eq!(stdout.lines().last(), Some("ok"));
+}
+
+#[test]
+fn destdir_stages_files_and_the_pc_names_the_final_paths() {
+    let scratch = Scratch::new("destdir");
+    let stage = scratch.0.join("stage");
+    let prefix = "/opt/qdirty-install-test";
+    install(&[
+        "--prefix",
+        prefix,
+        "--libdir",
+        "lib64",
+        "--destdir",
+        stage.to_str().unwrap(),
+    ]);
+    assert!(
+        !Path::new(prefix).exists(),
+        "--destdir installed outside the staging directory"
+    );
+    let root_dir = stage.join(prefix.trim_start_matches('/'));
+    let libdir = root_dir.join("lib64");
+    for f in [
+        format!("libqdirty.so.{VERSION}"),
+        expected_soname(),
+        "libqdirty.so".into(),
+        "pkgconfig/qdirty.pc".into(),
+    ] {
+        assert!(
+            libdir.join(&f).exists(),
+            "{f} missing under {}",
+            libdir.display()
+        );
+    }
+    assert!(root_dir.join("include/qdirty.h").is_file());
+    let pc = std::fs::read_to_string(libdir.join("pkgconfig/qdirty.pc")).unwrap();
+    assert_eq!(pc_variable(&pc, "prefix").as_deref(), Some(prefix), "{pc}");
+    assert_eq!(
+        pc_variable(&pc, "libdir").as_deref(),
+        Some("${prefix}/lib64"),
+        "{pc}"
+    );
+    assert_eq!(
+        pc_variable(&pc, "includedir").as_deref(),
+        Some("${prefix}/include"),
+        "{pc}"
+    );
+    assert_eq!(
+        pc_field(&pc, "Libs").as_deref(),
+        Some("-L${libdir} -lqdirty")
+    );
+    assert_eq!(pc_field(&pc, "Cflags").as_deref(), Some("-I${includedir}"));
+}
+
+#[test]
+fn install_sh_rejects_bad_arguments() {
+    for args in [&["--bogus"][..], &["--prefix"][..], &["--prefix="][..]] {
+        let out = Command::new("bash")
+            .arg(root().join("scripts/install.sh"))
+            .args(args)
+            .output()
+            .expect("cannot run bash");
+        assert!(!out.status.success(), "install.sh {args:?} succeeded");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("install.sh: "),
+            "install.sh {args:?} gave no message:\n{}",
+            output_text(&out)
+        );
+    }
+}
