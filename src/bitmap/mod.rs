@@ -576,6 +576,11 @@ impl DirtyBitmap {
         self.size = new_size;
     }
 
+    /// Puts back saved bits without checks (transaction abort).
+    pub(crate) fn restore_unchecked(&mut self, backup: Backup) {
+        self.bits = backup.0;
+    }
+
     pub(crate) fn set_name(&mut self, name: Option<Vec<u8>>) {
         self.name = name;
     }
