@@ -473,9 +473,22 @@ impl DirtyBitmap {
         Ok(())
     }
 
-    fn check_deserialize(&self, what: &str, offset: u64, bytes: u64) -> Result<()> {
+    /// Runs one deserialize_* step after QEMU's checks (writable, chunk rules), then the
+    /// optional finish.
+    fn deserialize_with(
+        &mut self,
+        offset: u64,
+        bytes: u64,
+        finish: bool,
+        fill: impl FnOnce(&mut HBitmap),
+    ) -> Result<()> {
         self.check(CHECK_RO)?;
-        self.check_chunk(what, offset, bytes)
+        self.check_chunk("deserialization", offset, bytes)?;
+        fill(&mut self.bits);
+        if finish {
+            self.bits.deserialize_finish();
+        }
+        Ok(())
     }
 
     /// Overwrites [offset, offset + bytes) from `buf` (QEMU layout). Until
@@ -487,7 +500,6 @@ impl DirtyBitmap {
         bytes: u64,
         finish: bool,
     ) -> Result<()> {
-        self.check_deserialize("deserialization", offset, bytes)?;
         let need = self.bits.serialization_size(offset, bytes);
         if (buf.len() as u64) < need {
             return Err(Error::InvalidArgument(format!(
@@ -495,32 +507,22 @@ impl DirtyBitmap {
                 buf.len()
             )));
         }
-        self.bits.deserialize_part(buf, offset, bytes);
-        if finish {
-            self.bits.deserialize_finish();
-        }
-        Ok(())
+        self.deserialize_with(offset, bytes, finish, |b| {
+            b.deserialize_part(buf, offset, bytes)
+        })
     }
 
     /// Fills [offset, offset + bytes) with clean granules (see deserialize_part).
     pub fn deserialize_zeroes(&mut self, offset: u64, bytes: u64, finish: bool) -> Result<()> {
-        self.check_deserialize("deserialization", offset, bytes)?;
-        self.bits.deserialize_zeroes(offset, bytes);
-        if finish {
-            self.bits.deserialize_finish();
-        }
-        Ok(())
+        self.deserialize_with(offset, bytes, finish, |b| {
+            b.deserialize_zeroes(offset, bytes)
+        })
     }
 
     /// Fills [offset, offset + bytes) with dirty granules, never past the end (see
     /// deserialize_part).
     pub fn deserialize_ones(&mut self, offset: u64, bytes: u64, finish: bool) -> Result<()> {
-        self.check_deserialize("deserialization", offset, bytes)?;
-        self.bits.deserialize_ones(offset, bytes);
-        if finish {
-            self.bits.deserialize_finish();
-        }
-        Ok(())
+        self.deserialize_with(offset, bytes, finish, |b| b.deserialize_ones(offset, bytes))
     }
 
     /// Rebuilds summaries and the count after deserialize_* calls.
