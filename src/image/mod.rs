@@ -196,7 +196,7 @@ impl Image {
         let Some(d) = self.disk.as_mut() else {
             return Ok(());
         };
-        if read_write == !d.read_only {
+        if read_write != d.read_only {
             return Ok(());
         }
         if read_write {
