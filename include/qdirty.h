@@ -85,6 +85,64 @@ typedef struct qdirty_image qdirty_image;
 // lock of the image concerned: it must not call qdirty functions itself.
 typedef void (*qdirty_warning_fn)(const char *message, void *opaque);
 
+// The I/O of a qcow2 image as its host provides it: a table of callbacks passed to
+// `qdirty_image_open_with_io`, which qdirty uses instead of opening the file itself.
+//
+// Set `size` to `sizeof(qdirty_io_ops)`; it lets the structure grow in later versions (new
+// fields are only ever appended). A size smaller than this version's structure is refused
+// (EINVAL); a larger one is accepted when every byte past the fields known to this version is
+// zero (unset), and refused (ENOTSUP) otherwise.
+//
+// Every callback gets the `opaque` pointer given to `qdirty_image_open_with_io` first and
+// returns 0 on success or a negative errno (-EIO, -ENOSPC, ...), which qdirty reports in its own
+// error (a positive value from `pread`/`pwrite` is accepted as a byte count: `len` means
+// success, less is a short transfer, reported as EIO). A read or write must transfer all `len`
+// bytes: there are no partial successes. Reading past the end of the file is an error.
+//
+// Callbacks are called synchronously, with the image's lock held, from the thread that called
+// into qdirty (any thread that uses the image); calls for one image never overlap. They must
+// not call qdirty functions on the same image (that deadlocks) and must not unwind.
+//
+// - `pread` (required): read `len` bytes at byte `offset` of the image file into `buf`.
+// - `pwrite` (required for read-write opens, may be NULL for read-only ones): write `len`
+//   bytes from `buf` at `offset`. Writes may land beyond the current end of the file only in
+//   clusters the host allocated (see `alloc_clusters`), or, without host allocation, where
+//   qdirty's refcount allocator put them.
+// - `flush` (required for read-write opens): make every completed write durable, and the
+//   host's own metadata (e.g. the refcounts changed by `alloc_clusters`/`free_clusters`) as
+//   well, before returning (fdatasync). qdirty relies on it for ordering: see
+//   `qdirty_image_open_with_io`.
+// - `get_length` (required): the current length of the file in bytes, or a negative errno.
+// - `alloc_clusters` (optional): allocate `n` contiguous, cluster-aligned clusters of
+//   `cluster_size` bytes, give them refcount 1 in the host's refcounts, store the byte offset
+//   of the first in `*offset` and return 0 (or -ENOSPC, ...). The clusters belong to qdirty
+//   until it frees them; the refcount change must be durable after the next `flush`.
+// - `free_clusters` (optional): qdirty no longer references the `n` clusters at `offset`
+//   (which it got from `alloc_clusters`, in this or an earlier session, or which QEMU
+//   allocated for bitmaps): drop their refcount. qdirty calls `flush` afterwards.
+//
+// `alloc_clusters` and `free_clusters` are both set or both NULL. When both are NULL, qdirty
+// allocates and frees through the image's refcount table and blocks itself, using `pread`
+// and `pwrite` (and may grow the refcount table, which changes the header's refcount table
+// fields): the host must then not hold any refcount state in memory across qdirty calls that
+// write (open read-write, store, remove, close).
+typedef struct {
+    // `sizeof(qdirty_io_ops)` as the host was compiled with.
+    uint32_t size;
+    // Reads `len` bytes at `offset` into `buf`: 0 or -errno.
+    int (*pread)(void *opaque, void *buf, uint64_t len, uint64_t offset);
+    // Writes `len` bytes from `buf` at `offset`: 0 or -errno.
+    int (*pwrite)(void *opaque, const void *buf, uint64_t len, uint64_t offset);
+    // Makes completed writes and the host's allocation metadata durable: 0 or -errno.
+    int (*flush)(void *opaque);
+    // The file's length in bytes, or -errno.
+    int64_t (*get_length)(void *opaque);
+    // Allocates `n` contiguous clusters (refcount 1), the first at `*offset`: 0 or -errno.
+    int (*alloc_clusters)(void *opaque, uint64_t n, uint64_t cluster_size, uint64_t *offset);
+    // Frees `n` clusters at `offset` (refcount decrement): 0 or -errno.
+    int (*free_clusters)(void *opaque, uint64_t offset, uint64_t n, uint64_t cluster_size);
+} qdirty_io_ops;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -570,6 +628,67 @@ bool qdirty_bitmap_next_dirty_area(const qdirty_bitmap *bm,
 // `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
 // `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
 char *qdirty_bitmap_sha256(const qdirty_bitmap *bm, qdirty_error **errp);
+
+// Opens a qcow2 image whose file the host (a hypervisor with its own qcow2 driver) owns, and
+// loads its bitmaps, doing all I/O through the host's callbacks in `ops`; with
+// `alloc_clusters`/`free_clusters`, every cluster qdirty uses comes from the host's allocator.
+//
+// `ops` is copied (the caller's structure may go away after the call); `opaque` is passed to
+// every callback and must stay valid until `qdirty_image_close` returns. `name` names the image
+// in messages. `flags`: 0 (read-only: qdirty only reads) or QDIRTY_OPEN_RDWR.
+//
+// The protocol:
+// - Open (load) when the host opens the image, after its own header checks and before the
+//   guest writes anything; on every guest write, call `qdirty_image_set_dirty` (the write
+//   hook). Call `qdirty_image_store_bitmaps` at checkpoints (e.g. before a snapshot of the
+//   file, or inactivation for migration) and `qdirty_image_close` when the host closes the
+//   image, before it releases the file: close stores the bitmaps. Until then the stored
+//   bitmaps are marked in_use, so a crash leaves them inconsistent, as in QEMU.
+// - What qdirty writes, and where: cluster 0 (the header) only to set or clear autoclear bit 0
+//   (bitmaps) and to add, change or drop the bitmaps extension. With host allocation it reads
+//   cluster 0 again through `pread` right before each rewrite and keeps every other field and
+//   extension as read, so header changes the host made between qdirty calls are kept. Without
+//   host allocation it rewrites cluster 0 from the copy it read at open (updated with its own
+//   refcount table moves), so the host must not change the header while the image is open
+//   read-write. A read-write open
+//   rewrites cluster 0 when it must drop unknown autoclear bits or an invalidated bitmaps
+//   extension, and marks loaded bitmaps in_use (header, then the bitmap directory in place,
+//   with flushes). Bitmap data clusters, bitmap tables and the bitmap directory are written
+//   only into clusters qdirty allocated (through `alloc_clusters`, or without it through the
+//   image's refcounts), and the in_use flags into the directory the header names. qdirty never writes guest data,
+//   L1/L2 tables or snapshots, and never truncates or discards.
+// - Order of a store (close, store, removal of a stored bitmap): new data clusters, tables and
+//   directory are written into newly allocated clusters; `flush`; cluster 0 is rewritten to name
+//   the new directory (the commit point); `flush`; only then the old directory, tables and data
+//   clusters are given back through `free_clusters` (or the refcounts), followed by `flush`. A
+//   failure before the commit point frees what was allocated (or leaks it); after it, the old
+//   clusters may leak, nothing more.
+// - The host must not keep a cached copy of cluster 0 across qdirty calls that may write it
+//   (open read-write, store, remove a persistent bitmap, close, reopen): it re-reads the
+//   header afterwards before writing it itself. Without host allocation the same holds for the
+//   refcount table and blocks, which qdirty then writes.
+//
+// Returns: the image, or NULL on failure: NULL `ops` or `name`, a bad `ops.size`, a missing
+// required callback, only one of alloc/free set, unknown flag bits (EINVAL); fields unknown to
+// this version set (ENOTSUP); an image that is not usable qcow2 (EINVAL, ENOTSUP), that needs
+// repair before it can be written (EACCES); errors from the callbacks (their errno).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Ownership: the caller owns the image and must pass it to `qdirty_image_close`; qdirty never
+// frees or closes `opaque`.
+// Thread safety: may be called from any thread. The callbacks run on the thread that calls
+// into qdirty for the image, with the image's lock held, never concurrently for one image, and
+// must not call qdirty functions on the same image.
+//
+// # Safety
+// `ops` is NULL or points to `ops->size` readable bytes starting with a `qdirty_io_ops`, whose
+// callbacks behave as documented on `qdirty_io_ops` for as long as the image is open. `name`
+// is NULL or a NUL-terminated string. `errp` is NULL or points to a `qdirty_error *` that is
+// NULL (otherwise the call returns NULL and does nothing).
+qdirty_image *qdirty_image_open_with_io(const qdirty_io_ops *ops,
+                                        void *opaque,
+                                        const char *name,
+                                        uint32_t flags,
+                                        qdirty_error **errp);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -58,6 +58,8 @@ mod handle;
 mod image;
 // qdirty_bitmap_*.
 mod bitmap;
+// The embedding interface: qdirty_io_ops, qdirty_image_open_with_io.
+mod io;
 // The ABI version (the soname's number).
 mod version;
 
@@ -99,3 +101,5 @@ pub use bitmap::{
     qdirty_bitmap_readonly, qdirty_bitmap_reset_dirty, qdirty_bitmap_set_dirty,
     qdirty_bitmap_sha256, qdirty_bitmap_size,
 };
+
+pub use io::{qdirty_image_open_with_io, qdirty_io_ops};

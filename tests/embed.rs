@@ -1,0 +1,655 @@
+//! The embedding interface (`qdirty_io_ops`, `qdirty_image_open_with_io`).
+//!
+//! - `examples/host_embed.c` plays a hypervisor with its own qcow2 driver and allocator: it is
+//!   built against include/qdirty.h and the cdylib, run on images made by qemu-img/qemu-io, and
+//!   QEMU's tools then judge the file (check clean, bitmaps and flags, exact dirty extents).
+//! - The error paths of the callback storage, driven from Rust through the C ABI: bad ops
+//!   tables, missing callbacks, short reads, failing callbacks, and a pwrite failing at every
+//!   point of a store, after which the image must still pass `qemu-img check`.
+//!
+//! The QEMU parts print `SKIP ...` when the tools are missing (fail with QDIRTY_REQUIRE_QEMU=1).
+
+mod common;
+
+use std::ffi::{c_void, CStr, CString};
+use std::fs::File;
+use std::os::raw::c_int;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::ptr;
+
+use common::*;
+use qdirty::ffi::*;
+
+const MIB: u64 = 1 << 20;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The QEMU tools these tests use: true when present, else SKIP (or panic when required).
+fn require_tools(test: &str) -> bool {
+    for tool in ["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"] {
+        if !have_tool(tool) {
+            if std::env::var("QDIRTY_REQUIRE_QEMU").as_deref() == Ok("1") {
+                panic!("{test}: {tool} not installed, and QDIRTY_REQUIRE_QEMU=1");
+            }
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIP {test}: {tool} not installed");
+            return false;
+        }
+    }
+    true
+}
+
+// ------------------------------------------------------------------------------------------
+// Building examples/host_embed.c (as tests/c_suite.rs builds the C tests)
+// ------------------------------------------------------------------------------------------
+
+fn host_triple() -> String {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let out = Command::new(&rustc)
+        .arg("-vV")
+        .output()
+        .expect("cannot run rustc -vV");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
+        .expect("rustc -vV printed no host triple")
+}
+
+/// target/<profile>/deps (next to this test executable) or target/<profile>: where the
+/// libqdirty.so of this test run is.
+fn lib_dir() -> PathBuf {
+    let deps = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    [deps.clone(), deps.parent().unwrap().to_path_buf()]
+        .into_iter()
+        .find(|d| d.join("libqdirty.so").exists())
+        .unwrap_or_else(|| panic!("libqdirty.so not found in {} or its parent", deps.display()))
+}
+
+/// Makes the cdylib's soname (if build.rs sets one) resolve to the library in `libdir`.
+fn link_soname(libdir: &Path) {
+    let Ok(out) = Command::new("readelf")
+        .arg("-d")
+        .arg(libdir.join("libqdirty.so"))
+        .env("LC_ALL", "C")
+        .output()
+    else {
+        return;
+    };
+    let dynamic = String::from_utf8_lossy(&out.stdout);
+    let Some(soname) = dynamic
+        .lines()
+        .filter(|l| l.contains("(SONAME)"))
+        .find_map(|l| Some(l[l.find('[')? + 1..l.rfind(']')?].to_owned()))
+    else {
+        return;
+    };
+    if soname == "libqdirty.so" || libdir.join(&soname).exists() {
+        return;
+    }
+    let tmp = libdir.join(format!("{soname}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink("libqdirty.so", &tmp).unwrap();
+    std::fs::rename(&tmp, libdir.join(&soname)).unwrap();
+}
+
+/// Builds examples/host_embed.c into `out_dir`; returns the executable.
+fn build_host(out_dir: &Path) -> PathBuf {
+    let libdir = lib_dir();
+    link_soname(&libdir);
+    let exe = out_dir.join("host_embed");
+    let t = host_triple();
+    let tool = cc::Build::new()
+        .target(&t)
+        .host(&t)
+        .opt_level(0)
+        .debug(true)
+        .cargo_metadata(false)
+        .get_compiler();
+    let out = tool
+        .to_command()
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror"])
+        .arg("-I")
+        .arg(root().join("include"))
+        .arg(root().join("examples/host_embed.c"))
+        .arg("-o")
+        .arg(&exe)
+        .arg(format!("-L{}", libdir.display()))
+        .arg("-lqdirty")
+        .arg(format!("-Wl,-rpath,{}", libdir.display()))
+        // DT_RPATH, not DT_RUNPATH: an older libqdirty.so in cargo's LD_LIBRARY_PATH must not win.
+        .arg("-Wl,--disable-new-dtags")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the C compiler {:?}: {e}", tool.path()));
+    assert!(
+        out.status.success(),
+        "compiling examples/host_embed.c failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exe
+}
+
+/// Runs the host on `img`; returns (success, stdout + stderr).
+fn run_host(exe: &Path, img: &Path, args: &[String]) -> (bool, String) {
+    let libdir = lib_dir();
+    let mut ld_path = std::ffi::OsString::from(libdir.as_os_str());
+    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
+        ld_path.push(":");
+        ld_path.push(old);
+    }
+    let out = Command::new(exe)
+        .arg(img)
+        .args(args)
+        .env("LD_LIBRARY_PATH", ld_path)
+        .output()
+        .expect("cannot run host_embed");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Ranges rounded out to `granularity` and clamped to `size`, merged.
+fn rounded(ranges: &[(u64, u64)], granularity: u64, size: u64) -> Vec<(u64, u64)> {
+    merge_runs(
+        ranges
+            .iter()
+            .filter(|r| r.1 > 0 && r.0 < size)
+            .map(|&(o, l)| {
+                let s = o / granularity * granularity;
+                let e = (o + l).min(size).next_multiple_of(granularity).min(size);
+                (s, e - s)
+            })
+            .collect(),
+    )
+}
+
+/// One host run: an image with `cluster_size`, optionally an existing QEMU bitmap "old" with
+/// data written by qemu-io, the host adding "new" and marking `before` then (after a store)
+/// `after`; QEMU's tools then judge the file.
+fn host_scenario(test: &str, cluster_size: u64, existing: bool) {
+    if !require_tools(test) {
+        return;
+    }
+    let tmp = TempDir::new(test);
+    let exe = build_host(tmp.path());
+    let img = tmp.join("disk.qcow2");
+    let size = 64 * MIB;
+    qemu_img_create(&img, size, &format!("cluster_size={cluster_size}"), &[]);
+    let qemu_writes = [(MIB, 3 * MIB), (40 * MIB + 4096, 8192)];
+    if existing {
+        qemu_img_bitmap_add(&img, "old", None, false);
+        qemu_io_write(&img, &qemu_writes);
+    }
+    let before = [(0u64, 1u64), (5 * MIB + 100, 70_000), (size - 4096, 4096)];
+    let after = [(17 * MIB, 2 * MIB + 1), (33 * MIB + 65536, 65536)];
+    let fmt = |r: &[(u64, u64)]| {
+        r.iter()
+            .map(|(o, l)| format!("{o}:{l}"))
+            .collect::<Vec<_>>()
+    };
+    let mut args = vec!["new".to_string()];
+    args.extend(fmt(&before));
+    args.push("--".into());
+    args.extend(fmt(&after));
+    let (ok, out) = run_host(&exe, &img, &args);
+    assert!(ok, "{test}: host_embed failed:\n{out}");
+    eprintln!("{test}: {}", out.trim());
+
+    assert_check_clean(&img, test);
+    let granularity = cluster_size.clamp(4096, 65536);
+    let mut expected = vec![QemuBitmapInfo {
+        name: "new".into(),
+        granularity,
+        flags: vec!["auto".into()],
+    }];
+    if existing {
+        expected.insert(
+            0,
+            QemuBitmapInfo {
+                name: "old".into(),
+                granularity,
+                flags: vec!["auto".into()],
+            },
+        );
+    }
+    let mut got = qemu_img_info_bitmaps(&img, false);
+    got.sort_by(|a, b| b.name.cmp(&a.name));
+    expected.sort_by(|a, b| b.name.cmp(&a.name));
+    assert_eq!(got, expected, "{test}: qemu-img info bitmaps");
+
+    let marked: Vec<(u64, u64)> = before.iter().chain(after.iter()).copied().collect();
+    assert_eq!(
+        nbd_dirty_extents(&img, "new"),
+        rounded(&marked, granularity, size),
+        "{test}: extents of 'new'"
+    );
+    if existing {
+        let all: Vec<(u64, u64)> = marked.iter().chain(qemu_writes.iter()).copied().collect();
+        assert_eq!(
+            nbd_dirty_extents(&img, "old"),
+            rounded(&all, granularity, size),
+            "{test}: extents of 'old'"
+        );
+    }
+}
+
+#[test]
+fn host_embed_64k_fresh() {
+    host_scenario("host_embed_64k_fresh", 65536, false);
+}
+
+#[test]
+fn host_embed_64k_existing_bitmap() {
+    host_scenario("host_embed_64k_existing_bitmap", 65536, true);
+}
+
+#[test]
+fn host_embed_4k_existing_bitmap() {
+    host_scenario("host_embed_4k_existing_bitmap", 4096, true);
+}
+
+#[test]
+fn host_embed_refuses_other_refcount_widths() {
+    let test = "host_embed_refuses_other_refcount_widths";
+    if !require_tools(test) {
+        return;
+    }
+    let tmp = TempDir::new(test);
+    let exe = build_host(tmp.path());
+    let img = tmp.join("disk.qcow2");
+    qemu_img_create(&img, 16 * MIB, "refcount_bits=8", &[]);
+    let (ok, out) = run_host(&exe, &img, &["b".into(), "0:1".into()]);
+    assert!(!ok, "the host accepted 8-bit refcounts:\n{out}");
+    assert!(out.contains("only 16-bit refcounts"), "{out}");
+    assert_check_clean(&img, test);
+    assert!(qemu_img_info_bitmaps(&img, false).is_empty());
+}
+
+// ------------------------------------------------------------------------------------------
+// The callback storage's error paths, from Rust through the C ABI
+// ------------------------------------------------------------------------------------------
+
+/// A host over a real file, with fault injection. qdirty allocates through refcounts unless
+/// `bump_alloc` is set.
+struct RHost {
+    file: File,
+    /// pwrite calls so far.
+    pwrites: u64,
+    /// Fail the pwrite with this number (1-based) with -EIO.
+    fail_pwrite: Option<u64>,
+    /// Keep failing every pwrite after the first failure (a dead disk).
+    sticky: bool,
+    /// pread returns this many bytes less than asked (a positive short count).
+    short_read: bool,
+    /// get_length returns this negative errno.
+    length_error: Option<i64>,
+    /// alloc_clusters returns this negative errno.
+    alloc_error: Option<c_int>,
+}
+
+impl RHost {
+    fn new(path: &Path) -> Box<RHost> {
+        Box::new(RHost {
+            file: std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .unwrap(),
+            pwrites: 0,
+            fail_pwrite: None,
+            sticky: false,
+            short_read: false,
+            length_error: None,
+            alloc_error: None,
+        })
+    }
+}
+
+unsafe fn host<'a>(opaque: *mut c_void) -> &'a mut RHost {
+    // SAFETY: the tests pass a live Box<RHost> as opaque.
+    unsafe { &mut *opaque.cast::<RHost>() }
+}
+
+unsafe extern "C" fn r_pread(opaque: *mut c_void, buf: *mut c_void, len: u64, off: u64) -> c_int {
+    let h = unsafe { host(opaque) };
+    // SAFETY: qdirty passes a buffer of len bytes.
+    let buf = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len as usize) };
+    if h.short_read && len > 1 {
+        return match h.file.read_at(&mut buf[..len as usize - 1], off) {
+            Ok(n) => n as c_int,
+            Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+        };
+    }
+    match h.file.read_exact_at(buf, off) {
+        Ok(()) => 0,
+        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+    }
+}
+
+unsafe extern "C" fn r_pwrite(
+    opaque: *mut c_void,
+    buf: *const c_void,
+    len: u64,
+    off: u64,
+) -> c_int {
+    let h = unsafe { host(opaque) };
+    h.pwrites += 1;
+    if let Some(k) = h.fail_pwrite {
+        if h.pwrites == k || (h.sticky && h.pwrites > k) {
+            return -libc::EIO;
+        }
+    }
+    // SAFETY: qdirty passes a buffer of len bytes.
+    let buf = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), len as usize) };
+    match h.file.write_all_at(buf, off) {
+        Ok(()) => 0,
+        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+    }
+}
+
+unsafe extern "C" fn r_flush(opaque: *mut c_void) -> c_int {
+    let h = unsafe { host(opaque) };
+    match h.file.sync_data() {
+        Ok(()) => 0,
+        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+    }
+}
+
+unsafe extern "C" fn r_get_length(opaque: *mut c_void) -> i64 {
+    let h = unsafe { host(opaque) };
+    if let Some(e) = h.length_error {
+        return e;
+    }
+    h.file
+        .metadata()
+        .map_or(-i64::from(libc::EIO), |m| m.len() as i64)
+}
+
+unsafe extern "C" fn r_alloc(
+    opaque: *mut c_void,
+    _n: u64,
+    _cluster_size: u64,
+    _offset: *mut u64,
+) -> c_int {
+    let h = unsafe { host(opaque) };
+    h.alloc_error.unwrap_or(-libc::ENOSPC)
+}
+
+unsafe extern "C" fn r_free(_opaque: *mut c_void, _off: u64, _n: u64, _cs: u64) -> c_int {
+    0
+}
+
+fn ops() -> qdirty_io_ops {
+    qdirty_io_ops {
+        size: std::mem::size_of::<qdirty_io_ops>() as u32,
+        pread: Some(r_pread),
+        pwrite: Some(r_pwrite),
+        flush: Some(r_flush),
+        get_length: Some(r_get_length),
+        alloc_clusters: None,
+        free_clusters: None,
+    }
+}
+
+/// Opens through the callbacks: Ok(image) or Err((errno, message)).
+fn open_io(
+    ops: *const qdirty_io_ops,
+    h: &mut RHost,
+    flags: u32,
+) -> Result<*mut qdirty_image, (i32, String)> {
+    let name = CString::new("rhost").unwrap();
+    let mut err: *mut qdirty_error = ptr::null_mut();
+    // SAFETY: valid arguments; `h` outlives the image in every test.
+    let img = unsafe {
+        qdirty_image_open_with_io(
+            ops,
+            (h as *mut RHost).cast(),
+            name.as_ptr(),
+            flags,
+            &mut err,
+        )
+    };
+    if img.is_null() {
+        Err(take_error(err))
+    } else {
+        Ok(img)
+    }
+}
+
+fn take_error(err: *mut qdirty_error) -> (i32, String) {
+    assert!(!err.is_null(), "a failure without an error object");
+    // SAFETY: a live error from qdirty.
+    let out = unsafe {
+        (
+            qdirty_error_errno(err),
+            CStr::from_ptr(qdirty_error_message(err))
+                .to_string_lossy()
+                .into_owned(),
+        )
+    };
+    unsafe { qdirty_error_free(err) };
+    out
+}
+
+fn close(img: *mut qdirty_image) -> Result<(), (i32, String)> {
+    let mut err: *mut qdirty_error = ptr::null_mut();
+    // SAFETY: an open image.
+    if unsafe { qdirty_image_close(img, &mut err) } < 0 {
+        Err(take_error(err))
+    } else {
+        Ok(())
+    }
+}
+
+fn add_persistent(img: *mut qdirty_image, name: &str) {
+    let name = CString::new(name).unwrap();
+    let mut err: *mut qdirty_error = ptr::null_mut();
+    // SAFETY: an open image.
+    let bm = unsafe {
+        qdirty_image_add_bitmap(img, name.as_ptr(), 0, QDIRTY_BITMAP_PERSISTENT, &mut err)
+    };
+    assert!(!bm.is_null(), "add bitmap: {:?}", take_error(err));
+}
+
+/// A fresh 64 MiB image (qemu-img when present, else qdirty's own creator).
+fn make_image(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    if have_tool("qemu-img") {
+        qemu_img_create(&p, 64 * MIB, "", &[]);
+    } else {
+        qdirty::Image::create(&p, 64 * MIB, 0).unwrap();
+    }
+    p
+}
+
+#[test]
+fn io_ops_table_is_checked() {
+    let tmp = TempDir::new("io_ops_table_is_checked");
+    let img = make_image(tmp.path(), "a.qcow2");
+    let mut h = RHost::new(&img);
+    let known = std::mem::size_of::<qdirty_io_ops>();
+
+    // NULL ops, and NULL name.
+    assert_eq!(open_io(ptr::null(), &mut h, 0).unwrap_err().0, libc::EINVAL);
+    let o = ops();
+    let mut err: *mut qdirty_error = ptr::null_mut();
+    let r = unsafe {
+        qdirty_image_open_with_io(&o, (&mut *h as *mut RHost).cast(), ptr::null(), 0, &mut err)
+    };
+    assert!(r.is_null());
+    assert_eq!(take_error(err).0, libc::EINVAL);
+
+    // Too small a size.
+    let mut o = ops();
+    o.size = 8;
+    let (e, msg) = open_io(&o, &mut h, 0).unwrap_err();
+    assert_eq!(e, libc::EINVAL);
+    assert!(msg.contains("sizeof(qdirty_io_ops)"), "{msg}");
+
+    // A larger size from a newer header: fine when the unknown tail is zero, ENOTSUP when not.
+    #[repr(C)]
+    struct Bigger {
+        ops: qdirty_io_ops,
+        future: u64,
+    }
+    let mut b = Bigger {
+        ops: ops(),
+        future: 0,
+    };
+    b.ops.size = std::mem::size_of::<Bigger>() as u32;
+    assert!(std::mem::size_of::<Bigger>() > known);
+    let img_ok = open_io(&b.ops, &mut h, 0).expect("a zero tail is accepted");
+    close(img_ok).unwrap();
+    b.future = 1;
+    assert_eq!(open_io(&b.ops, &mut h, 0).unwrap_err().0, libc::ENOTSUP);
+
+    // Unknown flags.
+    assert_eq!(open_io(&ops(), &mut h, 0x80).unwrap_err().0, libc::EINVAL);
+
+    // Required callbacks.
+    let mut o = ops();
+    o.pread = None;
+    assert_eq!(open_io(&o, &mut h, 0).unwrap_err().0, libc::EINVAL);
+    let mut o = ops();
+    o.get_length = None;
+    assert_eq!(open_io(&o, &mut h, 0).unwrap_err().0, libc::EINVAL);
+    let mut o = ops();
+    o.pwrite = None;
+    o.flush = None;
+    let (e, msg) = open_io(&o, &mut h, QDIRTY_OPEN_RDWR).unwrap_err();
+    assert_eq!(e, libc::EINVAL);
+    assert!(msg.contains("pwrite"), "{msg}");
+    // ... but read-only opens need neither pwrite nor flush.
+    close(open_io(&o, &mut h, 0).expect("read-only without pwrite")).unwrap();
+    // alloc without free, and free without alloc.
+    let mut o = ops();
+    o.alloc_clusters = Some(r_alloc);
+    let (e, msg) = open_io(&o, &mut h, QDIRTY_OPEN_RDWR).unwrap_err();
+    assert_eq!(e, libc::EINVAL);
+    assert!(msg.contains("both"), "{msg}");
+    let mut o = ops();
+    o.free_clusters = Some(r_free);
+    assert_eq!(open_io(&o, &mut h, 0).unwrap_err().0, libc::EINVAL);
+    assert_eq!(h.pwrites, 0, "a refused open wrote to the image");
+}
+
+#[test]
+fn io_callback_failures_are_reported() {
+    let tmp = TempDir::new("io_callback_failures_are_reported");
+    let img = make_image(tmp.path(), "a.qcow2");
+
+    // A short read (a positive byte count below len) is EIO.
+    let mut h = RHost::new(&img);
+    h.short_read = true;
+    let (e, msg) = open_io(&ops(), &mut h, 0).unwrap_err();
+    assert_eq!(e, libc::EIO, "{msg}");
+    assert!(msg.contains("short"), "{msg}");
+
+    // get_length's errno comes through.
+    let mut h = RHost::new(&img);
+    h.length_error = Some(-i64::from(libc::ENODEV));
+    assert_eq!(open_io(&ops(), &mut h, 0).unwrap_err().0, libc::ENODEV);
+
+    // The host's allocator says ENOSPC: the store fails with ENOSPC and writes nothing.
+    let mut h = RHost::new(&img);
+    h.alloc_error = Some(-libc::ENOSPC);
+    let mut o = ops();
+    o.alloc_clusters = Some(r_alloc);
+    o.free_clusters = Some(r_free);
+    let image = open_io(&o, &mut h, QDIRTY_OPEN_RDWR).unwrap();
+    add_persistent(image, "b");
+    unsafe { qdirty_image_set_dirty(image, 0, MIB) };
+    let before = h.pwrites;
+    let (e, msg) = close(image).unwrap_err();
+    assert_eq!(e, libc::ENOSPC, "{msg}");
+    assert!(msg.contains("allocate"), "{msg}");
+    assert_eq!(
+        h.pwrites, before,
+        "nothing is written when allocation fails"
+    );
+    if have_tool("qemu-img") {
+        assert_check_clean(&img, "after ENOSPC from the host");
+    }
+}
+
+/// A pwrite failing with -EIO at every point of a store (once, and from then on): the close
+/// fails with EIO and the file stays valid for qemu-img check (at most leaks, never
+/// corruption), and loadable.
+#[test]
+fn io_pwrite_failure_during_store_keeps_the_image_valid() {
+    let test = "io_pwrite_failure_during_store_keeps_the_image_valid";
+    let tmp = TempDir::new(test);
+    let pristine = make_image(tmp.path(), "pristine.qcow2");
+    if have_tool("qemu-img") {
+        // An existing stored bitmap too, so the store also frees old clusters.
+        qemu_img_bitmap_add(&pristine, "old", None, false);
+    }
+    let work = tmp.join("work.qcow2");
+
+    // Baseline: how many pwrites a successful close makes.
+    let run = |fail: Option<u64>, sticky: bool| -> (Result<(), (i32, String)>, u64) {
+        std::fs::copy(&pristine, &work).unwrap();
+        let mut h = RHost::new(&work);
+        let image = open_io(&ops(), &mut h, QDIRTY_OPEN_RDWR).unwrap();
+        add_persistent(image, "b");
+        unsafe { qdirty_image_set_dirty(image, 3 * MIB, 5 * MIB) };
+        let opened = h.pwrites;
+        h.fail_pwrite = fail.map(|k| k + opened);
+        h.sticky = sticky;
+        let r = close(image);
+        (r, h.pwrites - opened)
+    };
+    let (r, n) = run(None, false);
+    r.expect("a close without faults");
+    assert!(
+        n >= 3,
+        "a store writes data, table, directory and header ({n} pwrites)"
+    );
+    if have_tool("qemu-img") {
+        assert_check_clean(&work, "baseline");
+    }
+
+    let mut skipped_check = false;
+    for sticky in [false, true] {
+        for k in 1..=n {
+            let (r, _) = run(Some(k), sticky);
+            let (e, msg) = r.expect_err("a close whose pwrite failed");
+            assert_eq!(e, libc::EIO, "pwrite {k} (sticky {sticky}): {msg}");
+            if have_tool("qemu-img") {
+                let c = qemu_img_check(&work);
+                assert!(
+                    c.check_errors == 0 && c.corruptions == 0 && matches!(c.exit_code, 0 | 3),
+                    "pwrite {k} failed (sticky {sticky}): {c}"
+                );
+            } else {
+                skipped_check = true;
+            }
+            // qdirty can still open it, and finds the bitmaps it left (in_use ones load as
+            // inconsistent).
+            qdirty::Image::open(&work, false)
+                .unwrap_or_else(|e| panic!("pwrite {k} (sticky {sticky}): reopen: {e}"));
+        }
+    }
+    if skipped_check {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP {test}: qemu-img check part: qemu-img not installed"
+        );
+        assert!(
+            std::env::var("QDIRTY_REQUIRE_QEMU").as_deref() != Ok("1"),
+            "{test}: qemu-img not installed, and QDIRTY_REQUIRE_QEMU=1"
+        );
+    }
+}
