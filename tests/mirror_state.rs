@@ -1923,7 +1923,6 @@ fn write_hook_skips_disabled_readonly_inconsistent_and_clamps() {
 /// parent is frozen). Today `release(successor)` succeeds, after which `reclaim(parent)` panics
 /// and `abdicate(parent)` drops the parent and its bits and returns an error.
 #[test]
-#[ignore = "library bug: BitmapSet::release accepts a successor (see the report)"]
 fn release_of_a_successor_is_refused() {
     let mut set = BitmapSet::new(MIB);
     let b = set.create(Some(b"b"), 4096).unwrap();

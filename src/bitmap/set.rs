@@ -175,6 +175,12 @@ impl BitmapSet {
                 bm.display_name()
             )));
         }
+        if let Some(parent) = self.slots.iter().find(|s| s.bm.successor() == Some(id)) {
+            return Err(Error::Precondition(format!(
+                "The successor of bitmap '{}' goes away only through abdicate or reclaim",
+                parent.bm.display_name()
+            )));
+        }
         Ok(self.slots.remove(i).bm)
     }
 
@@ -268,7 +274,9 @@ impl BitmapSet {
     /// dropped. Returns the parent.
     pub fn reclaim(&mut self, id: BitmapId) -> Result<BitmapId> {
         let child = self.successor_of(id, "Cannot reclaim a successor when none is present")?;
-        let s = self.remove_unchecked(child).expect("successor exists");
+        let s = self.remove_unchecked(child).ok_or_else(|| {
+            Error::Precondition("Cannot reclaim a successor when none is present".into())
+        })?;
         let parent = self.bitmap_mut(id)?;
         parent.bits_mut().merge_from(s.bits());
         parent.set_enabled_unchecked(s.enabled());
