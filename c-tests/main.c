@@ -107,6 +107,9 @@ int main(void)
     test_errors(dir);
     test_image(dir);
     test_bitmap(dir);
+    test_mirror(dir);
+    test_txn(dir);
+    test_threads();
 
     qdirty_set_warning_handler(NULL, NULL);
     remove_tree(dir);

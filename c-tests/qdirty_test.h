@@ -104,6 +104,9 @@ static inline void *qt_check_ptr(const char *file, int line, const char *expr, v
 void test_errors(const char *dir);
 void test_image(const char *dir);
 void test_bitmap(const char *dir);
+void test_mirror(const char *dir);
+void test_txn(const char *dir);
+void test_threads(void);
 
 /* Helpers from main.c. */
 char *qt_path(const char *dir, const char *name); /* malloc'd "dir/name" */

@@ -14,6 +14,13 @@
  * function returns 0 or a negative errno and takes `qdirty_error **errp` last (may be NULL;
  * *errp must be NULL on entry; on failure it receives an error to free with qdirty_error_free).
  * Bitmaps belong to their image. NULL arguments never crash. See the comments below.
+ *
+ * Threads: every call locks the image(s) it touches for its whole duration, so calls are
+ * atomic per image. qdirty_image_set_dirty (the guest write hook) may run from I/O threads
+ * concurrently with any management call on the same image. Calls touching several images lock
+ * them in address order (no deadlock). qdirty_iter and qdirty_txn objects (and backups, info
+ * arrays) are not thread-safe themselves: one thread at a time per object. Freeing a handle
+ * must not race with its use. Sequences of calls (check, then act) are not atomic.
  */
 
 #include <stdbool.h>
@@ -36,16 +43,45 @@
 // was enabled when stored.
 #define QDIRTY_BITMAP_AUTOLOAD 4u
 
+// `qdirty_bitmap_check` flag (QEMU's BDRV_BITMAP_BUSY): fail if the bitmap is busy.
+#define QDIRTY_CHECK_BUSY 1u
+
+// `qdirty_bitmap_check` flag (QEMU's BDRV_BITMAP_RO): fail if the bitmap is readonly.
+#define QDIRTY_CHECK_RO 2u
+
+// `qdirty_bitmap_check` flag (QEMU's BDRV_BITMAP_INCONSISTENT): fail if the bitmap is
+// inconsistent.
+#define QDIRTY_CHECK_INCONSISTENT 4u
+
+// `qdirty_bitmap_check` flags for operations that change a bitmap's bits (QEMU's
+// BDRV_BITMAP_DEFAULT): BUSY | RO | INCONSISTENT.
+#define QDIRTY_CHECK_DEFAULT 7u
+
+// `qdirty_bitmap_check` flags for operations that only read a bitmap or change its state
+// (QEMU's BDRV_BITMAP_ALLOW_RO): BUSY | INCONSISTENT.
+#define QDIRTY_CHECK_ALLOW_RO 5u
+
 // The major version of the C ABI, the `N` of the soname `libqdirty.so.N`. A program compiled
 // against this header runs with any libqdirty of the same ABI major that is at least as new.
 #define QDIRTY_ABI_MAJOR 0u
+
+// The bits a bitmap had before `qdirty_bitmap_clear_with_backup` or `qdirty_bitmap_merge`
+// changed them (QEMU's HBitmap backup), for `qdirty_bitmap_restore`.
+//
+// Ownership: owned by the caller; free it with `qdirty_backup_free` (restoring does not free
+// it: it leaves it empty).
+// Thread safety: not shared between threads by qdirty; one thread at a time may use it.
+// Methods: qdirty_bitmap_restore, qdirty_backup_free
+typedef struct qdirty_backup qdirty_backup;
 
 // A dirty bitmap of an image.
 //
 // Ownership: borrowed from its image; never freed by the caller. Valid until the bitmap is
 // removed with `qdirty_image_remove_bitmap` or the image is closed. Finding the same bitmap
 // twice returns the same pointer.
-// Thread safety: as its image (calls are serialized by the image's lock).
+// Thread safety: as its image (calls are serialized by the image's lock). Functions that free
+// a bitmap handle (`qdirty_bitmap_release`, `qdirty_bitmap_abdicate`, ...) must not race with
+// other uses of that handle.
 // Methods: qdirty_bitmap_next, qdirty_bitmap_name, qdirty_bitmap_granularity,
 // qdirty_bitmap_size, qdirty_bitmap_enabled, qdirty_bitmap_persistent,
 // qdirty_bitmap_inconsistent, qdirty_bitmap_readonly, qdirty_bitmap_enable,
@@ -68,13 +104,47 @@ typedef struct qdirty_error qdirty_error;
 // Ownership: owned by the caller from `qdirty_image_open` until `qdirty_image_close`, which
 // always frees it. It owns its `qdirty_bitmap` handles.
 // Thread safety: may be used from several threads; calls on one image are serialized by an
-// internal lock. A panic inside qdirty (a bug) makes the image unusable: later calls fail with
+// internal lock held for the whole call. `qdirty_image_set_dirty` (the guest write hook) may
+// run from I/O threads concurrently with every management call. Calls touching two images
+// lock them in address order. Closing must not race with any other use. A panic inside qdirty (a bug) makes the image unusable: later calls fail with
 // "image is unusable after an internal error", and close abandons it without storing.
 // Methods: qdirty_image_open, qdirty_image_close, qdirty_image_size, qdirty_image_read_only,
 // qdirty_image_store_bitmaps, qdirty_image_first_bitmap, qdirty_image_find_bitmap,
 // qdirty_image_add_bitmap, qdirty_image_remove_bitmap, qdirty_image_merge_bitmap,
 // qdirty_image_set_dirty
 typedef struct qdirty_image qdirty_image;
+
+// An iterator over the dirty granules of one bitmap (QEMU's `BdrvDirtyBitmapIter`). While it
+// lives, its bitmap cannot be released and the image's bitmaps cannot be truncated.
+//
+// Ownership: owned by the caller from `qdirty_bitmap_iter_new` until `qdirty_iter_free`. It
+// refers to its image: free it before closing the image (using or freeing an iterator after
+// its image was closed is undefined behaviour).
+// Thread safety: an iterator is not a thread-safe object: use it from one thread at a time.
+// Each call locks its image, so it may run alongside any other call on the image (guest
+// writes included): bits set behind the iterator are not seen, bits reset ahead of it are.
+// Methods: qdirty_iter_next, qdirty_iter_seek, qdirty_iter_free
+typedef struct qdirty_iter qdirty_iter;
+
+// A transaction: bitmap actions on one or several images that take effect together or not at
+// all (QEMU's `transaction` QMP command). Each `qdirty_txn_*_bitmap` action is prepared (done)
+// at once and fails on its own; then `qdirty_txn_commit` makes every prepared action final,
+// or `qdirty_txn_abort` undoes them all in reverse order, exactly: clear gives the bits back,
+// merge restores the target, enable/disable restore the previous state, add releases the new
+// bitmap, remove gives the bitmap back (its stored copy, deleted when the action was prepared,
+// is written again on the next store or close). Until commit, a removed bitmap stays in the
+// image, busy and not stored; commit releases it. If an action fails, abort the transaction.
+//
+// Ownership: owned by the caller from `qdirty_txn_new` until `qdirty_txn_free`. After commit
+// or abort it is empty and may be reused. It keeps pointers to the images its actions touched:
+// every such image must stay open until the transaction is committed, aborted or freed.
+// Thread safety: a transaction is not a thread-safe object: use it from one thread at a time.
+// Each call locks the images it touches (several in address order), so other threads may keep
+// using those images meanwhile.
+// Methods: qdirty_txn_add_bitmap, qdirty_txn_clear_bitmap, qdirty_txn_enable_bitmap,
+// qdirty_txn_disable_bitmap, qdirty_txn_merge_bitmap, qdirty_txn_remove_bitmap,
+// qdirty_txn_commit, qdirty_txn_abort, qdirty_txn_free
+typedef struct qdirty_txn qdirty_txn;
 
 // A function that receives qdirty's warnings (QEMU's `warn_report`), e.g. "Autoload option is
 // deprecated and its value is ignored".
@@ -84,6 +154,30 @@ typedef struct qdirty_image qdirty_image;
 // The handler may be called from any thread that calls into qdirty, while qdirty holds the
 // lock of the image concerned: it must not call qdirty functions itself.
 typedef void (*qdirty_warning_fn)(const char *message, void *opaque);
+
+// One bitmap in the snapshot of `qdirty_image_query_bitmaps` (QEMU's BlockDirtyInfo).
+//
+// Ownership: the array and the names belong to it; free them with one
+// `qdirty_bitmap_info_free` call.
+// Thread safety: plain data, a snapshot: it does not change when the bitmaps do.
+typedef struct {
+    // The name (truncated at its first NUL byte); NULL for anonymous bitmaps (successors,
+    // `qdirty_image_create_bitmap` with NULL).
+    const char *name;
+    // Dirty granules times the granularity, in bytes (can exceed the size by less than a
+    // granule).
+    uint64_t count;
+    // The granularity in bytes.
+    uint32_t granularity;
+    // Enabled, or frozen with an enabled successor (`qdirty_bitmap_recording`).
+    bool recording;
+    // Held by an operation (`qdirty_bitmap_busy`).
+    bool busy;
+    // The raw persistent flag (skip_store not taken into account).
+    bool persistent;
+    // Found in_use on open (`qdirty_bitmap_inconsistent`).
+    bool inconsistent;
+} qdirty_bitmap_info;
 
 // The I/O of a qcow2 image as its host provides it: a table of callbacks passed to
 // `qdirty_image_open_with_io`, which qdirty uses instead of opening the file itself.
@@ -418,8 +512,9 @@ qdirty_bitmap *qdirty_bitmap_next(qdirty_bitmap *bm);
 
 // The bitmap's name (truncated at its first NUL byte, which only a foreign image can contain).
 //
-// Returns: the name, valid as long as the bitmap handle; NULL if `bm` is NULL or the bitmap no
-// longer exists.
+// Returns: the name, valid as long as the bitmap handle; NULL for an anonymous bitmap (see
+// `qdirty_image_create_bitmap`, `qdirty_bitmap_create_successor`), or if `bm` is NULL or the
+// bitmap no longer exists.
 // Ownership: borrowed from the bitmap; do not free it.
 // Thread safety: may be called from any thread.
 //
@@ -628,6 +723,800 @@ bool qdirty_bitmap_next_dirty_area(const qdirty_bitmap *bm,
 // `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
 // `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
 char *qdirty_bitmap_sha256(const qdirty_bitmap *bm, qdirty_error **errp);
+
+// QEMU's gatekeeper (`bdrv_dirty_bitmap_check`): may the bitmap be used by an operation that
+// forbids the states in `flags`? The checks run in QEMU's order, BUSY, then RO, then
+// INCONSISTENT, and the first failing one gives QEMU's message: "Bitmap 'NAME' is currently in
+// use by another operation and cannot be used" (EBUSY), "Bitmap 'NAME' is readonly and cannot
+// be modified" (EPERM), "Bitmap 'NAME' is inconsistent and cannot be used" (EINVAL, with the
+// hint "Try block-dirty-bitmap-remove to delete this bitmap from disk").
+//
+// `flags`: QDIRTY_CHECK_BUSY, QDIRTY_CHECK_RO, QDIRTY_CHECK_INCONSISTENT, or the sets
+// QDIRTY_CHECK_DEFAULT / QDIRTY_CHECK_ALLOW_RO. 0 always passes.
+//
+// Returns: 0 if allowed, or a negative errno: the check's errno as above, -EINVAL (NULL `bm`,
+// unknown flag bits), -ENOENT (the bitmap no longer exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Ownership: nothing is transferred.
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+int qdirty_bitmap_check(const qdirty_bitmap *bm, uint32_t flags, qdirty_error **errp);
+
+// Whether the bitmap is busy: held by an operation (a successor, an export, a migration, a
+// transactional remove). Busy bitmaps refuse changes through the checked functions.
+//
+// Returns: true or false; false if `bm` is NULL or the bitmap no longer exists.
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image.
+bool qdirty_bitmap_busy(const qdirty_bitmap *bm);
+
+// Sets or clears the busy flag directly (QEMU's `bdrv_dirty_bitmap_set_busy`, used by NBD
+// exports and migration to hold a bitmap). No checks.
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL `bm`), -ENOENT (the bitmap no longer exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+int qdirty_bitmap_set_busy(qdirty_bitmap *bm, bool busy, qdirty_error **errp);
+
+// Sets or clears the readonly flag directly (QEMU's `bdrv_dirty_bitmap_set_readonly`). No
+// checks. A readonly bitmap's bits cannot change, and while an image has one the host must
+// refuse guest writes (`qdirty_image_has_readonly_bitmaps`).
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL `bm`), -ENOENT (the bitmap no longer exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+int qdirty_bitmap_set_readonly(qdirty_bitmap *bm, bool readonly, qdirty_error **errp);
+
+// Sets or clears the persistent flag (QEMU's `bdrv_dirty_bitmap_set_persistence`). No checks:
+// unlike QDIRTY_BITMAP_PERSISTENT at creation, it does not ask whether the image can store the
+// bitmap; a bitmap that cannot be stored makes the next store or close fail.
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL `bm`), -ENOENT (the bitmap no longer exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+int qdirty_bitmap_set_persistence(qdirty_bitmap *bm, bool persistent, qdirty_error **errp);
+
+// Whether skip_store is set: the bitmap is not written back on the next store or close even
+// if it is persistent (QEMU: migration, transactional remove).
+//
+// Returns: true or false; false if `bm` is NULL or the bitmap no longer exists.
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image.
+bool qdirty_bitmap_skip_store(const qdirty_bitmap *bm);
+
+// Sets or clears skip_store (QEMU's `bdrv_dirty_bitmap_skip_store`). No checks.
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL `bm`), -ENOENT (the bitmap no longer exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+int qdirty_bitmap_set_skip_store(qdirty_bitmap *bm, bool skip, qdirty_error **errp);
+
+// Marks the bitmap inconsistent, which also disables it (QEMU's
+// `bdrv_dirty_bitmap_set_inconsistent`). Only persistent bitmaps can be inconsistent (QEMU
+// asserts; qdirty fails). There is no way back: remove the bitmap.
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL `bm`, the bitmap is not persistent), -ENOENT
+// (the bitmap no longer exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+int qdirty_bitmap_set_inconsistent(qdirty_bitmap *bm, qdirty_error **errp);
+
+// QEMU's `recording` (what `query-block` reports): the bitmap is enabled, or it is frozen and
+// its successor is enabled (the successor records guest writes on its behalf).
+//
+// Returns: true or false; false if `bm` is NULL or the bitmap no longer exists.
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image.
+bool qdirty_bitmap_recording(const qdirty_bitmap *bm);
+
+// Whether the bitmap has a successor (it is frozen by `qdirty_bitmap_create_successor`).
+//
+// Returns: true or false; false if `bm` is NULL or the bitmap no longer exists.
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image.
+bool qdirty_bitmap_has_successor(const qdirty_bitmap *bm);
+
+// Creates an enabled, empty, transient bitmap covering the image (QEMU's
+// `bdrv_create_dirty_bitmap`), at the head of the list. Unlike `qdirty_image_add_bitmap`
+// (QMP's add) it does not look at the names stored in the image and never makes the bitmap
+// persistent, and `name` may be NULL for an anonymous bitmap: anonymous bitmaps are listed
+// and queried (with a NULL name), record writes, and are never stored or found by name.
+//
+// `name`: NULL, or 1..1023 bytes not used by another bitmap of the image.
+// `granularity`: a power of two from 512 B to 2 GiB; 0 means
+// `qdirty_image_default_granularity(img)`.
+//
+// Returns: the new bitmap, or NULL on failure: NULL `img`, a bad name or granularity (EINVAL),
+// "Bitmap already exists: NAME" (EEXIST), a bitmap too big for the image (EFBIG).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Ownership: the bitmap is borrowed from the image (see `qdirty_bitmap`); it lives until
+// `qdirty_bitmap_release`, `qdirty_image_remove_bitmap` (named ones) or closing the image.
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `img` is NULL or an open image; `name` is NULL or a NUL-terminated string. `errp` is NULL or
+// points to a `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
+qdirty_bitmap *qdirty_image_create_bitmap(qdirty_image *img,
+                                          const char *name,
+                                          uint32_t granularity,
+                                          qdirty_error **errp);
+
+// Drops a bitmap from memory (QEMU's `bdrv_release_dirty_bitmap`). A stored copy stays in the
+// image untouched (still marked in_use while the image is open read-write, so it loads as
+// inconsistent next time unless removed): use `qdirty_image_remove_bitmap` to delete a
+// persistent bitmap for good. Refused while the bitmap is busy, has a successor or has live
+// iterators (QEMU asserts; qdirty fails).
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL `bm`; busy, frozen or iterated), -ENOENT
+// (the bitmap no longer exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+// Ownership: on success `bm` is freed: do not use it afterwards.
+// Thread safety: may be called from any thread; serialized per image. No other thread may use
+// `bm` during or after the call.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+int qdirty_bitmap_release(qdirty_bitmap *bm, qdirty_error **errp);
+
+// Freezes the bitmap for an operation such as a backup (QEMU's
+// `bdrv_dirty_bitmap_create_successor`): a new anonymous successor with the same granularity,
+// covering the image's current size, starts with the bitmap's enabled state and from now on
+// records guest writes in its place; the bitmap becomes disabled and busy, its bits frozen for
+// the operation. End it with `qdirty_bitmap_abdicate` (the operation succeeded) or
+// `qdirty_bitmap_reclaim` (it failed).
+//
+// Only BUSY is checked, as in QEMU: callers check readonly and inconsistent first if they care
+// (`qdirty_bitmap_check` with QDIRTY_CHECK_DEFAULT).
+//
+// Returns: the successor, or NULL on failure: NULL `bm` (EINVAL), a busy bitmap (EBUSY, with
+// QEMU's message), "Cannot create a successor for a bitmap that already has one" (EINVAL),
+// ENOENT (the bitmap no longer exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Ownership: the successor is borrowed from the image like any bitmap.
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+// `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
+qdirty_bitmap *qdirty_bitmap_create_successor(qdirty_bitmap *bm, qdirty_error **errp);
+
+// The operation succeeded (QEMU's `bdrv_dirty_bitmap_abdicate`): the successor takes the
+// bitmap's name and persistent flag and keeps its own enabled state; the bitmap and its bits
+// are dropped. The successor now holds only the writes made since `create_successor`.
+//
+// Returns: the successor (the same pointer `qdirty_bitmap_create_successor` returned, now
+// named), or NULL on failure: NULL `bm` (EINVAL), "Cannot relinquish control if there's no
+// successor present" (EINVAL), ENOENT (the bitmap no longer exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+// Ownership: on success `bm` is freed: do not use it afterwards. The successor is borrowed from
+// the image like any bitmap.
+// Thread safety: may be called from any thread; serialized per image. No other thread may use
+// `bm` during or after the call.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+// `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
+qdirty_bitmap *qdirty_bitmap_abdicate(qdirty_bitmap *bm, qdirty_error **errp);
+
+// The operation failed (QEMU's `bdrv_reclaim_dirty_bitmap`): the bitmap takes back the
+// successor's bits (bitmap |= successor) and its enabled state, stops being busy, and the
+// successor is dropped. The bitmap then holds its old bits plus every write made meanwhile.
+//
+// Returns: `bm` (the parent), or NULL on failure: NULL `bm` (EINVAL), "Cannot reclaim a
+// successor when none is present" (EINVAL), ENOENT (the bitmap no longer exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+// Ownership: on success the successor's handle is freed: do not use it afterwards.
+// Thread safety: may be called from any thread; serialized per image. No other thread may use
+// the successor during or after the call.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+// `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
+qdirty_bitmap *qdirty_bitmap_reclaim(qdirty_bitmap *bm, qdirty_error **errp);
+
+// Enables the successor of a frozen bitmap (QEMU's `bdrv_dirty_bitmap_enable_successor`, used
+// by migration when the guest starts before a bitmap has arrived); the bitmap itself stays
+// disabled.
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL `bm`, "The bitmap has no successor to
+// enable": QEMU would dereference NULL), -ENOENT (the bitmap no longer exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+int qdirty_bitmap_enable_successor(qdirty_bitmap *bm, qdirty_error **errp);
+
+// Clears every bit and hands the old bits back as a backup (QEMU's `bdrv_clear_dirty_bitmap`
+// with a backup, the prepare step of the transaction's clear action); QDIRTY_CHECK_DEFAULT
+// checks first. Undo with `qdirty_bitmap_restore`.
+//
+// `*backup` is set to NULL on entry and receives the backup on success.
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL `bm` or `backup`, inconsistent bitmap),
+// -EBUSY, -EPERM (readonly bitmap), -ENOENT (the bitmap no longer exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+// Ownership: the caller owns `*backup`; free it with `qdirty_backup_free`.
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image; `backup` is NULL or writable. `errp`
+// is NULL or points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and
+// does nothing).
+int qdirty_bitmap_clear_with_backup(qdirty_bitmap *bm, qdirty_backup **backup, qdirty_error **errp);
+
+// Puts back the bits saved in `backup` (QEMU's `bdrv_restore_dirty_bitmap`, the abort step of
+// the clear and merge actions). The backup must come from this bitmap (or one of the same
+// size and granularity); it is left empty, not freed: free it with `qdirty_backup_free`.
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL argument, an empty (already restored) backup,
+// a backup of another size or granularity), -EPERM (readonly bitmap), -ENOENT (the bitmap no
+// longer exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+// Ownership: the caller keeps `backup`.
+// Thread safety: may be called from any thread; serialized per image. No other thread may use
+// `backup` at the same time.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image; `backup` is NULL or a backup not yet
+// freed. `errp` is NULL or points to a `qdirty_error *` that is NULL (otherwise the call
+// returns -EINVAL and does nothing).
+int qdirty_bitmap_restore(qdirty_bitmap *bm, qdirty_backup *backup, qdirty_error **errp);
+
+// Frees a backup. NULL is a no-op.
+//
+// Ownership: takes `backup`; it is invalid afterwards.
+// Thread safety: may be called from any thread, once per backup.
+//
+// # Safety
+// `backup` is NULL or a backup not yet freed.
+void qdirty_backup_free(qdirty_backup *backup);
+
+// dest |= src (QEMU's `bdrv_merge_dirty_bitmap`), between any two bitmaps: of the same image
+// or of two images, named or anonymous, even the same bitmap. QEMU's checks, in QMP's order:
+// QDIRTY_CHECK_ALLOW_RO on `src` (a readonly source is fine), equal sizes ("Bitmaps are of
+// different sizes (destination size is N, source size is M) and can't be merged"), then
+// QDIRTY_CHECK_DEFAULT on `dest`. Granularities may differ (a coarser destination is rounded
+// outward).
+//
+// `backup`: NULL, or where to store dest's previous bits for `qdirty_bitmap_restore` (set to
+// NULL on entry).
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL `dest` or `src`, different sizes,
+// inconsistent bitmap), -EBUSY, -EPERM (readonly `dest`), -ENOENT (a bitmap no longer exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+// Ownership: the caller owns `*backup`; free it with `qdirty_backup_free`.
+// Thread safety: may be called from any thread; locks both images, in address order (one lock
+// when they are the same image), so concurrent merges in opposite directions do not deadlock.
+//
+// # Safety
+// `dest` and `src` are NULL or bitmaps still owned by open images; `backup` is NULL or
+// writable. `errp` is NULL or points to a `qdirty_error *` that is NULL (otherwise the call
+// returns -EINVAL and does nothing).
+int qdirty_bitmap_merge(qdirty_bitmap *dest,
+                        const qdirty_bitmap *src,
+                        qdirty_backup **backup,
+                        qdirty_error **errp);
+
+// A new iterator over the bitmap's dirty granules, positioned at offset 0 (QEMU's
+// `bdrv_dirty_iter_new`).
+//
+// Returns: the iterator, or NULL on failure: NULL `bm` (EINVAL), ENOENT (the bitmap no longer
+// exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Ownership: the caller owns the iterator and must free it with `qdirty_iter_free` before
+// closing the image.
+// Thread safety: may be called from any thread; serialized per image. See `qdirty_iter`.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+// `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
+qdirty_iter *qdirty_bitmap_iter_new(qdirty_bitmap *bm, qdirty_error **errp);
+
+// The start of the next dirty granule (a multiple of the granularity), and moves past it
+// (QEMU's `bdrv_dirty_iter_next`).
+//
+// Returns: the offset, or -1 when no dirty granule is left, the bitmap no longer exists, or
+// `iter` is NULL or its image unusable.
+// Thread safety: see `qdirty_iter`.
+//
+// # Safety
+// `iter` is NULL or an iterator not yet freed whose image is open.
+int64_t qdirty_iter_next(qdirty_iter *iter);
+
+// Moves the iterator: the next `qdirty_iter_next` returns the first dirty granule at or after
+// the granule containing `offset` (QEMU's `bdrv_set_dirty_iter`).
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL `iter`, `offset` at or beyond the bitmap's
+// size: QEMU asserts), -ENOENT (the bitmap no longer exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); the iterator did
+// not move.
+// Thread safety: see `qdirty_iter`.
+//
+// # Safety
+// `iter` is NULL or an iterator not yet freed whose image is open. `errp` is NULL or points to
+// a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+int qdirty_iter_seek(qdirty_iter *iter, uint64_t offset, qdirty_error **errp);
+
+// Frees an iterator (QEMU's `bdrv_dirty_iter_free`); its bitmap may be released and truncated
+// again once no iterator is left. NULL is a no-op.
+//
+// Ownership: takes `iter`; it is invalid afterwards.
+// Thread safety: see `qdirty_iter`; no other thread may use `iter` during or after the call.
+//
+// # Safety
+// `iter` is NULL or an iterator not yet freed whose image is open.
+void qdirty_iter_free(qdirty_iter *iter);
+
+// Whether `offset` is dirty, and how long the run with that state is (QEMU's
+// `bdrv_dirty_bitmap_status`, with the 2022 fix: 1 means dirty).
+//
+// `*count` is set to 0 on entry (when not NULL) and receives the length in bytes of the run
+// starting at `offset` whose granules are all dirty (result 1) or all clean (result 0), capped
+// at `bytes`.
+//
+// Returns: 1 (dirty), 0 (clean), or a negative errno: -EINVAL (NULL `bm` or `count`, `bytes`
+// 0, `[offset, offset + bytes)` beyond the bitmap's size: QEMU asserts), -ENOENT (the bitmap
+// no longer exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image; `count` is NULL or writable. `errp`
+// is NULL or points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and
+// does nothing).
+int qdirty_bitmap_status(const qdirty_bitmap *bm,
+                         uint64_t offset,
+                         uint64_t bytes,
+                         uint64_t *count,
+                         qdirty_error **errp);
+
+// The alignment of serialization chunks in bytes of disk: 64 granules (QEMU's
+// `bdrv_dirty_bitmap_serialization_align`). Chunk starts must be multiples of it, and so must
+// chunk lengths unless the chunk ends at the end of the bitmap.
+//
+// Returns: the alignment; 0 if `bm` is NULL or the bitmap no longer exists.
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image.
+uint64_t qdirty_bitmap_serialization_align(const qdirty_bitmap *bm);
+
+// The buffer size needed to serialize `[offset, offset + bytes)` (QEMU's
+// `bdrv_dirty_bitmap_serialization_size`): the 64-bit words the chunk spans, times 8.
+//
+// Returns: the size in bytes (0 for `bytes` 0), or a negative errno: -EINVAL (NULL `bm`, a
+// chunk breaking the alignment rules of `qdirty_bitmap_serialization_align` or beyond the
+// bitmap's size, an inconsistent bitmap), -ENOENT (the bitmap no longer exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+int64_t qdirty_bitmap_serialization_size(const qdirty_bitmap *bm,
+                                         uint64_t offset,
+                                         uint64_t bytes,
+                                         qdirty_error **errp);
+
+// Serializes `[offset, offset + bytes)` into `buf` (QEMU's
+// `bdrv_dirty_bitmap_serialize_part`): `qdirty_bitmap_serialization_size(bm, offset, bytes)`
+// bytes are written at the start of `buf`.
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL `bm`, NULL `buf` with `len` > 0, `len`
+// smaller than the serialization size, a chunk breaking the alignment rules or beyond the
+// bitmap's size, an inconsistent bitmap), -ENOENT (the bitmap no longer exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); `buf` is
+// untouched.
+// Ownership: the caller keeps `buf`.
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image; `buf` is NULL or writable for `len`
+// bytes. `errp` is NULL or points to a `qdirty_error *` that is NULL (otherwise the call
+// returns -EINVAL and does nothing).
+int qdirty_bitmap_serialize_part(const qdirty_bitmap *bm,
+                                 uint8_t *buf,
+                                 size_t len,
+                                 uint64_t offset,
+                                 uint64_t bytes,
+                                 qdirty_error **errp);
+
+// Overwrites `[offset, offset + bytes)` from `buf` (QEMU's
+// `bdrv_dirty_bitmap_deserialize_part`): whole 64-bit words, in the layout of
+// `qdirty_bitmap_serialize_part`. Until `qdirty_bitmap_deserialize_finish` runs (or `finish`
+// is true), the bitmap's count and searches do not see the new bits.
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL `bm`, NULL `buf` with `len` > 0, `len`
+// smaller than the serialization size, a chunk breaking the alignment rules or beyond the
+// bitmap's size, an inconsistent bitmap), -EPERM (readonly bitmap), -ENOENT (the bitmap no
+// longer exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+// Ownership: the caller keeps `buf`.
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image; `buf` is NULL or readable for `len`
+// bytes. `errp` is NULL or points to a `qdirty_error *` that is NULL (otherwise the call
+// returns -EINVAL and does nothing).
+int qdirty_bitmap_deserialize_part(qdirty_bitmap *bm,
+                                   const uint8_t *buf,
+                                   size_t len,
+                                   uint64_t offset,
+                                   uint64_t bytes,
+                                   bool finish,
+                                   qdirty_error **errp);
+
+// Fills `[offset, offset + bytes)` with clean granules (QEMU's
+// `bdrv_dirty_bitmap_deserialize_zeroes`); see `qdirty_bitmap_deserialize_part` for the rules
+// and `finish`.
+//
+// Returns: 0, or a negative errno as `qdirty_bitmap_deserialize_part`.
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+int qdirty_bitmap_deserialize_zeroes(qdirty_bitmap *bm,
+                                     uint64_t offset,
+                                     uint64_t bytes,
+                                     bool finish,
+                                     qdirty_error **errp);
+
+// Fills `[offset, offset + bytes)` with dirty granules (QEMU's
+// `bdrv_dirty_bitmap_deserialize_ones`), never past the bitmap's end (QEMU sets stray bits
+// there; qdirty does not); see `qdirty_bitmap_deserialize_part` for the rules and `finish`.
+//
+// Returns: 0, or a negative errno as `qdirty_bitmap_deserialize_part`.
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+int qdirty_bitmap_deserialize_ones(qdirty_bitmap *bm,
+                                   uint64_t offset,
+                                   uint64_t bytes,
+                                   bool finish,
+                                   qdirty_error **errp);
+
+// Rebuilds the bitmap's summaries and count after `qdirty_bitmap_deserialize_*` calls made
+// with `finish` false (QEMU's `bdrv_dirty_bitmap_deserialize_finish`).
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL `bm`), -ENOENT (the bitmap no longer exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+int qdirty_bitmap_deserialize_finish(qdirty_bitmap *bm, qdirty_error **errp);
+
+// A snapshot of every bitmap of the image, in list order (newest first), anonymous bitmaps and
+// successors included (QEMU's `bdrv_query_dirty_bitmaps`).
+//
+// `*out` and `*count` are reset to NULL and 0 on entry (when not NULL) and receive the array
+// and its length on success; an image without bitmaps gives NULL and 0.
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL `img`, `out` or `count`), -EIO (unusable
+// image).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Ownership: the caller owns the array; free it with `qdirty_bitmap_info_free(*out, *count)`.
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `img` is NULL or an open image; `out` and `count` are NULL or writable. `errp` is NULL or
+// points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
+// nothing).
+int qdirty_image_query_bitmaps(qdirty_image *img,
+                               qdirty_bitmap_info **out,
+                               size_t *count,
+                               qdirty_error **errp);
+
+// Frees an array from `qdirty_image_query_bitmaps` and its names. NULL is a no-op.
+//
+// `count` must be the length the query returned with `arr`.
+// Ownership: takes `arr`; it and its names are invalid afterwards.
+// Thread safety: may be called from any thread, once per array.
+//
+// # Safety
+// `arr` is NULL or an array from `qdirty_image_query_bitmaps` not yet freed, and `count` its
+// length.
+void qdirty_bitmap_info_free(qdirty_bitmap_info *arr, size_t count);
+
+// Creates a standalone image: bitmaps over `size` bytes with no qcow2 file behind them (for raw
+// disks, guest RAM, tests). Every in-memory operation works as on a qcow2 image (add, create,
+// successors, merge, iterators, serialization, transactions, truncate to any size);
+// persistent bitmaps are refused, and closing stores nothing. Its default granularity is
+// 64 KiB.
+//
+// Returns: the image, or NULL on failure (`*errp` set): none is known today besides the errp
+// rule.
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Ownership: the caller owns the image and must pass it to `qdirty_image_close`.
+// Thread safety: may be called from any thread; the image is used like any other.
+//
+// # Safety
+// `errp` is NULL or points to a `qdirty_error *` that is NULL (otherwise the call returns NULL
+// and does nothing).
+qdirty_image *qdirty_image_new_memory(uint64_t size, qdirty_error **errp);
+
+// Resizes every bitmap of the image to `new_size` bytes (QEMU's `bdrv_dirty_bitmap_truncate`):
+// new space is clean, granules entirely beyond the new end are dropped. For a qcow2 image the
+// host resizes the image file first (qdirty does not); `new_size` must then be the size its
+// header says. Refused (nothing changes) while any bitmap is busy, frozen or iterated, when a
+// persistent bitmap is readonly or inconsistent, or when stored bitmaps are not loaded
+// ("Cannot resize qcow2 with persistent bitmaps that were not loaded into memory").
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL `img`, the refusals above, a size other than
+// the image's), -EBUSY, -EPERM, -EFBIG (too many granules), I/O errors.
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `img` is NULL or an open image. `errp` is NULL or points to a `qdirty_error *` that is NULL
+// (otherwise the call returns -EINVAL and does nothing).
+int qdirty_image_truncate(qdirty_image *img, uint64_t new_size, qdirty_error **errp);
+
+// Switches a qcow2 image between read-write and read-only (QEMU's qcow2_reopen_bitmaps_ro /
+// _rw). `flags` QDIRTY_OPEN_RDWR: the file is reopened for writing, the persistent bitmaps
+// become writable and are marked in_use on disk. `flags` 0: the persistent bitmaps are stored
+// and become readonly, and nothing is written afterwards. Reopening in the current mode, or
+// reopening a standalone image, does nothing.
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL `img`, unknown flag bits), -EROFS (a qcow2 v2
+// image cannot be read-write), -EACCES (the file cannot be written, or the image needs
+// repair), I/O and store errors.
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `img` is NULL or an open image. `errp` is NULL or points to a `qdirty_error *` that is NULL
+// (otherwise the call returns -EINVAL and does nothing).
+int qdirty_image_reopen(qdirty_image *img, uint32_t flags, qdirty_error **errp);
+
+// QEMU's default granularity (`bdrv_get_default_bitmap_granularity`): the cluster size clamped
+// to [4 KiB, 64 KiB]; 64 KiB for standalone images. Granularity 0 in `qdirty_image_add_bitmap`
+// and `qdirty_image_create_bitmap` means this value.
+//
+// Returns: the granularity in bytes; 0 if `img` is NULL or unusable.
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `img` is NULL or an open image.
+uint32_t qdirty_image_default_granularity(const qdirty_image *img);
+
+// Whether any bitmap of the image is readonly (QEMU's `bdrv_has_readonly_bitmaps`). While it
+// is true, the host must refuse guest writes, write-zeroes and discards with EPERM, as QEMU
+// does, so that image and bitmaps stay consistent.
+//
+// Returns: true or false; false if `img` is NULL or unusable.
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `img` is NULL or an open image.
+bool qdirty_image_has_readonly_bitmaps(const qdirty_image *img);
+
+// Deletes the stored copy of bitmap `name` from the image file, leaving the in-memory bitmap
+// alone (QEMU's `bdrv_remove_persistent_dirty_bitmap`). A name that is not stored is not an
+// error, nor is a standalone image. A bitmap still persistent in memory is stored again on the
+// next store or close: clear its persistence first (`qdirty_bitmap_set_persistence`) to get
+// rid of it.
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL argument), -EROFS (read-only image), I/O
+// errors.
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `img` is NULL or an open image; `name` is NULL or a NUL-terminated string. `errp` is NULL or
+// points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
+// nothing).
+int qdirty_image_remove_stored_bitmap(qdirty_image *img, const char *name, qdirty_error **errp);
+
+// A new, empty transaction.
+//
+// Returns: the transaction; never NULL (NULL only if qdirty failed internally).
+// Ownership: the caller owns it; free it with `qdirty_txn_free`.
+// Thread safety: may be called from any thread; see `qdirty_txn`.
+qdirty_txn *qdirty_txn_new(void);
+
+// Action block-dirty-bitmap-add: adds bitmap `name` to `img` now, with the arguments and
+// checks of `qdirty_image_add_bitmap`. Abort releases it.
+//
+// Returns: the new bitmap, or NULL on failure (as `qdirty_image_add_bitmap`; EINVAL for a NULL
+// `txn`).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
+// transaction then.
+// Ownership: the bitmap is borrowed from the image; it is freed if the transaction is aborted.
+// Thread safety: see `qdirty_txn`; locks `img`.
+//
+// # Safety
+// `txn` is NULL or a transaction not yet freed; `img` is NULL or an open image that stays open
+// until the transaction is finished; `name` is NULL or a NUL-terminated string. `errp` is NULL
+// or points to a `qdirty_error *` that is NULL (otherwise the call returns NULL and does
+// nothing).
+qdirty_bitmap *qdirty_txn_add_bitmap(qdirty_txn *txn,
+                                     qdirty_image *img,
+                                     const char *name,
+                                     uint32_t granularity,
+                                     uint32_t flags,
+                                     qdirty_error **errp);
+
+// Action block-dirty-bitmap-clear: clears bitmap `name` of `img` now (QDIRTY_CHECK_DEFAULT
+// checks), keeping a backup. Abort gives the bits back.
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL argument, inconsistent bitmap), -ENOENT (no
+// such bitmap), -EBUSY, -EPERM (readonly bitmap).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
+// transaction then.
+// Thread safety: see `qdirty_txn`; locks `img`.
+//
+// # Safety
+// `txn` is NULL or a transaction not yet freed; `img` is NULL or an open image that stays open
+// until the transaction is finished; `name` is NULL or a NUL-terminated string. `errp` is NULL
+// or points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
+// nothing).
+int qdirty_txn_clear_bitmap(qdirty_txn *txn,
+                            qdirty_image *img,
+                            const char *name,
+                            qdirty_error **errp);
+
+// Action block-dirty-bitmap-enable: enables bitmap `name` of `img` now (QDIRTY_CHECK_ALLOW_RO
+// checks). Abort restores its previous state.
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL argument, inconsistent bitmap), -ENOENT (no
+// such bitmap), -EBUSY.
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
+// transaction then.
+// Thread safety: see `qdirty_txn`; locks `img`.
+//
+// # Safety
+// `txn` is NULL or a transaction not yet freed; `img` is NULL or an open image that stays open
+// until the transaction is finished; `name` is NULL or a NUL-terminated string. `errp` is NULL
+// or points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
+// nothing).
+int qdirty_txn_enable_bitmap(qdirty_txn *txn,
+                             qdirty_image *img,
+                             const char *name,
+                             qdirty_error **errp);
+
+// Action block-dirty-bitmap-disable: disables bitmap `name` of `img` now
+// (QDIRTY_CHECK_ALLOW_RO checks). Abort restores its previous state.
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL argument, inconsistent bitmap), -ENOENT (no
+// such bitmap), -EBUSY.
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
+// transaction then.
+// Thread safety: see `qdirty_txn`; locks `img`.
+//
+// # Safety
+// `txn` is NULL or a transaction not yet freed; `img` is NULL or an open image that stays open
+// until the transaction is finished; `name` is NULL or a NUL-terminated string. `errp` is NULL
+// or points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
+// nothing).
+int qdirty_txn_disable_bitmap(qdirty_txn *txn,
+                              qdirty_image *img,
+                              const char *name,
+                              qdirty_error **errp);
+
+// Action block-dirty-bitmap-merge: merges bitmap `src_name` into bitmap `target` of `img` now
+// (target |= source, with the checks of `qdirty_image_merge_bitmap`), keeping a backup of the
+// target. The source is a bitmap of `src_img`, or of `img` when `src_img` is NULL or `img`.
+// Abort restores the target.
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL argument, different sizes, inconsistent
+// bitmap), -ENOENT (no such bitmap), -EBUSY, -EPERM (readonly target).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
+// transaction then.
+// Thread safety: see `qdirty_txn`; locks `img` and `src_img` in address order.
+//
+// # Safety
+// `txn` is NULL or a transaction not yet freed; `img` and `src_img` are NULL or open images
+// that stay open until the transaction is finished; `target` and `src_name` are NULL or
+// NUL-terminated strings. `errp` is NULL or points to a `qdirty_error *` that is NULL
+// (otherwise the call returns -EINVAL and does nothing).
+int qdirty_txn_merge_bitmap(qdirty_txn *txn,
+                            qdirty_image *img,
+                            const char *target,
+                            qdirty_image *src_img,
+                            const char *src_name,
+                            qdirty_error **errp);
+
+// Action block-dirty-bitmap-remove: bitmap `name` of `img` is held (busy, not stored) until
+// commit releases it, and its stored copy, if any, is deleted from the image now (as in QEMU,
+// this deletion is not undone by abort, but abort makes the bitmap persistent again, so it is
+// stored again on the next store or close). Refused on busy and readonly bitmaps.
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL argument), -ENOENT (no such bitmap), -EBUSY,
+// -EPERM (readonly bitmap), -EROFS, I/O errors.
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
+// transaction then.
+// Ownership: the bitmap's handle is freed by commit; it stays valid after abort.
+// Thread safety: see `qdirty_txn`; locks `img`.
+//
+// # Safety
+// `txn` is NULL or a transaction not yet freed; `img` is NULL or an open image that stays open
+// until the transaction is finished; `name` is NULL or a NUL-terminated string. `errp` is NULL
+// or points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
+// nothing).
+int qdirty_txn_remove_bitmap(qdirty_txn *txn,
+                             qdirty_image *img,
+                             const char *name,
+                             qdirty_error **errp);
+
+// Makes every prepared action final: backups are dropped, removed bitmaps are released (their
+// handles freed). The transaction is empty afterwards, whatever the result.
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL `txn`), -EIO (an image of the transaction is
+// unusable), errors of the commit.
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Thread safety: see `qdirty_txn`; locks every image of the transaction, in address order.
+//
+// # Safety
+// `txn` is NULL or a transaction not yet freed, whose images are still open. `errp` is NULL or
+// points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
+// nothing).
+int qdirty_txn_commit(qdirty_txn *txn, qdirty_error **errp);
+
+// Undoes every prepared action, in reverse order, exactly (see `qdirty_txn`); added bitmaps
+// are released (their handles freed). The transaction is empty afterwards, whatever the
+// result.
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL `txn`), -EIO (an image of the transaction is
+// unusable), errors of the undo.
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Thread safety: see `qdirty_txn`; locks every image of the transaction, in address order.
+//
+// # Safety
+// `txn` is NULL or a transaction not yet freed, whose images are still open. `errp` is NULL or
+// points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
+// nothing).
+int qdirty_txn_abort(qdirty_txn *txn, qdirty_error **errp);
+
+// Frees a transaction. Actions still prepared (neither committed nor aborted) are aborted
+// first, errors ignored. NULL is a no-op.
+//
+// Ownership: takes `txn`; it is invalid afterwards.
+// Thread safety: see `qdirty_txn`; no other thread may use `txn` during or after the call.
+//
+// # Safety
+// `txn` is NULL or a transaction not yet freed, whose images are still open.
+void qdirty_txn_free(qdirty_txn *txn);
 
 // Opens a qcow2 image whose file the host (a hypervisor with its own qcow2 driver) owns, and
 // loads its bitmaps, doing all I/O through the host's callbacks in `ops`; with

@@ -99,6 +99,8 @@ fn c_tests() {
         .arg(&exe)
         .arg(format!("-L{}", libdir.display()))
         .arg("-lqdirty")
+        // c-tests/test_threads.c
+        .arg("-pthread")
         .arg(format!("-Wl,-rpath,{}", libdir.display()))
         // DT_RPATH, not DT_RUNPATH: cargo's LD_LIBRARY_PATH may list target/<profile>, where an
         // older libqdirty.so from `cargo build` can sit, and would win over a RUNPATH.

@@ -17,7 +17,18 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-from ctypes import CFUNCTYPE, POINTER, c_bool, c_char_p, c_int, c_int64, c_uint32, c_uint64, c_void_p
+from ctypes import (
+    CFUNCTYPE,
+    POINTER,
+    c_bool,
+    c_char_p,
+    c_int,
+    c_int64,
+    c_size_t,
+    c_uint32,
+    c_uint64,
+    c_void_p,
+)
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -34,10 +45,41 @@ class _Error(ctypes.Structure):
     """Opaque ``qdirty_error``."""
 
 
+class _Iter(ctypes.Structure):
+    """Opaque ``qdirty_iter``."""
+
+
+class _Backup(ctypes.Structure):
+    """Opaque ``qdirty_backup``."""
+
+
+class _Txn(ctypes.Structure):
+    """Opaque ``qdirty_txn``."""
+
+
+class BitmapInfo(ctypes.Structure):
+    """``qdirty_bitmap_info``: one bitmap of ``qdirty_image_query_bitmaps``."""
+
+    _fields_ = [
+        ("name", c_char_p),
+        ("count", c_uint64),
+        ("granularity", c_uint32),
+        ("recording", c_bool),
+        ("busy", c_bool),
+        ("persistent", c_bool),
+        ("inconsistent", c_bool),
+    ]
+
+
 ImageP = POINTER(_Image)
 BitmapP = POINTER(_Bitmap)
 ErrorP = POINTER(_Error)
 ErrorPP = POINTER(ErrorP)
+IterP = POINTER(_Iter)
+BackupP = POINTER(_Backup)
+BackupPP = POINTER(BackupP)
+TxnP = POINTER(_Txn)
+BitmapInfoP = POINTER(BitmapInfo)
 
 #: ``typedef void (*qdirty_warning_fn)(const char *message, void *opaque);``
 WARNING_FN = CFUNCTYPE(None, c_char_p, c_void_p)
@@ -69,6 +111,8 @@ PROTOTYPES: Dict[str, Tuple[object, List[object]]] = {
     "qdirty_image_remove_bitmap": (c_int, [ImageP, c_char_p, ErrorPP]),
     "qdirty_image_merge_bitmap": (c_int, [ImageP, c_char_p, ImageP, c_char_p, ErrorPP]),
     "qdirty_image_set_dirty": (None, [ImageP, c_uint64, c_uint64]),
+    # embedding: ops is a ``const qdirty_io_ops *`` (declared as an untyped pointer here)
+    "qdirty_image_open_with_io": (ImageP, [c_void_p, c_void_p, c_char_p, c_uint32, ErrorPP]),
     # bitmaps
     "qdirty_bitmap_next": (BitmapP, [BitmapP]),
     "qdirty_bitmap_name": (c_char_p, [BitmapP]),
@@ -92,6 +136,73 @@ PROTOTYPES: Dict[str, Tuple[object, List[object]]] = {
         [BitmapP, c_uint64, c_uint64, c_uint64, POINTER(c_uint64), POINTER(c_uint64)],
     ),
     "qdirty_bitmap_sha256": (OwnedString, [BitmapP, ErrorPP]),
+    # state and check
+    "qdirty_bitmap_check": (c_int, [BitmapP, c_uint32, ErrorPP]),
+    "qdirty_bitmap_busy": (c_bool, [BitmapP]),
+    "qdirty_bitmap_set_busy": (c_int, [BitmapP, c_bool, ErrorPP]),
+    "qdirty_bitmap_set_readonly": (c_int, [BitmapP, c_bool, ErrorPP]),
+    "qdirty_bitmap_set_persistence": (c_int, [BitmapP, c_bool, ErrorPP]),
+    "qdirty_bitmap_skip_store": (c_bool, [BitmapP]),
+    "qdirty_bitmap_set_skip_store": (c_int, [BitmapP, c_bool, ErrorPP]),
+    "qdirty_bitmap_set_inconsistent": (c_int, [BitmapP, ErrorPP]),
+    "qdirty_bitmap_recording": (c_bool, [BitmapP]),
+    "qdirty_bitmap_has_successor": (c_bool, [BitmapP]),
+    # create/release, successors
+    "qdirty_image_create_bitmap": (BitmapP, [ImageP, c_char_p, c_uint32, ErrorPP]),
+    "qdirty_bitmap_release": (c_int, [BitmapP, ErrorPP]),
+    "qdirty_bitmap_create_successor": (BitmapP, [BitmapP, ErrorPP]),
+    "qdirty_bitmap_abdicate": (BitmapP, [BitmapP, ErrorPP]),
+    "qdirty_bitmap_reclaim": (BitmapP, [BitmapP, ErrorPP]),
+    "qdirty_bitmap_enable_successor": (c_int, [BitmapP, ErrorPP]),
+    # backups and merge
+    "qdirty_bitmap_clear_with_backup": (c_int, [BitmapP, BackupPP, ErrorPP]),
+    "qdirty_bitmap_restore": (c_int, [BitmapP, BackupP, ErrorPP]),
+    "qdirty_backup_free": (None, [BackupP]),
+    "qdirty_bitmap_merge": (c_int, [BitmapP, BitmapP, BackupPP, ErrorPP]),
+    # iterators and status
+    "qdirty_bitmap_iter_new": (IterP, [BitmapP, ErrorPP]),
+    "qdirty_iter_next": (c_int64, [IterP]),
+    "qdirty_iter_seek": (c_int, [IterP, c_uint64, ErrorPP]),
+    "qdirty_iter_free": (None, [IterP]),
+    "qdirty_bitmap_status": (c_int, [BitmapP, c_uint64, c_uint64, POINTER(c_uint64), ErrorPP]),
+    # serialization
+    "qdirty_bitmap_serialization_align": (c_uint64, [BitmapP]),
+    "qdirty_bitmap_serialization_size": (c_int64, [BitmapP, c_uint64, c_uint64, ErrorPP]),
+    "qdirty_bitmap_serialize_part": (
+        c_int,
+        [BitmapP, c_void_p, c_size_t, c_uint64, c_uint64, ErrorPP],
+    ),
+    "qdirty_bitmap_deserialize_part": (
+        c_int,
+        [BitmapP, c_void_p, c_size_t, c_uint64, c_uint64, c_bool, ErrorPP],
+    ),
+    "qdirty_bitmap_deserialize_zeroes": (c_int, [BitmapP, c_uint64, c_uint64, c_bool, ErrorPP]),
+    "qdirty_bitmap_deserialize_ones": (c_int, [BitmapP, c_uint64, c_uint64, c_bool, ErrorPP]),
+    "qdirty_bitmap_deserialize_finish": (c_int, [BitmapP, ErrorPP]),
+    # query
+    "qdirty_image_query_bitmaps": (
+        c_int,
+        [ImageP, POINTER(BitmapInfoP), POINTER(c_size_t), ErrorPP],
+    ),
+    "qdirty_bitmap_info_free": (None, [BitmapInfoP, c_size_t]),
+    # standalone images, reopen, truncate
+    "qdirty_image_new_memory": (ImageP, [c_uint64, ErrorPP]),
+    "qdirty_image_truncate": (c_int, [ImageP, c_uint64, ErrorPP]),
+    "qdirty_image_reopen": (c_int, [ImageP, c_uint32, ErrorPP]),
+    "qdirty_image_default_granularity": (c_uint32, [ImageP]),
+    "qdirty_image_has_readonly_bitmaps": (c_bool, [ImageP]),
+    "qdirty_image_remove_stored_bitmap": (c_int, [ImageP, c_char_p, ErrorPP]),
+    # transactions
+    "qdirty_txn_new": (TxnP, []),
+    "qdirty_txn_add_bitmap": (BitmapP, [TxnP, ImageP, c_char_p, c_uint32, c_uint32, ErrorPP]),
+    "qdirty_txn_clear_bitmap": (c_int, [TxnP, ImageP, c_char_p, ErrorPP]),
+    "qdirty_txn_enable_bitmap": (c_int, [TxnP, ImageP, c_char_p, ErrorPP]),
+    "qdirty_txn_disable_bitmap": (c_int, [TxnP, ImageP, c_char_p, ErrorPP]),
+    "qdirty_txn_merge_bitmap": (c_int, [TxnP, ImageP, c_char_p, ImageP, c_char_p, ErrorPP]),
+    "qdirty_txn_remove_bitmap": (c_int, [TxnP, ImageP, c_char_p, ErrorPP]),
+    "qdirty_txn_commit": (c_int, [TxnP, ErrorPP]),
+    "qdirty_txn_abort": (c_int, [TxnP, ErrorPP]),
+    "qdirty_txn_free": (None, [TxnP]),
 }
 
 # Flags, as in include/qdirty.h.
@@ -99,6 +210,11 @@ QDIRTY_OPEN_RDWR = 1
 QDIRTY_BITMAP_PERSISTENT = 1
 QDIRTY_BITMAP_DISABLED = 2
 QDIRTY_BITMAP_AUTOLOAD = 4
+QDIRTY_CHECK_BUSY = 1
+QDIRTY_CHECK_RO = 2
+QDIRTY_CHECK_INCONSISTENT = 4
+QDIRTY_CHECK_DEFAULT = 7
+QDIRTY_CHECK_ALLOW_RO = 5
 
 
 def _candidates() -> List[Path]:

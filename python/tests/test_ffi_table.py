@@ -57,7 +57,8 @@ class PrototypeTableTest(unittest.TestCase):
                 if "*" in ret:
                     self.assertIn(
                         restype,
-                        (ctypes.c_char_p, ctypes.c_void_p, _ffi.ImageP, _ffi.BitmapP),
+                        (ctypes.c_char_p, ctypes.c_void_p, _ffi.ImageP, _ffi.BitmapP, _ffi.IterP,
+                         _ffi.TxnP),
                         "a pointer return must not be declared as an integer",
                     )
                 elif ret == "void":
@@ -80,6 +81,21 @@ class PrototypeTableTest(unittest.TestCase):
             fn = getattr(_ffi.lib, name)
             self.assertIs(fn.restype, restype)
             self.assertEqual(list(fn.argtypes), list(argtypes))
+
+    def test_check_flags_match_header(self):
+        text = read_header()
+        for flag in ("QDIRTY_CHECK_BUSY", "QDIRTY_CHECK_RO", "QDIRTY_CHECK_INCONSISTENT",
+                     "QDIRTY_CHECK_DEFAULT", "QDIRTY_CHECK_ALLOW_RO"):
+            m = re.search(rf"#define {flag} (\d+)u", text)
+            self.assertIsNotNone(m, flag)
+            self.assertEqual(getattr(_ffi, flag), int(m.group(1)))
+
+    def test_bitmap_info_layout_matches_header(self):
+        text = read_header()
+        m = re.search(r"typedef struct (?:qdirty_bitmap_info )?\{([^{}]*)\} qdirty_bitmap_info;", text, re.S)
+        self.assertIsNotNone(m)
+        fields = re.findall(r"^\s*([\w ]+?\**)\s*(\w+);", re.sub(r"//.*", "", m.group(1)), re.M)
+        self.assertEqual([n for _, n in fields], [n for n, _ in _ffi.BitmapInfo._fields_])
 
     def test_flags_match_header(self):
         text = read_header()

@@ -52,8 +52,9 @@ pub unsafe extern "C" fn qdirty_bitmap_next(bm: *mut qdirty_bitmap) -> *mut qdir
 
 /// The bitmap's name (truncated at its first NUL byte, which only a foreign image can contain).
 ///
-/// Returns: the name, valid as long as the bitmap handle; NULL if `bm` is NULL or the bitmap no
-/// longer exists.
+/// Returns: the name, valid as long as the bitmap handle; NULL for an anonymous bitmap (see
+/// `qdirty_image_create_bitmap`, `qdirty_bitmap_create_successor`), or if `bm` is NULL or the
+/// bitmap no longer exists.
 /// Ownership: borrowed from the bitmap; do not free it.
 /// Thread safety: may be called from any thread.
 ///
@@ -63,7 +64,10 @@ pub unsafe extern "C" fn qdirty_bitmap_next(bm: *mut qdirty_bitmap) -> *mut qdir
 pub unsafe extern "C" fn qdirty_bitmap_name(bm: *const qdirty_bitmap) -> *const c_char {
     ffi_call!({
         // SAFETY: see the function's Safety section.
-        unsafe { with_bitmap(bm, |_, h| Ok(h.name.as_ptr())) }.unwrap_or(std::ptr::null())
+        unsafe { with_bitmap(bm, |_, h| Ok(h.name.get().map(|n| n.as_ptr()))) }
+            .ok()
+            .flatten()
+            .unwrap_or(std::ptr::null())
     })
 }
 

@@ -12,6 +12,10 @@
 //!      [`FfiReturn::failure`] (`-errno` or `NULL`),
 //!   4. on a panic stores `"internal error (panic): MESSAGE"` (errno `EIO`) and returns the
 //!      failure value.
+//! - `ffi_call!(errp = errp, value = { ... })` for fallible functions whose C return value is
+//!   the result itself (`qdirty_bitmap_status`: 1 or 0, `qdirty_bitmap_serialization_size`: a
+//!   size): the body returns `Result<T, FfiError>` with `T` the C return type; failures return
+//!   `-errno`, as above.
 //! - `ffi_call!({ ... })` for infallible-looking functions without `errp` (getters, free
 //!   functions). The body returns the value itself; a panic returns [`OnPanic::on_panic`], the
 //!   same safe default the function documents for NULL arguments.
@@ -105,6 +109,36 @@ impl<T> FfiReturn for *mut T {
     }
 }
 
+/// A C return value that is itself the result on success (`1`/`0`, a size) and `-errno` on
+/// failure: the functions using `ffi_call!(errp = errp, value = { ... })`.
+pub(crate) trait FfiValue: Sized {
+    /// The C return value for a failure with the given positive errno.
+    fn failure(errno: c_int) -> Self;
+}
+impl FfiValue for c_int {
+    fn failure(errno: c_int) -> Self {
+        -errno
+    }
+}
+impl FfiValue for i64 {
+    fn failure(errno: c_int) -> Self {
+        -i64::from(errno)
+    }
+}
+
+/// The [`FfiReturn`] of a [`FfiValue`]: the body's value on success, `-errno` on failure.
+pub(crate) struct Value<T>(pub(crate) T);
+
+impl<T: FfiValue> FfiReturn for Value<T> {
+    type Ok = T;
+    fn success(v: T) -> Self {
+        Value(v)
+    }
+    fn failure(errno: c_int) -> Self {
+        Value(T::failure(errno))
+    }
+}
+
 /// Whether the caller passed an `errp` whose `*errp` is already set.
 ///
 /// # Safety
@@ -161,6 +195,22 @@ pub(crate) fn discard_panic(payload: Box<dyn Any + Send>) {
 
 /// Wraps the body of every exported function: see the module docs.
 macro_rules! ffi_call {
+    (errp = $errp:expr, value = $body:block) => {{
+        let __errp: *mut *mut $crate::ffi::error::qdirty_error = $errp;
+        let __outcome = ::std::panic::catch_unwind(::std::panic::AssertUnwindSafe(|| {
+            // SAFETY: errp is NULL or valid (documented precondition of every function).
+            if unsafe { $crate::ffi::boundary::errp_in_use(__errp) } {
+                return None;
+            }
+            let __body = || -> ::std::result::Result<_, $crate::ffi::error::FfiError> { $body };
+            Some(__body())
+        }));
+        // SAFETY: as above.
+        unsafe {
+            $crate::ffi::boundary::finish::<$crate::ffi::boundary::Value<_>>(__errp, __outcome)
+        }
+        .0
+    }};
     (errp = $errp:expr, $body:block) => {{
         let __errp: *mut *mut $crate::ffi::error::qdirty_error = $errp;
         let __outcome = ::std::panic::catch_unwind(::std::panic::AssertUnwindSafe(|| {

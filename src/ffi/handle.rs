@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::ptr::NonNull;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use super::error::{cstring_lossy, FfiError};
 use crate::bitmap::DirtyBitmap;
@@ -23,7 +23,9 @@ use crate::image::{BitmapId, Image};
 /// Ownership: owned by the caller from `qdirty_image_open` until `qdirty_image_close`, which
 /// always frees it. It owns its `qdirty_bitmap` handles.
 /// Thread safety: may be used from several threads; calls on one image are serialized by an
-/// internal lock. A panic inside qdirty (a bug) makes the image unusable: later calls fail with
+/// internal lock held for the whole call. `qdirty_image_set_dirty` (the guest write hook) may
+/// run from I/O threads concurrently with every management call. Calls touching two images
+/// lock them in address order. Closing must not race with any other use. A panic inside qdirty (a bug) makes the image unusable: later calls fail with
 /// "image is unusable after an internal error", and close abandons it without storing.
 /// Methods: qdirty_image_open, qdirty_image_close, qdirty_image_size, qdirty_image_read_only,
 /// qdirty_image_store_bitmaps, qdirty_image_first_bitmap, qdirty_image_find_bitmap,
@@ -39,7 +41,9 @@ pub struct qdirty_image {
 /// Ownership: borrowed from its image; never freed by the caller. Valid until the bitmap is
 /// removed with `qdirty_image_remove_bitmap` or the image is closed. Finding the same bitmap
 /// twice returns the same pointer.
-/// Thread safety: as its image (calls are serialized by the image's lock).
+/// Thread safety: as its image (calls are serialized by the image's lock). Functions that free
+/// a bitmap handle (`qdirty_bitmap_release`, `qdirty_bitmap_abdicate`, ...) must not race with
+/// other uses of that handle.
 /// Methods: qdirty_bitmap_next, qdirty_bitmap_name, qdirty_bitmap_granularity,
 /// qdirty_bitmap_size, qdirty_bitmap_enabled, qdirty_bitmap_persistent,
 /// qdirty_bitmap_inconsistent, qdirty_bitmap_readonly, qdirty_bitmap_enable,
@@ -99,8 +103,9 @@ pub(crate) struct BitmapHandle {
     magic: u64,
     image: *const ImageHandle,
     pub(crate) id: BitmapId,
-    /// The name, truncated at its first NUL byte.
-    pub(crate) name: CString,
+    /// The name, truncated at its first NUL byte; unset while the bitmap is anonymous (a
+    /// successor gets its parent's name when the parent abdicates).
+    pub(crate) name: OnceLock<CString>,
 }
 
 impl ImageHandle {
@@ -187,17 +192,32 @@ impl ImageState {
         let Some(bm) = self.image.bitmap(id) else {
             return std::ptr::null_mut();
         };
-        let name = bm.name().unwrap_or_default();
-        let name = name.split(|&b| b == 0).next().unwrap_or_default();
+        let name = OnceLock::new();
+        if let Some(n) = bm.name() {
+            let _ = name.set(c_name(n));
+        }
         let h = Box::new(BitmapHandle {
             magic: BITMAP_MAGIC,
             image: owner,
             id,
-            name: cstring_lossy(name),
+            name,
         });
         let p = NonNull::from(Box::leak(h));
         self.handles.0.insert(id, p);
         p.as_ptr().cast()
+    }
+
+    /// Gives the handle of `id` (if one was handed out) the bitmap's name when it has none yet
+    /// (a successor that took its parent's name by abdication).
+    pub(crate) fn refresh_name(&mut self, id: BitmapId) {
+        let Some(p) = self.handles.0.get(&id) else {
+            return;
+        };
+        // SAFETY: handles in the map are live (freed only after leaving the map).
+        let h = unsafe { p.as_ref() };
+        if let Some(n) = self.image.bitmap(id).and_then(|b| b.name()) {
+            let _ = h.name.set(c_name(n));
+        }
     }
 
     /// Frees the handles of bitmaps that no longer exist (after a removal).
@@ -249,12 +269,54 @@ impl BitmapHandle {
     pub(crate) fn gone(&self) -> FfiError {
         FfiError::new(
             libc::ENOENT,
-            format!(
-                "Bitmap '{}' no longer exists in its image",
-                self.name.to_string_lossy()
-            ),
+            match self.name.get() {
+                Some(n) => format!(
+                    "Bitmap '{}' no longer exists in its image",
+                    n.to_string_lossy()
+                ),
+                None => "The anonymous bitmap no longer exists in its image".to_owned(),
+            },
         )
     }
+}
+
+/// A bitmap name as C sees it: up to its first NUL byte.
+fn c_name(name: &[u8]) -> CString {
+    cstring_lossy(name.split(|&b| b == 0).next().unwrap_or_default())
+}
+
+/// Runs `f` with the bitmap's image locked, after checking that the bitmap still exists. `f`
+/// gets the locked state, the image handle and the bitmap's id.
+///
+/// # Safety
+/// `bm` is NULL or a bitmap pointer still owned by an open image.
+pub(crate) unsafe fn with_state<R>(
+    bm: *const super::qdirty_bitmap,
+    f: impl FnOnce(&mut ImageState, &ImageHandle, BitmapId) -> Result<R, FfiError>,
+) -> Result<R, FfiError> {
+    // SAFETY: caller's contract.
+    let h = unsafe { BitmapHandle::from_ptr(bm) }?;
+    let (id, image) = (h.id, h.image()?);
+    let mut state = image.lock()?;
+    if state.image.bitmap(id).is_none() {
+        return Err(h.gone());
+    }
+    f(&mut state, image, id)
+}
+
+/// Locks the given images, each once, in address order (so that calls locking several images
+/// cannot deadlock each other). The guards come back in address order.
+pub(crate) fn lock_all<'a>(
+    images: &[&'a ImageHandle],
+) -> Result<Vec<(&'a ImageHandle, MutexGuard<'a, ImageState>)>, FfiError> {
+    let mut sorted: Vec<&'a ImageHandle> = images.to_vec();
+    sorted.sort_by_key(|h| *h as *const ImageHandle as usize);
+    sorted.dedup_by(|a, b| a.same(b));
+    let mut out = Vec::with_capacity(sorted.len());
+    for h in sorted {
+        out.push((h, h.lock()?));
+    }
+    Ok(out)
 }
 
 /// Runs `f` with the image locked and the bitmap looked up.

@@ -39,7 +39,7 @@ unsafe fn arg_path<'a>(s: *const c_char) -> Result<&'a Path, FfiError> {
 }
 
 /// Rejects flag bits outside `known`.
-fn check_flags(flags: u32, known: u32, what: &str) -> Result<(), FfiError> {
+pub(crate) fn check_flags(flags: u32, known: u32, what: &str) -> Result<(), FfiError> {
     if flags & !known != 0 {
         return Err(FfiError::invalid(format!(
             "{what}: unknown flags {:#x} (known flags: {known:#x})",

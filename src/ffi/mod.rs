@@ -11,7 +11,12 @@
 //! | C type | ownership | created by | destroyed by |
 //! |---|---|---|---|
 //! | `qdirty_image` | owned by the caller | `qdirty_image_open` | `qdirty_image_close` (always frees) |
-//! | `qdirty_bitmap` | borrowed from its image | `_first_bitmap`, `_next`, `_find_bitmap`, `_add_bitmap` | `qdirty_image_remove_bitmap` or closing the image |
+//! | `qdirty_image` (standalone) | owned by the caller | `qdirty_image_new_memory` | `qdirty_image_close` |
+//! | `qdirty_bitmap` | borrowed from its image | `_first_bitmap`, `_next`, `_find_bitmap`, `_add_bitmap`, `_create_bitmap`, `_create_successor`, `_abdicate`, `qdirty_txn_add_bitmap` | `qdirty_image_remove_bitmap`, `qdirty_bitmap_release`, `_abdicate` (the parent), `_reclaim` (the successor), commit of a txn remove, abort of a txn add, or closing the image |
+//! | `qdirty_backup` | owned by the caller | `qdirty_bitmap_clear_with_backup`, `qdirty_bitmap_merge` | `qdirty_backup_free` (NULL ok) |
+//! | `qdirty_iter` | owned by the caller; its image must outlive it | `qdirty_bitmap_iter_new` | `qdirty_iter_free` (NULL ok) |
+//! | `qdirty_bitmap_info[]` | owned by the caller | `qdirty_image_query_bitmaps` | `qdirty_bitmap_info_free` (NULL ok) |
+//! | `qdirty_txn` | owned by the caller; its images must outlive it | `qdirty_txn_new` | `qdirty_txn_free` (NULL ok; aborts prepared actions) |
 //! | `qdirty_error` | owned by the caller | any failing call with `errp` | `qdirty_error_free` (NULL ok) |
 //! | `char *` from `qdirty_bitmap_sha256` | owned by the caller | | `qdirty_string_free` (NULL ok) |
 //!
@@ -36,6 +41,29 @@
 //!   half-updated state.
 //! - Images and bitmaps may be used from several threads: calls on one image (and on its
 //!   bitmaps) are serialized by an internal lock. Errors are plain immutable objects.
+//!
+//! # Thread-safety contract
+//!
+//! - Every call that takes an image, a bitmap, an iterator or a transaction locks the image(s)
+//!   concerned for its whole duration; each call is atomic with respect to the others on the
+//!   same image. No call holds a lock when it returns.
+//! - The write hook `qdirty_image_set_dirty` may run from any number of I/O threads
+//!   concurrently with management calls (add, remove, merge, query, iterate, successors,
+//!   transactions, store) on the same image: every write it marks is in every bitmap that was
+//!   enabled when the call ran.
+//! - Calls that touch two or more images (`qdirty_image_merge_bitmap`, `qdirty_bitmap_merge`,
+//!   `qdirty_txn_merge_bitmap`, `qdirty_txn_commit`, `qdirty_txn_abort`, `qdirty_txn_free`)
+//!   lock them in address order, each once, so they never deadlock each other.
+//! - `qdirty_iter` and `qdirty_txn` are not thread-safe objects: one thread at a time may use a
+//!   given iterator or transaction (the caller serializes), although each of their calls
+//!   locks the image as above. Likewise a `qdirty_backup` and a `qdirty_bitmap_info` array.
+//! - Freeing a handle (`qdirty_image_close`, `qdirty_bitmap_release`, `_abdicate`'s parent,
+//!   `_reclaim`'s successor, `qdirty_iter_free`, `qdirty_txn_free`, ...) must not race with
+//!   any other use of that handle: the caller serializes destruction against use.
+//! - Check-then-act sequences across calls (e.g. `qdirty_bitmap_check`, then an operation) are
+//!   not atomic: another thread may change the state in between.
+//! - The warning handler may be called from any thread that calls into qdirty, with an image
+//!   lock held: it must not call qdirty.
 //! - Warnings that are not errors (QEMU's `warn_report`) go to the handler installed with
 //!   `qdirty_set_warning_handler`, or to stderr.
 //!
@@ -58,6 +86,22 @@ mod handle;
 mod image;
 // qdirty_bitmap_*.
 mod bitmap;
+// The mirror of QEMU's dirty-bitmap API: state flags and check.
+mod state;
+// Low-level create/release and successors.
+mod successor;
+// Clear/merge with a backup, restore, merge of any two bitmaps.
+mod backup;
+// Iterators and status.
+mod iter;
+// Serialization for migration streams.
+mod serialize;
+// Query snapshot.
+mod query;
+// Standalone images, reopen, truncate, default granularity.
+mod image_ops;
+// Transactions.
+mod txn;
 // The embedding interface: qdirty_io_ops, qdirty_image_open_with_io.
 mod io;
 // The ABI version (the soname's number).
@@ -100,6 +144,49 @@ pub use bitmap::{
     qdirty_bitmap_next_dirty_area, qdirty_bitmap_next_zero, qdirty_bitmap_persistent,
     qdirty_bitmap_readonly, qdirty_bitmap_reset_dirty, qdirty_bitmap_set_dirty,
     qdirty_bitmap_sha256, qdirty_bitmap_size,
+};
+
+pub use state::{
+    qdirty_bitmap_busy, qdirty_bitmap_check, qdirty_bitmap_has_successor, qdirty_bitmap_recording,
+    qdirty_bitmap_set_busy, qdirty_bitmap_set_inconsistent, qdirty_bitmap_set_persistence,
+    qdirty_bitmap_set_readonly, qdirty_bitmap_set_skip_store, qdirty_bitmap_skip_store,
+    QDIRTY_CHECK_ALLOW_RO, QDIRTY_CHECK_BUSY, QDIRTY_CHECK_DEFAULT, QDIRTY_CHECK_INCONSISTENT,
+    QDIRTY_CHECK_RO,
+};
+
+pub use successor::{
+    qdirty_bitmap_abdicate, qdirty_bitmap_create_successor, qdirty_bitmap_enable_successor,
+    qdirty_bitmap_reclaim, qdirty_bitmap_release, qdirty_image_create_bitmap,
+};
+
+pub use backup::{
+    qdirty_backup, qdirty_backup_free, qdirty_bitmap_clear_with_backup, qdirty_bitmap_merge,
+    qdirty_bitmap_restore,
+};
+
+pub use iter::{
+    qdirty_bitmap_iter_new, qdirty_bitmap_status, qdirty_iter, qdirty_iter_free, qdirty_iter_next,
+    qdirty_iter_seek,
+};
+
+pub use serialize::{
+    qdirty_bitmap_deserialize_finish, qdirty_bitmap_deserialize_ones,
+    qdirty_bitmap_deserialize_part, qdirty_bitmap_deserialize_zeroes,
+    qdirty_bitmap_serialization_align, qdirty_bitmap_serialization_size,
+    qdirty_bitmap_serialize_part,
+};
+
+pub use query::{qdirty_bitmap_info, qdirty_bitmap_info_free, qdirty_image_query_bitmaps};
+
+pub use image_ops::{
+    qdirty_image_default_granularity, qdirty_image_has_readonly_bitmaps, qdirty_image_new_memory,
+    qdirty_image_remove_stored_bitmap, qdirty_image_reopen, qdirty_image_truncate,
+};
+
+pub use txn::{
+    qdirty_txn, qdirty_txn_abort, qdirty_txn_add_bitmap, qdirty_txn_clear_bitmap,
+    qdirty_txn_commit, qdirty_txn_disable_bitmap, qdirty_txn_enable_bitmap, qdirty_txn_free,
+    qdirty_txn_merge_bitmap, qdirty_txn_new, qdirty_txn_remove_bitmap,
 };
 
 pub use io::{qdirty_image_open_with_io, qdirty_io_ops};
