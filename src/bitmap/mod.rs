@@ -556,6 +556,14 @@ impl DirtyBitmap {
     /// Puts back the bits saved by clear_with_backup or merge_with_backup (QEMU:
     /// bdrv_restore_dirty_bitmap). Refused on readonly bitmaps and for a backup of another shape.
     pub fn restore(&mut self, backup: Backup) -> Result<()> {
+        self.check_restore(&backup)?;
+        self.bits = backup.0;
+        Ok(())
+    }
+
+    /// Whether [`DirtyBitmap::restore`] would accept `backup` (writable bitmap, same size and
+    /// granularity).
+    pub fn check_restore(&self, backup: &Backup) -> Result<()> {
         self.check(CHECK_RO)?;
         if backup.0.size() != self.bits.size()
             || backup.0.granularity_bits() != self.bits.granularity_bits()
@@ -565,7 +573,6 @@ impl DirtyBitmap {
                 self.display_name()
             )));
         }
-        self.bits = backup.0;
         Ok(())
     }
 

@@ -113,24 +113,19 @@ pub unsafe extern "C" fn qdirty_bitmap_restore(
     ffi_call!(errp = errp, {
         // SAFETY: see the function's Safety section.
         let obj = unsafe { backup_mut(backup) }?;
-        let Some(bits) = obj.bits.take() else {
+        if obj.bits.is_none() {
             return Err(FfiError::invalid(
                 "the backup is empty (it was already restored)",
             ));
-        };
-        let mut keep = None;
-        // SAFETY: see the function's Safety section.
-        let r = unsafe {
-            with_bitmap_mut(bm, |b| {
-                // Keep a copy to give back to the backup when the restore is refused.
-                keep = Some(bits.clone());
-                b.restore(bits)
-            })
-        };
-        if r.is_err() {
-            obj.bits = keep;
         }
-        r
+        // SAFETY: see the function's Safety section.
+        unsafe {
+            with_bitmap_mut(bm, |b| {
+                // Checked first, so that a refused restore leaves the backup as it was.
+                b.check_restore(obj.bits.as_ref().expect("checked above"))?;
+                b.restore(obj.bits.take().expect("checked above"))
+            })
+        }
     })
 }
 
