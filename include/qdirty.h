@@ -31,6 +31,12 @@
 // read-only and nothing is ever written to it.
 #define QDIRTY_OPEN_RDWR 1u
 
+// `qdirty_image_open` flag: QEMU's force-share (`qemu-img -U`): a read-only open that takes no
+// image locks, to look at an image another process (QEMU) is using. Not allowed with
+// QDIRTY_OPEN_RDWR. Without it, qdirty takes the same OFD locks as QEMU and the open fails
+// with -EAGAIN while QEMU uses the image in a conflicting way.
+#define QDIRTY_OPEN_FORCE_SHARE 2u
+
 // `qdirty_image_add_bitmap` flag: the bitmap is persistent (stored in the image on close).
 #define QDIRTY_BITMAP_PERSISTENT 1u
 
@@ -337,11 +343,14 @@ int qdirty_image_create(const char *path,
 // `flags`: 0 opens read-only (nothing is ever written); QDIRTY_OPEN_RDWR opens read-write,
 // which marks every loaded bitmap in_use in the file before this function returns, and stores
 // them on `qdirty_image_close`. Bitmaps stored with the `auto` flag load enabled, the others
-// disabled; bitmaps found in_use load as inconsistent.
+// disabled; bitmaps found in_use load as inconsistent. The image is locked like QEMU locks it
+// (shared OFD locks on bytes 100-103/200-203 and conflict probes) unless
+// QDIRTY_OPEN_FORCE_SHARE is given (read-only opens only).
 //
-// Returns: the image, or NULL on failure: unknown flag bits or a NULL path (EINVAL), a file
-// that is not a usable qcow2 image (EINVAL, ENOTSUP), an image that needs repair before it can
-// be written (EACCES, with a hint naming `qemu-img check -r all`), I/O errors.
+// Returns: the image, or NULL on failure: unknown flag bits, RDWR with FORCE_SHARE or a NULL
+// path (EINVAL), the image is in use by another process such as QEMU (EAGAIN), a file that is
+// not a usable qcow2 image (EINVAL, ENOTSUP), an image that needs repair before it can be
+// written (EACCES, the message names `qemu-img check -r all`), I/O errors.
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 // Ownership: the caller owns the image and must pass it to `qdirty_image_close`.
 // Thread safety: may be called from any thread.

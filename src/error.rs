@@ -110,6 +110,10 @@ pub enum Error {
     #[error("{0}")]
     TooBig(String),
 
+    /// Another process holds the image (QEMU-compatible image locks).
+    #[error("{0}")]
+    InUse(String),
+
     /// The image has no room left (header cluster full, file cannot grow).
     #[error("{0}")]
     NoSpace(String),
@@ -158,6 +162,7 @@ impl Error {
             Error::CannotStore { errno, .. } => *errno,
             Error::TooBig(_) => libc::EFBIG,
             Error::NoSpace(_) => libc::ENOSPC,
+            Error::InUse(_) => libc::EAGAIN,
         }
     }
 
@@ -176,6 +181,7 @@ impl Error {
             Error::ReadOnlyImage(m) => Error::ReadOnlyImage(format!("{prefix}: {m}")),
             Error::TooBig(m) => Error::TooBig(format!("{prefix}: {m}")),
             Error::NoSpace(m) => Error::NoSpace(format!("{prefix}: {m}")),
+            Error::InUse(m) => Error::InUse(format!("{prefix}: {m}")),
             other => other,
         }
     }

@@ -321,8 +321,10 @@ fn c_qdirty_crash_leaves_in_use_like_qemu() {
     let runs_on = nbd_dirty_extents(&img, "on");
 
     // A session that stores its bitmaps midway (store_bitmaps), then "crashes" (the image is
-    // leaked: no close, no Drop).
-    let mut image = qd_open(&img, true);
+    // leaked: no close, no Drop). A real crash also drops the process's image locks, which a
+    // leaked image in this process would keep: open it without locks.
+    let storage = qdirty::image::storage::FileStorage::open(&img, true).expect("open");
+    let mut image = Image::open_storage(Box::new(storage), "a.qcow2", true).expect("open");
     qd_add(&mut image, "stored", 4096, false);
     image
         .add_bitmap(

@@ -9,7 +9,8 @@ use super::boundary::ffi_call;
 use super::error::{qdirty_error, FfiError};
 use super::handle::{qdirty_bitmap, qdirty_image, ImageHandle};
 use super::{
-    QDIRTY_BITMAP_AUTOLOAD, QDIRTY_BITMAP_DISABLED, QDIRTY_BITMAP_PERSISTENT, QDIRTY_OPEN_RDWR,
+    QDIRTY_BITMAP_AUTOLOAD, QDIRTY_BITMAP_DISABLED, QDIRTY_BITMAP_PERSISTENT,
+    QDIRTY_OPEN_FORCE_SHARE, QDIRTY_OPEN_RDWR,
 };
 use crate::image::{AddOptions, Image};
 
@@ -83,11 +84,14 @@ pub unsafe extern "C" fn qdirty_image_create(
 /// `flags`: 0 opens read-only (nothing is ever written); QDIRTY_OPEN_RDWR opens read-write,
 /// which marks every loaded bitmap in_use in the file before this function returns, and stores
 /// them on `qdirty_image_close`. Bitmaps stored with the `auto` flag load enabled, the others
-/// disabled; bitmaps found in_use load as inconsistent.
+/// disabled; bitmaps found in_use load as inconsistent. The image is locked like QEMU locks it
+/// (shared OFD locks on bytes 100-103/200-203 and conflict probes) unless
+/// QDIRTY_OPEN_FORCE_SHARE is given (read-only opens only).
 ///
-/// Returns: the image, or NULL on failure: unknown flag bits or a NULL path (EINVAL), a file
-/// that is not a usable qcow2 image (EINVAL, ENOTSUP), an image that needs repair before it can
-/// be written (EACCES, with a hint naming `qemu-img check -r all`), I/O errors.
+/// Returns: the image, or NULL on failure: unknown flag bits, RDWR with FORCE_SHARE or a NULL
+/// path (EINVAL), the image is in use by another process such as QEMU (EAGAIN), a file that is
+/// not a usable qcow2 image (EINVAL, ENOTSUP), an image that needs repair before it can be
+/// written (EACCES, the message names `qemu-img check -r all`), I/O errors.
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 /// Ownership: the caller owns the image and must pass it to `qdirty_image_close`.
 /// Thread safety: may be called from any thread.
@@ -102,10 +106,18 @@ pub unsafe extern "C" fn qdirty_image_open(
     errp: *mut *mut qdirty_error,
 ) -> *mut qdirty_image {
     ffi_call!(errp = errp, {
-        check_flags(flags, QDIRTY_OPEN_RDWR, "qdirty_image_open")?;
+        check_flags(
+            flags,
+            QDIRTY_OPEN_RDWR | QDIRTY_OPEN_FORCE_SHARE,
+            "qdirty_image_open",
+        )?;
         // SAFETY: see the function's Safety section.
         let path = unsafe { arg_path(path) }?;
-        let image = Image::open(path, flags & QDIRTY_OPEN_RDWR != 0)?;
+        let image = Image::open_with(
+            path,
+            flags & QDIRTY_OPEN_RDWR != 0,
+            flags & QDIRTY_OPEN_FORCE_SHARE != 0,
+        )?;
         Ok(ImageHandle::into_raw(image))
     })
 }

@@ -104,12 +104,20 @@ mod image_ops;
 mod txn;
 // The embedding interface: qdirty_io_ops, qdirty_image_open_with_io.
 mod io;
+// Not part of the C ABI: safe wrappers of OS calls (OFD locks) for the image layer.
+pub(crate) mod sys;
 // The ABI version (the soname's number).
 mod version;
 
 /// `qdirty_image_open` flag: open the image read-write. Without it the image is opened
 /// read-only and nothing is ever written to it.
 pub const QDIRTY_OPEN_RDWR: u32 = 1u32;
+
+/// `qdirty_image_open` flag: QEMU's force-share (`qemu-img -U`): a read-only open that takes no
+/// image locks, to look at an image another process (QEMU) is using. Not allowed with
+/// QDIRTY_OPEN_RDWR. Without it, qdirty takes the same OFD locks as QEMU and the open fails
+/// with -EAGAIN while QEMU uses the image in a conflicting way.
+pub const QDIRTY_OPEN_FORCE_SHARE: u32 = 2u32;
 
 /// `qdirty_image_add_bitmap` flag: the bitmap is persistent (stored in the image on close).
 pub const QDIRTY_BITMAP_PERSISTENT: u32 = 1u32;

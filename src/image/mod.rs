@@ -9,6 +9,7 @@
 mod alloc;
 mod create;
 mod load;
+pub mod lock;
 mod meta;
 pub mod storage;
 mod store;
@@ -106,12 +107,18 @@ impl Image {
     }
 
     /// Opens an image file; `read_write` opens it for writing and marks loaded bitmaps in_use.
-    /// A v2 image opens read-only whatever is asked.
+    /// A v2 image opens read-only whatever is asked. Takes QEMU's image locks (fails with
+    /// [`Error::InUse`] while QEMU uses the image in a conflicting way).
     pub fn open(path: impl AsRef<Path>, read_write: bool) -> Result<Image> {
+        Self::open_with(path, read_write, false)
+    }
+
+    /// [`Image::open`] with QEMU's force-share option (`qemu-img -U`): a read-only open that
+    /// takes no locks, to look at an image another process is using.
+    pub fn open_with(path: impl AsRef<Path>, read_write: bool, force_share: bool) -> Result<Image> {
         let path = path.as_ref();
         let name = path.display().to_string();
-        let storage = FileStorage::open(path, read_write)
-            .map_err(|e| Error::io(format!("Could not open '{name}'"), e))?;
+        let storage = FileStorage::open_locked(path, read_write, force_share)?;
         Self::open_storage(Box::new(storage), &name, read_write)
     }
 

@@ -56,10 +56,12 @@ pub trait Storage: Send {
 pub struct FileStorage {
     file: File,
     path: Option<PathBuf>,
+    /// The QEMU-compatible locks held through `file`.
+    lock: super::lock::LockMode,
 }
 
 impl FileStorage {
-    /// Opens `path` for reading, and for writing when `write` is set.
+    /// Opens `path` for reading, and for writing when `write` is set, without image locks.
     pub fn open(path: &Path, write: bool) -> io::Result<Self> {
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -68,12 +70,42 @@ impl FileStorage {
         Ok(FileStorage {
             file,
             path: Some(path.to_path_buf()),
+            lock: super::lock::LockMode::None,
         })
+    }
+
+    /// Opens `path` and takes QEMU's image locks (shared lock bytes plus conflict probes; see
+    /// `lock.rs`): read-write when `write`, else read-only; no locks with `force_share`
+    /// (read-only only). Fails with `Error::InUse` while another process (QEMU) holds the image
+    /// in a conflicting way.
+    pub fn open_locked(path: &Path, write: bool, force_share: bool) -> crate::Result<Self> {
+        use super::lock::{acquire, LockMode};
+        let name = path.display().to_string();
+        if write && force_share {
+            return Err(crate::Error::InvalidArgument(
+                "force-share is only possible for read-only opens".into(),
+            ));
+        }
+        let mut st = Self::open(path, write)
+            .map_err(|e| crate::Error::io(format!("Could not open '{name}'"), e))?;
+        let mode = match (write, force_share) {
+            (_, true) => LockMode::None,
+            (true, false) => LockMode::Write,
+            (false, false) => LockMode::Read,
+        };
+        if acquire(&st.file, mode, &name)? {
+            st.lock = mode;
+        }
+        Ok(st)
     }
 
     /// Wraps an open file.
     pub fn from_file(file: File) -> Self {
-        FileStorage { file, path: None }
+        FileStorage {
+            file,
+            path: None,
+            lock: super::lock::LockMode::None,
+        }
     }
 
     /// The underlying file.
@@ -106,11 +138,31 @@ impl Storage for FileStorage {
                 "no path to reopen",
             ));
         };
-        self.file = std::fs::OpenOptions::new()
+        use super::lock::{acquire, release, LockMode};
+        let name = path.display().to_string();
+        let new = std::fs::OpenOptions::new()
             .read(true)
             .write(writable)
             .open(path)?;
-        Ok(())
+        let (old_mode, new_mode) = match self.lock {
+            LockMode::None => (LockMode::None, LockMode::None),
+            _ if writable => (LockMode::Read, LockMode::Write),
+            _ => (LockMode::Write, LockMode::Read),
+        };
+        // Our own old locks would conflict with the new descriptor's probes: drop them first,
+        // and take them back if the new ones cannot be had.
+        release(&self.file, old_mode);
+        match acquire(&new, new_mode, &name) {
+            Ok(_) => {
+                self.file = new;
+                self.lock = new_mode;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = acquire(&self.file, old_mode, &name);
+                Err(io::Error::new(io::ErrorKind::WouldBlock, e.to_string()))
+            }
+        }
     }
 }
 
