@@ -137,10 +137,13 @@ static void test_bad_arguments(const char *dir)
 
     /* Unknown flag bits. */
     CHECK_PTR(qdirty_image_open(path, 0x80, &err), EINVAL, err);
-    CHECK(qdirty_image_open(path, QDIRTY_OPEN_RDWR | 2u, &err) == NULL);
+    CHECK(qdirty_image_open(path, QDIRTY_OPEN_RDWR | 4u, &err) == NULL);
     CHECK(err != NULL && strstr(qdirty_error_message(err), "flag") != NULL);
     qdirty_error_free(err);
     err = NULL;
+    /* Force-share is for read-only opens only. */
+    CHECK_PTR(qdirty_image_open(path, QDIRTY_OPEN_RDWR | QDIRTY_OPEN_FORCE_SHARE, &err), EINVAL,
+              err);
 
     /* Empty path, bad cluster size, missing directory. */
     CHECK_RC(qdirty_image_create("", 1 << 20, 0, &err), EINVAL, err);

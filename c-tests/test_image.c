@@ -365,9 +365,40 @@ static void test_merge_across_images(const char *dir)
     free(pc);
 }
 
+/* Image locks as QEMU takes them: a second opener (another open file description) is refused
+ * with -EAGAIN while the image is open for writing; force-share reads without locks. */
+static void test_locking(const char *dir)
+{
+    qdirty_error *err = NULL;
+    char *path = qt_path(dir, "locked.qcow2");
+    qdirty_image *rw, *peek;
+    qdirty_bitmap *bm;
+
+    CHECK_RC(qdirty_image_create(path, 4 * MiB, 0, &err), 0, err);
+    rw = CHECK_PTR(qdirty_image_open(path, QDIRTY_OPEN_RDWR, &err), 0, err);
+    bm = CHECK_PTR(qdirty_image_add_bitmap(rw, "b", 0, QDIRTY_BITMAP_PERSISTENT, &err), 0, err);
+    CHECK_RC(qdirty_image_store_bitmaps(rw, &err), 0, err);
+    CHECK_PTR(qdirty_image_open(path, QDIRTY_OPEN_RDWR, &err), EAGAIN, err);
+    CHECK_PTR(qdirty_image_open(path, 0, &err), EAGAIN, err);
+    peek = CHECK_PTR(qdirty_image_open(path, QDIRTY_OPEN_FORCE_SHARE, &err), 0, err);
+    if (peek) {
+        qdirty_bitmap *seen = qdirty_image_find_bitmap(peek, "b");
+        CHECK(seen != NULL && qdirty_bitmap_inconsistent(seen));
+        CHECK_RC(qdirty_image_close(peek, &err), 0, err);
+    }
+    (void)bm;
+    CHECK_RC(qdirty_image_close(rw, &err), 0, err);
+    peek = CHECK_PTR(qdirty_image_open(path, 0, &err), 0, err);
+    if (peek) {
+        CHECK_RC(qdirty_image_close(peek, &err), 0, err);
+    }
+    free(path);
+}
+
 void test_image(const char *dir)
 {
     test_lifecycle(dir);
+    test_locking(dir);
     test_read_only(dir);
     test_inconsistent(dir);
     test_merge_across_images(dir);
