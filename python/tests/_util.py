@@ -18,7 +18,14 @@ SHA_EMPTY_WORD = "af5570f5a1810b7af78caf4bc70a660f0df51e42baf91d4de5b2328de0e83d
 SHA_FIRST_GRANULE = "7c9fa136d4413fa6173637e883b6998d32e1d675f88cddff9dcbcf331820f4b8"
 
 
-class TempDirTest(unittest.TestCase):
+class QdirtyTest(unittest.TestCase):
+    """A test with assertQdirtyError."""
+
+    def assertQdirtyError(self, errno_value: int):  # noqa: N802 (unittest style)
+        return _ErrnoContext(self, errno_value)
+
+
+class TempDirTest(QdirtyTest):
     """A test with a fresh temporary directory (under QDIRTY_TEST_TMP when set)."""
 
     def setUp(self) -> None:
@@ -39,9 +46,6 @@ class TempDirTest(unittest.TestCase):
         qdirty.Image.create(p, size, cluster_size)
         return p
 
-    def assertQdirtyError(self, errno_value: int):  # noqa: N802 (unittest style)
-        return _ErrnoContext(self, errno_value)
-
 
 class _ErrnoContext:
     def __init__(self, test: unittest.TestCase, errno_value: int) -> None:
@@ -61,3 +65,37 @@ class _ErrnoContext:
         self.test.assertEqual(exc.errno, self.errno, f"wrong errno for: {exc}")
         self.test.assertTrue(exc.message, "the error has no message")
         return True
+
+
+def require_tool(test: unittest.TestCase, tool: str) -> str:
+    """The path of a QEMU tool; skips the test visibly when it is missing, or fails when
+    QDIRTY_REQUIRE_QEMU=1."""
+    import shutil
+
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("QDIRTY_REQUIRE_QEMU") == "1":
+            raise AssertionError(f"{tool} not found and QDIRTY_REQUIRE_QEMU=1")
+        test.skipTest(f"{tool} not found (set QDIRTY_REQUIRE_QEMU=1 to make this a failure)")
+    return path
+
+
+def qemu_img_check(test: unittest.TestCase, path: str) -> None:
+    """`qemu-img check` must pass (skipped without qemu-img)."""
+    import subprocess
+
+    tool = require_tool(test, "qemu-img")
+    r = subprocess.run([tool, "check", path], capture_output=True, text=True)
+    test.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+
+
+def qemu_img_bitmaps(test: unittest.TestCase, path: str) -> list:
+    """The bitmaps `qemu-img info` reports: [{"name", "granularity", "flags"}]."""
+    import json
+    import subprocess
+
+    tool = require_tool(test, "qemu-img")
+    r = subprocess.run([tool, "info", "--output=json", "-U", path], capture_output=True, text=True)
+    test.assertEqual(r.returncode, 0, r.stderr)
+    info = json.loads(r.stdout)
+    return info.get("format-specific", {}).get("data", {}).get("bitmaps", [])

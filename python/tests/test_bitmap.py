@@ -47,7 +47,7 @@ class BitmapTest(TempDirTest):
         self.assertEqual(bm.next_zero(G), 2 * G)
         bm.set_dirty(16 * G, 3 * G)
         self.assertEqual(list(bm.dirty_extents()), [(G, G), (16 * G, 3 * G)])
-        self.assertEqual(len(list(bm.dirty_extents(max_count=G))), 4)
+        self.assertEqual(len(list(bm.dirty_extents(max_len=G))), 4)
         self.assertIsNone(bm.next_dirty_area(2 * G, 16 * G))
         self.assertEqual(bm.next_dirty_area(2 * G, 17 * G), (16 * G, G))
         self.assertIsNone(bm.next_dirty_area(0, None, 0))

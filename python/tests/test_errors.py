@@ -33,6 +33,15 @@ class VersionAndFreeTest(unittest.TestCase):
         self.assertRegex(v, r"^\d+\.\d+\.\d+")
         self.assertEqual(qdirty.__version__, v)
 
+    def test_package_version_matches_library(self):
+        import os
+        import re
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        with open(os.path.join(here, "..", "pyproject.toml"), encoding="utf-8") as f:
+            m = re.search(r'^version = "([^"]+)"', f.read(), re.M)
+        self.assertEqual(m.group(1), qdirty.version())
+
     def test_frees_accept_null(self):
         lib.qdirty_error_free(None)
         lib.qdirty_string_free(None)

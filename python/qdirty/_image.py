@@ -1,0 +1,350 @@
+"""Images: qcow2 files, standalone (in-memory) images and images over host callbacks."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterator, List, Optional
+
+from . import _ffi
+from ._bitmap import Bitmap
+from ._common import (
+    Name,
+    PathLike,
+    QdirtyError,
+    addr,
+    check_ptr,
+    check_rc,
+    encode_name,
+    lib,
+    take_error,
+)
+from ._io import IoAdapter
+from ._state import ImageState, finalize_image
+
+
+def bitmap_flags(persistent: bool, disabled: bool, autoload: Optional[bool]) -> int:
+    flags = 0
+    if persistent:
+        flags |= _ffi.QDIRTY_BITMAP_PERSISTENT
+    if disabled:
+        flags |= _ffi.QDIRTY_BITMAP_DISABLED
+    if autoload is not None:
+        flags |= _ffi.QDIRTY_BITMAP_AUTOLOAD
+    return flags
+
+
+@dataclass(frozen=True)
+class BitmapInfo:
+    """One bitmap in the snapshot of :meth:`Image.query` (QEMU's ``BlockDirtyInfo``)."""
+
+    #: The name; None for anonymous bitmaps (successors, unnamed :meth:`Image.create_bitmap`).
+    name: Optional[str]
+    #: Dirty granules times the granularity, in bytes.
+    count: int
+    #: The granularity in bytes.
+    granularity: int
+    #: Enabled, or frozen with an enabled successor.
+    recording: bool
+    #: Held by an operation.
+    busy: bool
+    #: The raw persistent flag.
+    persistent: bool
+    #: Found in_use on open.
+    inconsistent: bool
+
+
+class Image:
+    """An open image and its dirty bitmaps: a qcow2 file (:meth:`open`), a standalone image
+    with no file (:meth:`new_memory`), or a qcow2 file whose I/O a host provides
+    (:meth:`open_with_io`).
+
+    Close with :meth:`close` or a ``with`` block. Closing an image opened read-write stores its
+    persistent bitmaps. Closing first aborts transactions with prepared actions on the image and
+    closes its iterators; every :class:`Bitmap` of it becomes unusable. An image collected
+    while open is closed quietly.
+
+    Thread safety: the C library locks the image for each call, so :meth:`set_dirty` (the guest
+    write hook) and queries may run from several threads; closing must not race with other
+    uses.
+    """
+
+    def __init__(self, handle: Any, path: Optional[PathLike], io: Optional[IoAdapter] = None) -> None:
+        """Wraps a handle; use :meth:`open`, :meth:`new_memory` or :meth:`open_with_io`."""
+        self._state = ImageState(handle, io)
+        self._path = path
+        self._finalizer = weakref.finalize(self, finalize_image, self._state)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @staticmethod
+    def create(path: PathLike, size: int, cluster_size: int = 0) -> None:
+        """Creates a blank qcow2 v3 image of ``size`` bytes (rounded up to 512) without
+        bitmaps. ``cluster_size``: a power of two from 512 to 2 MiB; 0 means 64 KiB. Fails
+        (EEXIST) if the file exists."""
+        check_rc(lib.qdirty_image_create, os.fsencode(path), size, cluster_size)
+
+    @classmethod
+    def open(cls, path: PathLike, rw: bool = False) -> "Image":
+        """Opens a qcow2 image and loads its bitmaps. ``rw=True`` opens it read-write: the
+        loaded bitmaps are marked in use in the file until :meth:`close` stores them."""
+        flags = _ffi.QDIRTY_OPEN_RDWR if rw else 0
+        handle = check_ptr(lib.qdirty_image_open, os.fsencode(path), flags)
+        return cls(handle, path)
+
+    @classmethod
+    def new_memory(cls, size: int) -> "Image":
+        """A standalone image: bitmaps over ``size`` bytes with no file behind them (raw disks,
+        guest RAM, tests). Persistent bitmaps are refused; closing stores nothing."""
+        handle = check_ptr(lib.qdirty_image_new_memory, size)
+        return cls(handle, None)
+
+    @classmethod
+    def open_with_io(cls, host: Any, name: str = "image", rw: bool = False) -> "Image":
+        """Opens a qcow2 image whose file a host owns, doing all I/O through ``host``'s
+        methods (see :class:`qdirty._io.IoAdapter` for the protocol): ``pread(offset, length)
+        -> bytes``, ``pwrite(offset, data)``, ``flush()``, ``get_length() -> int`` and,
+        optionally, ``alloc_clusters(n, cluster_size) -> offset`` with
+        ``free_clusters(offset, n, cluster_size)`` for the host's own allocator.
+
+        The callbacks are kept alive until the image is closed. They run on the thread that
+        calls into qdirty, with the image locked: they must not use this image. An exception
+        raised by a callback becomes the ``__cause__`` of the resulting :class:`QdirtyError`.
+        """
+        io = IoAdapter(host)
+        flags = _ffi.QDIRTY_OPEN_RDWR if rw else 0
+        handle = check_ptr(
+            lib.qdirty_image_open_with_io, ctypes.addressof(io.ops), None, name.encode("utf-8"), flags, io=io
+        )
+        return cls(handle, name, io)
+
+    def close(self) -> None:
+        """Stores the persistent bitmaps (read-write images) and closes the image.
+
+        The image is closed even when storing fails (the error is raised). Closing twice is a
+        no-op."""
+        if self._state.handle is None:
+            return
+        self._finalizer.detach()
+        res = self._state.shutdown()
+        if res is not None:
+            err, code = res
+            e = take_error(err, code)
+            io = self._state.io
+            cause = io.exc if io is not None else None
+            if cause is not None:
+                raise e from cause
+            raise e
+
+    @property
+    def closed(self) -> bool:
+        """Whether the image was closed."""
+        return self._state.handle is None
+
+    def __enter__(self) -> "Image":
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            try:
+                self.close()
+            except QdirtyError:
+                pass  # keep the original exception
+
+    def __repr__(self) -> str:
+        if self.closed:
+            state = "closed"
+        else:
+            state = "read-only" if self.read_only else "read-write"
+        where = "memory" if self._path is None else repr(self._path)
+        return f"<qdirty.Image {where} {state}>"
+
+    def _h(self) -> Any:
+        h = self._state.handle
+        if h is None:
+            raise ValueError("the image is closed")
+        return h
+
+    def _rc(self, fn: Any, *args: Any) -> int:
+        return check_rc(fn, *args, io=self._state.io)
+
+    def store_bitmaps(self) -> None:
+        """Stores the persistent bitmaps now, as a checkpoint, without closing (EROFS on a
+        read-only image)."""
+        self._rc(lib.qdirty_image_store_bitmaps, self._h())
+
+    def reopen(self, rw: bool) -> None:
+        """Switches between read-write and read-only (QEMU's qcow2_reopen_bitmaps_ro/_rw):
+        read-only stores the persistent bitmaps and makes them readonly; read-write marks them
+        in use again. Reopening in the current mode, or a standalone image, does nothing."""
+        self._rc(lib.qdirty_image_reopen, self._h(), _ffi.QDIRTY_OPEN_RDWR if rw else 0)
+
+    def truncate(self, size: int) -> None:
+        """Resizes every bitmap to ``size`` bytes (new space is clean). For a qcow2 image the
+        file must have been resized first (the header's size). Refused while a bitmap is busy,
+        frozen or iterated."""
+        self._rc(lib.qdirty_image_truncate, self._h(), size)
+
+    # -- properties --------------------------------------------------------------------------
+
+    @property
+    def path(self) -> Optional[PathLike]:
+        """The path given to :meth:`open` (the name for :meth:`open_with_io`; None for a
+        standalone image)."""
+        return self._path
+
+    @property
+    def size(self) -> int:
+        """The virtual disk size in bytes."""
+        return int(lib.qdirty_image_size(self._h()))
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the image is read-only."""
+        return bool(lib.qdirty_image_read_only(self._h()))
+
+    @property
+    def default_granularity(self) -> int:
+        """QEMU's default granularity: the cluster size clamped to [4 KiB, 64 KiB]; 64 KiB for
+        standalone images."""
+        return int(lib.qdirty_image_default_granularity(self._h()))
+
+    @property
+    def has_readonly_bitmaps(self) -> bool:
+        """Whether a bitmap is readonly: the host must then refuse guest writes (EPERM)."""
+        return bool(lib.qdirty_image_has_readonly_bitmaps(self._h()))
+
+    # -- bitmaps -----------------------------------------------------------------------------
+
+    def _wrap(self, p: Any) -> Optional[Bitmap]:
+        if not p:
+            return None
+        key = addr(p)
+        bm = self._state.bitmaps.get(key)
+        if bm is None or not bm.valid:
+            bm = Bitmap(self, p)
+            self._state.bitmaps[key] = bm
+        return bm
+
+    def _wrap_new(self, p: Any) -> Bitmap:
+        """Wraps a bitmap just created: a stale wrapper at the same address is dropped."""
+        self._state.forget(addr(p), "it no longer exists")
+        bm = self._wrap(p)
+        assert bm is not None
+        return bm
+
+    @property
+    def bitmaps(self) -> List[Bitmap]:
+        """Every bitmap, newest first (QEMU's order), anonymous ones included."""
+        out: List[Bitmap] = []
+        p = lib.qdirty_image_first_bitmap(self._h())
+        while p:
+            bm = self._wrap(p)
+            assert bm is not None
+            out.append(bm)
+            p = lib.qdirty_bitmap_next(p)
+        return out
+
+    def __iter__(self) -> Iterator[Bitmap]:
+        """The bitmaps, newest first (a snapshot taken when iteration starts)."""
+        return iter(self.bitmaps)
+
+    def __len__(self) -> int:
+        return len(self.bitmaps)
+
+    def __contains__(self, name: Name) -> bool:
+        return self.find(name) is not None
+
+    def __getitem__(self, name: Name) -> Bitmap:
+        bm = self.find(name)
+        if bm is None:
+            raise KeyError(name)
+        return bm
+
+    def find(self, name: Name) -> Optional[Bitmap]:
+        """The bitmap named ``name``, or None."""
+        return self._wrap(lib.qdirty_image_find_bitmap(self._h(), encode_name(name)))
+
+    def add_bitmap(
+        self,
+        name: Name,
+        granularity: int = 0,
+        persistent: bool = False,
+        disabled: bool = False,
+        autoload: Optional[bool] = None,
+    ) -> Bitmap:
+        """Adds a bitmap (QMP ``block-dirty-bitmap-add``).
+
+        ``granularity`` 0 means :attr:`default_granularity`. ``persistent``: stored in the
+        image. ``disabled``: not recording writes. ``autoload`` is QEMU's deprecated option: any
+        value other than None is accepted, ignored, and produces the warning "Autoload option
+        is deprecated and its value is ignored"."""
+        p = check_ptr(
+            lib.qdirty_image_add_bitmap,
+            self._h(),
+            encode_name(name),
+            granularity,
+            bitmap_flags(persistent, disabled, autoload),
+            io=self._state.io,
+        )
+        return self._wrap_new(p)
+
+    def create_bitmap(self, name: Optional[Name] = None, granularity: int = 0) -> Bitmap:
+        """Creates an enabled, transient bitmap (QEMU's ``bdrv_create_dirty_bitmap``);
+        ``name`` None makes it anonymous (listed and queried, never found by name or
+        stored)."""
+        raw = encode_name(name) if name is not None else None
+        p = check_ptr(lib.qdirty_image_create_bitmap, self._h(), raw, granularity)
+        return self._wrap_new(p)
+
+    def remove_bitmap(self, name: Name) -> None:
+        """Removes a bitmap, from the file too when it is persistent (QMP
+        ``block-dirty-bitmap-remove``). Its :class:`Bitmap` object becomes unusable."""
+        h = self._h()
+        raw = encode_name(name)
+        self._rc(lib.qdirty_image_remove_bitmap, h, raw)
+        self._state.sync("it was removed")
+
+    def remove_stored_bitmap(self, name: Name) -> None:
+        """Deletes the stored copy of bitmap ``name`` from the file, leaving the in-memory
+        bitmap alone (a persistent one is stored again on the next store or close)."""
+        self._rc(lib.qdirty_image_remove_stored_bitmap, self._h(), encode_name(name))
+
+    def merge_bitmap(self, target: Name, source: Name, src_image: Optional["Image"] = None) -> None:
+        """target |= source (QMP ``block-dirty-bitmap-merge``); ``source`` is a bitmap of
+        ``src_image``, or of this image when it is None."""
+        src = src_image._h() if src_image is not None else None
+        self._rc(lib.qdirty_image_merge_bitmap, self._h(), encode_name(target), src, encode_name(source))
+
+    def set_dirty(self, offset: int, length: int) -> None:
+        """The guest write hook: marks [offset, offset + length) in every enabled bitmap
+        (clamped to the disk size). May run from I/O threads."""
+        lib.qdirty_image_set_dirty(self._h(), offset, length)
+
+    def query(self) -> List[BitmapInfo]:
+        """A snapshot of every bitmap, newest first (QEMU's ``query-block`` dirty-bitmaps)."""
+        arr = _ffi.BitmapInfoP()
+        n = ctypes.c_size_t()
+        check_rc(lib.qdirty_image_query_bitmaps, self._h(), ctypes.byref(arr), ctypes.byref(n))
+        try:
+            out = []
+            for i in range(n.value):
+                e = arr[i]
+                out.append(
+                    BitmapInfo(
+                        name=e.name.decode("utf-8", "surrogateescape") if e.name is not None else None,
+                        count=int(e.count),
+                        granularity=int(e.granularity),
+                        recording=bool(e.recording),
+                        busy=bool(e.busy),
+                        persistent=bool(e.persistent),
+                        inconsistent=bool(e.inconsistent),
+                    )
+                )
+            return out
+        finally:
+            lib.qdirty_bitmap_info_free(arr, n.value)
