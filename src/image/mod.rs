@@ -7,7 +7,9 @@
 //! removal `qcow2_co_remove_persistent_dirty_bitmap`; see `load.rs` and `store.rs`.
 
 mod alloc;
+pub mod check;
 mod create;
+pub mod inspect;
 mod load;
 pub mod lock;
 mod meta;

@@ -1,0 +1,679 @@
+//! The `qdirty` command, run as a process against images made by QEMU, judged by qemu-img
+//! info/check/bitmap and qemu-nbd + nbdinfo on the same images.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+
+const QDIRTY: &str = env!("CARGO_BIN_EXE_qdirty");
+
+fn qd(args: &[&str], cwd: &Path) -> Output {
+    Command::new(QDIRTY)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run qdirty")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Exit code, and stderr: never a panic trace.
+fn code(o: &Output) -> i32 {
+    let err = text(&o.stderr);
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "panic trace: {err}"
+    );
+    o.status.code().expect("exit code")
+}
+
+fn qd_ok(args: &[&str], cwd: &Path) -> String {
+    let o = qd(args, cwd);
+    assert_eq!(code(&o), 0, "qdirty {args:?}: {}", text(&o.stderr));
+    text(&o.stdout)
+}
+
+/// qdirty dump --output=json, as (name -> extents).
+fn qd_dump(img: &Path, names: &[&str]) -> Vec<(String, Vec<(u64, u64)>)> {
+    let (dir, base) = split(img);
+    let mut args = vec!["dump", "--output=json", base.as_str()];
+    args.extend_from_slice(names);
+    let out = qd_ok(&args, &dir);
+    let js = Json::parse(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    js.get("bitmaps")
+        .and_then(Json::as_array)
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let name = b.get("name").and_then(Json::as_str).unwrap().to_string();
+            let ext: Vec<(u64, u64)> = b
+                .get("extents")
+                .and_then(Json::as_array)
+                .map(|a| {
+                    a.iter()
+                        .map(|e| {
+                            (
+                                e.get("offset").and_then(Json::as_u64).unwrap(),
+                                e.get("length").and_then(Json::as_u64).unwrap(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let total: u64 = ext.iter().map(|e| e.1).sum();
+            if let Some(d) = b.get("dirty_bytes").and_then(Json::as_u64) {
+                assert_eq!(d, total);
+            }
+            (name, ext)
+        })
+        .collect()
+}
+
+/// An image with three bitmaps QEMU made and wrote to: b1 (64k), b2 (4k, disabled after the
+/// first writes), b3 (512 B).
+fn qemu_image(t: &TempDir, name: &str) -> std::path::PathBuf {
+    let img = t.join(name);
+    qemu_img_create(&img, 256 << 20, "", &[]);
+    qemu_img_bitmap_add(&img, "b1", None, false);
+    qemu_img_bitmap_add(&img, "b2", Some(4096), false);
+    qemu_io_write(&img, &[(0, 4096), (1 << 20, 100_000), (100 << 20, 65536)]);
+    qemu_img_bitmap(&img, &["--disable"], "b2");
+    qemu_img_bitmap_add(&img, "b3", Some(512), false);
+    qemu_io_write(
+        &img,
+        &[
+            (3 << 20, 1000),
+            (200 << 20, 5 << 20),
+            ((256 << 20) - 512, 512),
+        ],
+    );
+    img
+}
+
+#[test]
+fn info_matches_qemu_img_info() {
+    if !require_qemu("info_matches_qemu_img_info") {
+        return;
+    }
+    let t = TempDir::new("cli-info");
+    let img = qemu_image(&t, "a.qcow2");
+    let (dir, base) = split(&img);
+    for in_use in [false, true] {
+        if in_use {
+            qemu_io_abort(&img, &["write 0 512".to_string()]);
+        }
+        let out = qd_ok(&["info", "--output=json", "--count", &base], &dir);
+        let js = Json::parse(&out).unwrap();
+        let qemu = qemu_img_info(&img, true);
+        assert_eq!(
+            js.get("virtual_size").and_then(Json::as_u64),
+            qemu.get("virtual-size").and_then(Json::as_u64)
+        );
+        assert_eq!(
+            js.get("cluster_size").and_then(Json::as_u64),
+            qemu.get("cluster-size").and_then(Json::as_u64)
+        );
+        let ours = bitmaps_of_info(
+            &Json::parse(&format!("{{\"format-specific\": {{\"data\": {}}}}}", out)).unwrap(),
+        );
+        assert_eq!(ours, bitmaps_of_info(&qemu), "in_use={in_use}\n{out}");
+        for b in js.get("bitmaps").and_then(Json::as_array).unwrap() {
+            let consistent = b.get("consistent").and_then(Json::as_bool).unwrap();
+            assert_eq!(consistent, !in_use);
+            let dirty = b.get("dirty_bytes").unwrap();
+            if in_use {
+                assert!(matches!(dirty, Json::Null));
+            } else {
+                let name = b.get("name").and_then(Json::as_str).unwrap();
+                let nbd: u64 = nbd_dirty_extents(&img, name).iter().map(|e| e.1).sum();
+                assert_eq!(dirty.as_u64(), Some(nbd), "{name}");
+            }
+        }
+        // Human output names every bitmap with its flags.
+        let human = qd_ok(&["info", &base], &dir);
+        assert!(human.contains("b2: granularity 4096, flags ["), "{human}");
+        assert_eq!(human.contains("inconsistent"), in_use, "{human}");
+    }
+}
+
+#[test]
+fn dump_matches_qemu_nbd() {
+    if !require_qemu("dump_matches_qemu_nbd") {
+        return;
+    }
+    let t = TempDir::new("cli-dump");
+    let img = qemu_image(&t, "a.qcow2");
+    let mut rng = Prng::new(7);
+    let ranges = random_ranges(&mut rng, 60, 256 << 20, 300_000, 1);
+    qemu_io_write(&img, &ranges);
+    let dumped = qd_dump(&img, &[]);
+    assert_eq!(
+        dumped.iter().map(|d| d.0.as_str()).collect::<Vec<_>>(),
+        ["b1", "b2", "b3"]
+    );
+    for (name, ext) in &dumped {
+        assert_eq!(ext, &nbd_dirty_extents(&img, name), "bitmap {name}");
+    }
+    // Named bitmaps, and the union.
+    let one = qd_dump(&img, &["b2"]);
+    assert_eq!(one.len(), 1);
+    let (dir, base) = split(&img);
+    let out = qd_ok(
+        &["dump", "--union", "--output=json", &base, "b2", "b3"],
+        &dir,
+    );
+    let js = Json::parse(&out).unwrap();
+    let u = &js.get("bitmaps").and_then(Json::as_array).unwrap()[0];
+    let got: Vec<(u64, u64)> = u
+        .get("extents")
+        .and_then(Json::as_array)
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e.get("offset").and_then(Json::as_u64).unwrap(),
+                e.get("length").and_then(Json::as_u64).unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        union_runs(
+            &nbd_dirty_extents(&img, "b2"),
+            &nbd_dirty_extents(&img, "b3")
+        )
+    );
+    // Human output: one "OFFSET LENGTH" line per extent.
+    let human = qd_ok(&["dump", &base, "b1"], &dir);
+    let lines: Vec<(u64, u64)> = human
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let (a, b) = l.split_once(' ').unwrap();
+            (a.parse().unwrap(), b.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(lines, nbd_dirty_extents(&img, "b1"));
+    // In use: qemu-nbd refuses, and so does qdirty, with the same cause.
+    qemu_io_abort(&img, &[]);
+    let refusal = nbd_refusal(&img, "b1").expect("qemu-nbd refuses an in-use bitmap");
+    let o = qd(&["dump", &base, "b1"], &dir);
+    assert_eq!(code(&o), 1);
+    let err = text(&o.stderr);
+    assert!(
+        refusal.contains("Bitmap 'b1' is inconsistent and cannot be used"),
+        "{refusal}"
+    );
+    assert!(
+        err.contains("Bitmap 'b1' is inconsistent and cannot be used"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // Listing all: reported without extents, exit 0.
+    let all = qd_ok(&["dump", "--output=json", &base], &dir);
+    assert!(all.contains("\"consistent\": false"), "{all}");
+}
+
+/// One qemu-img bitmap call and the same qdirty bitmap call on copies of `img`: same exit code,
+/// same bitmaps (qemu-img info) and same extents (qemu-nbd) afterwards.
+fn compare_bitmap_op(t: &TempDir, img: &Path, ops: &[&str], name: &str, tag: &str) {
+    let a = t.join(&format!("{tag}-qemu.qcow2"));
+    let b = t.join(&format!("{tag}-qdirty.qcow2"));
+    copy(img, &a);
+    copy(img, &b);
+    let (dir, abase) = split(&a);
+    let (_, bbase) = split(&b);
+    let mut qargs = vec!["bitmap", "-f", "qcow2"];
+    qargs.extend_from_slice(ops);
+    qargs.extend([abase.as_str(), name]);
+    let qo = run("qemu-img", &qargs, &dir);
+    let mut dargs = vec!["bitmap"];
+    dargs.extend_from_slice(ops);
+    dargs.extend([bbase.as_str(), name]);
+    let d = qd(&dargs, &dir);
+    let qerr = text(&qo.stderr);
+    let derr = text(&d.stderr);
+    assert_eq!(
+        code(&d),
+        qo.status.code().unwrap(),
+        "{ops:?} {name}: qemu-img: {qerr} qdirty: {derr}"
+    );
+    if !qo.status.success() {
+        // The cause qemu-img gives (after "Operation X on bitmap Y failed: ") is in ours.
+        let first = qerr.lines().next().unwrap_or("");
+        let cause = if first.contains("failed: ") {
+            first.rsplit("failed: ").next().unwrap()
+        } else {
+            first.rsplit(": ").next().unwrap()
+        };
+        assert!(
+            derr.contains(cause.trim()),
+            "qemu-img: {qerr}\nqdirty: {derr}"
+        );
+        assert_eq!(derr.lines().count(), 1, "{derr}");
+    }
+    let qi = qemu_img_info_bitmaps(&a, false);
+    assert_eq!(qi, qemu_img_info_bitmaps(&b, false), "{ops:?} {name}");
+    for bm in &qi {
+        if !bm.in_use() {
+            assert_eq!(
+                nbd_dirty_extents(&a, &bm.name),
+                nbd_dirty_extents(&b, &bm.name),
+                "{ops:?} {name}: bitmap {}",
+                bm.name
+            );
+        }
+    }
+    assert_check_clean(&b, &format!("after qdirty bitmap {ops:?}"));
+}
+
+#[test]
+fn bitmap_ops_match_qemu_img_bitmap() {
+    if !require_qemu("bitmap_ops_match_qemu_img_bitmap") {
+        return;
+    }
+    let t = TempDir::new("cli-bitmap");
+    let img = qemu_image(&t, "a.qcow2");
+    let other = t.join("other.qcow2");
+    qemu_img_create(&other, 256 << 20, "cluster_size=4096", &[]);
+    qemu_img_bitmap_add(&other, "o", Some(1024), false);
+    qemu_io_write(&other, &[(50 << 20, 3000), (7 << 20, 1 << 20)]);
+    let cases: &[(&[&str], &str)] = &[
+        (&["--add"], "new"),
+        (&["--add", "-g", "64k"], "new"),
+        (&["--add", "-g", "512", "--disable"], "new"),
+        (&["--add", "-g", "1M", "--merge", "b3"], "new"),
+        (&["--add"], "b1"),
+        (&["--remove"], "b2"),
+        (&["--remove"], "nope"),
+        (&["--clear"], "b3"),
+        (&["--clear"], "nope"),
+        (&["--enable"], "b2"),
+        (&["--disable"], "b1"),
+        (&["--merge", "b3"], "b1"),
+        (&["--merge", "b1", "--merge", "b3"], "b2"),
+        (&["--merge", "nope"], "b1"),
+        (&["--merge", "o", "-b", "other.qcow2"], "b1"),
+        (&["--merge", "o", "-b", "other.qcow2", "-F", "qcow2"], "b3"),
+        (&["--merge", "o", "-b", "missing.qcow2"], "b1"),
+        (&["--clear", "--remove", "--add", "-g", "4k"], "b1"),
+        (&["--add", "--add"], "x"),
+        (&["--add", "-g", "3000"], "x"),
+        (&["--add", "-g", "256"], "x"),
+        (&["--add"], ""),
+        (&["--enable", "--clear"], "b3"),
+    ];
+    for (i, (ops, name)) in cases.iter().enumerate() {
+        compare_bitmap_op(&t, &img, ops, name, &format!("c{i}"));
+    }
+    // In use: everything but --remove is refused, as by qemu-img.
+    let used = t.join("used.qcow2");
+    copy(&img, &used);
+    qemu_io_abort(&used, &[]);
+    for (i, ops) in [
+        &["--clear"][..],
+        &["--enable"],
+        &["--disable"],
+        &["--remove"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        compare_bitmap_op(&t, &used, ops, "b1", &format!("u{i}"));
+    }
+    compare_bitmap_op(&t, &img, &["--merge", "b1"], "b2", "m-ok");
+    let used_src = t.join("used-src.qcow2");
+    copy(&used, &used_src);
+    compare_bitmap_op(
+        &t,
+        &img,
+        &["--merge", "b1", "-b", "used-src.qcow2"],
+        "b2",
+        "m-used",
+    );
+}
+
+#[test]
+fn usage_errors_match_qemu_img() {
+    if !require_qemu("usage_errors_match_qemu_img") {
+        return;
+    }
+    let t = TempDir::new("cli-usage");
+    let img = qemu_image(&t, "a.qcow2");
+    let (dir, base) = split(&img);
+    let cases: &[&[&str]] = &[
+        &["a.qcow2", "b1"],
+        &["--add", "a.qcow2"],
+        &["--clear", "-g", "64k", "a.qcow2", "b1"],
+        &["--add", "-b", "x", "a.qcow2", "b1"],
+        &["--merge", "x", "-F", "qcow2", "a.qcow2", "b1"],
+        &["--add", "-g", "1k1", "a.qcow2", "b1"],
+        &["--add", "--bogus", "a.qcow2", "b1"],
+        &["--add", "nofile.qcow2", "b1"],
+        &["--add", "a.qcow2", "b1", "extra"],
+    ];
+    for args in cases {
+        let mut q = vec!["bitmap"];
+        q.extend_from_slice(args);
+        let qo = run("qemu-img", &q, &dir);
+        let d = qd(&q, &dir);
+        assert_eq!(
+            code(&d),
+            qo.status.code().unwrap(),
+            "{args:?}: {}",
+            text(&d.stderr)
+        );
+        let qfirst = text(&qo.stderr).lines().next().unwrap_or("").to_string();
+        let qmsg = qfirst
+            .trim_start_matches("qemu-img: ")
+            .trim_start_matches("qemu-img bitmap: ");
+        let dfirst = text(&d.stderr).lines().next().unwrap_or("").to_string();
+        if !qmsg.starts_with("Could not open") {
+            assert!(
+                dfirst.contains(qmsg),
+                "{args:?}: qemu-img: {qfirst}\nqdirty: {dfirst}"
+            );
+        }
+        assert!(dfirst.starts_with("qdirty: "), "{dfirst}");
+    }
+    let _ = base;
+}
+
+/// Patches autoclear bit 0 off: what a program without bitmap support leaves.
+fn clear_bitmaps_bit(img: &Path) {
+    set_autoclear(img, autoclear(img) & !1);
+}
+
+fn qd_check(img: &Path, extra: &[&str]) -> (i32, Json) {
+    let (dir, base) = split(img);
+    let mut args = vec!["check", "--output=json"];
+    args.extend_from_slice(extra);
+    args.push(&base);
+    let o = qd(&args, &dir);
+    let c = code(&o);
+    let out = text(&o.stdout);
+    (
+        c,
+        Json::parse(&out).unwrap_or_else(|e| panic!("{e}: {out} {}", text(&o.stderr))),
+    )
+}
+
+fn assert_check_same(img: &Path, context: &str) -> (i32, Json) {
+    let q = qemu_img_check(img);
+    let (c, js) = qd_check(img, &[]);
+    let n = |k: &str| js.get(k).and_then(Json::as_u64).unwrap();
+    assert_eq!(
+        (c, n("leaks"), n("corruptions")),
+        (q.exit_code, q.leaks, q.corruptions),
+        "{context}: {q}"
+    );
+    (c, js)
+}
+
+#[test]
+fn check_matches_qemu_img_check() {
+    if !require_qemu("check_matches_qemu_img_check") {
+        return;
+    }
+    let t = TempDir::new("cli-check");
+    // Clean, with snapshots, compressed clusters and bitmaps.
+    let img = qemu_image(&t, "a.qcow2");
+    let (dir, base) = split(&img);
+    run_ok("qemu-img", &["snapshot", "-c", "s1", &base], &dir);
+    qemu_io(&img, &["write -c 150M 64k".into(), "write 64M 128k".into()]);
+    let (c, js) = assert_check_same(&img, "clean");
+    assert_eq!(c, 0);
+    assert_eq!(js.get("bitmap_leaks").and_then(Json::as_u64), Some(0));
+    // Extended L2 and 512-byte clusters.
+    let ext = t.join("ext.qcow2");
+    qemu_img_create(&ext, 64 << 20, "extended_l2=on,cluster_size=16k", &[]);
+    qemu_img_bitmap_add(&ext, "e", None, false);
+    qemu_io_write(&ext, &[(0, 100_000), (40 << 20, 7000)]);
+    qemu_io(&ext, &["write -z 50M 1M".into(), "write -c 60M 16k".into()]);
+    assert_eq!(assert_check_same(&ext, "extended l2").0, 0);
+    let small = t.join("small.qcow2");
+    qemu_img_create(&small, 64 << 20, "cluster_size=512,refcount_bits=1", &[]);
+    qemu_img_bitmap_add(&small, "s", Some(512), false);
+    qemu_io_write(&small, &[(0, 100_000), (40 << 20, 7000)]);
+    let (c, js) = assert_check_same(&small, "512-byte clusters");
+    assert_eq!(c, 0);
+    clear_bitmaps_bit(&small);
+    let (c, js2) = assert_check_same(&small, "512-byte clusters, stale");
+    assert_eq!(c, 3);
+    assert_eq!(js2.get("bitmap_leaks"), js2.get("leaks"));
+    let _ = js;
+    qd_check(&small, &["-r"]);
+    assert_check_clean(&small, "512-byte clusters after -r");
+    // A bitmap-unaware writer: the old bitmap structures leak.
+    let stale = t.join("stale.qcow2");
+    copy(&img, &stale);
+    clear_bitmaps_bit(&stale);
+    let (c, js) = assert_check_same(&stale, "stale extension");
+    assert_eq!(c, 3);
+    let leaks = js.get("leaks").and_then(Json::as_u64).unwrap();
+    assert!(leaks > 0);
+    assert_eq!(js.get("bitmap_leaks").and_then(Json::as_u64), Some(leaks));
+    let (c, js) = qd_check(&stale, &["-r"]);
+    assert_eq!(c, 0);
+    assert_eq!(js.get("leaks_fixed").and_then(Json::as_u64), Some(leaks));
+    assert_check_clean(&stale, "after qdirty check -r");
+    assert!(qemu_img_info_bitmaps(&stale, false).is_empty());
+    // An over-counted bitmap table cluster: a leak of a bitmap structure.
+    let over = t.join("over.qcow2");
+    copy(&img, &over);
+    let info = Json::parse(&qd_ok(&["info", "--output=json", "over.qcow2"], &dir)).unwrap();
+    let table = info.get("bitmaps").and_then(Json::as_array).unwrap()[0]
+        .get("table_offset")
+        .and_then(Json::as_u64)
+        .unwrap();
+    let h = raw_header(&over);
+    let reftable = read_at(&over, h.refcount_table_offset, 8);
+    let block = be_u64(&reftable, 0);
+    let entry = block + 2 * (table / 65536);
+    write_at(&over, entry, &[0, 2]);
+    let (c, js) = assert_check_same(&over, "over-counted table");
+    assert_eq!(
+        (c, js.get("bitmap_leaks").and_then(Json::as_u64)),
+        (3, Some(1))
+    );
+    let (c, _) = qd_check(&over, &["-r", "leaks"]);
+    assert_eq!(c, 0);
+    assert_check_clean(&over, "after qdirty check -r leaks");
+    // A zeroed refcount of a bitmap table: a corruption, not repaired.
+    let zero = t.join("zero.qcow2");
+    copy(&img, &zero);
+    write_at(&zero, entry, &[0, 0]);
+    let (c, js) = assert_check_same(&zero, "zeroed table refcount");
+    assert_eq!(c, 2);
+    assert_eq!(js.get("bitmap_corruptions").and_then(Json::as_u64), Some(1));
+    let (c, _) = qd_check(&zero, &["-r"]);
+    assert_eq!(c, 2);
+    // In use: not a check error (as qemu-img), removed only when asked.
+    let used = t.join("used.qcow2");
+    copy(&img, &used);
+    qemu_io_abort(&used, &["write 0 4k".into()]);
+    let (c, js) = assert_check_same(&used, "in use");
+    assert_eq!(c, 0);
+    assert_eq!(
+        js.get("inconsistent_bitmaps")
+            .and_then(Json::as_array)
+            .map(|a| a.len()),
+        Some(3)
+    );
+    let (c, js) = qd_check(&used, &["--remove-inconsistent"]);
+    assert_eq!(c, 0);
+    assert_eq!(
+        js.get("removed_bitmaps")
+            .and_then(Json::as_array)
+            .map(|a| a.len()),
+        Some(3)
+    );
+    assert!(qemu_img_info_bitmaps(&used, false).is_empty());
+    assert_check_clean(&used, "after --remove-inconsistent");
+    // Human output and stderr lines as qemu-img's.
+    let o = qd(&["check", "stale.qcow2"], &dir);
+    assert_eq!(code(&o), 0);
+    assert!(text(&o.stdout).contains("No errors were found on the image."));
+}
+
+#[test]
+fn create_is_what_qemu_img_sees() {
+    if !require_qemu("create_is_what_qemu_img_sees") {
+        return;
+    }
+    let t = TempDir::new("cli-create");
+    let dir = t.path();
+    for (size, opts, bytes, cs) in [
+        ("1G", None, 1u64 << 30, 65536u64),
+        ("100M", Some("cluster_size=4k"), 100 << 20, 4096),
+        ("1.5M", Some("cluster_size=512"), 3 << 19, 512),
+        ("2T", Some("cluster_size=2M"), 2 << 40, 2 << 20),
+    ] {
+        let name = format!("c-{size}.qcow2");
+        let mut args = vec!["create", name.as_str(), size];
+        if let Some(o) = opts {
+            args.extend(["-o", o]);
+        }
+        qd_ok(&args, dir);
+        let p = t.join(&name);
+        let info = qemu_img_info(&p, false);
+        assert_eq!(info.get("virtual-size").and_then(Json::as_u64), Some(bytes));
+        assert_eq!(info.get("cluster-size").and_then(Json::as_u64), Some(cs));
+        assert_check_clean(&p, "qdirty create");
+        qd_ok(&["bitmap", "--add", &name, "b"], dir);
+        assert_eq!(qemu_img_info_bitmaps(&p, false).len(), 1);
+    }
+    // Refusals: existing file, bad size, bad cluster size.
+    for (args, msg) in [
+        (&["create", "c-1G.qcow2", "1G"][..], "File exists"),
+        (
+            &["create", "x.qcow2", "1x"],
+            "Invalid image size specified: '1x'.",
+        ),
+        (
+            &["create", "x.qcow2", "16E"],
+            "Must be between 0 and 9223372036854775807",
+        ),
+        (
+            &["create", "x.qcow2", "1M", "-o", "cluster_size=3k"],
+            "Cluster size must be a power of two",
+        ),
+        (&["create", "x.qcow2"], "usage"),
+    ] {
+        let o = qd(args, dir);
+        assert_eq!(code(&o), 1, "{args:?}");
+        let err = text(&o.stderr);
+        assert!(err.contains(msg), "{args:?}: {err}");
+        assert!(err.starts_with("qdirty: "), "{err}");
+    }
+}
+
+#[test]
+fn bad_input_gives_one_line_and_exit_codes() {
+    let t = TempDir::new("cli-bad");
+    let dir = t.path();
+    std::fs::write(
+        t.join("text.qcow2"),
+        b"this is not a qcow2 image\n".repeat(100),
+    )
+    .unwrap();
+    // A truncated image: header only.
+    let full = t.join("full.qcow2");
+    qdirty::Image::create(&full, 64 << 20, 0).unwrap();
+    let mut img = qdirty::Image::open(&full, true).unwrap();
+    img.add_bitmap(
+        b"b1",
+        0,
+        qdirty::AddOptions {
+            persistent: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    img.set_dirty(0, 1 << 20);
+    img.close().unwrap();
+    let bytes = std::fs::read(&full).unwrap();
+    std::fs::write(t.join("trunc.qcow2"), &bytes[..65536 + 100]).unwrap();
+    std::fs::write(t.join("tiny.qcow2"), &bytes[..50]).unwrap();
+    let cases: &[(&[&str], i32, &str)] = &[
+        (&["info", "missing.qcow2"], 1, "'missing.qcow2'"),
+        (&["info", "text.qcow2"], 1, "'text.qcow2'"),
+        (&["info", "tiny.qcow2"], 1, "'tiny.qcow2'"),
+        (&["dump", "trunc.qcow2"], 1, "'trunc.qcow2'"),
+        (&["dump", "missing.qcow2"], 1, "No such file"),
+        (&["check", "text.qcow2"], 1, "'text.qcow2'"),
+        (&["check", "trunc.qcow2"], 1, "'trunc.qcow2'"),
+        (
+            &["bitmap", "--clear", "trunc.qcow2", "b1"],
+            1,
+            "'trunc.qcow2'",
+        ),
+        (
+            &["dump", "full.qcow2", "nope"],
+            1,
+            "bitmap 'nope': Dirty bitmap 'nope' not found",
+        ),
+        (
+            &["bitmap", "--clear", "full.qcow2", "nope"],
+            1,
+            "Dirty bitmap 'nope' not found",
+        ),
+        (
+            &["bitmap", "--add", "-g", "1k1", "full.qcow2", "x"],
+            1,
+            "Invalid granularity",
+        ),
+        (
+            &["bitmap", "--add", "-g", "3k", "full.qcow2", "x"],
+            1,
+            "Granularity must be power of 2",
+        ),
+        (
+            &["bitmap", "--add", "-g", "8E", "full.qcow2", "x"],
+            1,
+            "Must be between",
+        ),
+        (&["info", "--output=xml", "full.qcow2"], 1, "--output"),
+        (
+            &["info", "--bogus", "full.qcow2"],
+            1,
+            "unrecognized option '--bogus'",
+        ),
+        (&["info"], 1, "expecting"),
+        (&["frobnicate"], 1, "unknown command"),
+        (&[], 1, "no command"),
+        (&["info", "-f", "raw", "full.qcow2"], 1, "qcow2"),
+        (
+            &["check", "-r", "all", "full.qcow2"],
+            1,
+            "qemu-img check -r all",
+        ),
+    ];
+    for (args, want, msg) in cases {
+        let o = qd(args, dir);
+        assert_eq!(code(&o), *want, "{args:?}: {}", text(&o.stderr));
+        let err = text(&o.stderr);
+        let first = err.lines().next().unwrap_or("");
+        if *want == 1 {
+            assert!(first.starts_with("qdirty: "), "{args:?}: {err}");
+            assert!(first.contains(msg), "{args:?}: {err}");
+            // One line, unless usage follows a usage error.
+            if !err.contains("usage:") {
+                assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+            }
+        }
+    }
+    // --help for every subcommand, exit 0.
+    for sub in ["info", "bitmap", "dump", "check", "create"] {
+        let out = qd_ok(&[sub, "--help"], dir);
+        assert!(out.starts_with(&format!("usage: qdirty {sub}")), "{out}");
+    }
+    assert!(qd_ok(&["--help"], dir).contains("Commands"));
+}
