@@ -291,9 +291,10 @@ fn cmd_info(argv: &[OsString]) -> Res<u8> {
     let p = parse(argv, &specs, "info", INFO_HELP)?;
     let json = output_json(&p, INFO_HELP)?;
     let path = one_image(&p, "info", INFO_HELP)?;
-    let info = Image::inspect(path).map_err(|e| img_err(path, &e))?;
+    let info = Image::inspect_with(path, has(&p, "force-share")).map_err(|e| img_err(path, &e))?;
     let counts: Option<Vec<Option<u64>>> = if has(&p, "count") {
-        let img = open_image(path, false)?;
+        let img =
+            Image::open_with(path, false, has(&p, "force-share")).map_err(|e| img_err(path, &e))?;
         let c = info
             .bitmaps
             .iter()

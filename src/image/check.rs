@@ -675,11 +675,22 @@ fn run_check(
 /// corruption was found). After a repair the image is checked again and the report gives what
 /// is left, plus what was fixed. Fails like QEMU's open where the image cannot be checked at
 /// all (not qcow2, a bitmap directory that breaks QEMU's constraints).
+///
+/// Holds QEMU's image locks for the whole check (write locks when repairing), so it fails with
+/// [`Error::InUse`] while QEMU uses the image, as `qemu-img check` does.
 pub fn check_bitmaps(path: impl AsRef<Path>, repair: bool) -> Result<CheckReport> {
     let path = path.as_ref();
+    // The reads and the repair below use other descriptors of this process, which take no
+    // locks of their own: these locks cover them.
+    let _locks = FileStorage::open_locked(path, repair, false)?;
+    check_locked(path, repair)
+}
+
+/// [`check_bitmaps`] once the caller holds the locks.
+fn check_locked(path: &Path, repair: bool) -> Result<CheckReport> {
     let name = path.display().to_string();
     let ctx = || format!("Could not open '{name}'");
-    let (storage, meta) = open_meta(path)?;
+    let (storage, meta) = open_meta(path, true)?;
     let entries = read_directory(&storage, &meta).map_err(|e| e.context(ctx()))?;
     let mut report = run_check(&storage, &meta, entries.as_deref())?;
     report.bitmaps = entries
@@ -733,7 +744,7 @@ pub fn check_bitmaps(path: impl AsRef<Path>, repair: bool) -> Result<CheckReport
     rc.write_dirty_blocks(&mut storage)?;
     alloc::flush(&mut storage)?;
     drop(storage);
-    let mut again = check_bitmaps(path, false)?;
+    let mut again = check_locked(path, false)?;
     again.leaks_fixed = fixed;
     again.bitmap_leaks_fixed = bitmap_fixed;
     again.stale_extension_dropped = dropped;
@@ -813,7 +824,7 @@ mod tests {
         let info = Image::inspect(&p).unwrap();
         let table = info.bitmaps[0].table_offset;
         // Zero the table cluster's refcount (16-bit refcounts, block at the reftable's entry 0).
-        let (storage, meta) = open_meta(&p).unwrap();
+        let (storage, meta) = open_meta(&p, false).unwrap();
         let mut e = [0u8; 8];
         storage
             .read_exact_at(&mut e, meta.header.refcount_table_offset)

@@ -140,10 +140,11 @@ pub(crate) fn read_directory(
     parse_directory(&buf, ext.nb_bitmaps, cs, h.size & !511).map(Some)
 }
 
-pub(crate) fn open_meta(path: &Path) -> Result<(FileStorage, Meta)> {
+/// Opens `path` read-only with QEMU's read locks (none with `force_share`) and reads cluster 0.
+pub(crate) fn open_meta(path: &Path, force_share: bool) -> Result<(FileStorage, Meta)> {
     let name = path.display().to_string();
     let ctx = || format!("Could not open '{name}'");
-    let storage = FileStorage::open(path, false).map_err(|e| Error::io(ctx(), e))?;
+    let storage = FileStorage::open_locked(path, false, force_share)?;
     let meta = Meta::read(&storage).map_err(|e| e.context(ctx()))?;
     Ok((storage, meta))
 }
@@ -153,10 +154,19 @@ impl Image {
     /// (QEMU: what `qemu-img info` reports, but O(directory)). Works on images whose bitmaps
     /// are in use; fails where QEMU's open fails (not qcow2, unknown features, a directory
     /// that breaks QEMU's constraints).
+    ///
+    /// Takes QEMU's read locks, so it fails with [`Error::InUse`] while QEMU writes the image,
+    /// as `qemu-img info` does; see [`Image::inspect_with`] for force-share.
     pub fn inspect(path: impl AsRef<Path>) -> Result<ImageInfo> {
+        Self::inspect_with(path, false)
+    }
+
+    /// [`Image::inspect`] with QEMU's force-share (`qemu-img info -U`): no locks, so an image
+    /// that a running QEMU holds can be listed (its bitmaps then show `in-use`).
+    pub fn inspect_with(path: impl AsRef<Path>, force_share: bool) -> Result<ImageInfo> {
         let path = path.as_ref();
         let name = path.display().to_string();
-        let (storage, meta) = open_meta(path)?;
+        let (storage, meta) = open_meta(path, force_share)?;
         let entries = read_directory(&storage, &meta)
             .map_err(|e| e.context(format!("Could not open '{name}'")))?;
         let h = &meta.header;
@@ -250,7 +260,11 @@ mod tests {
         assert_eq!((b.granularity, b.auto, b.in_use), (65536, false, false));
         // While open read-write the stored bitmaps are in_use: inspect still lists them.
         let img = Image::open(&p, true).unwrap();
-        let info = Image::inspect(&p).unwrap();
+        assert!(
+            matches!(Image::inspect(&p), Err(Error::InUse(_))),
+            "locked like qemu-img info"
+        );
+        let info = Image::inspect_with(&p, true).unwrap();
         assert!(info.bitmaps.iter().all(|b| b.in_use && !b.consistent()));
         assert_eq!(info.bitmap(b"a").unwrap().flags(), vec!["in-use", "auto"]);
         img.close().unwrap();
