@@ -110,10 +110,12 @@ typedef struct qdirty_error qdirty_error;
 // Ownership: owned by the caller from `qdirty_image_open` until `qdirty_image_close`, which
 // always frees it. It owns its `qdirty_bitmap` handles.
 // Thread safety: may be used from several threads; calls on one image are serialized by an
-// internal lock held for the whole call. `qdirty_image_set_dirty` (the guest write hook) may
-// run from I/O threads concurrently with every management call. Calls touching two images
-// lock them in address order. Closing must not race with any other use. A panic inside qdirty (a bug) makes the image unusable: later calls fail with
-// "image is unusable after an internal error", and close abandons it without storing.
+// internal lock held for the whole call. `qdirty_image_set_dirty` (the guest write hook) takes
+// no lock: it may run from any number of I/O threads concurrently with each other and with
+// every management call. Calls touching two images lock them in address order. Closing must
+// not race with any other use, the write hook included (stop I/O first). A panic inside
+// qdirty (a bug) makes the image unusable: later calls fail with "image is unusable after an
+// internal error", and close abandons it without storing.
 // Methods: qdirty_image_open, qdirty_image_close, qdirty_image_size, qdirty_image_read_only,
 // qdirty_image_store_bitmaps, qdirty_image_first_bitmap, qdirty_image_find_bitmap,
 // qdirty_image_add_bitmap, qdirty_image_remove_bitmap, qdirty_image_merge_bitmap,
@@ -499,11 +501,21 @@ int qdirty_image_merge_bitmap(qdirty_image *img,
                               qdirty_error **errp);
 
 // The guest write hook (QEMU's `bdrv_set_dirty`): marks `[offset, offset + bytes)` in every
-// enabled bitmap of the image and in no disabled one, clamped to the disk size.
+// enabled bitmap of the image and in no disabled one (nor readonly nor inconsistent), rounded
+// outward to each bitmap's granularity and clamped to the disk size.
 //
-// Does nothing when `img` is NULL or unusable (there is no error to report: check bitmaps with
+// Lock-free and O(1) in the number of bitmaps: the range goes into the image's write log with
+// atomic word operations, and the next call that locks the image (any other function on it or
+// its bitmaps) applies it to the bitmaps recording at that moment, before doing anything else.
+// So a write whose `qdirty_image_set_dirty` returned before a management call started is in
+// every bitmap enabled at that time, and one that started after the call returned is not in
+// the bitmaps it disabled or cleared, as with QEMU's mutex. A write concurrent with a
+// management call may be applied granule by granule on either side of it.
+//
+// Does nothing when `img` is NULL (there is no error to report: check bitmaps with
 // `qdirty_bitmap_get` if in doubt).
-// Thread safety: may be called from any thread; serialized per image.
+// Thread safety: may be called from any thread, concurrently with itself and with any call on
+// the image except `qdirty_image_close` (the caller stops I/O before closing).
 //
 // # Safety
 // `img` is NULL or an open image.

@@ -6,10 +6,12 @@
 #![deny(unsafe_code)]
 
 pub mod hbitmap;
+pub mod log;
 pub mod set;
 pub mod sha256;
 
 pub use hbitmap::HBitmap;
+pub use log::WriteLog;
 pub use set::{BitmapId, BitmapInfo, BitmapSet, DirtyIter};
 
 use crate::error::{Error, Result};

@@ -1,7 +1,21 @@
 //! The dirty bitmaps of one disk (QEMU: the `dirty_bitmaps` list of a BlockDriverState and the
 //! functions of block/dirty-bitmap.c that work on it): creation and release, successors for
 //! backup-style jobs, the guest write hook, truncate, query, iterators. No I/O.
+//!
+//! # The write log
+//!
+//! A set owns a [`WriteLog`] that lock-free writers share through [`BitmapSet::write_hook`].
+//! Their writes reach the bitmaps when the set *folds* the log ([`BitmapSet::fold`]), which every
+//! `&mut self` method of the set does first, before reading or changing bitmaps or their
+//! states; so each operation sees exactly the writes that completed before it, as in QEMU where
+//! the hook and management calls take the same mutex. The `&self` readers (`get`, `bitmap`,
+//! `iter`, `query`, `recording`, `iter_next`, ...) cannot fold: when writers use the hook, call
+//! [`BitmapSet::fold`] (or any `&mut` method) before reading. [`BitmapSet::set_dirty`] marks the
+//! bitmaps directly (after a fold), for callers that hold the set exclusively anyway.
 
+use std::sync::Arc;
+
+use super::log::WriteLog;
 use super::{validate_granularity, DirtyBitmap, CHECK_ALLOW_RO, CHECK_BUSY, CHECK_DEFAULT};
 use crate::error::{Error, Result};
 
@@ -58,6 +72,8 @@ pub struct BitmapSet {
     size: u64,
     slots: Vec<Slot>,
     next_id: u64,
+    /// Writes logged by the lock-free hook, not yet folded into the bitmaps.
+    log: Arc<WriteLog>,
 }
 
 fn lossy(name: &[u8]) -> String {
@@ -71,7 +87,71 @@ impl BitmapSet {
             size,
             slots: Vec::new(),
             next_id: 1,
+            log: Arc::new(WriteLog::new(size)),
         }
+    }
+
+    /// The lock-free write hook: a handle on the set's [`WriteLog`] that any thread may call
+    /// [`WriteLog::set`] on (QEMU's `bdrv_set_dirty`) while the set is used elsewhere. Its
+    /// writes reach the bitmaps at the set's next fold (see the module documentation).
+    pub fn write_hook(&self) -> Arc<WriteLog> {
+        Arc::clone(&self.log)
+    }
+
+    /// Applies the writes logged by the hook to every bitmap that records writes now (enabled,
+    /// not readonly, not inconsistent; successors included), each range rounded outward to the
+    /// bitmap's granularity and clamped to the disk. One load when nothing is pending; else
+    /// O(pending log words × recording bitmaps). Every `&mut self` method calls it first.
+    pub fn fold(&mut self) {
+        if !self.log.has_pending() {
+            return;
+        }
+        let mut taken: Vec<(u32, u64, u64)> = Vec::new();
+        self.log.drain(|g, w, bits| taken.push((g, w, bits)));
+        let size = self.size;
+        for s in &mut self.slots {
+            let bm = &mut s.bm;
+            if !bm.enabled() || bm.readonly() || bm.inconsistent() {
+                continue;
+            }
+            let bg = bm.granularity_bits();
+            let engine = bm.bits_mut();
+            for &(g, w, mut bits) in &taken {
+                // A layer coarser than the bitmap holds only writes that raced with the
+                // bitmap's creation (see log.rs): they are not the bitmap's.
+                if bg < g {
+                    continue;
+                }
+                let base = w * 64;
+                while bits != 0 {
+                    let s0 = u64::from(bits.trailing_zeros());
+                    let run = u64::from((!(bits >> s0)).trailing_zeros());
+                    let granule = base + s0;
+                    if granule > (u64::MAX >> g) || granule << g >= size {
+                        break;
+                    }
+                    engine.set(granule << g, run << g);
+                    bits = if s0 + run >= 64 {
+                        0
+                    } else {
+                        bits & !(((1u64 << run) - 1) << s0)
+                    };
+                }
+            }
+        }
+    }
+
+    /// Gives the log the base granularity: the finest among the bitmaps that can ever record
+    /// (inconsistent ones never do), or none when there is none. Called after every change of
+    /// the list.
+    fn refresh_log(&self) {
+        let g = self
+            .slots
+            .iter()
+            .filter(|s| !s.bm.inconsistent())
+            .map(|s| s.bm.granularity_bits())
+            .min();
+        self.log.set_granularity_bits(g);
     }
 
     /// The disk length the bitmaps cover.
@@ -104,8 +184,9 @@ impl BitmapSet {
         self.slots.iter().find(|s| s.id == id).map(|s| &s.bm)
     }
 
-    /// A bitmap by id, for changes.
+    /// A bitmap by id, for changes (folds first).
     pub fn get_mut(&mut self, id: BitmapId) -> Option<&mut DirtyBitmap> {
+        self.fold();
         self.slots
             .iter_mut()
             .find(|s| s.id == id)
@@ -125,6 +206,7 @@ impl BitmapSet {
 
     /// A bitmap by id for changes, or an error naming the id.
     pub fn bitmap_mut(&mut self, id: BitmapId) -> Result<&mut DirtyBitmap> {
+        self.fold();
         let i = self.index(id)?;
         Ok(&mut self.slots[i].bm)
     }
@@ -145,15 +227,18 @@ impl BitmapSet {
 
     /// Inserts a bitmap at the head of the list (newest first).
     pub fn insert(&mut self, bm: DirtyBitmap) -> BitmapId {
+        self.fold();
         let id = BitmapId(self.next_id);
         self.next_id += 1;
         self.slots.insert(0, Slot { id, bm });
+        self.refresh_log();
         id
     }
 
     /// Creates an enabled, empty, transient bitmap covering the disk (QEMU:
     /// bdrv_create_dirty_bitmap). `name` None creates an anonymous bitmap.
     pub fn create(&mut self, name: Option<&[u8]>, granularity: u64) -> Result<BitmapId> {
+        self.fold();
         if let Some(n) = name {
             if self.find(n).is_some() {
                 return Err(Error::BitmapExists { name: lossy(n) });
@@ -167,6 +252,7 @@ impl BitmapSet {
     /// Removes a bitmap from memory only (QEMU: bdrv_release_dirty_bitmap). Refused while it is
     /// busy, has a successor or has live iterators.
     pub fn release(&mut self, id: BitmapId) -> Result<DirtyBitmap> {
+        self.fold();
         let i = self.index(id)?;
         let bm = &self.slots[i].bm;
         if bm.busy() || bm.has_successor() || bm.active_iterators() > 0 {
@@ -181,13 +267,18 @@ impl BitmapSet {
                 parent.bm.display_name()
             )));
         }
-        Ok(self.slots.remove(i).bm)
+        let bm = self.slots.remove(i).bm;
+        self.refresh_log();
+        Ok(bm)
     }
 
     /// Removes a bitmap whatever its state (internal: removal of stored bitmaps, close).
     pub(crate) fn remove_unchecked(&mut self, id: BitmapId) -> Option<DirtyBitmap> {
+        self.fold();
         let i = self.slots.iter().position(|s| s.id == id)?;
-        Some(self.slots.remove(i).bm)
+        let bm = self.slots.remove(i).bm;
+        self.refresh_log();
+        Some(bm)
     }
 
     /// QEMU's `recording`: enabled, or frozen with an enabled successor.
@@ -204,6 +295,7 @@ impl BitmapSet {
     /// every enabled bitmap (successors included). Disabled, readonly and inconsistent bitmaps
     /// are skipped.
     pub fn set_dirty(&mut self, offset: u64, bytes: u64) {
+        self.fold();
         if offset >= self.size || bytes == 0 {
             return;
         }
@@ -230,6 +322,7 @@ impl BitmapSet {
     /// anonymous successor with the same granularity records writes in its place (it starts
     /// with the parent's enabled state), and the parent becomes disabled and busy.
     pub fn create_successor(&mut self, id: BitmapId) -> Result<BitmapId> {
+        self.fold();
         let parent = self.bitmap(id)?;
         parent.check(CHECK_BUSY)?;
         if parent.has_successor() {
@@ -258,6 +351,7 @@ impl BitmapSet {
     /// parent's name and persistence, and the parent (its bits) is dropped. Returns the
     /// successor, which now is the named bitmap.
     pub fn abdicate(&mut self, id: BitmapId) -> Result<BitmapId> {
+        self.fold();
         let child = self.successor_of(
             id,
             "Cannot relinquish control if there's no successor present",
@@ -273,6 +367,7 @@ impl BitmapSet {
     /// successor's bits (OR) and its enabled state, stops being busy, and the successor is
     /// dropped. Returns the parent.
     pub fn reclaim(&mut self, id: BitmapId) -> Result<BitmapId> {
+        self.fold();
         let child = self.successor_of(id, "Cannot reclaim a successor when none is present")?;
         let s = self.remove_unchecked(child).ok_or_else(|| {
             Error::Precondition("Cannot reclaim a successor when none is present".into())
@@ -296,6 +391,7 @@ impl BitmapSet {
     /// clean, granules entirely beyond the new end are dropped. Refused (nothing changes) while
     /// any bitmap is busy, frozen or iterated.
     pub fn truncate(&mut self, new_size: u64) -> Result<()> {
+        self.fold();
         for s in &self.slots {
             let b = &s.bm;
             if b.busy() || b.has_successor() || b.active_iterators() > 0 {
@@ -316,6 +412,7 @@ impl BitmapSet {
             s.bm.truncate(new_size);
         }
         self.size = new_size;
+        self.log.set_size(new_size);
         Ok(())
     }
 
@@ -345,6 +442,7 @@ impl BitmapSet {
         source: &DirtyBitmap,
         backup: bool,
     ) -> Result<Option<super::Backup>> {
+        self.fold();
         source.check(CHECK_ALLOW_RO)?;
         let t = self.bitmap_mut(target)?;
         if t.size() != source.size() {
@@ -363,6 +461,7 @@ impl BitmapSet {
 
     /// A new iterator at offset 0 (QEMU: bdrv_dirty_iter_new).
     pub fn iter_new(&mut self, id: BitmapId) -> Result<DirtyIter> {
+        self.fold();
         self.bitmap_mut(id)?.add_iterator(1);
         Ok(DirtyIter { bitmap: id, pos: 0 })
     }
@@ -396,6 +495,7 @@ impl BitmapSet {
 
     /// Gives an iterator back (QEMU: bdrv_dirty_iter_free).
     pub fn iter_free(&mut self, it: DirtyIter) {
+        self.fold();
         if let Some(bm) = self.get_mut(it.bitmap) {
             bm.add_iterator(-1);
         }

@@ -2,7 +2,10 @@
 //! between the two worlds.
 //!
 //! - `qdirty_image *` is a `Box<ImageHandle>`: the [`Image`] and the bitmap handles handed out so
-//!   far, both behind one mutex.
+//!   far, both behind one mutex, and outside it the image's lock-free write hook
+//!   ([`WriteLog`]), which `qdirty_image_set_dirty` uses without locking. Taking the lock folds
+//!   the log into the bitmaps first, so every locked call sees the writes that completed before
+//!   it.
 //! - `qdirty_bitmap *` is a `Box<BitmapHandle>` owned by its image handle: created the first
 //!   time a bitmap is handed out (first/next/find/add), freed when the bitmap is removed through
 //!   `qdirty_image_remove_bitmap` or the image is closed. It names the bitmap by [`BitmapId`]; every
@@ -12,10 +15,10 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::ptr::NonNull;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use super::error::{cstring_lossy, FfiError};
-use crate::bitmap::DirtyBitmap;
+use crate::bitmap::{DirtyBitmap, WriteLog};
 use crate::image::{BitmapId, Image};
 
 /// An open qcow2 image and its dirty bitmaps.
@@ -23,10 +26,12 @@ use crate::image::{BitmapId, Image};
 /// Ownership: owned by the caller from `qdirty_image_open` until `qdirty_image_close`, which
 /// always frees it. It owns its `qdirty_bitmap` handles.
 /// Thread safety: may be used from several threads; calls on one image are serialized by an
-/// internal lock held for the whole call. `qdirty_image_set_dirty` (the guest write hook) may
-/// run from I/O threads concurrently with every management call. Calls touching two images
-/// lock them in address order. Closing must not race with any other use. A panic inside qdirty (a bug) makes the image unusable: later calls fail with
-/// "image is unusable after an internal error", and close abandons it without storing.
+/// internal lock held for the whole call. `qdirty_image_set_dirty` (the guest write hook) takes
+/// no lock: it may run from any number of I/O threads concurrently with each other and with
+/// every management call. Calls touching two images lock them in address order. Closing must
+/// not race with any other use, the write hook included (stop I/O first). A panic inside
+/// qdirty (a bug) makes the image unusable: later calls fail with "image is unusable after an
+/// internal error", and close abandons it without storing.
 /// Methods: qdirty_image_open, qdirty_image_close, qdirty_image_size, qdirty_image_read_only,
 /// qdirty_image_store_bitmaps, qdirty_image_first_bitmap, qdirty_image_find_bitmap,
 /// qdirty_image_add_bitmap, qdirty_image_remove_bitmap, qdirty_image_merge_bitmap,
@@ -67,6 +72,8 @@ const _: fn() = || {
 /// What `qdirty_image *` points to.
 pub(crate) struct ImageHandle {
     magic: u64,
+    /// The image's write log, shared with its bitmap set: the hook writes here without the lock.
+    log: Arc<WriteLog>,
     state: Mutex<ImageState>,
 }
 
@@ -113,6 +120,7 @@ impl ImageHandle {
     pub(crate) fn into_raw(image: Image) -> *mut super::qdirty_image {
         let h = Box::new(ImageHandle {
             magic: IMAGE_MAGIC,
+            log: image.write_hook(),
             state: Mutex::new(ImageState {
                 image,
                 handles: BitmapHandles::default(),
@@ -152,9 +160,17 @@ impl ImageHandle {
         b
     }
 
-    /// Locks the image.
+    /// Locks the image and folds the write log into its bitmaps, so that the call sees every
+    /// write that completed before it (one load when none is pending).
     pub(crate) fn lock(&self) -> Result<MutexGuard<'_, ImageState>, FfiError> {
-        self.state.lock().map_err(|_| FfiError::poisoned())
+        let mut state = self.state.lock().map_err(|_| FfiError::poisoned())?;
+        state.image.fold_writes();
+        Ok(state)
+    }
+
+    /// The lock-free write hook.
+    pub(crate) fn write_log(&self) -> &WriteLog {
+        &self.log
     }
 
     /// The state, for closing, and whether an earlier panic poisoned the lock.

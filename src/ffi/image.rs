@@ -433,11 +433,21 @@ pub unsafe extern "C" fn qdirty_image_merge_bitmap(
 }
 
 /// The guest write hook (QEMU's `bdrv_set_dirty`): marks `[offset, offset + bytes)` in every
-/// enabled bitmap of the image and in no disabled one, clamped to the disk size.
+/// enabled bitmap of the image and in no disabled one (nor readonly nor inconsistent), rounded
+/// outward to each bitmap's granularity and clamped to the disk size.
 ///
-/// Does nothing when `img` is NULL or unusable (there is no error to report: check bitmaps with
+/// Lock-free and O(1) in the number of bitmaps: the range goes into the image's write log with
+/// atomic word operations, and the next call that locks the image (any other function on it or
+/// its bitmaps) applies it to the bitmaps recording at that moment, before doing anything else.
+/// So a write whose `qdirty_image_set_dirty` returned before a management call started is in
+/// every bitmap enabled at that time, and one that started after the call returned is not in
+/// the bitmaps it disabled or cleared, as with QEMU's mutex. A write concurrent with a
+/// management call may be applied granule by granule on either side of it.
+///
+/// Does nothing when `img` is NULL (there is no error to report: check bitmaps with
 /// `qdirty_bitmap_get` if in doubt).
-/// Thread safety: may be called from any thread; serialized per image.
+/// Thread safety: may be called from any thread, concurrently with itself and with any call on
+/// the image except `qdirty_image_close` (the caller stops I/O before closing).
 ///
 /// # Safety
 /// `img` is NULL or an open image.
@@ -446,9 +456,7 @@ pub unsafe extern "C" fn qdirty_image_set_dirty(img: *mut qdirty_image, offset: 
     ffi_call!({
         // SAFETY: see the function's Safety section.
         if let Ok(h) = unsafe { ImageHandle::from_ptr(img, "img") } {
-            if let Ok(mut state) = h.lock() {
-                state.image.set_dirty(offset, bytes);
-            }
+            h.write_log().set(offset, bytes);
         }
     })
 }

@@ -40,17 +40,28 @@
 //!   becomes unusable ("image is unusable after an internal error") rather than exposing
 //!   half-updated state.
 //! - Images and bitmaps may be used from several threads: calls on one image (and on its
-//!   bitmaps) are serialized by an internal lock. Errors are plain immutable objects.
+//!   bitmaps) are serialized by an internal lock, except the write hook, which takes none.
+//!   Errors are plain immutable objects.
 //!
 //! # Thread-safety contract
 //!
 //! - Every call that takes an image, a bitmap, an iterator or a transaction locks the image(s)
 //!   concerned for its whole duration; each call is atomic with respect to the others on the
 //!   same image. No call holds a lock when it returns.
-//! - The write hook `qdirty_image_set_dirty` may run from any number of I/O threads
-//!   concurrently with management calls (add, remove, merge, query, iterate, successors,
-//!   transactions, store) on the same image: every write it marks is in every bitmap that was
-//!   enabled when the call ran.
+//! - The write hook `qdirty_image_set_dirty` takes no lock and allocates nothing in the steady
+//!   state: it ORs the range into the image's write log with atomic word operations, whatever
+//!   the number of bitmaps. It may run from any number of I/O threads concurrently with each
+//!   other and with management calls (add, remove, merge, query, iterate, successors,
+//!   transactions, store, truncate) on the same image. Every call that locks the image first
+//!   applies the logged writes to the bitmaps recording at that moment, so QEMU's ordering
+//!   holds: a write whose hook call returned before a management call started is in every
+//!   bitmap that was enabled then (and so is seen by that call); a write whose hook call
+//!   started after a management call returned is recorded according to the state that call
+//!   left. A write concurrent with a management call is applied to each granule either before
+//!   or after it, never lost and never misplaced.
+//! - `qdirty_image_close` must not race with the write hook: the caller stops I/O on the image
+//!   (and waits for hook calls in flight to return) before closing it; the final store
+//!   includes every write whose hook call returned before the close started.
 //! - Calls that touch two or more images (`qdirty_image_merge_bitmap`, `qdirty_bitmap_merge`,
 //!   `qdirty_txn_merge_bitmap`, `qdirty_txn_commit`, `qdirty_txn_abort`, `qdirty_txn_free`)
 //!   lock them in address order, each once, so they never deadlock each other.

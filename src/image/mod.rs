@@ -21,9 +21,10 @@ mod txn;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::bitmap::{
-    self, BitmapInfo, BitmapSet, DirtyBitmap, CHECK_BUSY, CHECK_DEFAULT, CHECK_RO,
+    self, BitmapInfo, BitmapSet, DirtyBitmap, WriteLog, CHECK_BUSY, CHECK_DEFAULT, CHECK_RO,
 };
 use crate::error::{Error, Result};
 use crate::format::bitmap_dir::BitmapDirEntry;
@@ -165,6 +166,7 @@ impl Image {
     }
 
     fn store_on_close(&mut self) -> Result<()> {
+        self.set.fold();
         match self.disk.as_mut() {
             Some(d) if !d.read_only => d.store(&mut self.set, true).map_err(|e| {
                 e.context(format!(
@@ -179,6 +181,7 @@ impl Image {
     /// Stores the persistent bitmaps now without closing. They stay loaded and writable and are
     /// marked in_use again on disk before this returns.
     pub fn store_bitmaps(&mut self) -> Result<()> {
+        self.set.fold();
         let set = &mut self.set;
         let d = match self.disk.as_mut() {
             Some(d) if !d.read_only => d,
@@ -202,6 +205,7 @@ impl Image {
     /// To read-only: the bitmaps are stored and become readonly. To read-write: the file is
     /// reopened for writing, the bitmaps become writable and are marked in_use on disk.
     pub fn reopen(&mut self, read_write: bool) -> Result<()> {
+        self.set.fold();
         let Some(d) = self.disk.as_mut() else {
             return Ok(());
         };
@@ -298,8 +302,26 @@ impl Image {
     }
 
     /// The bitmaps of the image, for in-memory operations (successors, iterators, ...).
+    /// Folds the write log first.
     pub fn bitmaps_mut(&mut self) -> &mut BitmapSet {
+        self.set.fold();
         &mut self.set
+    }
+
+    /// The lock-free guest write hook (QEMU's `bdrv_set_dirty` without its mutex): any thread
+    /// may call [`WriteLog::set`] on it while the image is used elsewhere, e.g. behind a lock.
+    /// Its writes reach the bitmaps when the image folds them: every `&mut self` method does so
+    /// first; before reading through `&self` ([`Image::bitmap`], [`Image::bitmaps`],
+    /// [`Image::query`], ...) call [`Image::fold_writes`]. The hook must not outlive its use:
+    /// stop calling it before closing the image (writes logged after the final store are lost).
+    pub fn write_hook(&self) -> Arc<WriteLog> {
+        self.set.write_hook()
+    }
+
+    /// Applies the writes logged through [`Image::write_hook`] to the bitmaps recording now.
+    /// Cheap (one load) when nothing is pending.
+    pub fn fold_writes(&mut self) {
+        self.set.fold();
     }
 
     /// The bitmaps, newest first (QEMU's list order).
@@ -334,6 +356,7 @@ impl Image {
         granularity: u64,
         opts: AddOptions,
     ) -> Result<BitmapId> {
+        self.set.fold();
         bitmap::validate_name(name)?;
         let granularity = if granularity == 0 {
             self.default_granularity()
@@ -432,6 +455,7 @@ impl Image {
     /// Removes a bitmap, from the image too when it is persistent (QMP block-dirty-bitmap-remove).
     /// Allowed on inconsistent bitmaps; refused on busy and readonly ones.
     pub fn remove_bitmap(&mut self, name: &[u8]) -> Result<()> {
+        self.set.fold();
         let id = self.set.lookup(name)?;
         let bm = self.set.bitmap(id)?;
         bm.check(CHECK_BUSY | CHECK_RO)?;
@@ -460,13 +484,15 @@ impl Image {
     /// target |= source within this image (QMP block-dirty-bitmap-merge). Granularities may
     /// differ. The target is unchanged on any error.
     pub fn merge_bitmap(&mut self, target: &[u8], source: &[u8]) -> Result<()> {
+        self.set.fold();
         let t = self.set.lookup(target)?;
         let s = self.set.lookup(source)?;
         let src = self.set.bitmap(s)?.clone();
         self.set.merge(t, &src, false).map(drop)
     }
 
-    /// target |= a bitmap of another image (QMP merge with an external source).
+    /// target |= a bitmap of another image (QMP merge with an external source). `src` is read
+    /// as it is: if writers use its hook, fold it first ([`Image::fold_writes`]).
     pub fn merge_bitmap_from(&mut self, target: &[u8], src: &Image, source: &[u8]) -> Result<()> {
         let t = self.set.lookup(target)?;
         let s = src.set.bitmap(src.set.lookup(source)?)?;
@@ -474,7 +500,9 @@ impl Image {
     }
 
     /// The guest write hook (QEMU: bdrv_set_dirty): marks the range in every enabled bitmap,
-    /// clamped to the disk size. Disabled, readonly and inconsistent bitmaps are skipped.
+    /// clamped to the disk size. Disabled, readonly and inconsistent bitmaps are skipped. This
+    /// one needs `&mut self` and marks each bitmap directly; for writes from I/O threads without
+    /// a lock, use [`Image::write_hook`].
     pub fn set_dirty(&mut self, offset: u64, bytes: u64) {
         self.set.set_dirty(offset, bytes);
     }
@@ -484,6 +512,7 @@ impl Image {
     /// now says: a host that resized the image calls this afterwards. Refused while a bitmap is
     /// busy, frozen, iterated, readonly or inconsistent, or when stored bitmaps are not loaded.
     pub fn truncate(&mut self, new_size: u64) -> Result<()> {
+        self.set.fold();
         if let Some(d) = self.disk.as_mut() {
             for (_, b) in self.set.iter() {
                 if b.persistent() {
