@@ -4,33 +4,43 @@
 //! bytes (a granule). Callers (crate::bitmap::DirtyBitmap) validate arguments before calling; the
 //! engine clamps ranges to the size and never panics on any input combination.
 //!
-//! # Design
+//! # Design: chunks with their own summaries, under a table of chunk states
 //!
-//! * `bottom`: the real bitmap, one bit per granule, `max(ceil(granules / 64), 1)` words (exactly
-//!   the words QEMU hashes for `x-debug-block-dirty-bitmap-sha256`). Bits at or past `granules`
-//!   are always zero (every writer masks the last word).
-//! * Two towers of summary levels over it, each level 64 times smaller than the one below, up to
-//!   a level of one word:
-//!   - `any[0]` bit n is set iff bottom word n is non-zero, `any[l + 1]` bit n iff `any[l]` word n
-//!     is non-zero. Used to find dirty granules.
-//!   - `full[0]` bit n is set iff bottom word n is all ones, `full[l + 1]` bit n iff `full[l]` word
-//!     n is all ones. Used to find clean granules quickly in dense bitmaps (QEMU has no such
-//!     summary and its `next_zero` is linear). The last, partial bottom word is never "full".
+//! The bitmap is cut into chunks of [`CHUNK_GRANULES`] (2^16) granules, 1024 bottom words
+//! (8 KiB). A chunk is in one of three states:
 //!
-//! A search (dirty or clean, see [`HBitmap::find`]) looks at the current word of a level; if it
-//! has no interesting bit at or after the position it climbs one level and continues from the next
-//! word, and once it finds a bit it descends with `trailing_zeros` to the bottom. The cost is
-//! O(levels) word reads (at most 7 levels for 2^41 granules), independent of how much clean (or
-//! dirty) space is skipped.
+//! * **clean**: no storage at all (`chunks[c]` is `None`, `nonempty` bit clear);
+//! * **full**: every granule of the chunk dirty, also no storage (`None`, `notfull` bit clear);
+//! * **partial**: a [`Part`] — the 1024 words plus two small summary levels ("word non-zero",
+//!   "word all ones", and one word above each) and the chunk's dirty count.
 //!
-//! Updates change a bottom word and propagate upward only while a summary word changes between
-//! zero / non-zero (`any`) or full / not full (`full`), so setting or clearing m granules costs
-//! O(m / 64) amortised word operations. The count of dirty granules is maintained incrementally
-//! (popcount of the changed bits), so `count` and `is_empty` are O(1).
+//! Every operation leaves chunks in canonical form: a partial chunk whose count falls to zero is
+//! freed (clean), one whose count reaches its capacity is freed (full). So memory follows the
+//! dirt: a clean or fully dirty region of any size costs one table pointer per 2^16 granules, and
+//! a partial chunk costs its flat size plus about 3.3% (summaries).
 //!
-//! All levels are allocated with `vec![0; n]` (zeroed allocation): untouched pages of a huge
-//! bitmap cost no resident memory. `reset_all` reallocates instead of writing zeros for the same
-//! reason. Memory: bottom size times about 1 + 2/63.
+//! Above the chunks, two bit vectors over chunk indices, each with "word non-zero" summary levels
+//! (64 times smaller each, up to one word): `nonempty` (chunk has a dirty granule) and `notfull`
+//! (chunk has a clean granule). A search for the next dirty (clean) granule looks in its own
+//! chunk through the chunk summaries (at most three word reads), then jumps with the `nonempty`
+//! (`notfull`) tower to the next chunk that can contain one, in O(levels) word reads whatever
+//! the distance — so both next_dirty in a sparse bitmap and next_zero in a full one are O(1)-ish,
+//! and a fully dirty region is skipped in one step (QEMU's linear next_zero is the pathology of
+//! field-notes P3).
+//!
+//! The total dirty count is maintained incrementally (popcount of changed bits), so `count` and
+//! `is_empty` are O(1). Updates of whole chunks (set/reset/merge/deserialize covering a chunk)
+//! switch its state without touching words. Merging same-shaped bitmaps works chunk by chunk:
+//! clean source chunks are skipped through the tower, a full source chunk makes the destination
+//! chunk full, a partial one is copied (clean destination) or OR-ed group by group with the
+//! destination's summaries recomputed on the way. The engine keeps every summary and count exact
+//! at all times, including during deserialize_* sequences (`deserialize_finish` has nothing left
+//! to do).
+//!
+//! Cost model (what a caller on the write path should know): setting granules in a partial
+//! chunk costs a few word operations; the first set in a clean chunk allocates one
+//! `Part` (about 8.3 KiB, zeroed); a reset inside a full chunk allocates one filled with ones.
+//! Sets in full chunks and resets in clean chunks cost nothing beyond the table lookup.
 
 use std::fmt;
 
@@ -38,6 +48,330 @@ use super::sha256::{to_hex, Sha256};
 
 /// Largest number of granules a bitmap may track (2^41, as QEMU's HBitmap on 64-bit hosts).
 pub const MAX_GRANULES: u64 = 1 << 41;
+
+/// log2 of the granules per chunk.
+const CHUNK_BITS: u32 = 16;
+/// Granules per chunk.
+pub const CHUNK_GRANULES: u64 = 1 << CHUNK_BITS;
+/// Mask of a granule index within its chunk.
+const CHUNK_MASK: u64 = CHUNK_GRANULES - 1;
+/// Bottom words per chunk.
+const CHUNK_WORDS: usize = 1 << (CHUNK_BITS - 6);
+/// Groups of 64 words per chunk (bits of the chunk's top summary word).
+const GROUPS: usize = CHUNK_WORDS / 64;
+const _: () = assert!(GROUPS >= 1 && GROUPS <= 64);
+/// Valid bits of a chunk's top summary word.
+const GROUP_MASK: u64 = if GROUPS == 64 {
+    !0
+} else {
+    (1u64 << GROUPS) - 1
+};
+
+/// All-zero and all-one bytes of one chunk, fed to SHA-256 for chunks without storage.
+static ZERO_BYTES: [u8; CHUNK_WORDS * 8] = [0; CHUNK_WORDS * 8];
+static ONE_BYTES: [u8; CHUNK_WORDS * 8] = [0xff; CHUNK_WORDS * 8];
+
+/// The storage of a partially dirty chunk.
+#[derive(Clone)]
+struct Part {
+    /// One bit per granule of the chunk; bits past the bitmap's end are zero.
+    words: [u64; CHUNK_WORDS],
+    /// Bit w % 64 of `any1[w / 64]`: `words[w] != 0`.
+    any1: [u64; GROUPS],
+    /// Bit w % 64 of `full1[w / 64]`: `words[w] == !0`.
+    full1: [u64; GROUPS],
+    /// Bit g: `any1[g] != 0`.
+    any2: u64,
+    /// Bit g: `full1[g] == !0`.
+    full2: u64,
+    /// Set bits in `words`.
+    count: u32,
+}
+
+/// Mask of bits lo..=hi (0 <= lo <= hi <= 63) of a word.
+#[inline]
+fn bit_range_mask(lo: u64, hi: u64) -> u64 {
+    (!0u64 << lo) & (!0u64 >> (63 - hi))
+}
+
+/// Mask of the bits strictly above bit `b` (0 <= b <= 63).
+#[inline]
+fn above(b: u64) -> u64 {
+    (!0u64 << b) << 1
+}
+
+impl Part {
+    fn zeroed() -> Box<Part> {
+        Box::new(Part {
+            words: [0; CHUNK_WORDS],
+            any1: [0; GROUPS],
+            full1: [0; GROUPS],
+            any2: 0,
+            full2: 0,
+            count: 0,
+        })
+    }
+
+    /// A chunk with its first `cap` granules dirty (cap <= CHUNK_GRANULES).
+    fn ones(cap: u64) -> Box<Part> {
+        let mut p = Part::zeroed();
+        if cap > 0 {
+            p.fill(0, cap - 1, true);
+        }
+        p
+    }
+
+    /// words[w] |= mask; returns the number of bits that changed.
+    #[inline]
+    fn or(&mut self, w: usize, mask: u64) -> u32 {
+        let old = self.words[w];
+        let new = old | mask;
+        if new == old {
+            return 0;
+        }
+        self.words[w] = new;
+        let (g, b) = (w >> 6, w & 63);
+        if old == 0 {
+            if self.any1[g] == 0 {
+                self.any2 |= 1 << g;
+            }
+            self.any1[g] |= 1 << b;
+        }
+        if new == !0 {
+            self.full1[g] |= 1 << b;
+            if self.full1[g] == !0 {
+                self.full2 |= 1 << g;
+            }
+        }
+        let changed = (new ^ old).count_ones();
+        self.count += changed;
+        changed
+    }
+
+    /// words[w] &= !mask; returns the number of bits that changed.
+    #[inline]
+    fn andnot(&mut self, w: usize, mask: u64) -> u32 {
+        let old = self.words[w];
+        let new = old & !mask;
+        if new == old {
+            return 0;
+        }
+        self.words[w] = new;
+        let (g, b) = (w >> 6, w & 63);
+        if new == 0 {
+            self.any1[g] &= !(1 << b);
+            if self.any1[g] == 0 {
+                self.any2 &= !(1 << g);
+            }
+        }
+        if old == !0 {
+            if self.full1[g] == !0 {
+                self.full2 &= !(1 << g);
+            }
+            self.full1[g] &= !(1 << b);
+        }
+        let changed = (new ^ old).count_ones();
+        self.count -= changed;
+        changed
+    }
+
+    /// Sets (`value`) or clears the local granules lo..=hi; returns the number changed.
+    fn fill(&mut self, lo: u64, hi: u64, value: bool) -> u64 {
+        let (fw, lw) = (lo >> 6, hi >> 6);
+        let mut changed = 0u64;
+        for w in fw..=lw {
+            let l = if w == fw { lo & 63 } else { 0 };
+            let h = if w == lw { hi & 63 } else { 63 };
+            let mask = bit_range_mask(l, h);
+            changed += u64::from(if value {
+                self.or(w as usize, mask)
+            } else {
+                self.andnot(w as usize, mask)
+            });
+        }
+        changed
+    }
+
+    /// First local granule >= `pos` that is dirty (`clean` false) or clean (`clean` true).
+    /// Padding bits past the bitmap's end count as clean: callers compare with the end.
+    #[inline]
+    fn find(&self, pos: u64, clean: bool) -> Option<u64> {
+        let flip = if clean { !0u64 } else { 0 };
+        let (l1, l2) = if clean {
+            (&self.full1, self.full2)
+        } else {
+            (&self.any1, self.any2)
+        };
+        let w = (pos >> 6) as usize & (CHUNK_WORDS - 1);
+        let bits = (self.words[w] ^ flip) & (!0u64 << (pos & 63));
+        if bits != 0 {
+            return Some(((w as u64) << 6) | u64::from(bits.trailing_zeros()));
+        }
+        let g = w >> 6;
+        let cand = (l1[g] ^ flip) & above((w & 63) as u64);
+        let w2 = if cand != 0 {
+            (g << 6) | cand.trailing_zeros() as usize
+        } else {
+            let groups = (l2 ^ flip) & GROUP_MASK & above(g as u64);
+            if groups == 0 {
+                return None;
+            }
+            let g2 = groups.trailing_zeros() as usize;
+            (g2 << 6) | (l1[g2] ^ flip).trailing_zeros() as usize
+        };
+        let word = self.words[w2] ^ flip;
+        Some(((w2 as u64) << 6) | u64::from(word.trailing_zeros()))
+    }
+
+    /// self |= src, summaries recomputed for the groups `src` has bits in. Written as separate
+    /// simple loops over a group (OR, popcounts, summary bits) so that each vectorizes.
+    fn or_from(&mut self, src: &Part) {
+        for g in 0..GROUPS {
+            if src.any1[g] == 0 {
+                continue;
+            }
+            let dw = &mut self.words[g * 64..g * 64 + 64];
+            let sw = &src.words[g * 64..g * 64 + 64];
+            let (mut added, mut fulls) = (0u32, 0u32);
+            for (d, s) in dw.iter_mut().zip(sw) {
+                added += (*s & !*d).count_ones();
+                *d |= *s;
+                fulls += u32::from(*d == !0);
+            }
+            self.count += added;
+            // A word is non-zero after the OR iff it was before or the source's was.
+            self.any1[g] |= src.any1[g];
+            self.full1[g] = if fulls == 0 {
+                0
+            } else {
+                dw.iter()
+                    .enumerate()
+                    .fold(0, |f, (j, &w)| f | (u64::from(w == !0) << j))
+            };
+        }
+        self.resummarize_top();
+    }
+
+    /// Recomputes `any2` and `full2` from the group summaries.
+    fn resummarize_top(&mut self) {
+        let (mut a, mut f) = (0u64, 0u64);
+        for g in 0..GROUPS {
+            a |= u64::from(self.any1[g] != 0) << g;
+            f |= u64::from(self.full1[g] == !0) << g;
+        }
+        self.any2 = a;
+        self.full2 = f;
+    }
+}
+
+/// A bit vector with "word non-zero" summary levels, for finding set bits fast.
+#[derive(Clone, Default)]
+struct Tower {
+    /// `levels[0]` is the bit vector; bit n of `levels[l + 1]` is set iff word n of `levels[l]`
+    /// is non-zero. The last level has one word.
+    levels: Vec<Vec<u64>>,
+}
+
+impl Tower {
+    /// `bits` bits, all clear (`ones` false) or all set.
+    fn new(bits: usize, ones: bool) -> Tower {
+        let words = bits.div_ceil(64).max(1);
+        let mut v = vec![0u64; words];
+        if ones {
+            v.fill(!0);
+            if bits % 64 != 0 {
+                v[words - 1] = (1u64 << (bits % 64)) - 1;
+            }
+            if bits == 0 {
+                v[0] = 0;
+            }
+        }
+        Tower::from_bits(v)
+    }
+
+    /// A tower over the given bottom level (at least one word).
+    fn from_bits(bits: Vec<u64>) -> Tower {
+        let mut levels = vec![bits];
+        while let Some(last) = levels.last().filter(|l| l.len() > 1) {
+            let mut up = vec![0u64; last.len().div_ceil(64)];
+            for (o, chunk) in up.iter_mut().zip(last.chunks(64)) {
+                *o = chunk
+                    .iter()
+                    .enumerate()
+                    .fold(0, |v, (i, &w)| v | (u64::from(w != 0) << i));
+            }
+            levels.push(up);
+        }
+        Tower { levels }
+    }
+
+    #[inline]
+    fn get(&self, idx: usize) -> bool {
+        self.levels[0]
+            .get(idx >> 6)
+            .is_some_and(|w| (w >> (idx & 63)) & 1 != 0)
+    }
+
+    #[inline]
+    fn set(&mut self, mut idx: usize) {
+        for level in &mut self.levels {
+            let Some(word) = level.get_mut(idx >> 6) else {
+                return;
+            };
+            let was = *word;
+            *word |= 1u64 << (idx & 63);
+            if was != 0 {
+                return;
+            }
+            idx >>= 6;
+        }
+    }
+
+    #[inline]
+    fn clear(&mut self, mut idx: usize) {
+        for level in &mut self.levels {
+            let Some(word) = level.get_mut(idx >> 6) else {
+                return;
+            };
+            *word &= !(1u64 << (idx & 63));
+            if *word != 0 {
+                return;
+            }
+            idx >>= 6;
+        }
+    }
+
+    /// First set bit >= `pos`.
+    fn find(&self, pos: usize) -> Option<usize> {
+        let top = self.levels.len() - 1;
+        let mut level = 0usize;
+        let mut idx = pos;
+        loop {
+            let w = idx >> 6;
+            let word = *self.levels[level].get(w)?;
+            let bits = word & (!0u64 << (idx & 63));
+            if bits != 0 {
+                let mut found = (w << 6) | bits.trailing_zeros() as usize;
+                while level > 0 {
+                    level -= 1;
+                    let word = *self.levels[level].get(found)?;
+                    found = (found << 6) | word.trailing_zeros() as usize;
+                }
+                return Some(found);
+            }
+            if level == top {
+                return None;
+            }
+            level += 1;
+            idx = w + 1;
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.levels.capacity() * std::mem::size_of::<Vec<u64>>()
+            + self.levels.iter().map(|l| l.capacity() * 8).sum::<usize>()
+    }
+}
 
 /// A hierarchical dirty bitmap over `size` bytes.
 #[derive(Clone)]
@@ -48,14 +382,17 @@ pub struct HBitmap {
     gbits: u32,
     /// ceil(size / granularity).
     granules: u64,
-    /// Number of set bits in `bottom` (stale between deserialize_* and deserialize_finish).
+    /// Number of dirty granules.
     dirty: u64,
-    /// One bit per granule; `words_for(granules)` words; bits >= `granules` are zero.
-    bottom: Vec<u64>,
-    /// "Word below is non-zero" summaries, lowest first; empty when `bottom` has one word.
-    any: Vec<Vec<u64>>,
-    /// "Word below is all ones" summaries, same shapes as `any`.
-    full: Vec<Vec<u64>>,
+    /// Net change of `dirty` made by deserialize_* calls since the last deserialize_finish:
+    /// like QEMU, the visible count ignores them until the finish.
+    deser_delta: i64,
+    /// One slot per chunk (`chunk_count(granules)`): `Some` for partial chunks only.
+    chunks: Vec<Option<Box<Part>>>,
+    /// Bit c: chunk c has a dirty granule.
+    nonempty: Tower,
+    /// Bit c: chunk c has a clean granule (the chunk of a zero-granule bitmap counts as clean).
+    notfull: Tower,
 }
 
 impl fmt::Debug for HBitmap {
@@ -66,106 +403,19 @@ impl fmt::Debug for HBitmap {
             .field("granularity_bits", &self.gbits)
             .field("granules", &self.granules)
             .field("dirty_granules", &self.dirty)
-            .field("levels", &(self.any.len() + 1))
+            .field("chunks", &self.chunks.len())
             .finish()
     }
 }
 
 /// Number of bottom words for `granules` bits (at least one, like QEMU).
-fn words_for(granules: u64) -> usize {
-    usize::try_from(granules.div_ceil(64).max(1)).unwrap_or(usize::MAX)
+fn words_for(granules: u64) -> u64 {
+    granules.div_ceil(64).max(1)
 }
 
-/// Lengths of the summary levels above a bottom level of `bottom_words` words.
-fn summary_lengths(bottom_words: usize) -> Vec<usize> {
-    let mut lens = Vec::new();
-    let mut n = bottom_words;
-    while n > 1 {
-        n = n.div_ceil(64);
-        lens.push(n);
-    }
-    lens
-}
-
-/// Mask of bits lo..=hi (0 <= lo <= hi <= 63) of a word.
-#[inline]
-fn bit_range_mask(lo: u64, hi: u64) -> u64 {
-    (!0u64 << lo) & (!0u64 >> (63 - hi))
-}
-
-/// Sets bit `idx` in `levels[0]` and propagates up while a word goes from zero to non-zero.
-#[inline]
-fn any_set(levels: &mut [Vec<u64>], mut idx: usize) {
-    for level in levels {
-        let Some(word) = level.get_mut(idx >> 6) else {
-            return;
-        };
-        let was = *word;
-        *word |= 1u64 << (idx & 63);
-        if was != 0 {
-            return;
-        }
-        idx >>= 6;
-    }
-}
-
-/// Clears bit `idx` in `levels[0]` and propagates up while a word becomes zero.
-#[inline]
-fn any_clear(levels: &mut [Vec<u64>], mut idx: usize) {
-    for level in levels {
-        let Some(word) = level.get_mut(idx >> 6) else {
-            return;
-        };
-        *word &= !(1u64 << (idx & 63));
-        if *word != 0 {
-            return;
-        }
-        idx >>= 6;
-    }
-}
-
-/// Sets bit `idx` in `levels[0]` and propagates up while a word becomes all ones.
-#[inline]
-fn full_set(levels: &mut [Vec<u64>], mut idx: usize) {
-    for level in levels {
-        let Some(word) = level.get_mut(idx >> 6) else {
-            return;
-        };
-        *word |= 1u64 << (idx & 63);
-        if *word != !0 {
-            return;
-        }
-        idx >>= 6;
-    }
-}
-
-/// Clears bit `idx` in `levels[0]` and propagates up while a word stops being all ones.
-#[inline]
-fn full_clear(levels: &mut [Vec<u64>], mut idx: usize) {
-    for level in levels {
-        let Some(word) = level.get_mut(idx >> 6) else {
-            return;
-        };
-        let was = *word;
-        *word &= !(1u64 << (idx & 63));
-        if was != !0 {
-            return;
-        }
-        idx >>= 6;
-    }
-}
-
-/// One summary level over `src`: bit n set iff `pred(src[n])`.
-fn summarize(src: &[u64], pred: impl Fn(u64) -> bool) -> Vec<u64> {
-    let mut out = vec![0u64; src.len().div_ceil(64)];
-    for (o, chunk) in out.iter_mut().zip(src.chunks(64)) {
-        let mut v = 0u64;
-        for (i, &w) in chunk.iter().enumerate() {
-            v |= (pred(w) as u64) << i;
-        }
-        *o = v;
-    }
-    out
+/// Number of chunks for `granules` (at least one).
+fn chunk_count(granules: u64) -> usize {
+    usize::try_from(granules.div_ceil(CHUNK_GRANULES).max(1)).unwrap_or(usize::MAX)
 }
 
 impl HBitmap {
@@ -175,16 +425,16 @@ impl HBitmap {
     pub fn new(size: u64, granularity_bits: u32) -> Self {
         let gbits = granularity_bits.min(63);
         let granules = size.div_ceil(1u64 << gbits);
-        let words = words_for(granules);
-        let lens = summary_lengths(words);
+        let n = chunk_count(granules);
         HBitmap {
             size,
             gbits,
             granules,
             dirty: 0,
-            bottom: vec![0u64; words],
-            any: lens.iter().map(|&n| vec![0u64; n]).collect(),
-            full: lens.iter().map(|&n| vec![0u64; n]).collect(),
+            deser_delta: 0,
+            chunks: vec![None; n],
+            nonempty: Tower::new(n, false),
+            notfull: Tower::new(n, true),
         }
     }
     /// Covered length in bytes.
@@ -199,22 +449,46 @@ impl HBitmap {
     pub fn granules(&self) -> u64 {
         self.granules
     }
-    /// Number of dirty granules (O(1)).
+    /// Number of dirty granules (O(1)). Like QEMU, changes made by deserialize_* show only after
+    /// deserialize_finish (the bits themselves and the searches see them at once).
     pub fn dirty_granules(&self) -> u64 {
-        self.dirty
+        (self.dirty as i64).wrapping_sub(self.deser_delta).max(0) as u64
     }
     /// Dirty granules times granularity, in bytes (may exceed size by less than a granule). O(1).
     /// (Saturates at u64::MAX, only reachable for sizes within a granule of u64::MAX.)
     pub fn count(&self) -> u64 {
-        if self.dirty > (u64::MAX >> self.gbits) {
+        let dirty = self.dirty_granules();
+        if dirty > (u64::MAX >> self.gbits) {
             u64::MAX
         } else {
-            self.dirty << self.gbits
+            dirty << self.gbits
         }
     }
     /// True when no bit is set.
     pub fn is_empty(&self) -> bool {
-        self.dirty == 0
+        self.dirty_granules() == 0
+    }
+
+    /// Heap memory owned by the bitmap in bytes: the chunk table, the chunk towers and the
+    /// storage of partial chunks (allocator overhead not included). O(chunks).
+    pub fn heap_bytes(&self) -> usize {
+        let parts = self.chunks.iter().filter(|c| c.is_some()).count();
+        self.chunks.capacity() * std::mem::size_of::<Option<Box<Part>>>()
+            + parts * std::mem::size_of::<Part>()
+            + self.nonempty.heap_bytes()
+            + self.notfull.heap_bytes()
+    }
+
+    /// Number of chunks with storage (partially dirty chunks). O(chunks).
+    pub fn allocated_chunks(&self) -> usize {
+        self.chunks.iter().filter(|c| c.is_some()).count()
+    }
+
+    /// Granules of chunk `c` that lie inside the bitmap.
+    #[inline]
+    fn cap(&self, c: usize) -> u64 {
+        let base = (c as u64) << CHUNK_BITS;
+        self.granules.saturating_sub(base).min(CHUNK_GRANULES)
     }
 
     /// The granules [first, last] intersecting [start, start + bytes), clamped; None if empty.
@@ -236,96 +510,144 @@ impl HBitmap {
         }
     }
 
-    /// Clears the bits past the last granule (after whole-word writes).
-    fn mask_tail(&mut self) {
-        let mask = self.last_word_mask();
-        if let Some(last) = self.bottom.last_mut() {
-            *last &= mask;
-        }
-    }
-
-    /// bottom[w] |= mask, with count and summary maintenance.
+    /// Frees chunk `c`'s storage when it has become clean or full.
     #[inline]
-    fn or_word(&mut self, w: usize, mask: u64) {
-        let Some(slot) = self.bottom.get_mut(w) else {
+    fn settle(&mut self, c: usize) {
+        let cap = self.cap(c);
+        let Some(p) = &self.chunks[c] else {
             return;
         };
-        let old = *slot;
-        let new = old | mask;
-        if new == old {
-            return;
-        }
-        *slot = new;
-        self.dirty += u64::from((new & !old).count_ones());
-        if old == 0 {
-            any_set(&mut self.any, w);
-        }
-        if new == !0 {
-            full_set(&mut self.full, w);
+        let n = u64::from(p.count);
+        if n == 0 {
+            self.chunks[c] = None;
+            self.nonempty.clear(c);
+        } else if n == cap {
+            self.chunks[c] = None;
+            self.notfull.clear(c);
         }
     }
 
-    /// bottom[w] &= !mask, with count and summary maintenance.
+    /// The storage of chunk `c`, allocated (clean or full contents) if it has none.
     #[inline]
-    fn andnot_word(&mut self, w: usize, mask: u64) {
-        let Some(slot) = self.bottom.get_mut(w) else {
-            return;
-        };
-        let old = *slot;
-        let new = old & !mask;
-        if new == old {
-            return;
+    fn part_mut(&mut self, c: usize) -> &mut Part {
+        if self.chunks[c].is_none() {
+            let part = if self.notfull.get(c) {
+                self.nonempty.set(c);
+                Part::zeroed()
+            } else {
+                self.notfull.set(c);
+                Part::ones(self.cap(c))
+            };
+            self.chunks[c] = Some(part);
         }
-        *slot = new;
-        self.dirty = self
-            .dirty
-            .saturating_sub(u64::from((old & mask).count_ones()));
-        if new == 0 {
-            any_clear(&mut self.any, w);
-        }
-        if old == !0 {
-            full_clear(&mut self.full, w);
+        match &mut self.chunks[c] {
+            Some(p) => p,
+            None => unreachable!("allocated above"),
         }
     }
 
-    /// Applies `op(word index, mask)` to every bottom word of the granules [first, last].
+    /// Sets (`value`) or clears the local granules lo..=hi (< cap) of chunk `c`.
     #[inline]
-    fn for_each_word(&mut self, first: u64, last: u64, mut op: impl FnMut(&mut Self, usize, u64)) {
-        let (fw, lw) = (first >> 6, last >> 6);
-        for w in fw..=lw {
-            let lo = if w == fw { first & 63 } else { 0 };
-            let hi = if w == lw { last & 63 } else { 63 };
-            op(self, w as usize, bit_range_mask(lo, hi));
+    fn fill_chunk(&mut self, c: usize, lo: u64, hi: u64, value: bool) {
+        let cap = self.cap(c);
+        if lo == 0 && hi + 1 >= cap {
+            // The whole chunk: a state change, no storage.
+            let before = match &self.chunks[c] {
+                Some(p) => u64::from(p.count),
+                None if self.notfull.get(c) => 0,
+                None => cap,
+            };
+            self.chunks[c] = None;
+            if value {
+                self.dirty += cap - before;
+                self.nonempty.set(c);
+                self.notfull.clear(c);
+            } else {
+                self.dirty -= before;
+                self.nonempty.clear(c);
+                self.notfull.set(c);
+            }
+            return;
+        }
+        if self.chunks[c].is_none() && self.notfull.get(c) != value {
+            // Setting in a full chunk, or clearing in a clean one.
+            return;
+        }
+        let changed = self.part_mut(c).fill(lo, hi, value);
+        if value {
+            self.dirty += changed;
+        } else {
+            self.dirty -= changed;
+        }
+        self.settle(c);
+    }
+
+    /// Sets (`value`) or clears the granules first..=last (< granules), chunk by chunk,
+    /// visiting only chunks that can change (through the towers).
+    fn fill_granules(&mut self, first: u64, last: u64, value: bool) {
+        let (fc, lc) = (
+            (first >> CHUNK_BITS) as usize,
+            (last >> CHUNK_BITS) as usize,
+        );
+        if fc == lc {
+            self.fill_chunk(fc, first & CHUNK_MASK, last & CHUNK_MASK, value);
+            return;
+        }
+        let mut c = fc;
+        loop {
+            let tower = if value { &self.notfull } else { &self.nonempty };
+            let Some(n) = tower.find(c) else {
+                return;
+            };
+            if n > lc {
+                return;
+            }
+            let lo = if n == fc { first & CHUNK_MASK } else { 0 };
+            let hi = if n == lc {
+                last & CHUNK_MASK
+            } else {
+                CHUNK_MASK
+            };
+            self.fill_chunk(n, lo, hi, value);
+            c = n + 1;
         }
     }
 
     /// Sets every granule that intersects [start, start + bytes) (rounded outward), clamped to size.
+    #[inline]
     pub fn set(&mut self, start: u64, bytes: u64) {
         if let Some((first, last)) = self.granule_span(start, bytes) {
-            self.for_each_word(first, last, Self::or_word);
+            // Fast path: one word of a partial chunk (the common guest write).
+            if first >> 6 == last >> 6 {
+                let c = (first >> CHUNK_BITS) as usize;
+                if let Some(Some(p)) = self.chunks.get_mut(c) {
+                    let w = ((first & CHUNK_MASK) >> 6) as usize;
+                    let added = p.or(w, bit_range_mask(first & 63, last & 63));
+                    if added != 0 {
+                        self.dirty += u64::from(added);
+                        self.settle(c);
+                    }
+                    return;
+                }
+            }
+            self.fill_granules(first, last, true);
         }
     }
     /// Clears every granule that intersects [start, start + bytes), clamped to size.
     /// (Alignment is checked by the caller.)
     pub fn reset(&mut self, start: u64, bytes: u64) {
         if let Some((first, last)) = self.granule_span(start, bytes) {
-            self.for_each_word(first, last, Self::andnot_word);
+            self.fill_granules(first, last, false);
         }
     }
-    /// Clears everything. A small bitmap is zeroed in place; a large one gets freshly zeroed
-    /// levels (cheap, and gives pages back) instead of zeros written over its whole bottom level.
+    /// Clears everything and frees all chunk storage. O(chunks).
     pub fn reset_all(&mut self) {
-        const IN_PLACE_WORDS: usize = 4096;
-        if self.bottom.len() <= IN_PLACE_WORDS {
-            self.bottom.fill(0);
-            self.any
-                .iter_mut()
-                .chain(self.full.iter_mut())
-                .for_each(|l| l.fill(0));
-            self.dirty = 0;
-        } else {
-            *self = HBitmap::new(self.size, self.gbits);
-        }
+        let n = self.chunks.len();
+        self.chunks = vec![None; n];
+        self.nonempty = Tower::new(n, false);
+        self.notfull = Tower::new(n, true);
+        self.dirty = 0;
+        self.deser_delta = 0;
     }
     /// Whether the granule containing byte `offset` is dirty (false beyond the end).
     pub fn get(&self, offset: u64) -> bool {
@@ -333,60 +655,42 @@ impl HBitmap {
             return false;
         }
         let k = offset >> self.gbits;
-        self.bottom
-            .get((k >> 6) as usize)
-            .is_some_and(|w| (w >> (k & 63)) & 1 != 0)
-    }
-
-    /// Summary level `l` of the tower used by a dirty (`zero` false) or clean (`zero` true)
-    /// search; level 0 is the bottom.
-    #[inline]
-    fn level(&self, l: usize, zero: bool) -> &[u64] {
-        match l {
-            0 => &self.bottom,
-            _ if zero => &self.full[l - 1],
-            _ => &self.any[l - 1],
+        let c = (k >> CHUNK_BITS) as usize;
+        match self.chunks.get(c) {
+            Some(Some(p)) => (p.words[((k & CHUNK_MASK) >> 6) as usize] >> (k & 63)) & 1 != 0,
+            Some(None) => !self.notfull.get(c),
+            None => false,
         }
     }
 
-    /// First granule index >= `pos` that is dirty (`zero` false) or clean (`zero` true). A clean
-    /// result may lie at or past `granules` (padding bits of the last word): callers compare with
-    /// their end. None when there is none (or past the end).
+    /// First granule index >= `pos` and < `granules` that is dirty (`clean` false) or clean
+    /// (`clean` true).
     #[inline]
-    fn find(&self, pos: u64, zero: bool) -> Option<u64> {
-        // Searching for clean bits is searching for set bits in the complemented bottom level;
-        // the `full` tower summarises exactly "the complemented word is zero".
-        let flip = if zero { !0u64 } else { 0 };
-        let top = self.any.len();
-        let mut level = 0usize;
-        let mut idx = pos;
-        loop {
-            let w = idx >> 6;
-            let word = *self.level(level, zero).get(usize::try_from(w).ok()?)?;
-            let bits = (word ^ flip) & (!0u64 << (idx & 63));
-            if bits != 0 {
-                // Descend: each summary bit names a word of the level below with a hit in it.
-                let mut found = (w << 6) | u64::from(bits.trailing_zeros());
-                while level > 0 {
-                    level -= 1;
-                    // A missing word lies past the end of the level (only possible for the clean
-                    // search's padding bits): nothing exists from there on.
-                    let word = *self.level(level, zero).get(found as usize)? ^ flip;
-                    if word == 0 {
-                        // Summaries stale (between deserialize_* and deserialize_finish).
-                        return None;
-                    }
-                    found = (found << 6) | u64::from(word.trailing_zeros());
+    fn find(&self, pos: u64, clean: bool) -> Option<u64> {
+        if pos >= self.granules {
+            return None;
+        }
+        let c = (pos >> CHUNK_BITS) as usize;
+        let here = match self.chunks.get(c)? {
+            Some(p) => p
+                .find(pos & CHUNK_MASK, clean)
+                .map(|l| ((c as u64) << CHUNK_BITS) | l),
+            // A full chunk (notfull clear) answers a dirty search, a clean one a clean search.
+            None => (self.notfull.get(c) == clean).then_some(pos),
+        };
+        let found = match here {
+            Some(k) => k,
+            None => {
+                let tower = if clean { &self.notfull } else { &self.nonempty };
+                let n = tower.find(c + 1)?;
+                let base = (n as u64) << CHUNK_BITS;
+                match self.chunks.get(n)? {
+                    Some(p) => base | p.find(0, clean)?,
+                    None => base,
                 }
-                return Some(found);
             }
-            if level == top {
-                return None;
-            }
-            // Nothing more in this word: continue with the next word, one level up.
-            level += 1;
-            idx = w + 1;
-        }
+        };
+        (found < self.granules).then_some(found)
     }
 
     /// Shared bounds of next_dirty / next_zero: (first granule, end granule exclusive).
@@ -423,6 +727,27 @@ impl HBitmap {
         let area_end = self.next_zero(s, limit - s).unwrap_or(limit);
         Some((s, area_end - s))
     }
+    /// The maximal dirty runs of [start, min(end, size)) in order, as (offset, length) in bytes
+    /// (clamped to the range; a run may end inside the last, partial granule at the size).
+    pub fn dirty_runs(&self, start: u64, end: u64) -> DirtyRuns<'_> {
+        let end = end.min(self.size);
+        let (first, end_g) = if start < end {
+            (start >> self.gbits, ((end - 1) >> self.gbits) + 1)
+        } else {
+            (0, 0)
+        };
+        DirtyRuns {
+            bitmap: self,
+            start,
+            end,
+            first,
+            end_g,
+            chunk: (first >> CHUNK_BITS) as usize,
+            open: None,
+            out: Vec::new(),
+            next_out: 0,
+        }
+    }
     /// Dirty state at `start` and the length of the run with that state, capped at `bytes`
     /// and at the end of the bitmap. (false, 0) if `start` is at or past the end.
     pub fn status(&self, start: u64, bytes: u64) -> (bool, u64) {
@@ -444,60 +769,105 @@ impl HBitmap {
     /// self |= other. Sizes are equal (checked by the caller); granularities may differ: a
     /// coarser destination rounds outward.
     ///
-    /// Equal granularities OR the non-zero words of `other` (found through its summaries, so a
-    /// sparse source costs little); different ones set each dirty run of `other` in bytes.
+    /// Equal granularities and sizes work chunk by chunk (only the source's dirty chunks are
+    /// visited); otherwise each dirty run of `other` is set in bytes.
     pub fn merge_from(&mut self, other: &HBitmap) {
-        if other.is_empty() {
+        if other.dirty == 0 {
             return;
         }
-        if other.gbits == self.gbits {
-            let last = self.bottom.len() - 1;
-            let last_mask = self.last_word_mask();
-            let mut pos = 0u64;
-            while let Some(k) = other.find(pos, false) {
-                let w = (k >> 6) as usize;
-                if w > last {
-                    break;
+        if other.gbits == self.gbits && other.granules == self.granules {
+            let mut c = 0;
+            while let Some(n) = other.nonempty.find(c) {
+                match other.chunks.get(n) {
+                    Some(Some(src)) => self.or_part(n, src),
+                    Some(None) => {
+                        let cap = self.cap(n);
+                        if cap > 0 {
+                            self.fill_chunk(n, 0, cap - 1, true);
+                        }
+                    }
+                    None => return,
                 }
-                let Some(&(mut v)) = other.bottom.get(w) else {
-                    break;
-                };
-                if w == last {
-                    v &= last_mask;
-                }
-                self.or_word(w, v);
-                pos = (k | 63) + 1;
+                c = n + 1;
             }
         } else {
             let end = self.size.min(other.size);
-            let mut pos = 0u64;
-            while let Some((s, len)) = other.next_dirty_area(pos, end, u64::MAX) {
+            for (s, len) in other.dirty_runs(0, end) {
                 self.set(s, len);
-                pos = s + len;
             }
         }
     }
+
+    /// Chunk `c` |= `src` (a partial chunk of a bitmap of the same shape).
+    fn or_part(&mut self, c: usize, src: &Part) {
+        match &mut self.chunks[c] {
+            None if !self.notfull.get(c) => {} // already full
+            None => {
+                self.chunks[c] = Some(Box::new(src.clone()));
+                self.nonempty.set(c);
+                self.dirty += u64::from(src.count);
+                self.settle(c);
+            }
+            Some(dst) => {
+                let before = dst.count;
+                dst.or_from(src);
+                self.dirty += u64::from(dst.count - before);
+                self.settle(c);
+            }
+        }
+    }
+
     /// Resizes to `new_size` bytes: new granules are clean; granules entirely beyond the new end
-    /// are dropped. O(bitmap size) when the number of granules changes (summaries are rebuilt).
+    /// are dropped (their storage freed). O(chunks).
     pub fn truncate(&mut self, new_size: u64) {
         let new_granules = new_size.div_ceil(1u64 << self.gbits);
         self.size = new_size;
         if new_granules == self.granules {
             return;
         }
-        let words = words_for(new_granules);
-        if words <= self.bottom.len() {
-            self.bottom.truncate(words);
-            self.bottom.shrink_to_fit();
+        let old_n = self.chunks.len();
+        if new_granules < self.granules {
+            self.fill_granules(new_granules, self.granules - 1, false);
         } else {
-            // Zeroed allocation plus a copy, so the new tail costs no resident memory.
-            let mut grown = vec![0u64; words];
-            grown[..self.bottom.len()].copy_from_slice(&self.bottom);
-            self.bottom = grown;
+            // A full last chunk whose capacity grows keeps only its old granules dirty.
+            let c = old_n - 1;
+            let cap = self.cap(c);
+            if self.chunks[c].is_none() && !self.notfull.get(c) && cap < CHUNK_GRANULES {
+                self.chunks[c] = Some(Part::ones(cap));
+                self.notfull.set(c);
+            }
         }
         self.granules = new_granules;
-        self.mask_tail();
-        self.rebuild();
+        let n = chunk_count(new_granules);
+        if n < old_n {
+            self.chunks.truncate(n);
+            self.chunks.shrink_to_fit();
+        } else if n > old_n {
+            // Zeroed allocation: the new tail of the table costs no resident memory.
+            let mut grown: Vec<Option<Box<Part>>> = vec![None; n];
+            for (slot, part) in grown.iter_mut().zip(self.chunks.drain(..)) {
+                *slot = part;
+            }
+            self.chunks = grown;
+        }
+        let resize = |tower: &mut Tower, fill_new: bool| {
+            let mut bits = std::mem::take(&mut tower.levels[0]);
+            bits.resize(n.div_ceil(64).max(1), 0);
+            if fill_new {
+                for i in old_n.min(n)..n {
+                    bits[i >> 6] |= 1 << (i & 63);
+                }
+            }
+            if n % 64 != 0 {
+                bits[n >> 6] &= (1u64 << (n % 64)) - 1;
+            }
+            bits.truncate(n.div_ceil(64).max(1));
+            *tower = Tower::from_bits(bits);
+        };
+        resize(&mut self.nonempty, false);
+        resize(&mut self.notfull, true);
+        // The new last chunk may have become full (its capacity shrank).
+        self.settle(n - 1);
     }
     /// 64 granules in bytes: every serialization chunk starts at a multiple of this.
     /// (Saturates at u64::MAX for granularities of 2^58 bytes and more, which QEMU cannot
@@ -517,14 +887,12 @@ impl HBitmap {
     }
 
     /// The span's bottom words that exist, as an index range, with the span's word count.
-    fn existing_words(&self, start: u64, bytes: u64) -> (std::ops::Range<usize>, u64) {
+    fn existing_words(&self, start: u64, bytes: u64) -> (std::ops::Range<u64>, u64) {
         match self.word_span(start, bytes) {
             None => (0..0, 0),
             Some((first, last)) => {
-                let len = self.bottom.len() as u64;
-                let lo = first.min(len) as usize;
-                let hi = (last + 1).min(len) as usize;
-                (lo..hi, last - first + 1)
+                let len = words_for(self.granules);
+                (first.min(len)..(last + 1).min(len), last - first + 1)
             }
         }
     }
@@ -536,6 +904,19 @@ impl HBitmap {
             Some((first, last)) => (last - first + 1) * 8,
         }
     }
+
+    /// Bottom word `w` (< words_for(granules)) of a chunk without storage.
+    #[inline]
+    fn stateless_word(&self, c: usize, w: u64) -> u64 {
+        if self.notfull.get(c) {
+            0
+        } else if w + 1 == words_for(self.granules) {
+            self.last_word_mask()
+        } else {
+            !0
+        }
+    }
+
     /// Writes the granules of [start, start + bytes) into `buf` in QEMU's layout: little-endian
     /// 64-bit words, granule k of the chunk is bit k % 8 of byte k / 8. `buf.len()` >=
     /// serialization_size. Bits past the end of the bitmap are written as zero.
@@ -544,9 +925,26 @@ impl HBitmap {
         let (range, nwords) = self.existing_words(start, bytes);
         let nwords = usize::try_from(nwords).unwrap_or(usize::MAX);
         let mut out = buf.chunks_exact_mut(8).take(nwords);
-        // (The bottom side first: zip must not consume an output chunk it cannot fill.)
-        for (w, chunk) in self.bottom[range].iter().zip(&mut out) {
-            chunk.copy_from_slice(&w.to_le_bytes());
+        let mut w = range.start;
+        while w < range.end {
+            let c = (w / CHUNK_WORDS as u64) as usize;
+            let seg_end = ((c as u64 + 1) * CHUNK_WORDS as u64).min(range.end);
+            // (The word side first: zip must not consume an output chunk it cannot fill.)
+            match &self.chunks[c] {
+                Some(p) => {
+                    let lo = (w % CHUNK_WORDS as u64) as usize;
+                    let hi = lo + (seg_end - w) as usize;
+                    for (v, chunk) in p.words[lo..hi].iter().zip(&mut out) {
+                        chunk.copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+                None => {
+                    for (i, chunk) in (w..seg_end).zip(&mut out) {
+                        chunk.copy_from_slice(&self.stateless_word(c, i).to_le_bytes());
+                    }
+                }
+            }
+            w = seg_end;
         }
         // Words of the span past the end of the bitmap.
         for chunk in out {
@@ -554,84 +952,253 @@ impl HBitmap {
         }
     }
     /// Overwrites the words spanned by [start, start + bytes) from `buf` (QEMU layout). Bits past
-    /// the end of the bitmap are masked off. Summaries and count are stale until
-    /// `deserialize_finish`. (Only words fully present in `buf` are written.)
+    /// the end of the bitmap are masked off. (Only words fully present in `buf` are written.)
+    /// Count and summaries are kept exact; chunks that stay clean are not allocated.
     pub fn deserialize_part(&mut self, buf: &[u8], start: u64, bytes: u64) {
-        let (range, _) = self.existing_words(start, bytes);
-        for (w, chunk) in self.bottom[range].iter_mut().zip(buf.chunks_exact(8)) {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(chunk);
-            *w = u64::from_le_bytes(b);
-        }
-        self.mask_tail();
-    }
-    /// Fills the words spanned by [start, start + bytes) with zeros (summaries stale until finish).
-    pub fn deserialize_zeroes(&mut self, start: u64, bytes: u64) {
-        let (range, _) = self.existing_words(start, bytes);
-        self.bottom[range].fill(0);
-    }
-    /// Fills the words spanned by [start, start + bytes) with ones, masked to the end of the
-    /// bitmap (summaries stale until finish).
-    pub fn deserialize_ones(&mut self, start: u64, bytes: u64) {
-        let (range, _) = self.existing_words(start, bytes);
-        self.bottom[range].fill(!0);
-        self.mask_tail();
-    }
-    /// Rebuilds summaries and the count after deserialize_* calls.
-    pub fn deserialize_finish(&mut self) {
-        self.mask_tail();
-        self.rebuild();
+        let before = self.dirty;
+        self.deserialize_words(buf, start, bytes);
+        self.note_deserialized(before);
     }
 
-    /// Recomputes the count and both summary towers from the bottom level. O(bottom words).
-    fn rebuild(&mut self) {
-        let lens = summary_lengths(self.bottom.len());
-        let mut any = Vec::with_capacity(lens.len());
-        let mut full = Vec::with_capacity(lens.len());
-        let mut dirty = 0u64;
-        if let Some(&n) = lens.first() {
-            // One pass over the bottom for the count and both first summaries.
-            let mut a = vec![0u64; n];
-            let mut f = vec![0u64; n];
-            for ((chunk, a), f) in self.bottom.chunks(64).zip(a.iter_mut()).zip(f.iter_mut()) {
-                let (mut av, mut fv) = (0u64, 0u64);
-                for (i, &w) in chunk.iter().enumerate() {
-                    dirty += u64::from(w.count_ones());
-                    av |= u64::from(w != 0) << i;
-                    fv |= u64::from(w == !0) << i;
+    /// Records the change of `dirty` since `before` as hidden until deserialize_finish.
+    fn note_deserialized(&mut self, before: u64) {
+        self.deser_delta = self
+            .deser_delta
+            .wrapping_add((self.dirty as i64).wrapping_sub(before as i64));
+    }
+
+    fn deserialize_words(&mut self, buf: &[u8], start: u64, bytes: u64) {
+        let (range, _) = self.existing_words(start, bytes);
+        let last_word = words_for(self.granules) - 1;
+        let last_mask = self.last_word_mask();
+        let mut input = buf.chunks_exact(8).map(|b| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(b);
+            u64::from_le_bytes(a)
+        });
+        let mut w = range.start;
+        while w < range.end {
+            let c = (w / CHUNK_WORDS as u64) as usize;
+            let seg_end = ((c as u64 + 1) * CHUNK_WORDS as u64).min(range.end);
+            for i in w..seg_end {
+                let Some(mut v) = input.next() else {
+                    self.settle(c);
+                    return;
+                };
+                if i == last_word {
+                    v &= last_mask;
                 }
-                *a = av;
-                *f = fv;
+                if self.chunks[c].is_none() && self.stateless_word(c, i) == v {
+                    continue;
+                }
+                let lw = (i % CHUNK_WORDS as u64) as usize;
+                let p = self.part_mut(c);
+                let removed = p.andnot(lw, !v);
+                let added = p.or(lw, v);
+                self.dirty = self.dirty + u64::from(added) - u64::from(removed);
             }
-            any.push(a);
-            full.push(f);
-            for l in 1..lens.len() {
-                let a = summarize(&any[l - 1], |w| w != 0);
-                let f = summarize(&full[l - 1], |w| w == !0);
-                any.push(a);
-                full.push(f);
-            }
-        } else {
-            dirty = self.bottom.iter().map(|w| u64::from(w.count_ones())).sum();
+            self.settle(c);
+            w = seg_end;
         }
-        self.any = any;
-        self.full = full;
-        self.dirty = dirty;
+    }
+    /// The granules of the existing words spanned by [start, start + bytes), if any.
+    fn word_granules(&self, start: u64, bytes: u64) -> Option<(u64, u64)> {
+        let (range, _) = self.existing_words(start, bytes);
+        if range.is_empty() || self.granules == 0 {
+            return None;
+        }
+        Some((range.start * 64, (range.end * 64).min(self.granules) - 1))
+    }
+    /// Fills the words spanned by [start, start + bytes) with zeros.
+    pub fn deserialize_zeroes(&mut self, start: u64, bytes: u64) {
+        if let Some((first, last)) = self.word_granules(start, bytes) {
+            let before = self.dirty;
+            self.fill_granules(first, last, false);
+            self.note_deserialized(before);
+        }
+    }
+    /// Fills the words spanned by [start, start + bytes) with ones, masked to the end of the
+    /// bitmap.
+    pub fn deserialize_ones(&mut self, start: u64, bytes: u64) {
+        if let Some((first, last)) = self.word_granules(start, bytes) {
+            let before = self.dirty;
+            self.fill_granules(first, last, true);
+            self.note_deserialized(before);
+        }
+    }
+    /// Ends a sequence of deserialize_* calls: their changes become visible in the count. (The
+    /// engine keeps its summaries and true count exact throughout, so this is O(1).)
+    pub fn deserialize_finish(&mut self) {
+        self.deser_delta = 0;
     }
 
     /// SHA-256 (lowercase hex) of the bottom level as little-endian 64-bit words, at least one
-    /// word: equal to QEMU's `x-debug-block-dirty-bitmap-sha256` on x86_64.
+    /// word: equal to QEMU's `x-debug-block-dirty-bitmap-sha256` on x86_64. Chunks without
+    /// storage are hashed from static zero / one blocks.
     pub fn sha256_hex(&self) -> String {
-        const CHUNK_WORDS: usize = 512;
+        let total = words_for(self.granules);
         let mut h = Sha256::new();
         let mut buf = [0u8; CHUNK_WORDS * 8];
-        for words in self.bottom.chunks(CHUNK_WORDS) {
-            for (out, w) in buf.chunks_exact_mut(8).zip(words) {
-                out.copy_from_slice(&w.to_le_bytes());
+        let mut run: (bool, usize) = (false, 0); // pending (ones?, bytes) of a stateless run
+        let flush = |h: &mut Sha256, run: &mut (bool, usize)| {
+            let src: &[u8] = if run.0 { &ONE_BYTES } else { &ZERO_BYTES };
+            while run.1 > 0 {
+                let n = run.1.min(src.len());
+                h.update(&src[..n]);
+                run.1 -= n;
             }
-            h.update(&buf[..words.len() * 8]);
+        };
+        for (c, slot) in self.chunks.iter().enumerate() {
+            let first = c as u64 * CHUNK_WORDS as u64;
+            if first >= total {
+                break;
+            }
+            let n = (total - first).min(CHUNK_WORDS as u64) as usize;
+            match slot {
+                Some(p) => {
+                    flush(&mut h, &mut run);
+                    for (out, w) in buf.chunks_exact_mut(8).zip(&p.words[..n]) {
+                        out.copy_from_slice(&w.to_le_bytes());
+                    }
+                    h.update(&buf[..n * 8]);
+                }
+                None => {
+                    let ones = !self.notfull.get(c);
+                    if run.1 > 0 && run.0 != ones {
+                        flush(&mut h, &mut run);
+                    }
+                    run.0 = ones;
+                    if ones && first + n as u64 == total && self.last_word_mask() != !0 {
+                        // The full last chunk ends with a partial word.
+                        run.1 += (n - 1) * 8;
+                        flush(&mut h, &mut run);
+                        h.update(&self.last_word_mask().to_le_bytes());
+                    } else {
+                        run.1 += n * 8;
+                    }
+                }
+            }
         }
+        flush(&mut h, &mut run);
         to_hex(&h.finalize())
+    }
+}
+
+/// Iterator over the maximal dirty runs of a range (see [`HBitmap::dirty_runs`]).
+///
+/// Works a chunk at a time: the non-zero words of a partial chunk are visited through its
+/// summaries (their addresses do not depend on the words' contents, so the memory loads
+/// overlap), runs are joined across words and chunks and buffered.
+#[derive(Clone, Debug)]
+pub struct DirtyRuns<'a> {
+    bitmap: &'a HBitmap,
+    /// Byte bounds of the range (end clamped to the size).
+    start: u64,
+    end: u64,
+    /// Granule bounds [first, end_g).
+    first: u64,
+    end_g: u64,
+    /// Next chunk to look at.
+    chunk: usize,
+    /// The run being built, in granules [s, e).
+    open: Option<(u64, u64)>,
+    /// Closed runs in granules, yielded from `next_out`.
+    out: Vec<(u64, u64)>,
+    next_out: usize,
+}
+
+impl DirtyRuns<'_> {
+    #[inline]
+    fn add(&mut self, s: u64, e: u64) {
+        match &mut self.open {
+            Some((_, oe)) if *oe == s => *oe = e,
+            open => {
+                if let Some(run) = open.replace((s, e)) {
+                    self.out.push(run);
+                }
+            }
+        }
+    }
+
+    /// Adds the runs of the granules [lo, hi) of the next chunk with a dirty granule; false when
+    /// there is none in the range.
+    fn fill(&mut self) -> bool {
+        let bm = self.bitmap;
+        if self.first >= self.end_g {
+            return false;
+        }
+        let last_chunk = ((self.end_g - 1) >> CHUNK_BITS) as usize;
+        let Some(c) = bm.nonempty.find(self.chunk).filter(|&c| c <= last_chunk) else {
+            return false;
+        };
+        self.chunk = c + 1;
+        let base = (c as u64) << CHUNK_BITS;
+        let lo = self.first.max(base);
+        let hi = self.end_g.min(base + CHUNK_GRANULES);
+        let Some(Some(p)) = bm.chunks.get(c) else {
+            // A full chunk.
+            self.add(lo, hi);
+            return true;
+        };
+        let (lw, hw) = (((lo - base) >> 6) as usize, ((hi - 1 - base) >> 6) as usize);
+        let mut groups = p.any2 & !((1u64 << (lw >> 6)) - 1);
+        while groups != 0 {
+            let g = groups.trailing_zeros() as usize;
+            groups &= groups - 1;
+            if g > hw >> 6 {
+                break;
+            }
+            let mut ws = p.any1[g];
+            while ws != 0 {
+                let w = (g << 6) | ws.trailing_zeros() as usize;
+                ws &= ws - 1;
+                if w < lw {
+                    continue;
+                }
+                if w > hw {
+                    break;
+                }
+                let wbase = base + ((w as u64) << 6);
+                let mut x = p.words[w];
+                if w == lw {
+                    x &= !0u64 << ((lo - base) & 63);
+                }
+                if w == hw {
+                    x &= !0u64 >> (63 - ((hi - 1 - base) & 63));
+                }
+                while x != 0 {
+                    let s = x.trailing_zeros();
+                    let rest = !x & (!0u64 << s);
+                    let e = if rest == 0 { 64 } else { rest.trailing_zeros() };
+                    self.add(wbase + u64::from(s), wbase + u64::from(e));
+                    x = if e == 64 { 0 } else { x & (!0u64 << e) };
+                }
+            }
+        }
+        true
+    }
+}
+
+impl Iterator for DirtyRuns<'_> {
+    type Item = (u64, u64);
+
+    #[inline]
+    fn next(&mut self) -> Option<(u64, u64)> {
+        loop {
+            if let Some(&(s, e)) = self.out.get(self.next_out) {
+                self.next_out += 1;
+                let g = self.bitmap.gbits;
+                let sb = self.start.max(s << g);
+                let eb = self.end.min(e.checked_shl(g).unwrap_or(u64::MAX));
+                return Some((sb, eb - sb));
+            }
+            self.out.clear();
+            self.next_out = 0;
+            if !self.fill() {
+                let run = self.open.take()?;
+                self.out.push(run);
+            }
+        }
     }
 }
 
@@ -775,20 +1342,65 @@ mod tests {
         }
     }
 
-    /// Structural invariants: shapes, clean tail, count and summaries equal a fresh rebuild.
+    /// Structural invariants: canonical chunk states, exact chunk summaries and counts, towers
+    /// equal to a fresh build, zero bits past the end.
     fn check_invariants(hb: &HBitmap) {
         assert_eq!(hb.granules, hb.size.div_ceil(1 << hb.gbits));
-        assert_eq!(hb.bottom.len(), words_for(hb.granules));
-        assert_eq!(
-            hb.bottom.last().unwrap() & !hb.last_word_mask(),
-            0,
-            "tail bits"
-        );
-        let mut fresh = hb.clone();
-        fresh.rebuild();
-        assert_eq!(fresh.dirty, hb.dirty, "count");
-        assert_eq!(fresh.any, hb.any, "any summaries");
-        assert_eq!(fresh.full, hb.full, "full summaries");
+        let n = chunk_count(hb.granules);
+        assert_eq!(hb.chunks.len(), n, "chunk table");
+        let mut dirty = 0u64;
+        for c in 0..n {
+            let cap = hb.cap(c);
+            let (ne, nf) = (hb.nonempty.get(c), hb.notfull.get(c));
+            match &hb.chunks[c] {
+                Some(p) => {
+                    assert!(ne && nf, "partial chunk {c} flags");
+                    let count: u64 = p.words.iter().map(|w| u64::from(w.count_ones())).sum();
+                    assert_eq!(count, u64::from(p.count), "chunk {c} count");
+                    assert!(count > 0 && count < cap, "chunk {c} not canonical");
+                    for (g, ws) in p.words.chunks(64).enumerate() {
+                        let a = ws
+                            .iter()
+                            .enumerate()
+                            .fold(0u64, |v, (i, &w)| v | (u64::from(w != 0) << i));
+                        let f = ws
+                            .iter()
+                            .enumerate()
+                            .fold(0u64, |v, (i, &w)| v | (u64::from(w == !0) << i));
+                        assert_eq!(p.any1[g], a, "chunk {c} any1 {g}");
+                        assert_eq!(p.full1[g], f, "chunk {c} full1 {g}");
+                        assert_eq!((p.any2 >> g) & 1, u64::from(a != 0), "chunk {c} any2");
+                        assert_eq!((p.full2 >> g) & 1, u64::from(f == !0), "chunk {c} full2");
+                    }
+                    assert_eq!(p.any2 & !GROUP_MASK, 0);
+                    assert_eq!(p.full2 & !GROUP_MASK, 0);
+                    for k in cap..CHUNK_GRANULES {
+                        assert_eq!((p.words[(k >> 6) as usize] >> (k & 63)) & 1, 0, "tail bit");
+                    }
+                    dirty += count;
+                }
+                None if cap == 0 => assert!(!ne && nf, "zero-capacity chunk"),
+                None => {
+                    assert!(ne != nf, "chunk {c} clean xor full");
+                    if ne {
+                        dirty += cap;
+                    }
+                }
+            }
+        }
+        assert_eq!(dirty, hb.dirty, "count");
+        for t in [&hb.nonempty, &hb.notfull] {
+            let bits = &t.levels[0];
+            assert_eq!(bits.len(), n.div_ceil(64).max(1));
+            for i in n..bits.len() * 64 {
+                assert_eq!((bits[i >> 6] >> (i & 63)) & 1, 0, "tower bit past the end");
+            }
+            assert_eq!(
+                Tower::from_bits(bits.clone()).levels,
+                t.levels,
+                "tower summaries"
+            );
+        }
     }
 
     fn assert_same(hb: &HBitmap, m: &Model) {
@@ -813,6 +1425,11 @@ mod tests {
             3 => ((rng.below(n + 1) << m.g) + rng.below(3)).saturating_sub(1),
             4 => ((rng.below(n / 64 + 2) * 64) << m.g).saturating_sub(rng.below(2)),
             5 => u64::MAX - rng.below(3),
+            6 => {
+                // A chunk boundary, give or take a granule.
+                let c = rng.below(n / CHUNK_GRANULES + 2) * CHUNK_GRANULES;
+                ((c + rng.below(3)).saturating_sub(1) << m.g) + rng.below(2)
+            }
             _ => rng.below(m.size + 1),
         }
     }
@@ -977,6 +1594,17 @@ mod tests {
                         4 => u64::MAX,
                         _ => rng.below(3 * gran) + 1,
                     };
+                    if rng.chance(30) {
+                        // The run iterator equals repeated next_dirty_area without a cap.
+                        let runs: Vec<_> = hb.dirty_runs(s, e).collect();
+                        let mut want = Vec::new();
+                        let mut pos = s;
+                        while let Some((a, len)) = m.area(pos, e, u64::MAX) {
+                            want.push((a, len));
+                            pos = a + len;
+                        }
+                        assert_eq!(runs, want, "runs {s} {e} {}", ctx());
+                    }
                     let got = hb.next_dirty_area(s, e, max);
                     assert_eq!(got, m.area(s, e, max), "area {s} {e} {max} {}", ctx());
                     if let Some((a, len)) = got {
@@ -1048,6 +1676,236 @@ mod tests {
                 run_random(g, n, seed, ops);
             }
         }
+    }
+
+    /// Sizes spanning several chunks (production chunk size), every granularity class.
+    #[test]
+    fn random_against_model_across_chunks() {
+        let mut seed: u64 = 0x5851_f42d_4c95_7f2d;
+        for (g, granules, ops) in [
+            (0u32, 2 * CHUNK_GRANULES + 1, 400),
+            (9, 2 * CHUNK_GRANULES - 1, 400),
+            (16, CHUNK_GRANULES, 300),
+            (16, CHUNK_GRANULES + 1, 300),
+            (31, 3 * CHUNK_GRANULES + 77, 300),
+            (20, CHUNK_GRANULES + 64, 300),
+        ] {
+            seed = seed.wrapping_add(0x9e37_79b9);
+            run_random(g, granules, seed, ops);
+        }
+    }
+
+    /// Every granularity from 1 byte to 2 GiB, small sizes not a multiple of it.
+    #[test]
+    fn random_against_model_all_granularities() {
+        let mut seed: u64 = 0x2545_f491;
+        for g in 0..=31u32 {
+            for n in [1u64, 65, 700] {
+                seed = seed.wrapping_add(0x1234_5678_9abc);
+                run_random(g, n, seed, 400);
+            }
+        }
+    }
+
+    /// A flat reference built in the test: bytes of every word, for SHA-256 and serialization.
+    fn flat_bytes(hb: &HBitmap) -> Vec<u8> {
+        let mut v = vec![0u8; (words_for(hb.granules()) * 8) as usize];
+        for (s, len) in hb.dirty_runs(0, hb.size()) {
+            let first = s >> hb.granularity_bits();
+            let last = (s + len - 1) >> hb.granularity_bits();
+            for k in first..=last {
+                v[(k / 8) as usize] |= 1 << (k % 8);
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn chunk_states_memory_and_sha256() {
+        // 5 chunks and a partial one at 64 KiB, the last word partial.
+        let g = 16;
+        let size = ((5 * CHUNK_GRANULES + 100) << g) - 1000;
+        let mut hb = HBitmap::new(size, g);
+        let empty = hb.heap_bytes();
+        assert_eq!(hb.allocated_chunks(), 0);
+        // Whole chunks dirty: no storage.
+        hb.set(CHUNK_GRANULES << g, (2 * CHUNK_GRANULES) << g);
+        assert_eq!(hb.allocated_chunks(), 0);
+        assert_eq!(hb.heap_bytes(), empty);
+        assert_eq!(hb.dirty_granules(), 2 * CHUNK_GRANULES);
+        // Chunk boundaries ±1 granule.
+        for k in [
+            CHUNK_GRANULES - 1,
+            3 * CHUNK_GRANULES,
+            3 * CHUNK_GRANULES + 1,
+            5 * CHUNK_GRANULES + 99,
+        ] {
+            hb.set(k << g, 1);
+        }
+        assert_eq!(hb.allocated_chunks(), 3);
+        check_invariants(&hb);
+        hb.reset((CHUNK_GRANULES + 5) << g, 1 << g);
+        assert_eq!(hb.allocated_chunks(), 4);
+        assert!(!hb.get((CHUNK_GRANULES + 5) << g));
+        assert_eq!(
+            hb.next_zero(CHUNK_GRANULES << g, u64::MAX),
+            Some((CHUNK_GRANULES + 5) << g)
+        );
+        let runs: Vec<_> = hb.dirty_runs(0, u64::MAX).collect();
+        assert_eq!(
+            runs,
+            vec![
+                ((CHUNK_GRANULES - 1) << g, 6 << g),
+                ((CHUNK_GRANULES + 6) << g, (2 * CHUNK_GRANULES + 2 - 6) << g),
+                (
+                    (5 * CHUNK_GRANULES + 99) << g,
+                    size - ((5 * CHUNK_GRANULES + 99) << g)
+                ),
+            ]
+        );
+        let flat = flat_bytes(&hb);
+        assert_eq!(hb.sha256_hex(), to_hex(&Sha256::digest(&flat)));
+        let mut buf = vec![0u8; hb.serialization_size(0, size) as usize];
+        hb.serialize_part(&mut buf, 0, size);
+        assert_eq!(buf, flat);
+        // Fully dirty, including the partial last chunk: no storage, hash of ones with the tail
+        // word masked.
+        hb.set(0, size);
+        assert_eq!(hb.allocated_chunks(), 0);
+        assert_eq!(hb.dirty_granules(), hb.granules());
+        assert_eq!(hb.sha256_hex(), to_hex(&Sha256::digest(&flat_bytes(&hb))));
+        check_invariants(&hb);
+        // Emptying a chunk frees it.
+        hb.reset_all();
+        hb.set(7 << g, 1);
+        assert_eq!(hb.allocated_chunks(), 1);
+        hb.reset(7 << g, 1 << g);
+        assert_eq!(hb.allocated_chunks(), 0);
+        assert_eq!(hb.heap_bytes(), empty);
+        // Truncating into a full chunk and growing again.
+        hb.set(0, size);
+        hb.truncate((CHUNK_GRANULES + 3) << g);
+        assert_eq!(hb.dirty_granules(), CHUNK_GRANULES + 3);
+        assert_eq!(hb.allocated_chunks(), 0);
+        check_invariants(&hb);
+        hb.truncate(size);
+        assert_eq!(hb.dirty_granules(), CHUNK_GRANULES + 3);
+        assert_eq!(hb.next_zero(0, u64::MAX), Some((CHUNK_GRANULES + 3) << g));
+        assert_eq!(hb.allocated_chunks(), 1);
+        check_invariants(&hb);
+    }
+
+    #[test]
+    fn deserialize_keeps_clean_chunks_unallocated() {
+        let g = 9;
+        let size = (3 * CHUNK_GRANULES + 10) << g;
+        let mut hb = HBitmap::new(size, g);
+        let zeros = vec![0u8; hb.serialization_size(0, size) as usize];
+        hb.deserialize_part(&zeros, 0, size);
+        hb.deserialize_zeroes(0, size);
+        assert_eq!(hb.allocated_chunks(), 0);
+        // Ones over whole chunks: full state, no storage; then a partial word.
+        hb.deserialize_ones(CHUNK_GRANULES << g, CHUNK_GRANULES << g);
+        assert_eq!(hb.allocated_chunks(), 0);
+        // Like QEMU, the count shows deserialized bits only after the finish.
+        assert_eq!(hb.dirty_granules(), 0);
+        assert!(hb.get(CHUNK_GRANULES << g));
+        assert_eq!(hb.next_dirty(0, u64::MAX), Some(CHUNK_GRANULES << g));
+        hb.deserialize_finish();
+        assert_eq!(hb.dirty_granules(), CHUNK_GRANULES);
+        let ones = vec![0xffu8; hb.serialization_size(0, size) as usize];
+        hb.deserialize_part(&ones, 0, size);
+        hb.deserialize_finish();
+        assert_eq!(hb.allocated_chunks(), 0);
+        assert_eq!(hb.dirty_granules(), hb.granules());
+        check_invariants(&hb);
+        // Round trip of a mixed bitmap in serialization-aligned pieces across chunk boundaries.
+        let mut src = HBitmap::new(size, g);
+        for k in [
+            0,
+            CHUNK_GRANULES - 1,
+            CHUNK_GRANULES,
+            2 * CHUNK_GRANULES + 63,
+        ] {
+            src.set(k << g, 2 << g);
+        }
+        src.set((2 * CHUNK_GRANULES + 200) << g, u64::MAX);
+        let piece = src.serialization_align() * 100;
+        let mut dst = HBitmap::new(size, g);
+        dst.set(0, size);
+        let mut start = 0;
+        while start < size {
+            let len = piece.min(size - start);
+            let mut buf = vec![0u8; src.serialization_size(start, len) as usize];
+            src.serialize_part(&mut buf, start, len);
+            dst.deserialize_part(&buf, start, len);
+            start += len;
+        }
+        dst.deserialize_finish();
+        check_invariants(&dst);
+        assert_eq!(flat_bytes(&dst), flat_bytes(&src));
+        assert_eq!(dst.sha256_hex(), src.sha256_hex());
+        assert_eq!(dst.dirty_granules(), src.dirty_granules());
+    }
+
+    /// The memory targets of issue 5 (16 TiB at 64 KiB): behaviour, not timing.
+    #[test]
+    fn memory_follows_the_dirt() {
+        let size = 16u64 << 40;
+        let flat = (size >> 16 >> 3) as usize;
+        let mut hb = HBitmap::new(size, 16);
+        assert!(hb.heap_bytes() <= 64 << 10, "empty: {}", hb.heap_bytes());
+        let mut rng = Rng(77);
+        for _ in 0..20_000 {
+            hb.set(rng.below((100u64 << 30) / 4096) * 4096, 4096);
+        }
+        assert!(hb.heap_bytes() <= 1 << 20, "100 GiB: {}", hb.heap_bytes());
+        hb.set(0, size);
+        assert!(
+            hb.heap_bytes() * 100 <= flat * 105,
+            "full: {}",
+            hb.heap_bytes()
+        );
+        assert_eq!(hb.count(), size);
+        // Dense but not full: flat size plus the summaries.
+        let mut hb = HBitmap::new(1 << 40, 16);
+        let flat = (1usize << 40 >> 16) / 8;
+        for k in 0..(1u64 << 24) / 2 {
+            hb.set((2 * k) << 16, 1);
+        }
+        assert!(
+            hb.heap_bytes() * 100 <= flat * 105,
+            "dense: {}",
+            hb.heap_bytes()
+        );
+    }
+
+    #[test]
+    fn merge_chunk_states() {
+        let g = 12;
+        let size = (4 * CHUNK_GRANULES - 3) << g;
+        let mut a = HBitmap::new(size, g);
+        let mut b = HBitmap::new(size, g);
+        a.set(0, CHUNK_GRANULES << g); // chunk 0 full
+        a.set((2 * CHUNK_GRANULES + 5) << g, 1); // chunk 2 partial
+        b.set(10 << g, 1); // into a full chunk
+        b.set((CHUNK_GRANULES + 1) << g, 1); // into a clean chunk (copied)
+        b.set((2 * CHUNK_GRANULES) << g, CHUNK_GRANULES << g); // fills chunk 2
+        b.set((3 * CHUNK_GRANULES) << g, u64::MAX); // the partial last chunk, full
+        let mut want = flat_bytes(&a);
+        for (x, y) in want.iter_mut().zip(flat_bytes(&b)) {
+            *x |= y;
+        }
+        a.merge_from(&b);
+        check_invariants(&a);
+        assert_eq!(flat_bytes(&a), want);
+        assert_eq!(a.allocated_chunks(), 1);
+        assert_eq!(a.dirty_granules(), a.granules() - CHUNK_GRANULES + 1);
+        // Across granularities.
+        let mut coarse = HBitmap::new(size, g + 3);
+        coarse.merge_from(&a);
+        check_invariants(&coarse);
+        assert_eq!(coarse.count(), (3 * CHUNK_GRANULES + 8) << g);
     }
 
     #[test]
