@@ -14,6 +14,9 @@
 //! QDIRTY_BENCH_WRITES_1000 (default 100000), QDIRTY_BENCH_QEMU_WRITES (default 20000),
 //! QDIRTY_BENCH_NO_QEMU=1 skips QEMU.
 
+#[path = "../tests/support/clib.rs"]
+mod clib;
+use clib::{lib_dir, root};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -45,44 +48,11 @@ fn offsets(n: u64, seed: u64) -> Vec<u64> {
         .collect()
 }
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn host_triple() -> String {
-    let out = Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
-        .arg("-vV")
-        .output()
-        .expect("rustc -vV");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
-        .expect("host triple")
-}
-
-fn lib_dir() -> PathBuf {
-    let deps = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    [deps.clone(), deps.parent().unwrap().to_path_buf()]
-        .into_iter()
-        .find(|d| d.join("libqdirty.so").exists())
-        .expect("libqdirty.so next to the bench executable")
-}
-
 /// Compiles the C benchmark; returns the executable.
 fn build_c() -> PathBuf {
     let libdir = lib_dir();
     let exe = libdir.join(format!("qdirty_bench_write_hook-{}", std::process::id()));
-    let t = host_triple();
-    let tool = cc::Build::new()
-        .target(&t)
-        .host(&t)
-        .opt_level(2)
-        .cargo_metadata(false)
-        .get_compiler();
+    let tool = clib::compiler_with(false, 2);
     let out = tool
         .to_command()
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pthread"])

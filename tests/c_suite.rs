@@ -2,66 +2,11 @@
 //! runs them. With QDIRTY_VALGRIND=1 they run under
 //! `valgrind --error-exitcode=99 --leak-check=full`.
 
-use std::path::{Path, PathBuf};
+#[path = "support/clib.rs"]
+mod clib;
+use clib::{lib_dir, link_soname, root};
+use std::path::PathBuf;
 use std::process::Command;
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The host triple, for the cc crate (integration tests have no TARGET/HOST variables).
-fn host_triple() -> String {
-    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let out = Command::new(&rustc)
-        .arg("-vV")
-        .output()
-        .expect("cannot run rustc -vV");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
-        .expect("rustc -vV printed no host triple")
-}
-
-/// The directory holding the libqdirty.so built for this test run: target/<profile>/deps (next
-/// to this test executable), else target/<profile>.
-fn lib_dir() -> PathBuf {
-    let deps = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    [deps.clone(), deps.parent().unwrap().to_path_buf()]
-        .into_iter()
-        .find(|d| d.join("libqdirty.so").exists())
-        .unwrap_or_else(|| panic!("libqdirty.so not found in {} or its parent", deps.display()))
-}
-
-/// The cdylib's soname (`libqdirty.so.N`, set by build.rs) is what the C tests record as
-/// DT_NEEDED and what the loader looks for: make it resolve to the library in `libdir`, as the
-/// installed `libqdirty.so.N` link does (the symlink is replaced atomically, by rename).
-fn link_soname(libdir: &Path) {
-    let out = Command::new("readelf")
-        .arg("-d")
-        .arg(libdir.join("libqdirty.so"))
-        .env("LC_ALL", "C")
-        .output()
-        .expect("cannot run readelf (binutils)");
-    let dynamic = String::from_utf8_lossy(&out.stdout);
-    let Some(soname) = dynamic
-        .lines()
-        .filter(|l| l.contains("(SONAME)"))
-        .find_map(|l| Some(l[l.find('[')? + 1..l.rfind(']')?].to_owned()))
-    else {
-        return; // no soname: the loader looks for libqdirty.so itself
-    };
-    if soname == "libqdirty.so" {
-        return;
-    }
-    let tmp = libdir.join(format!("{soname}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink("libqdirty.so", &tmp).unwrap();
-    std::fs::rename(&tmp, libdir.join(&soname)).unwrap();
-}
 
 #[test]
 fn c_tests() {
@@ -80,14 +25,7 @@ fn c_tests() {
         "c-tests/main.c is missing"
     );
 
-    let t = host_triple();
-    let tool = cc::Build::new()
-        .target(&t)
-        .host(&t)
-        .opt_level(0)
-        .debug(true)
-        .cargo_metadata(false)
-        .get_compiler();
+    let tool = clib::compiler(false);
     let mut cmd = tool.to_command();
     cmd.args(["-std=c11", "-Wall", "-Wextra", "-Werror"])
         .arg("-I")

@@ -11,6 +11,9 @@
 
 mod common;
 
+#[path = "support/clib.rs"]
+mod clib;
+use clib::{lib_dir, link_soname, root};
 use std::ffi::{c_void, CStr, CString};
 use std::fs::File;
 use std::os::raw::c_int;
@@ -23,10 +26,6 @@ use common::*;
 use qdirty::ffi::*;
 
 const MIB: u64 = 1 << 20;
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// The QEMU tools these tests use: true when present, else SKIP (or panic when required).
 fn require_tools(test: &str) -> bool {
@@ -47,72 +46,12 @@ fn require_tools(test: &str) -> bool {
 // Building examples/host_embed.c (as tests/c_suite.rs builds the C tests)
 // ------------------------------------------------------------------------------------------
 
-fn host_triple() -> String {
-    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let out = Command::new(&rustc)
-        .arg("-vV")
-        .output()
-        .expect("cannot run rustc -vV");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
-        .expect("rustc -vV printed no host triple")
-}
-
-/// target/<profile>/deps (next to this test executable) or target/<profile>: where the
-/// libqdirty.so of this test run is.
-fn lib_dir() -> PathBuf {
-    let deps = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    [deps.clone(), deps.parent().unwrap().to_path_buf()]
-        .into_iter()
-        .find(|d| d.join("libqdirty.so").exists())
-        .unwrap_or_else(|| panic!("libqdirty.so not found in {} or its parent", deps.display()))
-}
-
-/// Makes the cdylib's soname (if build.rs sets one) resolve to the library in `libdir`.
-fn link_soname(libdir: &Path) {
-    let Ok(out) = Command::new("readelf")
-        .arg("-d")
-        .arg(libdir.join("libqdirty.so"))
-        .env("LC_ALL", "C")
-        .output()
-    else {
-        return;
-    };
-    let dynamic = String::from_utf8_lossy(&out.stdout);
-    let Some(soname) = dynamic
-        .lines()
-        .filter(|l| l.contains("(SONAME)"))
-        .find_map(|l| Some(l[l.find('[')? + 1..l.rfind(']')?].to_owned()))
-    else {
-        return;
-    };
-    if soname == "libqdirty.so" || libdir.join(&soname).exists() {
-        return;
-    }
-    let tmp = libdir.join(format!("{soname}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink("libqdirty.so", &tmp).unwrap();
-    std::fs::rename(&tmp, libdir.join(&soname)).unwrap();
-}
-
 /// Builds examples/host_embed.c into `out_dir`; returns the executable.
 fn build_host(out_dir: &Path) -> PathBuf {
     let libdir = lib_dir();
     link_soname(&libdir);
     let exe = out_dir.join("host_embed");
-    let t = host_triple();
-    let tool = cc::Build::new()
-        .target(&t)
-        .host(&t)
-        .opt_level(0)
-        .debug(true)
-        .cargo_metadata(false)
-        .get_compiler();
+    let tool = clib::compiler(false);
     let out = tool
         .to_command()
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror"])

@@ -2,60 +2,12 @@
 //! the functions the cdylib exports, and every exported function is wrapped by the panic
 //! boundary (`ffi_call!`).
 
+#[path = "support/clib.rs"]
+mod clib;
+use clib::{cdylib, compiler, root};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The host triple, for the cc crate (integration tests have no TARGET/HOST variables).
-fn host_triple() -> String {
-    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let out = Command::new(&rustc)
-        .arg("-vV")
-        .output()
-        .expect("cannot run rustc -vV");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
-        .expect("rustc -vV printed no host triple")
-}
-
-fn compiler(cpp: bool) -> cc::Tool {
-    let t = host_triple();
-    cc::Build::new()
-        .target(&t)
-        .host(&t)
-        .cpp(cpp)
-        .opt_level(0)
-        .debug(false)
-        .cargo_metadata(false)
-        .get_compiler()
-}
-
-/// target/<profile>/deps (where the test executable lives).
-fn deps_dir() -> PathBuf {
-    std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// The cdylib cargo built for this test run (deps/ first: target/<profile>/ may hold an older
-/// copy from `cargo build`).
-fn cdylib() -> PathBuf {
-    let deps = deps_dir();
-    [
-        deps.join("libqdirty.so"),
-        deps.parent().unwrap().join("libqdirty.so"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .unwrap_or_else(|| panic!("libqdirty.so not found in {} or its parent", deps.display()))
-}
 
 fn scratch_dir(name: &str) -> PathBuf {
     let base = std::env::var_os("QDIRTY_TEST_TMP")

@@ -7,44 +7,13 @@
 //! Needs pkg-config, a C compiler and readelf (binutils); `.ci/run` installs them. A missing
 //! tool fails the test: it is a plain dependency, not an optional oracle like QEMU.
 
+#[path = "support/clib.rs"]
+mod clib;
+use clib::{cdylib, root};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The host triple, for the cc crate (integration tests have no TARGET/HOST variables).
-fn host_triple() -> String {
-    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let out = Command::new(&rustc)
-        .arg("-vV")
-        .output()
-        .expect("cannot run rustc -vV");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
-        .expect("rustc -vV printed no host triple")
-}
-
-/// The cdylib cargo built for this test run: target/<profile>/deps, next to this test executable
-/// (target/<profile>/ may hold an older copy from `cargo build`), else target/<profile>.
-fn cdylib() -> PathBuf {
-    let deps = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    [
-        deps.join("libqdirty.so"),
-        deps.parent().unwrap().join("libqdirty.so"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .unwrap_or_else(|| panic!("libqdirty.so not found in {} or its parent", deps.display()))
-}
 
 /// A fresh, empty scratch directory (removed by [`Scratch`]'s drop on success).
 struct Scratch(PathBuf);
@@ -295,14 +264,7 @@ fn installed_copy_serves_a_pkg_config_consumer() {
     // examples/consumer.c with the pkg-config flags and nothing else that locates qdirty (the
     // rpath only makes the program find the library at run time without LD_LIBRARY_PATH).
     let exe = scratch.0.join("consumer");
-    let t = host_triple();
-    let tool = cc::Build::new()
-        .target(&t)
-        .host(&t)
-        .opt_level(0)
-        .debug(false)
-        .cargo_metadata(false)
-        .get_compiler();
+    let tool = clib::compiler(false);
     let out = tool
         .to_command()
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic"])

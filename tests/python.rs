@@ -1,25 +1,11 @@
 //! Runs the Python ctypes suite (python/tests) against the cdylib cargo just built:
 //! `python3 -m unittest discover -s python/tests -v` with QDIRTY_LIB set.
 
+#[path = "support/clib.rs"]
+mod clib;
+use clib::cdylib;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-/// The libqdirty.so built for this test run: target/<profile>/deps (next to this test
-/// executable), else target/<profile>.
-fn cdylib() -> PathBuf {
-    let deps = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    [
-        deps.join("libqdirty.so"),
-        deps.parent().unwrap().join("libqdirty.so"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .unwrap_or_else(|| panic!("libqdirty.so not found in {} or its parent", deps.display()))
-}
 
 #[test]
 fn python_suite() {
