@@ -207,6 +207,7 @@ PROTOTYPES: Dict[str, Tuple[object, List[object]]] = {
 
 # Flags, as in include/qdirty.h.
 QDIRTY_OPEN_RDWR = 1
+QDIRTY_OPEN_FORCE_SHARE = 2
 QDIRTY_BITMAP_PERSISTENT = 1
 QDIRTY_BITMAP_DISABLED = 2
 QDIRTY_BITMAP_AUTOLOAD = 4

@@ -87,10 +87,14 @@ class Image:
         check_rc(lib.qdirty_image_create, os.fsencode(path), size, cluster_size)
 
     @classmethod
-    def open(cls, path: PathLike, rw: bool = False) -> "Image":
+    def open(cls, path: PathLike, rw: bool = False, force_share: bool = False) -> "Image":
         """Opens a qcow2 image and loads its bitmaps. ``rw=True`` opens it read-write: the
-        loaded bitmaps are marked in use in the file until :meth:`close` stores them."""
-        flags = _ffi.QDIRTY_OPEN_RDWR if rw else 0
+        loaded bitmaps are marked in use in the file until :meth:`close` stores them. The image
+        is locked as QEMU locks it (QdirtyError with errno EAGAIN while QEMU uses it);
+        ``force_share=True`` (read-only only) reads without locks, like ``qemu-img -U``."""
+        flags = (_ffi.QDIRTY_OPEN_RDWR if rw else 0) | (
+            _ffi.QDIRTY_OPEN_FORCE_SHARE if force_share else 0
+        )
         handle = check_ptr(lib.qdirty_image_open, os.fsencode(path), flags)
         return cls(handle, path)
 

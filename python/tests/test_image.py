@@ -148,6 +148,23 @@ class ImageTest(TempDirTest):
                 img.store_bitmaps()
         self.assertEqual(read_bytes(p), before)
 
+    def test_locks_and_force_share(self):
+        p = self.new_image(size=4 * MiB)
+        with qdirty.Image.open(p, rw=True) as img:
+            img.add_bitmap("b", persistent=True)
+            img.store_bitmaps()
+            # A second opener is another open file description: refused like QEMU would be.
+            with self.assertQdirtyError(errno.EAGAIN):
+                qdirty.Image.open(p, rw=True)
+            with self.assertQdirtyError(errno.EAGAIN):
+                qdirty.Image.open(p)
+            with qdirty.Image.open(p, force_share=True) as peek:
+                self.assertTrue(peek.find("b").inconsistent)
+            with self.assertQdirtyError(errno.EINVAL):
+                qdirty.Image.open(p, rw=True, force_share=True)
+        with qdirty.Image.open(p) as img:
+            self.assertFalse(img.find("b").inconsistent)
+
     def test_inconsistent_after_crash(self):
         p = self.new_image()
         copy = self.path("copy.qcow2")
