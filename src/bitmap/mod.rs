@@ -11,6 +11,10 @@ pub mod set;
 pub mod sha256;
 
 pub use hbitmap::HBitmap;
+pub use lazy::LazySource;
+
+mod lazy;
+use lazy::{Bits, Touched};
 pub use log::WriteLog;
 pub use set::{BitmapId, BitmapInfo, BitmapSet, DirtyIter};
 
@@ -68,13 +72,24 @@ pub fn validate_granularity(granularity: u64) -> Result<u32> {
 }
 
 /// A dirty bitmap with QEMU's state flags.
-#[derive(Clone, Debug)]
+///
+/// Its bits are either in memory or, for a bitmap opened from an image and not touched yet,
+/// still on disk (lazy loading, see `lazy.rs`): every access to the bits goes through
+/// [`DirtyBitmap::bits`] (readers, loads on first use) or an internal `&mut` accessor
+/// (changers, loads first and records which data clusters change), so stale bits cannot be
+/// read. A clone is always loaded.
+#[derive(Debug)]
 pub struct DirtyBitmap {
     name: Option<Vec<u8>>,
     /// Covered length in bytes (the engine's size, except for bitmaps loaded inconsistent,
     /// whose engine is left empty so that they cost no memory).
     size: u64,
-    bits: HBitmap,
+    /// log2 of the granularity.
+    gbits: u32,
+    bits: Bits,
+    /// Which data clusters of the stored copy changed since it was loaded or stored (None: no
+    /// stored copy known; the next store writes everything).
+    touched: Option<Touched>,
     disabled: bool,
     busy: bool,
     readonly: bool,
@@ -111,7 +126,9 @@ impl DirtyBitmap {
         Ok(DirtyBitmap {
             name: name.map(<[u8]>::to_vec),
             size,
-            bits: HBitmap::new(size, gbits),
+            gbits,
+            bits: Bits::Loaded(HBitmap::new(size, gbits)),
+            touched: None,
             disabled: false,
             busy: false,
             readonly: false,
@@ -157,12 +174,12 @@ impl DirtyBitmap {
 
     /// Granularity in bytes.
     pub fn granularity(&self) -> u64 {
-        1u64 << self.bits.granularity_bits()
+        1u64 << self.gbits
     }
 
     /// log2 of the granularity.
     pub fn granularity_bits(&self) -> u32 {
-        self.bits.granularity_bits()
+        self.gbits
     }
 
     /// Covered length in bytes.
@@ -172,7 +189,7 @@ impl DirtyBitmap {
 
     /// Whether guest writes are recorded (QEMU: bdrv_dirty_bitmap_enabled).
     pub fn enabled(&self) -> bool {
-        !self.disabled
+        !self.disabled && !self.bits.load_failed()
     }
 
     /// The successor, while an operation holds the bitmap (see [`BitmapSet::create_successor`]).
@@ -213,9 +230,10 @@ impl DirtyBitmap {
         self.persistent && !self.skip_store
     }
 
-    /// Whether the bitmap was found in_use on open (unusable except for removal).
+    /// Whether the bitmap was found in_use on open (unusable except for removal), or its data
+    /// could not be read when it was first needed by a reader that cannot fail.
     pub fn inconsistent(&self) -> bool {
-        self.inconsistent
+        self.inconsistent || self.bits.load_failed()
     }
 
     /// Whether the bitmap belongs to an image that cannot be written.
@@ -237,7 +255,7 @@ impl DirtyBitmap {
         if flags & CHECK_RO != 0 && self.readonly {
             return Err(Error::ReadOnlyBitmap { name: name() });
         }
-        if flags & CHECK_INCONSISTENT != 0 && self.inconsistent {
+        if flags & CHECK_INCONSISTENT != 0 && self.inconsistent() {
             return Err(Error::Inconsistent { name: name() });
         }
         Ok(())
@@ -313,7 +331,7 @@ impl DirtyBitmap {
     pub fn set_dirty(&mut self, offset: u64, bytes: u64) -> Result<()> {
         self.check(CHECK_RO | CHECK_INCONSISTENT)?;
         self.check_range("set", offset, bytes)?;
-        self.bits.set(offset, bytes);
+        self.mark_write(offset, bytes);
         Ok(())
     }
 
@@ -336,39 +354,41 @@ impl DirtyBitmap {
                 self.display_name()
             )));
         }
-        self.bits.reset(offset, bytes);
+        self.data_mut()?.reset(offset, bytes);
+        self.touch(offset, bytes);
         Ok(())
     }
 
     /// Clears every bit with QMP's checks (DEFAULT) (QEMU: block-dirty-bitmap-clear).
     pub fn clear(&mut self) -> Result<()> {
         self.check(CHECK_DEFAULT)?;
-        self.bits.reset_all();
+        self.data_mut()?.reset_all();
+        self.touch_all();
         Ok(())
     }
 
     /// Whether the granule containing `offset` is dirty (false beyond the end).
     pub fn get(&self, offset: u64) -> bool {
-        self.bits.get(offset)
+        self.bits().get(offset)
     }
 
     /// Dirty granules times granularity, in bytes.
     pub fn count(&self) -> u64 {
-        self.bits.count()
+        self.bits().count()
     }
 
     /// First dirty offset in [offset, offset + bytes) clamped to the size; None if none.
     pub fn next_dirty(&self, offset: u64, bytes: u64) -> Option<u64> {
-        self.bits.next_dirty(offset, bytes)
+        self.bits().next_dirty(offset, bytes)
     }
 
     /// First clean offset in [offset, offset + bytes) clamped to the size; None if none.
     pub fn next_zero(&self, offset: u64, bytes: u64) -> Option<u64> {
-        if self.bits.size() != self.size {
+        if self.bits().size() != self.size {
             // An unallocated (inconsistent) bitmap is all clean.
             return (offset < self.size && bytes > 0).then_some(offset);
         }
-        self.bits.next_zero(offset, bytes)
+        self.bits().next_zero(offset, bytes)
     }
 
     /// The next dirty run in [start, min(end, size)), at most `max_bytes` long.
@@ -376,12 +396,12 @@ impl DirtyBitmap {
         if max_bytes == 0 {
             return None;
         }
-        self.bits.next_dirty_area(start, end, max_bytes)
+        self.bits().next_dirty_area(start, end, max_bytes)
     }
 
     /// SHA-256 of the bits, equal to QEMU's `x-debug-block-dirty-bitmap-sha256`.
     pub fn sha256(&self) -> String {
-        if self.bits.size() != self.size {
+        if self.bits().size() != self.size {
             // An unallocated (inconsistent) bitmap hashes as its all-zero words.
             let words = self.size.div_ceil(self.granularity()).div_ceil(64).max(1);
             let zeros = [0u8; 4096];
@@ -394,7 +414,7 @@ impl DirtyBitmap {
             }
             return sha256::to_hex(&h.finalize());
         }
-        self.bits.sha256_hex()
+        self.bits().sha256_hex()
     }
 
     /// self |= src with QEMU's checks: DEFAULT on the target, ALLOW_RO on the source, equal
@@ -408,7 +428,13 @@ impl DirtyBitmap {
                 src: src.size(),
             });
         }
-        self.bits.merge_from(&src.bits);
+        self.merge_bits(src.bits())
+    }
+
+    /// self |= bits, no checks; records the changed clusters.
+    pub(crate) fn merge_bits(&mut self, src: &HBitmap) -> Result<()> {
+        self.data_mut()?.merge_from(src);
+        self.touch_dirty_of(src);
         Ok(())
     }
 
@@ -422,16 +448,17 @@ impl DirtyBitmap {
             )));
         }
         self.check_range("status", offset, bytes)?;
-        if self.bits.size() != self.size {
+        if self.bits().size() != self.size {
             return Ok((false, bytes));
         }
-        Ok(self.bits.status(offset, bytes))
+        Ok(self.bits().status(offset, bytes))
     }
 
     /// Bytes of disk one serialization chunk must be aligned to: 64 granules
     /// (QEMU: bdrv_dirty_bitmap_serialization_align).
     pub fn serialization_align(&self) -> u64 {
-        self.bits.serialization_align()
+        // 64 granules (QEMU: bdrv_dirty_bitmap_serialization_align).
+        64u64 << self.gbits
     }
 
     /// Checks QEMU's chunk rules: start aligned to serialization_align, range inside the bitmap,
@@ -446,7 +473,7 @@ impl DirtyBitmap {
                 self.display_name()
             )));
         }
-        if self.bits.size() != self.size {
+        if self.bits().size() != self.size {
             return Err(Error::Inconsistent {
                 name: self.display_name(),
             });
@@ -458,7 +485,7 @@ impl DirtyBitmap {
     /// bdrv_dirty_bitmap_serialization_size): whole little-endian 64-bit words.
     pub fn serialization_size(&self, offset: u64, bytes: u64) -> Result<u64> {
         self.check_chunk("serialization", offset, bytes)?;
-        Ok(self.bits.serialization_size(offset, bytes))
+        Ok(self.bits().serialization_size(offset, bytes))
     }
 
     /// Serializes [offset, offset + bytes) into `buf` in QEMU's layout (granule k of the chunk
@@ -471,7 +498,7 @@ impl DirtyBitmap {
                 buf.len()
             )));
         }
-        self.bits.serialize_part(buf, offset, bytes);
+        self.bits().serialize_part(buf, offset, bytes);
         Ok(())
     }
 
@@ -486,10 +513,12 @@ impl DirtyBitmap {
     ) -> Result<()> {
         self.check(CHECK_RO)?;
         self.check_chunk("deserialization", offset, bytes)?;
-        fill(&mut self.bits);
+        let bits = self.data_mut()?;
+        fill(bits);
         if finish {
-            self.bits.deserialize_finish();
+            bits.deserialize_finish();
         }
+        self.touch(offset, bytes);
         Ok(())
     }
 
@@ -502,7 +531,7 @@ impl DirtyBitmap {
         bytes: u64,
         finish: bool,
     ) -> Result<()> {
-        let need = self.bits.serialization_size(offset, bytes);
+        let need = self.bits().serialization_size(offset, bytes);
         if (buf.len() as u64) < need {
             return Err(Error::InvalidArgument(format!(
                 "deserialization buffer of {} bytes is too small: {need} needed",
@@ -529,15 +558,20 @@ impl DirtyBitmap {
 
     /// Rebuilds summaries and the count after deserialize_* calls.
     pub fn deserialize_finish(&mut self) {
-        self.bits.deserialize_finish();
+        if let Ok(bits) = self.data_mut() {
+            bits.deserialize_finish();
+        }
     }
 
     /// Clears the bitmap by swapping in fresh bits and returns the old ones (QEMU:
     /// bdrv_clear_dirty_bitmap with a backup). DEFAULT checks.
     pub fn clear_with_backup(&mut self) -> Result<Backup> {
         self.check(CHECK_DEFAULT)?;
-        let fresh = HBitmap::new(self.bits.size(), self.bits.granularity_bits());
-        Ok(Backup(std::mem::replace(&mut self.bits, fresh)))
+        let bits = self.data_mut()?;
+        let fresh = HBitmap::new(bits.size(), bits.granularity_bits());
+        let old = std::mem::replace(bits, fresh);
+        self.touch_all();
+        Ok(Backup(old))
     }
 
     /// self |= src, returning the previous bits (QEMU: bdrv_merge_dirty_bitmap with a backup).
@@ -550,8 +584,8 @@ impl DirtyBitmap {
                 src: src.size(),
             });
         }
-        let old = self.bits.clone();
-        self.bits.merge_from(&src.bits);
+        let old = self.data_mut()?.clone();
+        self.merge_bits(src.bits())?;
         Ok(Backup(old))
     }
 
@@ -559,7 +593,8 @@ impl DirtyBitmap {
     /// bdrv_restore_dirty_bitmap). Refused on readonly bitmaps and for a backup of another shape.
     pub fn restore(&mut self, backup: Backup) -> Result<()> {
         self.check_restore(&backup)?;
-        self.bits = backup.0;
+        *self.data_mut()? = backup.0;
+        self.touch_all();
         Ok(())
     }
 
@@ -567,9 +602,7 @@ impl DirtyBitmap {
     /// granularity).
     pub fn check_restore(&self, backup: &Backup) -> Result<()> {
         self.check(CHECK_RO)?;
-        if backup.0.size() != self.bits.size()
-            || backup.0.granularity_bits() != self.bits.granularity_bits()
-        {
+        if backup.0.size() != self.bits().size() || backup.0.granularity_bits() != self.gbits {
             return Err(Error::Precondition(format!(
                 "Bitmap '{}': the backup has another size or granularity",
                 self.display_name()
@@ -580,29 +613,172 @@ impl DirtyBitmap {
 
     /// Resizes the bits to `new_size` bytes (QEMU: hbitmap_truncate); the caller checked busy,
     /// successor and iterators.
-    pub(crate) fn truncate(&mut self, new_size: u64) {
-        if self.bits.size() == self.size {
-            self.bits.truncate(new_size);
+    /// Fails only when the data of a lazily loaded bitmap cannot be read (nothing changes then).
+    pub(crate) fn truncate(&mut self, new_size: u64) -> Result<()> {
+        if !self.inconsistent() {
+            let size = self.size;
+            let bits = self.data_mut()?;
+            if bits.size() == size {
+                bits.truncate(new_size);
+            }
         }
         self.size = new_size;
+        // The table size changes: the next store rewrites the bitmap.
+        self.touched = None;
+        Ok(())
     }
 
     /// Puts back saved bits without checks (transaction abort).
     pub(crate) fn restore_unchecked(&mut self, backup: Backup) {
-        self.bits = backup.0;
+        self.bits = Bits::Loaded(backup.0);
+        self.touch_all();
     }
 
     pub(crate) fn set_name(&mut self, name: Option<Vec<u8>>) {
         self.name = name;
     }
 
-    /// The engine, for readers (store, serialization).
+    /// The engine, for readers (store, serialization). A bitmap whose data is still on disk
+    /// is loaded now; if that fails, it becomes inconsistent (with a warning) and reads as
+    /// clean, unallocated bits.
     pub fn bits(&self) -> &HBitmap {
-        &self.bits
+        self.bits.get(self.name.as_deref(), self.size, self.gbits)
     }
 
-    /// The engine, for loaders. No checks.
-    pub fn bits_mut(&mut self) -> &mut HBitmap {
-        &mut self.bits
+    /// The engine, for changes without checks. Loads the data first (the error names the
+    /// bitmap); every data cluster counts as changed for the next store.
+    pub fn bits_mut(&mut self) -> Result<&mut HBitmap> {
+        self.data_mut()?;
+        self.touch_all();
+        self.data_mut()
+    }
+
+    /// The loaded engine, for changes: loads the data if still on disk. The caller records
+    /// what it changes (touch*).
+    fn data_mut(&mut self) -> Result<&mut HBitmap> {
+        self.settle();
+        let (name, size, gbits) = (self.name.clone(), self.size, self.gbits);
+        self.bits.load_mut(name.as_deref(), size, gbits)
+    }
+
+    /// Turns the outcome of a load done through `&self` into plain state: a failed load makes
+    /// the bitmap inconsistent (and disabled) for good.
+    fn settle(&mut self) {
+        if self.bits.load_failed() {
+            self.inconsistent = true;
+            self.disabled = true;
+            self.touched = None;
+            self.bits = Bits::Loaded(HBitmap::new(0, self.gbits));
+        } else {
+            self.bits.settle();
+        }
+    }
+
+    /// Loads the data now if it is still on disk (the error names the bitmap).
+    pub fn ensure_loaded(&mut self) -> Result<()> {
+        if self.inconsistent() {
+            return Ok(());
+        }
+        self.data_mut().map(drop)
+    }
+
+    /// Whether the bits are in memory (false: still on disk, lazily loaded).
+    pub fn is_loaded(&self) -> bool {
+        self.bits.is_loaded()
+    }
+
+    /// A guest write (fold of the write log, set_dirty): goes to the loaded bits, or to the
+    /// pending writes of a bitmap still on disk, which are OR-ed in when it is loaded.
+    pub(crate) fn mark_write(&mut self, offset: u64, bytes: u64) {
+        self.settle();
+        self.bits.mark(offset, bytes, self.size, self.gbits);
+        self.touch(offset, bytes);
+    }
+
+    /// A bitmap whose data is still in an image: `source` reads it when first needed.
+    pub(crate) fn new_lazy(
+        name: Vec<u8>,
+        size: u64,
+        granularity: u64,
+        source: std::sync::Arc<dyn LazySource>,
+    ) -> Result<Self> {
+        let mut bm = Self::with_unchecked_name(name, 0, granularity)?;
+        bm.size = size;
+        bm.bits = Bits::lazy(source);
+        Ok(bm)
+    }
+
+    /// The data source of a bitmap still on disk.
+    pub(crate) fn source(&self) -> Option<&std::sync::Arc<dyn LazySource>> {
+        self.bits.source()
+    }
+
+    /// Starts tracking changes against a stored copy whose data clusters cover
+    /// `1 << cluster_shift` bytes of disk each and whose table is at `base`.
+    pub(crate) fn track_changes(&mut self, cluster_shift: u32, base: u64) {
+        self.touched = Some(Touched::new(cluster_shift, base));
+    }
+
+    /// What changed since the stored copy (None: unknown, everything is rewritten).
+    pub(crate) fn touched(&self) -> Option<&Touched> {
+        self.touched.as_ref()
+    }
+
+    fn touch(&mut self, offset: u64, bytes: u64) {
+        if let Some(t) = self.touched.as_mut() {
+            t.touch(offset, bytes);
+        }
+    }
+
+    fn touch_all(&mut self) {
+        if let Some(t) = self.touched.as_mut() {
+            t.all = true;
+        }
+    }
+
+    /// Records the clusters where `src` has dirty bits (a merge of `src`).
+    fn touch_dirty_of(&mut self, src: &HBitmap) {
+        let size = self.size;
+        if let Some(t) = self.touched.as_mut() {
+            if t.all {
+                return;
+            }
+            let step = 1u64 << t.shift;
+            let mut pos = 0u64;
+            while pos < size {
+                let Some(d) = src.next_dirty(pos, size - pos) else {
+                    break;
+                };
+                let idx = d >> t.shift;
+                t.touch_index(idx);
+                pos = match (idx + 1).checked_mul(step) {
+                    Some(p) => p,
+                    None => break,
+                };
+            }
+        }
+    }
+}
+
+impl Clone for DirtyBitmap {
+    /// A clone is always loaded (it does not depend on the image's storage).
+    fn clone(&self) -> Self {
+        let loaded = self.bits().clone();
+        let failed = self.bits.load_failed();
+        DirtyBitmap {
+            name: self.name.clone(),
+            size: self.size,
+            gbits: self.gbits,
+            bits: Bits::Loaded(loaded),
+            touched: None,
+            disabled: self.disabled || failed,
+            busy: self.busy,
+            readonly: self.readonly,
+            persistent: self.persistent,
+            inconsistent: self.inconsistent || failed,
+            skip_store: self.skip_store,
+            successor: self.successor,
+            active_iterators: self.active_iterators,
+        }
     }
 }

@@ -115,7 +115,6 @@ impl BitmapSet {
                 continue;
             }
             let bg = bm.granularity_bits();
-            let engine = bm.bits_mut();
             for &(g, w, mut bits) in &taken {
                 // A layer coarser than the bitmap holds only writes that raced with the
                 // bitmap's creation (see log.rs): they are not the bitmap's.
@@ -130,7 +129,8 @@ impl BitmapSet {
                     if granule > (u64::MAX >> g) || granule << g >= size {
                         break;
                     }
-                    engine.set(granule << g, run << g);
+                    // A bitmap whose data is still on disk keeps the write pending (lazy.rs).
+                    bm.mark_write(granule << g, run << g);
                     bits = if s0 + run >= 64 {
                         0
                     } else {
@@ -302,7 +302,7 @@ impl BitmapSet {
         let bytes = bytes.min(self.size - offset);
         for s in &mut self.slots {
             if s.bm.enabled() && !s.bm.readonly() && !s.bm.inconsistent() {
-                s.bm.bits_mut().set(offset, bytes);
+                s.bm.mark_write(offset, bytes);
             }
         }
     }
@@ -369,11 +369,13 @@ impl BitmapSet {
     pub fn reclaim(&mut self, id: BitmapId) -> Result<BitmapId> {
         self.fold();
         let child = self.successor_of(id, "Cannot reclaim a successor when none is present")?;
+        // Load a parent still on disk first: a read error then leaves everything as it was.
+        self.bitmap_mut(id)?.ensure_loaded()?;
         let s = self.remove_unchecked(child).ok_or_else(|| {
             Error::Precondition("Cannot reclaim a successor when none is present".into())
         })?;
         let parent = self.bitmap_mut(id)?;
-        parent.bits_mut().merge_from(s.bits());
+        parent.merge_bits(s.bits())?;
         parent.set_enabled_unchecked(s.enabled());
         parent.set_successor(None);
         parent.set_busy(false);
@@ -408,8 +410,12 @@ impl BitmapSet {
                 )));
             }
         }
+        // Load bitmaps still on disk first, so that a read error changes nothing.
         for s in &mut self.slots {
-            s.bm.truncate(new_size);
+            s.bm.ensure_loaded()?;
+        }
+        for s in &mut self.slots {
+            s.bm.truncate(new_size)?;
         }
         self.size = new_size;
         self.log.set_size(new_size);

@@ -1,5 +1,8 @@
 //! Loading bitmaps on open (QEMU: qcow2_load_dirty_bitmaps, qcow2-format.md §5, §6.1, §6.2).
 
+use std::sync::Arc;
+
+use super::lazy::TableSource;
 use super::{alloc, Disk, DiskDir};
 use crate::bitmap::{BitmapSet, DirtyBitmap};
 use crate::error::{Error, Result};
@@ -125,13 +128,16 @@ impl Disk {
         }
         let mut buf = vec![0u8; size as usize];
         self.storage
+            .lock()
             .read_exact_at(&mut buf, ext.bitmap_directory_offset)
             .map_err(|e| Error::io("Failed to read bitmap directory", e))?;
         parse_directory(&buf, ext.nb_bitmaps, self.cluster_size(), self.size())
     }
 
     /// Creates the in-memory bitmaps from the directory, in directory order, each at the head
-    /// of the list (so the last entry is listed first, as in QEMU).
+    /// of the list (so the last entry is listed first, as in QEMU). The table of every
+    /// consistent bitmap is read and validated now, as QEMU does; its data is read when first
+    /// needed (lazy loading, see `lazy.rs`).
     fn load_bitmaps(&mut self, set: &mut BitmapSet) -> Result<()> {
         let entries = self.dir.entries.clone();
         for e in &entries {
@@ -146,10 +152,11 @@ impl Disk {
             let mut bm = if e.in_use() {
                 DirtyBitmap::new_inconsistent(name, self.size(), granularity)?
             } else {
-                let mut bm = DirtyBitmap::with_unchecked_name(name, self.size(), granularity)?;
+                let source = self.table_source(e)?;
+                let mut bm = DirtyBitmap::new_lazy(name, self.size(), granularity, source)?;
                 bm.set_persistence(true);
-                self.load_bitmap_data(e, &mut bm)?;
                 bm.set_enabled_unchecked(e.auto());
+                bm.track_changes(self.cluster_shift(e.granularity_bits), e.table_offset);
                 bm
             };
             if self.read_only {
@@ -160,13 +167,19 @@ impl Disk {
         Ok(())
     }
 
-    /// Reads a consistent bitmap's table and data clusters into `bm`.
-    fn load_bitmap_data(&self, e: &BitmapDirEntry, bm: &mut DirtyBitmap) -> Result<()> {
+    /// log2 of the disk bytes one data cluster of a bitmap with `gbits` covers.
+    pub(super) fn cluster_shift(&self, gbits: u8) -> u32 {
+        self.meta.header.cluster_bits + 3 + u32::from(gbits)
+    }
+
+    /// Reads and validates a consistent bitmap's table (QEMU's checks and messages).
+    pub(super) fn read_table(&self, e: &BitmapDirEntry) -> Result<Vec<TableEntry>> {
         let name = String::from_utf8_lossy(e.qemu_name()).into_owned();
         let cs = self.cluster_size();
         let expected = table_size_for(self.size(), u32::from(e.granularity_bits), cs);
         let mut raw = vec![0u8; e.table_size as usize * 8];
         self.storage
+            .lock()
             .read_exact_at(&mut raw, e.table_offset)
             .map_err(|err| {
                 Error::io(
@@ -184,41 +197,48 @@ impl Disk {
                 1u64 << e.granularity_bits
             )));
         }
-        // One data cluster holds 8 * cs bits, each covering a granule.
-        let per_cluster = 8 * cs * bm.granularity();
-        let size = self.size();
-        let bits = bm.bits_mut();
-        let mut buf = vec![0u8; cs as usize];
-        for (i, entry) in table.iter().enumerate() {
-            let start = i as u64 * per_cluster;
-            if start >= size {
-                break;
-            }
-            let count = per_cluster.min(size - start);
-            match *entry {
-                TableEntry::Zeroes => {}
-                TableEntry::Ones => bits.deserialize_ones(start, count),
-                TableEntry::Cluster(off) => {
-                    self.storage.read_exact_at(&mut buf, off).map_err(|err| {
-                        Error::io(format!("Could not read bitmap '{name}' from image"), err)
-                    })?;
-                    bits.deserialize_part(&buf, start, count);
-                }
-            }
+        // QEMU reads the data at open and fails on clusters beyond the end of the file; the
+        // data is read later here, so check that much now (cheap, no data read).
+        let len = self
+            .storage
+            .lock()
+            .size()
+            .map_err(|err| Error::io("Could not get the image length", err))?;
+        let beyond = table
+            .iter()
+            .any(|t| matches!(t, TableEntry::Cluster(off) if off.saturating_add(cs) > len));
+        if beyond {
+            return Err(Error::io(
+                format!("Could not read bitmap '{name}' from image"),
+                std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+            ));
         }
-        bits.deserialize_finish();
-        Ok(())
+        Ok(table)
+    }
+
+    /// A validated source for a consistent entry's data.
+    pub(super) fn table_source(&mut self, e: &BitmapDirEntry) -> Result<Arc<TableSource>> {
+        let table = self.read_table(e)?;
+        let source = TableSource::new(
+            &self.storage,
+            String::from_utf8_lossy(e.qemu_name()).into_owned(),
+            e.table_offset,
+            table,
+            self.cluster_size(),
+        );
+        self.sources.register(&source);
+        Ok(source)
     }
 
     /// Sets in_use on disk for every consistent entry that has a writable in-memory bitmap,
-    /// in place, with QEMU's order (qcow2-format.md §6.2): header with the bitmaps bit clear +
-    /// flush, directory + flush, header with the bit set + flush.
+    /// in place, with QEMU's order (qcow2-format.md §6.2).
     pub(super) fn mark_in_use(&mut self, set: &BitmapSet) -> Result<()> {
-        let Some(ext) = self.dir.ext else {
+        if self.dir.ext.is_none() {
             return Ok(());
-        };
+        }
+        let mut entries = self.dir.entries.clone();
         let mut changed = false;
-        for e in &mut self.dir.entries {
+        for e in &mut entries {
             if e.in_use() {
                 continue;
             }
@@ -233,17 +253,66 @@ impl Disk {
         if !changed {
             return Ok(());
         }
-        let dir = encode_directory(&self.dir.entries);
+        self.update_dir_in_place(entries)
+            .map_err(|e| e.context("Can't update bitmap directory"))
+    }
+
+    /// Rewrites the directory in place with entries that differ only in their flags, with
+    /// QEMU's order (qcow2-format.md §6.2): header with the bitmaps bit clear + flush,
+    /// directory + flush, header with the bit set + flush. A crash in between leaves the bit
+    /// clear (the next opener drops the bitmaps: safe). On failure the old directory and the
+    /// bit are put back as far as possible.
+    pub(super) fn update_dir_in_place(&mut self, entries: Vec<BitmapDirEntry>) -> Result<()> {
+        let Some(ext) = self.dir.ext else {
+            return Ok(());
+        };
+        let dir = encode_directory(&entries);
+        if dir.len() as u64 != ext.bitmap_directory_size {
+            return Err(Error::Precondition(
+                "in-place directory update with another directory size".into(),
+            ));
+        }
+        let mut cleared = false;
+        let mut wrote_dir = false;
         let result = (|| {
             self.meta.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
+            cleared = true;
             self.write_header_sync()?;
+            wrote_dir = true;
             self.storage
+                .lock()
                 .write_all_at(&dir, ext.bitmap_directory_offset)
                 .map_err(|e| Error::io("Can't update bitmap directory", e))?;
-            alloc::flush(self.storage.as_mut())?;
+            alloc::flush(self.storage.lock().as_mut())?;
             self.meta.header.autoclear_features |= AUTOCLEAR_BITMAPS;
             self.write_header_sync()
         })();
-        result.map_err(|e| e.context("Can't update bitmap directory"))
+        match result {
+            Ok(()) => {
+                self.dir.entries = entries;
+                Ok(())
+            }
+            Err(e) => {
+                // Best effort: the old directory, then the bit back.
+                if wrote_dir {
+                    let old = encode_directory(&self.dir.entries);
+                    let _ = self
+                        .storage
+                        .lock()
+                        .write_all_at(&old, ext.bitmap_directory_offset);
+                    let _ = alloc::flush(self.storage.lock().as_mut());
+                }
+                if cleared {
+                    self.meta.header.autoclear_features |= AUTOCLEAR_BITMAPS;
+                    if self.write_header_sync().is_err() {
+                        crate::warning::warn(
+                            "The bitmaps bit could not be set again: the image's bitmaps will \
+                             be considered inconsistent",
+                        );
+                    }
+                }
+                Err(e)
+            }
+        }
     }
 }

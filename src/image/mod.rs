@@ -10,6 +10,7 @@ mod alloc;
 pub mod check;
 mod create;
 pub mod inspect;
+mod lazy;
 mod load;
 pub mod lock;
 mod meta;
@@ -38,6 +39,7 @@ use meta::Meta;
 use storage::{FileStorage, Storage};
 
 pub use crate::bitmap::BitmapId;
+pub use store::StoreSpace;
 pub use txn::Transaction;
 
 /// Options of [`Image::add_bitmap`] (QMP `block-dirty-bitmap-add`).
@@ -66,7 +68,10 @@ struct DiskDir {
 /// The qcow2 file behind an image and what qdirty knows of it (QEMU: the qcow2 driver's
 /// bitmap state, block/qcow2-bitmap.c).
 struct Disk {
-    storage: Box<dyn Storage>,
+    /// Shared with the sources of lazily loaded bitmaps (lazy.rs).
+    storage: lazy::SharedStorage,
+    /// The sources handed out, invalidated when their tables are freed.
+    sources: lazy::Sources,
     /// For messages.
     name: String,
     read_only: bool,
@@ -130,7 +135,8 @@ impl Image {
         let ctx = || format!("Could not open '{name}'");
         let meta = Meta::read(storage.as_ref()).map_err(|e| e.context(ctx()))?;
         let mut disk = Disk {
-            storage,
+            storage: lazy::SharedStorage::new(storage),
+            sources: lazy::Sources::default(),
             name: name.to_string(),
             read_only: !read_write,
             meta,
@@ -158,11 +164,62 @@ impl Image {
         }
     }
 
-    /// Stores the persistent bitmaps (read-write images) and closes the image. The image is gone
-    /// even when the store fails; the error says which bitmaps were lost.
+    /// Stores the persistent bitmaps (read-write images) and closes the image: close = store
+    /// (as [`Image::store_bitmaps`], incremental) + release of the stored bitmaps + closing the
+    /// file. The image is gone even when the store fails; the error says which bitmaps were
+    /// lost. To keep the image (and retry, e.g. after freeing space) when the store fails, use
+    /// [`Image::try_close`].
     pub fn close(mut self) -> Result<()> {
         self.closed = true;
         self.store_on_close()
+    }
+
+    /// [`Image::close`] that gives the image back when the store fails (ENOSPC, EDQUOT, EFBIG,
+    /// I/O errors): the bitmaps on disk are then as before (in_use as before) and the in-memory
+    /// bitmaps are intact, so the caller can free space and call it (or `close`) again.
+    pub fn try_close(mut self) -> std::result::Result<(), (Box<Image>, Error)> {
+        self.set.fold();
+        let r = match self.disk.as_mut() {
+            Some(d) if !d.read_only => d.store(&mut self.set, true),
+            _ => Ok(()),
+        };
+        match r {
+            Ok(()) => {
+                self.closed = true;
+                Ok(())
+            }
+            Err(e) => Err((Box::new(self), e)),
+        }
+    }
+
+    /// How much space a store (close, [`Image::store_bitmaps`]) would need now: new clusters
+    /// (only changed data clusters, new tables and a new directory: an unchanged image needs
+    /// none), and `qemu-img measure`'s "bitmaps" byte count for the persistent bitmaps. Bitmaps
+    /// still on disk are not loaded for this. Standalone bitmaps and read-only images need
+    /// nothing.
+    pub fn store_space_needed(&mut self) -> Result<StoreSpace> {
+        self.set.fold();
+        match self.disk.as_ref() {
+            Some(d) => {
+                let mut s = d.space_needed(&self.set)?;
+                if d.read_only {
+                    s.clusters = 0;
+                    s.bytes = 0;
+                }
+                Ok(s)
+            }
+            None => Ok(StoreSpace::default()),
+        }
+    }
+
+    /// Loads the data of every bitmap still on disk now (eager loading; normally data is read
+    /// when first needed). The error names the bitmap that could not be read.
+    pub fn load_all_bitmaps(&mut self) -> Result<()> {
+        self.set.fold();
+        for id in self.set.ids() {
+            self.set.bitmap_mut(id)?.ensure_loaded()?;
+        }
+        Ok(())
     }
 
     fn store_on_close(&mut self) -> Result<()> {
@@ -179,7 +236,9 @@ impl Image {
     }
 
     /// Stores the persistent bitmaps now without closing. They stay loaded and writable and are
-    /// marked in_use again on disk before this returns.
+    /// marked in_use again on disk before this returns. Incremental: unchanged bitmaps are not
+    /// rewritten, changed ones only where they changed. On failure (e.g. ENOSPC) the bitmaps on
+    /// disk are as before and the in-memory ones intact: retry once space is freed.
     pub fn store_bitmaps(&mut self) -> Result<()> {
         self.set.fold();
         let set = &mut self.set;
@@ -219,7 +278,7 @@ impl Image {
                     d.name
                 )));
             }
-            d.storage.set_writable(true).map_err(|e| {
+            d.storage.lock().set_writable(true).map_err(|e| {
                 Error::io(
                     format!(
                         "Failed to reopen bitmaps rw: no write access to '{}'",
@@ -252,7 +311,7 @@ impl Image {
             }
             d.read_only = true;
             d.refcounts = None;
-            let _ = d.storage.set_writable(false);
+            let _ = d.storage.lock().set_writable(false);
         }
         Ok(())
     }
@@ -469,6 +528,13 @@ impl Image {
     /// Deletes the stored copy of a bitmap from the image; the in-memory bitmap is not touched
     /// (QEMU: bdrv_remove_persistent_dirty_bitmap). Nothing to do when it is not stored.
     pub fn remove_stored_bitmap(&mut self, name: &[u8]) -> Result<()> {
+        self.set.fold();
+        // The in-memory bitmap may still read its data from the stored copy: load it first.
+        if let Some(id) = self.set.find(name) {
+            if self.disk.as_ref().is_some_and(|d| !d.read_only) {
+                self.set.bitmap_mut(id)?.ensure_loaded()?;
+            }
+        }
         match self.disk.as_mut() {
             Some(d) => d.remove_from_disk(name),
             None => Ok(()),
@@ -554,7 +620,8 @@ impl Disk {
     /// storage has one, else through the image's refcounts.
     fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
         let cs = self.cluster_size();
-        if let Some(a) = self.storage.allocator() {
+        let mut guard = self.storage.lock();
+        if let Some(a) = guard.allocator() {
             let off = a
                 .alloc(n, cs)
                 .map_err(|e| Error::io("The host could not allocate clusters", e))?;
@@ -565,9 +632,10 @@ impl Disk {
             }
             return Ok(off);
         }
+        drop(guard);
         self.refcounts()?;
         let rc = self.refcounts.as_mut().expect("loaded by refcounts()");
-        let off = rc.alloc(self.storage.as_mut(), n)?;
+        let off = rc.alloc(self.storage.lock().as_mut(), n)?;
         let (t_off, t_clusters) = rc.reftable_location();
         self.meta.header.refcount_table_offset = t_off;
         self.meta.header.refcount_table_clusters = t_clusters;
@@ -579,7 +647,7 @@ impl Disk {
         if self.refcounts.is_none() {
             let h = &self.meta.header;
             self.refcounts = Some(Refcounts::load(
-                self.storage.as_ref(),
+                self.storage.lock().as_ref(),
                 h.cluster_bits,
                 h.refcount_order,
                 h.refcount_table_offset,
@@ -593,7 +661,7 @@ impl Disk {
     /// allocator only; the host's flush covers its own).
     fn write_refcounts(&mut self) -> Result<()> {
         if let Some(rc) = self.refcounts.as_mut() {
-            rc.write_dirty_blocks(self.storage.as_mut())?;
+            rc.write_dirty_blocks(self.storage.lock().as_mut())?;
         }
         Ok(())
     }
@@ -601,21 +669,22 @@ impl Disk {
     /// Writes the header from memory and flushes. With host I/O the header is read again first,
     /// so that only what qdirty owns (autoclear bit 0 and the bitmaps extension) changes.
     fn write_header_sync(&mut self) -> Result<()> {
-        if self.storage.allocator().is_some() {
-            let fresh = Meta::read(self.storage.as_ref())?;
+        let mut guard = self.storage.lock();
+        if guard.allocator().is_some() {
+            let fresh = Meta::read(guard.as_ref())?;
             let autoclear = self.meta.header.autoclear_features;
             let bitmaps = self.meta.exts.bitmaps;
             self.meta = fresh;
             self.meta.header.autoclear_features = autoclear;
             self.meta.exts.bitmaps = bitmaps;
         }
-        self.meta.write(self.storage.as_mut())?;
-        alloc::flush(self.storage.as_mut())
+        self.meta.write(guard.as_mut())?;
+        alloc::flush(guard.as_mut())
     }
 
     /// Reads the virtual size from the header on storage again (after a host resize).
     fn refresh_size(&mut self) -> Result<()> {
-        let fresh = Meta::read(self.storage.as_ref())?;
+        let fresh = Meta::read(self.storage.lock().as_ref())?;
         self.meta.header.size = fresh.header.size;
         self.meta.header.l1_size = fresh.header.l1_size;
         self.meta.header.l1_table_offset = fresh.header.l1_table_offset;

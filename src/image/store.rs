@@ -8,7 +8,23 @@
 //! 4. the header naming the new directory, then fdatasync: this is the commit point.
 //! 5. only then the old directory, tables and data clusters are freed (refcount decrements,
 //!    written and flushed): a crash before that leaks them, nothing more.
+//!
+//! Store is incremental (issue 6):
+//! * a bitmap unchanged since it was loaded or last stored keeps its entry and table; only
+//!   its flags change. When only flags change in the whole directory, the directory is
+//!   rewritten in place with QEMU's header/directory/header order (§6.2) instead of a new one;
+//!   when nothing changes, nothing is written;
+//! * a changed bitmap gets a new table (copy-on-write): the data clusters whose table entries
+//!   were touched are written to new clusters (allocated in contiguous runs, written with
+//!   large writes), the others are reused as they are (not freed, not re-incremented); after
+//!   the commit the old table and the replaced data clusters are freed;
+//! * new bitmaps, truncated ones and those without a usable stored copy are written fully.
+//!
+//! A store that fails before the commit (ENOSPC, EDQUOT, EFBIG, I/O error) frees what it
+//! allocated and changes nothing else: the directory on disk is the old one (with its in_use
+//! flags) and the in-memory bitmaps, their change tracking included, are as before.
 
+use super::lazy::MAX_IO_BYTES;
 use super::{alloc, Disk, DiskDir};
 use crate::bitmap::{BitmapId, BitmapSet, DirtyBitmap};
 use crate::error::{Error, Result};
@@ -23,23 +39,71 @@ use crate::format::{
 /// Clusters to give back after a commit: (offset, number of clusters).
 type FreeList = Vec<(u64, u64)>;
 
+/// How one stored bitmap is written.
+#[derive(Debug)]
+enum Plan {
+    /// Unchanged: the entry keeps its table; only the flags may change.
+    Keep,
+    /// New table; only the touched data clusters are rewritten (old table given).
+    Partial(Vec<TableEntry>),
+    /// Everything is written.
+    Full,
+}
+
+/// One bitmap to store.
+#[derive(Debug)]
+struct Job {
+    id: BitmapId,
+    /// Its index in the new directory.
+    ei: usize,
+    /// Its current entry on disk, if any (in_use, ours).
+    old: Option<BitmapDirEntry>,
+    plan: Plan,
+}
+
+/// What a store would do now (see [`Disk::plan_store`]).
+#[derive(Debug)]
+struct StorePlan {
+    entries: Vec<BitmapDirEntry>,
+    jobs: Vec<Job>,
+}
+
+impl StorePlan {
+    fn writes_data(&self) -> bool {
+        self.jobs.iter().any(|j| !matches!(j.plan, Plan::Keep))
+    }
+}
+
+/// Space a store needs now ([`crate::Image::store_space_needed`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreSpace {
+    /// New clusters the store would allocate now: changed non-zero data clusters, new tables and
+    /// a new directory (refcount blocks the allocation may need come on top: at most a few).
+    pub clusters: u64,
+    /// `clusters` in bytes.
+    pub bytes: u64,
+    /// What `qemu-img measure` reports as "bitmaps" for the persistent bitmaps: every data
+    /// cluster and table of every persistent bitmap plus the directory, in bytes.
+    pub measure_bytes: u64,
+}
+
 impl Disk {
-    /// Writes every persistent, consistent, writable bitmap (QEMU's store). With `release`, the
-    /// stored bitmaps are dropped from memory afterwards (close).
-    pub(super) fn store(&mut self, set: &mut BitmapSet, release: bool) -> Result<()> {
+    /// Decides what a store writes: which in-memory bitmaps are stored, where their entries go,
+    /// and whether each is kept, partly or fully rewritten.
+    fn plan_store(&self, set: &BitmapSet) -> Result<StorePlan> {
         let mut entries = self.dir.entries.clone();
-        // Which in-memory bitmaps are written, and where their entries go.
-        let mut to_write: Vec<(BitmapId, usize)> = Vec::new(); // (bitmap, entry index)
-        let mut old_tables: Vec<BitmapDirEntry> = Vec::new();
-        for (si, bm) in set.iter() {
+        let mut jobs: Vec<Job> = Vec::new();
+        let cs = self.cluster_size();
+        for (id, bm) in set.iter() {
             if !bm.persistence() || bm.inconsistent() || bm.readonly() {
                 continue;
             }
             let name = bm.name().unwrap_or_default().to_vec();
-            let entry = BitmapDirEntry {
+            let flags = if bm.enabled() { BME_FLAG_AUTO } else { 0 };
+            let fresh = BitmapDirEntry {
                 table_offset: 0,
                 table_size: 0,
-                flags: if bm.enabled() { BME_FLAG_AUTO } else { 0 },
+                flags,
                 kind: BT_DIRTY_TRACKING_BITMAP,
                 granularity_bits: bm.granularity_bits() as u8,
                 name: name.clone(),
@@ -47,9 +111,34 @@ impl Disk {
             };
             match entries.iter().position(|e| e.qemu_name() == name) {
                 Some(ei) if entries[ei].in_use() => {
-                    old_tables.push(entries[ei].clone());
-                    entries[ei] = entry;
-                    to_write.push((si, ei));
+                    let old = entries[ei].clone();
+                    let n = table_size_for(self.size(), bm.granularity_bits(), cs);
+                    let usable = bm.touched().filter(|t| {
+                        t.base == old.table_offset
+                            && u32::from(old.granularity_bits) == bm.granularity_bits()
+                            && u64::from(old.table_size) == n
+                            && t.shift == self.cluster_shift(old.granularity_bits)
+                            && !t.all
+                    });
+                    let plan = match usable {
+                        Some(t) if t.is_clean() => Plan::Keep,
+                        Some(_) => match self.read_table(&old) {
+                            Ok(table) => Plan::Partial(table),
+                            Err(_) => Plan::Full,
+                        },
+                        None => Plan::Full,
+                    };
+                    if matches!(plan, Plan::Keep) {
+                        entries[ei].flags = flags;
+                    } else {
+                        entries[ei] = fresh;
+                    }
+                    jobs.push(Job {
+                        id,
+                        ei,
+                        old: Some(old),
+                        plan,
+                    });
                 }
                 Some(_) => {
                     // A consistent entry that this image did not load: not ours to overwrite.
@@ -59,17 +148,31 @@ impl Disk {
                     )));
                 }
                 None => {
-                    entries.push(entry);
-                    to_write.push((si, entries.len() - 1));
+                    entries.push(fresh);
+                    jobs.push(Job {
+                        id,
+                        ei: entries.len() - 1,
+                        old: None,
+                        plan: Plan::Full,
+                    });
                 }
             }
         }
-        if to_write.is_empty() {
+        Ok(StorePlan { entries, jobs })
+    }
+
+    /// Writes every persistent, consistent, writable bitmap (QEMU's store, incremental: see
+    /// the module documentation). With `release`, the stored bitmaps are dropped from memory
+    /// afterwards (close), and only on success: on failure everything stays as it was.
+    pub(super) fn store(&mut self, set: &mut BitmapSet, release: bool) -> Result<()> {
+        let plan = self.plan_store(set)?;
+        if plan.jobs.is_empty() {
             return Ok(());
         }
         if self.read_only {
             return Err(Error::ReadOnlyImage("No write access".into()));
         }
+        let StorePlan { mut entries, jobs } = plan;
         if entries.len() > QCOW2_MAX_BITMAPS as usize {
             return Err(Error::TooBig("Too many persistent bitmaps".into()));
         }
@@ -77,17 +180,55 @@ impl Disk {
         if dir_size > QCOW2_MAX_BITMAP_DIRECTORY_SIZE {
             return Err(Error::TooBig("Bitmap directory is too large".into()));
         }
-        // Tables and data, in directory order.
-        to_write.sort_by_key(|&(_, ei)| ei);
-        let mut allocated: FreeList = Vec::new();
-        let result = (|| {
-            for &(si, ei) in &to_write {
-                let bm = set.bitmap(si)?;
-                let (off, size) = self.write_bitmap(bm, &mut allocated)?;
-                entries[ei].table_offset = off;
-                entries[ei].table_size = size;
+        let any_data = jobs.iter().any(|j| !matches!(j.plan, Plan::Keep));
+        if !any_data {
+            // Only flags change (typically: in_use cleared): in place, or nothing at all.
+            if entries != self.dir.entries {
+                self.update_dir_in_place(entries)?;
             }
-            self.commit_directory(entries, &mut allocated)
+            if release {
+                for j in &jobs {
+                    set.remove_unchecked(j.id);
+                }
+            }
+            return Ok(());
+        }
+        // Bitmaps to rewrite must be in memory (a read error stops the store here, before
+        // anything is written).
+        for j in &jobs {
+            if !matches!(j.plan, Plan::Keep) {
+                set.bitmap_mut(j.id)?.ensure_loaded()?;
+            }
+        }
+        // Tables and data, in directory order.
+        let mut order: Vec<usize> = (0..jobs.len()).collect();
+        order.sort_by_key(|&k| jobs[k].ei);
+        let mut allocated: FreeList = Vec::new();
+        let mut to_free: FreeList = Vec::new();
+        let mut freed_tables: Vec<u64> = Vec::new();
+        let result = (|| {
+            for &k in &order {
+                let j = &jobs[k];
+                let old_table = match &j.plan {
+                    Plan::Keep => continue,
+                    Plan::Partial(t) => Some(t.as_slice()),
+                    Plan::Full => None,
+                };
+                let bm = set.bitmap(j.id)?;
+                let (off, size) = self.write_bitmap(bm, old_table, &mut allocated, &mut to_free)?;
+                entries[j.ei].table_offset = off;
+                entries[j.ei].table_size = size;
+                if let Some(old) = &j.old {
+                    freed_tables.push(old.table_offset);
+                    if old_table.is_some() {
+                        to_free.push((
+                            old.table_offset,
+                            (u64::from(old.table_size) * 8).div_ceil(self.cluster_size()),
+                        ));
+                    }
+                }
+            }
+            self.commit_directory(entries.clone(), &mut allocated)
         })();
         let old_dir = match result {
             Ok(old_dir) => old_dir,
@@ -97,51 +238,157 @@ impl Disk {
             }
         };
         // After the commit: give back the old directory and the old tables and data.
-        let mut to_free = old_dir;
-        for e in &old_tables {
-            to_free.extend(self.bitmap_clusters(e));
-        }
-        self.free_now(&to_free)?;
-        if release {
-            for &(id, _) in &to_write {
-                set.remove_unchecked(id);
+        to_free.extend(old_dir);
+        for j in &jobs {
+            if let (Plan::Full, Some(old)) = (&j.plan, &j.old) {
+                to_free.extend(self.bitmap_clusters(old));
             }
         }
-        Ok(())
+        for t in freed_tables {
+            self.sources.invalidate(t);
+        }
+        // The in-memory bitmaps now match their new stored copies.
+        for j in &jobs {
+            if matches!(j.plan, Plan::Keep) {
+                continue;
+            }
+            let e = &entries[j.ei];
+            let shift = self.cluster_shift(e.granularity_bits);
+            if let Ok(bm) = set.bitmap_mut(j.id) {
+                bm.track_changes(shift, e.table_offset);
+            }
+        }
+        if release {
+            for j in &jobs {
+                set.remove_unchecked(j.id);
+            }
+        }
+        self.free_now(&to_free)
     }
 
-    /// Writes one bitmap's data clusters and table; returns (table offset, table size).
-    /// All-zero data clusters are not allocated.
-    fn write_bitmap(&mut self, bm: &DirtyBitmap, allocated: &mut FreeList) -> Result<(u64, u32)> {
+    /// What a store would allocate now, and `qemu-img measure`'s "bitmaps" figure.
+    pub(super) fn space_needed(&self, set: &BitmapSet) -> Result<StoreSpace> {
+        let cs = self.cluster_size();
+        let plan = self.plan_store(set)?;
+        let size = self.size();
+        let mut clusters = 0u64;
+        for j in &plan.jobs {
+            let bm = set.bitmap(j.id)?;
+            let n = table_size_for(size, bm.granularity_bits(), cs);
+            let per_cluster = (8 * cs) << bm.granularity_bits();
+            let data = match &j.plan {
+                Plan::Keep => continue,
+                // Pending writes of a bitmap still on disk are dirty bits: each touched
+                // cluster is non-zero (exact without loading).
+                Plan::Partial(_) if bm.source().is_some() => bm.touched().map_or(n, |t| t.count()),
+                _ => (0..n)
+                    .filter(|&i| {
+                        let touched = match &j.plan {
+                            Plan::Partial(_) => bm.touched().is_none_or(|t| t.is_touched(i)),
+                            _ => true,
+                        };
+                        let start = i * per_cluster;
+                        touched
+                            && bm
+                                .bits()
+                                .next_dirty(start, per_cluster.min(size - start))
+                                .is_some()
+                    })
+                    .count() as u64,
+            };
+            clusters += data + (n * 8).div_ceil(cs);
+        }
+        if plan.writes_data() {
+            let dir: u64 = plan.entries.iter().map(|e| e.encoded_len() as u64).sum();
+            clusters += dir.div_ceil(cs);
+        }
+        // measure: every persistent bitmap as a full copy.
+        let mut measure = 0u64;
+        let mut dir = 0u64;
+        for (_, bm) in set.iter() {
+            if !bm.persistent() || bm.name().is_none() {
+                continue;
+            }
+            let bytes = size.div_ceil(bm.granularity()).div_ceil(8);
+            let data_clusters = bytes.div_ceil(cs);
+            measure += data_clusters * cs + (8 * data_clusters).next_multiple_of(cs);
+            dir += (BitmapDirEntry::FIXED_SIZE as u64 + bm.name().map_or(0, <[u8]>::len) as u64)
+                .next_multiple_of(8);
+        }
+        measure += dir.next_multiple_of(cs);
+        Ok(StoreSpace {
+            clusters,
+            bytes: clusters * cs,
+            measure_bytes: measure,
+        })
+    }
+
+    /// Writes one bitmap's data clusters and a new table; returns (table offset, table size).
+    /// All-zero data clusters are not allocated. With `old_table`, only the touched entries
+    /// are rewritten (their old clusters go to `replaced`); the others are taken over.
+    /// Changed non-zero clusters are allocated in contiguous runs and written with one write
+    /// per run (at most [`MAX_IO_BYTES`]).
+    fn write_bitmap(
+        &mut self,
+        bm: &DirtyBitmap,
+        old_table: Option<&[TableEntry]>,
+        allocated: &mut FreeList,
+        replaced: &mut FreeList,
+    ) -> Result<(u64, u32)> {
         let cs = self.cluster_size();
         let size = self.size();
         let name = bm.display_name();
         let gbits = bm.granularity_bits();
         let n = table_size_for(size, gbits, cs);
-        let per_cluster = 8 * cs * bm.granularity();
+        let per_cluster = (8 * cs) << bm.granularity_bits();
+        let bits = bm.bits();
+        let touched = bm.touched();
         let mut table = vec![TableEntry::Zeroes; n as usize];
-        let mut buf = vec![0u8; cs as usize];
+        let mut need: Vec<usize> = Vec::new();
         for (i, slot) in table.iter_mut().enumerate() {
-            let start = i as u64 * per_cluster;
-            let count = per_cluster.min(size - start);
-            let bits = bm.bits();
-            if bits.next_dirty(start, count).is_none() {
-                continue;
+            if let Some(old) = old_table {
+                let changed = touched.is_none_or(|t| t.is_touched(i as u64));
+                if !changed {
+                    *slot = old[i];
+                    continue;
+                }
+                if let TableEntry::Cluster(off) = old[i] {
+                    replaced.push((off, 1));
+                }
             }
-            buf.fill(0);
-            bits.serialize_part(&mut buf, start, count);
-            let off = self.alloc_clusters(1)?;
-            allocated.push((off, 1));
+            let start = i as u64 * per_cluster;
+            if bits
+                .next_dirty(start, per_cluster.min(size - start))
+                .is_some()
+            {
+                need.push(i);
+            }
+        }
+        let batch = (MAX_IO_BYTES / cs).max(1) as usize;
+        let mut buf: Vec<u8> = Vec::new();
+        for chunk in need.chunks(batch) {
+            let k = chunk.len() as u64;
+            let off = self.alloc_clusters(k)?;
+            allocated.push((off, k));
+            buf.clear();
+            buf.resize((k * cs) as usize, 0);
+            for (j, &i) in chunk.iter().enumerate() {
+                let start = i as u64 * per_cluster;
+                let part = &mut buf[j * cs as usize..(j + 1) * cs as usize];
+                bits.serialize_part(part, start, per_cluster.min(size - start));
+                table[i] = TableEntry::Cluster(off + j as u64 * cs);
+            }
             self.storage
+                .lock()
                 .write_all_at(&buf, off)
                 .map_err(|e| Error::io(format!("Failed to write bitmap '{name}' to file"), e))?;
-            *slot = TableEntry::Cluster(off);
         }
         let raw = encode_table(&table);
         let clusters = (raw.len() as u64).div_ceil(cs);
         let off = self.alloc_clusters(clusters)?;
         allocated.push((off, clusters));
         self.storage
+            .lock()
             .write_all_at(&raw, off)
             .map_err(|e| Error::io(format!("Failed to write bitmap '{name}' to file"), e))?;
         Ok((off, n as u32))
@@ -164,6 +411,7 @@ impl Disk {
             let off = self.alloc_clusters(clusters)?;
             allocated.push((off, clusters));
             self.storage
+                .lock()
                 .write_all_at(&raw, off)
                 .map_err(|e| Error::io("Failed to write the bitmap directory", e))?;
             Some(BitmapsExt {
@@ -174,7 +422,7 @@ impl Disk {
             })
         };
         self.write_refcounts()?;
-        alloc::flush(self.storage.as_mut())?;
+        alloc::flush(self.storage.lock().as_mut())?;
         // Commit point.
         let old_header = self.meta.clone();
         self.meta.exts.bitmaps = new_ext;
@@ -223,6 +471,7 @@ impl Disk {
             }
         };
         to_free.extend(self.bitmap_clusters(&removed));
+        self.sources.invalidate(removed.table_offset);
         self.free_now(&to_free)
     }
 
@@ -234,6 +483,7 @@ impl Disk {
         let mut raw = vec![0u8; e.table_size as usize * 8];
         let table = self
             .storage
+            .lock()
             .read_exact_at(&mut raw, e.table_offset)
             .map_err(|err| Error::io("Could not read bitmap table", err))
             .and_then(|()| decode_table(&raw, cs, &e.name));
@@ -265,15 +515,19 @@ impl Disk {
             return Ok(());
         }
         let cs = self.cluster_size();
-        if let Some(a) = self.storage.allocator() {
-            for &(off, n) in list {
-                a.free(off, n, cs)
-                    .map_err(|e| Error::io("The host could not free clusters", e))?;
+        {
+            let mut guard = self.storage.lock();
+            if let Some(a) = guard.allocator() {
+                for &(off, n) in list {
+                    a.free(off, n, cs)
+                        .map_err(|e| Error::io("The host could not free clusters", e))?;
+                }
+                return alloc::flush(guard.as_mut());
             }
-            return alloc::flush(self.storage.as_mut());
         }
         self.refcounts()?;
-        let storage = self.storage.as_mut();
+        let mut guard = self.storage.lock();
+        let storage = guard.as_mut();
         let rc = self.refcounts.as_mut().expect("loaded by refcounts()");
         for &(off, n) in list {
             rc.free(storage, off, n)?;

@@ -1,0 +1,224 @@
+//! Lazily loaded bits and change tracking for [`DirtyBitmap`](super::DirtyBitmap).
+//!
+//! # Design
+//!
+//! A bitmap opened from an image starts as [`Bits::Lazy`]: the image validated its directory
+//! entry and table at open, and a [`LazySource`] (owned by the image module, holding the
+//! validated table and a handle on the image's storage) can read the data clusters. There is
+//! one way to the bits for readers and one for changers, so no path can see stale bits:
+//!
+//! * readers (`&self`) call [`Bits::get`]: a lazy bitmap is loaded into a `OnceLock` the first
+//!   time, with the pending writes OR-ed in. A read error cannot be returned there: the bitmap
+//!   is then marked failed (it reports itself inconsistent and disabled, with a warning naming
+//!   it) and reads as unallocated clean bits, like a bitmap found in_use;
+//! * changers (`&mut self`) call [`Bits::load_mut`], which loads (returning the read error,
+//!   naming the bitmap, with nothing changed) and turns the state into [`Bits::Loaded`];
+//! * guest writes (write-log fold, `set_dirty`) on a bitmap still on disk go to `delta`, a
+//!   sparse bitmap of pending writes, OR-ed in when the data arrives: a disabled bitmap nobody
+//!   reads is never loaded, and an enabled one is only loaded if something reads it (or the
+//!   store needs it because it changed).
+//!
+//! Sources refer to on-disk clusters: the image keeps the in-set bitmaps' sources current
+//! across stores, invalidates sources whose clusters it frees, and clones are always loaded.
+//!
+//! [`Touched`] records which data clusters (table entries) of the stored copy changed since it
+//! was loaded or last stored, for the incremental store.
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use super::HBitmap;
+use crate::error::Result;
+
+/// Reads the stored data of one bitmap (implemented by the image module).
+pub trait LazySource: Send + Sync + fmt::Debug {
+    /// Fills `into` (a clean bitmap of the right size and granularity) from storage. The
+    /// error names the bitmap.
+    fn load(&self, into: &mut HBitmap) -> Result<()>;
+    /// The offset of the table this source reads (identifies the stored copy).
+    fn table_offset(&self) -> u64;
+}
+
+/// The state of a lazily loaded bitmap.
+#[derive(Debug)]
+pub(crate) struct Lazy {
+    source: Arc<dyn LazySource>,
+    /// Guest writes received before the data was loaded.
+    delta: Option<HBitmap>,
+    /// Filled by a load through `&self` (includes `delta`).
+    cell: OnceLock<HBitmap>,
+    /// Set when that load failed.
+    failed: OnceLock<String>,
+}
+
+/// The bits of a bitmap: in memory, or still on disk.
+#[derive(Debug)]
+pub(crate) enum Bits {
+    Loaded(HBitmap),
+    Lazy(Box<Lazy>),
+}
+
+impl Bits {
+    pub(crate) fn lazy(source: Arc<dyn LazySource>) -> Bits {
+        Bits::Lazy(Box::new(Lazy {
+            source,
+            delta: None,
+            cell: OnceLock::new(),
+            failed: OnceLock::new(),
+        }))
+    }
+
+    /// Reads the data and OR-s the pending writes in.
+    fn load(l: &Lazy, size: u64, gbits: u32) -> Result<HBitmap> {
+        let mut h = HBitmap::new(size, gbits);
+        l.source.load(&mut h)?;
+        if let Some(d) = &l.delta {
+            h.merge_from(d);
+        }
+        Ok(h)
+    }
+
+    /// The bits for readers (loads through `&self`; a failure is recorded, see module docs).
+    pub(crate) fn get(&self, name: Option<&[u8]>, size: u64, gbits: u32) -> &HBitmap {
+        match self {
+            Bits::Loaded(h) => h,
+            Bits::Lazy(l) => l.cell.get_or_init(|| match Self::load(l, size, gbits) {
+                Ok(h) => h,
+                Err(e) => {
+                    let name = String::from_utf8_lossy(name.unwrap_or_default());
+                    crate::warning::warn(&format!(
+                        "Bitmap '{name}' is now inconsistent: its data could not be loaded: {e}"
+                    ));
+                    let _ = l.failed.set(e.to_string());
+                    HBitmap::new(0, gbits)
+                }
+            }),
+        }
+    }
+
+    /// The bits for changers: loads if needed (the error names the bitmap; nothing changes).
+    pub(crate) fn load_mut(
+        &mut self,
+        _name: Option<&[u8]>,
+        size: u64,
+        gbits: u32,
+    ) -> Result<&mut HBitmap> {
+        self.settle();
+        if let Bits::Lazy(l) = self {
+            let h = Self::load(l, size, gbits)?;
+            *self = Bits::Loaded(h);
+        }
+        match self {
+            Bits::Loaded(h) => Ok(h),
+            Bits::Lazy(_) => unreachable!("loaded above"),
+        }
+    }
+
+    /// A lazy state whose data was loaded through `&self` becomes Loaded.
+    pub(crate) fn settle(&mut self) {
+        if let Bits::Lazy(l) = self {
+            if l.failed.get().is_none() {
+                if let Some(h) = l.cell.take() {
+                    *self = Bits::Loaded(h);
+                }
+            }
+        }
+    }
+
+    /// Whether a load through `&self` failed.
+    pub(crate) fn load_failed(&self) -> bool {
+        matches!(self, Bits::Lazy(l) if l.failed.get().is_some())
+    }
+
+    pub(crate) fn is_loaded(&self) -> bool {
+        match self {
+            Bits::Loaded(_) => true,
+            Bits::Lazy(l) => l.cell.get().is_some(),
+        }
+    }
+
+    pub(crate) fn source(&self) -> Option<&Arc<dyn LazySource>> {
+        match self {
+            Bits::Lazy(l) if l.cell.get().is_none() => Some(&l.source),
+            _ => None,
+        }
+    }
+
+    /// A guest write (call after settle).
+    pub(crate) fn mark(&mut self, offset: u64, bytes: u64, size: u64, gbits: u32) {
+        match self {
+            Bits::Loaded(h) => h.set(offset, bytes),
+            Bits::Lazy(l) => l
+                .delta
+                .get_or_insert_with(|| HBitmap::new(size, gbits))
+                .set(offset, bytes),
+        }
+    }
+}
+
+/// Which data clusters of the stored copy changed: one bit per table index.
+#[derive(Clone, Debug)]
+pub(crate) struct Touched {
+    /// log2 of the disk bytes one data cluster covers (8 · cluster size · granularity).
+    pub(crate) shift: u32,
+    /// The table the tracking is relative to.
+    pub(crate) base: u64,
+    /// Everything changed (restore, clear with backup, raw engine access).
+    pub(crate) all: bool,
+    words: Vec<u64>,
+    count: u64,
+}
+
+impl Touched {
+    pub(crate) fn new(shift: u32, base: u64) -> Touched {
+        Touched {
+            shift: shift.min(63),
+            base,
+            all: false,
+            words: Vec::new(),
+            count: 0,
+        }
+    }
+
+    pub(crate) fn touch(&mut self, offset: u64, bytes: u64) {
+        if bytes == 0 || self.all {
+            return;
+        }
+        let first = offset >> self.shift;
+        let last = offset.saturating_add(bytes - 1) >> self.shift;
+        for i in first..=last {
+            self.touch_index(i);
+        }
+    }
+
+    pub(crate) fn touch_index(&mut self, i: u64) {
+        let w = (i / 64) as usize;
+        if w >= self.words.len() {
+            self.words.resize(w + 1, 0);
+        }
+        let m = 1u64 << (i % 64);
+        if self.words[w] & m == 0 {
+            self.words[w] |= m;
+            self.count += 1;
+        }
+    }
+
+    /// Whether table entry `i` changed.
+    pub(crate) fn is_touched(&self, i: u64) -> bool {
+        self.all
+            || self
+                .words
+                .get((i / 64) as usize)
+                .is_some_and(|w| w >> (i % 64) & 1 != 0)
+    }
+
+    /// Whether nothing changed.
+    pub(crate) fn is_clean(&self) -> bool {
+        !self.all && self.count == 0
+    }
+
+    /// Number of changed entries (`all` not counted).
+    pub(crate) fn count(&self) -> u64 {
+        self.count
+    }
+}

@@ -1,0 +1,169 @@
+//! Lazy loading on the image side: the storage handle shared with bitmaps whose data is still
+//! on disk, and the [`LazySource`] that reads one bitmap's data clusters (large sequential
+//! reads of contiguous runs). See `bitmap/lazy.rs` for the bitmap side.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use super::storage::Storage;
+use crate::bitmap::{HBitmap, LazySource};
+use crate::error::{Error, Result};
+use crate::format::bitmap_table::TableEntry;
+
+/// Largest single read or write of bitmap data (bounded buffer).
+pub(super) const MAX_IO_BYTES: u64 = 16 << 20;
+
+/// The image's storage, shared by the image and the sources of its lazily loaded bitmaps.
+/// Every use locks it briefly; nothing holds the lock while touching bitmaps.
+#[derive(Clone)]
+pub(super) struct SharedStorage(Arc<Mutex<Box<dyn Storage>>>);
+
+impl SharedStorage {
+    pub(super) fn new(storage: Box<dyn Storage>) -> Self {
+        SharedStorage(Arc::new(Mutex::new(storage)))
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, Box<dyn Storage>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The stored data of one consistent bitmap: its validated table.
+#[derive(Debug)]
+pub(super) struct TableSource {
+    storage: SharedStorageRef,
+    name: String,
+    table_offset: u64,
+    table: Vec<TableEntry>,
+    cluster_size: u64,
+    /// Cleared when the image frees the table (the data may be reused).
+    valid: AtomicBool,
+}
+
+/// Debug-printable wrapper.
+#[derive(Clone)]
+struct SharedStorageRef(SharedStorage);
+
+impl std::fmt::Debug for SharedStorageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedStorage")
+    }
+}
+
+impl TableSource {
+    pub(super) fn new(
+        storage: &SharedStorage,
+        name: String,
+        table_offset: u64,
+        table: Vec<TableEntry>,
+        cluster_size: u64,
+    ) -> Arc<TableSource> {
+        Arc::new(TableSource {
+            storage: SharedStorageRef(storage.clone()),
+            name,
+            table_offset,
+            table,
+            cluster_size,
+            valid: AtomicBool::new(true),
+        })
+    }
+
+    pub(super) fn invalidate(&self) {
+        self.valid.store(false, Ordering::Release);
+    }
+
+    /// Fills `into` from the table: contiguous runs of data clusters are read with one read
+    /// each (at most [`MAX_IO_BYTES`]). `max_run` caps a run in clusters (tests use 1).
+    pub(super) fn load_into(&self, into: &mut HBitmap, max_run: u64) -> Result<()> {
+        if !self.valid.load(Ordering::Acquire) {
+            return Err(Error::InvalidImage(format!(
+                "Could not read bitmap '{}' from image: its stored copy was replaced",
+                self.name
+            )));
+        }
+        let cs = self.cluster_size;
+        let size = into.size();
+        let per_cluster = (8 * cs) << into.granularity_bits();
+        let max_run = max_run.clamp(1, (MAX_IO_BYTES / cs).max(1));
+        let mut buf: Vec<u8> = Vec::new();
+        let n = self.table.len();
+        let mut i = 0;
+        while i < n {
+            let start = i as u64 * per_cluster;
+            if start >= size {
+                break;
+            }
+            match self.table[i] {
+                TableEntry::Zeroes => i += 1,
+                TableEntry::Ones => {
+                    into.deserialize_ones(start, per_cluster.min(size - start));
+                    i += 1;
+                }
+                TableEntry::Cluster(off) => {
+                    let mut run = 1u64;
+                    while (i + run as usize) < n
+                        && run < max_run
+                        && (i as u64 + run) * per_cluster < size
+                        && self.table[i + run as usize] == TableEntry::Cluster(off + run * cs)
+                    {
+                        run += 1;
+                    }
+                    buf.resize((run * cs) as usize, 0);
+                    self.storage
+                        .0
+                        .lock()
+                        .read_exact_at(&mut buf, off)
+                        .map_err(|err| {
+                            Error::io(
+                                format!("Could not read bitmap '{}' from image", self.name),
+                                err,
+                            )
+                        })?;
+                    for k in 0..run {
+                        let s = (i as u64 + k) * per_cluster;
+                        let c = &buf[(k * cs) as usize..((k + 1) * cs) as usize];
+                        into.deserialize_part(c, s, per_cluster.min(size - s));
+                    }
+                    i += run as usize;
+                }
+            }
+        }
+        into.deserialize_finish();
+        Ok(())
+    }
+}
+
+impl LazySource for TableSource {
+    fn load(&self, into: &mut HBitmap) -> Result<()> {
+        self.load_into(into, u64::MAX)
+    }
+
+    fn table_offset(&self) -> u64 {
+        self.table_offset
+    }
+}
+
+/// The sources handed out, to invalidate those whose tables get freed.
+#[derive(Default)]
+pub(super) struct Sources(Vec<Weak<TableSource>>);
+
+impl Sources {
+    pub(super) fn register(&mut self, s: &Arc<TableSource>) {
+        self.0.retain(|w| w.strong_count() > 0);
+        self.0.push(Arc::downgrade(s));
+    }
+
+    /// Invalidates every source reading the table at `table_offset`.
+    pub(super) fn invalidate(&mut self, table_offset: u64) {
+        self.0.retain(|w| match w.upgrade() {
+            Some(s) if s.table_offset == table_offset => {
+                s.invalidate();
+                false
+            }
+            Some(_) => true,
+            None => false,
+        });
+    }
+}
