@@ -9,6 +9,7 @@
 mod alloc;
 pub mod check;
 mod create;
+pub mod fault;
 pub mod inspect;
 mod lazy;
 mod load;
