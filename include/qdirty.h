@@ -1279,6 +1279,29 @@ int qdirty_image_query_bitmaps(qdirty_image *img,
 // length.
 void qdirty_bitmap_info_free(qdirty_bitmap_info *arr, size_t count);
 
+// How much space a store (`qdirty_image_store_bitmaps`, close) needs now.
+//
+// `*clusters` receives the number of new clusters the store would allocate now: changed
+// non-zero data clusters, new bitmap tables and a new directory (an image whose bitmaps did
+// not change needs 0; refcount blocks the allocation may need come on top, at most a few).
+// `*bytes` receives the same in bytes. `*measure_bytes` receives what `qemu-img measure`
+// reports as "bitmaps": every data cluster and table of every persistent bitmap plus the
+// directory. Any of the three may be NULL. Bitmaps whose data is still on disk are not loaded.
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL `img`), -EIO (unusable image).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `img` is NULL or an open image; `clusters`, `bytes` and `measure_bytes` are NULL or
+// writable. `errp` is NULL or points to a `qdirty_error *` that is NULL (otherwise the call
+// returns -EINVAL and does nothing).
+int qdirty_image_store_space(qdirty_image *img,
+                             uint64_t *clusters,
+                             uint64_t *bytes,
+                             uint64_t *measure_bytes,
+                             qdirty_error **errp);
+
 // Creates a standalone image: bitmaps over `size` bytes with no qcow2 file behind them (for raw
 // disks, guest RAM, tests). Every in-memory operation works as on a qcow2 image (add, create,
 // successors, merge, iterators, serialization, transactions, truncate to any size);

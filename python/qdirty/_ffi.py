@@ -185,6 +185,11 @@ PROTOTYPES: Dict[str, Tuple[object, List[object]]] = {
         [ImageP, POINTER(BitmapInfoP), POINTER(c_size_t), ErrorPP],
     ),
     "qdirty_bitmap_info_free": (None, [BitmapInfoP, c_size_t]),
+    # space a store needs
+    "qdirty_image_store_space": (
+        c_int,
+        [ImageP, POINTER(c_uint64), POINTER(c_uint64), POINTER(c_uint64), ErrorPP],
+    ),
     # standalone images, reopen, truncate
     "qdirty_image_new_memory": (ImageP, [c_uint64, ErrorPP]),
     "qdirty_image_truncate": (c_int, [ImageP, c_uint64, ErrorPP]),

@@ -109,6 +109,8 @@ mod iter;
 mod serialize;
 // Query snapshot.
 mod query;
+// Space a store needs.
+mod space;
 // Standalone images, reopen, truncate, default granularity.
 mod image_ops;
 // Transactions.
