@@ -114,6 +114,15 @@ impl FileStorage {
     }
 }
 
+impl Drop for FileStorage {
+    /// Releases the image locks explicitly before the descriptor closes: a child process forked
+    /// by another thread may still hold a copy of the descriptor until it execs, and the locks
+    /// belong to the open file description, so they would outlive this close for a moment.
+    fn drop(&mut self) {
+        super::lock::release(&self.file, self.lock);
+    }
+}
+
 impl Storage for FileStorage {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
