@@ -76,6 +76,12 @@ struct Disk {
     /// For messages.
     name: String,
     read_only: bool,
+    /// Set when a header write failed: whether the commit reached the disk is unknown, so
+    /// qdirty writes nothing more to this image (both outcomes are valid on disk).
+    failed: Option<String>,
+    /// Bitmaps made readonly because they could not be marked in_use again after a store
+    /// (their stored copies are consistent): writable again after a successful store.
+    frozen: Vec<BitmapId>,
     meta: Meta,
     /// Refcounts, loaded on the first allocation (read-write, built-in allocator only).
     refcounts: Option<Refcounts>,
@@ -140,6 +146,8 @@ impl Image {
             sources: lazy::Sources::default(),
             name: name.to_string(),
             read_only: !read_write,
+            failed: None,
+            frozen: Vec::new(),
             meta,
             refcounts: None,
             dir: DiskDir::default(),
@@ -226,6 +234,12 @@ impl Image {
     fn store_on_close(&mut self) -> Result<()> {
         self.set.fold();
         match self.disk.as_mut() {
+            Some(Disk {
+                failed: Some(why), ..
+            }) => Err(Error::ReadOnlyImage(format!(
+                "Lost persistent bitmaps during close of image '{}': {why}",
+                self.name
+            ))),
             Some(d) if !d.read_only => d.store(&mut self.set, true).map_err(|e| {
                 e.context(format!(
                     "Lost persistent bitmaps during close of image '{}'",
@@ -258,7 +272,31 @@ impl Image {
             }
         };
         d.store(set, false)?;
-        d.mark_in_use(set)
+        if let Err(e) = d.mark_in_use(set) {
+            // The stored copies are consistent on disk but the bitmaps go on recording in
+            // memory: make them readonly, so that the host refuses guest writes (as QEMU does
+            // when it cannot make bitmaps writable) instead of letting the stored copies go
+            // stale while they claim to be consistent.
+            for id in set.ids() {
+                if let Some(b) = set.get_mut(id) {
+                    if b.persistence() && !b.inconsistent() && !b.readonly() {
+                        b.set_readonly(true);
+                        d.frozen.push(id);
+                    }
+                }
+            }
+            return Err(e.context(
+                "The bitmaps were stored but could not be marked in use again; they are \
+                 readonly now and guest writes must be refused",
+            ));
+        }
+        // Writable again if an earlier failure had frozen them.
+        for id in std::mem::take(&mut d.frozen) {
+            if let Some(b) = set.get_mut(id) {
+                b.set_readonly(false);
+            }
+        }
+        Ok(())
     }
 
     /// Switches between read-write and read-only (QEMU: qcow2_reopen_bitmaps_ro / _rw).

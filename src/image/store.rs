@@ -263,7 +263,8 @@ impl Disk {
                 set.remove_unchecked(j.id);
             }
         }
-        self.free_now(&to_free)
+        self.free_after_commit(&to_free);
+        Ok(())
     }
 
     /// What a store would allocate now, and `qemu-img measure`'s "bitmaps" figure.
@@ -432,8 +433,20 @@ impl Disk {
             self.meta.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
         }
         if let Err(e) = self.write_header_sync() {
-            self.meta = old_header;
-            return Err(e.context("Failed to update bitmap extension"));
+            // The header write or its flush failed: the new header may or may not be on disk.
+            // Both states are valid (the old directory still exists, the new one and its
+            // tables are durable), so keep both: leak the new clusters rather than free what a
+            // durable header may name, and write nothing more to this image.
+            let _ = old_header;
+            allocated.clear();
+            let why = format!("the bitmap extension update failed ({e}); its outcome is unknown");
+            self.failed = Some(why.clone());
+            self.read_only = true;
+            return Err(e.context(format!(
+                "Failed to update bitmap extension; qdirty will not write to '{}' again until it \
+                 is reopened",
+                self.name
+            )));
         }
         allocated.clear();
         let old = std::mem::replace(
@@ -472,7 +485,8 @@ impl Disk {
         };
         to_free.extend(self.bitmap_clusters(&removed));
         self.sources.invalidate(removed.table_offset);
-        self.free_now(&to_free)
+        self.free_after_commit(&to_free);
+        Ok(())
     }
 
     /// The table and data clusters of a stored bitmap. A table that cannot be read or is not
@@ -534,6 +548,19 @@ impl Disk {
         }
         rc.write_dirty_blocks(storage)?;
         alloc::flush(storage)
+    }
+
+    /// Gives back the old structures after a commit. The commit stands whatever happens here:
+    /// a failure only leaks clusters (the decrements that did not reach the disk), so it is a
+    /// warning, not an error of the store.
+    fn free_after_commit(&mut self, list: &FreeList) {
+        if let Err(e) = self.free_now(list) {
+            crate::warning::warn(&format!(
+                "Stored the bitmaps of '{}', but freeing their old clusters failed; some \
+                 clusters are leaked (run 'qemu-img check -r leaks'): {e}",
+                self.name
+            ));
+        }
     }
 
     /// Gives back clusters allocated by a failed operation; failures only leak.
