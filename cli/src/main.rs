@@ -355,6 +355,7 @@ fn cmd_info(argv: &[OsString]) -> Res<u8> {
                 "stale_bitmaps_extension",
                 Json::Bool(info.stale_bitmaps_extension),
             ),
+            ("bitmaps_measure", Json::Num(info.bitmaps_measure())),
             ("bitmaps", Json::Arr(bitmaps)),
         ]);
         println!("{}", j.pretty());
@@ -389,6 +390,10 @@ fn cmd_info(argv: &[OsString]) -> Res<u8> {
         println!("bitmaps: none");
         return Ok(0);
     }
+    println!(
+        "bitmaps size: {} (what `qemu-img measure` reports for copying them)",
+        info.bitmaps_measure()
+    );
     println!("bitmaps:");
     for (i, b) in info.bitmaps.iter().enumerate() {
         let flags = b.flags().join(", ");

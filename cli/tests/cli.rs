@@ -124,6 +124,27 @@ fn info_matches_qemu_img_info() {
             &Json::parse(&format!("{{\"format-specific\": {{\"data\": {}}}}}", out)).unwrap(),
         );
         assert_eq!(ours, bitmaps_of_info(&qemu), "in_use={in_use}\n{out}");
+        // The space figure equals what `qemu-img measure` reports for the same bitmaps.
+        let measure = run_ok(
+            "qemu-img",
+            &[
+                "measure",
+                "-U",
+                "--output=json",
+                "-f",
+                "qcow2",
+                "-O",
+                "qcow2",
+                &base,
+            ],
+            &dir,
+        );
+        let measure = Json::parse(&measure).unwrap();
+        assert_eq!(
+            js.get("bitmaps_measure").and_then(Json::as_u64),
+            measure.get("bitmaps").and_then(Json::as_u64),
+            "in_use={in_use}"
+        );
         for b in js.get("bitmaps").and_then(Json::as_array).unwrap() {
             let consistent = b.get("consistent").and_then(Json::as_bool).unwrap();
             assert_eq!(consistent, !in_use);

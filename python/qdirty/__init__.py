@@ -55,7 +55,7 @@ from ._ffi import (
     QDIRTY_OPEN_FORCE_SHARE,
     QDIRTY_OPEN_RDWR,
 )
-from ._image import BitmapInfo, Image
+from ._image import BitmapInfo, Image, StoreSpace
 from ._txn import Transaction
 
 __all__ = [
@@ -64,6 +64,7 @@ __all__ = [
     "BitmapInfo",
     "DirtyIterator",
     "Image",
+    "StoreSpace",
     "QdirtyError",
     "Transaction",
     "set_warning_handler",

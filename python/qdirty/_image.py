@@ -37,6 +37,15 @@ def bitmap_flags(persistent: bool, disabled: bool, autoload: Optional[bool]) -> 
 
 
 @dataclass(frozen=True)
+class StoreSpace:
+    """What :meth:`Image.store_space` reports."""
+
+    clusters: int
+    bytes: int
+    measure_bytes: int
+
+
+@dataclass(frozen=True)
 class BitmapInfo:
     """One bitmap in the snapshot of :meth:`Image.query` (QEMU's ``BlockDirtyInfo``)."""
 
@@ -180,6 +189,20 @@ class Image:
         """Stores the persistent bitmaps now, as a checkpoint, without closing (EROFS on a
         read-only image)."""
         self._rc(lib.qdirty_image_store_bitmaps, self._h())
+
+    def store_space(self) -> StoreSpace:
+        """How much a store would allocate now (``clusters``, ``bytes``; 0 when nothing
+        changed) and what ``qemu-img measure`` reports as "bitmaps" for the persistent bitmaps
+        (``measure_bytes``)."""
+        clusters, nbytes, measure = ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_uint64()
+        self._rc(
+            lib.qdirty_image_store_space,
+            self._h(),
+            ctypes.byref(clusters),
+            ctypes.byref(nbytes),
+            ctypes.byref(measure),
+        )
+        return StoreSpace(clusters.value, nbytes.value, measure.value)
 
     def reopen(self, rw: bool) -> None:
         """Switches between read-write and read-only (QEMU's qcow2_reopen_bitmaps_ro/_rw):

@@ -165,6 +165,20 @@ class ImageTest(TempDirTest):
         with qdirty.Image.open(p) as img:
             self.assertFalse(img.find("b").inconsistent)
 
+    def test_store_space(self):
+        p = self.new_image(size=64 * MiB)
+        with qdirty.Image.open(p, rw=True) as img:
+            self.assertEqual(img.store_space(), qdirty.StoreSpace(0, 0, 0))
+            img.add_bitmap("b", persistent=True)
+            img.set_dirty(0, 1)
+            space = img.store_space()
+            # One data cluster, one table cluster, one directory cluster (64 KiB clusters).
+            self.assertEqual((space.clusters, space.bytes), (3, 3 * 64 * KiB))
+            # qemu-img measure: data + table + directory, each a whole cluster.
+            self.assertEqual(space.measure_bytes, 3 * 64 * KiB)
+            img.store_bitmaps()
+            self.assertEqual(img.store_space().clusters, 0)
+
     def test_inconsistent_after_crash(self):
         p = self.new_image()
         copy = self.path("copy.qcow2")

@@ -149,6 +149,18 @@ pub(crate) fn open_meta(path: &Path, force_share: bool) -> Result<(FileStorage, 
     Ok((storage, meta))
 }
 
+impl ImageInfo {
+    /// What `qemu-img measure` reports as "bitmaps" for this image: the space a full copy of
+    /// its persistent bitmaps takes (data, tables, directory), computed from the directory.
+    pub fn bitmaps_measure(&self) -> u64 {
+        crate::format::bitmap_table::measure_bitmaps(
+            self.virtual_size,
+            self.cluster_size,
+            self.bitmaps.iter().map(|b| (b.granularity, b.name.len())),
+        )
+    }
+}
+
 impl Image {
     /// Lists an image's header facts and bitmap directory without reading any bitmap data
     /// (QEMU: what `qemu-img info` reports, but O(directory)). Works on images whose bitmaps

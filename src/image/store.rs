@@ -29,7 +29,9 @@ use super::{alloc, Disk, DiskDir};
 use crate::bitmap::{BitmapId, BitmapSet, DirtyBitmap};
 use crate::error::{Error, Result};
 use crate::format::bitmap_dir::{encode_directory, BitmapDirEntry};
-use crate::format::bitmap_table::{decode_table, encode_table, table_size_for, TableEntry};
+use crate::format::bitmap_table::{
+    decode_table, encode_table, measure_bitmaps, table_size_for, TableEntry,
+};
 use crate::format::extension::BitmapsExt;
 use crate::format::{
     AUTOCLEAR_BITMAPS, BME_FLAG_AUTO, BT_DIRTY_TRACKING_BITMAP, QCOW2_MAX_BITMAPS,
@@ -304,19 +306,13 @@ impl Disk {
             clusters += dir.div_ceil(cs);
         }
         // measure: every persistent bitmap as a full copy.
-        let mut measure = 0u64;
-        let mut dir = 0u64;
-        for (_, bm) in set.iter() {
-            if !bm.persistent() || bm.name().is_none() {
-                continue;
-            }
-            let bytes = size.div_ceil(bm.granularity()).div_ceil(8);
-            let data_clusters = bytes.div_ceil(cs);
-            measure += data_clusters * cs + (8 * data_clusters).next_multiple_of(cs);
-            dir += (BitmapDirEntry::FIXED_SIZE as u64 + bm.name().map_or(0, <[u8]>::len) as u64)
-                .next_multiple_of(8);
-        }
-        measure += dir.next_multiple_of(cs);
+        let measure = measure_bitmaps(
+            size,
+            cs,
+            set.iter()
+                .filter(|(_, bm)| bm.persistent() && bm.name().is_some())
+                .map(|(_, bm)| (bm.granularity(), bm.name().map_or(0, <[u8]>::len))),
+        );
         Ok(StoreSpace {
             clusters,
             bytes: clusters * cs,
