@@ -10,12 +10,16 @@ use std::process::Command;
 use qdirty::{AddOptions, Image};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = std::env::args_os()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::temp_dir().join(format!("qdirty-quickstart-{}", std::process::id()))
-        });
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() == 3 && args[1] == "--crash-child" {
+        // A process that opens the image read-write and dies without closing it: the bitmaps
+        // stay marked in_use on disk (its image locks go away with the process).
+        let _img = Image::open(&args[2], true)?;
+        std::process::exit(0);
+    }
+    let dir = args.get(1).map(PathBuf::from).unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("qdirty-quickstart-{}", std::process::id()))
+    });
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("disk.qcow2");
     let _ = std::fs::remove_file(&path);
@@ -67,9 +71,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let img = Image::open(&path, true)?;
     show(&img, "   ");
     qemu_img(&["info", "-U"], &path);
+    img.close()?;
 
-    println!("6. the process dies without closing: nothing is stored");
-    std::mem::forget(img);
+    println!("6. a process opens it read-write and dies without closing: nothing is stored");
+    let status = Command::new(std::env::current_exe()?)
+        .arg("--crash-child")
+        .arg(&path)
+        .status()?;
+    assert!(
+        status.success(),
+        "the crashing child could not open the image"
+    );
 
     println!("7. the next open finds the bitmaps in_use and lists them as inconsistent");
     let mut img = Image::open(&path, true)?;
