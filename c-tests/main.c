@@ -110,6 +110,8 @@ int main(void)
     test_mirror(dir);
     test_txn(dir);
     test_threads();
+    test_boundary(dir);
+    test_stress(dir);
 
     qdirty_set_warning_handler(NULL, NULL);
     remove_tree(dir);

@@ -107,6 +107,8 @@ void test_bitmap(const char *dir);
 void test_mirror(const char *dir);
 void test_txn(const char *dir);
 void test_threads(void);
+void test_boundary(const char *dir);
+void test_stress(const char *dir);
 
 /* Helpers from main.c. */
 char *qt_path(const char *dir, const char *name); /* malloc'd "dir/name" */
