@@ -211,6 +211,16 @@ impl BitmapSet {
         Ok(&mut self.slots[i].bm)
     }
 
+    /// A bitmap by id for changes WITHOUT folding the write log first: for bookkeeping that
+    /// must not absorb writes logged meanwhile (after a store, resetting the change tracking:
+    /// writes logged during the store stay in the log and are tracked at the next fold).
+    pub(crate) fn get_mut_unfolded(&mut self, id: BitmapId) -> Option<&mut DirtyBitmap> {
+        self.slots
+            .iter_mut()
+            .find(|s| s.id == id)
+            .map(|s| &mut s.bm)
+    }
+
     /// A named bitmap (QEMU: bdrv_find_dirty_bitmap). Anonymous bitmaps never match.
     pub fn find(&self, name: &[u8]) -> Option<BitmapId> {
         self.slots

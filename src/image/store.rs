@@ -111,7 +111,10 @@ impl Disk {
                 name: name.clone(),
                 extra_data: Vec::new(),
             };
-            match entries.iter().position(|e| e.qemu_name() == name) {
+            // Broken entries (salvage) are never ours, whatever their name.
+            let found =
+                (0..entries.len()).find(|&i| entries[i].qemu_name() == name && !self.is_broken(i));
+            match found {
                 Some(ei) if entries[ei].in_use() => {
                     let old = entries[ei].clone();
                     let n = table_size_for(self.size(), bm.granularity_bits(), cs);
@@ -256,7 +259,9 @@ impl Disk {
             }
             let e = &entries[j.ei];
             let shift = self.cluster_shift(e.granularity_bits);
-            if let Ok(bm) = set.bitmap_mut(j.id) {
+            // Without folding: hook writes logged while this store did its I/O are not in what
+            // it wrote; they must stay in the log, to be tracked (and stored) at the next fold.
+            if let Some(bm) = set.get_mut_unfolded(j.id) {
                 bm.track_changes(shift, e.table_offset);
             }
         }
@@ -367,12 +372,11 @@ impl Disk {
             let k = chunk.len() as u64;
             let off = self.alloc_clusters(k)?;
             allocated.push((off, k));
-            buf.clear();
+            // Every byte is overwritten by store_words_le: no zeroing pass.
             buf.resize((k * cs) as usize, 0);
             for (j, &i) in chunk.iter().enumerate() {
-                let start = i as u64 * per_cluster;
                 let part = &mut buf[j * cs as usize..(j + 1) * cs as usize];
-                bits.serialize_part(part, start, per_cluster.min(size - start));
+                bits.store_words_le(i as u64 * (cs / 8), part);
                 table[i] = TableEntry::Cluster(off + j as u64 * cs);
             }
             self.storage
@@ -394,7 +398,7 @@ impl Disk {
     /// Writes `entries` as a new directory and commits it with the header (bitmaps bit set, or
     /// the extension and the bit dropped when `entries` is empty). Returns the old directory's
     /// clusters, to be freed by the caller.
-    fn commit_directory(
+    pub(super) fn commit_directory(
         &mut self,
         entries: Vec<BitmapDirEntry>,
         allocated: &mut FreeList,
@@ -463,7 +467,9 @@ impl Disk {
 
     /// Removes the stored copy of a bitmap (nothing to do when it is not on disk).
     pub(super) fn remove_from_disk(&mut self, name: &[u8]) -> Result<()> {
-        let Some(ei) = self.dir.entries.iter().position(|e| e.qemu_name() == name) else {
+        let Some(ei) = (0..self.dir.entries.len())
+            .find(|&i| self.dir.entries[i].qemu_name() == name && !self.is_broken(i))
+        else {
             return Ok(());
         };
         if self.read_only {
@@ -479,6 +485,7 @@ impl Disk {
                 return Err(e);
             }
         };
+        self.forget_entries(&[ei]);
         to_free.extend(self.bitmap_clusters(&removed));
         self.sources.invalidate(removed.table_offset);
         self.free_after_commit(&to_free);
@@ -549,7 +556,7 @@ impl Disk {
     /// Gives back the old structures after a commit. The commit stands whatever happens here:
     /// a failure only leaks clusters (the decrements that did not reach the disk), so it is a
     /// warning, not an error of the store.
-    fn free_after_commit(&mut self, list: &FreeList) {
+    pub(super) fn free_after_commit(&mut self, list: &FreeList) {
         if let Err(e) = self.free_now(list) {
             crate::warning::warn(&format!(
                 "Stored the bitmaps of '{}', but freeing their old clusters failed; some \
@@ -560,7 +567,7 @@ impl Disk {
     }
 
     /// Gives back clusters allocated by a failed operation; failures only leak.
-    fn free_quietly(&mut self, list: &FreeList) {
+    pub(super) fn free_quietly(&mut self, list: &FreeList) {
         if let Err(e) = self.free_now(list) {
             crate::warning::warn(&format!("Some clusters may be leaked: {e}"));
         }
