@@ -37,6 +37,18 @@
 // with -EAGAIN while QEMU uses the image in a conflicting way.
 #define QDIRTY_OPEN_FORCE_SHARE 2u
 
+// `qdirty_image_open` flag: salvage mode, for images QEMU refuses to open because of a broken
+// bitmap directory entry or table (reserved flag bits, bad granularity, bad table entries, a
+// wrong table size, ...). Such an entry does not fail the open: it becomes a *broken bitmap*,
+// listed by `qdirty_image_broken_bitmap_count` / `qdirty_image_broken_bitmap` with the reason
+// QEMU refuses it, never loaded, and removable only (`qdirty_image_remove_broken_bitmap`, with
+// QDIRTY_OPEN_RDWR; its clusters are leaked, never freed). The valid bitmaps load normally.
+// QEMU keeps refusing the image (a store writes broken entries back as they are) until every
+// broken bitmap is removed. A directory broken as a whole (its size, count or walk, the
+// extension's fields) still fails the open, with a message naming
+// `qdirty_image_drop_bitmaps_extension`. May be combined with the other flags.
+#define QDIRTY_OPEN_SALVAGE 4u
+
 // `qdirty_image_add_bitmap` flag: the bitmap is persistent (stored in the image on close).
 #define QDIRTY_BITMAP_PERSISTENT 1u
 
@@ -347,7 +359,9 @@ int qdirty_image_create(const char *path,
 // them on `qdirty_image_close`. Bitmaps stored with the `auto` flag load enabled, the others
 // disabled; bitmaps found in_use load as inconsistent. The image is locked like QEMU locks it
 // (shared OFD locks on bytes 100-103/200-203 and conflict probes) unless
-// QDIRTY_OPEN_FORCE_SHARE is given (read-only opens only).
+// QDIRTY_OPEN_FORCE_SHARE is given (read-only opens only). QDIRTY_OPEN_SALVAGE opens an image
+// whose bitmap directory entries or tables QEMU refuses, keeping those as broken bitmaps (see
+// the flag and `qdirty_image_broken_bitmap`).
 //
 // Returns: the image, or NULL on failure: unknown flag bits, RDWR with FORCE_SHARE or a NULL
 // path (EINVAL), the image is in use by another process such as QEMU (EAGAIN), a file that is
@@ -1301,6 +1315,84 @@ int qdirty_image_store_space(qdirty_image *img,
                              uint64_t *bytes,
                              uint64_t *measure_bytes,
                              qdirty_error **errp);
+
+// The number of broken bitmaps of an image opened with QDIRTY_OPEN_SALVAGE: directory entries
+// or tables that QEMU refuses the whole image for. Always 0 without QDIRTY_OPEN_SALVAGE (such
+// an image fails to open instead). QEMU refuses the image until every broken bitmap is
+// removed (`qdirty_image_remove_broken_bitmap`).
+//
+// Returns: the count (>= 0), or a negative errno: -EINVAL (`img` NULL), -EIO (unusable image).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `img` is NULL or an open image. `errp` is NULL or points to a `qdirty_error *` that is NULL
+// (otherwise the call returns -EINVAL and does nothing).
+int qdirty_image_broken_bitmap_count(qdirty_image *img, qdirty_error **errp);
+
+// Describes the broken bitmap number `i` (0 .. count-1, in directory order; see
+// `qdirty_image_broken_bitmap_count`).
+//
+// `*index` receives its position in the bitmap directory (what messages use when the name is
+// empty), `*name` its name as QEMU reads it (up to the first NUL; may be empty and need not be
+// UTF-8), `*reason` the reason QEMU refuses the image for (the same message a normal open
+// fails with). Any of the three may be NULL. The strings are new: free them with
+// `qdirty_string_free`.
+//
+// Returns: 0, or a negative errno: -EINVAL (`img` NULL), -ENOENT (`i` out of range), -EIO
+// (unusable image).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing is written
+// to `*index`, `*name`, `*reason`.
+// Ownership: the caller owns `*name` and `*reason`.
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `img` is NULL or an open image; `index`, `name` and `reason` are NULL or writable. `errp` is
+// NULL or points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and
+// does nothing).
+int qdirty_image_broken_bitmap(qdirty_image *img,
+                               uint32_t i,
+                               uint32_t *index,
+                               char **name,
+                               char **reason,
+                               qdirty_error **errp);
+
+// Removes the broken bitmap number `i` (as listed by `qdirty_image_broken_bitmap`; the later
+// ones move down by one) from an image opened with QDIRTY_OPEN_SALVAGE | QDIRTY_OPEN_RDWR. The
+// bitmap directory is rewritten without it; the clusters its entry and table name are never
+// freed (they are leaked: `qemu-img check -r leaks` reclaims them). Once no broken bitmap is
+// left, QEMU opens the image again.
+//
+// Returns: 0, or a negative errno: -EINVAL (`img` NULL), -ENOENT (`i` out of range), -EROFS
+// (read-only image), I/O errors.
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `img` is NULL or an open image. `errp` is NULL or points to a `qdirty_error *` that is NULL
+// (otherwise the call returns -EINVAL and does nothing).
+int qdirty_image_remove_broken_bitmap(qdirty_image *img, uint32_t i, qdirty_error **errp);
+
+// Drops the whole bitmaps extension of the image file at `path`, for an image whose bitmap
+// directory is broken as a whole (a QDIRTY_OPEN_SALVAGE open then fails, naming this
+// function): one header write removes the extension and clears autoclear bit 0 (QEMU's rule for
+// programs without bitmap support), then fdatasync. Every persistent bitmap is lost; their
+// directory, tables and data clusters are leaked (`qemu-img check -r leaks` reclaims them).
+// Guest data and other metadata are not touched. Never done implicitly by any other call.
+//
+// `*dropped` (may be NULL) receives 1 when there was something to drop, 0 when the image had
+// no bitmaps extension (nothing written).
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL or empty path, not a usable qcow2 file),
+// -ENOTSUP (qcow2 v2), -EAGAIN (the image is in use, e.g. by QEMU), I/O errors.
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Thread safety: may be called from any thread.
+//
+// # Safety
+// `path` is NULL or a NUL-terminated string; `dropped` is NULL or writable. `errp` is NULL or
+// points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
+// nothing).
+int qdirty_image_drop_bitmaps_extension(const char *path, int *dropped, qdirty_error **errp);
 
 // Creates a standalone image: bitmaps over `size` bytes with no qcow2 file behind them (for raw
 // disks, guest RAM, tests). Every in-memory operation works as on a qcow2 image (add, create,

@@ -20,7 +20,8 @@ Commands (qdirty COMMAND --help for each):
   bitmap (--add | --remove | --clear | --enable | --disable | --merge SOURCE [-b SOURCE_FILE [-F FMT]])...
          [-g GRANULARITY] IMG BITMAP
   dump   IMG [BITMAP...] [--union] [--output=human|json]
-  check  IMG [-r] [--remove-inconsistent] [--output=human|json]
+  check  IMG [-r] [--remove-inconsistent] [--salvage [--remove-broken]] [--drop-bitmaps]
+         [--output=human|json]
   create IMG SIZE [-o cluster_size=SIZE]
 ";
 
@@ -71,7 +72,8 @@ bitmaps are refused when named, and reported without extents otherwise.
 ";
 
 const CHECK_HELP: &str = "\
-usage: qdirty check IMG [-r] [--remove-inconsistent] [--output=human|json]
+usage: qdirty check IMG [-r] [--remove-inconsistent] [--salvage [--remove-broken]]
+                        [--drop-bitmaps] [--output=human|json]
 
 Checks the refcounts of IMG as `qemu-img check` does (same leak and corruption counts, same
 exit status: 0 clean, 2 corruptions, 3 leaks only, 1 could not check) and says which problems
@@ -81,6 +83,15 @@ program without bitmap support invalidated).
   -r, --repair           reclaim leaked clusters (refused when corruptions were found: use
                          'qemu-img check -r all'); drops an invalidated bitmaps extension
   --remove-inconsistent  remove the bitmaps that are inconsistent (in-use) first
+  --salvage              for images QEMU refuses because of a broken bitmap directory entry or
+                         table: list every broken bitmap (name, or entry index when the name is
+                         empty or not printable) and why QEMU refuses it; the valid bitmaps are
+                         kept. A broken bitmap found makes the exit status 2 (as a corruption)
+  --remove-broken        with --salvage: remove the broken bitmaps (their clusters are leaked,
+                         never freed: '-r' reclaims them); QEMU then opens the image again
+  --drop-bitmaps         drop the whole bitmaps extension (every bitmap is lost; their clusters
+                         are leaked), for a bitmap directory too broken to salvage entry by entry.
+                         Guest data is never touched
   --output=FMT           human (default) or json
   -f qcow2               accepted for qemu-img compatibility
 ";
@@ -783,6 +794,9 @@ fn cmd_check(argv: &[OsString]) -> Res<u8> {
     let specs = [
         opt("repair", Some('r'), Arity::Flag),
         opt("remove-inconsistent", None, Arity::Flag),
+        opt("salvage", None, Arity::Flag),
+        opt("remove-broken", None, Arity::Flag),
+        opt("drop-bitmaps", None, Arity::Flag),
         opt("output", None, Arity::Value),
         opt("format", Some('f'), Arity::Value),
     ];
@@ -808,6 +822,47 @@ fn cmd_check(argv: &[OsString]) -> Res<u8> {
     let p = parse(&argv, &specs, "check", CHECK_HELP)?;
     let json = output_json(&p, CHECK_HELP)?;
     let path = one_image(&p, "check", CHECK_HELP)?;
+    if has(&p, "remove-broken") && !has(&p, "salvage") {
+        return Err(usage_fail(
+            "check: --remove-broken needs --salvage",
+            CHECK_HELP,
+        ));
+    }
+    if has(&p, "drop-bitmaps") && has(&p, "salvage") {
+        return Err(usage_fail(
+            "check: --drop-bitmaps and --salvage exclude each other",
+            CHECK_HELP,
+        ));
+    }
+    let mut salvage = SalvageOutcome::default();
+    if has(&p, "drop-bitmaps") {
+        let d = qdirty::image::drop_bitmaps_extension(path).map_err(|e| img_err(path, &e))?;
+        salvage.dropped = Some(d.nb_bitmaps).filter(|_| d.dropped);
+    }
+    if has(&p, "salvage") {
+        let rw = has(&p, "remove-broken");
+        let mut img = {
+            let _p = Progress::start(format!("loading the bitmaps of '{}'", path.display()));
+            Image::open_salvage(path, rw).map_err(|e| img_err(path, &e))?
+        };
+        salvage.broken = img.broken_bitmaps();
+        let mut r = Ok(());
+        if rw && !salvage.broken.is_empty() {
+            match img.remove_broken_bitmaps() {
+                Ok(list) => salvage.removed = list,
+                Err(e) => r = Err(img_err(path, &e)),
+            }
+        }
+        let closed = close_image(img, path);
+        r?;
+        closed?;
+    }
+    if salvage.broken.len() > salvage.removed.len() {
+        // QEMU (and the refcount check, which reads the bitmaps as QEMU does) cannot open the
+        // image while broken bitmaps remain: report them only.
+        print_broken(path, &salvage, json);
+        return Ok(2);
+    }
     let mut removed = Vec::new();
     if has(&p, "remove-inconsistent") {
         let info = Image::inspect(path).map_err(|e| img_err(path, &e))?;
@@ -840,11 +895,87 @@ fn cmd_check(argv: &[OsString]) -> Res<u8> {
         let _p = Progress::start(format!("checking '{}'", path.display()));
         check_bitmaps(path, has(&p, "repair")).map_err(|e| img_err(path, &e))?
     };
-    print_check(path, &report, &removed, has(&p, "repair"), json);
+    print_check(path, &report, &removed, &salvage, has(&p, "repair"), json);
     Ok(report.exit_code() as u8)
 }
 
-fn print_check(path: &Path, r: &CheckReport, removed: &[String], repair: bool, json: bool) {
+/// `check --salvage` while broken bitmaps remain (no refcount check is possible).
+fn print_broken(path: &Path, salvage: &SalvageOutcome, json: bool) {
+    if json {
+        let j = Json::Obj(vec![
+            ("filename", Json::Str(path.display().to_string())),
+            ("format", Json::Str("qcow2".into())),
+            ("broken_bitmaps", broken_json(&salvage.broken)),
+            ("removed_broken_bitmaps", broken_json(&salvage.removed)),
+        ]);
+        println!("{}", j.pretty());
+        return;
+    }
+    print_salvage(salvage);
+}
+
+fn print_salvage(salvage: &SalvageOutcome) {
+    if let Some(nb) = salvage.dropped {
+        println!(
+            "Dropped the bitmaps extension ({nb} bitmaps recorded); their clusters are leaked \
+             ('-r' reclaims them)"
+        );
+    }
+    for b in &salvage.broken {
+        println!(
+            "Broken bitmap '{}' (entry {}): {}",
+            b.display_name(),
+            b.index,
+            b.reason
+        );
+    }
+    for b in &salvage.removed {
+        println!(
+            "Removed broken bitmap '{}' (entry {}); its clusters are leaked",
+            b.display_name(),
+            b.index
+        );
+    }
+    if salvage.broken.len() > salvage.removed.len() {
+        println!(
+            "QEMU refuses this image while broken bitmaps remain (the refcounts are checked once \
+             they are gone): --salvage --remove-broken removes them"
+        );
+    }
+}
+
+/// What `check --salvage` / `--drop-bitmaps` found and did.
+#[derive(Default)]
+struct SalvageOutcome {
+    broken: Vec<qdirty::image::BrokenBitmap>,
+    removed: Vec<qdirty::image::BrokenBitmap>,
+    /// Some(nb_bitmaps) when the extension was dropped.
+    dropped: Option<u32>,
+}
+
+fn broken_json(v: &[qdirty::image::BrokenBitmap]) -> Json {
+    Json::Arr(
+        v.iter()
+            .map(|b| {
+                Json::Obj(vec![
+                    ("index", Json::Num(b.index as u64)),
+                    ("name", Json::Str(name_of(&b.name))),
+                    ("display_name", Json::Str(b.display_name())),
+                    ("reason", Json::Str(b.reason.clone())),
+                ])
+            })
+            .collect(),
+    )
+}
+
+fn print_check(
+    path: &Path,
+    r: &CheckReport,
+    removed: &[String],
+    salvage: &SalvageOutcome,
+    repair: bool,
+    json: bool,
+) {
     let inconsistent: Vec<String> = r
         .bitmaps
         .iter()
@@ -870,6 +1001,12 @@ fn print_check(path: &Path, r: &CheckReport, removed: &[String], repair: bool, j
             ),
             ("inconsistent_bitmaps", strs(&inconsistent)),
             ("removed_bitmaps", strs(removed)),
+            ("broken_bitmaps", broken_json(&salvage.broken)),
+            ("removed_broken_bitmaps", broken_json(&salvage.removed)),
+            (
+                "bitmaps_extension_dropped",
+                Json::Bool(salvage.dropped.is_some()),
+            ),
             ("total_clusters", Json::Num(r.total_clusters)),
             ("image_end_offset", Json::Num(r.image_end_offset)),
         ]);
@@ -879,6 +1016,7 @@ fn print_check(path: &Path, r: &CheckReport, removed: &[String], repair: bool, j
     for m in &r.messages {
         eprintln!("{m}");
     }
+    print_salvage(salvage);
     for n in removed {
         println!("Removed inconsistent bitmap '{n}'");
     }

@@ -54,14 +54,16 @@ from ._ffi import (
     QDIRTY_CHECK_RO,
     QDIRTY_OPEN_FORCE_SHARE,
     QDIRTY_OPEN_RDWR,
+    QDIRTY_OPEN_SALVAGE,
 )
-from ._image import BitmapInfo, Image, StoreSpace
+from ._image import BitmapInfo, BrokenBitmap, Image, StoreSpace, drop_bitmaps_extension
 from ._txn import Transaction
 
 __all__ = [
     "Backup",
     "Bitmap",
     "BitmapInfo",
+    "BrokenBitmap",
     "DirtyIterator",
     "Image",
     "StoreSpace",
@@ -77,6 +79,8 @@ __all__ = [
     "CHECK_ALLOW_RO",
     "QDIRTY_OPEN_RDWR",
     "QDIRTY_OPEN_FORCE_SHARE",
+    "QDIRTY_OPEN_SALVAGE",
+    "drop_bitmaps_extension",
     "QDIRTY_BITMAP_PERSISTENT",
     "QDIRTY_BITMAP_DISABLED",
     "QDIRTY_BITMAP_AUTOLOAD",

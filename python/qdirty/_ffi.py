@@ -190,6 +190,14 @@ PROTOTYPES: Dict[str, Tuple[object, List[object]]] = {
         c_int,
         [ImageP, POINTER(c_uint64), POINTER(c_uint64), POINTER(c_uint64), ErrorPP],
     ),
+    # salvage
+    "qdirty_image_broken_bitmap_count": (c_int, [ImageP, ErrorPP]),
+    "qdirty_image_broken_bitmap": (
+        c_int,
+        [ImageP, c_uint32, POINTER(c_uint32), POINTER(OwnedString), POINTER(OwnedString), ErrorPP],
+    ),
+    "qdirty_image_remove_broken_bitmap": (c_int, [ImageP, c_uint32, ErrorPP]),
+    "qdirty_image_drop_bitmaps_extension": (c_int, [c_char_p, POINTER(c_int), ErrorPP]),
     # standalone images, reopen, truncate
     "qdirty_image_new_memory": (ImageP, [c_uint64, ErrorPP]),
     "qdirty_image_truncate": (c_int, [ImageP, c_uint64, ErrorPP]),
@@ -213,6 +221,7 @@ PROTOTYPES: Dict[str, Tuple[object, List[object]]] = {
 # Flags, as in include/qdirty.h.
 QDIRTY_OPEN_RDWR = 1
 QDIRTY_OPEN_FORCE_SHARE = 2
+QDIRTY_OPEN_SALVAGE = 4
 QDIRTY_BITMAP_PERSISTENT = 1
 QDIRTY_BITMAP_DISABLED = 2
 QDIRTY_BITMAP_AUTOLOAD = 4

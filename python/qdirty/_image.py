@@ -46,6 +46,42 @@ class StoreSpace:
 
 
 @dataclass(frozen=True)
+class BrokenBitmap:
+    """A bitmap directory entry (or its table) that QEMU refuses the whole image for, listed by
+    :meth:`Image.broken_bitmaps` of an image opened with ``salvage=True``."""
+
+    #: Its position in the bitmap directory (what messages use when the name is empty).
+    index: int
+    #: Its name as stored (up to the first NUL; may be empty, need not be UTF-8).
+    name: bytes
+    #: Why QEMU refuses it (the message a normal open fails with).
+    reason: str
+
+    @property
+    def display_name(self) -> str:
+        """The name when it is printable text, else ``"entry N"``."""
+        try:
+            s = self.name.decode("utf-8")
+        except UnicodeDecodeError:
+            s = ""
+        if not s or not s.isprintable():
+            return f"entry {self.index}"
+        return s
+
+
+def drop_bitmaps_extension(path: PathLike) -> bool:
+    """Drops the whole bitmaps extension of the image file at ``path`` (one header write that
+    removes it and clears autoclear bit 0, QEMU's rule for programs without bitmap support),
+    for images whose bitmap directory is broken as a whole (``Image.open(salvage=True)`` then
+    fails naming this function). Every persistent bitmap is lost and its clusters leaked
+    (``qemu-img check -r leaks`` reclaims them); guest data is not touched. Returns whether
+    there was anything to drop."""
+    dropped = ctypes.c_int()
+    check_rc(lib.qdirty_image_drop_bitmaps_extension, os.fsencode(path), ctypes.byref(dropped))
+    return bool(dropped.value)
+
+
+@dataclass(frozen=True)
 class BitmapInfo:
     """One bitmap in the snapshot of :meth:`Image.query` (QEMU's ``BlockDirtyInfo``)."""
 
@@ -96,13 +132,23 @@ class Image:
         check_rc(lib.qdirty_image_create, os.fsencode(path), size, cluster_size)
 
     @classmethod
-    def open(cls, path: PathLike, rw: bool = False, force_share: bool = False) -> "Image":
+    def open(
+        cls, path: PathLike, rw: bool = False, force_share: bool = False, salvage: bool = False
+    ) -> "Image":
         """Opens a qcow2 image and loads its bitmaps. ``rw=True`` opens it read-write: the
         loaded bitmaps are marked in use in the file until :meth:`close` stores them. The image
         is locked as QEMU locks it (QdirtyError with errno EAGAIN while QEMU uses it);
-        ``force_share=True`` (read-only only) reads without locks, like ``qemu-img -U``."""
-        flags = (_ffi.QDIRTY_OPEN_RDWR if rw else 0) | (
-            _ffi.QDIRTY_OPEN_FORCE_SHARE if force_share else 0
+        ``force_share=True`` (read-only only) reads without locks, like ``qemu-img -U``.
+
+        ``salvage=True`` opens an image QEMU refuses because of broken bitmap directory entries
+        or tables: those become :meth:`broken_bitmaps` (removable only, with
+        :meth:`remove_broken_bitmap`; their clusters are leaked) and the valid bitmaps load
+        normally. QEMU refuses the image until every broken bitmap is removed. A directory
+        broken as a whole still fails, naming :func:`drop_bitmaps_extension`."""
+        flags = (
+            (_ffi.QDIRTY_OPEN_RDWR if rw else 0)
+            | (_ffi.QDIRTY_OPEN_FORCE_SHARE if force_share else 0)
+            | (_ffi.QDIRTY_OPEN_SALVAGE if salvage else 0)
         )
         handle = check_ptr(lib.qdirty_image_open, os.fsencode(path), flags)
         return cls(handle, path)
@@ -203,6 +249,44 @@ class Image:
             ctypes.byref(measure),
         )
         return StoreSpace(clusters.value, nbytes.value, measure.value)
+
+    def broken_bitmaps(self) -> List[BrokenBitmap]:
+        """The broken bitmaps of an image opened with ``salvage=True``, in directory order
+        (always empty otherwise)."""
+        out: List[BrokenBitmap] = []
+        n = self._rc(lib.qdirty_image_broken_bitmap_count, self._h())
+        for i in range(n):
+            index = ctypes.c_uint32()
+            name = _ffi.OwnedString()
+            reason = _ffi.OwnedString()
+            self._rc(
+                lib.qdirty_image_broken_bitmap,
+                self._h(),
+                i,
+                ctypes.byref(index),
+                ctypes.byref(name),
+                ctypes.byref(reason),
+            )
+            try:
+                out.append(
+                    BrokenBitmap(
+                        index.value,
+                        ctypes.string_at(name.value) if name.value else b"",
+                        (ctypes.string_at(reason.value) if reason.value else b"").decode(
+                            "utf-8", "replace"
+                        ),
+                    )
+                )
+            finally:
+                lib.qdirty_string_free(name.value)
+                lib.qdirty_string_free(reason.value)
+        return out
+
+    def remove_broken_bitmap(self, i: int = 0) -> None:
+        """Removes the broken bitmap number ``i`` of :meth:`broken_bitmaps` (the later ones move
+        down by one) from an image opened with ``rw=True, salvage=True``. Its clusters are
+        leaked, never freed (``qemu-img check -r leaks`` reclaims them)."""
+        self._rc(lib.qdirty_image_remove_broken_bitmap, self._h(), i)
 
     def reopen(self, rw: bool) -> None:
         """Switches between read-write and read-only (QEMU's qcow2_reopen_bitmaps_ro/_rw):

@@ -10,7 +10,7 @@ use super::error::{qdirty_error, FfiError};
 use super::handle::{qdirty_bitmap, qdirty_image, ImageHandle};
 use super::{
     QDIRTY_BITMAP_AUTOLOAD, QDIRTY_BITMAP_DISABLED, QDIRTY_BITMAP_PERSISTENT,
-    QDIRTY_OPEN_FORCE_SHARE, QDIRTY_OPEN_RDWR,
+    QDIRTY_OPEN_FORCE_SHARE, QDIRTY_OPEN_RDWR, QDIRTY_OPEN_SALVAGE,
 };
 use crate::image::{AddOptions, Image};
 
@@ -86,7 +86,9 @@ pub unsafe extern "C" fn qdirty_image_create(
 /// them on `qdirty_image_close`. Bitmaps stored with the `auto` flag load enabled, the others
 /// disabled; bitmaps found in_use load as inconsistent. The image is locked like QEMU locks it
 /// (shared OFD locks on bytes 100-103/200-203 and conflict probes) unless
-/// QDIRTY_OPEN_FORCE_SHARE is given (read-only opens only).
+/// QDIRTY_OPEN_FORCE_SHARE is given (read-only opens only). QDIRTY_OPEN_SALVAGE opens an image
+/// whose bitmap directory entries or tables QEMU refuses, keeping those as broken bitmaps (see
+/// the flag and `qdirty_image_broken_bitmap`).
 ///
 /// Returns: the image, or NULL on failure: unknown flag bits, RDWR with FORCE_SHARE or a NULL
 /// path (EINVAL), the image is in use by another process such as QEMU (EAGAIN), a file that is
@@ -108,15 +110,16 @@ pub unsafe extern "C" fn qdirty_image_open(
     ffi_call!(errp = errp, {
         check_flags(
             flags,
-            QDIRTY_OPEN_RDWR | QDIRTY_OPEN_FORCE_SHARE,
+            QDIRTY_OPEN_RDWR | QDIRTY_OPEN_FORCE_SHARE | QDIRTY_OPEN_SALVAGE,
             "qdirty_image_open",
         )?;
         // SAFETY: see the function's Safety section.
         let path = unsafe { arg_path(path) }?;
-        let image = Image::open_with(
+        let image = Image::open_opts(
             path,
             flags & QDIRTY_OPEN_RDWR != 0,
             flags & QDIRTY_OPEN_FORCE_SHARE != 0,
+            flags & QDIRTY_OPEN_SALVAGE != 0,
         )?;
         Ok(ImageHandle::into_raw(image))
     })

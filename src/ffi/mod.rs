@@ -18,7 +18,7 @@
 //! | `qdirty_bitmap_info[]` | owned by the caller | `qdirty_image_query_bitmaps` | `qdirty_bitmap_info_free` (NULL ok) |
 //! | `qdirty_txn` | owned by the caller; its images must outlive it | `qdirty_txn_new` | `qdirty_txn_free` (NULL ok; aborts prepared actions) |
 //! | `qdirty_error` | owned by the caller | any failing call with `errp` | `qdirty_error_free` (NULL ok) |
-//! | `char *` from `qdirty_bitmap_sha256` | owned by the caller | | `qdirty_string_free` (NULL ok) |
+//! | `char *` from `qdirty_bitmap_sha256`, `qdirty_image_broken_bitmap` | owned by the caller | | `qdirty_string_free` (NULL ok) |
 //!
 //! # Conventions
 //!
@@ -111,6 +111,8 @@ mod serialize;
 mod query;
 // Space a store needs.
 mod space;
+// Salvage: broken bitmaps, dropping the bitmaps extension.
+mod salvage;
 // Standalone images, reopen, truncate, default granularity.
 mod image_ops;
 // Transactions.
@@ -131,6 +133,18 @@ pub const QDIRTY_OPEN_RDWR: u32 = 1u32;
 /// QDIRTY_OPEN_RDWR. Without it, qdirty takes the same OFD locks as QEMU and the open fails
 /// with -EAGAIN while QEMU uses the image in a conflicting way.
 pub const QDIRTY_OPEN_FORCE_SHARE: u32 = 2u32;
+
+/// `qdirty_image_open` flag: salvage mode, for images QEMU refuses to open because of a broken
+/// bitmap directory entry or table (reserved flag bits, bad granularity, bad table entries, a
+/// wrong table size, ...). Such an entry does not fail the open: it becomes a *broken bitmap*,
+/// listed by `qdirty_image_broken_bitmap_count` / `qdirty_image_broken_bitmap` with the reason
+/// QEMU refuses it, never loaded, and removable only (`qdirty_image_remove_broken_bitmap`, with
+/// QDIRTY_OPEN_RDWR; its clusters are leaked, never freed). The valid bitmaps load normally.
+/// QEMU keeps refusing the image (a store writes broken entries back as they are) until every
+/// broken bitmap is removed. A directory broken as a whole (its size, count or walk, the
+/// extension's fields) still fails the open, with a message naming
+/// `qdirty_image_drop_bitmaps_extension`. May be combined with the other flags.
+pub const QDIRTY_OPEN_SALVAGE: u32 = 4u32;
 
 /// `qdirty_image_add_bitmap` flag: the bitmap is persistent (stored in the image on close).
 pub const QDIRTY_BITMAP_PERSISTENT: u32 = 1u32;

@@ -184,37 +184,101 @@ pub fn parse_directory(
     cluster_size: u64,
     disk_size: u64,
 ) -> Result<Vec<BitmapDirEntry>> {
+    let scan = scan_directory(buf, nb_bitmaps, cluster_size, disk_size);
+    // QEMU stops at the first failing entry, which comes before any directory-level failure
+    // found later in the walk; duplicates are found after the walk.
+    if let Some(reason) = scan.entries.iter().find_map(|(_, r)| r.clone()) {
+        return Err(invalid(reason));
+    }
+    if let Some(e) = scan.directory_error {
+        return Err(e);
+    }
+    let entries: Vec<BitmapDirEntry> = scan.entries.into_iter().map(|(e, _)| e).collect();
+    if let Some(reason) = duplicate_reasons(&entries, &vec![false; entries.len()])
+        .into_iter()
+        .flatten()
+        .next()
+    {
+        return Err(invalid(reason));
+    }
+    Ok(entries)
+}
+
+/// The salvage form of [`parse_directory`]: the directory as a whole must be sound (the walk
+/// over the entries, their count, the size: QEMU's "Broken bitmap directory", "More/Less bitmaps
+/// found ...", which are returned as errors), but an entry that fails its own checks (extra
+/// data, QEMU's per-entry constraints, a duplicate name) is returned with the reason QEMU would
+/// refuse the image for, instead of failing the whole parse. Entries come in directory order.
+///
+/// A duplicate is only reported among the entries that pass their own checks (a broken entry is
+/// never loaded, so it cannot make a valid one "already exist").
+pub fn parse_directory_salvage(
+    buf: &[u8],
+    nb_bitmaps: u32,
+    cluster_size: u64,
+    disk_size: u64,
+) -> Result<Vec<(BitmapDirEntry, Option<String>)>> {
+    let scan = scan_directory(buf, nb_bitmaps, cluster_size, disk_size);
+    if let Some(e) = scan.directory_error {
+        return Err(e);
+    }
+    let mut out = scan.entries;
+    let broken: Vec<bool> = out.iter().map(|(_, r)| r.is_some()).collect();
+    let entries: Vec<BitmapDirEntry> = out.iter().map(|(e, _)| e.clone()).collect();
+    for (i, dup) in duplicate_reasons(&entries, &broken).into_iter().enumerate() {
+        if dup.is_some() {
+            out[i].1 = dup;
+        }
+    }
+    Ok(out)
+}
+
+/// What a walk over the directory found.
+struct Scan {
+    /// Entries walked so far, each with the reason it fails its own checks, if it does.
+    entries: Vec<(BitmapDirEntry, Option<String>)>,
+    /// A failure of the directory as a whole (the walk stops there).
+    directory_error: Option<Error>,
+}
+
+fn scan_directory(buf: &[u8], nb_bitmaps: u32, cluster_size: u64, disk_size: u64) -> Scan {
+    let mut scan = Scan {
+        // Bounded by the directory size (every entry takes at least 24 bytes).
+        entries: Vec::with_capacity((nb_bitmaps as usize).min(buf.len() / 24)),
+        directory_error: None,
+    };
     let size = buf.len() as u64;
     if size == 0 {
-        return Err(invalid("Requested bitmap directory size is zero"));
+        scan.directory_error = Some(invalid("Requested bitmap directory size is zero"));
+        return scan;
     }
     if size > QCOW2_MAX_BITMAP_DIRECTORY_SIZE {
-        return Err(invalid(format!(
+        scan.directory_error = Some(invalid(format!(
             "Requested bitmap directory size is too big: {size} bytes exceed the maximum of \
              {QCOW2_MAX_BITMAP_DIRECTORY_SIZE}"
         )));
+        return scan;
     }
-    // Bounded by the directory size (every entry takes at least 24 bytes).
-    let mut entries: Vec<BitmapDirEntry> =
-        Vec::with_capacity((nb_bitmaps as usize).min(buf.len() / 24));
     let mut pos: usize = 0;
     let mut count: u64 = 0;
     while pos < buf.len() {
         let index = count;
         let remaining = buf.len() - pos;
         if remaining < BitmapDirEntry::FIXED_SIZE {
-            return Err(invalid(format!(
+            scan.directory_error = Some(invalid(format!(
                 "Broken bitmap directory: entry {index} at offset {pos} needs \
                  {} bytes but only {remaining} remain",
                 BitmapDirEntry::FIXED_SIZE
             )));
+            return scan;
         }
         count += 1;
         if count > u64::from(nb_bitmaps) {
-            return Err(invalid(format!(
+            scan.directory_error = Some(invalid(format!(
                 "More bitmaps found than specified in header extension: entry {index} at offset \
                  {pos} but nb_bitmaps is {nb_bitmaps}"
             )));
+            return scan;
         }
         let e = &buf[pos..];
         let table_offset = get_u64(e, 0);
@@ -229,11 +293,12 @@ pub fn parse_directory(
             8,
         );
         if entry_size > remaining as u64 {
-            return Err(invalid(format!(
+            scan.directory_error = Some(invalid(format!(
                 "Broken bitmap directory: entry {index} at offset {pos} (name_size {name_size}, \
                  extra_data_size {extra_data_size}) needs {entry_size} bytes but only {remaining} \
                  remain"
             )));
+            return scan;
         }
         // entry_size <= remaining: every slice below is in bounds.
         let extra_end = BitmapDirEntry::FIXED_SIZE + extra_data_size as usize;
@@ -247,41 +312,60 @@ pub fn parse_directory(
             name: e[extra_end..name_end].to_vec(),
             extra_data: e[BitmapDirEntry::FIXED_SIZE..extra_end].to_vec(),
         };
-        if extra_data_size != 0 {
-            return Err(invalid(format!(
+        let reason = if extra_data_size != 0 {
+            Some(format!(
                 "Bitmap extra data is not supported: bitmap '{}' (entry {index}) has \
                  extra_data_size {extra_data_size}",
                 String::from_utf8_lossy(entry.qemu_name())
-            )));
-        }
-        entry.check_constraints_at(cluster_size, disk_size, Some(index as usize))?;
-        entries.push(entry);
+            ))
+        } else {
+            match entry.check_constraints_at(cluster_size, disk_size, Some(index as usize)) {
+                Ok(()) => None,
+                Err(e) => Some(match e {
+                    Error::InvalidImage(m) => m,
+                    other => other.to_string(),
+                }),
+            }
+        };
+        scan.entries.push((entry, reason));
         pos += entry_size as usize;
     }
     if count != u64::from(nb_bitmaps) {
-        return Err(invalid(format!(
+        scan.directory_error = Some(invalid(format!(
             "Less bitmaps found than specified in header extension: found {count} but \
              nb_bitmaps is {nb_bitmaps}"
         )));
+        return scan;
     }
     if pos != buf.len() {
-        return Err(invalid(format!(
+        scan.directory_error = Some(invalid(format!(
             "Broken bitmap directory: the entries end at offset {pos} but the directory is {} \
              bytes",
             buf.len()
         )));
     }
+    scan
+}
+
+/// For each entry, QEMU's "Bitmap already exists" reason when an earlier entry (not in `skip`)
+/// has the same name and this one is not in_use (QEMU skips in_use duplicates). Entries in
+/// `skip` are ignored both ways.
+fn duplicate_reasons(entries: &[BitmapDirEntry], skip: &[bool]) -> Vec<Option<String>> {
     let mut seen: HashMap<&[u8], usize> = HashMap::new();
+    let mut out = vec![None; entries.len()];
     for (i, e) in entries.iter().enumerate() {
+        if skip[i] {
+            continue;
+        }
         let name = e.qemu_name();
         match seen.get(name) {
             Some(&first) => {
                 if !e.in_use() {
-                    return Err(invalid(format!(
+                    out[i] = Some(format!(
                         "Bitmap already exists: {}: directory entries {first} and {i} have the \
                          same name",
                         String::from_utf8_lossy(name)
-                    )));
+                    ));
                 }
             }
             None => {
@@ -289,7 +373,7 @@ pub fn parse_directory(
             }
         }
     }
-    Ok(entries)
+    out
 }
 
 /// Encodes a directory (entries in order).

@@ -6,7 +6,9 @@ use super::lazy::TableSource;
 use super::{alloc, Disk, DiskDir};
 use crate::bitmap::{BitmapSet, DirtyBitmap};
 use crate::error::{Error, Result};
-use crate::format::bitmap_dir::{encode_directory, parse_directory, BitmapDirEntry};
+use crate::format::bitmap_dir::{
+    encode_directory, parse_directory, parse_directory_salvage, BitmapDirEntry,
+};
 use crate::format::bitmap_table::{decode_table, table_size_for, TableEntry};
 use crate::format::{
     AUTOCLEAR_BITMAPS, AUTOCLEAR_MASK, BME_FLAG_IN_USE, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
@@ -38,6 +40,21 @@ impl Disk {
         let bitmaps_bit = self.meta.header.autoclear_features & AUTOCLEAR_BITMAPS != 0;
         match (self.meta.exts.bitmaps, bitmaps_bit) {
             (Some(_), false) => crate::warning::warn(BITMAPS_DROPPED_WARNING),
+            (Some(ext), true) if self.salvage => {
+                let entries = ext
+                    .validate(self.cluster_size())
+                    .and_then(|()| self.read_directory_salvage(&ext))
+                    .map_err(|e| e.context(super::salvage::DROP_HINT))?;
+                self.broken = entries
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, (_, r))| r.clone().map(|r| (i, r)))
+                    .collect();
+                self.dir = DiskDir {
+                    ext: Some(ext),
+                    entries: entries.into_iter().map(|(e, _)| e).collect(),
+                };
+            }
             (Some(ext), true) => {
                 ext.validate(self.cluster_size())?;
                 self.dir = DiskDir {
@@ -99,8 +116,8 @@ impl Disk {
     /// QEMU's qcow2_reopen_bitmaps_rw consistency rule: every stored bitmap has an in-memory
     /// counterpart.
     pub(super) fn reopen_checks(&self, set: &BitmapSet) -> Result<()> {
-        for e in &self.dir.entries {
-            if set.find(e.qemu_name()).is_none() {
+        for (i, e) in self.dir.entries.iter().enumerate() {
+            if !self.is_broken(i) && set.find(e.qemu_name()).is_none() {
                 return Err(Error::InvalidImage(format!(
                     "Unexpected bitmap '{}' in image '{}'",
                     String::from_utf8_lossy(e.qemu_name()),
@@ -115,6 +132,21 @@ impl Disk {
         &self,
         ext: &crate::format::extension::BitmapsExt,
     ) -> Result<Vec<BitmapDirEntry>> {
+        let buf = self.read_directory_bytes(ext)?;
+        parse_directory(&buf, ext.nb_bitmaps, self.cluster_size(), self.size())
+    }
+
+    /// Salvage: the directory must be sound as a whole; entries that fail their own checks
+    /// come with the reason.
+    fn read_directory_salvage(
+        &self,
+        ext: &crate::format::extension::BitmapsExt,
+    ) -> Result<Vec<(BitmapDirEntry, Option<String>)>> {
+        let buf = self.read_directory_bytes(ext)?;
+        parse_directory_salvage(&buf, ext.nb_bitmaps, self.cluster_size(), self.size())
+    }
+
+    fn read_directory_bytes(&self, ext: &crate::format::extension::BitmapsExt) -> Result<Vec<u8>> {
         let size = ext.bitmap_directory_size;
         if size == 0 {
             return Err(Error::InvalidImage(
@@ -131,7 +163,7 @@ impl Disk {
             .lock()
             .read_exact_at(&mut buf, ext.bitmap_directory_offset)
             .map_err(|e| Error::io("Failed to read bitmap directory", e))?;
-        parse_directory(&buf, ext.nb_bitmaps, self.cluster_size(), self.size())
+        Ok(buf)
     }
 
     /// Creates the in-memory bitmaps from the directory, in directory order, each at the head
@@ -140,7 +172,11 @@ impl Disk {
     /// needed (lazy loading, see `lazy.rs`).
     fn load_bitmaps(&mut self, set: &mut BitmapSet) -> Result<()> {
         let entries = self.dir.entries.clone();
-        for e in &entries {
+        for (i, e) in entries.iter().enumerate() {
+            if self.is_broken(i) {
+                // Salvage: listed by broken_bitmaps(), never loaded.
+                continue;
+            }
             if e.in_use() && set.find(e.qemu_name()).is_some() {
                 // QEMU skips an in_use entry whose name is already loaded.
                 continue;
@@ -152,7 +188,16 @@ impl Disk {
             let mut bm = if e.in_use() {
                 DirtyBitmap::new_inconsistent(name, self.size(), granularity)?
             } else {
-                let source = self.table_source(e)?;
+                let source = match self.table_source(e) {
+                    Ok(s) => s,
+                    Err(err) if self.salvage => {
+                        // Salvage: a table QEMU refuses makes the bitmap broken, not the open.
+                        self.broken.push((i, err.to_string()));
+                        self.broken.sort_by_key(|b| b.0);
+                        continue;
+                    }
+                    Err(err) => return Err(err),
+                };
                 let mut bm = DirtyBitmap::new_lazy(name, self.size(), granularity, source)?;
                 bm.set_persistence(true);
                 bm.set_enabled_unchecked(e.auto());
@@ -238,8 +283,8 @@ impl Disk {
         }
         let mut entries = self.dir.entries.clone();
         let mut changed = false;
-        for e in &mut entries {
-            if e.in_use() {
+        for (i, e) in entries.iter_mut().enumerate() {
+            if e.in_use() || self.is_broken(i) {
                 continue;
             }
             let loaded = set

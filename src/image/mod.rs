@@ -15,6 +15,7 @@ mod lazy;
 mod load;
 pub mod lock;
 mod meta;
+mod salvage;
 pub mod storage;
 mod store;
 #[cfg(test)]
@@ -40,6 +41,7 @@ use meta::Meta;
 use storage::{FileStorage, Storage};
 
 pub use crate::bitmap::BitmapId;
+pub use salvage::{drop_bitmaps_extension, BrokenBitmap, DroppedExtension};
 pub use store::StoreSpace;
 pub use txn::Transaction;
 
@@ -86,6 +88,12 @@ struct Disk {
     /// Refcounts, loaded on the first allocation (read-write, built-in allocator only).
     refcounts: Option<Refcounts>,
     dir: DiskDir,
+    /// Opened in salvage mode ([`Image::open_salvage`]).
+    salvage: bool,
+    /// Salvage: the directory entries (positions in `dir.entries`, ascending) that QEMU would
+    /// refuse the image for, with the reason. They are kept in the directory (written back as
+    /// they are) until removed, never loaded, and their clusters are never freed.
+    broken: Vec<(usize, String)>,
 }
 
 /// An open qcow2 image with its dirty bitmaps, or a standalone set of bitmaps with no image
@@ -139,6 +147,15 @@ impl Image {
 
     /// Opens an image held by any storage. `name` is used in messages.
     pub fn open_storage(storage: Box<dyn Storage>, name: &str, read_write: bool) -> Result<Image> {
+        Self::open_storage_opts(storage, name, read_write, false)
+    }
+
+    fn open_storage_opts(
+        storage: Box<dyn Storage>,
+        name: &str,
+        read_write: bool,
+        salvage: bool,
+    ) -> Result<Image> {
         let ctx = || format!("Could not open '{name}'");
         let meta = Meta::read(storage.as_ref()).map_err(|e| e.context(ctx()))?;
         let mut disk = Disk {
@@ -151,6 +168,8 @@ impl Image {
             meta,
             refcounts: None,
             dir: DiskDir::default(),
+            salvage,
+            broken: Vec::new(),
         };
         let mut set = BitmapSet::new(disk.size());
         disk.load(&mut set).map_err(|e| e.context(ctx()))?;
@@ -554,7 +573,16 @@ impl Image {
     /// Allowed on inconsistent bitmaps; refused on busy and readonly ones.
     pub fn remove_bitmap(&mut self, name: &[u8]) -> Result<()> {
         self.set.fold();
-        let id = self.set.lookup(name)?;
+        let id = match self.set.lookup(name) {
+            Ok(id) => id,
+            Err(e) => {
+                // Salvage: a broken bitmap can be removed by name (its only operation).
+                if let Some(i) = self.broken_index_by_name(name) {
+                    return self.remove_broken_bitmap(i);
+                }
+                return Err(e);
+            }
+        };
         let bm = self.set.bitmap(id)?;
         bm.check(CHECK_BUSY | CHECK_RO)?;
         if bm.persistence() {
