@@ -148,10 +148,17 @@ impl Launcher {
         self.to.flush().unwrap();
         let mut reply = String::new();
         self.from.read_line(&mut reply).unwrap();
-        let f: Vec<f64> = reply.split_whitespace().map(|x| x.parse().unwrap()).collect();
+        let f: Vec<f64> = reply
+            .split_whitespace()
+            .map(|x| x.parse().unwrap())
+            .collect();
         let out = std::fs::read_to_string(&o).unwrap_or_default();
         let err = std::fs::read_to_string(&e).unwrap_or_default();
-        assert!(f[0] == 0.0, "{cmd:?} failed (status {}):\n{out}\n{err}", f[0]);
+        assert!(
+            f[0] == 0.0,
+            "{cmd:?} failed (status {}):\n{out}\n{err}",
+            f[0]
+        );
         if !err.trim().is_empty() {
             eprintln!("  [{}] stderr: {}", prog(cmd), err.trim());
         }
@@ -267,7 +274,12 @@ fn child_main(args: &[String]) {
     let img = &args[1];
     match op {
         // Read-write open and close, no change.
-        "rw-noop" => Image::open(img, true).unwrap().close().unwrap(),
+        // Prints the bytes passed to write system calls (/proc/self/io wchar: what the library
+        // wrote, unlike ru_oublock, which counts whole page-cache folios dirtied).
+        "rw-noop" => {
+            Image::open(img, true).unwrap().close().unwrap();
+            println!("wchar {}", proc_wchar());
+        }
         // Read-only open only (1000 bitmaps: the directory, no data).
         "ro-open" => {
             let i = Image::open(img, false).unwrap();
@@ -724,13 +736,20 @@ fn sections(b: &mut Bench, tools: &Tools, im: &Images, dir: &Path) {
             let (o, t) = alternate(
                 n,
                 |_| measure(&mut tools.qdirty(&["info", p(img)]), None),
-                |_| measure(&mut qemu("qemu-img", &["info", "-f", "qcow2", p(img)]), None),
+                |_| {
+                    measure(
+                        &mut qemu("qemu-img", &["info", "-f", "qcow2", p(img)]),
+                        None,
+                    )
+                },
             );
             b.compare("list/info", name, &o, &t, Some(20.0), Some(0.05), None);
         }
     }
     if enabled("load") {
-        println!("read-only open + load of every bitmap: qdirty info --count vs qemu-io -r -c quit");
+        println!(
+            "read-only open + load of every bitmap: qdirty info --count vs qemu-io -r -c quit"
+        );
         for (name, img) in names {
             let (o, t) = alternate(
                 n,
@@ -752,9 +771,21 @@ fn sections(b: &mut Bench, tools: &Tools, im: &Images, dir: &Path) {
             let (o, t) = alternate(
                 n,
                 |_| measure(&mut tools.child(&["rw-noop", p(img)]), None),
-                |_| measure(&mut qemu("qemu-io", &["-f", "qcow2", "-c", "quit", p(img)]), None),
+                |_| {
+                    measure(
+                        &mut qemu("qemu-io", &["-f", "qcow2", "-c", "quit", p(img)]),
+                        None,
+                    )
+                },
             );
             let w = stat(&o).written;
+            let wchar = median(o.iter().map(|r| field(&r.out, "wchar")).collect());
+            println!(
+                "  [{name}] qdirty's write system calls: {} (ru_oublock counts {}: whole page-cache folios)",
+                fmt_bytes(wchar),
+                fmt_bytes(w)
+            );
+            let w = wchar;
             b.compare(
                 "RW open + close, no change",
                 name,
@@ -762,10 +793,7 @@ fn sections(b: &mut Bench, tools: &Tools, im: &Images, dir: &Path) {
                 &t,
                 Some(20.0),
                 None,
-                Some((
-                    "writes ≤ a few (4) clusters".into(),
-                    w <= 4.0 * cluster,
-                )),
+                Some(("writes ≤ a few (4) clusters".into(), w <= 4.0 * cluster)),
             );
         }
     }
@@ -779,14 +807,26 @@ fn sections(b: &mut Bench, tools: &Tools, im: &Images, dir: &Path) {
                 |k| {
                     let seed = (100 + 2 * k as u64).to_string();
                     measure(
-                        &mut tools.child(&["rw-dirt", p(&im.a), "10000", &window.to_string(), &seed]),
+                        &mut tools.child(&[
+                            "rw-dirt",
+                            p(&im.a),
+                            "10000",
+                            &window.to_string(),
+                            &seed,
+                        ]),
                         None,
                     )
                 },
                 |k| {
                     let script = dir.join("dirt.qemu-io");
-                    write_discards(&script, &extents(im.a_size, 10_000, window, 101 + 2 * k as u64));
-                    measure(&mut qemu("qemu-io", &["-f", "qcow2", p(&im.a)]), Some(&script))
+                    write_discards(
+                        &script,
+                        &extents(im.a_size, 10_000, window, 101 + 2 * k as u64),
+                    );
+                    measure(
+                        &mut qemu("qemu-io", &["-f", "qcow2", p(&im.a)]),
+                        Some(&script),
+                    )
                 },
             );
             let w = stat(&o).written;
@@ -823,12 +863,18 @@ fn sections(b: &mut Bench, tools: &Tools, im: &Images, dir: &Path) {
                 n,
                 |k| {
                     let (s, d) = pair(k, 0);
-                    measure(&mut tools.qdirty(&["bitmap", "--merge", &s, p(img), &d]), None)
+                    measure(
+                        &mut tools.qdirty(&["bitmap", "--merge", &s, p(img), &d]),
+                        None,
+                    )
                 },
                 |k| {
                     let (s, d) = pair(k, 1);
                     measure(
-                        &mut qemu("qemu-img", &["bitmap", "--merge", &s, "-f", "qcow2", p(img), &d]),
+                        &mut qemu(
+                            "qemu-img",
+                            &["bitmap", "--merge", &s, "-f", "qcow2", p(img), &d],
+                        ),
                         None,
                     )
                 },
@@ -836,14 +882,26 @@ fn sections(b: &mut Bench, tools: &Tools, im: &Images, dir: &Path) {
             b.compare("bitmap --merge", name, &o, &t, Some(5.0), None, None);
             let (mut oa, mut ta, mut or, mut tr) = (vec![], vec![], vec![], vec![]);
             for _ in 0..n {
-                oa.push(measure(&mut tools.qdirty(&["bitmap", "--add", p(img), "new-q"]), None));
-                ta.push(measure(
-                    &mut qemu("qemu-img", &["bitmap", "--add", "-f", "qcow2", p(img), "new-e"]),
+                oa.push(measure(
+                    &mut tools.qdirty(&["bitmap", "--add", p(img), "new-q"]),
                     None,
                 ));
-                or.push(measure(&mut tools.qdirty(&["bitmap", "--remove", p(img), "new-q"]), None));
+                ta.push(measure(
+                    &mut qemu(
+                        "qemu-img",
+                        &["bitmap", "--add", "-f", "qcow2", p(img), "new-e"],
+                    ),
+                    None,
+                ));
+                or.push(measure(
+                    &mut tools.qdirty(&["bitmap", "--remove", p(img), "new-q"]),
+                    None,
+                ));
                 tr.push(measure(
-                    &mut qemu("qemu-img", &["bitmap", "--remove", "-f", "qcow2", p(img), "new-e"]),
+                    &mut qemu(
+                        "qemu-img",
+                        &["bitmap", "--remove", "-f", "qcow2", p(img), "new-e"],
+                    ),
                     None,
                 ));
             }
@@ -882,10 +940,19 @@ fn sections(b: &mut Bench, tools: &Tools, im: &Images, dir: &Path) {
             st_runs.push(r);
             // QEMU in the same run: read-only open = load; read-write open + close minus the
             // read-only open = store.
-            qro.push(measure(&mut qemu("qemu-io", &["-r", "-f", "qcow2", "-c", "quit", p(&im.b)]), None));
+            qro.push(measure(
+                &mut qemu("qemu-io", &["-r", "-f", "qcow2", "-c", "quit", p(&im.b)]),
+                None,
+            ));
             drop_cache(&im.b);
-            qroc.push(measure(&mut qemu("qemu-io", &["-r", "-f", "qcow2", "-c", "quit", p(&im.b)]), None));
-            qrw.push(measure(&mut qemu("qemu-io", &["-f", "qcow2", "-c", "quit", p(&im.b)]), None));
+            qroc.push(measure(
+                &mut qemu("qemu-io", &["-r", "-f", "qcow2", "-c", "quit", p(&im.b)]),
+                None,
+            ));
+            qrw.push(measure(
+                &mut qemu("qemu-io", &["-f", "qcow2", "-c", "quit", p(&im.b)]),
+                None,
+            ));
         }
         let _ = std::fs::remove_file(&plain);
         let bw = |t: f64| bytes as f64 / t / 1e6;
@@ -896,7 +963,9 @@ fn sections(b: &mut Bench, tools: &Tools, im: &Images, dir: &Path) {
         let qst_t = stat(&qrw).wall - qro_t;
         println!(
             "  plain read warm {:.0} MB/s, cold {:.0} MB/s, plain write+fdatasync {:.0} MB/s",
-            bw(rd), bw(rdc), bw(wr)
+            bw(rd),
+            bw(rdc),
+            bw(wr)
         );
         println!(
             "  qdirty: load warm {:.0} MB/s ({:.0}%), cold {:.0} MB/s ({:.0}%), store {:.0} MB/s ({:.0}%)",
@@ -941,7 +1010,10 @@ fn sections(b: &mut Bench, tools: &Tools, im: &Images, dir: &Path) {
         qemu_check(&im.b);
     }
     if enabled("many") {
-        println!("{} bitmaps on (c): read-only open and listing", im.c_bitmaps);
+        println!(
+            "{} bitmaps on (c): read-only open and listing",
+            im.c_bitmaps
+        );
         let (mut open, mut open_runs, mut list) = (vec![], vec![], vec![]);
         for _ in 0..n.max(5) {
             let r = measure(&mut tools.child(&["ro-open", p(&im.c)]), None);
@@ -971,7 +1043,10 @@ fn sections(b: &mut Bench, tools: &Tools, im: &Images, dir: &Path) {
         let ls = stat(&list);
         let met = ls.wall <= 0.010;
         b.single(
-            &format!("{} bitmaps: listing (qdirty info, whole process)", im.c_bitmaps),
+            &format!(
+                "{} bitmaps: listing (qdirty info, whole process)",
+                im.c_bitmaps
+            ),
             "(c)",
             ls,
             "≤ 10 ms",
@@ -991,6 +1066,18 @@ fn field(out: &str, key: &str) -> f64 {
 }
 
 /// Drops a file's clean pages from the page cache (after writing back the dirty ones).
+/// Bytes this process passed to write system calls so far (/proc/self/io `wchar`).
+fn proc_wchar() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("wchar:").map(|v| v.trim().parse().ok()))
+                .flatten()
+        })
+        .unwrap_or(0)
+}
+
 fn drop_cache(path: &Path) {
     use std::os::unix::io::AsRawFd;
     let f = std::fs::File::open(path).unwrap();

@@ -252,6 +252,44 @@ impl Part {
         self.resummarize_top();
     }
 
+    /// Recomputes the group summaries of groups g0..g1 (not `any2`/`full2`).
+    fn resummarize_groups_only(&mut self, g0: usize, g1: usize) {
+        // Counting first (vectorizes) settles the common all/none cases without the per-word
+        // bit loop.
+        let mask = |ws: &[u64], full: bool| -> u64 {
+            let flip = if full { !0u64 } else { 0 };
+            ws.iter()
+                .enumerate()
+                .fold(0u64, |m, (j, &w)| m | (u64::from(w ^ flip != 0) << j))
+        };
+        for g in g0..g1 {
+            let ws = &self.words[g * 64..g * 64 + 64];
+            let (mut nz, mut ff) = (0u32, 0u32);
+            for &w in ws {
+                nz += u32::from(w != 0);
+                ff += u32::from(w == !0);
+            }
+            self.any1[g] = match nz {
+                0 => 0,
+                64 => !0,
+                _ => mask(ws, false),
+            };
+            self.full1[g] = match ff {
+                0 => 0,
+                64 => !0,
+                _ => !mask(ws, true),
+            };
+        }
+    }
+
+    /// Recomputes every summary and the count from the words (groups g0..g1 and the top;
+    /// the count over the whole chunk).
+    fn resummarize_groups(&mut self, g0: usize, g1: usize) {
+        self.resummarize_groups_only(g0, g1);
+        self.count = self.words.iter().map(|w| w.count_ones()).sum();
+        self.resummarize_top();
+    }
+
     /// Recomputes `any2` and `full2` from the group summaries.
     fn resummarize_top(&mut self) {
         let (mut a, mut f) = (0u64, 0u64);
@@ -798,6 +836,54 @@ impl HBitmap {
         }
     }
 
+    /// Whether every dirty granule of `other` in the bottom words w0..w1 is dirty in `self`
+    /// too (so OR-ing `other` in there changes nothing). Same shape only (equal granularity
+    /// and granule count): otherwise false (unknown). Works chunk by chunk: clean chunks of
+    /// `other` and full chunks of `self` cost one lookup; partial ones compare words.
+    pub fn contains_words(&self, other: &HBitmap, w0: u64, w1: u64) -> bool {
+        if other.gbits != self.gbits || other.granules != self.granules {
+            return false;
+        }
+        let w1 = w1.min(words_for(self.granules));
+        let mut w = w0;
+        while w < w1 {
+            let c = (w / CHUNK_WORDS as u64) as usize;
+            let seg_end = ((c as u64 + 1) * CHUNK_WORDS as u64).min(w1);
+            let (lo, hi) = (
+                (w % CHUNK_WORDS as u64) as usize,
+                ((seg_end - 1) % CHUNK_WORDS as u64) as usize + 1,
+            );
+            let src_clean = other.chunks[c].is_none() && other.notfull.get(c);
+            let dst_full = self.chunks[c].is_none() && !self.notfull.get(c);
+            if !src_clean && !dst_full {
+                let extra = match (&self.chunks[c], &other.chunks[c]) {
+                    (Some(d), Some(s)) => d.words[lo..hi]
+                        .iter()
+                        .zip(&s.words[lo..hi])
+                        .fold(0u64, |acc, (&x, &y)| acc | (y & !x)),
+                    // A clean or full side: compare with its stateless words.
+                    _ => (w..seg_end).fold(0u64, |acc, i| {
+                        let l = (i % CHUNK_WORDS as u64) as usize;
+                        let x = match &self.chunks[c] {
+                            Some(d) => d.words[l],
+                            None => self.stateless_word(c, i),
+                        };
+                        let y = match &other.chunks[c] {
+                            Some(s) => s.words[l],
+                            None => other.stateless_word(c, i),
+                        };
+                        acc | (y & !x)
+                    }),
+                };
+                if extra != 0 {
+                    return false;
+                }
+            }
+            w = seg_end;
+        }
+        true
+    }
+
     /// Chunk `c` |= `src` (a partial chunk of a bitmap of the same shape).
     fn or_part(&mut self, c: usize, src: &Part) {
         match &mut self.chunks[c] {
@@ -958,6 +1044,164 @@ impl HBitmap {
         let before = self.dirty;
         self.deserialize_words(buf, start, bytes);
         self.note_deserialized(before);
+    }
+
+    /// Bulk form of [`deserialize_part`](Self::deserialize_part) for whole words: overwrites the
+    /// bottom words `first_word ..` with the little-endian words of `bytes` (QEMU layout; a
+    /// trailing partial word is ignored, words past the end of the bitmap are dropped and bits
+    /// past its end masked off). Same result and count semantics as `deserialize_part` over
+    /// those words (the count change shows after deserialize_finish).
+    ///
+    /// Works a chunk at a time: a chunk whose words all arrive is classified first — all zero
+    /// leaves it clean (no allocation), all ones makes it full (no storage), anything else
+    /// gets its words copied and its summaries and count rebuilt in one pass. Words that cover
+    /// part of a chunk are copied and only their groups re-summarized.
+    pub fn load_words_le(&mut self, first_word: u64, bytes: &[u8]) {
+        let total = words_for(self.granules);
+        let n = (bytes.len() / 8) as u64;
+        if first_word >= total || n == 0 || self.granules == 0 {
+            return;
+        }
+        let end = first_word.saturating_add(n).min(total);
+        let before = self.dirty;
+        let mut w = first_word;
+        while w < end {
+            let c = (w / CHUNK_WORDS as u64) as usize;
+            let seg_end = ((c as u64 + 1) * CHUNK_WORDS as u64).min(end);
+            let (a, b) = (
+                (w - first_word) as usize * 8,
+                (seg_end - first_word) as usize * 8,
+            );
+            self.load_chunk_words(c, (w % CHUNK_WORDS as u64) as usize, &bytes[a..b]);
+            w = seg_end;
+        }
+        self.note_deserialized(before);
+    }
+
+    /// Overwrites words lo.. of chunk `c` with `src` (whole words, all inside the bitmap).
+    fn load_chunk_words(&mut self, c: usize, lo: usize, src: &[u8]) {
+        let cap = self.cap(c);
+        let cap_words = cap.div_ceil(64) as usize;
+        let nw = src.len() / 8;
+        let hi = lo + nw; // exclusive, <= cap_words
+                          // The chunk's last word keeps only the bits inside the bitmap.
+        let tail_mask = match cap % 64 {
+            0 => !0u64,
+            r => (1u64 << r) - 1,
+        };
+        let word = |i: usize| -> u64 {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&src[i * 8..i * 8 + 8]);
+            let v = u64::from_le_bytes(a);
+            if lo + i + 1 == cap_words {
+                v & tail_mask
+            } else {
+                v
+            }
+        };
+        // Classify: OR and AND of the words (the last one compared to its mask separately).
+        let body = if hi == cap_words { nw - 1 } else { nw };
+        let (mut or, mut and) = (0u64, !0u64);
+        for b in src[..body * 8].chunks_exact(8) {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(b);
+            let v = u64::from_le_bytes(a);
+            or |= v;
+            and &= v;
+        }
+        let mut ones = and == !0;
+        if body < nw {
+            let v = word(nw - 1);
+            or |= v;
+            ones &= v == tail_mask;
+        }
+        let zeros = or == 0;
+        if lo == 0 && hi == cap_words {
+            // The whole chunk.
+            if zeros || ones {
+                self.fill_chunk(c, 0, cap - 1, ones);
+                return;
+            }
+            let old = match &self.chunks[c] {
+                Some(p) => u64::from(p.count),
+                None if self.notfull.get(c) => 0,
+                None => cap,
+            };
+            let mut p = self.chunks[c].take().unwrap_or_else(Part::zeroed);
+            for (d, s) in p.words[..nw].iter_mut().zip(src.chunks_exact(8)) {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(s);
+                *d = u64::from_le_bytes(a);
+            }
+            p.words[nw - 1] &= tail_mask;
+            // Words past the capacity are zero already (fresh, or canonical storage).
+            p.resummarize_groups(0, GROUPS);
+            self.dirty = self.dirty - old + u64::from(p.count);
+            self.chunks[c] = Some(p);
+            self.nonempty.set(c);
+            self.notfull.set(c);
+            return;
+        }
+        if self.chunks[c].is_none() {
+            let full = !self.notfull.get(c);
+            if (full && ones) || (!full && zeros) {
+                return; // nothing changes
+            }
+        }
+        let before = {
+            let p = self.part_mut(c);
+            let old: u32 = p.words[lo..hi].iter().map(|w| w.count_ones()).sum();
+            for i in 0..nw {
+                p.words[lo + i] = word(i);
+            }
+            let new: u32 = p.words[lo..hi].iter().map(|w| w.count_ones()).sum();
+            p.count = p.count - old + new;
+            p.resummarize_groups_only(lo / 64, (hi - 1) / 64 + 1);
+            p.resummarize_top();
+            (old, new)
+        };
+        self.dirty = self.dirty - u64::from(before.0) + u64::from(before.1);
+        self.settle(c);
+    }
+
+    /// Bulk form of [`serialize_part`](Self::serialize_part) for whole words: writes the bottom
+    /// words `first_word ..` into `out` as little-endian words (QEMU layout), as many as fit
+    /// in `out` (whole words); words past the end of the bitmap are written as zero. Chunks
+    /// without storage are filled, partial ones copied.
+    pub fn store_words_le(&self, first_word: u64, out: &mut [u8]) {
+        let total = words_for(self.granules);
+        let n = (out.len() / 8) as u64;
+        let end = first_word
+            .saturating_add(n)
+            .min(total)
+            .max(first_word.min(total));
+        let mut w = first_word.min(total);
+        while w < end {
+            let c = (w / CHUNK_WORDS as u64) as usize;
+            let seg_end = ((c as u64 + 1) * CHUNK_WORDS as u64).min(end);
+            let dst = &mut out[(w - first_word) as usize * 8..(seg_end - first_word) as usize * 8];
+            match &self.chunks[c] {
+                Some(p) => {
+                    let lo = (w % CHUNK_WORDS as u64) as usize;
+                    let hi = lo + (seg_end - w) as usize;
+                    for (o, v) in dst.chunks_exact_mut(8).zip(&p.words[lo..hi]) {
+                        o.copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+                None if self.notfull.get(c) => dst.fill(0),
+                None => {
+                    dst.fill(0xff);
+                    if seg_end == total {
+                        let l = dst.len();
+                        dst[l - 8..].copy_from_slice(&self.last_word_mask().to_le_bytes());
+                    }
+                }
+            }
+            w = seg_end;
+        }
+        let done = (end.saturating_sub(first_word) * 8) as usize;
+        let len = out.len();
+        out[done.min(len)..(n * 8) as usize].fill(0);
     }
 
     /// Records the change of `dirty` since `before` as hidden until deserialize_finish.
@@ -1793,6 +2037,127 @@ mod tests {
         assert_eq!(hb.next_zero(0, u64::MAX), Some((CHUNK_GRANULES + 3) << g));
         assert_eq!(hb.allocated_chunks(), 1);
         check_invariants(&hb);
+    }
+
+    /// load_words_le against deserialize_part and the model, and store_words_le against
+    /// serialize_part: random word ranges (whole chunks, parts of chunks, across chunks, past
+    /// the end, with garbage bytes past the bitmap's end) into random (garbage) targets.
+    #[test]
+    fn bulk_words_against_deserialize_and_model() {
+        let mut rng = Rng(0xb01c);
+        let sizes = [
+            1u64,
+            64,
+            100,
+            CHUNK_GRANULES,
+            2 * CHUNK_GRANULES,
+            3 * CHUNK_GRANULES + 77,
+            CHUNK_GRANULES + 64,
+            5 * CHUNK_GRANULES - 1,
+        ];
+        for round in 0..120 {
+            let g = [0u32, 3, 9, 16][round % 4];
+            let granules = sizes[rng.below(sizes.len() as u64) as usize];
+            let size = granules * (1 << g) - rng.below(1 << g);
+            let (mut src, mut m) = random_bitmap(&mut rng, size, g);
+            // Whole chunks full or clean too.
+            for _ in 0..rng.below(3) {
+                let c = rng.below(granules.div_ceil(CHUNK_GRANULES));
+                let (s, l) = ((c * CHUNK_GRANULES) << g, CHUNK_GRANULES << g);
+                let v = rng.chance(50);
+                if v {
+                    src.set(s, l);
+                } else {
+                    src.reset(s, l.min(size - s.min(size)));
+                }
+                m.fill(s, l.min(size.saturating_sub(s)), v);
+            }
+            assert_same(&src, &m);
+            let total = words_for(src.granules());
+            let mut flat = m.serialize(0, total * (64 << g));
+            // Garbage past the end of the bitmap: must be masked off.
+            if src.granules() % 64 != 0 {
+                if let Some(last) = flat.last_mut() {
+                    *last |= 0x80;
+                }
+            }
+            flat.extend_from_slice(&[0xffu8; 8 * 3]);
+            let (mut a, _) = random_bitmap(&mut rng, size, g);
+            let mut b = a.clone();
+            let mut w = 0u64;
+            while w < total {
+                let n = match rng.below(4) {
+                    0 => CHUNK_WORDS as u64,
+                    1 => 1 + rng.below(70),
+                    2 => CHUNK_WORDS as u64 * (1 + rng.below(3)),
+                    _ => 1 + rng.below(3 * CHUNK_WORDS as u64),
+                }
+                .min(total + 3 - w);
+                let bytes = &flat[(w * 8) as usize..((w + n) * 8) as usize];
+                let extra = [&[0xa5u8][..], &[][..]][rng.below(2) as usize];
+                let mut input = bytes.to_vec();
+                input.extend_from_slice(extra);
+                a.load_words_le(w, &input);
+                b.deserialize_part(bytes, (w * 64) << g, (n * 64) << g);
+                check_invariants(&a);
+                assert_eq!(
+                    a.dirty_granules(),
+                    b.dirty_granules(),
+                    "round {round} w {w}"
+                );
+                assert_eq!(a.dirty, b.dirty, "round {round} w {w}");
+                w += n;
+            }
+            a.deserialize_finish();
+            b.deserialize_finish();
+            assert_same(&a, &m);
+            assert_eq!(flat_bytes(&a), flat_bytes(&b));
+            // Clean chunks stay unallocated, full ones too.
+            assert_eq!(
+                a.allocated_chunks(),
+                src.allocated_chunks(),
+                "round {round}"
+            );
+            // store_words_le against serialize_part, random ranges incl. past the end.
+            for _ in 0..8 {
+                let w0 = rng.below(total + 2);
+                let n = 1 + rng.below(3 * CHUNK_WORDS as u64);
+                let mut x = vec![0x5au8; (n * 8) as usize + 5];
+                let mut y = vec![0x5au8; (n * 8) as usize + 5];
+                src.store_words_le(w0, &mut x);
+                src.serialize_part(&mut y, (w0 * 64) << g, (n * 64) << g);
+                assert_eq!(x, y, "round {round} w0 {w0} n {n}");
+            }
+        }
+    }
+
+    /// contains_words against the model: random pairs, random word ranges.
+    #[test]
+    fn contains_words_against_model() {
+        let mut rng = Rng(0xc0de);
+        for round in 0..200 {
+            let g = [0u32, 9, 16][round % 3];
+            let granules = [64u64, 100, CHUNK_GRANULES + 77, 3 * CHUNK_GRANULES][round % 4];
+            let size = granules << g;
+            let (mut a, mut ma) = random_bitmap(&mut rng, size, g);
+            let (b, mb) = if rng.chance(30) {
+                (a.clone(), Model { ..ma.clone() })
+            } else {
+                random_bitmap(&mut rng, size, g)
+            };
+            if rng.chance(30) {
+                a.merge_from(&b);
+                ma.merge(&mb);
+            }
+            let total = words_for(granules);
+            for _ in 0..10 {
+                let w0 = rng.below(total);
+                let w1 = w0 + 1 + rng.below(2 * CHUNK_WORDS as u64);
+                let expect = (w0 * 64..(w1 * 64).min(granules))
+                    .all(|k| !mb.bits[k as usize] || ma.bits[k as usize]);
+                assert_eq!(a.contains_words(&b, w0, w1), expect, "round {round}");
+            }
+        }
     }
 
     #[test]

@@ -433,9 +433,53 @@ impl DirtyBitmap {
 
     /// self |= bits, no checks; records the changed clusters.
     pub(crate) fn merge_bits(&mut self, src: &HBitmap) -> Result<()> {
+        self.data_mut()?;
+        // Only the clusters whose bits change (those where `src` has a bit `self` lacks),
+        // found before OR-ing; other shapes: every cluster where `src` has a bit.
+        let changing = self.changing_clusters(src);
         self.data_mut()?.merge_from(src);
-        self.touch_dirty_of(src);
+        match changing {
+            Some(idx) => {
+                if let Some(t) = self.touched.as_mut() {
+                    for i in idx {
+                        t.touch_index(i);
+                    }
+                }
+            }
+            None => self.touch_dirty_of(src),
+        }
         Ok(())
+    }
+
+    /// The table indices whose clusters a merge of `src` (same shape, `self` loaded) would
+    /// change; None when not tracked cheaply (other shapes, nothing tracked).
+    fn changing_clusters(&self, src: &HBitmap) -> Option<Vec<u64>> {
+        let t = self.touched.as_ref().filter(|t| !t.all)?;
+        let dst = self.bits();
+        if dst.granularity_bits() != src.granularity_bits() || dst.granules() != src.granules() {
+            return None;
+        }
+        // Words per data cluster: 2^(shift - granularity bits - 6).
+        let wshift = t.shift.checked_sub(self.gbits + 6)?;
+        let step = 1u64 << t.shift;
+        let size = self.size;
+        let mut out = Vec::new();
+        let mut pos = 0u64;
+        while pos < size {
+            let Some(d) = src.next_dirty(pos, size - pos) else {
+                break;
+            };
+            let idx = d >> t.shift;
+            let w0 = idx << wshift;
+            if !dst.contains_words(src, w0, w0.saturating_add(1 << wshift)) {
+                out.push(idx);
+            }
+            pos = match (idx + 1).checked_mul(step) {
+                Some(p) => p,
+                None => break,
+            };
+        }
+        Some(out)
     }
 
     /// Whether `offset` is dirty and how long the run of that state is, capped at `bytes`

@@ -75,7 +75,9 @@ impl TableSource {
     }
 
     /// Fills `into` from the table: contiguous runs of data clusters are read with one read
-    /// each (at most [`MAX_IO_BYTES`]). `max_run` caps a run in clusters (tests use 1).
+    /// each (at most [`LOAD_READ_BYTES`], a buffer that stays in the CPU cache and is reused
+    /// across loads on the thread) and converted with [`HBitmap::load_words_le`]. `max_run`
+    /// caps a run in clusters (tests use 1).
     pub(super) fn load_into(&self, into: &mut HBitmap, max_run: u64) -> Result<()> {
         if !self.valid.load(Ordering::Acquire) {
             return Err(Error::InvalidImage(format!(
@@ -86,53 +88,64 @@ impl TableSource {
         let cs = self.cluster_size;
         let size = into.size();
         let per_cluster = (8 * cs) << into.granularity_bits();
-        let max_run = max_run.clamp(1, (MAX_IO_BYTES / cs).max(1));
-        let mut buf: Vec<u8> = Vec::new();
-        let n = self.table.len();
-        let mut i = 0;
-        while i < n {
-            let start = i as u64 * per_cluster;
-            if start >= size {
-                break;
-            }
-            match self.table[i] {
-                TableEntry::Zeroes => i += 1,
-                TableEntry::Ones => {
-                    into.deserialize_ones(start, per_cluster.min(size - start));
-                    i += 1;
+        let max_run = max_run.clamp(1, (LOAD_READ_BYTES / cs).max(1));
+        LOAD_BUF.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            let n = self.table.len();
+            let mut i = 0;
+            while i < n {
+                let start = i as u64 * per_cluster;
+                if start >= size {
+                    break;
                 }
-                TableEntry::Cluster(off) => {
-                    let mut run = 1u64;
-                    while (i + run as usize) < n
-                        && run < max_run
-                        && (i as u64 + run) * per_cluster < size
-                        && self.table[i + run as usize] == TableEntry::Cluster(off + run * cs)
-                    {
-                        run += 1;
+                match self.table[i] {
+                    TableEntry::Zeroes => i += 1,
+                    TableEntry::Ones => {
+                        into.deserialize_ones(start, per_cluster.min(size - start));
+                        i += 1;
                     }
-                    buf.resize((run * cs) as usize, 0);
-                    self.storage
-                        .0
-                        .lock()
-                        .read_exact_at(&mut buf, off)
-                        .map_err(|err| {
-                            Error::io(
-                                format!("Could not read bitmap '{}' from image", self.name),
-                                err,
-                            )
-                        })?;
-                    for k in 0..run {
-                        let s = (i as u64 + k) * per_cluster;
-                        let c = &buf[(k * cs) as usize..((k + 1) * cs) as usize];
-                        into.deserialize_part(c, s, per_cluster.min(size - s));
+                    TableEntry::Cluster(off) => {
+                        let mut run = 1u64;
+                        while (i + run as usize) < n
+                            && run < max_run
+                            && (i as u64 + run) * per_cluster < size
+                            && self.table[i + run as usize] == TableEntry::Cluster(off + run * cs)
+                        {
+                            run += 1;
+                        }
+                        let len = (run * cs) as usize;
+                        if buf.len() < len {
+                            buf.resize(len, 0);
+                        }
+                        self.storage
+                            .0
+                            .lock()
+                            .read_exact_at(&mut buf[..len], off)
+                            .map_err(|err| {
+                                Error::io(
+                                    format!("Could not read bitmap '{}' from image", self.name),
+                                    err,
+                                )
+                            })?;
+                        into.load_words_le(i as u64 * (cs / 8), &buf[..len]);
+                        i += run as usize;
                     }
-                    i += run as usize;
                 }
             }
-        }
+            Ok(())
+        })?;
         into.deserialize_finish();
         Ok(())
     }
+}
+
+/// Largest single read of bitmap data when loading: 1 MiB, like a plain sequential read, so
+/// that the buffer is still in the CPU cache when it is converted.
+const LOAD_READ_BYTES: u64 = 1 << 20;
+
+thread_local! {
+    /// The load buffer, reused by every load on the thread (no allocation per bitmap).
+    static LOAD_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl LazySource for TableSource {
