@@ -10,11 +10,22 @@ fn quickstart_runs_and_shows_the_semantics() {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap();
     let example = profile_dir.join("examples").join("quickstart");
-    assert!(example.exists(), "cargo test builds the examples: {}", example.display());
+    assert!(
+        example.exists(),
+        "cargo test builds the examples: {}",
+        example.display()
+    );
     let tmp = common::TempDir::new("quickstart");
-    let out = Command::new(&example).arg(tmp.path()).output().expect("run quickstart");
+    let out = Command::new(&example)
+        .arg(tmp.path())
+        .output()
+        .expect("run quickstart");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for expected in [
         "warning: Autoload option is deprecated and its value is ignored",
         "daily      granularity   65536  enabled  persistent",
@@ -28,9 +39,15 @@ fn quickstart_runs_and_shows_the_semantics() {
     if common::require_qemu("quickstart_runs_and_shows_the_semantics") {
         // QEMU's view, printed by the example: in-use while open, clean and auto at the end.
         assert!(text.contains("[0]: in-use"), "{text}");
-        assert!(text.contains("No errors were found on the image."), "{text}");
+        assert!(
+            text.contains("No errors were found on the image."),
+            "{text}"
+        );
         let tail = &text[text.rfind("qemu-img info").unwrap()..];
-        assert!(tail.contains("name: daily") && tail.contains("[0]: auto"), "{tail}");
+        assert!(
+            tail.contains("name: daily") && tail.contains("[0]: auto"),
+            "{tail}"
+        );
         assert!(!tail.contains("in-use"), "{tail}");
     }
 }
