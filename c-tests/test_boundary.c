@@ -142,6 +142,25 @@ static void boundary_create_open(const char *dir)
     CHECK_PTR(qdirty_image_open(p, UNKNOWN_FLAG, &err), EINVAL, err);
     CHECK_PTR(qdirty_image_open(p, QDIRTY_OPEN_RDWR | QDIRTY_OPEN_FORCE_SHARE, &err), EINVAL, err);
     CHECK_FAILS_PTR(qdirty_image_open("", 0, &err), err);
+
+    {
+        int dropped = 7;
+        qdirty_image *held;
+        CHECK_RC(qdirty_image_drop_bitmaps_extension(NULL, &dropped, &err), EINVAL, err);
+        EXPECT_I64(qdirty_image_drop_bitmaps_extension(NULL, NULL, NULL), -EINVAL);
+        CHECK_RC(qdirty_image_drop_bitmaps_extension("", &dropped, &err), EINVAL, err);
+        CHECK(dropped == 7 || dropped == 0);
+        /* Nothing to drop: no extension, nothing written. */
+        CHECK_RC(qdirty_image_drop_bitmaps_extension(p, NULL, &err), 0, err);
+        CHECK_RC(qdirty_image_drop_bitmaps_extension(p, &dropped, &err), 0, err);
+        CHECK(dropped == 0);
+        /* An image in use (its locks) is refused. */
+        held = CHECK_PTR(qdirty_image_open(p, QDIRTY_OPEN_RDWR, &err), 0, err);
+        CHECK_RC(qdirty_image_drop_bitmaps_extension(p, &dropped, &err), EAGAIN, err);
+        if (held) {
+            CHECK_RC(qdirty_image_close(held, &err), 0, err);
+        }
+    }
     unlink(p);
     free(p);
     free(p2);
@@ -254,6 +273,24 @@ static void boundary_image(qdirty_image *img, qdirty_image *small)
     CHECK_RC(qdirty_image_remove_stored_bitmap(NULL, "a", &err), EINVAL, err);
     CHECK_RC(qdirty_image_remove_stored_bitmap(img, NULL, &err), EINVAL, err);
     EXPECT_I64(qdirty_image_remove_stored_bitmap(img, NULL, NULL), -EINVAL);
+
+    /* Salvage functions on an image without broken bitmaps. */
+    {
+        uint32_t index = 7;
+        char *name = NULL, *reason = NULL;
+        CHECK_RC(qdirty_image_broken_bitmap_count(NULL, &err), EINVAL, err);
+        EXPECT_I64(qdirty_image_broken_bitmap_count(NULL, NULL), -EINVAL);
+        EXPECT_I64(qdirty_image_broken_bitmap_count(img, NULL), 0);
+        CHECK_RC(qdirty_image_broken_bitmap(NULL, 0, &index, &name, &reason, &err), EINVAL, err);
+        EXPECT_I64(qdirty_image_broken_bitmap(NULL, 0, NULL, NULL, NULL, NULL), -EINVAL);
+        CHECK_RC(qdirty_image_broken_bitmap(img, UINT32_MAX, &index, &name, &reason, &err),
+                 ENOENT, err);
+        CHECK_RC(qdirty_image_broken_bitmap(img, 0, NULL, NULL, NULL, &err), ENOENT, err);
+        CHECK(index == 7 && name == NULL && reason == NULL);
+        CHECK_RC(qdirty_image_remove_broken_bitmap(NULL, 0, &err), EINVAL, err);
+        EXPECT_I64(qdirty_image_remove_broken_bitmap(NULL, 0, NULL), -EINVAL);
+        CHECK_FAILS(qdirty_image_remove_broken_bitmap(img, UINT32_MAX, &err), err);
+    }
 }
 
 /* Standalone images at the extremes. */
