@@ -7,17 +7,30 @@
 //! # Design: chunks with their own summaries, under a table of chunk states
 //!
 //! The bitmap is cut into chunks of [`CHUNK_GRANULES`] (2^16) granules, 1024 bottom words
-//! (8 KiB). A chunk is in one of three states:
+//! (8 KiB). A chunk is in one of four states:
 //!
 //! * **clean**: no storage at all (`chunks[c]` is `None`, `nonempty` bit clear);
 //! * **full**: every granule of the chunk dirty, also no storage (`None`, `notfull` bit clear);
+//! * **sparse**: a [`Sparse`] — at most [`SPARSE_MAX`] (128) non-zero words as a sorted list of
+//!   (word index, word) pairs (16 bytes each, so at most 2 KiB) and the chunk's dirty count,
+//!   in a side table (`sparse[c]`, allocated with the first sparse chunk, freed with the last,
+//!   so that the chunk table stays one pointer per chunk);
 //! * **partial**: a [`Part`] — the 1024 words plus two small summary levels ("word non-zero",
 //!   "word all ones", and one word above each) and the chunk's dirty count.
 //!
-//! Every operation leaves chunks in canonical form: a partial chunk whose count falls to zero is
-//! freed (clean), one whose count reaches its capacity is freed (full). So memory follows the
-//! dirt: a clean or fully dirty region of any size costs one table pointer per 2^16 granules, and
-//! a partial chunk costs its flat size plus about 3.3% (summaries).
+//! Every operation leaves chunks in canonical form: a sparse or partial chunk whose count falls
+//! to zero is freed (clean), one whose count reaches its capacity is freed (full). A first set
+//! in a clean chunk makes it sparse (when it spans at most SPARSE_MAX words); a sparse chunk that
+//! would grow past SPARSE_MAX words becomes partial; a reset that leaves a partial chunk with at
+//! most [`SPARSE_BACK`] (32) dirty granules makes it sparse again (cheap through its summaries;
+//! the gap between 32 and 128 words avoids flapping). [`HBitmap::load_words_le`] builds sparse
+//! chunks straight from the incoming words (no 8 KiB chunk allocated or touched). So memory
+//! follows the dirt: a clean or fully dirty region of any size costs one table pointer per 2^16
+//! granules, a sparse chunk 16 bytes per non-zero word, and a partial chunk its flat size plus
+//! about 3.3% (summaries). Searches in a sparse chunk are binary searches and list walks
+//! (at most 128 entries); other operations on it touch only its list, except those that would
+//! make it dense (a large set, deserialize_part, merging a partial source), which convert it to
+//! a partial chunk first.
 //!
 //! Above the chunks, two bit vectors over chunk indices, each with "word non-zero" summary levels
 //! (64 times smaller each, up to one word): `nonempty` (chunk has a dirty granule) and `notfull`
@@ -38,8 +51,10 @@
 //! to do).
 //!
 //! Cost model (what a caller on the write path should know): setting granules in a partial
-//! chunk costs a few word operations; the first set in a clean chunk allocates one
-//! `Part` (about 8.3 KiB, zeroed); a reset inside a full chunk allocates one filled with ones.
+//! chunk costs a few word operations; the first set in a clean chunk allocates a small sparse
+//! list; a set in a sparse chunk costs a binary search and an insertion into at most 128
+//! entries, and the set that grows it past 128 words allocates one `Part` (about 8.3 KiB); a
+//! reset inside a full chunk allocates one filled with ones.
 //! Sets in full chunks and resets in clean chunks cost nothing beyond the table lookup.
 
 use std::fmt;
@@ -302,6 +317,172 @@ impl Part {
     }
 }
 
+/// Most non-zero words a sparse chunk keeps; one more makes it partial (a [`Part`]).
+const SPARSE_MAX: usize = 128;
+/// A partial chunk with at most this many dirty granules is turned back into a sparse one by
+/// a reset (hysteresis: a set that grows a sparse chunk past [`SPARSE_MAX`] words makes it
+/// partial, so only a clear shrink goes back).
+const SPARSE_BACK: u32 = 32;
+
+/// The storage of a sparsely dirty chunk: its non-zero words as (word index, word), sorted by
+/// index, at most [`SPARSE_MAX`] of them between operations.
+#[derive(Clone, Default)]
+struct Sparse {
+    entries: Vec<(u16, u64)>,
+    /// Set bits in the words.
+    count: u32,
+}
+
+impl Sparse {
+    /// Index of the first entry with word index >= `w`.
+    #[inline]
+    fn lower(&self, w: usize) -> usize {
+        self.entries.partition_point(|e| usize::from(e.0) < w)
+    }
+
+    /// Word `w` of the chunk.
+    #[inline]
+    fn word(&self, w: usize) -> u64 {
+        let i = self.lower(w);
+        match self.entries.get(i) {
+            Some(&(k, v)) if usize::from(k) == w => v,
+            _ => 0,
+        }
+    }
+
+    /// words[w] |= mask; returns the number of bits that changed. (May grow past SPARSE_MAX:
+    /// the caller settles the chunk.)
+    fn or(&mut self, w: usize, mask: u64) -> u32 {
+        if mask == 0 {
+            return 0;
+        }
+        let i = self.lower(w);
+        let changed = match self.entries.get_mut(i) {
+            Some((k, v)) if usize::from(*k) == w => {
+                let c = (mask & !*v).count_ones();
+                *v |= mask;
+                c
+            }
+            _ => {
+                self.entries.insert(i, (w as u16, mask));
+                mask.count_ones()
+            }
+        };
+        self.count += changed;
+        changed
+    }
+
+    /// Sets (`value`) or clears the local granules lo..=hi; returns the number changed.
+    fn fill(&mut self, lo: u64, hi: u64, value: bool) -> u64 {
+        let (fw, lw) = (lo >> 6, hi >> 6);
+        let mask_of = |w: u64| {
+            let l = if w == fw { lo & 63 } else { 0 };
+            let h = if w == lw { hi & 63 } else { 63 };
+            bit_range_mask(l, h)
+        };
+        let mut changed = 0u64;
+        if value {
+            for w in fw..=lw {
+                changed += u64::from(self.or(w as usize, mask_of(w)));
+            }
+        } else {
+            let i = self.lower(fw as usize);
+            for e in self.entries[i..].iter_mut() {
+                let w = u64::from(e.0);
+                if w > lw {
+                    break;
+                }
+                let m = mask_of(w);
+                changed += u64::from((e.1 & m).count_ones());
+                e.1 &= !m;
+            }
+            self.entries.retain(|e| e.1 != 0);
+            self.count -= changed as u32;
+        }
+        changed
+    }
+
+    /// First local granule >= `pos` that is dirty (`clean` false) or clean (`clean` true), as
+    /// [`Part::find`] (words past the chunk are not searched).
+    fn find(&self, pos: u64, clean: bool) -> Option<u64> {
+        let mut w = (pos >> 6) as usize;
+        let mut m = !0u64 << (pos & 63);
+        let mut i = self.lower(w);
+        if !clean {
+            for &(k, v) in &self.entries[i..] {
+                let bits = if usize::from(k) == w { v & m } else { v };
+                if bits != 0 {
+                    return Some((u64::from(k) << 6) | u64::from(bits.trailing_zeros()));
+                }
+            }
+            return None;
+        }
+        while w < CHUNK_WORDS {
+            let v = match self.entries.get(i) {
+                Some(&(k, v)) if usize::from(k) == w => {
+                    i += 1;
+                    v
+                }
+                _ => 0,
+            };
+            let bits = !v & m;
+            if bits != 0 {
+                return Some(((w as u64) << 6) | u64::from(bits.trailing_zeros()));
+            }
+            w += 1;
+            m = !0;
+        }
+        None
+    }
+
+    /// The same contents as a partial chunk.
+    fn to_part(&self) -> Box<Part> {
+        let mut p = Part::zeroed();
+        for &(k, v) in &self.entries {
+            p.words[usize::from(k)] = v;
+        }
+        p.resummarize_groups(0, GROUPS);
+        p
+    }
+
+    /// The non-zero words of a partial chunk, through its summaries.
+    fn from_part(p: &Part) -> Sparse {
+        let mut entries = Vec::new();
+        let mut groups = p.any2;
+        while groups != 0 {
+            let g = groups.trailing_zeros() as usize;
+            groups &= groups - 1;
+            let mut ws = p.any1[g];
+            while ws != 0 {
+                let w = (g << 6) | ws.trailing_zeros() as usize;
+                ws &= ws - 1;
+                entries.push((w as u16, p.words[w]));
+            }
+        }
+        Sparse {
+            entries,
+            count: p.count,
+        }
+    }
+
+    /// Writes the words lo..lo + dst.len() / 8 of the chunk into `dst` (little-endian).
+    fn store_le(&self, lo: usize, dst: &mut [u8]) {
+        dst.fill(0);
+        let hi = lo + dst.len() / 8;
+        for &(k, v) in &self.entries[self.lower(lo)..] {
+            let k = usize::from(k);
+            if k >= hi {
+                break;
+            }
+            dst[(k - lo) * 8..(k - lo) * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        std::mem::size_of::<Sparse>() + self.entries.capacity() * std::mem::size_of::<(u16, u64)>()
+    }
+}
+
 /// A bit vector with "word non-zero" summary levels, for finding set bits fast.
 #[derive(Clone, Default)]
 struct Tower {
@@ -427,6 +608,12 @@ pub struct HBitmap {
     deser_delta: i64,
     /// One slot per chunk (`chunk_count(granules)`): `Some` for partial chunks only.
     chunks: Vec<Option<Box<Part>>>,
+    /// Empty until the first sparse chunk, then one slot per chunk: `Some` for sparse chunks
+    /// only (their `chunks` slot is `None`). Kept apart so that the chunk table stays one
+    /// pointer per chunk.
+    sparse: Vec<Option<Box<Sparse>>>,
+    /// Number of `Some` slots in `sparse` (the table is freed when it falls to zero).
+    sparse_live: usize,
     /// Bit c: chunk c has a dirty granule.
     nonempty: Tower,
     /// Bit c: chunk c has a clean granule (the chunk of a zero-granule bitmap counts as clean).
@@ -471,6 +658,8 @@ impl HBitmap {
             dirty: 0,
             deser_delta: 0,
             chunks: vec![None; n],
+            sparse: Vec::new(),
+            sparse_live: 0,
             nonempty: Tower::new(n, false),
             notfull: Tower::new(n, true),
         }
@@ -513,13 +702,93 @@ impl HBitmap {
         let parts = self.chunks.iter().filter(|c| c.is_some()).count();
         self.chunks.capacity() * std::mem::size_of::<Option<Box<Part>>>()
             + parts * std::mem::size_of::<Part>()
+            + self.sparse.capacity() * std::mem::size_of::<Option<Box<Sparse>>>()
+            + self
+                .sparse
+                .iter()
+                .flatten()
+                .map(|s| s.heap_bytes())
+                .sum::<usize>()
             + self.nonempty.heap_bytes()
             + self.notfull.heap_bytes()
     }
 
-    /// Number of chunks with storage (partially dirty chunks). O(chunks).
+    /// Number of chunks with storage (partially dirty chunks, sparse ones included). O(chunks).
     pub fn allocated_chunks(&self) -> usize {
         self.chunks.iter().filter(|c| c.is_some()).count()
+            + self.sparse.iter().filter(|c| c.is_some()).count()
+    }
+
+    /// Number of sparse chunks (partially dirty chunks kept as a list of words). O(chunks).
+    pub fn sparse_chunks(&self) -> usize {
+        self.sparse.iter().filter(|c| c.is_some()).count()
+    }
+
+    /// The storage of chunk `c` if it is sparse.
+    #[inline]
+    fn sp(&self, c: usize) -> Option<&Sparse> {
+        self.sparse.get(c).and_then(|s| s.as_deref())
+    }
+
+    #[inline]
+    fn sp_mut(&mut self, c: usize) -> Option<&mut Sparse> {
+        self.sparse.get_mut(c).and_then(|s| s.as_deref_mut())
+    }
+
+    /// Removes chunk `c`'s sparse storage, if any.
+    #[inline]
+    fn take_sparse(&mut self, c: usize) -> Option<Box<Sparse>> {
+        let s = self.sparse.get_mut(c).and_then(|s| s.take());
+        if s.is_some() {
+            self.sparse_live -= 1;
+            if self.sparse_live == 0 {
+                self.sparse = Vec::new();
+            }
+        }
+        s
+    }
+
+    /// Makes `s` chunk `c`'s storage (its `chunks` slot must be `None`).
+    fn put_sparse(&mut self, c: usize, s: Box<Sparse>) {
+        if self.sparse.is_empty() {
+            self.sparse = vec![None; self.chunks.len()];
+        }
+        if self.sparse[c].replace(s).is_none() {
+            self.sparse_live += 1;
+        }
+    }
+
+    /// True when chunk `c` has no storage (clean or full).
+    #[inline]
+    fn stateless(&self, c: usize) -> bool {
+        self.chunks[c].is_none() && self.sp(c).is_none()
+    }
+
+    /// Dirty granules of chunk `c`.
+    fn chunk_dirty(&self, c: usize) -> u64 {
+        match (&self.chunks[c], self.sp(c)) {
+            (Some(p), _) => u64::from(p.count),
+            (None, Some(s)) => u64::from(s.count),
+            (None, None) if self.notfull.get(c) => 0,
+            (None, None) => self.cap(c),
+        }
+    }
+
+    /// Turns a sparse chunk `c` into a partial one (nothing for other states).
+    fn densify(&mut self, c: usize) {
+        if let Some(s) = self.take_sparse(c) {
+            self.chunks[c] = Some(s.to_part());
+        }
+    }
+
+    /// Word `l` (global index `i`) of chunk `c`, whatever its state.
+    #[inline]
+    fn chunk_word(&self, c: usize, l: usize, i: u64) -> u64 {
+        match (&self.chunks[c], self.sp(c)) {
+            (Some(p), _) => p.words[l],
+            (None, Some(s)) => s.word(l),
+            (None, None) => self.stateless_word(c, i),
+        }
     }
 
     /// Granules of chunk `c` that lie inside the bitmap.
@@ -553,6 +822,7 @@ impl HBitmap {
     fn settle(&mut self, c: usize) {
         let cap = self.cap(c);
         let Some(p) = &self.chunks[c] else {
+            self.settle_sparse(c);
             return;
         };
         let n = u64::from(p.count);
@@ -565,9 +835,35 @@ impl HBitmap {
         }
     }
 
-    /// The storage of chunk `c`, allocated (clean or full contents) if it has none.
+    /// Frees a sparse chunk `c` that has become clean or full, and makes one that has grown
+    /// past [`SPARSE_MAX`] words partial.
+    #[cold]
+    fn settle_sparse(&mut self, c: usize) {
+        let cap = self.cap(c);
+        let Some(s) = self.sp(c) else {
+            return;
+        };
+        let (n, len) = (u64::from(s.count), s.entries.len());
+        if n == 0 {
+            self.take_sparse(c);
+            self.nonempty.clear(c);
+        } else if n == cap {
+            self.take_sparse(c);
+            self.notfull.clear(c);
+        } else if len > SPARSE_MAX {
+            self.densify(c);
+        } else if s.entries.capacity() > 2 * len.max(8) {
+            if let Some(s) = self.sp_mut(c) {
+                s.entries.shrink_to_fit();
+            }
+        }
+    }
+
+    /// The storage of chunk `c` as a partial chunk: allocated (clean or full contents) if it
+    /// has none, converted if it is sparse.
     #[inline]
     fn part_mut(&mut self, c: usize) -> &mut Part {
+        self.densify(c);
         if self.chunks[c].is_none() {
             let part = if self.notfull.get(c) {
                 self.nonempty.set(c);
@@ -590,12 +886,9 @@ impl HBitmap {
         let cap = self.cap(c);
         if lo == 0 && hi + 1 >= cap {
             // The whole chunk: a state change, no storage.
-            let before = match &self.chunks[c] {
-                Some(p) => u64::from(p.count),
-                None if self.notfull.get(c) => 0,
-                None => cap,
-            };
+            let before = self.chunk_dirty(c);
             self.chunks[c] = None;
+            self.take_sparse(c);
             if value {
                 self.dirty += cap - before;
                 self.nonempty.set(c);
@@ -607,15 +900,49 @@ impl HBitmap {
             }
             return;
         }
-        if self.chunks[c].is_none() && self.notfull.get(c) != value {
-            // Setting in a full chunk, or clearing in a clean one.
-            return;
+        let words = ((hi >> 6) - (lo >> 6) + 1) as usize;
+        if let Some(s) = self.sp_mut(c) {
+            if !value || s.entries.len() + words <= SPARSE_MAX {
+                let changed = s.fill(lo, hi, value);
+                if value {
+                    self.dirty += changed;
+                } else {
+                    self.dirty -= changed;
+                }
+                self.settle_sparse(c);
+                return;
+            }
+        } else if self.chunks[c].is_none() {
+            if self.notfull.get(c) != value {
+                // Setting in a full chunk, or clearing in a clean one.
+                return;
+            }
+            if value && words <= SPARSE_MAX {
+                // A first set in a clean chunk: a sparse chunk.
+                let mut s = Box::<Sparse>::default();
+                let changed = s.fill(lo, hi, true);
+                self.dirty += changed;
+                self.put_sparse(c, s);
+                self.nonempty.set(c);
+                self.settle_sparse(c);
+                return;
+            }
         }
         let changed = self.part_mut(c).fill(lo, hi, value);
         if value {
             self.dirty += changed;
         } else {
             self.dirty -= changed;
+            // A partial chunk left with little dirt goes back to sparse.
+            if let Some(p) = &self.chunks[c] {
+                if p.count > 0 && p.count <= SPARSE_BACK {
+                    let s = Box::new(Sparse::from_part(p));
+                    self.chunks[c] = None;
+                    self.put_sparse(c, s);
+                    self.settle_sparse(c);
+                    return;
+                }
+            }
         }
         self.settle(c);
     }
@@ -682,6 +1009,8 @@ impl HBitmap {
     pub fn reset_all(&mut self) {
         let n = self.chunks.len();
         self.chunks = vec![None; n];
+        self.sparse = Vec::new();
+        self.sparse_live = 0;
         self.nonempty = Tower::new(n, false);
         self.notfull = Tower::new(n, true);
         self.dirty = 0;
@@ -696,7 +1025,10 @@ impl HBitmap {
         let c = (k >> CHUNK_BITS) as usize;
         match self.chunks.get(c) {
             Some(Some(p)) => (p.words[((k & CHUNK_MASK) >> 6) as usize] >> (k & 63)) & 1 != 0,
-            Some(None) => !self.notfull.get(c),
+            Some(None) => match self.sp(c) {
+                Some(s) => (s.word(((k & CHUNK_MASK) >> 6) as usize) >> (k & 63)) & 1 != 0,
+                None => !self.notfull.get(c),
+            },
             None => false,
         }
     }
@@ -713,8 +1045,14 @@ impl HBitmap {
             Some(p) => p
                 .find(pos & CHUNK_MASK, clean)
                 .map(|l| ((c as u64) << CHUNK_BITS) | l),
-            // A full chunk (notfull clear) answers a dirty search, a clean one a clean search.
-            None => (self.notfull.get(c) == clean).then_some(pos),
+            None => match self.sp(c) {
+                Some(s) => s
+                    .find(pos & CHUNK_MASK, clean)
+                    .map(|l| ((c as u64) << CHUNK_BITS) | l),
+                // A full chunk (notfull clear) answers a dirty search, a clean one a clean
+                // search.
+                None => (self.notfull.get(c) == clean).then_some(pos),
+            },
         };
         let found = match here {
             Some(k) => k,
@@ -724,7 +1062,10 @@ impl HBitmap {
                 let base = (n as u64) << CHUNK_BITS;
                 match self.chunks.get(n)? {
                     Some(p) => base | p.find(0, clean)?,
-                    None => base,
+                    None => match self.sp(n) {
+                        Some(s) => base | s.find(0, clean)?,
+                        None => base,
+                    },
                 }
             }
         };
@@ -818,6 +1159,11 @@ impl HBitmap {
             while let Some(n) = other.nonempty.find(c) {
                 match other.chunks.get(n) {
                     Some(Some(src)) => self.or_part(n, src),
+                    Some(None) if other.sp(n).is_some() => {
+                        if let Some(src) = other.sp(n) {
+                            self.or_sparse(n, src);
+                        }
+                    }
                     Some(None) => {
                         let cap = self.cap(n);
                         if cap > 0 {
@@ -853,26 +1199,27 @@ impl HBitmap {
                 (w % CHUNK_WORDS as u64) as usize,
                 ((seg_end - 1) % CHUNK_WORDS as u64) as usize + 1,
             );
-            let src_clean = other.chunks[c].is_none() && other.notfull.get(c);
-            let dst_full = self.chunks[c].is_none() && !self.notfull.get(c);
+            let src_clean = other.stateless(c) && other.notfull.get(c);
+            let dst_full = self.stateless(c) && !self.notfull.get(c);
             if !src_clean && !dst_full {
-                let extra = match (&self.chunks[c], &other.chunks[c]) {
-                    (Some(d), Some(s)) => d.words[lo..hi]
+                let base = c as u64 * CHUNK_WORDS as u64;
+                let extra = match (&self.chunks[c], &other.chunks[c], other.sp(c)) {
+                    (Some(d), Some(s), _) => d.words[lo..hi]
                         .iter()
                         .zip(&s.words[lo..hi])
                         .fold(0u64, |acc, (&x, &y)| acc | (y & !x)),
-                    // A clean or full side: compare with its stateless words.
+                    // A sparse source: only its non-zero words.
+                    (_, None, Some(s)) => s.entries[s.lower(lo)..]
+                        .iter()
+                        .take_while(|e| usize::from(e.0) < hi)
+                        .fold(0u64, |acc, &(k, y)| {
+                            let k = usize::from(k);
+                            acc | (y & !self.chunk_word(c, k, base + k as u64))
+                        }),
+                    // A clean, full or sparse side: compare word by word.
                     _ => (w..seg_end).fold(0u64, |acc, i| {
                         let l = (i % CHUNK_WORDS as u64) as usize;
-                        let x = match &self.chunks[c] {
-                            Some(d) => d.words[l],
-                            None => self.stateless_word(c, i),
-                        };
-                        let y = match &other.chunks[c] {
-                            Some(s) => s.words[l],
-                            None => other.stateless_word(c, i),
-                        };
-                        acc | (y & !x)
+                        acc | (other.chunk_word(c, l, i) & !self.chunk_word(c, l, i))
                     }),
                 };
                 if extra != 0 {
@@ -886,6 +1233,7 @@ impl HBitmap {
 
     /// Chunk `c` |= `src` (a partial chunk of a bitmap of the same shape).
     fn or_part(&mut self, c: usize, src: &Part) {
+        self.densify(c);
         match &mut self.chunks[c] {
             None if !self.notfull.get(c) => {} // already full
             None => {
@@ -900,6 +1248,35 @@ impl HBitmap {
                 self.dirty += u64::from(dst.count - before);
                 self.settle(c);
             }
+        }
+    }
+
+    /// Chunk `c` |= `src` (a sparse chunk of a bitmap of the same shape).
+    fn or_sparse(&mut self, c: usize, src: &Sparse) {
+        if let Some(dst) = &mut self.chunks[c] {
+            let before = dst.count;
+            for &(k, v) in &src.entries {
+                dst.or(usize::from(k), v);
+            }
+            self.dirty += u64::from(dst.count - before);
+            self.settle(c);
+            return;
+        }
+        if let Some(dst) = self.sp_mut(c) {
+            let before = dst.count;
+            for &(k, v) in &src.entries {
+                dst.or(usize::from(k), v);
+            }
+            self.dirty += u64::from(dst.count - before);
+            self.settle_sparse(c);
+            return;
+        }
+        if self.notfull.get(c) {
+            // Clean: a copy.
+            self.put_sparse(c, Box::new(src.clone()));
+            self.nonempty.set(c);
+            self.dirty += u64::from(src.count);
+            self.settle_sparse(c);
         }
     }
 
@@ -925,6 +1302,10 @@ impl HBitmap {
         }
         self.granules = new_granules;
         let n = chunk_count(new_granules);
+        if !self.sparse.is_empty() {
+            self.sparse.resize(n, None);
+            self.sparse.shrink_to_fit();
+        }
         if n < old_n {
             self.chunks.truncate(n);
             self.chunks.shrink_to_fit();
@@ -1026,7 +1407,8 @@ impl HBitmap {
                 }
                 None => {
                     for (i, chunk) in (w..seg_end).zip(&mut out) {
-                        chunk.copy_from_slice(&self.stateless_word(c, i).to_le_bytes());
+                        let l = (i % CHUNK_WORDS as u64) as usize;
+                        chunk.copy_from_slice(&self.chunk_word(c, l, i).to_le_bytes());
                     }
                 }
             }
@@ -1053,9 +1435,12 @@ impl HBitmap {
     /// those words (the count change shows after deserialize_finish).
     ///
     /// Works a chunk at a time: a chunk whose words all arrive is classified first — all zero
-    /// leaves it clean (no allocation), all ones makes it full (no storage), anything else
-    /// gets its words copied and its summaries and count rebuilt in one pass. Words that cover
-    /// part of a chunk are copied and only their groups re-summarized.
+    /// leaves it clean (no allocation), all ones makes it full (no storage), at most
+    /// SPARSE_MAX non-zero words make it sparse (the non-zero words are picked out of the input;
+    /// no 8 KiB chunk is allocated), anything else gets its words copied and its summaries and
+    /// count rebuilt in one pass. Words that cover part of a clean or sparse chunk keep it sparse
+    /// if the result fits; otherwise they are copied into a partial chunk and only their groups
+    /// re-summarized.
     pub fn load_words_le(&mut self, first_word: u64, bytes: &[u8]) {
         let total = words_for(self.granules);
         let n = (bytes.len() / 8) as u64;
@@ -1116,17 +1501,93 @@ impl HBitmap {
             ones &= v == tail_mask;
         }
         let zeros = or == 0;
-        if lo == 0 && hi == cap_words {
+        // A clean or sparse chunk that stays within SPARSE_MAX words is built as a sparse
+        // one straight from the incoming words (no 8 KiB chunk allocated or touched).
+        let whole = lo == 0 && hi == cap_words;
+        if !(zeros || (whole && ones)) && (whole || self.chunks[c].is_none()) {
+            let kept = match self.sp(c) {
+                _ if whole => Some(0),
+                Some(s) => Some(
+                    s.entries
+                        .iter()
+                        .filter(|e| usize::from(e.0) < lo || usize::from(e.0) >= hi)
+                        .count(),
+                ),
+                None if self.notfull.get(c) => Some(0),
+                None => None, // full
+            };
+            // The non-zero incoming words, in blocks of 8 words (an all-zero block, most of
+            // them, costs one OR), given up past SPARSE_MAX.
+            let mut found = [(0u16, 0u64); SPARSE_MAX];
+            let mut nz = 0usize;
+            let limit = SPARSE_MAX.saturating_sub(kept.unwrap_or(SPARSE_MAX));
+            let mut fits = kept.is_some();
+            'scan: for (bi, block) in src.chunks(64).enumerate() {
+                if !fits {
+                    break;
+                }
+                let any = block.chunks_exact(8).fold(0u64, |acc, b| {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(b);
+                    acc | u64::from_le_bytes(a)
+                });
+                if any == 0 {
+                    continue;
+                }
+                for i in bi * 8..bi * 8 + block.len() / 8 {
+                    let v = word(i);
+                    if v != 0 {
+                        if nz == limit {
+                            fits = false;
+                            break 'scan;
+                        }
+                        found[nz] = ((lo + i) as u16, v);
+                        nz += 1;
+                    }
+                }
+            }
+            if let Some(kept) = kept.filter(|_| fits) {
+                let old = self.chunk_dirty(c);
+                self.chunks[c] = None;
+                let prev = self.take_sparse(c);
+                let mut entries = Vec::with_capacity(kept + nz);
+                let mut count = 0u32;
+                let mut rest = prev.iter().flat_map(|p| p.entries.iter().copied());
+                let mut pending = None;
+                for e in rest.by_ref() {
+                    if usize::from(e.0) >= lo {
+                        pending = Some(e);
+                        break;
+                    }
+                    count += e.1.count_ones();
+                    entries.push(e);
+                }
+                for &e in &found[..nz] {
+                    count += e.1.count_ones();
+                    entries.push(e);
+                }
+                for e in pending.into_iter().chain(rest) {
+                    if usize::from(e.0) >= hi {
+                        count += e.1.count_ones();
+                        entries.push(e);
+                    }
+                }
+                self.put_sparse(c, Box::new(Sparse { entries, count }));
+                self.dirty = self.dirty - old + u64::from(count);
+                self.nonempty.set(c);
+                self.notfull.set(c);
+                self.settle_sparse(c);
+                return;
+            }
+        }
+        if whole {
             // The whole chunk.
             if zeros || ones {
                 self.fill_chunk(c, 0, cap - 1, ones);
                 return;
             }
-            let old = match &self.chunks[c] {
-                Some(p) => u64::from(p.count),
-                None if self.notfull.get(c) => 0,
-                None => cap,
-            };
+            let old = self.chunk_dirty(c);
+            self.take_sparse(c);
             let mut p = self.chunks[c].take().unwrap_or_else(Part::zeroed);
             for (d, s) in p.words[..nw].iter_mut().zip(src.chunks_exact(8)) {
                 let mut a = [0u8; 8];
@@ -1142,7 +1603,7 @@ impl HBitmap {
             self.notfull.set(c);
             return;
         }
-        if self.chunks[c].is_none() {
+        if self.stateless(c) {
             let full = !self.notfull.get(c);
             if (full && ones) || (!full && zeros) {
                 return; // nothing changes
@@ -1186,6 +1647,11 @@ impl HBitmap {
                     let hi = lo + (seg_end - w) as usize;
                     for (o, v) in dst.chunks_exact_mut(8).zip(&p.words[lo..hi]) {
                         o.copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+                None if self.sp(c).is_some() => {
+                    if let Some(s) = self.sp(c) {
+                        s.store_le((w % CHUNK_WORDS as u64) as usize, dst);
                     }
                 }
                 None if self.notfull.get(c) => dst.fill(0),
@@ -1232,7 +1698,7 @@ impl HBitmap {
                 if i == last_word {
                     v &= last_mask;
                 }
-                if self.chunks[c].is_none() && self.stateless_word(c, i) == v {
+                if self.stateless(c) && self.stateless_word(c, i) == v {
                     continue;
                 }
                 let lw = (i % CHUNK_WORDS as u64) as usize;
@@ -1298,15 +1764,20 @@ impl HBitmap {
                 break;
             }
             let n = (total - first).min(CHUNK_WORDS as u64) as usize;
-            match slot {
-                Some(p) => {
+            match (slot, self.sp(c)) {
+                (Some(p), _) => {
                     flush(&mut h, &mut run);
                     for (out, w) in buf.chunks_exact_mut(8).zip(&p.words[..n]) {
                         out.copy_from_slice(&w.to_le_bytes());
                     }
                     h.update(&buf[..n * 8]);
                 }
-                None => {
+                (None, Some(s)) => {
+                    flush(&mut h, &mut run);
+                    s.store_le(0, &mut buf[..n * 8]);
+                    h.update(&buf[..n * 8]);
+                }
+                (None, None) => {
                     let ones = !self.notfull.get(c);
                     if run.1 > 0 && run.0 != ones {
                         flush(&mut h, &mut run);
@@ -1379,12 +1850,22 @@ impl DirtyRuns<'_> {
         let base = (c as u64) << CHUNK_BITS;
         let lo = self.first.max(base);
         let hi = self.end_g.min(base + CHUNK_GRANULES);
+        let (lw, hw) = (((lo - base) >> 6) as usize, ((hi - 1 - base) >> 6) as usize);
         let Some(Some(p)) = bm.chunks.get(c) else {
+            if let Some(s) = bm.sp(c) {
+                for &(w, x) in &s.entries[s.lower(lw)..] {
+                    let w = usize::from(w);
+                    if w > hw {
+                        break;
+                    }
+                    self.add_word(w, lw, hw, base, lo, hi, x);
+                }
+                return true;
+            }
             // A full chunk.
             self.add(lo, hi);
             return true;
         };
-        let (lw, hw) = (((lo - base) >> 6) as usize, ((hi - 1 - base) >> 6) as usize);
         let mut groups = p.any2 & !((1u64 << (lw >> 6)) - 1);
         while groups != 0 {
             let g = groups.trailing_zeros() as usize;
@@ -1402,24 +1883,32 @@ impl DirtyRuns<'_> {
                 if w > hw {
                     break;
                 }
-                let wbase = base + ((w as u64) << 6);
-                let mut x = p.words[w];
-                if w == lw {
-                    x &= !0u64 << ((lo - base) & 63);
-                }
-                if w == hw {
-                    x &= !0u64 >> (63 - ((hi - 1 - base) & 63));
-                }
-                while x != 0 {
-                    let s = x.trailing_zeros();
-                    let rest = !x & (!0u64 << s);
-                    let e = if rest == 0 { 64 } else { rest.trailing_zeros() };
-                    self.add(wbase + u64::from(s), wbase + u64::from(e));
-                    x = if e == 64 { 0 } else { x & (!0u64 << e) };
-                }
+                self.add_word(w, lw, hw, base, lo, hi, p.words[w]);
             }
         }
         true
+    }
+
+    /// Adds the runs of word `w` (value `x`) of the chunk at granule `base`, clipped to the
+    /// granules [lo, hi) (words lw..=hw).
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    fn add_word(&mut self, w: usize, lw: usize, hw: usize, base: u64, lo: u64, hi: u64, x: u64) {
+        let wbase = base + ((w as u64) << 6);
+        let mut x = x;
+        if w == lw {
+            x &= !0u64 << ((lo - base) & 63);
+        }
+        if w == hw {
+            x &= !0u64 >> (63 - ((hi - 1 - base) & 63));
+        }
+        while x != 0 {
+            let s = x.trailing_zeros();
+            let rest = !x & (!0u64 << s);
+            let e = if rest == 0 { 64 } else { rest.trailing_zeros() };
+            self.add(wbase + u64::from(s), wbase + u64::from(e));
+            x = if e == 64 { 0 } else { x & (!0u64 << e) };
+        }
     }
 }
 
@@ -1592,10 +2081,37 @@ mod tests {
         assert_eq!(hb.granules, hb.size.div_ceil(1 << hb.gbits));
         let n = chunk_count(hb.granules);
         assert_eq!(hb.chunks.len(), n, "chunk table");
+        assert!(hb.sparse.is_empty() || hb.sparse.len() == n, "sparse table");
+        assert_eq!(hb.sparse_live, hb.sparse_chunks(), "sparse_live");
+        assert_eq!(
+            hb.sparse.is_empty(),
+            hb.sparse_live == 0,
+            "sparse table freed"
+        );
         let mut dirty = 0u64;
         for c in 0..n {
             let cap = hb.cap(c);
             let (ne, nf) = (hb.nonempty.get(c), hb.notfull.get(c));
+            if let Some(s) = hb.sp(c) {
+                assert!(hb.chunks[c].is_none(), "chunk {c} both sparse and partial");
+                assert!(ne && nf, "sparse chunk {c} flags");
+                assert!(s.entries.len() <= SPARSE_MAX, "sparse chunk {c} too long");
+                let mut count = 0u64;
+                for (i, &(k, v)) in s.entries.iter().enumerate() {
+                    assert!(v != 0, "sparse chunk {c}: zero word");
+                    assert!(i == 0 || s.entries[i - 1].0 < k, "sparse chunk {c}: order");
+                    for b in 0..64 {
+                        if (v >> b) & 1 != 0 {
+                            assert!((u64::from(k) << 6) + b < cap, "sparse tail bit");
+                        }
+                    }
+                    count += u64::from(v.count_ones());
+                }
+                assert_eq!(count, u64::from(s.count), "sparse chunk {c} count");
+                assert!(count > 0 && count < cap, "sparse chunk {c} not canonical");
+                dirty += count;
+                continue;
+            }
             match &hb.chunks[c] {
                 Some(p) => {
                     assert!(ne && nf, "partial chunk {c} flags");
@@ -1949,6 +2465,226 @@ mod tests {
                 run_random(g, n, seed, 400);
             }
         }
+    }
+
+    /// A bitmap of the model's shape with `words` random non-zero words (mostly one or two
+    /// granules each): sparse chunks, some grown past SPARSE_MAX.
+    fn scattered(rng: &mut Rng, m: &Model, words: u64) -> (HBitmap, Model) {
+        let mut hb = HBitmap::new(m.size, m.g);
+        let mut om = Model::new(m.size, m.g);
+        let n = m.bits.len() as u64;
+        for _ in 0..words {
+            let k = rng.below(n);
+            let l = 1 + rng.below(3);
+            hb.set(k << m.g, l << m.g);
+            om.fill(k << m.g, l << m.g, true);
+        }
+        (hb, om)
+    }
+
+    /// Little-endian words of the model, words w0..w0 + n (zero past the end).
+    fn model_words(m: &Model, w0: u64, n: u64) -> Vec<u8> {
+        let mut out = vec![0u8; (n * 8) as usize];
+        for i in 0..n * 64 {
+            let k = (w0 * 64 + i) as usize;
+            if k < m.bits.len() && m.bits[k] {
+                out[(i / 8) as usize] |= 1 << (i % 8);
+            }
+        }
+        out
+    }
+
+    /// The sparse chunk state against the model: short sets and resets that move chunks
+    /// between clean, sparse and partial (both ways, across SPARSE_MAX and SPARSE_BACK), bulk
+    /// loads of scattered words (whole chunks and parts of chunks, into every state), merges
+    /// of sparse sources, contains_words, store, SHA-256, searches and runs, truncation.
+    #[test]
+    fn sparse_chunks_against_model() {
+        let mut rng = Rng(0x005b_a75e);
+        let (mut saw_sparse, mut saw_dense) = (false, false);
+        for round in 0..12u64 {
+            let g = [0u32, 9, 16][(round % 3) as usize];
+            let granules =
+                [3 * CHUNK_GRANULES + 77, 2 * CHUNK_GRANULES, 100, 5000][(round / 3 % 4) as usize];
+            let size = (granules << g) - rng.below(1 << g);
+            let mut hb = HBitmap::new(size, g);
+            let mut m = Model::new(size, g);
+            for op in 0..400 {
+                let ctx = format!("round {round} op {op}");
+                let n = m.bits.len() as u64;
+                match rng.below(20) {
+                    0..=5 => {
+                        // Scattered short sets, concentrated in one chunk so that it grows.
+                        let c = rng.below(n / CHUNK_GRANULES + 1);
+                        for _ in 0..rng.below(80) {
+                            let k = c * CHUNK_GRANULES + rng.below(CHUNK_GRANULES);
+                            let wide = rng.chance(10);
+                            let l = 1 + rng.below(if wide { 300 } else { 3 });
+                            hb.set(k << g, l << g);
+                            m.fill(k << g, l << g, true);
+                        }
+                    }
+                    6..=8 => {
+                        // Short or chunk-wide resets (shrinking back to sparse).
+                        for _ in 0..rng.below(40) {
+                            let k = rng.below(n + 1);
+                            let l = if rng.chance(20) {
+                                rng.below(CHUNK_GRANULES)
+                            } else {
+                                1 + rng.below(200)
+                            };
+                            let (s, l) = ((k << g).min(m.size), l << g);
+                            hb.reset(s, l);
+                            m.fill(s, l, false);
+                        }
+                    }
+                    9..=10 => {
+                        // A bulk load of scattered words at a random word range.
+                        let total = words_for(n);
+                        let w0 = rng.below(total);
+                        let nw = match rng.below(3) {
+                            0 => 1 + rng.below(40),
+                            1 => CHUNK_WORDS as u64 - w0 % CHUNK_WORDS as u64,
+                            _ => 1 + rng.below(3 * CHUNK_WORDS as u64),
+                        };
+                        let k = rng.below(300);
+                        let (_, src) = scattered(&mut rng, &m, k);
+                        let mut bytes = model_words(&src, w0, nw);
+                        if rng.chance(30) {
+                            // Garbage past the end of the bitmap (masked off) and a dense word.
+                            let l = bytes.len();
+                            bytes[l - 8..].fill(0xff);
+                        }
+                        hb.load_words_le(w0, &bytes);
+                        hb.deserialize_finish();
+                        let mut want = m.clone();
+                        for i in 0..(nw * 64) {
+                            let k = (w0 * 64 + i) as usize;
+                            if k < want.bits.len() {
+                                want.bits[k] = (bytes[(i / 8) as usize] >> (i % 8)) & 1 != 0;
+                            }
+                        }
+                        m = want;
+                    }
+                    11 => {
+                        let k = rng.below(400);
+                        let (other, om) = scattered(&mut rng, &m, k);
+                        let w0 = rng.below(words_for(n) + 1);
+                        let w1 = w0 + rng.below(3 * CHUNK_WORDS as u64);
+                        let a = model_words(&om, w0, w1 - w0);
+                        let b = model_words(&m, w0, w1 - w0);
+                        let want = a.iter().zip(&b).all(|(x, y)| x & !y == 0);
+                        assert_eq!(hb.contains_words(&other, w0, w1), want, "{ctx}");
+                        assert!(other.contains_words(&other, w0, w1));
+                        hb.merge_from(&other);
+                        m.merge(&om);
+                        assert!(hb.contains_words(&other, 0, u64::MAX), "{ctx}");
+                    }
+                    12 => {
+                        let k = rng.below(n + 1) << g;
+                        let l = pick_len(&mut rng, &m, k);
+                        assert_eq!(hb.next_dirty(k, l), m.next(k, l, true), "{ctx}");
+                        assert_eq!(hb.next_zero(k, l), m.next(k, l, false), "{ctx}");
+                        assert_eq!(hb.status(k, l), m.status(k, l), "{ctx}");
+                        assert_eq!(hb.get(k), m.get(k), "{ctx}");
+                    }
+                    13 => {
+                        let s = rng.below(m.size + 1);
+                        let e = s + rng.below(m.size + 1);
+                        let runs: Vec<_> = hb.dirty_runs(s, e).collect();
+                        let mut want = Vec::new();
+                        let mut pos = s;
+                        while let Some((a, len)) = m.area(pos, e, u64::MAX) {
+                            want.push((a, len));
+                            pos = a + len;
+                        }
+                        assert_eq!(runs, want, "{ctx}");
+                    }
+                    14 => {
+                        let w0 = rng.below(words_for(n) + 2);
+                        let nw = 1 + rng.below(3 * CHUNK_WORDS as u64);
+                        let mut out = vec![0x5au8; (nw * 8) as usize];
+                        hb.store_words_le(w0, &mut out);
+                        assert_eq!(out, model_words(&m, w0, nw), "{ctx}");
+                    }
+                    15 => {
+                        let expect = to_hex(&Sha256::digest(&m.hash_input()));
+                        assert_eq!(hb.sha256_hex(), expect, "{ctx}");
+                        check_serialization(&mut rng, &hb, &m);
+                    }
+                    16 => {
+                        if rng.chance(30) {
+                            let new_size = rng.below(2 * size + 1).max(1).min(4 * size);
+                            hb.truncate(new_size);
+                            m.truncate(new_size);
+                        }
+                    }
+                    _ => {
+                        // A sparse bitmap merged into a copy of this one, then swapped in.
+                        let k = rng.below(200);
+                        let (other, om) = scattered(&mut rng, &m, k);
+                        let mut copy = other.clone();
+                        copy.merge_from(&hb);
+                        let mut cm = om.clone();
+                        cm.merge(&m);
+                        hb = copy;
+                        m = cm;
+                    }
+                }
+                saw_sparse |= hb.sparse_chunks() > 0;
+                saw_dense |= hb.allocated_chunks() > hb.sparse_chunks();
+                assert_eq!(hb.dirty_granules(), m.dirty(), "count {ctx}");
+                if op % 8 == 0 {
+                    check_invariants(&hb);
+                    assert_same(&hb, &m);
+                }
+            }
+            check_invariants(&hb);
+            assert_same(&hb, &m);
+        }
+        assert!(saw_sparse && saw_dense);
+    }
+
+    /// load_words_le builds sparse chunks from scattered words without a partial chunk, and a
+    /// chunk goes partial past SPARSE_MAX words and back to sparse when cleared to a few bits.
+    #[test]
+    fn sparse_load_and_transitions() {
+        let g = 16;
+        let size = (4 * CHUNK_GRANULES) << g;
+        let mut hb = HBitmap::new(size, g);
+        let mut bytes = vec![0u8; 4 * CHUNK_WORDS * 8];
+        for c in 0..4 {
+            for j in 0..(10 * (c + 1)) {
+                let w = c * CHUNK_WORDS + j * 7;
+                bytes[w * 8] = 0x81;
+            }
+        }
+        hb.load_words_le(0, &bytes);
+        hb.deserialize_finish();
+        check_invariants(&hb);
+        assert_eq!(hb.sparse_chunks(), 4);
+        assert_eq!(hb.allocated_chunks(), 4);
+        assert_eq!(hb.dirty_granules(), 2 * (10 + 20 + 30 + 40));
+        assert!(hb.heap_bytes() < 8 * 1024, "{}", hb.heap_bytes());
+        let mut out = vec![0u8; bytes.len()];
+        hb.store_words_le(0, &mut out);
+        assert_eq!(out, bytes);
+        // Grow chunk 0 past SPARSE_MAX words: partial.
+        for w in 0..=SPARSE_MAX as u64 {
+            hb.set((w * 64 + 1) << g, 1 << g);
+        }
+        check_invariants(&hb);
+        assert_eq!(hb.sparse_chunks(), 3);
+        assert_eq!(hb.allocated_chunks(), 4);
+        // Clear it down to a few bits (words 118..=128): sparse again.
+        hb.reset(0, ((SPARSE_MAX as u64 - 10) * 64) << g);
+        check_invariants(&hb);
+        assert_eq!(hb.sparse_chunks(), 4);
+        // Clear everything: no storage, and the sparse table is freed.
+        hb.reset(0, size);
+        check_invariants(&hb);
+        assert_eq!(hb.allocated_chunks(), 0);
+        assert_eq!(hb.heap_bytes(), HBitmap::new(size, g).heap_bytes());
     }
 
     /// A flat reference built in the test: bytes of every word, for SHA-256 and serialization.
