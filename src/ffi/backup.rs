@@ -23,6 +23,9 @@ pub struct qdirty_backup {
 const BACKUP_MAGIC: u64 = 0x7164_6972_7479_424b; // "qdirtyBK"
 
 /// What `qdirty_backup *` points to.
+/// `repr(C)` with the magic first: a pointer that is not one of ours is recognized by reading
+/// only its first 8 bytes, whatever the size of the rest.
+#[repr(C)]
 struct BackupObj {
     magic: u64,
     /// None once restored.

@@ -70,6 +70,9 @@ const _: fn() = || {
 };
 
 /// What `qdirty_image *` points to.
+/// `repr(C)` with the magic first: a pointer that is not one of ours is recognized by reading
+/// only its first 8 bytes, whatever the size of the rest.
+#[repr(C)]
 pub(crate) struct ImageHandle {
     magic: u64,
     /// The image's write log, shared with its bitmap set: the hook writes here without the lock.
@@ -106,6 +109,9 @@ fn free_bitmap_handle(p: NonNull<BitmapHandle>) {
 }
 
 /// What `qdirty_bitmap *` points to.
+/// `repr(C)` with the magic first: a pointer that is not one of ours is recognized by reading
+/// only its first 8 bytes, whatever the size of the rest.
+#[repr(C)]
 pub(crate) struct BitmapHandle {
     magic: u64,
     image: *const ImageHandle,

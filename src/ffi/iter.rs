@@ -25,6 +25,9 @@ pub struct qdirty_iter {
 const ITER_MAGIC: u64 = 0x7164_6972_7479_4954; // "qdirtyIT"
 
 /// What `qdirty_iter *` points to.
+/// `repr(C)` with the magic first: a pointer that is not one of ours is recognized by reading
+/// only its first 8 bytes, whatever the size of the rest.
+#[repr(C)]
 struct IterObj {
     magic: u64,
     image: *const ImageHandle,

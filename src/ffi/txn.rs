@@ -36,6 +36,9 @@ pub struct qdirty_txn {
 const TXN_MAGIC: u64 = 0x7164_6972_7479_5458; // "qdirtyTX"
 
 /// What `qdirty_txn *` points to.
+/// `repr(C)` with the magic first: a pointer that is not one of ours is recognized by reading
+/// only its first 8 bytes, whatever the size of the rest.
+#[repr(C)]
 struct TxnObj {
     magic: u64,
     txn: Transaction,
