@@ -3068,6 +3068,27 @@ mod tests {
         check_invariants(&hb);
     }
 
+    /// next_dirty, next_zero and status agree with the model around every mark (and a few
+    /// fixed places), crossing words and summary levels.
+    fn searches_match(hb: &HBitmap, m: &Model, marks: &[u64], n: u64) {
+        for &k in marks.iter().chain(&[1, 65, 4000, 5000, 200_000]) {
+            for s in [k.saturating_sub(1), k, k + 1] {
+                let ctx = format!("n {n} s {s}");
+                assert_eq!(
+                    hb.next_dirty(s, u64::MAX),
+                    m.next(s, u64::MAX, true),
+                    "{ctx}"
+                );
+                assert_eq!(
+                    hb.next_zero(s, u64::MAX),
+                    m.next(s, u64::MAX, false),
+                    "{ctx}"
+                );
+                assert_eq!(hb.status(s, u64::MAX), m.status(s, u64::MAX), "{ctx}");
+            }
+        }
+    }
+
     #[test]
     fn word_and_level_boundaries() {
         for n in [
@@ -3085,21 +3106,7 @@ mod tests {
                 m.fill(k, 1, true);
             }
             check_invariants(&hb);
-            for &k in marks.iter().chain(&[1, 65, 4000, 5000, 200_000]) {
-                for s in [k.saturating_sub(1), k, k + 1] {
-                    assert_eq!(
-                        hb.next_dirty(s, u64::MAX),
-                        m.next(s, u64::MAX, true),
-                        "n {n} s {s}"
-                    );
-                    assert_eq!(
-                        hb.next_zero(s, u64::MAX),
-                        m.next(s, u64::MAX, false),
-                        "n {n} s {s}"
-                    );
-                    assert_eq!(hb.status(s, u64::MAX), m.status(s, u64::MAX), "n {n} s {s}");
-                }
-            }
+            searches_match(&hb, &m, &marks, n);
             // Full bitmap with single holes.
             hb.set(0, n);
             m.fill(0, n, true);
@@ -3111,22 +3118,7 @@ mod tests {
                 m.fill(k, 1, false);
             }
             check_invariants(&hb);
-            for &k in marks.iter().chain(&[1, 65, 4000, 5000, 200_000]) {
-                for s in [k.saturating_sub(1), k, k + 1] {
-                    assert_eq!(
-                        hb.next_zero(s, u64::MAX),
-                        m.next(s, u64::MAX, false),
-                        "n {n} s {s}"
-                    );
-                    assert_eq!(
-                        hb.next_dirty(s, u64::MAX),
-                        m.next(s, u64::MAX, true),
-                        "n {n} s {s}"
-                    );
-                    let (st, len) = hb.status(s, u64::MAX);
-                    assert_eq!((st, len), m.status(s, u64::MAX), "n {n} s {s}");
-                }
-            }
+            searches_match(&hb, &m, &marks, n);
             // Dirty areas walk the whole bitmap in order.
             let mut pos = 0;
             let mut total = 0;

@@ -30,12 +30,6 @@ pub trait Storage: Send {
     fn size(&self) -> io::Result<u64>;
     /// Makes every completed write durable (fdatasync).
     fn flush(&mut self) -> io::Result<()>;
-    /// Gives the space of [offset, offset + len) back to the filesystem if possible; the range
-    /// reads as zeros afterwards or keeps its old content. Errors are not fatal to callers.
-    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        let _ = (offset, len);
-        Ok(())
-    }
     /// The owner's cluster allocator, if the owner allocates clusters itself. Default: none,
     /// qdirty allocates through the image's refcounts.
     fn allocator(&mut self) -> Option<&mut dyn ClusterAllocator> {
