@@ -144,6 +144,18 @@ impl Bits {
         }
     }
 
+    /// Guest writes in bulk (call after settle): OR-ed into the loaded bits or the pending
+    /// writes.
+    pub(crate) fn mark_bits(&mut self, src: &HBitmap, size: u64, gbits: u32) {
+        match self {
+            Bits::Loaded(h) => h.merge_from(src),
+            Bits::Lazy(l) => l
+                .delta
+                .get_or_insert_with(|| HBitmap::new(size, gbits))
+                .merge_from(src),
+        }
+    }
+
     /// A guest write (call after settle).
     pub(crate) fn mark(&mut self, offset: u64, bytes: u64, size: u64, gbits: u32) {
         match self {

@@ -5,6 +5,7 @@
 //! QEMU's (`bdrv_dirty_bitmap_check`, `block-dirty-bitmap-*`).
 #![deny(unsafe_code)]
 
+mod epoch;
 pub mod hbitmap;
 pub mod log;
 pub mod set;
@@ -737,6 +738,36 @@ impl DirtyBitmap {
         self.settle();
         self.bits.mark(offset, bytes, self.size, self.gbits);
         self.touch(offset, bytes);
+    }
+
+    /// Guest writes absorbed in bulk (a catch-up on the set's epochs, see epoch.rs): OR-ed
+    /// into the loaded bits, or kept with the pending writes of a bitmap still on disk; the
+    /// changed data clusters are recorded either way. `src` has any granularity not coarser
+    /// than the bitmap's, and the bitmap's size.
+    pub(crate) fn mark_writes(&mut self, src: &HBitmap) {
+        self.settle();
+        if self.inconsistent {
+            return;
+        }
+        if matches!(self.bits, Bits::Loaded(_)) {
+            let changing = self.changing_clusters(src);
+            if let Bits::Loaded(h) = &mut self.bits {
+                h.merge_from(src);
+            }
+            match changing {
+                Some(idx) => {
+                    if let Some(t) = self.touched.as_mut() {
+                        for i in idx {
+                            t.touch_index(i);
+                        }
+                    }
+                }
+                None => self.touch_dirty_of(src),
+            }
+        } else {
+            self.bits.mark_bits(src, self.size, self.gbits);
+            self.touch_dirty_of(src);
+        }
     }
 
     /// A bitmap whose data is still in an image: `source` reads it when first needed.

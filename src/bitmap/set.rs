@@ -5,16 +5,23 @@
 //! # The write log
 //!
 //! A set owns a [`WriteLog`] that lock-free writers share through [`BitmapSet::write_hook`].
-//! Their writes reach the bitmaps when the set *folds* the log ([`BitmapSet::fold`]), which every
-//! `&mut self` method of the set does first, before reading or changing bitmaps or their
-//! states; so each operation sees exactly the writes that completed before it, as in QEMU where
-//! the hook and management calls take the same mutex. The `&self` readers (`get`, `bitmap`,
-//! `iter`, `query`, `recording`, `iter_next`, ...) cannot fold: when writers use the hook, call
-//! [`BitmapSet::fold`] (or any `&mut` method) before reading. [`BitmapSet::set_dirty`] marks the
-//! bitmaps directly (after a fold), for callers that hold the set exclusively anyway.
+//! Their writes reach the bitmaps in two steps. Every `&mut self` method first *absorbs* the
+//! log ([`BitmapSet::absorb`]): the pending writes move into the set's open epoch (epoch.rs),
+//! one set per write whatever the number of bitmaps. A bitmap then takes the epochs it has not
+//! seen when it is itself read or changed through the set (`get_mut`, `bitmap_mut`,
+//! [`BitmapSet::current`], merges, successors, iterators): its *catch-up*. So each operation
+//! sees exactly the writes that completed before it, as in QEMU where the hook and management
+//! calls take the same mutex, and the fan-out costs what the reads cost, not one set per write
+//! per enabled bitmap. [`BitmapSet::fold`] catches every bitmap up (store, query, truncate).
+//!
+//! The `&self` readers (`get`, `bitmap`, `iter`, `query`) cannot catch up: when writers use
+//! the hook, call [`BitmapSet::fold`] (or [`BitmapSet::current`] for one bitmap) before reading
+//! bits through them. States (names, flags) are always current. [`BitmapSet::set_dirty`] marks
+//! the bitmaps directly, for callers that hold the set exclusively and read through `&self`.
 
 use std::sync::Arc;
 
+use super::epoch::Epochs;
 use super::log::WriteLog;
 use super::{validate_granularity, DirtyBitmap, CHECK_ALLOW_RO, CHECK_BUSY, CHECK_DEFAULT};
 use crate::error::{Error, Result};
@@ -64,6 +71,16 @@ impl DirtyIter {
 struct Slot {
     id: BitmapId,
     bm: DirtyBitmap,
+    /// The first epoch whose writes this bitmap has not taken yet (epoch.rs). Its recording
+    /// state cannot change without a catch-up, so between two catch-ups it either records
+    /// all the writes of the epochs in between or none.
+    cursor: u64,
+}
+
+/// Whether the hook's writes go to `bm` (QEMU's bdrv_set_dirty: enabled bitmaps; readonly and
+/// inconsistent ones are never written).
+fn records(bm: &DirtyBitmap) -> bool {
+    bm.enabled() && !bm.readonly() && !bm.inconsistent()
 }
 
 /// The bitmaps of one disk of `size` bytes, newest first.
@@ -72,8 +89,10 @@ pub struct BitmapSet {
     size: u64,
     slots: Vec<Slot>,
     next_id: u64,
-    /// Writes logged by the lock-free hook, not yet folded into the bitmaps.
+    /// Writes logged by the lock-free hook, not yet absorbed.
     log: Arc<WriteLog>,
+    /// Writes absorbed from the log, not yet taken by every bitmap that records them.
+    epochs: Epochs,
 }
 
 fn lossy(name: &[u8]) -> String {
@@ -88,6 +107,7 @@ impl BitmapSet {
             slots: Vec::new(),
             next_id: 1,
             log: Arc::new(WriteLog::new(size)),
+            epochs: Epochs::default(),
         }
     }
 
@@ -98,47 +118,114 @@ impl BitmapSet {
         Arc::clone(&self.log)
     }
 
-    /// Applies the writes logged by the hook to every bitmap that records writes now (enabled,
-    /// not readonly, not inconsistent; successors included), each range rounded outward to the
-    /// bitmap's granularity and clamped to the disk. One load when nothing is pending; else
-    /// O(pending log words × recording bitmaps). Every `&mut self` method calls it first.
-    pub fn fold(&mut self) {
+    /// Moves the writes logged by the hook into the open epoch: one set per logged run,
+    /// whatever the number of bitmaps (dropped when no bitmap records writes). Ranges are
+    /// clamped to the disk. One load when nothing is pending. Every `&mut self` method calls it
+    /// first.
+    pub fn absorb(&mut self) {
         if !self.log.has_pending() {
             return;
         }
-        let mut taken: Vec<(u32, u64, u64)> = Vec::new();
-        self.log.drain(|g, w, bits| taken.push((g, w, bits)));
+        let wanted = self.slots.iter().any(|s| records(&s.bm));
         let size = self.size;
-        for s in &mut self.slots {
-            let bm = &mut s.bm;
-            if !bm.enabled() || bm.readonly() || bm.inconsistent() {
-                continue;
+        let epochs = &mut self.epochs;
+        self.log.drain(|g, w, mut bits| {
+            if !wanted {
+                return;
             }
-            let bg = bm.granularity_bits();
-            for &(g, w, mut bits) in &taken {
-                // A layer coarser than the bitmap holds only writes that raced with the
-                // bitmap's creation (see log.rs): they are not the bitmap's.
-                if bg < g {
-                    continue;
+            let base = w * 64;
+            while bits != 0 {
+                let s0 = u64::from(bits.trailing_zeros());
+                let run = u64::from((!(bits >> s0)).trailing_zeros());
+                let granule = base + s0;
+                if granule > (u64::MAX >> g) || granule << g >= size {
+                    break;
                 }
-                let base = w * 64;
-                while bits != 0 {
-                    let s0 = u64::from(bits.trailing_zeros());
-                    let run = u64::from((!(bits >> s0)).trailing_zeros());
-                    let granule = base + s0;
-                    if granule > (u64::MAX >> g) || granule << g >= size {
-                        break;
-                    }
-                    // A bitmap whose data is still on disk keeps the write pending (lazy.rs).
-                    bm.mark_write(granule << g, run << g);
-                    bits = if s0 + run >= 64 {
-                        0
-                    } else {
-                        bits & !(((1u64 << run) - 1) << s0)
-                    };
+                let start = granule << g;
+                let len = (run << g).min(size - start);
+                epochs.open_layer(size, g).set(start, len);
+                bits = if s0 + run >= 64 {
+                    0
+                } else {
+                    bits & !(((1u64 << run) - 1) << s0)
+                };
+            }
+        });
+    }
+
+    /// Gives slot `i` the epochs it has not seen (if it records writes: each epoch rounded
+    /// outward to its granularity; a layer coarser than the bitmap holds only writes that raced
+    /// with its creation, see log.rs, and is skipped) and moves its cursor past them. Returns
+    /// false when there was nothing to do.
+    fn take_epochs(&mut self, i: usize) -> bool {
+        let (slots, epochs) = (&mut self.slots, &mut self.epochs);
+        let s = &mut slots[i];
+        if epochs.caught_up(s.cursor) {
+            return false;
+        }
+        if records(&s.bm) {
+            let bg = s.bm.granularity_bits();
+            for h in epochs.since(s.cursor) {
+                if h.granularity_bits() <= bg {
+                    s.bm.mark_writes(h);
                 }
             }
         }
+        s.cursor = epochs.seal();
+        true
+    }
+
+    /// Drops or merges the epochs no recording bitmap needs apart.
+    fn compact(&mut self) {
+        let mut cursors: Vec<u64> = self
+            .slots
+            .iter()
+            .filter(|s| records(&s.bm))
+            .map(|s| s.cursor)
+            .collect();
+        cursors.sort_unstable();
+        cursors.dedup();
+        self.epochs.compact(&cursors);
+    }
+
+    /// Absorbs the log and brings slot `i` up to date.
+    fn catch_up(&mut self, i: usize) {
+        self.absorb();
+        if self.take_epochs(i) {
+            self.compact();
+        }
+    }
+
+    /// Applies every write logged so far to every bitmap that records writes (enabled, not
+    /// readonly, not inconsistent; successors included), each range rounded outward to the
+    /// bitmap's granularity and clamped to the disk. One load when nothing is pending; else
+    /// O(pending writes) plus, per recording bitmap, O(writes it has not seen). Call it before
+    /// reading bits through `&self` while writers use the hook.
+    pub fn fold(&mut self) {
+        self.absorb();
+        if self.epochs.len() == 0 {
+            return;
+        }
+        let mut any = false;
+        for i in 0..self.slots.len() {
+            any |= self.take_epochs(i);
+        }
+        if any {
+            self.compact();
+        }
+    }
+
+    /// A bitmap by id, with every write logged so far that it records (a catch-up of this
+    /// bitmap only).
+    pub fn current(&mut self, id: BitmapId) -> Result<&DirtyBitmap> {
+        let i = self.index(id)?;
+        self.catch_up(i);
+        Ok(&self.slots[i].bm)
+    }
+
+    /// Bytes of heap held by writes not yet taken by every bitmap (diagnostics).
+    pub fn pending_heap_bytes(&self) -> usize {
+        self.epochs.heap_bytes()
     }
 
     /// Gives the log the base granularity: the finest among the bitmaps that can ever record
@@ -184,13 +271,11 @@ impl BitmapSet {
         self.slots.iter().find(|s| s.id == id).map(|s| &s.bm)
     }
 
-    /// A bitmap by id, for changes (folds first).
+    /// A bitmap by id, for changes (up to date with the hook's writes first).
     pub fn get_mut(&mut self, id: BitmapId) -> Option<&mut DirtyBitmap> {
-        self.fold();
-        self.slots
-            .iter_mut()
-            .find(|s| s.id == id)
-            .map(|s| &mut s.bm)
+        let i = self.slots.iter().position(|s| s.id == id)?;
+        self.catch_up(i);
+        Some(&mut self.slots[i].bm)
     }
 
     fn index(&self, id: BitmapId) -> Result<usize> {
@@ -206,14 +291,15 @@ impl BitmapSet {
 
     /// A bitmap by id for changes, or an error naming the id.
     pub fn bitmap_mut(&mut self, id: BitmapId) -> Result<&mut DirtyBitmap> {
-        self.fold();
         let i = self.index(id)?;
+        self.catch_up(i);
         Ok(&mut self.slots[i].bm)
     }
 
-    /// A bitmap by id for changes WITHOUT folding the write log first: for bookkeeping that
+    /// A bitmap by id for changes WITHOUT taking the hook's writes first: for bookkeeping that
     /// must not absorb writes logged meanwhile (after a store, resetting the change tracking:
-    /// writes logged during the store stay in the log and are tracked at the next fold).
+    /// writes logged during the store stay pending and are tracked when the bitmap takes them).
+    /// Must not change whether the bitmap records writes.
     pub(crate) fn get_mut_unfolded(&mut self, id: BitmapId) -> Option<&mut DirtyBitmap> {
         self.slots
             .iter_mut()
@@ -237,10 +323,12 @@ impl BitmapSet {
 
     /// Inserts a bitmap at the head of the list (newest first).
     pub fn insert(&mut self, bm: DirtyBitmap) -> BitmapId {
-        self.fold();
+        self.absorb();
         let id = BitmapId(self.next_id);
         self.next_id += 1;
-        self.slots.insert(0, Slot { id, bm });
+        // Writes logged before it are not its own.
+        let cursor = self.epochs.seal();
+        self.slots.insert(0, Slot { id, bm, cursor });
         self.refresh_log();
         id
     }
@@ -248,7 +336,7 @@ impl BitmapSet {
     /// Creates an enabled, empty, transient bitmap covering the disk (QEMU:
     /// bdrv_create_dirty_bitmap). `name` None creates an anonymous bitmap.
     pub fn create(&mut self, name: Option<&[u8]>, granularity: u64) -> Result<BitmapId> {
-        self.fold();
+        self.absorb();
         if let Some(n) = name {
             if self.find(n).is_some() {
                 return Err(Error::BitmapExists { name: lossy(n) });
@@ -262,7 +350,7 @@ impl BitmapSet {
     /// Removes a bitmap from memory only (QEMU: bdrv_release_dirty_bitmap). Refused while it is
     /// busy, has a successor or has live iterators.
     pub fn release(&mut self, id: BitmapId) -> Result<DirtyBitmap> {
-        self.fold();
+        self.absorb();
         let i = self.index(id)?;
         let bm = &self.slots[i].bm;
         if bm.busy() || bm.has_successor() || bm.active_iterators() > 0 {
@@ -277,17 +365,20 @@ impl BitmapSet {
                 parent.bm.display_name()
             )));
         }
+        self.catch_up(i);
         let bm = self.slots.remove(i).bm;
         self.refresh_log();
+        self.compact();
         Ok(bm)
     }
 
     /// Removes a bitmap whatever its state (internal: removal of stored bitmaps, close).
     pub(crate) fn remove_unchecked(&mut self, id: BitmapId) -> Option<DirtyBitmap> {
-        self.fold();
         let i = self.slots.iter().position(|s| s.id == id)?;
+        self.catch_up(i);
         let bm = self.slots.remove(i).bm;
         self.refresh_log();
+        self.compact();
         Some(bm)
     }
 
@@ -305,7 +396,7 @@ impl BitmapSet {
     /// every enabled bitmap (successors included). Disabled, readonly and inconsistent bitmaps
     /// are skipped.
     pub fn set_dirty(&mut self, offset: u64, bytes: u64) {
-        self.fold();
+        self.absorb();
         if offset >= self.size || bytes == 0 {
             return;
         }
@@ -332,7 +423,7 @@ impl BitmapSet {
     /// anonymous successor with the same granularity records writes in its place (it starts
     /// with the parent's enabled state), and the parent becomes disabled and busy.
     pub fn create_successor(&mut self, id: BitmapId) -> Result<BitmapId> {
-        self.fold();
+        self.absorb();
         let parent = self.bitmap(id)?;
         parent.check(CHECK_BUSY)?;
         if parent.has_successor() {
@@ -361,7 +452,7 @@ impl BitmapSet {
     /// parent's name and persistence, and the parent (its bits) is dropped. Returns the
     /// successor, which now is the named bitmap.
     pub fn abdicate(&mut self, id: BitmapId) -> Result<BitmapId> {
-        self.fold();
+        self.absorb();
         let child = self.successor_of(
             id,
             "Cannot relinquish control if there's no successor present",
@@ -377,7 +468,7 @@ impl BitmapSet {
     /// successor's bits (OR) and its enabled state, stops being busy, and the successor is
     /// dropped. Returns the parent.
     pub fn reclaim(&mut self, id: BitmapId) -> Result<BitmapId> {
-        self.fold();
+        self.absorb();
         let child = self.successor_of(id, "Cannot reclaim a successor when none is present")?;
         // Load a parent still on disk first: a read error then leaves everything as it was.
         self.bitmap_mut(id)?.ensure_loaded()?;
@@ -458,7 +549,6 @@ impl BitmapSet {
         source: &DirtyBitmap,
         backup: bool,
     ) -> Result<Option<super::Backup>> {
-        self.fold();
         source.check(CHECK_ALLOW_RO)?;
         let t = self.bitmap_mut(target)?;
         if t.size() != source.size() {
@@ -477,16 +567,15 @@ impl BitmapSet {
 
     /// A new iterator at offset 0 (QEMU: bdrv_dirty_iter_new).
     pub fn iter_new(&mut self, id: BitmapId) -> Result<DirtyIter> {
-        self.fold();
         self.bitmap_mut(id)?.add_iterator(1);
         Ok(DirtyIter { bitmap: id, pos: 0 })
     }
 
     /// The start of the next dirty granule, or None when none is left (QEMU:
     /// bdrv_dirty_iter_next). Bits set behind the iterator are not seen; bits reset ahead of
-    /// it are respected.
-    pub fn iter_next(&self, it: &mut DirtyIter) -> Option<u64> {
-        let bm = self.get(it.bitmap)?;
+    /// it are respected; the hook's writes ahead of it are seen.
+    pub fn iter_next(&mut self, it: &mut DirtyIter) -> Option<u64> {
+        let bm = self.current(it.bitmap).ok()?;
         let g = bm.granularity();
         let at = bm.next_dirty(it.pos, u64::MAX)?;
         let granule = at - at % g;
@@ -511,7 +600,6 @@ impl BitmapSet {
 
     /// Gives an iterator back (QEMU: bdrv_dirty_iter_free).
     pub fn iter_free(&mut self, it: DirtyIter) {
-        self.fold();
         if let Some(bm) = self.get_mut(it.bitmap) {
             bm.add_iterator(-1);
         }
@@ -520,5 +608,183 @@ impl BitmapSet {
     /// A new anonymous bitmap with `granularity` over the disk (merge accumulators).
     pub fn scratch(&self, granularity: u64) -> Result<DirtyBitmap> {
         DirtyBitmap::new(None, self.size, granularity)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The lazy fan-out (epochs and per-bitmap catch-up) against a set whose bitmaps are
+    //! marked directly at every write, reading one bitmap at a time so that the others stay
+    //! behind.
+    use super::*;
+
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n.max(1)
+        }
+    }
+
+    fn same_bits(a: &DirtyBitmap, b: &DirtyBitmap, ctx: &str) {
+        assert_eq!(a.count(), b.count(), "{ctx} count");
+        assert_eq!(a.sha256(), b.sha256(), "{ctx} bits");
+    }
+
+    fn catch_up_sequence(seed: u64) {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let size = 512 * (1 + rng.below(1 << 15)) + rng.below(512);
+        let mut a = BitmapSet::new(size);
+        let mut b = BitmapSet::new(size);
+        let hook = a.write_hook();
+        let mut iters: Vec<(DirtyIter, DirtyIter)> = Vec::new();
+        for step in 0..600 {
+            let ctx = format!("seed {seed} step {step}");
+            let ids = b.ids();
+            let pick = |rng: &mut Rng| {
+                (!ids.is_empty()).then(|| ids[rng.below(ids.len() as u64) as usize])
+            };
+            match rng.below(100) {
+                0..=49 => {
+                    let off = rng.below(size + 4096);
+                    let max = if rng.below(4) == 0 { size } else { 1 << 18 };
+                    let len = 1 + rng.below(max);
+                    hook.set(off, len);
+                    b.set_dirty(off, len);
+                }
+                50..=55 => {
+                    let g = 1u64 << (9 + rng.below(10));
+                    let ra = a.create(None, g).is_ok();
+                    assert_eq!(ra, b.create(None, g).is_ok(), "{ctx}");
+                }
+                56..=57 => {
+                    if let Some(id) = pick(&mut rng) {
+                        assert_eq!(a.release(id).is_ok(), b.release(id).is_ok(), "{ctx}");
+                    }
+                }
+                58..=64 => {
+                    if let Some(id) = pick(&mut rng) {
+                        let on = rng.below(2) == 0;
+                        for s in [&mut a, &mut b] {
+                            let bm = s.bitmap_mut(id).unwrap();
+                            let _ = if on { bm.enable() } else { bm.disable() };
+                        }
+                    }
+                }
+                65..=69 => {
+                    // A reset after a catch-up must not bring the old writes back.
+                    if let Some(id) = pick(&mut rng) {
+                        let off = rng.below(size);
+                        let len = 1 + rng.below(size - off);
+                        let ra = a.bitmap_mut(id).unwrap().reset_dirty(off, len).is_ok();
+                        let rb = b.bitmap_mut(id).unwrap().reset_dirty(off, len).is_ok();
+                        assert_eq!(ra, rb, "{ctx}");
+                    }
+                }
+                70..=74 => {
+                    if let (Some(t), Some(s)) = (pick(&mut rng), pick(&mut rng)) {
+                        let sa = a.current(s).unwrap().clone();
+                        let sb = b.bitmap(s).unwrap().clone();
+                        let ra = a.merge(t, &sa, false).is_ok();
+                        assert_eq!(ra, b.merge(t, &sb, false).is_ok(), "{ctx}");
+                    }
+                }
+                75..=77 => {
+                    if let Some(id) = pick(&mut rng) {
+                        let ra = a.create_successor(id).is_ok();
+                        assert_eq!(ra, b.create_successor(id).is_ok(), "{ctx}");
+                    }
+                }
+                78..=79 => {
+                    if let Some(id) = pick(&mut rng) {
+                        assert_eq!(a.abdicate(id).is_ok(), b.abdicate(id).is_ok(), "{ctx}");
+                    }
+                }
+                80..=81 => {
+                    if let Some(id) = pick(&mut rng) {
+                        assert_eq!(a.reclaim(id).is_ok(), b.reclaim(id).is_ok(), "{ctx}");
+                    }
+                }
+                82..=84 => {
+                    if let Some(id) = pick(&mut rng) {
+                        if let (Ok(ia), Ok(ib)) = (a.iter_new(id), b.iter_new(id)) {
+                            iters.push((ia, ib));
+                        }
+                    }
+                }
+                85..=88 => {
+                    if !iters.is_empty() {
+                        let k = rng.below(iters.len() as u64) as usize;
+                        let (ia, ib) = &mut iters[k];
+                        assert_eq!(a.iter_next(ia), b.iter_next(ib), "{ctx} iter");
+                        if rng.below(8) == 0 {
+                            let (ia, ib) = iters.swap_remove(k);
+                            a.iter_free(ia);
+                            b.iter_free(ib);
+                        }
+                    }
+                }
+                _ => {
+                    // Read one bitmap: only it catches up.
+                    if let Some(id) = pick(&mut rng) {
+                        let x = a.current(id).unwrap().clone();
+                        same_bits(&x, b.bitmap(id).unwrap(), &format!("{ctx} {id:?}"));
+                    }
+                }
+            }
+            // Epochs never outnumber the distinct cursors of recording bitmaps (+ the open one).
+            let recording = a.slots.iter().filter(|s| records(&s.bm)).count();
+            assert!(
+                a.epochs.len() <= recording + 1,
+                "{ctx}: {} epochs",
+                a.epochs.len()
+            );
+        }
+        for (ia, ib) in iters {
+            a.iter_free(ia);
+            b.iter_free(ib);
+        }
+        a.fold();
+        assert_eq!(a.ids(), b.ids(), "seed {seed}");
+        for ((id, x), (_, y)) in a.iter().zip(b.iter()) {
+            assert_eq!(x.enabled(), y.enabled(), "seed {seed} {id:?}");
+            same_bits(x, y, &format!("seed {seed} end {id:?}"));
+        }
+        assert_eq!(
+            a.epochs.len(),
+            0,
+            "seed {seed}: a full fold leaves no epoch"
+        );
+    }
+
+    #[test]
+    fn lazy_catch_up_matches_direct_marking() {
+        for seed in 1..=120 {
+            catch_up_sequence(seed);
+        }
+    }
+
+    #[test]
+    fn writes_cost_one_set_whatever_the_number_of_bitmaps() {
+        // 1000 enabled bitmaps; after writes, reading one bitmap leaves the others behind and
+        // the pending writes are held once, not once per bitmap.
+        let size = 1u64 << 40;
+        let mut set = BitmapSet::new(size);
+        let ids: Vec<BitmapId> = (0..1000)
+            .map(|_| set.create(None, 65536).unwrap())
+            .collect();
+        let hook = set.write_hook();
+        for i in 0..1000u64 {
+            hook.set(i * (1 << 30), 4096);
+        }
+        assert_eq!(set.current(ids[0]).unwrap().count(), 1000 * 65536);
+        assert_eq!(set.epochs.len(), 1);
+        assert_eq!(set.get(ids[1]).unwrap().count(), 0, "not caught up yet");
+        assert_eq!(set.current(ids[999]).unwrap().count(), 1000 * 65536);
+        set.fold();
+        assert!(set.iter().all(|(_, b)| b.count() == 1000 * 65536));
+        assert_eq!(set.epochs.len(), 0);
     }
 }

@@ -192,8 +192,15 @@ pub unsafe extern "C" fn qdirty_bitmap_merge(
         let (di, si) = (d.image()?, s.image()?);
         let mut guards = lock_all(&[di, si])?;
         let source = {
-            let sg = &guards.iter().find(|(h, _)| h.same(si)).expect("locked").1;
-            sg.image.bitmap(s.id).ok_or_else(|| s.gone())?.clone()
+            let sg = &mut guards
+                .iter_mut()
+                .find(|(h, _)| h.same(si))
+                .expect("locked")
+                .1;
+            sg.image
+                .bitmap_current(s.id)
+                .ok_or_else(|| s.gone())?
+                .clone()
         };
         let dg = &mut guards
             .iter_mut()

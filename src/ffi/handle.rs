@@ -166,11 +166,14 @@ impl ImageHandle {
         b
     }
 
-    /// Locks the image and folds the write log into its bitmaps, so that the call sees every
-    /// write that completed before it (one load when none is pending).
+    /// Locks the image and absorbs the write log (one load when none is pending; else one set
+    /// per pending write, whatever the number of bitmaps), so that the call sees every write
+    /// that completed before it: each bitmap takes the absorbed writes when the call reads or
+    /// changes it ([`with_bitmap`], the image's `&mut` methods), or all of them at a
+    /// [`Image::fold_writes`](crate::Image::fold_writes) (query, store).
     pub(crate) fn lock(&self) -> Result<MutexGuard<'_, ImageState>, FfiError> {
         let mut state = self.state.lock().map_err(|_| FfiError::poisoned())?;
-        state.image.fold_writes();
+        state.image.absorb_writes();
         Ok(state)
     }
 
@@ -341,7 +344,7 @@ pub(crate) fn lock_all<'a>(
     Ok(out)
 }
 
-/// Runs `f` with the image locked and the bitmap looked up.
+/// Runs `f` with the image locked and the bitmap looked up, up to date with the hook's writes.
 ///
 /// # Safety
 /// `bm` is NULL or a bitmap pointer still owned by an open image.
@@ -351,8 +354,8 @@ pub(crate) unsafe fn with_bitmap<R>(
 ) -> Result<R, FfiError> {
     // SAFETY: caller's contract.
     let h = unsafe { BitmapHandle::from_ptr(bm) }?;
-    let state = h.image()?.lock()?;
-    let b = state.image.bitmap(h.id).ok_or_else(|| h.gone())?;
+    let mut state = h.image()?.lock()?;
+    let b = state.image.bitmap_current(h.id).ok_or_else(|| h.gone())?;
     f(b, h)
 }
 

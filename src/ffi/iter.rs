@@ -100,13 +100,13 @@ pub unsafe extern "C" fn qdirty_iter_next(iter: *mut qdirty_iter) -> i64 {
         let next = || -> Result<i64, FfiError> {
             // SAFETY: see the function's Safety section.
             let (o, img) = unsafe { iter_mut(iter) }?;
-            let state = img.lock()?;
+            let mut state = img.lock()?;
             let Some(it) = o.it.as_mut() else {
                 return Ok(-1);
             };
             Ok(state
                 .image
-                .bitmaps()
+                .bitmaps_mut()
                 .iter_next(it)
                 .and_then(|v| i64::try_from(v).ok())
                 .unwrap_or(-1))

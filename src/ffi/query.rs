@@ -74,7 +74,11 @@ pub unsafe extern "C" fn qdirty_image_query_bitmaps(
         }
         // SAFETY: see the function's Safety section.
         let h = unsafe { ImageHandle::from_ptr(img, "img") }?;
-        let infos = h.lock()?.image.query();
+        let infos = {
+            let mut g = h.lock()?;
+            g.image.fold_writes();
+            g.image.query()
+        };
         if infos.is_empty() {
             return Ok(());
         }

@@ -327,10 +327,12 @@ pub unsafe extern "C" fn qdirty_txn_merge_bitmap(
         }
         let (a, b) = guards.split_at_mut(1);
         let (dst, srcg) = if a[0].0.same(h) {
-            (&mut a[0].1, &b[0].1)
+            (&mut a[0].1, &mut b[0].1)
         } else {
-            (&mut b[0].1, &a[0].1)
+            (&mut b[0].1, &mut a[0].1)
         };
+        // The source is read through `&Image`: give it the hook's writes first.
+        srcg.image.fold_writes();
         Ok(t.txn
             .merge(&mut dst.image, target, Some(&srcg.image), src_name)?)
     })

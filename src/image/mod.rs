@@ -418,10 +418,10 @@ impl Image {
         &self.set
     }
 
-    /// The bitmaps of the image, for in-memory operations (successors, iterators, ...).
-    /// Folds the write log first.
+    /// The bitmaps of the image, for in-memory operations (successors, iterators, ...). Its
+    /// `&mut` methods take the hook's writes as they need them (see [`BitmapSet`]).
     pub fn bitmaps_mut(&mut self) -> &mut BitmapSet {
-        self.set.fold();
+        self.set.absorb();
         &mut self.set
     }
 
@@ -435,10 +435,25 @@ impl Image {
         self.set.write_hook()
     }
 
-    /// Applies the writes logged through [`Image::write_hook`] to the bitmaps recording now.
-    /// Cheap (one load) when nothing is pending.
+    /// Applies the writes logged through [`Image::write_hook`] to every bitmap recording now,
+    /// so that `&self` readers see them. Cheap (one load) when nothing is pending; else it
+    /// costs, per recording bitmap, the writes it has not seen yet. To read one bitmap, use
+    /// [`Image::bitmap_current`], which brings only that one up to date.
     pub fn fold_writes(&mut self) {
         self.set.fold();
+    }
+
+    /// Takes the writes logged through [`Image::write_hook`] into the image (one set per write,
+    /// whatever the number of bitmaps) without giving them to the bitmaps yet: each bitmap
+    /// takes them when read or changed through a `&mut` method.
+    pub fn absorb_writes(&mut self) {
+        self.set.absorb();
+    }
+
+    /// A bitmap by id, with every write logged through the hook so far (brings this bitmap
+    /// only up to date).
+    pub fn bitmap_current(&mut self, id: BitmapId) -> Option<&DirtyBitmap> {
+        self.set.current(id).ok()
     }
 
     /// The bitmaps, newest first (QEMU's list order).
@@ -473,7 +488,7 @@ impl Image {
         granularity: u64,
         opts: AddOptions,
     ) -> Result<BitmapId> {
-        self.set.fold();
+        self.set.absorb();
         bitmap::validate_name(name)?;
         let granularity = if granularity == 0 {
             self.default_granularity()
@@ -572,7 +587,7 @@ impl Image {
     /// Removes a bitmap, from the image too when it is persistent (QMP block-dirty-bitmap-remove).
     /// Allowed on inconsistent bitmaps; refused on busy and readonly ones.
     pub fn remove_bitmap(&mut self, name: &[u8]) -> Result<()> {
-        self.set.fold();
+        self.set.absorb();
         let id = match self.set.lookup(name) {
             Ok(id) => id,
             Err(e) => {
@@ -595,7 +610,7 @@ impl Image {
     /// Deletes the stored copy of a bitmap from the image; the in-memory bitmap is not touched
     /// (QEMU: bdrv_remove_persistent_dirty_bitmap). Nothing to do when it is not stored.
     pub fn remove_stored_bitmap(&mut self, name: &[u8]) -> Result<()> {
-        self.set.fold();
+        self.set.absorb();
         // The in-memory bitmap may still read its data from the stored copy: load it first.
         if let Some(id) = self.set.find(name) {
             if self.disk.as_ref().is_some_and(|d| !d.read_only) {
@@ -617,10 +632,10 @@ impl Image {
     /// target |= source within this image (QMP block-dirty-bitmap-merge). Granularities may
     /// differ. The target is unchanged on any error.
     pub fn merge_bitmap(&mut self, target: &[u8], source: &[u8]) -> Result<()> {
-        self.set.fold();
+        self.set.absorb();
         let t = self.set.lookup(target)?;
         let s = self.set.lookup(source)?;
-        let src = self.set.bitmap(s)?.clone();
+        let src = self.set.current(s)?.clone();
         self.set.merge(t, &src, false).map(drop)
     }
 

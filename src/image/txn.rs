@@ -125,7 +125,7 @@ impl Transaction {
                 img.set.merge(t, s, true)?
             }
             None => {
-                let s = img.set.bitmap(img.set.lookup(source)?)?.clone();
+                let s = img.set.current(img.set.lookup(source)?)?.clone();
                 img.set.merge(t, &s, true)?
             }
         };
