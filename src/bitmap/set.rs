@@ -519,6 +519,9 @@ impl BitmapSet {
             s.bm.truncate(new_size)?;
         }
         self.size = new_size;
+        // Every bitmap took every epoch above (fold), so none is left at the old size.
+        debug_assert_eq!(self.epochs.len(), 0);
+        self.epochs.compact(&[]);
         self.log.set_size(new_size);
         Ok(())
     }
