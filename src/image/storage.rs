@@ -26,6 +26,18 @@ pub trait Storage: Send {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Writes all of `buf` at `offset`, growing the file when needed.
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes `bufs` one after the other at `offset`, as if they were one buffer (bulk data:
+    /// the store hands over runs of clusters whose bytes come from several places, e.g. one
+    /// shared all-ones buffer for every full cluster, with no copy into a contiguous buffer).
+    /// Default: one [`Storage::write_all_at`] per buffer; [`FileStorage`] does vectored writes.
+    fn write_all_vectored_at(&mut self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        let mut off = offset;
+        for b in bufs {
+            self.write_all_at(b, off)?;
+            off += b.len() as u64;
+        }
+        Ok(())
+    }
     /// Current length of the file in bytes.
     fn size(&self) -> io::Result<u64>;
     /// Makes every completed write durable (fdatasync).
@@ -124,6 +136,35 @@ impl Storage for FileStorage {
 
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(buf, offset)
+    }
+
+    /// A seek and `writev` calls (at most IOV_MAX buffers each, the rest after a short write).
+    /// Nothing else uses the file position: every other access is positioned (pread/pwrite).
+    fn write_all_vectored_at(&mut self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        use std::io::{IoSlice, Seek, SeekFrom, Write};
+        let mut slices: Vec<IoSlice<'_>> = bufs
+            .iter()
+            .filter(|b| !b.is_empty())
+            .map(|b| IoSlice::new(b))
+            .collect();
+        if slices.len() <= 1 {
+            return match slices.first() {
+                Some(b) => self.file.write_all_at(b, offset),
+                None => Ok(()),
+            };
+        }
+        let mut file = &self.file;
+        file.seek(SeekFrom::Start(offset))?;
+        let mut left = &mut slices[..];
+        while !left.is_empty() {
+            match file.write_vectored(left) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut left, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     fn size(&self) -> io::Result<u64> {

@@ -41,6 +41,11 @@ use crate::format::{
 /// Clusters to give back after a commit: (offset, number of clusters).
 type FreeList = Vec<(u64, u64)>;
 
+/// Size of the all-ones buffer full data clusters are written from (rounded down to whole
+/// clusters, at least one): small enough to stay in the CPU cache while the kernel copies it
+/// again and again, large enough for few I/O vectors per run.
+const ONES_BYTES: usize = 1 << 20;
+
 /// How one stored bitmap is written.
 #[derive(Debug)]
 enum Plan {
@@ -328,8 +333,9 @@ impl Disk {
     /// Writes one bitmap's data clusters and a new table; returns (table offset, table size).
     /// All-zero data clusters are not allocated. With `old_table`, only the touched entries
     /// are rewritten (their old clusters go to `replaced`); the others are taken over.
-    /// Changed non-zero clusters are allocated in contiguous runs and written with one write
-    /// per run (at most [`MAX_IO_BYTES`]).
+    /// Changed non-zero clusters are allocated in contiguous runs and written with one vectored
+    /// write per run (at most [`MAX_IO_BYTES`]): full clusters from one shared all-ones buffer,
+    /// the others converted with `store_words_le` into a reused buffer.
     fn write_bitmap(
         &mut self,
         bm: &DirtyBitmap,
@@ -346,7 +352,9 @@ impl Disk {
         let bits = bm.bits();
         let touched = bm.touched();
         let mut table = vec![TableEntry::Zeroes; n as usize];
-        let mut need: Vec<usize> = Vec::new();
+        // The non-zero clusters to write, and whether each is full (every bit set and inside
+        // the bitmap: all-ones bytes, found from the chunk states without converting a word).
+        let mut need: Vec<(usize, bool)> = Vec::new();
         for (i, slot) in table.iter_mut().enumerate() {
             if let Some(old) = old_table {
                 let changed = touched.is_none_or(|t| t.is_touched(i as u64));
@@ -359,29 +367,75 @@ impl Disk {
                 }
             }
             let start = i as u64 * per_cluster;
-            if bits
-                .next_dirty(start, per_cluster.min(size - start))
-                .is_some()
-            {
-                need.push(i);
+            let len = per_cluster.min(size - start);
+            if bits.next_dirty(start, len).is_some() {
+                let full = len == per_cluster && bits.next_zero(start, len).is_none();
+                need.push((i, full));
             }
         }
+        let cs_us = cs as usize;
         let batch = (MAX_IO_BYTES / cs).max(1) as usize;
+        // Full clusters are written from one shared all-ones buffer (no fill, no copy); the
+        // others are converted into `buf`, which only grows (no zeroing pass per run).
+        let ones = if need.iter().any(|&(_, full)| full) {
+            vec![0xffu8; cs_us * (ONES_BYTES / cs_us).max(1)]
+        } else {
+            Vec::new()
+        };
         let mut buf: Vec<u8> = Vec::new();
         for chunk in need.chunks(batch) {
             let k = chunk.len() as u64;
             let off = self.alloc_clusters(k)?;
             allocated.push((off, k));
-            // Every byte is overwritten by store_words_le: no zeroing pass.
-            buf.resize((k * cs) as usize, 0);
-            for (j, &i) in chunk.iter().enumerate() {
-                let part = &mut buf[j * cs as usize..(j + 1) * cs as usize];
-                bits.store_words_le(i as u64 * (cs / 8), part);
+            let mixed = chunk.iter().filter(|&&(_, full)| !full).count();
+            if buf.len() < mixed * cs_us {
+                buf.resize(mixed * cs_us, 0);
+            }
+            let mut m = 0;
+            for (j, &(i, full)) in chunk.iter().enumerate() {
+                if !full {
+                    bits.store_words_le(i as u64 * (cs / 8), &mut buf[m * cs_us..(m + 1) * cs_us]);
+                    m += 1;
+                }
                 table[i] = TableEntry::Cluster(off + j as u64 * cs);
+            }
+            // The run as slices: consecutive full clusters share `ones` (up to its length),
+            // consecutive converted ones are adjacent in `buf`.
+            let mut slices: Vec<&[u8]> = Vec::new();
+            let (mut run_ones, mut m) = (0usize, 0usize);
+            let mut run_buf = 0usize..0usize;
+            for &(_, full) in chunk {
+                if full {
+                    if !run_buf.is_empty() {
+                        slices.push(&buf[run_buf.clone()]);
+                        run_buf = 0..0;
+                    }
+                    if run_ones == ones.len() {
+                        slices.push(&ones[..]);
+                        run_ones = 0;
+                    }
+                    run_ones += cs_us;
+                } else {
+                    if run_ones > 0 {
+                        slices.push(&ones[..run_ones]);
+                        run_ones = 0;
+                    }
+                    if run_buf.is_empty() {
+                        run_buf = m * cs_us..m * cs_us;
+                    }
+                    run_buf.end += cs_us;
+                    m += 1;
+                }
+            }
+            if run_ones > 0 {
+                slices.push(&ones[..run_ones]);
+            }
+            if !run_buf.is_empty() {
+                slices.push(&buf[run_buf]);
             }
             self.storage
                 .lock()
-                .write_all_at(&buf, off)
+                .write_all_vectored_at(&slices, off)
                 .map_err(|e| Error::io(format!("Failed to write bitmap '{name}' to file"), e))?;
         }
         let raw = encode_table(&table);
@@ -571,5 +625,134 @@ impl Disk {
         if let Err(e) = self.free_now(list) {
             crate::warning::warn(&format!("Some clusters may be leaked: {e}"));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::check::check_bitmaps;
+    use super::super::create::blank_image;
+    use super::super::storage::Storage;
+    use super::super::{AddOptions, Image};
+    use std::io;
+    use std::sync::{Arc, Mutex};
+
+    const MIB: u64 = 1 << 20;
+
+    /// Dirty runs of `name`, as (offset, length).
+    fn runs(img: &Image, name: &str) -> Vec<(u64, u64)> {
+        let b = img
+            .bitmap(img.find_bitmap(name.as_bytes()).unwrap())
+            .unwrap();
+        let mut out = Vec::new();
+        let mut pos = 0;
+        while let Some((s, l)) = b.next_dirty_area(pos, u64::MAX, u64::MAX) {
+            out.push((s, l));
+            pos = s + l;
+        }
+        out
+    }
+
+    /// Fills `img` with a pattern that makes the store mix every kind of data cluster in one
+    /// run: a stretch of full clusters longer than the all-ones buffer, clusters alternating
+    /// full / partial (more I/O vectors than one writev takes), zero clusters (gaps in the
+    /// runs), and a dirty last cluster that ends before the cluster does (masked tail).
+    /// With 512-byte clusters and 512-byte granules one data cluster covers 2 MiB.
+    fn fill(img: &mut Image, size: u64) {
+        let per = 2 * MIB;
+        let id = img
+            .add_bitmap(
+                b"mix",
+                512,
+                AddOptions {
+                    persistent: true,
+                    ..AddOptions::default()
+                },
+            )
+            .unwrap();
+        let bm = img.bitmap_mut(id).unwrap();
+        // 2100 full clusters (the all-ones buffer holds 2048 of them).
+        bm.set_dirty(0, 2100 * per).unwrap();
+        // 1400 clusters: full, partial (one granule missing), full, ...
+        for c in 2100..3500 {
+            if c % 2 == 0 {
+                bm.set_dirty(c * per, per).unwrap();
+            } else {
+                bm.set_dirty(c * per, per - 512).unwrap();
+            }
+        }
+        // A gap of zero clusters, then single granules and full clusters.
+        for c in (3600..3900).step_by(3) {
+            bm.set_dirty(c * per + 4096, 512).unwrap();
+            bm.set_dirty((c + 1) * per, per).unwrap();
+        }
+        // The last cluster, shorter than 2 MiB, dirty to the end.
+        bm.set_dirty(size - MIB, MIB).unwrap();
+    }
+
+    /// Memory storage whose bytes outlive the image (the default vectored write: one write
+    /// per slice).
+    #[derive(Clone)]
+    struct Kept(Arc<Mutex<Vec<u8>>>);
+
+    impl Storage for Kept {
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            let d = self.0.lock().unwrap();
+            let (start, end) = (offset as usize, offset as usize + buf.len());
+            if end > d.len() {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            buf.copy_from_slice(&d[start..end]);
+            Ok(())
+        }
+        fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+            let mut d = self.0.lock().unwrap();
+            let end = offset as usize + buf.len();
+            if end > d.len() {
+                d.resize(end, 0);
+            }
+            d[offset as usize..end].copy_from_slice(buf);
+            Ok(())
+        }
+        fn size(&self) -> io::Result<u64> {
+            Ok(self.0.lock().unwrap().len() as u64)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn store_mixes_full_partial_and_zero_clusters_in_runs() {
+        let size = 4000 * 2 * MIB + MIB;
+        let mem = Kept(Arc::new(Mutex::new(blank_image(size, 512).unwrap())));
+        let mut img = Image::open_storage(Box::new(mem.clone()), "mem", true).unwrap();
+        fill(&mut img, size);
+        let want = runs(&img, "mix");
+        img.close().unwrap();
+        let img = Image::open_storage(Box::new(mem), "mem", false).unwrap();
+        assert_eq!(runs(&img, "mix"), want, "memory storage");
+
+        // A file: FileStorage's writev path.
+        let path = std::env::temp_dir().join(format!(
+            "qdirty-store-mix-{}-{:?}.qcow2",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        Image::create(&path, size, 512).unwrap();
+        let mut img = Image::open(&path, true).unwrap();
+        fill(&mut img, size);
+        img.close().unwrap();
+        let img = Image::open(&path, false).unwrap();
+        assert_eq!(runs(&img, "mix"), want, "file storage");
+        drop(img);
+        let report = check_bitmaps(&path, false).unwrap();
+        assert!(
+            report.leaks == 0 && report.corruptions == 0 && report.check_errors == 0,
+            "{:?}",
+            report.messages
+        );
+        let _ = std::fs::remove_file(&path);
     }
 }
