@@ -21,7 +21,10 @@
 //! Environment: QDIRTY_BENCH_RUNS (runs per side, default 5), QDIRTY_BENCH_A_SIZE (16T),
 //! QDIRTY_BENCH_B_SIZE (2T), QDIRTY_BENCH_C_SIZE (100G), QDIRTY_BENCH_C_BITMAPS (1000),
 //! QDIRTY_BENCH_DIR (where the images go; default target/io-bench-PID), QDIRTY_BENCH_ONLY
-//! (comma-separated section names: info, load, noop, dirt, ops, bandwidth, many).
+//! (comma-separated section names: info, load, noop, dirt, ops, bandwidth, many),
+//! QDIRTY_BENCH_SETTLE_S (bandwidth: seconds to wait between freeing the page cache and each
+//! timed write, default 0; 5 lets a VM's free page reporting hand the freed memory back to the
+//! host first, so that both writes fill page-cache memory the guest no longer holds).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -914,8 +917,10 @@ fn sections(b: &mut Bench, tools: &Tools, im: &Images, dir: &Path) {
     if enabled("bandwidth") {
         let bytes = im.b_size / 512 / 8;
         println!(
-            "bandwidth on (b): {} bitmap load/store vs plain sequential read / write + fdatasync",
-            human(bytes)
+            "bandwidth on (b): {} bitmap load/store vs plain sequential read / write + fdatasync \
+             (page cache released {} s before each timed write)",
+            human(bytes),
+            env_u64("QDIRTY_BENCH_SETTLE_S", 0)
         );
         let plain = dir.join("plain.bin");
         // Warm: the page cache holds the bytes (as in field-notes §5.1); cold: both files
@@ -1099,6 +1104,10 @@ fn drop_cache(path: &Path) {
 fn release_cache(path: &Path, bytes: u64) {
     plain_read(path, bytes);
     drop_cache(path);
+    let settle = env_u64("QDIRTY_BENCH_SETTLE_S", 0);
+    if settle > 0 {
+        std::thread::sleep(std::time::Duration::from_secs(settle));
+    }
 }
 
 /// Sequential write of `bytes` in 1 MiB writes to a new file, then fdatasync: seconds.
