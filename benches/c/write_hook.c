@@ -3,24 +3,46 @@
  * Random 4 KiB writes over a 1 TiB standalone image whose bitmaps have 64 KiB granularity:
  * ns per qdirty_image_set_dirty call with NBITMAPS enabled bitmaps, with and without the fold
  * that applies the logged writes to the bitmaps (done by the next locked call; here
- * qdirty_bitmap_count, timed separately), 1 thread and 2 threads, and a baseline: a flat
- * uint64_t array behind a pthread mutex doing the same sets for one bitmap.
+ * qdirty_bitmap_count, timed separately), 1 thread and 2 threads.
  *
- * Usage: write_hook NBITMAPS WRITES_PER_THREAD
- * Output: "key value" lines. */
+ * With 1 bitmap, two C baselines run in the same process, interleaved with the hook round by
+ * round, each as a hook function of its own (not inlined into the loop, same signature, same
+ * clamping and rounding, reading granularity and size from its object, as a C hypervisor's
+ * own hook would):
+ * - atomic_flat: a flat uint64_t array (one bit per 64 KiB granule, allocated up front)
+ *   updated with a seq_cst atomic fetch_or per word, lock-free: the least a lock-free hook
+ *   can do (it has the same cache miss on the random word and one locked instruction);
+ * - mutex_flat: the same array behind a pthread mutex (QEMU's way, for one bitmap).
+ *
+ * Method: offsets are generated before timing (xorshift, as benches/write_hook.rs), so the
+ * timed loops only load them from an array; the clock is read once before and once after each
+ * loop (CLOCK_MONOTONIC). A warm-up pass with other offsets allocates the log's chunks and the
+ * bitmaps' memory and touches the baselines' arrays. Then ROUNDS rounds; in each, every
+ * variant runs on the same offsets, in an order rotated from round to round, the baselines on
+ * a cleared array (the hook's log is empty too: the fold took its words). Reported: the
+ * median over rounds (and the minimum) of each figure, and the median of the per-round ratios
+ * hook / baseline (both measured within a few hundred milliseconds of each other, so a
+ * shared machine's load mostly cancels out).
+ *
+ * Usage: write_hook NBITMAPS WRITES_PER_THREAD [ROUNDS]   (ROUNDS defaults to 7)
+ * Output: "key value..." lines. */
 #define _POSIX_C_SOURCE 200809L
 
 #include <inttypes.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "qdirty.h"
 
 #define DISK (1ull << 40)
 #define GRAN 65536ull
+#define GRAN_BITS 16
 #define WRITE 4096ull
+#define MAX_ROUNDS 64
 
 static double now(void)
 {
@@ -32,6 +54,10 @@ static double now(void)
 static uint64_t *random_offsets(uint64_t n, uint64_t seed)
 {
     uint64_t *v = malloc(n * sizeof *v);
+    if (!v) {
+        fprintf(stderr, "out of memory\n");
+        exit(1);
+    }
     uint64_t x = seed * 0x9E3779B97F4A7C15ull | 1;
     for (uint64_t i = 0; i < n; i++) {
         x ^= x << 13;
@@ -42,13 +68,56 @@ static uint64_t *random_offsets(uint64_t n, uint64_t seed)
     return v;
 }
 
+/* ---- Baselines: a C hypervisor's own hook for one bitmap. ---- */
+
+struct flat {
+    unsigned gran_bits;
+    uint64_t size;
+    size_t words;
+    _Atomic uint64_t *atomic_bits; /* atomic_flat */
+    uint64_t *bits;                /* mutex_flat */
+    pthread_mutex_t mu;
+};
+
+__attribute__((noinline)) static void atomic_flat_set(struct flat *f, uint64_t offset,
+                                                      uint64_t bytes)
+{
+    if (!f || bytes == 0 || offset >= f->size) {
+        return;
+    }
+    uint64_t end = offset + bytes - 1 < offset ? UINT64_MAX : offset + bytes - 1;
+    if (end > f->size - 1) {
+        end = f->size - 1;
+    }
+    for (uint64_t g = offset >> f->gran_bits; g <= end >> f->gran_bits; g++) {
+        atomic_fetch_or_explicit(&f->atomic_bits[g / 64], 1ull << (g % 64), memory_order_seq_cst);
+    }
+}
+
+__attribute__((noinline)) static void mutex_flat_set(struct flat *f, uint64_t offset,
+                                                     uint64_t bytes)
+{
+    if (!f || bytes == 0 || offset >= f->size) {
+        return;
+    }
+    uint64_t end = offset + bytes - 1 < offset ? UINT64_MAX : offset + bytes - 1;
+    if (end > f->size - 1) {
+        end = f->size - 1;
+    }
+    pthread_mutex_lock(&f->mu);
+    for (uint64_t g = offset >> f->gran_bits; g <= end >> f->gran_bits; g++) {
+        f->bits[g / 64] |= 1ull << (g % 64);
+    }
+    pthread_mutex_unlock(&f->mu);
+}
+
+/* ---- Timed loops. ---- */
+
 struct job {
     qdirty_image *img;
+    struct flat *flat;
     const uint64_t *offs;
     uint64_t n;
-    /* baseline */
-    pthread_mutex_t *mu;
-    uint64_t *flat;
 };
 
 static void *hook_job(void *arg)
@@ -60,16 +129,20 @@ static void *hook_job(void *arg)
     return NULL;
 }
 
-static void *flat_job(void *arg)
+static void *atomic_flat_job(void *arg)
 {
     struct job *j = arg;
     for (uint64_t i = 0; i < j->n; i++) {
-        uint64_t first = j->offs[i] / GRAN, last = (j->offs[i] + WRITE - 1) / GRAN;
-        pthread_mutex_lock(j->mu);
-        for (uint64_t g = first; g <= last; g++) {
-            j->flat[g / 64] |= 1ull << (g % 64);
-        }
-        pthread_mutex_unlock(j->mu);
+        atomic_flat_set(j->flat, j->offs[i], WRITE);
+    }
+    return NULL;
+}
+
+static void *mutex_flat_job(void *arg)
+{
+    struct job *j = arg;
+    for (uint64_t i = 0; i < j->n; i++) {
+        mutex_flat_set(j->flat, j->offs[i], WRITE);
     }
     return NULL;
 }
@@ -91,14 +164,56 @@ static double run(void *(*fn)(void *), struct job *jobs, int threads)
     return now() - t0;
 }
 
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(const double *v, int n)
+{
+    double s[MAX_ROUNDS];
+    memcpy(s, v, (size_t)n * sizeof *s);
+    qsort(s, (size_t)n, sizeof *s, cmp_double);
+    return n % 2 ? s[n / 2] : (s[n / 2 - 1] + s[n / 2]) / 2;
+}
+
+static double minimum(const double *v, int n)
+{
+    double m = v[0];
+    for (int i = 1; i < n; i++) {
+        m = v[i] < m ? v[i] : m;
+    }
+    return m;
+}
+
+/* "key median" and "key_min min", values already per unit. */
+static void report(const char *key, const double *v, int n)
+{
+    printf("%s %.2f\n", key, median(v, n));
+    printf("%s_min %.2f\n", key, minimum(v, n));
+    printf("%s_rounds", key);
+    for (int i = 0; i < n; i++) {
+        printf(" %.2f", v[i]);
+    }
+    printf("\n");
+}
+
+enum { HOOK, ATOMIC_FLAT, MUTEX_FLAT, VARIANTS };
+
 int main(int argc, char **argv)
 {
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s NBITMAPS WRITES_PER_THREAD\n", argv[0]);
+    if (argc != 3 && argc != 4) {
+        fprintf(stderr, "usage: %s NBITMAPS WRITES_PER_THREAD [ROUNDS]\n", argv[0]);
         return 2;
     }
     int nbitmaps = atoi(argv[1]);
     uint64_t n = strtoull(argv[2], NULL, 10);
+    int rounds = argc == 4 ? atoi(argv[3]) : 7;
+    if (rounds < 1 || rounds > MAX_ROUNDS || n == 0) {
+        fprintf(stderr, "bad arguments\n");
+        return 2;
+    }
     qdirty_error *err = NULL;
     qdirty_image *img = qdirty_image_new_memory(DISK, &err);
     qdirty_bitmap *first = NULL;
@@ -118,48 +233,100 @@ int main(int argc, char **argv)
             first = b;
         }
     }
+    int baselines = nbitmaps == 1;
+    struct flat flat = {GRAN_BITS, DISK, DISK / GRAN / 64, NULL, NULL, PTHREAD_MUTEX_INITIALIZER};
+    if (baselines) {
+        flat.atomic_bits = calloc(flat.words, sizeof(uint64_t));
+        flat.bits = calloc(flat.words, sizeof(uint64_t));
+        if (!flat.atomic_bits || !flat.bits) {
+            fprintf(stderr, "out of memory\n");
+            return 1;
+        }
+    }
     uint64_t *offs[2] = {random_offsets(n, 1), random_offsets(n, 2)};
     uint64_t *warm = random_offsets(n, 3);
-    struct job jobs[2] = {{img, offs[0], n, NULL, NULL}, {img, offs[1], n, NULL, NULL}};
-    struct job wjob = {img, warm, n, NULL, NULL};
+    struct job jobs[2] = {{img, &flat, offs[0], n}, {img, &flat, offs[1], n}};
+    struct job wjob = {img, &flat, warm, n};
+    void *(*fns[VARIANTS])(void *) = {hook_job, atomic_flat_job, mutex_flat_job};
 
-    /* Warm-up: the log's chunks get allocated and the bitmaps get their memory. */
+    /* Warm-up: the log's chunks get allocated, the bitmaps get their memory, the baselines'
+     * arrays get touched. */
     run(hook_job, &wjob, 1);
     (void)qdirty_bitmap_count(first);
+    if (baselines) {
+        run(atomic_flat_job, &wjob, 1);
+        run(mutex_flat_job, &wjob, 1);
+    }
 
-    double t1 = run(hook_job, jobs, 1);
-    double f0 = now();
-    uint64_t c1 = qdirty_bitmap_count(first); /* locks the image: folds the log */
-    double fold1 = now() - f0;
+    double t1[VARIANTS][MAX_ROUNDS], t2[VARIANTS][MAX_ROUNDS];
+    double fold1[MAX_ROUNDS], fold2[MAX_ROUNDS];
+    uint64_t c1 = 0, c2 = 0;
+    for (int r = 0; r < rounds; r++) {
+        for (int k = 0; k < VARIANTS; k++) {
+            int v = (r + k) % VARIANTS;
+            if (v != HOOK && !baselines) {
+                continue;
+            }
+            for (int threads = 1; threads <= 2; threads++) {
+                if (v != HOOK) {
+                    memset((void *)flat.atomic_bits, 0, flat.words * sizeof(uint64_t));
+                    memset(flat.bits, 0, flat.words * sizeof(uint64_t));
+                }
+                double t = run(fns[v], jobs, threads);
+                (threads == 1 ? t1 : t2)[v][r] = t;
+                if (v == HOOK) {
+                    double f0 = now();
+                    uint64_t c = qdirty_bitmap_count(first); /* locks the image: folds */
+                    (threads == 1 ? fold1 : fold2)[r] = now() - f0;
+                    *(threads == 1 ? &c1 : &c2) = c;
+                }
+            }
+        }
+    }
 
-    double t2 = run(hook_job, jobs, 2);
-    f0 = now();
-    uint64_t c2 = qdirty_bitmap_count(first);
-    double fold2 = now() - f0;
-
+    double hook1[MAX_ROUNDS], hook2[MAX_ROUNDS], f1[MAX_ROUNDS], hf1[MAX_ROUNDS];
+    double ratio[MAX_ROUNDS], ratio_fold[MAX_ROUNDS];
+    for (int r = 0; r < rounds; r++) {
+        hook1[r] = t1[HOOK][r] * 1e9 / (double)n;
+        hook2[r] = t2[HOOK][r] * 1e9 / (double)(2 * n);
+        f1[r] = fold1[r] * 1e9 / (double)n;
+        hf1[r] = (t1[HOOK][r] + fold1[r]) * 1e9 / (double)n;
+        ratio[r] = 2.0 * t1[HOOK][r] / t2[HOOK][r];
+        ratio_fold[r] = 2.0 * (t1[HOOK][r] + fold1[r]) / (t2[HOOK][r] + fold2[r]);
+    }
     printf("bitmaps %d\n", nbitmaps);
     printf("writes_per_thread %" PRIu64 "\n", n);
-    printf("hook_ns_1thread %.2f\n", t1 * 1e9 / (double)n);
-    printf("fold_ns_per_write_1thread %.2f\n", fold1 * 1e9 / (double)n);
-    printf("hook_plus_fold_ns_1thread %.2f\n", (t1 + fold1) * 1e9 / (double)n);
-    printf("hook_ns_2threads %.2f\n", t2 * 1e9 / (double)(2 * n));
-    printf("rate_ratio_2threads %.3f\n", (2.0 * (double)n / t2) / ((double)n / t1));
-    printf("rate_ratio_2threads_with_fold %.3f\n",
-           (2.0 * (double)n / (t2 + fold2)) / ((double)n / (t1 + fold1)));
+    printf("rounds %d\n", rounds);
+    report("hook_ns_1thread", hook1, rounds);
+    report("fold_ns_per_write_1thread", f1, rounds);
+    report("hook_plus_fold_ns_1thread", hf1, rounds);
+    report("hook_ns_2threads", hook2, rounds);
+    report("rate_ratio_2threads", ratio, rounds);
+    report("rate_ratio_2threads_with_fold", ratio_fold, rounds);
     printf("count_after %" PRIu64 " %" PRIu64 "\n", c1, c2);
 
-    if (nbitmaps == 1) {
-        pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-        uint64_t *flat = calloc(DISK / GRAN / 64, sizeof(uint64_t));
-        struct job fj[2] = {{NULL, offs[0], n, &mu, flat}, {NULL, offs[1], n, &mu, flat}};
-        struct job fw = {NULL, warm, n, &mu, flat};
-        run(flat_job, &fw, 1);
-        double b1 = run(flat_job, fj, 1);
-        double b2 = run(flat_job, fj, 2);
-        printf("baseline_mutex_flat_ns_1thread %.2f\n", b1 * 1e9 / (double)n);
-        printf("baseline_mutex_flat_ns_2threads %.2f\n", b2 * 1e9 / (double)(2 * n));
-        printf("baseline_rate_ratio_2threads %.3f\n", (2.0 * (double)n / b2) / ((double)n / b1));
-        free(flat);
+    if (baselines) {
+        static const char *const names[VARIANTS] = {"", "atomic_flat", "mutex_flat"};
+        for (int v = ATOMIC_FLAT; v <= MUTEX_FLAT; v++) {
+            double b1[MAX_ROUNDS], b2[MAX_ROUNDS], br[MAX_ROUNDS], rel[MAX_ROUNDS];
+            for (int r = 0; r < rounds; r++) {
+                b1[r] = t1[v][r] * 1e9 / (double)n;
+                b2[r] = t2[v][r] * 1e9 / (double)(2 * n);
+                br[r] = 2.0 * t1[v][r] / t2[v][r];
+                rel[r] = t1[HOOK][r] / t1[v][r];
+            }
+            char key[64];
+            snprintf(key, sizeof key, "baseline_%s_ns_1thread", names[v]);
+            report(key, b1, rounds);
+            snprintf(key, sizeof key, "baseline_%s_ns_2threads", names[v]);
+            report(key, b2, rounds);
+            snprintf(key, sizeof key, "baseline_%s_rate_ratio_2threads", names[v]);
+            report(key, br, rounds);
+            snprintf(key, sizeof key, "hook_over_%s_1thread", names[v]);
+            report(key, rel, rounds);
+        }
+        free((void *)flat.atomic_bits);
+        free(flat.bits);
     }
     free(offs[0]);
     free(offs[1]);
