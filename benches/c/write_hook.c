@@ -16,7 +16,8 @@
  *
  * Method: offsets are generated before timing (xorshift, as benches/write_hook.rs), so the
  * timed loops only load them from an array; the clock is read once before and once after each
- * loop (CLOCK_MONOTONIC). A warm-up pass with other offsets allocates the log's chunks and the
+ * loop (CLOCK_MONOTONIC). Timed threads are pinned: a single thread always to the same CPU,
+ * two threads to two CPUs. A warm-up pass with other offsets allocates the log's chunks and the
  * bitmaps' memory and touches the baselines' arrays. Then ROUNDS rounds; in each, every
  * variant runs on the same offsets, in an order rotated from round to round, the baselines on
  * a cleared array (the hook's log is empty too: the fold took its words). Reported: the
@@ -26,10 +27,11 @@
  *
  * Usage: write_hook NBITMAPS WRITES_PER_THREAD [ROUNDS]   (ROUNDS defaults to 7)
  * Output: "key value..." lines. */
-#define _POSIX_C_SOURCE 200809L
+#define _GNU_SOURCE /* pthread_attr_setaffinity_np */
 
 #include <inttypes.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -147,13 +149,41 @@ static void *mutex_flat_job(void *arg)
     return NULL;
 }
 
+/* The CPUs the timed threads run on: thread i of a run on cpus[i % ncpus] (the first two
+ * CPUs this process may use), so that every variant's single thread runs on the same CPU (on
+ * a VM the vCPUs can differ a lot: one may share its core with a busy neighbour). */
+static int cpus[2], ncpus;
+
+static void pick_cpus(void)
+{
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) != 0) {
+        return;
+    }
+    for (int c = 0; c < CPU_SETSIZE && ncpus < 2; c++) {
+        if (CPU_ISSET(c, &set)) {
+            cpus[ncpus++] = c;
+        }
+    }
+}
+
 /* Runs fn on `threads` threads (each its own offsets); returns the wall time. */
 static double run(void *(*fn)(void *), struct job *jobs, int threads)
 {
     pthread_t th[2];
     double t0 = now();
     for (int i = 0; i < threads; i++) {
-        if (pthread_create(&th[i], NULL, fn, &jobs[i]) != 0) {
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        if (ncpus > 0) {
+            cpu_set_t set;
+            CPU_ZERO(&set);
+            CPU_SET(cpus[i % ncpus], &set);
+            pthread_attr_setaffinity_np(&attr, sizeof set, &set);
+        }
+        int rc = pthread_create(&th[i], &attr, fn, &jobs[i]);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) {
             fprintf(stderr, "pthread_create failed\n");
             exit(1);
         }
@@ -214,6 +244,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "bad arguments\n");
         return 2;
     }
+    pick_cpus();
     qdirty_error *err = NULL;
     qdirty_image *img = qdirty_image_new_memory(DISK, &err);
     qdirty_bitmap *first = NULL;
@@ -297,6 +328,7 @@ int main(int argc, char **argv)
     printf("bitmaps %d\n", nbitmaps);
     printf("writes_per_thread %" PRIu64 "\n", n);
     printf("rounds %d\n", rounds);
+    printf("cpus %d %d\n", ncpus > 0 ? cpus[0] : -1, ncpus > 1 ? cpus[1] : -1);
     report("hook_ns_1thread", hook1, rounds);
     report("fold_ns_per_write_1thread", f1, rounds);
     report("hook_plus_fold_ns_1thread", hf1, rounds);
