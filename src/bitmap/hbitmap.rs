@@ -72,6 +72,8 @@ pub const CHUNK_GRANULES: u64 = 1 << CHUNK_BITS;
 const CHUNK_MASK: u64 = CHUNK_GRANULES - 1;
 /// Bottom words per chunk.
 const CHUNK_WORDS: usize = 1 << (CHUNK_BITS - 6);
+/// The bytes of a full chunk, for `load_words_le`'s full-chunk test.
+static ONES_CHUNK_BYTES: [u8; CHUNK_WORDS * 8] = [0xff; CHUNK_WORDS * 8];
 /// Groups of 64 words per chunk (bits of the chunk's top summary word).
 const GROUPS: usize = CHUNK_WORDS / 64;
 const _: () = assert!(GROUPS >= 1 && GROUPS <= 64);
@@ -1484,6 +1486,21 @@ impl HBitmap {
                 v
             }
         };
+        // A whole chunk of all-ones bytes (a full bitmap's chunks): one memcmp against a
+        // constant (the C library's vectorized comparison, faster than the word loop below,
+        // which is compiled for baseline SSE2), tried only when the first and last words are
+        // all ones.
+        if lo == 0
+            && nw == CHUNK_WORDS
+            && cap_words == CHUNK_WORDS
+            && tail_mask == !0
+            && src[..8] == [0xff; 8]
+            && src[src.len() - 8..] == [0xff; 8]
+            && src == &ONES_CHUNK_BYTES[..]
+        {
+            self.fill_chunk(c, 0, cap - 1, true);
+            return;
+        }
         // Classify: OR and AND of the words (the last one compared to its mask separately).
         let body = if hi == cap_words { nw - 1 } else { nw };
         let (mut or, mut and) = (0u64, !0u64);
