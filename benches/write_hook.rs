@@ -285,6 +285,7 @@ fn main() {
     let c_atomic_ratio = get(&c1, "baseline_atomic_flat_rate_ratio_2threads");
     let c_hook_1000 = get(&c1000, "hook_ns_1thread");
     let c_full_1000 = get(&c1000, "hook_plus_fold_ns_1thread");
+    let c_all_1000 = get(&c1000, "hook_plus_fold_all_ns_1thread");
     println!("targets:");
     println!(
         "  1 bitmap from C <= 25 ns/call: {c_hook_1:.2} ns ({}); same run: atomic flat array \
@@ -297,9 +298,11 @@ fn main() {
         if c_ratio >= 1.6 { "met" } else { "NOT met" }
     );
     println!(
-        "  1000 bitmaps <= 1 us/call: hook {c_hook_1000:.2} ns ({}); hook + fold {c_full_1000:.0} ns ({})",
+        "  1000 bitmaps <= 1 us/call: hook {c_hook_1000:.2} ns ({}); hook + fold (next call, \
+         reads one bitmap) {c_full_1000:.0} ns ({}); hook + every bitmap read {c_all_1000:.0} ns ({})",
         if c_hook_1000 <= 1000.0 { "met" } else { "NOT met" },
-        if c_full_1000 <= 1000.0 { "met" } else { "NOT met" }
+        if c_full_1000 <= 1000.0 { "met" } else { "NOT met" },
+        if c_all_1000 <= 1000.0 { "met" } else { "NOT met" }
     );
 
     if std::env::var_os("QDIRTY_BENCH_NO_QEMU").is_some() {
@@ -312,9 +315,10 @@ fn main() {
             println!("  QEMU cost of 1000 enabled bitmaps: {d:.0} ns CPU per write");
             let ours_hook = c_hook_1000 - get(&c1, "hook_ns_1thread");
             println!(
-                "  qdirty/QEMU, 1000 bitmaps: hook {c_hook_1000:.1} ns / {d:.0} ns = {:.5}; hook + fold {c_full_1000:.0} ns / {d:.0} ns = {:.4}",
+                "  qdirty/QEMU, 1000 bitmaps: hook {c_hook_1000:.1} ns / {d:.0} ns = {:.5}; hook + fold {c_full_1000:.0} ns / {d:.0} ns = {:.4}; hook + every bitmap read {c_all_1000:.0} ns / {d:.0} ns = {:.4}",
                 c_hook_1000 / d,
-                c_full_1000 / d
+                c_full_1000 / d,
+                c_all_1000 / d
             );
             println!("  (qdirty hook, 1000 bitmaps minus 1 bitmap: {ours_hook:.1} ns)");
         }

@@ -3,7 +3,10 @@
  * Random 4 KiB writes over a 1 TiB standalone image whose bitmaps have 64 KiB granularity:
  * ns per qdirty_image_set_dirty call with NBITMAPS enabled bitmaps, with and without the fold
  * that applies the logged writes to the bitmaps (done by the next locked call; here
- * qdirty_bitmap_count, timed separately), 1 thread and 2 threads.
+ * qdirty_bitmap_count, timed separately), 1 thread and 2 threads. The next call absorbs the
+ * log into one shared epoch and brings only the bitmap it reads up to date; with several
+ * bitmaps, "fold_all" then reads every other bitmap too (qdirty_bitmap_count on each, timed
+ * separately): the whole fan-out, each write applied to every enabled bitmap.
  *
  * With 1 bitmap, two C baselines run in the same process, interleaved with the hook round by
  * round, each as a hook function of its own (not inlined into the loop, same signature, same
@@ -248,7 +251,8 @@ int main(int argc, char **argv)
     qdirty_error *err = NULL;
     qdirty_image *img = qdirty_image_new_memory(DISK, &err);
     qdirty_bitmap *first = NULL;
-    if (!img) {
+    qdirty_bitmap **all = calloc((size_t)(nbitmaps > 0 ? nbitmaps : 1), sizeof *all);
+    if (!img || !all) {
         fprintf(stderr, "%s\n", qdirty_error_message(err));
         return 1;
     }
@@ -263,6 +267,7 @@ int main(int argc, char **argv)
         if (!first) {
             first = b;
         }
+        all[i] = b;
     }
     int baselines = nbitmaps == 1;
     struct flat flat = {GRAN_BITS, DISK, DISK / GRAN / 64, NULL, NULL, PTHREAD_MUTEX_INITIALIZER};
@@ -283,14 +288,16 @@ int main(int argc, char **argv)
     /* Warm-up: the log's chunks get allocated, the bitmaps get their memory, the baselines'
      * arrays get touched. */
     run(hook_job, &wjob, 1);
-    (void)qdirty_bitmap_count(first);
+    for (int i = 0; i < nbitmaps; i++) {
+        (void)qdirty_bitmap_count(all[i]);
+    }
     if (baselines) {
         run(atomic_flat_job, &wjob, 1);
         run(mutex_flat_job, &wjob, 1);
     }
 
     double t1[VARIANTS][MAX_ROUNDS], t2[VARIANTS][MAX_ROUNDS];
-    double fold1[MAX_ROUNDS], fold2[MAX_ROUNDS];
+    double fold1[MAX_ROUNDS], fold2[MAX_ROUNDS], fold_all1[MAX_ROUNDS];
     uint64_t c1 = 0, c2 = 0;
     for (int r = 0; r < rounds; r++) {
         for (int k = 0; k < VARIANTS; k++) {
@@ -310,18 +317,32 @@ int main(int argc, char **argv)
                     uint64_t c = qdirty_bitmap_count(first); /* locks the image: folds */
                     (threads == 1 ? fold1 : fold2)[r] = now() - f0;
                     *(threads == 1 ? &c1 : &c2) = c;
+                    /* Every other bitmap takes the writes too. */
+                    double a0 = now();
+                    for (int i = 1; i < nbitmaps; i++) {
+                        if (qdirty_bitmap_count(all[i]) != c) {
+                            fprintf(stderr, "bitmap %d disagrees with bitmap 0\n", i);
+                            return 1;
+                        }
+                    }
+                    if (threads == 1) {
+                        fold_all1[r] = now() - a0;
+                    }
                 }
             }
         }
     }
 
     double hook1[MAX_ROUNDS], hook2[MAX_ROUNDS], f1[MAX_ROUNDS], hf1[MAX_ROUNDS];
+    double fa1[MAX_ROUNDS], hfa1[MAX_ROUNDS];
     double ratio[MAX_ROUNDS], ratio_fold[MAX_ROUNDS];
     for (int r = 0; r < rounds; r++) {
         hook1[r] = t1[HOOK][r] * 1e9 / (double)n;
         hook2[r] = t2[HOOK][r] * 1e9 / (double)(2 * n);
         f1[r] = fold1[r] * 1e9 / (double)n;
         hf1[r] = (t1[HOOK][r] + fold1[r]) * 1e9 / (double)n;
+        fa1[r] = fold_all1[r] * 1e9 / (double)n;
+        hfa1[r] = (t1[HOOK][r] + fold1[r] + fold_all1[r]) * 1e9 / (double)n;
         ratio[r] = 2.0 * t1[HOOK][r] / t2[HOOK][r];
         ratio_fold[r] = 2.0 * (t1[HOOK][r] + fold1[r]) / (t2[HOOK][r] + fold2[r]);
     }
@@ -332,6 +353,8 @@ int main(int argc, char **argv)
     report("hook_ns_1thread", hook1, rounds);
     report("fold_ns_per_write_1thread", f1, rounds);
     report("hook_plus_fold_ns_1thread", hf1, rounds);
+    report("fold_all_others_ns_per_write_1thread", fa1, rounds);
+    report("hook_plus_fold_all_ns_1thread", hfa1, rounds);
     report("hook_ns_2threads", hook2, rounds);
     report("rate_ratio_2threads", ratio, rounds);
     report("rate_ratio_2threads_with_fold", ratio_fold, rounds);
@@ -363,6 +386,7 @@ int main(int argc, char **argv)
     free(offs[0]);
     free(offs[1]);
     free(warm);
+    free(all);
     if (qdirty_image_close(img, &err) != 0) {
         fprintf(stderr, "%s\n", qdirty_error_message(err));
         return 1;
