@@ -15,8 +15,9 @@
 //!   rewritten in place with QEMU's header/directory/header order (§6.2) instead of a new one;
 //!   when nothing changes, nothing is written;
 //! * a changed bitmap gets a new table (copy-on-write): the data clusters whose table entries
-//!   were touched are written to new clusters (allocated in contiguous runs, written with
-//!   large writes), the others are reused as they are (not freed, not re-incremented); after
+//!   were touched are written to new clusters (allocated in contiguous runs, written in 1 MiB
+//!   writes, full clusters from a shared all-ones buffer), the others are reused as they are
+//!   (not freed, not re-incremented); after
 //!   the commit the old table and the replaced data clusters are freed;
 //! * new bitmaps, truncated ones and those without a usable stored copy are written fully.
 //!
