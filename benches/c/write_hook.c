@@ -84,15 +84,25 @@ struct flat {
     pthread_mutex_t mu;
 };
 
+/* The last byte of the write clamped to the disk, or 0 with *skip set for an empty or
+ * out-of-range write (the hook's clamping). */
+static inline uint64_t flat_last(const struct flat *f, uint64_t offset, uint64_t bytes, int *skip)
+{
+    *skip = !f || bytes == 0 || offset >= f->size;
+    if (*skip) {
+        return 0;
+    }
+    uint64_t end = offset + bytes - 1 < offset ? UINT64_MAX : offset + bytes - 1;
+    return end > f->size - 1 ? f->size - 1 : end;
+}
+
 __attribute__((noinline)) static void atomic_flat_set(struct flat *f, uint64_t offset,
                                                       uint64_t bytes)
 {
-    if (!f || bytes == 0 || offset >= f->size) {
+    int skip;
+    uint64_t end = flat_last(f, offset, bytes, &skip);
+    if (skip) {
         return;
-    }
-    uint64_t end = offset + bytes - 1 < offset ? UINT64_MAX : offset + bytes - 1;
-    if (end > f->size - 1) {
-        end = f->size - 1;
     }
     for (uint64_t g = offset >> f->gran_bits; g <= end >> f->gran_bits; g++) {
         atomic_fetch_or_explicit(&f->atomic_bits[g / 64], 1ull << (g % 64), memory_order_seq_cst);
@@ -102,12 +112,10 @@ __attribute__((noinline)) static void atomic_flat_set(struct flat *f, uint64_t o
 __attribute__((noinline)) static void mutex_flat_set(struct flat *f, uint64_t offset,
                                                      uint64_t bytes)
 {
-    if (!f || bytes == 0 || offset >= f->size) {
+    int skip;
+    uint64_t end = flat_last(f, offset, bytes, &skip);
+    if (skip) {
         return;
-    }
-    uint64_t end = offset + bytes - 1 < offset ? UINT64_MAX : offset + bytes - 1;
-    if (end > f->size - 1) {
-        end = f->size - 1;
     }
     pthread_mutex_lock(&f->mu);
     for (uint64_t g = offset >> f->gran_bits; g <= end >> f->gran_bits; g++) {

@@ -439,6 +439,13 @@ impl DirtyBitmap {
         // found before OR-ing; other shapes: every cluster where `src` has a bit.
         let changing = self.changing_clusters(src);
         self.data_mut()?.merge_from(src);
+        self.touch_merged(changing, src);
+        Ok(())
+    }
+
+    /// Records the clusters a merge of `src` changed: `changing` when known, else every
+    /// cluster where `src` has a bit.
+    fn touch_merged(&mut self, changing: Option<Vec<u64>>, src: &HBitmap) {
         match changing {
             Some(idx) => {
                 if let Some(t) = self.touched.as_mut() {
@@ -449,7 +456,6 @@ impl DirtyBitmap {
             }
             None => self.touch_dirty_of(src),
         }
-        Ok(())
     }
 
     /// The table indices whose clusters a merge of `src` (same shape, `self` loaded) would
@@ -754,16 +760,7 @@ impl DirtyBitmap {
             if let Bits::Loaded(h) = &mut self.bits {
                 h.merge_from(src);
             }
-            match changing {
-                Some(idx) => {
-                    if let Some(t) = self.touched.as_mut() {
-                        for i in idx {
-                            t.touch_index(i);
-                        }
-                    }
-                }
-                None => self.touch_dirty_of(src),
-            }
+            self.touch_merged(changing, src);
         } else {
             self.bits.mark_bits(src, self.size, self.gbits);
             self.touch_dirty_of(src);

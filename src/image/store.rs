@@ -668,25 +668,11 @@ mod tests {
     use super::super::check::check_bitmaps;
     use super::super::create::blank_image;
     use super::super::storage::Storage;
+    use super::super::tests::{runs, Shared};
     use super::super::{AddOptions, Image};
     use std::io;
-    use std::sync::{Arc, Mutex};
 
     const MIB: u64 = 1 << 20;
-
-    /// Dirty runs of `name`, as (offset, length).
-    fn runs(img: &Image, name: &str) -> Vec<(u64, u64)> {
-        let b = img
-            .bitmap(img.find_bitmap(name.as_bytes()).unwrap())
-            .unwrap();
-        let mut out = Vec::new();
-        let mut pos = 0;
-        while let Some((s, l)) = b.next_dirty_area(pos, u64::MAX, u64::MAX) {
-            out.push((s, l));
-            pos = s + l;
-        }
-        out
-    }
 
     /// Fills `img` with a pattern that makes the store mix every kind of data cluster in one
     /// run: a stretch of full clusters longer than the all-ones buffer, clusters alternating
@@ -725,47 +711,15 @@ mod tests {
         bm.set_dirty(size - MIB, MIB).unwrap();
     }
 
-    /// Memory storage whose bytes outlive the image (the default vectored write: one write
-    /// per slice).
-    #[derive(Clone)]
-    struct Kept(Arc<Mutex<Vec<u8>>>);
-
-    impl Storage for Kept {
-        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-            let d = self.0.lock().unwrap();
-            let (start, end) = (offset as usize, offset as usize + buf.len());
-            if end > d.len() {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            buf.copy_from_slice(&d[start..end]);
-            Ok(())
-        }
-        fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-            let mut d = self.0.lock().unwrap();
-            let end = offset as usize + buf.len();
-            if end > d.len() {
-                d.resize(end, 0);
-            }
-            d[offset as usize..end].copy_from_slice(buf);
-            Ok(())
-        }
-        fn size(&self) -> io::Result<u64> {
-            Ok(self.0.lock().unwrap().len() as u64)
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn runs_are_written_in_pieces_of_at_most_write_bytes() {
-        let mem = Kept(Arc::new(Mutex::new(Vec::new())));
+        let mem = Shared::default();
         let (a, b, c) = (vec![1u8; 700_000], vec![2u8; 3 << 20], vec![3u8; 5]);
         let slices: Vec<&[u8]> = vec![&a, &c, &b, &c, &a];
         let want: Vec<u8> = slices.concat();
         let mut st = mem.clone();
         super::write_in_pieces(&mut st, &slices, 4096).unwrap();
-        let got = mem.0.lock().unwrap().clone();
+        let got = mem.bytes();
         assert_eq!(&got[4096..], &want[..]);
         assert!(got[..4096].iter().all(|&x| x == 0));
 
@@ -803,7 +757,8 @@ mod tests {
     #[test]
     fn store_mixes_full_partial_and_zero_clusters_in_runs() {
         let size = 4000 * 2 * MIB + MIB;
-        let mem = Kept(Arc::new(Mutex::new(blank_image(size, 512).unwrap())));
+        // Shared keeps the trait's default vectored write (one write per slice).
+        let mem = Shared::new(blank_image(size, 512).unwrap());
         let mut img = Image::open_storage(Box::new(mem.clone()), "mem", true).unwrap();
         fill(&mut img, size);
         let want = runs(&img, "mix");

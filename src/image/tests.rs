@@ -12,14 +12,15 @@ use crate::error::Error;
 use crate::format::{be, AUTOCLEAR_BITMAPS};
 
 /// Memory storage whose bytes outlive the image (so a test can reopen them).
+/// Keeps the trait's default vectored write (one write per slice).
 #[derive(Clone, Default)]
-struct Shared(Arc<Mutex<Vec<u8>>>);
+pub(super) struct Shared(Arc<Mutex<Vec<u8>>>);
 
 impl Shared {
-    fn new(bytes: Vec<u8>) -> Self {
+    pub(super) fn new(bytes: Vec<u8>) -> Self {
         Shared(Arc::new(Mutex::new(bytes)))
     }
-    fn bytes(&self) -> Vec<u8> {
+    pub(super) fn bytes(&self) -> Vec<u8> {
         self.0.lock().unwrap().clone()
     }
 }
@@ -65,7 +66,8 @@ fn open(s: &Shared, rw: bool) -> Image {
     Image::open_storage(Box::new(s.clone()), "mem", rw).unwrap()
 }
 
-fn runs(img: &Image, name: &str) -> Vec<(u64, u64)> {
+/// Dirty runs of `name`, as (offset, length).
+pub(super) fn runs(img: &Image, name: &str) -> Vec<(u64, u64)> {
     let b = img
         .bitmap(img.find_bitmap(name.as_bytes()).unwrap())
         .unwrap();
