@@ -177,6 +177,9 @@ impl BitmapSet {
 
     /// Drops or merges the epochs no recording bitmap needs apart.
     fn compact(&mut self) {
+        if self.epochs.len() == 0 {
+            return;
+        }
         let mut cursors: Vec<u64> = self
             .slots
             .iter()
