@@ -154,6 +154,19 @@ impl ImageHandle {
         Ok(h)
     }
 
+    /// The write log behind a C pointer, for the guest write hook: None for NULL or a pointer
+    /// that is not an open image. Builds no error (the hook has none to report), so it inlines
+    /// into the hook without taking registers from the log's dependent loads.
+    ///
+    /// # Safety
+    /// As [`ImageHandle::from_ptr`].
+    #[inline(always)]
+    pub(crate) unsafe fn log_of<'a>(img: *const super::qdirty_image) -> Option<&'a WriteLog> {
+        // SAFETY: caller's contract.
+        let h = unsafe { img.cast::<ImageHandle>().as_ref() }?;
+        (h.magic == IMAGE_MAGIC).then(|| &*h.log)
+    }
+
     /// Takes the handle back from C for closing.
     ///
     /// # Safety
@@ -175,11 +188,6 @@ impl ImageHandle {
         let mut state = self.state.lock().map_err(|_| FfiError::poisoned())?;
         state.image.absorb_writes();
         Ok(state)
-    }
-
-    /// The lock-free write hook.
-    pub(crate) fn write_log(&self) -> &WriteLog {
-        &self.log
     }
 
     /// The state, for closing, and whether an earlier panic poisoned the lock.

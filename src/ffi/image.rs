@@ -458,22 +458,8 @@ pub unsafe extern "C" fn qdirty_image_merge_bitmap(
 pub unsafe extern "C" fn qdirty_image_set_dirty(img: *mut qdirty_image, offset: u64, bytes: u64) {
     ffi_call!({
         // SAFETY: see the function's Safety section.
-        if let Some(log) = unsafe { hook_log(img) } {
+        if let Some(log) = unsafe { ImageHandle::log_of(img) } {
             log.set(offset, bytes);
         }
     })
-}
-
-/// The write log of `img`; None when `img` is NULL or not an open image (the hook has no error
-/// to report). Out of line: the rejected cases format a message, and inlined into the hook
-/// that code took registers from its hot path (spills on the dependent loads of the log).
-///
-/// # Safety
-/// `img` is NULL or an open image.
-#[inline(never)]
-unsafe fn hook_log<'a>(img: *mut qdirty_image) -> Option<&'a crate::bitmap::WriteLog> {
-    // SAFETY: caller's contract.
-    unsafe { ImageHandle::from_ptr(img, "img") }
-        .ok()
-        .map(ImageHandle::write_log)
 }
