@@ -3,59 +3,17 @@
 //! with `#[path]`). Each function must never panic, whatever the bytes; every invariant it checks
 //! is an `assert!` (a finding).
 
-use std::io;
-
 use qdirty::format::bitmap_dir::{encode_directory, parse_directory};
 use qdirty::format::bitmap_table::{decode_table, encode_table};
 use qdirty::format::extension::{encode_header_cluster, Extensions};
 use qdirty::format::header::Header;
-use qdirty::image::storage::Storage;
+use qdirty::image::fault::FaultyStorage;
+use qdirty::image::storage::MemStorage;
 use qdirty::{AddOptions, Image};
 
-/// Largest file the in-memory storage grows to: writes beyond it fail with ENOSPC (a hostile
+/// Largest file the read-write storage grows to: writes beyond it fail with ENOSPC (a hostile
 /// refcount structure must not make qdirty write gigabytes).
 pub const MAX_FILE: usize = 64 << 20;
-
-/// A Vec-backed storage with a size cap.
-#[derive(Clone, Debug, Default)]
-pub struct CappedMem {
-    /// The file's bytes.
-    pub data: Vec<u8>,
-}
-
-impl Storage for CappedMem {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
-        let end = start
-            .checked_add(buf.len())
-            .filter(|&e| e <= self.data.len())
-            .ok_or(io::ErrorKind::UnexpectedEof)?;
-        buf.copy_from_slice(&self.data[start..end]);
-        Ok(())
-    }
-    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
-        let end = start
-            .checked_add(buf.len())
-            .filter(|&e| e <= MAX_FILE)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc_enospc()))?;
-        if end > self.data.len() {
-            self.data.resize(end, 0);
-        }
-        self.data[start..end].copy_from_slice(buf);
-        Ok(())
-    }
-    fn size(&self) -> io::Result<u64> {
-        Ok(self.data.len() as u64)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-fn libc_enospc() -> i32 {
-    28
-}
 
 /// Header + extensions parser: parse, and for v3 headers that parse re-encode cluster 0 and
 /// parse the result again (it must parse, with the same fields).
@@ -154,7 +112,8 @@ pub fn bitmap_table(data: &[u8]) {
 /// makes a valid image invalid), with the new bitmap's bits.
 pub fn open_cycle(data: &[u8]) {
     if let Ok(img) = Image::open_storage(
-        Box::new(CappedMem {
+        // Read-only: nothing is written, so no size cap is needed.
+        Box::new(MemStorage {
             data: data.to_vec(),
         }),
         "ro",
@@ -166,9 +125,11 @@ pub fn open_cycle(data: &[u8]) {
         let _ = img.query();
         let _ = img.close();
     }
-    // Keep the handle on the bytes: the storage is moved into the image.
-    let shared = std::sync::Arc::new(std::sync::Mutex::new(data.to_vec()));
-    let Ok(mut img) = Image::open_storage(Box::new(Shared(shared.clone())), "rw", true) else {
+    // The handle keeps the bytes reachable once the storage is moved into the image; writes
+    // ending past MAX_FILE fail with ENOSPC.
+    let (storage, bytes) = FaultyStorage::new(data.to_vec());
+    bytes.set_size_limit(Some(MAX_FILE as u64));
+    let Ok(mut img) = Image::open_storage(Box::new(storage), "rw", true) else {
         return;
     };
     let size = img.size();
@@ -199,8 +160,8 @@ pub fn open_cycle(data: &[u8]) {
     let stored = img.store_bitmaps().is_ok();
     let closed = img.close().is_ok();
     if stored && closed && refcounts_consistent(data) {
-        let bytes = shared.lock().unwrap().clone();
-        let again = Image::open_storage(Box::new(CappedMem { data: bytes }), "reopen", false)
+        let data = bytes.live_image();
+        let again = Image::open_storage(Box::new(MemStorage { data }), "reopen", false)
             .unwrap_or_else(|e| panic!("an image qdirty stored no longer opens: {e}"));
         if added {
             let id = again
@@ -230,41 +191,6 @@ fn refcounts_consistent(data: &[u8]) -> bool {
     let ok = matches!(qdirty::image::check::check_bitmaps(&p, false), Ok(r) if r.corruptions == 0 && r.check_errors == 0);
     let _ = std::fs::remove_file(&p);
     ok
-}
-
-/// A storage whose bytes stay reachable after the image took it.
-struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl Storage for Shared {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let d = self.0.lock().unwrap();
-        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
-        let end = start
-            .checked_add(buf.len())
-            .filter(|&e| e <= d.len())
-            .ok_or(io::ErrorKind::UnexpectedEof)?;
-        buf.copy_from_slice(&d[start..end]);
-        Ok(())
-    }
-    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let mut d = self.0.lock().unwrap();
-        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
-        let end = start
-            .checked_add(buf.len())
-            .filter(|&e| e <= MAX_FILE)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc_enospc()))?;
-        if end > d.len() {
-            d.resize(end, 0);
-        }
-        d[start..end].copy_from_slice(buf);
-        Ok(())
-    }
-    fn size(&self) -> io::Result<u64> {
-        Ok(self.0.lock().unwrap().len() as u64)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// Seed inputs for every target, built with qdirty itself (small 512-byte-cluster images with
