@@ -570,27 +570,33 @@ fn crash_store_on_close() {
     });
 }
 
+/// The operation "add the model's bitmap, persistent, and set its ranges" (then the store on
+/// close writes it).
+fn add_persistent(m: &Model) -> ScenarioOp {
+    let mm = m.clone();
+    Box::new(move |img| {
+        let id = img.add_bitmap(
+            mm.name.as_bytes(),
+            mm.g,
+            AddOptions {
+                persistent: true,
+                ..AddOptions::default()
+            },
+        )?;
+        for &(o, l) in &mm.ranges {
+            img.bitmap_mut(id).unwrap().set_dirty(o, l)?;
+        }
+        Ok(())
+    })
+}
+
 fn add_first(name: &'static str, dir: TempDir, base: Vec<u8>, size: u64) {
     let m = model("first", 65536, &[(0, MIB), (size - 65536, 65536)], true);
-    let mm = m.clone();
     run(Scenario {
         name,
         base,
         dir,
-        op: Box::new(move |img| {
-            let id = img.add_bitmap(
-                mm.name.as_bytes(),
-                mm.g,
-                AddOptions {
-                    persistent: true,
-                    ..AddOptions::default()
-                },
-            )?;
-            for &(o, l) in &mm.ranges {
-                img.bitmap_mut(id).unwrap().set_dirty(o, l)?;
-            }
-            Ok(())
-        }),
+        op: add_persistent(&m),
         before: Expect::new(),
         mids: Vec::new(),
         after: expect(size, &[m], &[]),
@@ -699,25 +705,11 @@ fn crash_refblock_creation() {
     // One bit every 2 MiB with granularity 512: one data cluster per 2 MiB.
     let ranges: Vec<(u64, u64)> = (0..512).map(|i| (i * 2 * MIB, 512)).collect();
     let m = model("big", 512, &ranges, true);
-    let mm = m.clone();
     let s = Scenario {
         name: "refblock-creation-512",
         base,
         dir,
-        op: Box::new(move |img| {
-            let id = img.add_bitmap(
-                b"big",
-                512,
-                AddOptions {
-                    persistent: true,
-                    ..AddOptions::default()
-                },
-            )?;
-            for &(o, l) in &mm.ranges {
-                img.bitmap_mut(id).unwrap().set_dirty(o, l)?;
-            }
-            Ok(())
-        }),
+        op: add_persistent(&m),
         before: Expect::new(),
         mids: Vec::new(),
         after: expect(size, &[m], &[]),
@@ -750,26 +742,12 @@ fn crash_reftable_growth() {
     let base = std::fs::read(&p).unwrap();
     let ranges: Vec<(u64, u64)> = (0..512).map(|i| (i * 2 * MIB, 512)).collect();
     let m = model("grow", 512, &ranges, true);
-    let mm = m.clone();
     let before_tc = be_u32(&base, 56);
     let s = Scenario {
         name: "reftable-growth-512",
         base,
         dir,
-        op: Box::new(move |img| {
-            let id = img.add_bitmap(
-                b"grow",
-                512,
-                AddOptions {
-                    persistent: true,
-                    ..AddOptions::default()
-                },
-            )?;
-            for &(o, l) in &mm.ranges {
-                img.bitmap_mut(id).unwrap().set_dirty(o, l)?;
-            }
-            Ok(())
-        }),
+        op: add_persistent(&m),
         before: Expect::new(),
         mids: Vec::new(),
         after: expect(size, &[m], &[]),
