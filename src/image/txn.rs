@@ -110,7 +110,9 @@ impl Transaction {
     }
 
     /// block-dirty-bitmap-merge of `source` (in `src`, or in `img` when None) into `target`,
-    /// with a backup. Abort restores the target.
+    /// with a backup. Abort restores the target. A source in `img` is brought up to date with
+    /// the hook's writes first; `src` is read as it is (`&Image`): if writers use its hook,
+    /// call [`Image::fold_writes`] on it first (the C ABI does).
     pub fn merge(
         &mut self,
         img: &mut Image,
