@@ -295,7 +295,7 @@ fn child_main(args: &[String]) {
             i.load_all_bitmaps().unwrap();
             let mut n = 0;
             for id in i.bitmap_ids() {
-                n += i.bitmap(id).unwrap().count();
+                n += i.bitmap_current(id).unwrap().count();
             }
             let dt = t.elapsed().as_secs_f64();
             println!("dirty {n} load_s {dt:.9}");

@@ -54,12 +54,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ..persistent
         },
     )?;
-    show(&img, "   ");
+    show(&mut img, "   ")?;
 
     println!("3. the guest writes 4 KiB at 1 GiB and 1 MiB at 5 GiB (the write hook)");
     img.set_dirty(GIB, 4096);
     img.set_dirty(5 * GIB, 1 << 20);
-    show(&img, "   ");
+    show(&mut img, "   ")?;
 
     println!("4. close: enabled bitmaps are stored with 'auto', disabled ones without it,");
     println!("   transient ones are dropped");
@@ -68,8 +68,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     println!("5. open read-write again: every bitmap loads (disabled ones disabled) and is");
     println!("   marked in_use on disk while the image is open");
-    let img = Image::open(&path, true)?;
-    show(&img, "   ");
+    let mut img = Image::open(&path, true)?;
+    show(&mut img, "   ")?;
     qemu_img(&["info", "-U"], &path);
     img.close()?;
 
@@ -85,7 +85,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     println!("7. the next open finds the bitmaps in_use and lists them as inconsistent");
     let mut img = Image::open(&path, true)?;
-    show(&img, "   ");
+    show(&mut img, "   ")?;
     let id = img.find_bitmap(b"daily").expect("listed");
     if let Err(e) = img.bitmap_mut(id).expect("exists").clear() {
         println!("   clear fails: {e}");
@@ -105,11 +105,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn show(img: &Image, indent: &str) {
+fn show(img: &mut Image, indent: &str) -> Result<(), Box<dyn std::error::Error>> {
     for id in img.bitmap_ids() {
-        let b = img.bitmap(id).expect("listed");
+        let b = img.bitmap_current(id)?;
+        // An inconsistent bitmap has no usable content: say so instead of a count.
+        let dirty = match b.dirty_runs(0, b.size()) {
+            Ok(runs) => format!("dirty {} bytes", runs.map(|(_, l)| l).sum::<u64>()),
+            Err(_) => "INCONSISTENT (unusable)".to_string(),
+        };
         println!(
-            "{indent}{:<10} granularity {:>7}  {:<8} {:<10} {:<12} dirty {} bytes",
+            "{indent}{:<10} granularity {:>7}  {:<8} {:<10} {dirty}",
             b.display_name(),
             b.granularity(),
             if b.enabled() { "enabled" } else { "disabled" },
@@ -118,10 +123,9 @@ fn show(img: &Image, indent: &str) {
             } else {
                 "transient"
             },
-            if b.inconsistent() { "INCONSISTENT" } else { "" },
-            b.count()
         );
     }
+    Ok(())
 }
 
 /// Shows what QEMU's own tool sees, when it is installed.

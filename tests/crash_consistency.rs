@@ -57,7 +57,7 @@ fn model_sha(size: u64, m: &Model) -> String {
     for &(o, l) in &m.ranges {
         bm.set_dirty(o, l).unwrap();
     }
-    bm.sha256()
+    bm.sha256().unwrap()
 }
 
 fn expect(size: u64, models: &[Model], in_use: &[&str]) -> Expect {
@@ -106,7 +106,7 @@ fn run_op(s: &Scenario, storage: FaultyStorage) -> qdirty::Result<()> {
 
 /// The bitmaps of an image as qdirty sees them (read-only open).
 fn observe(bytes: &[u8]) -> Result<Expect, String> {
-    let img = Image::open_storage(
+    let mut img = Image::open_storage(
         Box::new(MemStorage {
             data: bytes.to_vec(),
         }),
@@ -117,17 +117,17 @@ fn observe(bytes: &[u8]) -> Result<Expect, String> {
     Ok(img
         .bitmap_ids()
         .into_iter()
-        .map(|id| img.bitmap(id).unwrap())
+        .map(|id| img.bitmap_current(id).unwrap().clone())
         .map(|b| {
             let st = if b.inconsistent() {
                 St::InUse
             } else {
                 St::Consistent {
-                    sha: b.sha256(),
+                    sha: b.sha256().unwrap(),
                     auto: b.enabled(),
                 }
             };
-            (bm_name(b), st)
+            (bm_name(&b), st)
         })
         .collect())
 }

@@ -66,8 +66,10 @@ fn child_session(path: &Path, mode: Mode) -> qdirty::Result<()> {
     let mut img = Image::open(path, mode == Mode::ReadWrite)?;
     // Touch everything that was loaded.
     for id in img.bitmap_ids() {
-        let b = img.bitmap(id).expect("listed");
-        let _ = b.count();
+        // A read error is an answer too: what matters is no panic and no wrong "clean".
+        if let Ok(b) = img.bitmap_current(id) {
+            let _ = b.count();
+        }
     }
     if mode == Mode::ReadWrite {
         let id = img.add_bitmap(

@@ -106,11 +106,11 @@ fn c_read_only_open_writes_nothing() {
     set_autoclear(&abort_img, autoclear(&abort_img) | 1 << 40);
     for p in [&img, &abort_img] {
         let before = read_file(p);
-        let image = qd_open(p, false);
+        let mut image = qd_open(p, false);
         assert!(image.read_only());
-        let names: Vec<String> = qd_bitmaps(&image).into_iter().map(|b| b.0).collect();
+        let names: Vec<String> = qd_bitmaps(&mut image).into_iter().map(|b| b.0).collect();
         assert_eq!(names.len(), 2, "{names:?}");
-        for (_, b) in qd_bitmaps(&image) {
+        for (_, b) in qd_bitmaps(&mut image) {
             assert!(b.readonly(), "bitmaps of a read-only image are readonly");
         }
         let info = qemu_img_info_bitmaps(p, true);
@@ -221,8 +221,8 @@ fn in_use_case(test: &str, make_in_use: &dyn Fn(&TempDir, &Path)) {
 
     // Read-only: listed as inconsistent, nothing written.
     let before = read_file(&img);
-    let image = qd_open(&img, false);
-    let list: Vec<(String, bool)> = qd_bitmaps(&image)
+    let mut image = qd_open(&img, false);
+    let list: Vec<(String, bool)> = qd_bitmaps(&mut image)
         .into_iter()
         .map(|(n, b)| (n, b.inconsistent()))
         .collect();
@@ -374,7 +374,7 @@ fn c_qdirty_crash_leaves_in_use_like_qemu() {
     // A clean session after the crash: everything stored is inconsistent; remove them all and
     // start again.
     let mut image = qd_open(&img, true);
-    for (n, b) in qd_bitmaps(&image) {
+    for (n, b) in qd_bitmaps(&mut image) {
         assert!(
             b.inconsistent(),
             "'{n}' should be inconsistent after the crash"

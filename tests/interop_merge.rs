@@ -162,9 +162,9 @@ fn e_merge_from_another_image() {
             &dir,
         );
         let mut image = qd_open(&d, true);
-        let src_image = qd_open(&src, false);
+        let mut src_image = qd_open(&src, false);
         image
-            .merge_bitmap_from(target.as_bytes(), &src_image, source.as_bytes())
+            .merge_bitmap_from(target.as_bytes(), &mut src_image, source.as_bytes())
             .unwrap_or_else(|e| panic!("merge {source} from src into {target}: {e}"));
         src_image.close().unwrap();
         image.close().expect("close");
@@ -217,9 +217,9 @@ fn e_merge_size_mismatch_refused() {
     );
     let before = nbd_dirty_extents(&d, "fine");
     let mut image = qd_open(&d, true);
-    let src_image = qd_open(&src, false);
+    let mut src_image = qd_open(&src, false);
     let e = image
-        .merge_bitmap_from(b"fine", &src_image, b"s")
+        .merge_bitmap_from(b"fine", &mut src_image, b"s")
         .expect_err("size mismatch must fail");
     assert!(matches!(e, qdirty::Error::SizeMismatch { .. }), "{e:?}");
     src_image.close().unwrap();

@@ -63,9 +63,10 @@ impl Mirror {
             .collect()
     }
 
-    fn qdirty_list(&self) -> Vec<Line> {
+    fn qdirty_list(&mut self) -> Vec<Line> {
         self.d
             .query()
+            .expect("query")
             .into_iter()
             .map(|i| {
                 (
@@ -92,7 +93,7 @@ impl Mirror {
         for (name, ..) in &ql {
             let Some(name) = name else { continue };
             let qs = self.q.sha256(name);
-            let ds = qd_bm(&self.d, name).sha256();
+            let ds = qd_bm(&mut self.d, name).sha256().unwrap();
             assert_eq!(
                 qs, ds,
                 "{ctx}: sha256 of '{name}' (QEMU left, qdirty right)"
@@ -566,9 +567,9 @@ fn reopen_ro_and_rw_match_qemu() {
     for &(o, l) in &w1 {
         d.set_dirty(o, l);
     }
-    let runs_r = qdirty_runs(qd_bm(&d, "r"));
-    let sha_r = qd_bm(&d, "r").sha256();
-    let sha_r2 = qd_bm(&d, "r2").sha256();
+    let runs_r = qdirty_runs(qd_bm(&mut d, "r"));
+    let sha_r = qd_bm(&mut d, "r").sha256().unwrap();
+    let sha_r2 = qd_bm(&mut d, "r2").sha256().unwrap();
     assert_eq!(
         runs_r,
         expected_runs(&[w0.clone(), w1.clone()].concat(), 4096, size)
@@ -579,7 +580,7 @@ fn reopen_ro_and_rw_match_qemu() {
     assert!(d.read_only());
     for n in ["r", "r2"] {
         assert!(
-            qd_bm(&d, n).readonly(),
+            qd_bm(&mut d, n).readonly(),
             "'{n}' readonly after reopen(false)"
         );
     }
@@ -597,8 +598,12 @@ fn reopen_ro_and_rw_match_qemu() {
     );
     // Writes are refused.
     d.set_dirty(0, size);
-    assert_eq!(qd_bm(&d, "r").sha256(), sha_r, "write hook skips readonly");
-    assert_eq!(qd_bm(&d, "r2").sha256(), sha_r2);
+    assert_eq!(
+        qd_bm(&mut d, "r").sha256().unwrap(),
+        sha_r,
+        "write hook skips readonly"
+    );
+    assert_eq!(qd_bm(&mut d, "r2").sha256().unwrap(), sha_r2);
     let e = qd_bm_mut(&mut d, "r")
         .set_dirty(0, 1)
         .expect_err("readonly");
@@ -632,7 +637,7 @@ fn reopen_ro_and_rw_match_qemu() {
     assert!(!d.read_only());
     for n in ["r", "r2"] {
         assert!(
-            !qd_bm(&d, n).readonly(),
+            !qd_bm(&mut d, n).readonly(),
             "'{n}' writable after reopen(true)"
         );
     }
@@ -646,9 +651,17 @@ fn reopen_ro_and_rw_match_qemu() {
         d.set_dirty(o, l);
     }
     let want = expected_runs(&[w0, w1, w2].concat(), 4096, size);
-    assert_eq!(qdirty_runs(qd_bm(&d, "r")), want, "writes tracked again");
-    assert_eq!(qd_bm(&d, "r2").sha256(), sha_r2, "r2 stays disabled");
-    let sha_r = qd_bm(&d, "r").sha256();
+    assert_eq!(
+        qdirty_runs(qd_bm(&mut d, "r")),
+        want,
+        "writes tracked again"
+    );
+    assert_eq!(
+        qd_bm(&mut d, "r2").sha256().unwrap(),
+        sha_r2,
+        "r2 stays disabled"
+    );
+    let sha_r = qd_bm(&mut d, "r").sha256().unwrap();
     d.close().expect("close");
 
     assert_check_clean(&img, "after close");

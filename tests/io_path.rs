@@ -61,8 +61,8 @@ fn open_probe(img: &Path) -> (Image, Arc<Mutex<ProbeState>>) {
     (image, log)
 }
 
-fn sha_of(img: &Image, name: &str) -> String {
-    qd_bm(img, name).sha256()
+fn sha_of(img: &mut Image, name: &str) -> String {
+    qd_bm(img, name).sha256().unwrap()
 }
 
 #[test]
@@ -106,17 +106,21 @@ fn lazy_and_eager_loads_match_qemu() {
         let names: Vec<String> = bms.iter().map(|b| b.0.to_string()).collect();
         let qemu = qemu_sha256s(&img, &names, &tmp);
         // Lazy: loaded by the first read through &self.
-        let lazy = qd_open(&img, false);
-        for (_, bm) in qd_bitmaps(&lazy) {
+        let mut lazy = qd_open(&img, false);
+        for (_, bm) in qd_bitmaps(&mut lazy) {
             assert!(!bm.is_loaded(), "open must not read bitmap data");
         }
         // Eager: everything loaded at once.
         let mut eager = qd_open(&img, false);
         eager.load_all_bitmaps().unwrap();
         for n in &names {
-            assert_eq!(sha_of(&lazy, n), qemu[n], "{opts}: lazy load of '{n}'");
-            assert_eq!(sha_of(&eager, n), qemu[n], "{opts}: eager load of '{n}'");
-            assert_eq!(qdirty_runs(qd_bm(&lazy, n)), nbd_dirty_extents(&img, n));
+            assert_eq!(sha_of(&mut lazy, n), qemu[n], "{opts}: lazy load of '{n}'");
+            assert_eq!(
+                sha_of(&mut eager, n),
+                qemu[n],
+                "{opts}: eager load of '{n}'"
+            );
+            assert_eq!(qdirty_runs(qd_bm(&mut lazy, n)), nbd_dirty_extents(&img, n));
         }
     }
 }
@@ -149,7 +153,6 @@ fn unloaded_bitmaps_keep_writes_and_are_not_rewritten() {
     );
     im.write_hook().set(100 * MIB, 512);
     im.set_dirty(200 * MIB, 1024);
-    im.fold_writes();
     log.lock().unwrap().writes.clear();
     let space = im.store_space_needed().unwrap();
     assert!(
@@ -165,7 +168,7 @@ fn unloaded_bitmaps_keep_writes_and_are_not_rewritten() {
         "incremental store wrote {written} bytes"
     );
     // The unchanged, disabled bitmap was never loaded (the changed one was, to be rewritten).
-    assert!(!qd_bm(&im, "off").is_loaded(), "'off' was loaded");
+    assert!(!qd_bm(&mut im, "off").is_loaded(), "'off' was loaded");
     im.close().unwrap();
     assert_check_clean(&img, "after incremental store");
     let mut want_on = union_runs(&ranges, &[(100 * MIB, 512), (200 * MIB, 1024)]);
@@ -287,7 +290,7 @@ fn random_sessions_stay_clean() {
         if cycle % 3 == 0 {
             // Read some bitmaps (loads them) before closing.
             for n in model.keys() {
-                let _ = qd_bm(&im, n).count();
+                let _ = qd_bm(&mut im, n).count();
             }
         }
         im.close().unwrap();
@@ -299,7 +302,7 @@ fn random_sessions_stay_clean() {
         // (Retried briefly: a child forked by a parallel test may hold a copy of our
         // descriptor, and its lock, until it execs.)
         let mut tries = 0;
-        let im = loop {
+        let mut im = loop {
             match Image::open(&img, false) {
                 Ok(im) => break im,
                 Err(e) if tries < 50 && e.to_string().contains("lock") => {
@@ -310,11 +313,11 @@ fn random_sessions_stay_clean() {
             }
         };
         for (n, (_, enabled, runs)) in &model {
-            let bm = qd_bm(&im, n);
+            let bm = qd_bm(&mut im, n);
             assert_eq!(bm.enabled(), *enabled, "cycle {cycle}: '{n}' state");
             assert_eq!(&qdirty_runs(bm), runs, "cycle {cycle}: '{n}' bits");
         }
-        assert_eq!(qd_bitmaps(&im).len(), model.len(), "cycle {cycle}");
+        assert_eq!(qd_bitmaps(&mut im).len(), model.len(), "cycle {cycle}");
     }
     let c = qemu_img_check(&img);
     assert!(c.clean() && c.leaks == 0, "end: {c}");
@@ -349,7 +352,7 @@ fn enospc_injected_during_store() {
     qd_add(&mut im, "new", 512, false);
     let q = im.find_bitmap(b"new").unwrap();
     im.bitmap_mut(q).unwrap().set_dirty(0, 32 * MIB).unwrap();
-    let shas: Vec<String> = ["old", "new"].iter().map(|n| sha_of(&im, n)).collect();
+    let shas: Vec<String> = ["old", "new"].iter().map(|n| sha_of(&mut im, n)).collect();
     let view_before = qemu_view(&img);
     log.lock().unwrap().limit = Some(0); // the file cannot grow any more
     let err = im.store_bitmaps().unwrap_err();
@@ -359,7 +362,7 @@ fn enospc_injected_during_store() {
     assert!(c.corruptions == 0 && c.check_errors == 0, "{c}");
     assert_eq!(qemu_view(&img), view_before);
     // In memory: intact.
-    let after: Vec<String> = ["old", "new"].iter().map(|n| sha_of(&im, n)).collect();
+    let after: Vec<String> = ["old", "new"].iter().map(|n| sha_of(&mut im, n)).collect();
     assert_eq!(after, shas);
     let im = match im.try_close() {
         Ok(()) => panic!("close must fail while the disk is full"),
@@ -427,8 +430,8 @@ fn enospc_on_a_full_tmpfs() {
     let id = qd_add(&mut im, "new", 512, false);
     im.bitmap_mut(id).unwrap().set_dirty(0, 1 << 30).unwrap();
     im.set_dirty(512 * MIB, MIB);
-    let shas: Vec<String> = ["old", "new"].iter().map(|n| sha_of(&im, n)).collect();
-    let im = match im.try_close() {
+    let shas: Vec<String> = ["old", "new"].iter().map(|n| sha_of(&mut im, n)).collect();
+    let mut im = match im.try_close() {
         Ok(()) => panic!("the store must fail on a full filesystem"),
         Err((im, e)) => {
             assert_eq!(e.errno(), libc::ENOSPC, "{e}");
@@ -441,7 +444,7 @@ fn enospc_on_a_full_tmpfs() {
     assert_eq!(view.len(), 1);
     assert_eq!(view[0].name, "old");
     assert!(view[0].flags.iter().any(|f| f == "in-use"));
-    let after: Vec<String> = ["old", "new"].iter().map(|n| sha_of(&im, n)).collect();
+    let after: Vec<String> = ["old", "new"].iter().map(|n| sha_of(&mut im, n)).collect();
     assert_eq!(after, shas);
     std::fs::remove_file(&filler).unwrap();
     im.try_close().map_err(|(_, e)| e).unwrap();

@@ -230,7 +230,7 @@ fn assert_bits(bm: &DirtyBitmap, m: &Model, ctx: &str) {
     assert_eq!(bm.granularity(), m.g, "{ctx}: granularity");
     assert_eq!(bm.count(), m.count(), "{ctx}: count");
     assert_eq!(qdirty_runs(bm), m.runs(), "{ctx}: dirty runs");
-    assert_eq!(bm.sha256(), m.sha256(), "{ctx}: sha256");
+    assert_eq!(bm.sha256().unwrap(), m.sha256(), "{ctx}: sha256");
 }
 
 fn expect_err<T: std::fmt::Debug>(r: qdirty::Result<T>, ctx: &str) -> Error {
@@ -250,8 +250,8 @@ fn inconsistent_msg(n: &str) -> String {
     format!("Bitmap '{n}' is inconsistent and cannot be used")
 }
 
-fn bm(set: &BitmapSet, id: BitmapId) -> &DirtyBitmap {
-    set.get(id).expect("bitmap exists")
+fn bm(set: &mut BitmapSet, id: BitmapId) -> &DirtyBitmap {
+    set.current(id).expect("bitmap exists")
 }
 fn bm_mut(set: &mut BitmapSet, id: BitmapId) -> &mut DirtyBitmap {
     set.get_mut(id).expect("bitmap exists")
@@ -396,8 +396,12 @@ fn readonly_semantics() {
     // merge from a readonly source is allowed.
     img.merge_bitmap(b"rw", b"ro").unwrap();
     m_rw.or_from(&m_ro);
-    assert_bits(img.bitmap(ro).unwrap(), &m_ro, "readonly bitmap untouched");
-    assert_bits(img.bitmap(rw).unwrap(), &m_rw, "rw bitmap");
+    assert_bits(
+        img.bitmap_current(ro).unwrap(),
+        &m_ro,
+        "readonly bitmap untouched",
+    );
+    assert_bits(img.bitmap_current(rw).unwrap(), &m_rw, "rw bitmap");
     // remove refused (BUSY | RO), release (memory only, no check in QEMU) allowed.
     let e = expect_err(img.remove_bitmap(b"ro"), "remove readonly");
     assert_eq!(e.to_string(), ro_msg("ro"));
@@ -422,15 +426,15 @@ fn successor_of_enabled_bitmap_then_abdicate() {
     set.set_dirty(0, 200_000);
     let mut before = Model::new(size, 65536);
     before.set(0, 200_000);
-    assert_bits(bm(&set, b), &before, "b before");
+    assert_bits(bm(&mut set, b), &before, "b before");
 
     let s = set.create_successor(b).unwrap();
     // Parent: frozen = disabled + busy, with a successor.
-    let p = bm(&set, b);
+    let p = bm(&mut set, b);
     assert!(!p.enabled() && p.busy() && p.has_successor());
     assert_eq!(p.successor(), Some(s));
     // Successor: anonymous, same granularity, inherits enabled, not busy, not persistent.
-    let c = bm(&set, s);
+    let c = bm(&mut set, s);
     assert_eq!(c.name(), None);
     assert_eq!(c.granularity(), 65536);
     assert!(c.enabled() && !c.busy() && !c.persistent() && !c.has_successor());
@@ -442,7 +446,7 @@ fn successor_of_enabled_bitmap_then_abdicate() {
     assert!(set.recording(s));
     // The successor is at the head of the list (newest first) and queried without a name.
     assert_eq!(set.ids(), vec![s, other, b]);
-    let q = set.query();
+    let q = set.query().unwrap();
     assert_eq!(q.len(), 3);
     assert_eq!(q[0].id, s);
     assert_eq!(q[0].name, None);
@@ -456,8 +460,12 @@ fn successor_of_enabled_bitmap_then_abdicate() {
     set.set_dirty(8 * MIB, 1);
     let mut during = Model::new(size, 65536);
     during.set(8 * MIB, 1);
-    assert_bits(bm(&set, b), &before, "frozen parent unchanged by writes");
-    assert_bits(bm(&set, s), &during, "successor got the write");
+    assert_bits(
+        bm(&mut set, b),
+        &before,
+        "frozen parent unchanged by writes",
+    );
+    assert_bits(bm(&mut set, s), &during, "successor got the write");
     // Refusals while frozen.
     assert!(matches!(
         bm_mut(&mut set, b).clear(),
@@ -476,7 +484,7 @@ fn successor_of_enabled_bitmap_then_abdicate() {
     assert_eq!(n, s);
     assert!(set.get(b).is_none());
     assert_eq!(set.find(b"b"), Some(s));
-    let c = bm(&set, s);
+    let c = bm(&mut set, s);
     assert_eq!(c.name(), Some(&b"b"[..]));
     assert!(c.persistent() && c.enabled() && !c.busy() && !c.has_successor());
     assert_bits(c, &during, "abdicated bitmap holds only the writes since");
@@ -512,11 +520,11 @@ fn successor_reclaim_and_enable_successor() {
     set.set_dirty(3 * MIB + 5, 9000);
     let mut w = Model::new(size, 4096);
     w.set(3 * MIB + 5, 9000);
-    assert_bits(bm(&set, s), &w, "successor");
+    assert_bits(bm(&mut set, s), &w, "successor");
     assert_eq!(set.reclaim(b).unwrap(), b);
     assert!(set.get(s).is_none());
     m.or_from(&w);
-    let p = bm(&set, b);
+    let p = bm(&mut set, b);
     assert_bits(p, &m, "reclaimed parent");
     assert!(p.enabled() && !p.busy() && !p.has_successor());
     assert_eq!(set.ids(), vec![b]);
@@ -525,20 +533,24 @@ fn successor_reclaim_and_enable_successor() {
     // reclaim leaves the parent enabled (it takes the successor's state).
     bm_mut(&mut set, b).disable().unwrap();
     let s = set.create_successor(b).unwrap();
-    assert!(!bm(&set, s).enabled());
+    assert!(!bm(&mut set, s).enabled());
     assert!(!set.recording(b));
     set.set_dirty(0, 1);
-    assert_eq!(bm(&set, s).count(), 0);
-    assert_bits(bm(&set, b), &m, "frozen disabled parent");
+    assert_eq!(bm(&mut set, s).count(), 0);
+    assert_bits(bm(&mut set, b), &m, "frozen disabled parent");
     set.enable_successor(b).unwrap();
-    assert!(bm(&set, s).enabled());
-    assert!(!bm(&set, b).enabled(), "the parent stays disabled");
+    assert!(bm(&mut set, s).enabled());
+    assert!(!bm(&mut set, b).enabled(), "the parent stays disabled");
     assert!(set.recording(b));
-    assert!(set.query().iter().any(|q| q.id == b && q.recording));
+    assert!(set
+        .query()
+        .unwrap()
+        .iter()
+        .any(|q| q.id == b && q.recording));
     set.set_dirty(size - 1, 1);
     m.set(size - 1, 1);
     set.reclaim(b).unwrap();
-    let p = bm(&set, b);
+    let p = bm(&mut set, b);
     assert_bits(p, &m, "reclaim after enable_successor");
     assert!(p.enabled() && !p.busy());
 
@@ -582,10 +594,10 @@ fn release_refusals() {
     assert!(matches!(set.release(a), Err(Error::Precondition(_))));
     bm_mut(&mut set, a).set_busy(false);
     let it = set.iter_new(a).unwrap();
-    assert_eq!(bm(&set, a).active_iterators(), 1);
+    assert_eq!(bm(&mut set, a).active_iterators(), 1);
     assert!(matches!(set.release(a), Err(Error::Precondition(_))));
     set.iter_free(it);
-    assert_eq!(bm(&set, a).active_iterators(), 0);
+    assert_eq!(bm(&mut set, a).active_iterators(), 0);
     let gone = set.release(a).unwrap();
     assert_eq!(gone.name(), Some(&b"a"[..]));
     assert!(set.get(a).is_none());
@@ -611,11 +623,11 @@ fn truncate_shrink_and_grow() {
     ma.truncate(new);
     mb.truncate(new);
     assert_eq!(set.size(), new);
-    assert_bits(bm(&set, a), &ma, "a shrunk");
-    assert_bits(bm(&set, b), &mb, "b shrunk");
-    assert!(bm(&set, a).get(5 * g));
+    assert_bits(bm(&mut set, a), &ma, "a shrunk");
+    assert_bits(bm(&mut set, b), &mb, "b shrunk");
+    assert!(bm(&mut set, a).get(5 * g));
     assert_eq!(
-        bm(&set, a).count(),
+        bm(&mut set, a).count(),
         6 * g,
         "granule containing the new end kept"
     );
@@ -626,18 +638,18 @@ fn truncate_shrink_and_grow() {
     set.truncate(grown).unwrap();
     ma.truncate(grown);
     mb.truncate(grown);
-    assert_bits(bm(&set, a), &ma, "a grown");
-    assert_bits(bm(&set, b), &mb, "b grown");
-    assert!(!bm(&set, a).get(6 * g));
+    assert_bits(bm(&mut set, a), &ma, "a grown");
+    assert_bits(bm(&mut set, b), &mb, "b grown");
+    assert!(!bm(&mut set, a).get(6 * g));
     // New bits can be set over the new space.
     set.set_dirty(grown - 1, 1);
     ma.set(grown - 1, 1);
     mb.set(grown - 1, 1);
-    assert_bits(bm(&set, a), &ma, "a after write at the new end");
-    assert_bits(bm(&set, b), &mb, "b after write at the new end");
+    assert_bits(bm(&mut set, a), &ma, "a after write at the new end");
+    assert_bits(bm(&mut set, b), &mb, "b after write at the new end");
 
     // Refused (nothing changes) while busy, frozen or iterated.
-    let sha = bm(&set, a).sha256();
+    let sha = bm(&mut set, a).sha256().unwrap();
     bm_mut(&mut set, b).set_busy(true);
     assert!(matches!(set.truncate(g), Err(Error::Precondition(_))));
     bm_mut(&mut set, b).set_busy(false);
@@ -649,15 +661,15 @@ fn truncate_shrink_and_grow() {
     assert!(matches!(set.truncate(g), Err(Error::Precondition(_))));
     set.iter_free(it);
     assert_eq!(set.size(), grown);
-    assert_eq!(bm(&set, a).sha256(), sha);
-    assert_bits(bm(&set, b), &mb, "b unchanged by refused truncates");
+    assert_eq!(bm(&mut set, a).sha256().unwrap(), sha);
+    assert_bits(bm(&mut set, b), &mb, "b unchanged by refused truncates");
 
     // Shrink to 0 and back.
     set.truncate(0).unwrap();
-    assert_eq!(bm(&set, a).count(), 0);
-    assert_eq!(bm(&set, a).sha256(), sha256_hex(&[0u8; 8]));
+    assert_eq!(bm(&mut set, a).count(), 0);
+    assert_eq!(bm(&mut set, a).sha256().unwrap(), sha256_hex(&[0u8; 8]));
     set.truncate(3 * g).unwrap();
-    assert_bits(bm(&set, a), &Model::new(3 * g, g), "regrown from 0");
+    assert_bits(bm(&mut set, a), &Model::new(3 * g, g), "regrown from 0");
 }
 
 #[test]
@@ -709,11 +721,11 @@ fn iterators_next_seek_free() {
     assert_eq!(set.iter_next(&mut it), Some(MIB));
     // Two iterators count.
     let it2 = set.iter_new(a).unwrap();
-    assert_eq!(bm(&set, a).active_iterators(), 2);
+    assert_eq!(bm(&mut set, a).active_iterators(), 2);
     set.iter_free(it);
     set.iter_free(it2);
-    assert_eq!(bm(&set, a).active_iterators(), 0);
-    assert_bits(bm(&set, a), &m, "after iteration");
+    assert_eq!(bm(&mut set, a).active_iterators(), 0);
+    assert_bits(bm(&mut set, a), &m, "after iteration");
 
     // Empty bitmap: None at once.
     let e = set.create(Some(b"e"), 512).unwrap();
@@ -772,7 +784,7 @@ fn clear_and_merge_with_backup_restore_exactly() {
         src.set_dirty(o, l).unwrap();
         ms.set(o, l);
     }
-    let sha = a.sha256();
+    let sha = a.sha256().unwrap();
     assert_eq!(sha, ma.sha256());
 
     let backup = a.clear_with_backup().unwrap();
@@ -787,7 +799,7 @@ fn clear_and_merge_with_backup_restore_exactly() {
     assert_bits(&a, &merged, "merged (finer source, coarser target)");
     a.restore(backup).unwrap();
     assert_bits(&a, &ma, "restored after merge");
-    assert_eq!(a.sha256(), sha);
+    assert_eq!(a.sha256().unwrap(), sha);
 
     // Finer target, coarser source.
     let backup = src.merge_with_backup(&a).unwrap();
@@ -889,7 +901,7 @@ fn serialization_layout_and_round_trip() {
             assert_eq!(bit, m.bits[k as usize]);
         }
         // sha256 = sha of the whole serialization (padded to words).
-        assert_eq!(b.sha256(), sha256_hex(&whole));
+        assert_eq!(b.sha256().unwrap(), sha256_hex(&whole));
 
         // Chunks of 1 and 2 alignment units, into fresh bitmaps.
         for chunk in [align, 2 * align] {
@@ -909,7 +921,7 @@ fn serialization_layout_and_round_trip() {
             }
             fresh.deserialize_finish();
             assert_bits(&fresh, &m, &format!("round trip g={g} chunk={chunk}"));
-            assert_eq!(fresh.sha256(), b.sha256());
+            assert_eq!(fresh.sha256().unwrap(), b.sha256().unwrap());
         }
 
         // Misaligned chunks are refused.
@@ -981,7 +993,7 @@ fn serialization_layout_and_round_trip() {
 fn sha256_edge_sizes() {
     // Size 0 hashes one zero word.
     let z = DirtyBitmap::new(None, 0, 512).unwrap();
-    assert_eq!(z.sha256(), sha256_hex(&[0u8; 8]));
+    assert_eq!(z.sha256().unwrap(), sha256_hex(&[0u8; 8]));
     // One granule, 64 granules, 65 granules, with the last bit set.
     for &(size, g) in &[
         (1u64, 512u64),
@@ -991,7 +1003,7 @@ fn sha256_edge_sizes() {
     ] {
         let mut b = DirtyBitmap::new(Some(b"h"), size, g).unwrap();
         let mut m = Model::new(size, g);
-        assert_eq!(b.sha256(), m.sha256(), "empty size={size}");
+        assert_eq!(b.sha256().unwrap(), m.sha256(), "empty size={size}");
         b.set_dirty(size - 1, 1).unwrap();
         m.set(size - 1, 1);
         assert_bits(&b, &m, &format!("last bit size={size}"));
@@ -1030,7 +1042,7 @@ fn standalone_image_does_everything_but_persistence() {
     assert!(img.find_bitmap(b"p").is_none(), "nothing created");
 
     let d = img.add_bitmap(b"d", 0, AddOptions::default()).unwrap();
-    assert_eq!(img.bitmap(d).unwrap().granularity(), 65536);
+    assert_eq!(img.bitmap_current(d).unwrap().granularity(), 65536);
     let f = img
         .add_bitmap(
             b"f",
@@ -1041,7 +1053,7 @@ fn standalone_image_does_everything_but_persistence() {
             },
         )
         .unwrap();
-    assert!(!img.bitmap(f).unwrap().enabled());
+    assert!(!img.bitmap_current(f).unwrap().enabled());
     assert!(matches!(
         img.add_bitmap(b"d", 512, AddOptions::default()),
         Err(Error::BitmapExists { .. })
@@ -1061,11 +1073,11 @@ fn standalone_image_does_everything_but_persistence() {
     md.set(MIB, 1);
     md.set(size - 10, 100);
     let mut mf = Model::new(size, 512);
-    assert_bits(img.bitmap(d).unwrap(), &md, "d");
-    assert_bits(img.bitmap(f).unwrap(), &mf, "disabled f");
+    assert_bits(img.bitmap_current(d).unwrap(), &md, "d");
+    assert_bits(img.bitmap_current(f).unwrap(), &mf, "disabled f");
     img.merge_bitmap(b"f", b"d").unwrap();
     mf.or_from(&md);
-    assert_bits(img.bitmap(f).unwrap(), &mf, "f after merge");
+    assert_bits(img.bitmap_current(f).unwrap(), &mf, "f after merge");
     assert!(matches!(
         img.merge_bitmap(b"f", b"nope"),
         Err(Error::BitmapNotFound { .. })
@@ -1081,23 +1093,31 @@ fn standalone_image_does_everything_but_persistence() {
     other.set_dirty(5 * MIB, 5000);
     let mut mo = Model::new(size, 4096);
     mo.set(5 * MIB, 5000);
-    img.merge_bitmap_from(b"d", &other, b"o").unwrap();
+    img.merge_bitmap_from(b"d", &mut other, b"o").unwrap();
     md.or_from(&mo);
-    assert_bits(img.bitmap(d).unwrap(), &md, "d after external merge");
-    let small = {
+    assert_bits(
+        img.bitmap_current(d).unwrap(),
+        &md,
+        "d after external merge",
+    );
+    let mut small = {
         let mut s = Image::new_memory(size - 512);
         s.add_bitmap(b"s", 4096, AddOptions::default()).unwrap();
         s
     };
     assert!(matches!(
-        img.merge_bitmap_from(b"d", &small, b"s"),
+        img.merge_bitmap_from(b"d", &mut small, b"s"),
         Err(Error::SizeMismatch { .. })
     ));
-    assert_bits(img.bitmap(d).unwrap(), &md, "unchanged by refused merge");
-    assert_bits(other.bitmap(o).unwrap(), &mo, "source untouched");
+    assert_bits(
+        img.bitmap_current(d).unwrap(),
+        &md,
+        "unchanged by refused merge",
+    );
+    assert_bits(other.bitmap_current(o).unwrap(), &mo, "source untouched");
 
     // Query.
-    let q = img.query();
+    let q = img.query().unwrap();
     assert_eq!(q.len(), 2);
     assert_eq!(q[0].name.as_deref(), Some(&b"f"[..]));
     assert_eq!(q[0].count, mf.count());
@@ -1110,8 +1130,8 @@ fn standalone_image_does_everything_but_persistence() {
     img.truncate(size / 2).unwrap();
     md.truncate(size / 2);
     mf.truncate(size / 2);
-    assert_bits(img.bitmap(d).unwrap(), &md, "d truncated");
-    assert_bits(img.bitmap(f).unwrap(), &mf, "f truncated");
+    assert_bits(img.bitmap_current(d).unwrap(), &md, "d truncated");
+    assert_bits(img.bitmap_current(f).unwrap(), &mf, "f truncated");
     assert_eq!(img.size(), size / 2);
 
     // Reopen and store have nothing to do; remove and release work.
@@ -1155,11 +1175,11 @@ struct Snap {
     sha256: String,
 }
 
-fn snap(img: &Image) -> Vec<Snap> {
+fn snap(img: &mut Image) -> Vec<Snap> {
     img.bitmap_ids()
         .into_iter()
         .map(|id| {
-            let b = img.bitmap(id).unwrap();
+            let b = img.bitmap_current(id).unwrap();
             Snap {
                 id,
                 name: b.name().map(<[u8]>::to_vec),
@@ -1172,7 +1192,7 @@ fn snap(img: &Image) -> Vec<Snap> {
                 inconsistent: b.inconsistent(),
                 successor: b.successor(),
                 count: b.count(),
-                sha256: b.sha256(),
+                sha256: b.sha256().unwrap(),
             }
         })
         .collect()
@@ -1208,35 +1228,41 @@ const SPECS: &[(&str, u64, bool)] = &[
 fn transaction_failing_action_then_abort_restores_exactly() {
     let size = 20 * MIB + 512;
     let mut img = filled_memory_image(size, 21, SPECS);
-    let before = snap(&img);
-    let a_model_sha = img.bitmap(img.find_bitmap(b"a").unwrap()).unwrap().sha256();
+    let before = snap(&mut img);
+    let a_model_sha = img
+        .bitmap_current(img.find_bitmap(b"a").unwrap())
+        .unwrap()
+        .sha256()
+        .unwrap();
 
     let mut t = Transaction::new();
     let new = t
         .add(&mut img, b"new", 4096, AddOptions::default())
         .unwrap();
-    assert!(img.bitmap(new).is_some(), "add prepared at once");
+    assert!(img.bitmap_current(new).is_ok(), "add prepared at once");
     t.clear(&mut img, b"a").unwrap();
     assert_eq!(
-        img.bitmap(img.find_bitmap(b"a").unwrap()).unwrap().count(),
+        img.bitmap_current(img.find_bitmap(b"a").unwrap())
+            .unwrap()
+            .count(),
         0,
         "clear prepared at once"
     );
     t.disable(&mut img, b"c").unwrap();
     assert!(!img
-        .bitmap(img.find_bitmap(b"c").unwrap())
+        .bitmap_current(img.find_bitmap(b"c").unwrap())
         .unwrap()
         .enabled());
     t.enable(&mut img, b"b").unwrap();
     assert!(img
-        .bitmap(img.find_bitmap(b"b").unwrap())
+        .bitmap_current(img.find_bitmap(b"b").unwrap())
         .unwrap()
         .enabled());
     t.merge(&mut img, b"d", None, b"e").unwrap();
     t.merge(&mut img, b"new", None, b"d").unwrap();
     t.remove(&mut img, b"e").unwrap();
     let e_id = img.find_bitmap(b"e").unwrap();
-    let eb = img.bitmap(e_id).unwrap();
+    let eb = img.bitmap_current(e_id).unwrap();
     assert!(
         eb.busy() && eb.skip_store(),
         "remove prepared: busy, skip_store"
@@ -1259,9 +1285,16 @@ fn transaction_failing_action_then_abort_restores_exactly() {
 
     t.abort(&mut [&mut img]).unwrap();
     assert!(t.is_empty());
-    assert_eq!(snap(&img), before, "abort restores every bitmap exactly");
     assert_eq!(
-        img.bitmap(img.find_bitmap(b"a").unwrap()).unwrap().sha256(),
+        snap(&mut img),
+        before,
+        "abort restores every bitmap exactly"
+    );
+    assert_eq!(
+        img.bitmap_current(img.find_bitmap(b"a").unwrap())
+            .unwrap()
+            .sha256()
+            .unwrap(),
         a_model_sha
     );
     assert!(img.find_bitmap(b"new").is_none(), "abort of add removes it");
@@ -1271,18 +1304,20 @@ fn transaction_failing_action_then_abort_restores_exactly() {
 fn transaction_commit_makes_actions_final() {
     let size = 9 * MIB;
     let mut img = filled_memory_image(size, 3, SPECS);
-    let before = snap(&img);
+    let before = snap(&mut img);
     let find = |img: &Image, n: &str| img.find_bitmap(n.as_bytes()).unwrap();
-    let model_of = |img: &Image, n: &str| {
-        let b = img.bitmap(img.find_bitmap(n.as_bytes()).unwrap()).unwrap();
+    let model_of = |img: &mut Image, n: &str| {
+        let b = img
+            .bitmap_current(img.find_bitmap(n.as_bytes()).unwrap())
+            .unwrap();
         let mut m = Model::new(size, b.granularity());
         for (o, l) in qdirty_runs(b) {
             m.set(o, l);
         }
         m
     };
-    let mut md = model_of(&img, "d");
-    md.or_from(&model_of(&img, "a"));
+    let mut md = model_of(&mut img, "d");
+    md.or_from(&model_of(&mut img, "a"));
     let mut t = Transaction::new();
     t.add(&mut img, b"n", 512, AddOptions::default()).unwrap();
     t.clear(&mut img, b"c").unwrap();
@@ -1293,12 +1328,16 @@ fn transaction_commit_makes_actions_final() {
     t.commit(&mut [&mut img]).unwrap();
     assert!(t.is_empty());
     assert!(img.find_bitmap(b"b").is_none(), "commit of remove releases");
-    assert_eq!(img.bitmap(find(&img, "c")).unwrap().count(), 0);
-    assert_bits(img.bitmap(find(&img, "d")).unwrap(), &md, "merged d");
-    assert!(img.bitmap(find(&img, "d")).unwrap().enabled());
-    assert!(!img.bitmap(find(&img, "a")).unwrap().enabled());
+    assert_eq!(img.bitmap_current(find(&img, "c")).unwrap().count(), 0);
+    assert_bits(
+        img.bitmap_current(find(&img, "d")).unwrap(),
+        &md,
+        "merged d",
+    );
+    assert!(img.bitmap_current(find(&img, "d")).unwrap().enabled());
+    assert!(!img.bitmap_current(find(&img, "a")).unwrap().enabled());
     assert!(img.find_bitmap(b"n").is_some());
-    assert_ne!(snap(&img), before);
+    assert_ne!(snap(&mut img), before);
     // An abort after commit has nothing to undo.
     t.abort(&mut [&mut img]).unwrap();
     assert!(img.find_bitmap(b"n").is_some());
@@ -1312,7 +1351,7 @@ fn transaction_refusals_follow_checks() {
     let c = img.find_bitmap(b"c").unwrap();
     img.bitmap_mut(a).unwrap().set_readonly(true);
     img.bitmap_mut(c).unwrap().set_busy(true);
-    let before = snap(&img);
+    let before = snap(&mut img);
     let mut t = Transaction::new();
     assert!(matches!(
         t.clear(&mut img, b"a"),
@@ -1334,13 +1373,13 @@ fn transaction_refusals_follow_checks() {
         Err(Error::BitmapNotFound { .. })
     ));
     assert_eq!(t.len(), 0);
-    assert_eq!(snap(&img), before);
+    assert_eq!(snap(&mut img), before);
     // Readonly bitmaps may be enabled/disabled and merged from.
     t.disable(&mut img, b"a").unwrap();
     t.merge(&mut img, b"b", None, b"a").unwrap();
     assert_eq!(t.len(), 2);
     t.abort(&mut [&mut img]).unwrap();
-    assert_eq!(snap(&img), before);
+    assert_eq!(snap(&mut img), before);
 }
 
 #[test]
@@ -1348,10 +1387,10 @@ fn transaction_across_images_needs_all_images() {
     let size = 6 * MIB + 512;
     let mut i1 = filled_memory_image(size, 31, &[("t", 4096, false), ("u", 512, true)]);
     let mut i2 = filled_memory_image(size, 32, &[("s", 65536, false)]);
-    let b1 = snap(&i1);
-    let b2 = snap(&i2);
+    let b1 = snap(&mut i1);
+    let b2 = snap(&mut i2);
     let mut mt = {
-        let b = i1.bitmap(i1.find_bitmap(b"t").unwrap()).unwrap();
+        let b = i1.bitmap_current(i1.find_bitmap(b"t").unwrap()).unwrap();
         let mut m = Model::new(size, 4096);
         for (o, l) in qdirty_runs(b) {
             m.set(o, l);
@@ -1359,7 +1398,7 @@ fn transaction_across_images_needs_all_images() {
         m
     };
     let ms = {
-        let b = i2.bitmap(i2.find_bitmap(b"s").unwrap()).unwrap();
+        let b = i2.bitmap_current(i2.find_bitmap(b"s").unwrap()).unwrap();
         let mut m = Model::new(size, 65536);
         for (o, l) in qdirty_runs(b) {
             m.set(o, l);
@@ -1369,7 +1408,7 @@ fn transaction_across_images_needs_all_images() {
     mt.or_from(&ms);
 
     let mut t = Transaction::new();
-    t.merge(&mut i1, b"t", Some(&i2), b"s").unwrap();
+    t.merge(&mut i1, b"t", Some(&mut i2), b"s").unwrap();
     t.clear(&mut i2, b"s").unwrap();
     t.enable(&mut i1, b"u").unwrap();
     let mut ids = t.images();
@@ -1378,12 +1417,12 @@ fn transaction_across_images_needs_all_images() {
     want.sort_unstable();
     assert_eq!(ids, want);
     assert_bits(
-        i1.bitmap(i1.find_bitmap(b"t").unwrap()).unwrap(),
+        i1.bitmap_current(i1.find_bitmap(b"t").unwrap()).unwrap(),
         &mt,
         "cross-image merge prepared",
     );
-    let mid1 = snap(&i1);
-    let mid2 = snap(&i2);
+    let mid1 = snap(&mut i1);
+    let mid2 = snap(&mut i2);
 
     // Without every image: Precondition, nothing changes, the actions stay prepared.
     let e = expect_err(t.commit(&mut [&mut i1]), "commit without i2");
@@ -1391,24 +1430,29 @@ fn transaction_across_images_needs_all_images() {
     let e = expect_err(t.abort(&mut [&mut i2]), "abort without i1");
     assert!(matches!(e, Error::Precondition(_)), "{e:?}");
     assert_eq!(t.len(), 3);
-    assert_eq!(snap(&i1), mid1);
-    assert_eq!(snap(&i2), mid2);
+    assert_eq!(snap(&mut i1), mid1);
+    assert_eq!(snap(&mut i2), mid2);
 
     t.abort(&mut [&mut i2, &mut i1]).unwrap();
-    assert_eq!(snap(&i1), b1);
-    assert_eq!(snap(&i2), b2);
+    assert_eq!(snap(&mut i1), b1);
+    assert_eq!(snap(&mut i2), b2);
 
     // And the same, committed.
     let mut t = Transaction::new();
-    t.merge(&mut i1, b"t", Some(&i2), b"s").unwrap();
+    t.merge(&mut i1, b"t", Some(&mut i2), b"s").unwrap();
     t.clear(&mut i2, b"s").unwrap();
     t.commit(&mut [&mut i1, &mut i2]).unwrap();
     assert_bits(
-        i1.bitmap(i1.find_bitmap(b"t").unwrap()).unwrap(),
+        i1.bitmap_current(i1.find_bitmap(b"t").unwrap()).unwrap(),
         &mt,
         "committed cross-image merge",
     );
-    assert_eq!(i2.bitmap(i2.find_bitmap(b"s").unwrap()).unwrap().count(), 0);
+    assert_eq!(
+        i2.bitmap_current(i2.find_bitmap(b"s").unwrap())
+            .unwrap()
+            .count(),
+        0
+    );
 }
 
 #[test]
@@ -1430,8 +1474,12 @@ fn transaction_remove_and_add_on_a_real_file() {
         img.close().unwrap();
     }
     let sha_p = {
-        let img = Image::open(&path, false).unwrap();
-        let s = img.bitmap(img.find_bitmap(b"p").unwrap()).unwrap().sha256();
+        let mut img = Image::open(&path, false).unwrap();
+        let s = img
+            .bitmap_current(img.find_bitmap(b"p").unwrap())
+            .unwrap()
+            .sha256()
+            .unwrap();
         img.close().unwrap();
         s
     };
@@ -1443,21 +1491,21 @@ fn transaction_remove_and_add_on_a_real_file() {
         t.remove(&mut img, b"p").unwrap();
         t.add(&mut img, b"q", 65536, popts).unwrap();
         let p = img.find_bitmap(b"p").unwrap();
-        assert!(img.bitmap(p).unwrap().busy());
-        assert!(!img.bitmap(p).unwrap().persistence());
+        assert!(img.bitmap_current(p).unwrap().busy());
+        assert!(!img.bitmap_current(p).unwrap().persistence());
         t.abort(&mut [&mut img]).unwrap();
-        let b = img.bitmap(p).unwrap();
+        let b = img.bitmap_current(p).unwrap();
         assert!(!b.busy() && !b.skip_store() && b.persistent() && b.persistence());
-        assert_eq!(b.sha256(), sha_p);
+        assert_eq!(b.sha256().unwrap(), sha_p);
         assert!(img.find_bitmap(b"q").is_none(), "abort of add");
         img.close().unwrap();
     }
     {
-        let img = Image::open(&path, false).unwrap();
+        let mut img = Image::open(&path, false).unwrap();
         let p = img
             .find_bitmap(b"p")
             .expect("aborted remove: stored again on close");
-        assert_eq!(img.bitmap(p).unwrap().sha256(), sha_p);
+        assert_eq!(img.bitmap_current(p).unwrap().sha256().unwrap(), sha_p);
         assert!(img.find_bitmap(b"q").is_none(), "aborted add not stored");
         assert!(img.find_bitmap(b"keep").is_some());
         img.close().unwrap();
@@ -1485,7 +1533,7 @@ fn transaction_random_sequences_abort_exactly() {
     for seed in 0..20u64 {
         let mut rng = Prng::new(1000 + seed);
         let mut img = filled_memory_image(size, seed, SPECS);
-        let before = snap(&img);
+        let before = snap(&mut img);
         let mut t = Transaction::new();
         let mut ok = 0;
         for step in 0..12 {
@@ -1514,7 +1562,7 @@ fn transaction_random_sequences_abort_exactly() {
             assert_eq!(t.len(), ok, "seed {seed} step {step}");
         }
         t.abort(&mut [&mut img]).unwrap();
-        assert_eq!(snap(&img), before, "seed {seed}: abort");
+        assert_eq!(snap(&mut img), before, "seed {seed}: abort");
     }
 }
 
@@ -1561,14 +1609,14 @@ impl MSet {
     }
 }
 
-fn compare(set: &BitmapSet, ms: &MSet, ctx: &str) {
+fn compare(set: &mut BitmapSet, ms: &MSet, ctx: &str) {
     assert_eq!(set.size(), ms.size, "{ctx}: size");
     assert_eq!(
         set.ids(),
         ms.list.iter().map(|b| b.id).collect::<Vec<_>>(),
         "{ctx}: list order"
     );
-    let q = set.query();
+    let q = set.query().unwrap();
     assert_eq!(q.len(), ms.list.len());
     for (mb, qi) in ms.list.iter().zip(&q) {
         let c = format!("{ctx}: bitmap {:?} #{}", mb.name, mb.id.0);
@@ -1818,18 +1866,18 @@ fn random_sequence(seed: u64, steps: usize) {
                 let (Some(t), Some(s)) = (pick(&mut rng, &named), pick(&mut rng, &named)) else {
                     continue;
                 };
-                let src = bm(&set, s).clone();
-                let before = bm(&set, t).sha256();
+                let src = bm(&mut set, s).clone();
+                let before = bm(&mut set, t).sha256().unwrap();
                 let r = set.merge(t, &src, false);
                 let (tb, sb) = (ms.get(t).clone(), ms.get(s).clone());
                 if sb.busy {
                     let e = expect_err(r, &ctx);
                     assert_eq!(e.to_string(), busy_msg(sb.name.as_deref().unwrap()));
-                    assert_eq!(bm(&set, t).sha256(), before);
+                    assert_eq!(bm(&mut set, t).sha256().unwrap(), before);
                 } else if tb.busy {
                     let e = expect_err(r, &ctx);
                     assert_eq!(e.to_string(), busy_msg(tb.name.as_deref().unwrap()));
-                    assert_eq!(bm(&set, t).sha256(), before);
+                    assert_eq!(bm(&mut set, t).sha256().unwrap(), before);
                 } else {
                     assert!(r.unwrap().is_none());
                     ms.get_mut(t).m.or_from(&sb.m);
@@ -1874,7 +1922,7 @@ fn random_sequence(seed: u64, steps: usize) {
                 }
             }
         }
-        compare(&set, &ms, &ctx);
+        compare(&mut set, &ms, &ctx);
     }
 }
 
@@ -1904,14 +1952,18 @@ fn write_hook_skips_disabled_readonly_inconsistent_and_clamps() {
     set.set_dirty(0, 0);
     let mut m = Model::new(size, 512);
     m.set(size - 50, 10_000);
-    assert_bits(bm(&set, en), &m, "enabled");
+    assert_bits(bm(&mut set, en), &m, "enabled");
     let mut ma = Model::new(size, 4096);
     ma.set(size - 50, 50);
-    assert_bits(bm(&set, anon), &ma, "anonymous enabled bitmaps record too");
+    assert_bits(
+        bm(&mut set, anon),
+        &ma,
+        "anonymous enabled bitmaps record too",
+    );
     for id in [dis, ro, inc] {
-        assert_eq!(bm(&set, id).count(), 0);
+        assert_eq!(bm(&mut set, id).count(), 0);
     }
-    let q = set.query();
+    let q = set.query().unwrap();
     let qi = q.iter().find(|q| q.id == inc).unwrap();
     assert!(qi.inconsistent && qi.persistent && !qi.recording);
     assert_eq!(q.iter().find(|q| q.id == anon).unwrap().name, None);
@@ -1933,5 +1985,5 @@ fn release_of_a_successor_is_refused() {
         "release of a successor must be refused"
     );
     set.reclaim(b).unwrap();
-    assert_eq!(bm(&set, b).count(), 4096);
+    assert_eq!(bm(&mut set, b).count(), 4096);
 }

@@ -39,7 +39,7 @@ fn run_case(case: &Case) {
     let strict = Image::open(&img, false)
         .expect_err("normal open must refuse")
         .to_string();
-    let salv = Image::open_salvage(&img, false).expect("salvage open");
+    let mut salv = Image::open_salvage(&img, false).expect("salvage open");
     let broken = salv.broken_bitmaps();
     assert_eq!(
         broken.iter().map(|b| b.name.clone()).collect::<Vec<_>>(),
@@ -92,7 +92,7 @@ fn run_case(case: &Case) {
         .collect();
     assert_eq!(salv.bitmap_ids().len(), valid.len(), "{ctx}");
     for n in &valid {
-        let bm = qd_bm(&salv, n);
+        let bm = qd_bm(&mut salv, n);
         assert_eq!(qdirty_runs(bm), reference[*n], "{ctx}: bits of {n}");
     }
     drop(salv);
@@ -105,10 +105,10 @@ fn run_case(case: &Case) {
 
     assert_recovered(&img, &pristine, &reference, &gone, ctx);
     // And qdirty's normal open accepts it, with the same bits.
-    let again = Image::open(&img, false).expect("normal open after salvage");
+    let mut again = Image::open(&img, false).expect("normal open after salvage");
     for n in &valid {
         assert_eq!(
-            qdirty_runs(qd_bm(&again, n)),
+            qdirty_runs(qd_bm(&mut again, n)),
             reference[*n],
             "{ctx}: bits of {n}"
         );
@@ -186,7 +186,7 @@ fn salvage_rules() {
     // The valid bitmaps stored the new write.
     let mut rw = Image::open_salvage(&img, true).unwrap();
     assert_eq!(rw.broken_bitmaps().len(), 1);
-    let b1 = qdirty_runs(qd_bm(&rw, "b1"));
+    let b1 = qdirty_runs(qd_bm(&mut rw, "b1"));
     assert!(b1.iter().any(|&(o, _)| o == 30 << 20), "{b1:?}");
     // remove_bitmap by name also removes a broken bitmap.
     rw.remove_bitmap(b"b2").unwrap();

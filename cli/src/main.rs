@@ -304,18 +304,22 @@ fn cmd_info(argv: &[OsString]) -> Res<u8> {
     let path = one_image(&p, "info", INFO_HELP)?;
     let info = Image::inspect_with(path, has(&p, "force-share")).map_err(|e| img_err(path, &e))?;
     let counts: Option<Vec<Option<u64>>> = if has(&p, "count") {
-        let img =
+        let mut img =
             Image::open_with(path, false, has(&p, "force-share")).map_err(|e| img_err(path, &e))?;
-        let c = info
-            .bitmaps
-            .iter()
-            .map(|b| {
-                img.find_bitmap(&b.name)
-                    .and_then(|id| img.bitmap(id))
-                    .filter(|bm| !bm.inconsistent())
-                    .map(|bm| bm.count())
-            })
-            .collect();
+        let mut c = Vec::with_capacity(info.bitmaps.len());
+        for b in &info.bitmaps {
+            let id = img
+                .find_bitmap(&b.name)
+                .filter(|&id| img.bitmap(id).is_some_and(|bm| !bm.inconsistent()));
+            c.push(match id {
+                Some(id) => Some(
+                    img.bitmap_current(id)
+                        .map_err(|e| img_err(path, &e))?
+                        .count(),
+                ),
+                None => None,
+            });
+        }
         drop(img);
         Some(c)
     } else {
@@ -556,14 +560,14 @@ fn cmd_bitmap(argv: &[OsString]) -> Res<u8> {
                 None => ("merge", img.merge_bitmap(name, src.as_bytes())),
                 Some(f) => {
                     let src_path = Path::new(f);
-                    let src_img = match open_image(src_path, false) {
+                    let mut src_img = match open_image(src_path, false) {
                         Ok(s) => s,
                         Err(e) => {
                             result = Err(e);
                             break;
                         }
                     };
-                    let r = img.merge_bitmap_from(name, &src_img, src.as_bytes());
+                    let r = img.merge_bitmap_from(name, &mut src_img, src.as_bytes());
                     ("merge", r)
                 }
             },
@@ -589,20 +593,8 @@ fn cmd_bitmap(argv: &[OsString]) -> Res<u8> {
 
 // ---------------------------------------------------------------------------------------------
 
-fn extents(bm: &qdirty::DirtyBitmap) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    let mut pos = 0;
-    let size = bm.size();
-    while pos < size {
-        match bm.next_dirty_area(pos, size, u64::MAX) {
-            Some((s, n)) if n > 0 => {
-                out.push((s, n));
-                pos = s + n;
-            }
-            _ => break,
-        }
-    }
-    out
+fn extents(bm: &qdirty::DirtyBitmap) -> qdirty::Result<Vec<(u64, u64)>> {
+    Ok(bm.dirty_runs(0, bm.size())?.collect())
 }
 
 fn union(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
@@ -641,7 +633,7 @@ fn cmd_dump(argv: &[OsString]) -> Res<u8> {
         return Err(usage_fail("dump: expecting an image file name", DUMP_HELP));
     };
     let path = Path::new(img_arg);
-    let img = open_image(path, false)?;
+    let mut img = open_image(path, false)?;
     // Directory order (oldest first), as qemu-img info lists them.
     let mut ids = img.bitmap_ids();
     ids.reverse();
@@ -679,13 +671,18 @@ fn cmd_dump(argv: &[OsString]) -> Res<u8> {
         v
     };
     for id in selected {
-        let bm = img.bitmap(id).expect("listed");
+        let bm = img.bitmap_current(id).map_err(|e| img_err(path, &e))?;
+        let runs = if bm.inconsistent() {
+            None
+        } else {
+            Some(extents(bm).map_err(|e| img_err(path, &e))?)
+        };
         out.push(Dumped {
             name: bm.display_name(),
             granularity: bm.granularity(),
             size: bm.size(),
             enabled: (!bm.inconsistent()).then(|| bm.enabled()),
-            extents: (!bm.inconsistent()).then(|| extents(bm)),
+            extents: runs,
         });
     }
     if has(&p, "union") {

@@ -111,7 +111,7 @@ pub fn bitmap_table(data: &[u8]) {
 /// store, close. An image that qdirty opened read-write and stored must open again (qdirty never
 /// makes a valid image invalid), with the new bitmap's bits.
 pub fn open_cycle(data: &[u8]) {
-    if let Ok(img) = Image::open_storage(
+    if let Ok(mut img) = Image::open_storage(
         // Read-only: nothing is written, so no size cap is needed.
         Box::new(MemStorage {
             data: data.to_vec(),
@@ -120,7 +120,7 @@ pub fn open_cycle(data: &[u8]) {
         false,
     ) {
         for id in img.bitmap_ids() {
-            let _ = img.bitmap(id).map(|b| b.count());
+            let _ = img.bitmap_current(id).map(|b| b.count());
         }
         let _ = img.query();
         let _ = img.close();
@@ -161,14 +161,17 @@ pub fn open_cycle(data: &[u8]) {
     let closed = img.close().is_ok();
     if stored && closed && refcounts_consistent(data) {
         let data = bytes.live_image();
-        let again = Image::open_storage(Box::new(MemStorage { data }), "reopen", false)
+        let mut again = Image::open_storage(Box::new(MemStorage { data }), "reopen", false)
             .unwrap_or_else(|e| panic!("an image qdirty stored no longer opens: {e}"));
         if added {
             let id = again
                 .find_bitmap(b"fuzz-new")
                 .expect("the stored bitmap is there");
             if size > 0 {
-                assert!(again.bitmap(id).unwrap().get(0), "stored bits are kept");
+                assert!(
+                    again.bitmap_current(id).unwrap().get(0),
+                    "stored bits are kept"
+                );
             }
         }
         let _ = again.close();

@@ -7,12 +7,13 @@
 //! validated table and a handle on the image's storage) can read the data clusters. There is
 //! one way to the bits for readers and one for changers, so no path can see stale bits:
 //!
-//! * readers (`&self`) call [`Bits::get`]: a lazy bitmap is loaded into a `OnceLock` the first
-//!   time, with the pending writes OR-ed in. A read error cannot be returned there: the bitmap
-//!   is then marked failed (it reports itself inconsistent and disabled, with a warning naming
-//!   it) and reads as unallocated clean bits, like a bitmap found in_use;
-//! * changers (`&mut self`) call [`Bits::load_mut`], which loads (returning the read error,
-//!   naming the bitmap, with nothing changed) and turns the state into [`Bits::Loaded`];
+//! * changers and fresh readers (`&mut self`: [`Bits::load_mut`]) load and turn the state into
+//!   [`Bits::Loaded`]; a read error is returned to the caller (naming the bitmap and the offset)
+//!   and leaves the state as it was, so the next use tries again;
+//! * readers through `&self` ([`Bits::try_get`]) load into a `OnceLock` the first time, with the
+//!   pending writes OR-ed in; a read error is returned and nothing is remembered of it. The
+//!   bitmap's infallible readers turn such an error into their "unusable" answer (every granule
+//!   dirty), never into a clean one;
 //! * guest writes (write-log fold, `set_dirty`) on a bitmap still on disk go to `delta`, a
 //!   sparse bitmap of pending writes, OR-ed in when the data arrives: a disabled bitmap nobody
 //!   reads is never loaded, and an enabled one is only loaded if something reads it (or the
@@ -47,8 +48,6 @@ pub(crate) struct Lazy {
     delta: Option<HBitmap>,
     /// Filled by a load through `&self` (includes `delta`).
     cell: OnceLock<HBitmap>,
-    /// Set when that load failed.
-    failed: OnceLock<String>,
 }
 
 /// The bits of a bitmap: in memory, or still on disk.
@@ -64,7 +63,6 @@ impl Bits {
             source,
             delta: None,
             cell: OnceLock::new(),
-            failed: OnceLock::new(),
         }))
     }
 
@@ -78,31 +76,26 @@ impl Bits {
         Ok(h)
     }
 
-    /// The bits for readers (loads through `&self`; a failure is recorded, see module docs).
-    pub(crate) fn get(&self, name: Option<&[u8]>, size: u64, gbits: u32) -> &HBitmap {
+    /// The bits for readers: loads through `&self` if still on disk (the data is kept on
+    /// success; a failure is returned and not remembered, so the next call tries again).
+    pub(crate) fn try_get(&self, size: u64, gbits: u32) -> Result<&HBitmap> {
         match self {
-            Bits::Loaded(h) => h,
-            Bits::Lazy(l) => l.cell.get_or_init(|| match Self::load(l, size, gbits) {
-                Ok(h) => h,
-                Err(e) => {
-                    let name = String::from_utf8_lossy(name.unwrap_or_default());
-                    crate::warning::warn(&format!(
-                        "Bitmap '{name}' is now inconsistent: its data could not be loaded: {e}"
-                    ));
-                    let _ = l.failed.set(e.to_string());
-                    HBitmap::new(0, gbits)
+            Bits::Loaded(h) => Ok(h),
+            Bits::Lazy(l) => {
+                if let Some(h) = l.cell.get() {
+                    return Ok(h);
                 }
-            }),
+                let h = Self::load(l, size, gbits)?;
+                // A concurrent reader cannot exist (`&self` of a bitmap behind the image's
+                // exclusive access), but if one won, its copy is as good as ours.
+                let _ = l.cell.set(h);
+                Ok(l.cell.get().expect("set above"))
+            }
         }
     }
 
     /// The bits for changers: loads if needed (the error names the bitmap; nothing changes).
-    pub(crate) fn load_mut(
-        &mut self,
-        _name: Option<&[u8]>,
-        size: u64,
-        gbits: u32,
-    ) -> Result<&mut HBitmap> {
+    pub(crate) fn load_mut(&mut self, size: u64, gbits: u32) -> Result<&mut HBitmap> {
         self.settle();
         if let Bits::Lazy(l) = self {
             let h = Self::load(l, size, gbits)?;
@@ -117,17 +110,10 @@ impl Bits {
     /// A lazy state whose data was loaded through `&self` becomes Loaded.
     pub(crate) fn settle(&mut self) {
         if let Bits::Lazy(l) = self {
-            if l.failed.get().is_none() {
-                if let Some(h) = l.cell.take() {
-                    *self = Bits::Loaded(h);
-                }
+            if let Some(h) = l.cell.take() {
+                *self = Bits::Loaded(h);
             }
         }
-    }
-
-    /// Whether a load through `&self` failed.
-    pub(crate) fn load_failed(&self) -> bool {
-        matches!(self, Bits::Lazy(l) if l.failed.get().is_some())
     }
 
     pub(crate) fn is_loaded(&self) -> bool {

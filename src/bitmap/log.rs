@@ -624,11 +624,17 @@ mod tests {
         a.fold();
         assert_eq!(a.ids(), b.ids(), "{ctx}");
         assert_eq!(a.size(), b.size(), "{ctx}");
-        for ((ia, x), (_, y)) in a.iter().zip(b.iter()) {
+        for ia in a.ids() {
+            let x = a.current(ia).unwrap();
+            let y = b.get_unfolded(ia).unwrap();
             assert_eq!(x.enabled(), y.enabled(), "{ctx} {ia:?}");
             assert_eq!(x.granularity(), y.granularity(), "{ctx} {ia:?}");
             assert_eq!(x.count(), y.count(), "{ctx} {ia:?} count");
-            assert_eq!(x.sha256(), y.sha256(), "{ctx} {ia:?} bits");
+            assert_eq!(
+                x.sha256().unwrap(),
+                y.sha256().unwrap(),
+                "{ctx} {ia:?} bits"
+            );
         }
     }
 
@@ -689,10 +695,8 @@ mod tests {
                 }
                 78..=82 => {
                     if let (Some(t), Some(s)) = (pick(&mut rng, &ids), pick(&mut rng, &ids)) {
-                        // Readers through &self fold first (documented protocol).
-                        a.fold();
-                        let sa = a.bitmap(s).unwrap().clone();
-                        let sb = b.bitmap(s).unwrap().clone();
+                        let sa = a.current(s).unwrap().clone();
+                        let sb = b.current(s).unwrap().clone();
                         let ra = a.merge(t, &sa, false).is_ok();
                         let rb = b.merge(t, &sb, false).is_ok();
                         assert_eq!(ra, rb, "{ctx}");
@@ -826,7 +830,7 @@ mod tests {
                             }
                         }
                         3 => {
-                            let src = s.bitmap(all).unwrap().clone();
+                            let src = s.current(all).unwrap().clone();
                             s.bitmap_mut(m).unwrap().set_enabled_unchecked(true);
                             s.merge(m, &src, false).unwrap();
                             s.bitmap_mut(m).unwrap().set_enabled_unchecked(false);
@@ -841,7 +845,7 @@ mod tests {
                             s.iter_free(it);
                         }
                         _ => {
-                            let q = s.query();
+                            let q = s.query().unwrap();
                             assert!(q.iter().all(|i| i.count <= SIZE));
                         }
                     }
@@ -866,7 +870,7 @@ mod tests {
         for &(off, len, v1, v2) in logs.iter().flatten() {
             let end = (off + len).min(SIZE);
             assert_eq!(
-                s.get(all).unwrap().next_zero(off, end - off),
+                s.current(all).unwrap().next_zero(off, end - off),
                 None,
                 "write lost"
             );
@@ -875,13 +879,17 @@ mod tests {
             }
             if v1 == v2 && v1 % 2 == 0 && t_on[(v1 / 2) as usize] {
                 checked_t += 1;
-                let z = s.get(t).unwrap().next_zero(off, end - off);
+                let z = s.current(t).unwrap().next_zero(off, end - off);
                 assert_eq!(z, None, "write lost in t");
             }
             spans += u64::from(v1 != v2);
         }
         let distinct: u64 = granules.iter().map(|w| u64::from(w.count_ones())).sum();
-        assert_eq!(s.get(all).unwrap().count(), distinct * 4096, "extra bits");
+        assert_eq!(
+            s.current(all).unwrap().count(),
+            distinct * 4096,
+            "extra bits"
+        );
         assert!(checked_t > 0);
         eprintln!(
             "stress: {} writes, {} spanning a management call, {} checked in t, {} versions",

@@ -18,6 +18,9 @@ mod lazy;
 use lazy::{Bits, Touched};
 pub use log::WriteLog;
 pub use set::{BitmapId, BitmapInfo, BitmapSet, DirtyIter};
+pub use view::StateView;
+
+mod view;
 
 use crate::error::{Error, Result};
 use crate::format::{BME_MAX_GRANULARITY_BITS, BME_MAX_NAME_SIZE, BME_MIN_GRANULARITY_BITS};
@@ -190,7 +193,7 @@ impl DirtyBitmap {
 
     /// Whether guest writes are recorded (QEMU: bdrv_dirty_bitmap_enabled).
     pub fn enabled(&self) -> bool {
-        !self.disabled && !self.bits.load_failed()
+        !self.disabled
     }
 
     /// The successor, while an operation holds the bitmap (see [`BitmapSet::create_successor`]).
@@ -231,10 +234,11 @@ impl DirtyBitmap {
         self.persistent && !self.skip_store
     }
 
-    /// Whether the bitmap was found in_use on open (unusable except for removal), or its data
-    /// could not be read when it was first needed by a reader that cannot fail.
+    /// Whether the bitmap was found in_use on open, or marked inconsistent: unusable except
+    /// for removal. (A bitmap whose data cannot be read at the moment is not inconsistent: the
+    /// call that needed the data fails, and the next use reads it again.)
     pub fn inconsistent(&self) -> bool {
-        self.inconsistent || self.bits.load_failed()
+        self.inconsistent
     }
 
     /// Whether the bitmap belongs to an image that cannot be written.
@@ -368,41 +372,97 @@ impl DirtyBitmap {
         Ok(())
     }
 
-    /// Whether the granule containing `offset` is dirty (false beyond the end).
-    pub fn get(&self, offset: u64) -> bool {
-        self.bits().get(offset)
-    }
-
-    /// Dirty granules times granularity, in bytes.
-    pub fn count(&self) -> u64 {
-        self.bits().count()
-    }
-
-    /// First dirty offset in [offset, offset + bytes) clamped to the size; None if none.
-    pub fn next_dirty(&self, offset: u64, bytes: u64) -> Option<u64> {
-        self.bits().next_dirty(offset, bytes)
-    }
-
-    /// First clean offset in [offset, offset + bytes) clamped to the size; None if none.
-    pub fn next_zero(&self, offset: u64, bytes: u64) -> Option<u64> {
-        if self.bits().size() != self.size {
-            // An unallocated (inconsistent) bitmap is all clean.
-            return (offset < self.size && bytes > 0).then_some(offset);
+    /// The bits for the infallible readers, or None when the bitmap is unusable: inconsistent,
+    /// or its data could not be read now (a warning names the bitmap and the error). Those
+    /// readers then answer "every granule dirty": a wrong "clean" would be a silently
+    /// incomplete backup, an "all dirty" only a full one.
+    fn readable(&self) -> Option<&HBitmap> {
+        if self.inconsistent {
+            return None;
         }
-        self.bits().next_zero(offset, bytes)
+        match self.bits.try_get(self.size, self.gbits) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                crate::warning::warn(&format!(
+                    "Bitmap '{}' reads as entirely dirty: {e}",
+                    self.display_name()
+                ));
+                None
+            }
+        }
     }
 
-    /// The next dirty run in [start, min(end, size)), at most `max_bytes` long.
+    /// The bits for readers that can fail: QEMU's "inconsistent" error for an inconsistent
+    /// bitmap, the read error (naming the bitmap and the offset) when its data cannot be read.
+    pub(crate) fn usable_bits(&self) -> Result<&HBitmap> {
+        if self.inconsistent {
+            return Err(Error::Inconsistent {
+                name: self.display_name(),
+            });
+        }
+        self.bits.try_get(self.size, self.gbits)
+    }
+
+    /// Whether the granule containing `offset` is dirty (false beyond the end). An unusable
+    /// bitmap (inconsistent, or its data unreadable) answers true inside the disk; use
+    /// [`DirtyBitmap::dirty_runs`] or [`DirtyBitmap::status`] to get an error instead.
+    pub fn get(&self, offset: u64) -> bool {
+        match self.readable() {
+            Some(h) => h.get(offset),
+            None => offset < self.size,
+        }
+    }
+
+    /// Dirty granules times granularity, in bytes. An unusable bitmap answers every granule.
+    pub fn count(&self) -> u64 {
+        match self.readable() {
+            Some(h) => h.count(),
+            None => self.size.div_ceil(self.granularity()) << self.gbits,
+        }
+    }
+
+    /// First dirty offset in [offset, offset + bytes) clamped to the size; None if none. An
+    /// unusable bitmap answers `offset` (inside the disk, for a non-empty range).
+    pub fn next_dirty(&self, offset: u64, bytes: u64) -> Option<u64> {
+        match self.readable() {
+            Some(h) => h.next_dirty(offset, bytes),
+            None => (offset < self.size && bytes > 0).then_some(offset),
+        }
+    }
+
+    /// First clean offset in [offset, offset + bytes) clamped to the size; None if none. An
+    /// unusable bitmap answers None (no clean granule).
+    pub fn next_zero(&self, offset: u64, bytes: u64) -> Option<u64> {
+        self.readable()?.next_zero(offset, bytes)
+    }
+
+    /// The next dirty run in [start, min(end, size)), at most `max_bytes` long. An unusable
+    /// bitmap answers the whole range (capped at `max_bytes`).
     pub fn next_dirty_area(&self, start: u64, end: u64, max_bytes: u64) -> Option<(u64, u64)> {
         if max_bytes == 0 {
             return None;
         }
-        self.bits().next_dirty_area(start, end, max_bytes)
+        match self.readable() {
+            Some(h) => h.next_dirty_area(start, end, max_bytes),
+            None => {
+                let end = end.min(self.size);
+                (start < end).then(|| (start, (end - start).min(max_bytes)))
+            }
+        }
     }
 
-    /// SHA-256 of the bits, equal to QEMU's `x-debug-block-dirty-bitmap-sha256`.
-    pub fn sha256(&self) -> String {
-        if self.bits().size() != self.size {
+    /// The maximal dirty runs of [start, min(end, size)), as (offset, length) in bytes, clipped
+    /// to the range. Fails for an inconsistent bitmap (QEMU's message and hint) and when the
+    /// data cannot be read (naming the bitmap and the offset): the reader a backup tool uses.
+    pub fn dirty_runs(&self, start: u64, end: u64) -> Result<hbitmap::DirtyRuns<'_>> {
+        Ok(self.usable_bits()?.dirty_runs(start, end))
+    }
+
+    /// SHA-256 of the bits, equal to QEMU's `x-debug-block-dirty-bitmap-sha256` (which hashes
+    /// an inconsistent bitmap as all clean). Fails when the data cannot be read. Use
+    /// [`DirtyBitmap::try_sha256`] to refuse inconsistent bitmaps too.
+    pub fn sha256(&self) -> Result<String> {
+        if self.inconsistent {
             // An unallocated (inconsistent) bitmap hashes as its all-zero words.
             let words = self.size.div_ceil(self.granularity()).div_ceil(64).max(1);
             let zeros = [0u8; 4096];
@@ -413,9 +473,14 @@ impl DirtyBitmap {
                 h.update(&zeros[..n]);
                 left -= n as u64;
             }
-            return sha256::to_hex(&h.finalize());
+            return Ok(sha256::to_hex(&h.finalize()));
         }
-        self.bits().sha256_hex()
+        Ok(self.usable_bits()?.sha256_hex())
+    }
+
+    /// [`DirtyBitmap::sha256`] that fails for an inconsistent bitmap (QEMU's message and hint).
+    pub fn try_sha256(&self) -> Result<String> {
+        Ok(self.usable_bits()?.sha256_hex())
     }
 
     /// self |= src with QEMU's checks: DEFAULT on the target, ALLOW_RO on the source, equal
@@ -429,7 +494,7 @@ impl DirtyBitmap {
                 src: src.size(),
             });
         }
-        self.merge_bits(src.bits())
+        self.merge_bits(src.usable_bits()?)
     }
 
     /// self |= bits, no checks; records the changed clusters.
@@ -499,10 +564,7 @@ impl DirtyBitmap {
             )));
         }
         self.check_range("status", offset, bytes)?;
-        if self.bits().size() != self.size {
-            return Ok((false, bytes));
-        }
-        Ok(self.bits().status(offset, bytes))
+        Ok(self.usable_bits()?.status(offset, bytes))
     }
 
     /// Bytes of disk one serialization chunk must be aligned to: 64 granules
@@ -524,7 +586,7 @@ impl DirtyBitmap {
                 self.display_name()
             )));
         }
-        if self.bits().size() != self.size {
+        if self.inconsistent {
             return Err(Error::Inconsistent {
                 name: self.display_name(),
             });
@@ -536,7 +598,7 @@ impl DirtyBitmap {
     /// bdrv_dirty_bitmap_serialization_size): whole little-endian 64-bit words.
     pub fn serialization_size(&self, offset: u64, bytes: u64) -> Result<u64> {
         self.check_chunk("serialization", offset, bytes)?;
-        Ok(self.bits().serialization_size(offset, bytes))
+        Ok(self.usable_bits()?.serialization_size(offset, bytes))
     }
 
     /// Serializes [offset, offset + bytes) into `buf` in QEMU's layout (granule k of the chunk
@@ -549,7 +611,7 @@ impl DirtyBitmap {
                 buf.len()
             )));
         }
-        self.bits().serialize_part(buf, offset, bytes);
+        self.usable_bits()?.serialize_part(buf, offset, bytes);
         Ok(())
     }
 
@@ -582,7 +644,9 @@ impl DirtyBitmap {
         bytes: u64,
         finish: bool,
     ) -> Result<()> {
-        let need = self.bits().serialization_size(offset, bytes);
+        self.check(CHECK_RO)?;
+        self.check_chunk("deserialization", offset, bytes)?;
+        let need = bytes.div_ceil(self.granularity()).div_ceil(64) * 8;
         if (buf.len() as u64) < need {
             return Err(Error::InvalidArgument(format!(
                 "deserialization buffer of {} bytes is too small: {need} needed",
@@ -635,8 +699,9 @@ impl DirtyBitmap {
                 src: src.size(),
             });
         }
+        let src = src.usable_bits()?;
         let old = self.data_mut()?.clone();
-        self.merge_bits(src.bits())?;
+        self.merge_bits(src)?;
         Ok(Backup(old))
     }
 
@@ -653,7 +718,9 @@ impl DirtyBitmap {
     /// granularity).
     pub fn check_restore(&self, backup: &Backup) -> Result<()> {
         self.check(CHECK_RO)?;
-        if backup.0.size() != self.bits().size() || backup.0.granularity_bits() != self.gbits {
+        // An inconsistent bitmap has no bits to restore into.
+        let size = if self.inconsistent { 0 } else { self.size };
+        if backup.0.size() != size || backup.0.granularity_bits() != self.gbits {
             return Err(Error::Precondition(format!(
                 "Bitmap '{}': the backup has another size or granularity",
                 self.display_name()
@@ -689,43 +756,28 @@ impl DirtyBitmap {
         self.name = name;
     }
 
-    /// The engine, for readers (store, serialization). A bitmap whose data is still on disk
-    /// is loaded now; if that fails, it becomes inconsistent (with a warning) and reads as
-    /// clean, unallocated bits.
-    pub fn bits(&self) -> &HBitmap {
-        self.bits.get(self.name.as_deref(), self.size, self.gbits)
-    }
-
-    /// The engine, for changes without checks. Loads the data first (the error names the
-    /// bitmap); every data cluster counts as changed for the next store.
-    pub fn bits_mut(&mut self) -> Result<&mut HBitmap> {
-        self.data_mut()?;
-        self.touch_all();
-        self.data_mut()
+    /// The engine of a bitmap whose data is in memory (callers load it first:
+    /// [`DirtyBitmap::ensure_loaded`], or a set's `current`). An inconsistent bitmap's engine is
+    /// empty. Reading a bitmap still on disk through here is a bug in qdirty: it loads the data,
+    /// and panics if that fails rather than answer with bits it does not have.
+    pub(crate) fn bits(&self) -> &HBitmap {
+        match self.bits.try_get(self.size, self.gbits) {
+            Ok(h) => h,
+            Err(e) => panic!(
+                "bitmap '{}' was read before its data was loaded: {e}",
+                self.display_name()
+            ),
+        }
     }
 
     /// The loaded engine, for changes: loads the data if still on disk. The caller records
     /// what it changes (touch*).
     fn data_mut(&mut self) -> Result<&mut HBitmap> {
-        self.settle();
-        let (name, size, gbits) = (self.name.clone(), self.size, self.gbits);
-        self.bits.load_mut(name.as_deref(), size, gbits)
+        self.bits.load_mut(self.size, self.gbits)
     }
 
-    /// Turns the outcome of a load done through `&self` into plain state: a failed load makes
-    /// the bitmap inconsistent (and disabled) for good.
-    fn settle(&mut self) {
-        if self.bits.load_failed() {
-            self.inconsistent = true;
-            self.disabled = true;
-            self.touched = None;
-            self.bits = Bits::Loaded(HBitmap::new(0, self.gbits));
-        } else {
-            self.bits.settle();
-        }
-    }
-
-    /// Loads the data now if it is still on disk (the error names the bitmap).
+    /// Loads the data now if it is still on disk (the error names the bitmap and the offset;
+    /// the bitmap then stays on disk, unchanged, and the next use tries again).
     pub fn ensure_loaded(&mut self) -> Result<()> {
         if self.inconsistent() {
             return Ok(());
@@ -741,7 +793,7 @@ impl DirtyBitmap {
     /// A guest write (fold of the write log, set_dirty): goes to the loaded bits, or to the
     /// pending writes of a bitmap still on disk, which are OR-ed in when it is loaded.
     pub(crate) fn mark_write(&mut self, offset: u64, bytes: u64) {
-        self.settle();
+        self.bits.settle();
         self.bits.mark(offset, bytes, self.size, self.gbits);
         self.touch(offset, bytes);
     }
@@ -751,7 +803,7 @@ impl DirtyBitmap {
     /// changed data clusters are recorded either way. `src` has any granularity not coarser
     /// than the bitmap's, and the bitmap's size.
     pub(crate) fn mark_writes(&mut self, src: &HBitmap) {
-        self.settle();
+        self.bits.settle();
         if self.inconsistent {
             return;
         }
@@ -833,10 +885,13 @@ impl DirtyBitmap {
 }
 
 impl Clone for DirtyBitmap {
-    /// A clone is always loaded (it does not depend on the image's storage).
+    /// A clone is always loaded (it does not depend on the image's storage). Cloning a bitmap
+    /// whose data cannot be read gives an inconsistent clone (unusable, never "clean").
     fn clone(&self) -> Self {
-        let loaded = self.bits().clone();
-        let failed = self.bits.load_failed();
+        let (loaded, failed) = match self.bits.try_get(self.size, self.gbits) {
+            Ok(h) => (h.clone(), false),
+            Err(_) => (HBitmap::new(0, self.gbits), true),
+        };
         DirtyBitmap {
             name: self.name.clone(),
             size: self.size,

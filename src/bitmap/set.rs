@@ -14,15 +14,17 @@
 //! calls take the same mutex, and the fan-out costs what the reads cost, not one set per write
 //! per enabled bitmap. [`BitmapSet::fold`] catches every bitmap up (store, query, truncate).
 //!
-//! The `&self` readers (`get`, `bitmap`, `iter`, `query`) cannot catch up: when writers use
-//! the hook, call [`BitmapSet::fold`] (or [`BitmapSet::current`] for one bitmap) before reading
-//! bits through them. States (names, flags) are always current. [`BitmapSet::set_dirty`] marks
-//! the bitmaps directly, for callers that hold the set exclusively and read through `&self`.
+//! One place decides freshness: bits are readable only through [`BitmapSet::current`] (and
+//! the `&mut` accessors), which catch the bitmap up, and load its data if it is still on disk,
+//! before handing it out. The `&self` accessors (`get`, `bitmap`, `iter`) give a
+//! [`StateView`]: names and flags, which are always current, and no bits. So no caller can
+//! read bits that miss a write the hook logged before the call.
 
 use std::sync::Arc;
 
 use super::epoch::Epochs;
 use super::log::WriteLog;
+use super::view::StateView;
 use super::{validate_granularity, DirtyBitmap, CHECK_ALLOW_RO, CHECK_BUSY, CHECK_DEFAULT};
 use crate::error::{Error, Result};
 
@@ -218,11 +220,16 @@ impl BitmapSet {
         }
     }
 
-    /// A bitmap by id, with every write logged so far that it records (a catch-up of this
-    /// bitmap only).
+    /// A bitmap by id for reading its bits: with every write logged so far that it records (a
+    /// catch-up of this bitmap only), and its data loaded if it was still on disk. Fails when
+    /// the bitmap does not exist, or when its data cannot be read (the error names the bitmap
+    /// and the offset; the bitmap stays on disk and the next call tries again). An
+    /// inconsistent bitmap is returned as it is (its readers answer "unusable", see
+    /// [`DirtyBitmap::dirty_runs`]).
     pub fn current(&mut self, id: BitmapId) -> Result<&DirtyBitmap> {
         let i = self.index(id)?;
         self.catch_up(i);
+        self.slots[i].bm.ensure_loaded()?;
         Ok(&self.slots[i].bm)
     }
 
@@ -264,14 +271,26 @@ impl BitmapSet {
         self.slots.is_empty()
     }
 
-    /// The bitmaps, newest first.
-    pub fn iter(&self) -> impl Iterator<Item = (BitmapId, &DirtyBitmap)> {
-        self.slots.iter().map(|s| (s.id, &s.bm))
+    /// The bitmaps' states, newest first (no bits: see the module documentation).
+    pub fn iter(&self) -> impl Iterator<Item = (BitmapId, StateView<'_>)> {
+        self.slots.iter().map(|s| (s.id, StateView(&s.bm)))
     }
 
-    /// A bitmap by id.
-    pub fn get(&self, id: BitmapId) -> Option<&DirtyBitmap> {
+    /// A bitmap's state by id (no bits: read them through [`BitmapSet::current`]).
+    pub fn get(&self, id: BitmapId) -> Option<StateView<'_>> {
+        self.get_unfolded(id).map(StateView)
+    }
+
+    /// A bitmap by id as it is, without the writes the hook logged since its last catch-up:
+    /// for the set's and the image's own bookkeeping (states, change tracking, sources), never
+    /// for reading bits.
+    pub(crate) fn get_unfolded(&self, id: BitmapId) -> Option<&DirtyBitmap> {
         self.slots.iter().find(|s| s.id == id).map(|s| &s.bm)
+    }
+
+    /// Every bitmap as it is (see [`BitmapSet::get_unfolded`]), newest first.
+    pub(crate) fn iter_unfolded(&self) -> impl Iterator<Item = (BitmapId, &DirtyBitmap)> {
+        self.slots.iter().map(|s| (s.id, &s.bm))
     }
 
     /// A bitmap by id, for changes (up to date with the hook's writes first).
@@ -287,9 +306,9 @@ impl BitmapSet {
         })
     }
 
-    /// A bitmap by id, or an error naming the id.
-    pub fn bitmap(&self, id: BitmapId) -> Result<&DirtyBitmap> {
-        Ok(&self.slots[self.index(id)?].bm)
+    /// A bitmap's state by id, or an error naming the id.
+    pub fn bitmap(&self, id: BitmapId) -> Result<StateView<'_>> {
+        Ok(StateView(&self.slots[self.index(id)?].bm))
     }
 
     /// A bitmap by id for changes, or an error naming the id.
@@ -460,6 +479,16 @@ impl BitmapSet {
             id,
             "Cannot relinquish control if there's no successor present",
         )?;
+        // The successor must still exist before anything changes: a failed call changes
+        // nothing (the parent, and its stored copy, stay).
+        self.index(child).map_err(|_| {
+            Error::Precondition(format!(
+                "Cannot relinquish control of bitmap '{}': its successor no longer exists",
+                self.slots[self.index(id).expect("looked up above")]
+                    .bm
+                    .display_name()
+            ))
+        })?;
         let parent = self.remove_unchecked(id).expect("checked above");
         let s = self.bitmap_mut(child)?;
         s.set_name(parent.name().map(<[u8]>::to_vec));
@@ -529,21 +558,33 @@ impl BitmapSet {
         Ok(())
     }
 
-    /// A snapshot of every bitmap (QEMU: bdrv_query_dirty_bitmaps), anonymous ones included.
-    pub fn query(&self) -> Vec<BitmapInfo> {
-        self.slots
+    /// A snapshot of every bitmap (QEMU: bdrv_query_dirty_bitmaps), anonymous ones included,
+    /// with every write logged so far. Bitmaps still on disk are loaded for their counts; a
+    /// read error fails the query (naming the bitmap). An inconsistent bitmap's count is 0, as
+    /// QEMU reports it, beside `inconsistent: true`.
+    pub fn query(&mut self) -> Result<Vec<BitmapInfo>> {
+        self.fold();
+        for s in &mut self.slots {
+            s.bm.ensure_loaded()?;
+        }
+        Ok(self
+            .slots
             .iter()
             .map(|s| BitmapInfo {
                 id: s.id,
                 name: s.bm.name().map(<[u8]>::to_vec),
-                count: s.bm.count(),
+                count: if s.bm.inconsistent() {
+                    0
+                } else {
+                    s.bm.bits().count()
+                },
                 granularity: s.bm.granularity(),
                 recording: self.recording(s.id),
                 busy: s.bm.busy(),
                 persistent: s.bm.persistent(),
                 inconsistent: s.bm.inconsistent(),
             })
-            .collect()
+            .collect())
     }
 
     /// target |= source with QMP's checks and order: the source (ALLOW_RO) against the
@@ -571,8 +612,11 @@ impl BitmapSet {
         }
     }
 
-    /// A new iterator at offset 0 (QEMU: bdrv_dirty_iter_new).
+    /// A new iterator at offset 0 (QEMU: bdrv_dirty_iter_new). Refused for an inconsistent
+    /// bitmap (QEMU's message and hint) and when its data cannot be read: the data is loaded
+    /// here, so that the iterator's steps cannot fail.
     pub fn iter_new(&mut self, id: BitmapId) -> Result<DirtyIter> {
+        self.current(id)?.usable_bits()?;
         self.bitmap_mut(id)?.add_iterator(1);
         Ok(DirtyIter { bitmap: id, pos: 0 })
     }
@@ -636,7 +680,7 @@ mod tests {
 
     fn same_bits(a: &DirtyBitmap, b: &DirtyBitmap, ctx: &str) {
         assert_eq!(a.count(), b.count(), "{ctx} count");
-        assert_eq!(a.sha256(), b.sha256(), "{ctx} bits");
+        assert_eq!(a.sha256().unwrap(), b.sha256().unwrap(), "{ctx} bits");
     }
 
     fn catch_up_sequence(seed: u64) {
@@ -692,7 +736,7 @@ mod tests {
                 70..=74 => {
                     if let (Some(t), Some(s)) = (pick(&mut rng), pick(&mut rng)) {
                         let sa = a.current(s).unwrap().clone();
-                        let sb = b.bitmap(s).unwrap().clone();
+                        let sb = b.current(s).unwrap().clone();
                         let ra = a.merge(t, &sa, false).is_ok();
                         assert_eq!(ra, b.merge(t, &sb, false).is_ok(), "{ctx}");
                     }
@@ -736,7 +780,7 @@ mod tests {
                     // Read one bitmap: only it catches up.
                     if let Some(id) = pick(&mut rng) {
                         let x = a.current(id).unwrap().clone();
-                        same_bits(&x, b.bitmap(id).unwrap(), &format!("{ctx} {id:?}"));
+                        same_bits(&x, b.get_unfolded(id).unwrap(), &format!("{ctx} {id:?}"));
                     }
                 }
             }
@@ -754,7 +798,7 @@ mod tests {
         }
         a.fold();
         assert_eq!(a.ids(), b.ids(), "seed {seed}");
-        for ((id, x), (_, y)) in a.iter().zip(b.iter()) {
+        for ((id, x), (_, y)) in a.iter_unfolded().zip(b.iter_unfolded()) {
             assert_eq!(x.enabled(), y.enabled(), "seed {seed} {id:?}");
             same_bits(x, y, &format!("seed {seed} end {id:?}"));
         }
@@ -787,10 +831,14 @@ mod tests {
         }
         assert_eq!(set.current(ids[0]).unwrap().count(), 1000 * 65536);
         assert_eq!(set.epochs.len(), 1);
-        assert_eq!(set.get(ids[1]).unwrap().count(), 0, "not caught up yet");
+        assert_eq!(
+            set.get_unfolded(ids[1]).unwrap().count(),
+            0,
+            "not caught up yet"
+        );
         assert_eq!(set.current(ids[999]).unwrap().count(), 1000 * 65536);
         set.fold();
-        assert!(set.iter().all(|(_, b)| b.count() == 1000 * 65536));
+        assert!(set.iter_unfolded().all(|(_, b)| b.count() == 1000 * 65536));
         assert_eq!(set.epochs.len(), 0);
     }
 }

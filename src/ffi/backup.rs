@@ -197,10 +197,10 @@ pub unsafe extern "C" fn qdirty_bitmap_merge(
                 .find(|(h, _)| h.same(si))
                 .expect("locked")
                 .1;
-            sg.image
-                .bitmap_current(s.id)
-                .ok_or_else(|| s.gone())?
-                .clone()
+            if sg.image.bitmap(s.id).is_none() {
+                return Err(s.gone());
+            }
+            sg.image.bitmap_current(s.id)?.clone()
         };
         let dg = &mut guards
             .iter_mut()

@@ -5,9 +5,14 @@ use std::os::raw::{c_char, c_int};
 
 use super::boundary::ffi_call;
 use super::error::{qdirty_error, FfiError};
-use super::handle::{qdirty_bitmap, with_bitmap, with_bitmap_mut, BitmapHandle};
+use super::handle::{
+    qdirty_bitmap, with_bitmap, with_bitmap_mut, with_bitmap_unloaded, BitmapHandle,
+};
 
-/// Reads one property of a bitmap; `default` when the handle is NULL, stale or unusable.
+/// Reads one property of a bitmap, up to date with the hook's writes; `default` when the
+/// handle is NULL, not a bitmap, or its bitmap is gone. A bitmap that is unusable
+/// (inconsistent, or its data unreadable now) answers as `DirtyBitmap`'s readers do: every
+/// granule dirty.
 ///
 /// # Safety
 /// `bm` is NULL or a bitmap pointer still owned by an open image.
@@ -17,7 +22,7 @@ unsafe fn read<R>(
     f: impl FnOnce(&crate::DirtyBitmap) -> R,
 ) -> R {
     // SAFETY: caller's contract.
-    unsafe { with_bitmap(bm, |b, _| Ok(f(b))) }.unwrap_or(default)
+    unsafe { with_bitmap_unloaded(bm, f) }.unwrap_or(default)
 }
 
 /// The next bitmap of the image in QEMU's list order (newest first).
@@ -420,7 +425,7 @@ pub unsafe extern "C" fn qdirty_bitmap_sha256(
 ) -> *mut c_char {
     ffi_call!(errp = errp, {
         // SAFETY: see the function's Safety section.
-        let hex = unsafe { with_bitmap(bm, |b, _| Ok(b.sha256())) }?;
+        let hex = unsafe { with_bitmap(bm, |b, _| Ok(b.try_sha256()?)) }?;
         let s = CString::new(hex)
             .map_err(|_| FfiError::new(libc::EIO, "internal error: digest contains NUL"))?;
         Ok(s.into_raw())

@@ -7,10 +7,12 @@
 //!   the log into the bitmaps first, so every locked call sees the writes that completed before
 //!   it.
 //! - `qdirty_bitmap *` is a `Box<BitmapHandle>` owned by its image handle: created the first
-//!   time a bitmap is handed out (first/next/find/add), freed when the bitmap is removed through
-//!   `qdirty_image_remove_bitmap` or the image is closed. It names the bitmap by [`BitmapId`]; every
-//!   call locks the image and looks the bitmap up, so a bitmap that disappeared is an error
-//!   (ENOENT), never a dangling reference.
+//!   time a bitmap is handed out (first/next/find/add), freed only when the image is closed. It
+//!   names the bitmap by [`BitmapId`], which an image never reuses; every call locks the image
+//!   and looks the bitmap up, so a call on the handle of a bitmap that is gone (removed,
+//!   released, abdicated, removed by a transaction) fails with ENOENT and can never reach
+//!   another bitmap: the handle's memory is not freed, so it cannot be reused for another
+//!   handle while the image is open.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -43,12 +45,12 @@ pub struct qdirty_image {
 
 /// A dirty bitmap of an image.
 ///
-/// Ownership: borrowed from its image; never freed by the caller. Valid until the bitmap is
-/// removed with `qdirty_image_remove_bitmap` or the image is closed. Finding the same bitmap
-/// twice returns the same pointer.
-/// Thread safety: as its image (calls are serialized by the image's lock). Functions that free
-/// a bitmap handle (`qdirty_bitmap_release`, `qdirty_bitmap_abdicate`, ...) must not race with
-/// other uses of that handle.
+/// Ownership: borrowed from its image; never freed by the caller. The pointer stays safe to
+/// pass until the image is closed: once its bitmap is gone (removed, released, abdicated,
+/// removed by a committed transaction), every call on it fails with -ENOENT (getters without
+/// an error channel return NULL / false / 0 / -1) and never touches another bitmap. Finding
+/// the same bitmap twice returns the same pointer.
+/// Thread safety: as its image (calls are serialized by the image's lock).
 /// Methods: qdirty_bitmap_next, qdirty_bitmap_name, qdirty_bitmap_granularity,
 /// qdirty_bitmap_size, qdirty_bitmap_enabled, qdirty_bitmap_persistent,
 /// qdirty_bitmap_inconsistent, qdirty_bitmap_readonly, qdirty_bitmap_enable,
@@ -252,24 +254,6 @@ impl ImageState {
             let _ = h.name.set(c_name(n));
         }
     }
-
-    /// Frees the handles of bitmaps that no longer exist (after a removal).
-    pub(crate) fn prune_handles(&mut self) {
-        let live: std::collections::HashSet<BitmapId> =
-            self.image.bitmap_ids().into_iter().collect();
-        let gone: Vec<BitmapId> = self
-            .handles
-            .0
-            .keys()
-            .filter(|id| !live.contains(id))
-            .copied()
-            .collect();
-        for id in gone {
-            if let Some(p) = self.handles.0.remove(&id) {
-                free_bitmap_handle(p);
-            }
-        }
-    }
 }
 
 impl BitmapHandle {
@@ -352,7 +336,10 @@ pub(crate) fn lock_all<'a>(
     Ok(out)
 }
 
-/// Runs `f` with the image locked and the bitmap looked up, up to date with the hook's writes.
+/// Runs `f` with the image locked and the bitmap looked up, up to date with the hook's writes
+/// and its data loaded: the one way the C ABI reads bits. Fails with ENOENT when the bitmap is
+/// gone, and with the read error (EIO, naming the bitmap and the offset) when its data cannot
+/// be read.
 ///
 /// # Safety
 /// `bm` is NULL or a bitmap pointer still owned by an open image.
@@ -363,8 +350,29 @@ pub(crate) unsafe fn with_bitmap<R>(
     // SAFETY: caller's contract.
     let h = unsafe { BitmapHandle::from_ptr(bm) }?;
     let mut state = h.image()?.lock()?;
-    let b = state.image.bitmap_current(h.id).ok_or_else(|| h.gone())?;
+    if state.image.bitmap(h.id).is_none() {
+        return Err(h.gone());
+    }
+    let b = state.image.bitmap_current(h.id)?;
     f(b, h)
+}
+
+/// Runs `f` with the image locked and the bitmap up to date with the hook's writes, without
+/// loading data still on disk: for the getters without an error channel, whose readers answer
+/// "every granule dirty" when the data cannot be read (see `DirtyBitmap`). Fails with ENOENT
+/// when the bitmap is gone.
+///
+/// # Safety
+/// `bm` is NULL or a bitmap pointer still owned by an open image.
+pub(crate) unsafe fn with_bitmap_unloaded<R>(
+    bm: *const super::qdirty_bitmap,
+    f: impl FnOnce(&DirtyBitmap) -> R,
+) -> Result<R, FfiError> {
+    // SAFETY: caller's contract.
+    let h = unsafe { BitmapHandle::from_ptr(bm) }?;
+    let mut state = h.image()?.lock()?;
+    let b = state.image.bitmap_mut(h.id).ok_or_else(|| h.gone())?;
+    Ok(f(b))
 }
 
 /// Runs `f` with the image locked and the bitmap looked up for changes.

@@ -373,9 +373,7 @@ pub unsafe extern "C" fn qdirty_image_remove_bitmap(
         // SAFETY: as above.
         let name = unsafe { arg_bytes(name, "name") }?;
         let mut state = h.lock()?;
-        let result = state.image.remove_bitmap(name);
-        state.prune_handles();
-        Ok(result?)
+        Ok(state.image.remove_bitmap(name)?)
     })
 }
 
@@ -420,17 +418,17 @@ pub unsafe extern "C" fn qdirty_image_merge_bitmap(
             return Ok(());
         }
         // Lock in address order so that two opposite merges cannot deadlock.
-        let (mut dst_state, src_state) = if (h as *const ImageHandle) < (src as *const ImageHandle)
-        {
-            let d = h.lock()?;
-            (d, src.lock()?)
-        } else {
-            let s = src.lock()?;
-            (h.lock()?, s)
-        };
+        let (mut dst_state, mut src_state) =
+            if (h as *const ImageHandle) < (src as *const ImageHandle) {
+                let d = h.lock()?;
+                (d, src.lock()?)
+            } else {
+                let s = src.lock()?;
+                (h.lock()?, s)
+            };
         dst_state
             .image
-            .merge_bitmap_from(target, &src_state.image, src_name)?;
+            .merge_bitmap_from(target, &mut src_state.image, src_name)?;
         Ok(())
     })
 }

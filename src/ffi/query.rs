@@ -76,8 +76,7 @@ pub unsafe extern "C" fn qdirty_image_query_bitmaps(
         let h = unsafe { ImageHandle::from_ptr(img, "img") }?;
         let infos = {
             let mut g = h.lock()?;
-            g.image.fold_writes();
-            g.image.query()
+            g.image.query()?
         };
         if infos.is_empty() {
             return Ok(());

@@ -95,13 +95,7 @@ pub unsafe extern "C" fn qdirty_bitmap_release(
 ) -> c_int {
     ffi_call!(errp = errp, {
         // SAFETY: see the function's Safety section.
-        unsafe {
-            with_state(bm, |state, _, id| {
-                let r = state.image.release_bitmap(id);
-                state.prune_handles();
-                Ok(r?)
-            })
-        }
+        unsafe { with_state(bm, |state, _, id| Ok(state.image.release_bitmap(id)?)) }
     })
 }
 
@@ -168,9 +162,7 @@ pub unsafe extern "C" fn qdirty_bitmap_abdicate(
             with_state(bm, |state, owner, id| {
                 let child = state.image.bitmaps_mut().abdicate(id)?;
                 state.refresh_name(child);
-                let p = handle_of(state, owner, child);
-                state.prune_handles();
-                p
+                handle_of(state, owner, child)
             })
         }
     })
@@ -200,7 +192,6 @@ pub unsafe extern "C" fn qdirty_bitmap_reclaim(
         unsafe {
             with_state(bm, |state, owner, id| {
                 let parent = state.image.bitmaps_mut().reclaim(id)?;
-                state.prune_handles();
                 handle_of(state, owner, parent)
             })
         }

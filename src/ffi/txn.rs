@@ -54,8 +54,7 @@ impl TxnObj {
         }
     }
 
-    /// Commits (`commit` true) or aborts every prepared action, then frees the handles of the
-    /// bitmaps that no longer exist. The transaction is empty afterwards unless an image could
+    /// Commits (`commit` true) or aborts every prepared action. The transaction is empty afterwards unless an image could
     /// not be locked (then nothing happened).
     fn finish(&mut self, commit: bool) -> Result<(), FfiError> {
         let mut handles = Vec::with_capacity(self.images.len());
@@ -74,9 +73,6 @@ impl TxnObj {
                 self.txn.abort(&mut imgs)
             }
         };
-        for (_, g) in &mut guards {
-            g.prune_handles();
-        }
         if self.txn.is_empty() {
             self.images.clear();
         }
@@ -331,10 +327,8 @@ pub unsafe extern "C" fn qdirty_txn_merge_bitmap(
         } else {
             (&mut b[0].1, &mut a[0].1)
         };
-        // The source is read through `&Image`: give it the hook's writes first.
-        srcg.image.fold_writes();
         Ok(t.txn
-            .merge(&mut dst.image, target, Some(&srcg.image), src_name)?)
+            .merge(&mut dst.image, target, Some(&mut srcg.image), src_name)?)
     })
 }
 

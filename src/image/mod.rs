@@ -27,7 +27,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::bitmap::{
-    self, BitmapInfo, BitmapSet, DirtyBitmap, WriteLog, CHECK_BUSY, CHECK_DEFAULT, CHECK_RO,
+    self, BitmapInfo, BitmapSet, DirtyBitmap, StateView, WriteLog, CHECK_BUSY, CHECK_DEFAULT,
+    CHECK_RO,
 };
 use crate::error::{Error, Result};
 use crate::format::bitmap_dir::BitmapDirEntry;
@@ -107,6 +108,9 @@ pub struct Image {
     uid: u64,
     /// Set once the image was closed (store attempted); Drop then does nothing.
     closed: bool,
+    /// The process that opened the image. A close in another one (a forked child) stores
+    /// nothing and leaves the file and its locks to the opener (see [`Image::close`]).
+    owner_pid: u32,
 }
 
 impl std::fmt::Debug for Image {
@@ -189,6 +193,7 @@ impl Image {
             name: name.to_string(),
             uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
             closed: false,
+            owner_pid: std::process::id(),
         }
     }
 
@@ -197,18 +202,38 @@ impl Image {
     /// file. The image is gone even when the store fails; the error says which bitmaps were
     /// lost. To keep the image (and retry, e.g. after freeing space) when the store fails, use
     /// [`Image::try_close`].
+    ///
+    /// A bitmap whose data could not be read when the store needed it is not stored: it stays
+    /// in_use in the image, and the error names it (the others are stored).
+    ///
+    /// In a process other than the one that opened the image (a child after `fork`), close
+    /// only frees memory: nothing is stored or written, and the image locks, which the child
+    /// shares with its parent, are left to the parent.
     pub fn close(mut self) -> Result<()> {
         self.closed = true;
         self.store_on_close()
     }
 
     /// [`Image::close`] that gives the image back when the store fails (ENOSPC, EDQUOT, EFBIG,
-    /// I/O errors): the bitmaps on disk are then as before (in_use as before) and the in-memory
-    /// bitmaps are intact, so the caller can free space and call it (or `close`) again.
+    /// I/O errors, a bitmap whose data cannot be read): what could be stored is stored, the
+    /// bitmaps not stored are still in memory, intact, and in_use on disk as before, so the
+    /// caller can free space and call it (or `close`) again. When an earlier header write
+    /// failed (its outcome on disk is unknown, so nothing more is written to the image), the
+    /// store is lost: that is reported as `close` reports it.
     pub fn try_close(mut self) -> std::result::Result<(), (Box<Image>, Error)> {
+        if !self.is_owner() {
+            self.closed = true;
+            return Ok(());
+        }
         self.set.fold();
         let r = match self.disk.as_mut() {
-            Some(d) if !d.read_only => d.store(&mut self.set, true),
+            Some(Disk {
+                failed: Some(why), ..
+            }) => Err(Error::ReadOnlyImage(format!(
+                "Lost persistent bitmaps during close of image '{}': {why}",
+                self.name
+            ))),
+            Some(d) if !d.read_only => d.store(&mut self.set, true).and_then(|u| u.into_result()),
             _ => Ok(()),
         };
         match r {
@@ -218,6 +243,11 @@ impl Image {
             }
             Err(e) => Err((Box::new(self), e)),
         }
+    }
+
+    /// Whether this process opened the image (false in a forked child).
+    fn is_owner(&self) -> bool {
+        std::process::id() == self.owner_pid
     }
 
     /// How much space a store (close, [`Image::store_bitmaps`]) would need now: new clusters
@@ -251,6 +281,9 @@ impl Image {
     }
 
     fn store_on_close(&mut self) -> Result<()> {
+        if !self.is_owner() {
+            return Ok(());
+        }
         self.set.fold();
         match self.disk.as_mut() {
             Some(Disk {
@@ -259,12 +292,15 @@ impl Image {
                 "Lost persistent bitmaps during close of image '{}': {why}",
                 self.name
             ))),
-            Some(d) if !d.read_only => d.store(&mut self.set, true).map_err(|e| {
-                e.context(format!(
-                    "Lost persistent bitmaps during close of image '{}'",
-                    self.name
-                ))
-            }),
+            Some(d) if !d.read_only => d
+                .store(&mut self.set, true)
+                .and_then(|u| u.into_result())
+                .map_err(|e| {
+                    e.context(format!(
+                        "Lost persistent bitmaps during close of image '{}'",
+                        self.name
+                    ))
+                }),
             _ => Ok(()),
         }
     }
@@ -290,7 +326,7 @@ impl Image {
                 ))
             }
         };
-        d.store(set, false)?;
+        let unstored = d.store(set, false)?;
         if let Err(e) = d.mark_in_use(set) {
             // The stored copies are consistent on disk but the bitmaps go on recording in
             // memory: make them readonly, so that the host refuses guest writes (as QEMU does
@@ -315,7 +351,7 @@ impl Image {
                 b.set_readonly(false);
             }
         }
-        Ok(())
+        unstored.into_result()
     }
 
     /// Switches between read-write and read-only (QEMU: qcow2_reopen_bitmaps_ro / _rw).
@@ -359,7 +395,12 @@ impl Image {
                 }
             }
         } else {
-            d.store(&mut self.set, false)?;
+            let unstored = d.store(&mut self.set, false)?;
+            if !unstored.is_empty() {
+                // Stay read-write: what was stored goes back in_use, as it is still recorded.
+                d.mark_in_use(&self.set)?;
+                return unstored.into_result();
+            }
             for id in self.set.ids() {
                 if let Some(b) = self.set.get_mut(id) {
                     if b.persistent() {
@@ -413,7 +454,8 @@ impl Image {
         }
     }
 
-    /// The bitmaps of the image.
+    /// The bitmaps of the image: their states (names, flags) through `&self`; their bits only
+    /// through its `&mut` methods, which bring them up to date first (see [`BitmapSet`]).
     pub fn bitmaps(&self) -> &BitmapSet {
         &self.set
     }
@@ -427,18 +469,17 @@ impl Image {
 
     /// The lock-free guest write hook (QEMU's `bdrv_set_dirty` without its mutex): any thread
     /// may call [`WriteLog::set`] on it while the image is used elsewhere, e.g. behind a lock.
-    /// Its writes reach the bitmaps when the image folds them: every `&mut self` method does so
-    /// first; before reading through `&self` ([`Image::bitmap`], [`Image::bitmaps`],
-    /// [`Image::query`], ...) call [`Image::fold_writes`]. The hook must not outlive its use:
-    /// stop calling it before closing the image (writes logged after the final store are lost).
+    /// Every read of bits ([`Image::bitmap_current`], [`Image::query`], merges, stores, ...)
+    /// sees every write whose `set` returned before the read started. The hook must not
+    /// outlive its use: stop calling it before closing the image (writes logged after the
+    /// final store are lost).
     pub fn write_hook(&self) -> Arc<WriteLog> {
         self.set.write_hook()
     }
 
-    /// Applies the writes logged through [`Image::write_hook`] to every bitmap recording now,
-    /// so that `&self` readers see them. Cheap (one load) when nothing is pending; else it
-    /// costs, per recording bitmap, the writes it has not seen yet. To read one bitmap, use
-    /// [`Image::bitmap_current`], which brings only that one up to date.
+    /// Applies the writes logged through [`Image::write_hook`] to every bitmap recording now.
+    /// Never needed for correctness (every read of bits brings its bitmap up to date first):
+    /// it moves the cost of that catch-up to a moment the caller chooses.
     pub fn fold_writes(&mut self) {
         self.set.fold();
     }
@@ -446,14 +487,16 @@ impl Image {
     /// Takes the writes logged through [`Image::write_hook`] into the image (one set per write,
     /// whatever the number of bitmaps) without giving them to the bitmaps yet: each bitmap
     /// takes them when read or changed through a `&mut` method.
-    pub fn absorb_writes(&mut self) {
+    pub(crate) fn absorb_writes(&mut self) {
         self.set.absorb();
     }
 
-    /// A bitmap by id, with every write logged through the hook so far (brings this bitmap
-    /// only up to date).
-    pub fn bitmap_current(&mut self, id: BitmapId) -> Option<&DirtyBitmap> {
-        self.set.current(id).ok()
+    /// A bitmap by id for reading its bits: with every write logged through the hook so far
+    /// (brings this bitmap only up to date), its data loaded if it was still on disk. Fails
+    /// when the bitmap does not exist, or its data cannot be read (the error names the bitmap
+    /// and the offset; nothing changes, and the next call reads again).
+    pub fn bitmap_current(&mut self, id: BitmapId) -> Result<&DirtyBitmap> {
+        self.set.current(id)
     }
 
     /// The bitmaps, newest first (QEMU's list order).
@@ -461,8 +504,9 @@ impl Image {
         self.set.ids()
     }
 
-    /// A bitmap by id.
-    pub fn bitmap(&self, id: BitmapId) -> Option<&DirtyBitmap> {
+    /// A bitmap's state by id (name, granularity, flags; its bits through
+    /// [`Image::bitmap_current`]).
+    pub fn bitmap(&self, id: BitmapId) -> Option<StateView<'_>> {
         self.set.get(id)
     }
 
@@ -476,8 +520,9 @@ impl Image {
         self.set.find(name)
     }
 
-    /// A snapshot of every bitmap (QEMU: query-block's dirty-bitmaps).
-    pub fn query(&self) -> Vec<BitmapInfo> {
+    /// A snapshot of every bitmap (QEMU: query-block's dirty-bitmaps), with every write the hook
+    /// logged so far. Fails when the data of a bitmap still on disk cannot be read (naming it).
+    pub fn query(&mut self) -> Result<Vec<BitmapInfo>> {
         self.set.query()
     }
 
@@ -558,7 +603,7 @@ impl Image {
                 libc::EFBIG,
             ));
         }
-        let persistent: Vec<&DirtyBitmap> = self
+        let persistent: Vec<StateView<'_>> = self
             .set
             .iter()
             .map(|(_, b)| b)
@@ -639,11 +684,18 @@ impl Image {
         self.set.merge(t, &src, false).map(drop)
     }
 
-    /// target |= a bitmap of another image (QMP merge with an external source). `src` is read
-    /// as it is: if writers use its hook, fold it first ([`Image::fold_writes`]).
-    pub fn merge_bitmap_from(&mut self, target: &[u8], src: &Image, source: &[u8]) -> Result<()> {
+    /// target |= a bitmap of another image (QMP merge with an external source), with every
+    /// write the hook of either image logged so far.
+    pub fn merge_bitmap_from(
+        &mut self,
+        target: &[u8],
+        src: &mut Image,
+        source: &[u8],
+    ) -> Result<()> {
+        self.set.absorb();
         let t = self.set.lookup(target)?;
-        let s = src.set.bitmap(src.set.lookup(source)?)?;
+        let s = src.set.lookup(source)?;
+        let s = src.set.current(s)?;
         self.set.merge(t, s, false).map(drop)
     }
 

@@ -64,6 +64,9 @@ pub struct FileStorage {
     path: Option<PathBuf>,
     /// The QEMU-compatible locks held through `file`.
     lock: super::lock::LockMode,
+    /// The process that took the locks: only it releases them (a forked child shares the open
+    /// file description, and so the locks, with its parent).
+    owner_pid: u32,
 }
 
 impl FileStorage {
@@ -77,6 +80,7 @@ impl FileStorage {
             file,
             path: Some(path.to_path_buf()),
             lock: super::lock::LockMode::None,
+            owner_pid: std::process::id(),
         })
     }
 
@@ -111,6 +115,7 @@ impl FileStorage {
             file,
             path: None,
             lock: super::lock::LockMode::None,
+            owner_pid: std::process::id(),
         }
     }
 
@@ -124,8 +129,11 @@ impl Drop for FileStorage {
     /// Releases the image locks explicitly before the descriptor closes: a child process forked
     /// by another thread may still hold a copy of the descriptor until it execs, and the locks
     /// belong to the open file description, so they would outlive this close for a moment.
+    /// In a forked child nothing is released: the locks are the parent's too.
     fn drop(&mut self) {
-        super::lock::release(&self.file, self.lock);
+        if std::process::id() == self.owner_pid {
+            super::lock::release(&self.file, self.lock);
+        }
     }
 }
 

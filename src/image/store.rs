@@ -45,6 +45,35 @@ use crate::format::{
 /// Clusters to give back after a commit: (offset, number of clusters).
 type FreeList = Vec<(u64, u64)>;
 
+/// The bitmaps a store left out because their data could not be read: their stored copies
+/// stay as they were on disk (in_use, since they miss the writes recorded since the open),
+/// and they stay in memory; every other bitmap was stored.
+#[derive(Debug, Default)]
+#[must_use]
+pub(super) struct Unstored(Vec<(String, Error)>);
+
+impl Unstored {
+    /// Whether every bitmap was stored.
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Ok when every bitmap was stored; else the first read error, naming every bitmap left out.
+    pub(super) fn into_result(self) -> Result<()> {
+        let mut it = self.0.into_iter();
+        let Some((first_name, first)) = it.next() else {
+            return Ok(());
+        };
+        let mut names = format!("'{first_name}'");
+        for (n, _) in it {
+            names.push_str(&format!(", '{n}'"));
+        }
+        Err(first.context(format!(
+            "Bitmaps not stored (they stay in use in the image): {names}"
+        )))
+    }
+}
+
 /// Size of the all-ones buffer full data clusters are written from (rounded down to whole
 /// clusters, at least one): small enough to stay in the CPU cache while the kernel copies it
 /// again and again, large enough for few I/O vectors per run.
@@ -138,7 +167,7 @@ impl Disk {
         let mut entries = self.dir.entries.clone();
         let mut jobs: Vec<Job> = Vec::new();
         let cs = self.cluster_size();
-        for (id, bm) in set.iter() {
+        for (id, bm) in set.iter_unfolded() {
             if !bm.persistence() || bm.inconsistent() || bm.readonly() {
                 continue;
             }
@@ -211,15 +240,49 @@ impl Disk {
     /// Writes every persistent, consistent, writable bitmap (QEMU's store, incremental: see
     /// the module documentation). With `release`, the stored bitmaps are dropped from memory
     /// afterwards (close), and only on success: on failure everything stays as it was.
-    pub(super) fn store(&mut self, set: &mut BitmapSet, release: bool) -> Result<()> {
+    ///
+    /// A bitmap whose data must be rewritten but cannot be read now is left out: its entry
+    /// stays as it is on disk (in_use) and it is reported in the returned [`Unstored`]; the
+    /// other bitmaps are stored all the same.
+    pub(super) fn store(&mut self, set: &mut BitmapSet, release: bool) -> Result<Unstored> {
         let plan = self.plan_store(set)?;
         if plan.jobs.is_empty() {
-            return Ok(());
+            return Ok(Unstored::default());
         }
         if self.read_only {
             return Err(Error::ReadOnlyImage("No write access".into()));
         }
-        let StorePlan { mut entries, jobs } = plan;
+        let StorePlan {
+            mut entries,
+            mut jobs,
+        } = plan;
+        // Bitmaps to rewrite must be in memory; those that cannot be read are left out before
+        // anything is written.
+        let mut unstored = Unstored::default();
+        let mut failed: Vec<(usize, Error)> = Vec::new();
+        for (k, j) in jobs.iter().enumerate() {
+            if matches!(j.plan, Plan::Keep) {
+                continue;
+            }
+            if let Err(e) = set.bitmap_mut(j.id).and_then(DirtyBitmap::ensure_loaded) {
+                if j.old.is_none() {
+                    // A bitmap never stored is always in memory: this cannot happen, and a
+                    // new entry cannot be left out without leaving a hole in the directory.
+                    return Err(e);
+                }
+                failed.push((k, e));
+            }
+        }
+        for (k, e) in failed.into_iter().rev() {
+            let j = jobs.remove(k);
+            let old = j.old.expect("checked above");
+            let name = String::from_utf8_lossy(old.qemu_name()).into_owned();
+            entries[j.ei] = old;
+            unstored.0.insert(0, (name, e));
+        }
+        if jobs.is_empty() {
+            return Ok(unstored);
+        }
         if entries.len() > QCOW2_MAX_BITMAPS as usize {
             return Err(Error::TooBig("Too many persistent bitmaps".into()));
         }
@@ -238,14 +301,7 @@ impl Disk {
                     set.remove_unchecked(j.id);
                 }
             }
-            return Ok(());
-        }
-        // Bitmaps to rewrite must be in memory (a read error stops the store here, before
-        // anything is written).
-        for j in &jobs {
-            if !matches!(j.plan, Plan::Keep) {
-                set.bitmap_mut(j.id)?.ensure_loaded()?;
-            }
+            return Ok(unstored);
         }
         // Tables and data, in directory order.
         let mut order: Vec<usize> = (0..jobs.len()).collect();
@@ -261,7 +317,9 @@ impl Disk {
                     Plan::Partial(t) => Some(t.as_slice()),
                     Plan::Full => None,
                 };
-                let bm = set.bitmap(j.id)?;
+                let bm = set
+                    .get_unfolded(j.id)
+                    .ok_or_else(|| Error::Precondition(format!("Bitmap #{} is gone", j.id.0)))?;
                 let (off, size) = self.write_bitmap(bm, old_table, &mut allocated, &mut to_free)?;
                 entries[j.ei].table_offset = off;
                 entries[j.ei].table_size = size;
@@ -313,7 +371,7 @@ impl Disk {
             }
         }
         self.free_after_commit(&to_free);
-        Ok(())
+        Ok(unstored)
     }
 
     /// What a store would allocate now, and `qemu-img measure`'s "bitmaps" figure.
@@ -323,7 +381,9 @@ impl Disk {
         let size = self.size();
         let mut clusters = 0u64;
         for j in &plan.jobs {
-            let bm = set.bitmap(j.id)?;
+            let bm = set
+                .get_unfolded(j.id)
+                .ok_or_else(|| Error::Precondition(format!("Bitmap #{} is gone", j.id.0)))?;
             let n = table_size_for(size, bm.granularity_bits(), cs);
             let per_cluster = (8 * cs) << bm.granularity_bits();
             let data = match &j.plan {
@@ -331,20 +391,22 @@ impl Disk {
                 // Pending writes of a bitmap still on disk are dirty bits: each touched
                 // cluster is non-zero (exact without loading).
                 Plan::Partial(_) if bm.source().is_some() => bm.touched().map_or(n, |t| t.count()),
-                _ => (0..n)
-                    .filter(|&i| {
-                        let touched = match &j.plan {
-                            Plan::Partial(_) => bm.touched().is_none_or(|t| t.is_touched(i)),
-                            _ => true,
-                        };
-                        let start = i * per_cluster;
-                        touched
-                            && bm
-                                .bits()
-                                .next_dirty(start, per_cluster.min(size - start))
-                                .is_some()
-                    })
-                    .count() as u64,
+                _ => {
+                    let bits = bm.usable_bits()?;
+                    (0..n)
+                        .filter(|&i| {
+                            let touched = match &j.plan {
+                                Plan::Partial(_) => bm.touched().is_none_or(|t| t.is_touched(i)),
+                                _ => true,
+                            };
+                            let start = i * per_cluster;
+                            touched
+                                && bits
+                                    .next_dirty(start, per_cluster.min(size - start))
+                                    .is_some()
+                        })
+                        .count() as u64
+                }
             };
             clusters += data + (n * 8).div_ceil(cs);
         }
@@ -761,10 +823,10 @@ mod tests {
         let mem = Shared::new(blank_image(size, 512).unwrap());
         let mut img = Image::open_storage(Box::new(mem.clone()), "mem", true).unwrap();
         fill(&mut img, size);
-        let want = runs(&img, "mix");
+        let want = runs(&mut img, "mix");
         img.close().unwrap();
-        let img = Image::open_storage(Box::new(mem), "mem", false).unwrap();
-        assert_eq!(runs(&img, "mix"), want, "memory storage");
+        let mut img = Image::open_storage(Box::new(mem), "mem", false).unwrap();
+        assert_eq!(runs(&mut img, "mix"), want, "memory storage");
 
         // A file: FileStorage's writev path.
         let path = std::env::temp_dir().join(format!(
@@ -777,8 +839,8 @@ mod tests {
         let mut img = Image::open(&path, true).unwrap();
         fill(&mut img, size);
         img.close().unwrap();
-        let img = Image::open(&path, false).unwrap();
-        assert_eq!(runs(&img, "mix"), want, "file storage");
+        let mut img = Image::open(&path, false).unwrap();
+        assert_eq!(runs(&mut img, "mix"), want, "file storage");
         drop(img);
         let report = check_bitmaps(&path, false).unwrap();
         assert!(

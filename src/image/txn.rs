@@ -110,20 +110,20 @@ impl Transaction {
     }
 
     /// block-dirty-bitmap-merge of `source` (in `src`, or in `img` when None) into `target`,
-    /// with a backup. Abort restores the target. A source in `img` is brought up to date with
-    /// the hook's writes first; `src` is read as it is (`&Image`): if writers use its hook,
-    /// call [`Image::fold_writes`] on it first (the C ABI does).
+    /// with a backup, with every write the hook of either image logged so far. Abort restores
+    /// the target.
     pub fn merge(
         &mut self,
         img: &mut Image,
         target: &[u8],
-        src: Option<&Image>,
+        src: Option<&mut Image>,
         source: &[u8],
     ) -> Result<()> {
         let t = img.set.lookup(target)?;
         let backup = match src {
             Some(other) => {
-                let s = other.set.bitmap(other.set.lookup(source)?)?;
+                let s = other.set.lookup(source)?;
+                let s = other.set.current(s)?;
                 img.set.merge(t, s, true)?
             }
             None => {

@@ -1089,12 +1089,12 @@ pub fn qd_open(img: &Path, rw: bool) -> Image {
     Image::open(img, rw).unwrap_or_else(|e| panic!("qdirty open {} (rw={rw}): {e}", img.display()))
 }
 
-/// The bitmaps of a qdirty image by name: (name, bitmap).
-pub fn qd_bitmaps(img: &Image) -> Vec<(String, &DirtyBitmap)> {
+/// The bitmaps of a qdirty image by name: (name, a loaded copy of the bitmap, up to date).
+pub fn qd_bitmaps(img: &mut Image) -> Vec<(String, DirtyBitmap)> {
     img.bitmap_ids()
         .into_iter()
-        .map(|id| img.bitmap(id).expect("listed id"))
-        .map(|b| (bm_name(b), b))
+        .map(|id| img.bitmap_current(id).expect("listed id").clone())
+        .map(|b| (bm_name(&b), b))
         .collect()
 }
 
@@ -1120,12 +1120,13 @@ pub fn qd_bm_mut<'a>(img: &'a mut Image, name: &str) -> &'a mut DirtyBitmap {
     img.bitmap_mut(id).expect("found id")
 }
 
-/// The qdirty bitmap of that name.
-pub fn qd_bm<'a>(img: &'a Image, name: &str) -> &'a DirtyBitmap {
+/// The qdirty bitmap of that name, up to date and loaded.
+pub fn qd_bm<'a>(img: &'a mut Image, name: &str) -> &'a DirtyBitmap {
     let id = img
         .find_bitmap(name.as_bytes())
         .unwrap_or_else(|| panic!("qdirty has no bitmap {}", short(name)));
-    img.bitmap(id).expect("found id")
+    img.bitmap_current(id)
+        .unwrap_or_else(|e| panic!("qdirty bitmap {}: {e}", short(name)))
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1394,8 +1395,8 @@ pub fn diff_runs(qemu: &[(u64, u64)], qdirty: &[(u64, u64)]) -> String {
 /// enabled == auto, not inconsistent, dirty runs equal to nbdinfo's. Returns QEMU's runs by name.
 pub fn assert_qdirty_matches_qemu(img: &Path, context: &str) -> BTreeMap<String, Vec<(u64, u64)>> {
     let qemu = qemu_img_info_bitmaps(img, false);
-    let image = qd_open(img, false);
-    let mine = qd_bitmaps(&image);
+    let mut image = qd_open(img, false);
+    let mine = qd_bitmaps(&mut image);
     let mut qn: Vec<&str> = qemu.iter().map(|b| b.name.as_str()).collect();
     let mut dn: Vec<&str> = mine.iter().map(|b| b.0.as_str()).collect();
     qn.sort_unstable();
@@ -1456,10 +1457,10 @@ pub fn assert_qdirty_matches_qemu(img: &Path, context: &str) -> BTreeMap<String,
 
 /// Asserts that qdirty's SHA-256 of every bitmap equals QEMU's x-debug-block-dirty-bitmap-sha256.
 pub fn assert_sha256_match(img: &Path, tmp: &TempDir, context: &str) {
-    let image = qd_open(img, false);
-    let mine: Vec<(String, String)> = qd_bitmaps(&image)
+    let mut image = qd_open(img, false);
+    let mine: Vec<(String, String)> = qd_bitmaps(&mut image)
         .into_iter()
-        .map(|(n, b)| (n, b.sha256()))
+        .map(|(n, b)| (n, b.sha256().expect("sha256")))
         .collect();
     image.close().expect("read-only close");
     let names: Vec<String> = mine.iter().map(|m| m.0.clone()).collect();
