@@ -94,12 +94,12 @@ typedef struct qdirty_backup qdirty_backup;
 
 // A dirty bitmap of an image.
 //
-// Ownership: borrowed from its image; never freed by the caller. Valid until the bitmap is
-// removed with `qdirty_image_remove_bitmap` or the image is closed. Finding the same bitmap
-// twice returns the same pointer.
-// Thread safety: as its image (calls are serialized by the image's lock). Functions that free
-// a bitmap handle (`qdirty_bitmap_release`, `qdirty_bitmap_abdicate`, ...) must not race with
-// other uses of that handle.
+// Ownership: borrowed from its image; never freed by the caller. The pointer stays safe to
+// pass until the image is closed: once its bitmap is gone (removed, released, abdicated,
+// removed by a committed transaction), every call on it fails with -ENOENT (getters without
+// an error channel return NULL / false / 0 / -1) and never touches another bitmap. Finding
+// the same bitmap twice returns the same pointer.
+// Thread safety: as its image (calls are serialized by the image's lock).
 // Methods: qdirty_bitmap_next, qdirty_bitmap_name, qdirty_bitmap_granularity,
 // qdirty_bitmap_size, qdirty_bitmap_enabled, qdirty_bitmap_persistent,
 // qdirty_bitmap_inconsistent, qdirty_bitmap_readonly, qdirty_bitmap_enable,
@@ -174,6 +174,15 @@ typedef struct qdirty_txn qdirty_txn;
 // The handler may be called from any thread that calls into qdirty, while qdirty holds the
 // lock of the image concerned: it must not call qdirty functions itself.
 typedef void (*qdirty_warning_fn)(const char *message, void *opaque);
+
+// One dirty extent of a bitmap: `length` bytes from `offset`
+// (`qdirty_bitmap_dirty_extents`).
+typedef struct {
+    // Start of the extent, in bytes.
+    uint64_t offset;
+    // Length of the extent, in bytes (never 0).
+    uint64_t length;
+} qdirty_extent;
 
 // One bitmap in the snapshot of `qdirty_image_query_bitmaps` (QEMU's BlockDirtyInfo).
 //
@@ -379,8 +388,13 @@ qdirty_image *qdirty_image_open(const char *path, uint32_t flags, qdirty_error *
 // Closes an image: stores its persistent bitmaps when it was opened read-write (clearing
 // in_use), then frees it together with all its `qdirty_bitmap` handles.
 //
-// The image is freed even when storing fails (the error says why; bitmaps not stored stay
-// marked in_use in the file and load as inconsistent next time). An image made unusable by an
+// The image is freed even when storing fails: the call then returns the error, which names
+// every bitmap not stored (they stay marked in_use in the file and load as inconsistent next
+// time; a bitmap whose data could not be read is one of them, the others are stored). A
+// `*errp` already set does not stop the close: the details of a failure are then dropped.
+// In a process other than the one that opened the image (a child after `fork`), close only
+// frees memory: nothing is stored, and the image locks (shared with the parent) stay with the
+// parent. A forked child may call nothing else on the parent's images. An image made unusable by an
 // internal error is not stored: the call fails with EIO, the bitmap handles are freed, and the
 // image itself is abandoned as if the process had crashed (its file stays open, its bitmaps
 // stay in_use on disk).
@@ -393,8 +407,8 @@ qdirty_image *qdirty_image_open(const char *path, uint32_t flags, qdirty_error *
 //
 // # Safety
 // `img` is NULL or an image from `qdirty_image_open` not yet closed. `errp` is NULL or points
-// to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing: the
-// image stays open).
+// to a `qdirty_error *` (if that is not NULL, the image is closed all the same and the
+// details of a failure are dropped).
 int qdirty_image_close(qdirty_image *img, qdirty_error **errp);
 
 // Stores the persistent bitmaps now without closing, as a checkpoint (QEMU stores them on
@@ -480,12 +494,14 @@ qdirty_bitmap *qdirty_image_add_bitmap(qdirty_image *img,
 // Removes the bitmap named `name` (QMP `block-dirty-bitmap-remove`), from the file too when it
 // is persistent. This is the only operation allowed on an inconsistent bitmap.
 //
-// Returns: 0, or a negative errno: -EINVAL (NULL argument), -ENOENT (no such bitmap), -EBUSY,
-// -EPERM (read-only bitmap), -EROFS, I/O errors.
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Ownership: the removed bitmap's `qdirty_bitmap` handle is freed: do not use it afterwards.
-// Thread safety: may be called from any thread; serialized per image. No other thread may use
-// the removed bitmap's handle.
+// Returns: 0, or a negative errno: -EINVAL (NULL argument), -ENOENT (no such bitmap), -EBUSY
+// (busy, frozen with a successor, live iterators, a successor itself), -EPERM (read-only
+// bitmap), -EROFS, I/O errors.
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed,
+// in memory or in the file.
+// Ownership: the removed bitmap's `qdirty_bitmap` handle stays valid until the image is
+// closed; calls on it fail with -ENOENT.
+// Thread safety: may be called from any thread; serialized per image.
 //
 // # Safety
 // `img` is NULL or an open image; `name` is NULL or a NUL-terminated string. `errp` is NULL or
@@ -685,7 +701,10 @@ int qdirty_bitmap_clear(qdirty_bitmap *bm, qdirty_error **errp);
 // Whether the granule containing `offset` is dirty.
 //
 // Returns: true or false; false beyond the end, or if `bm` is NULL or the bitmap no longer
-// exists.
+// exists; true inside the disk for an unusable bitmap.
+// An unusable bitmap (inconsistent, or its data unreadable now) answers as if every granule
+// were dirty, never "clean": use `qdirty_bitmap_dirty_extents` (or `qdirty_bitmap_check` with
+// QDIRTY_CHECK_INCONSISTENT first) to get an error instead.
 // Thread safety: may be called from any thread; serialized per image.
 //
 // # Safety
@@ -695,7 +714,11 @@ bool qdirty_bitmap_get(const qdirty_bitmap *bm, uint64_t offset);
 // The number of dirty bytes: dirty granules times the granularity (QEMU's
 // `bdrv_get_dirty_count`; the last granule counts in full).
 //
-// Returns: the count; 0 if `bm` is NULL or the bitmap no longer exists.
+// Returns: the count; 0 if `bm` is NULL or the bitmap no longer exists; every granule for an
+// unusable bitmap.
+// An unusable bitmap (inconsistent, or its data unreadable now) answers as if every granule
+// were dirty, never "clean": use `qdirty_bitmap_dirty_extents` (or `qdirty_bitmap_check` with
+// QDIRTY_CHECK_INCONSISTENT first) to get an error instead.
 // Thread safety: may be called from any thread; serialized per image.
 //
 // # Safety
@@ -706,7 +729,10 @@ uint64_t qdirty_bitmap_count(const qdirty_bitmap *bm);
 // `bdrv_dirty_bitmap_next_dirty`). The result is `offset` or a multiple of the granularity.
 //
 // Returns: the offset, or -1 if there is none, or if `bm` is NULL or the bitmap no longer
-// exists.
+// exists; `offset` (inside the disk) for an unusable bitmap.
+// An unusable bitmap (inconsistent, or its data unreadable now) answers as if every granule
+// were dirty, never "clean": use `qdirty_bitmap_dirty_extents` (or `qdirty_bitmap_check` with
+// QDIRTY_CHECK_INCONSISTENT first) to get an error instead.
 // Thread safety: may be called from any thread; serialized per image.
 //
 // # Safety
@@ -717,7 +743,10 @@ int64_t qdirty_bitmap_next_dirty(const qdirty_bitmap *bm, uint64_t offset, uint6
 // `bdrv_dirty_bitmap_next_zero`).
 //
 // Returns: the offset, or -1 if there is none, or if `bm` is NULL or the bitmap no longer
-// exists.
+// exists; -1 (no clean granule) for an unusable bitmap.
+// An unusable bitmap (inconsistent, or its data unreadable now) answers as if every granule
+// were dirty, never "clean": use `qdirty_bitmap_dirty_extents` (or `qdirty_bitmap_check` with
+// QDIRTY_CHECK_INCONSISTENT first) to get an error instead.
 // Thread safety: may be called from any thread; serialized per image.
 //
 // # Safety
@@ -732,7 +761,11 @@ int64_t qdirty_bitmap_next_zero(const qdirty_bitmap *bm, uint64_t offset, uint64
 // when one is found.
 //
 // Returns: true if a run was found; false if none, or `max_count` is 0, or `bm`, `dirty_start`
-// or `dirty_count` is NULL, or the bitmap no longer exists.
+// or `dirty_count` is NULL, or the bitmap no longer exists; the whole range (capped at
+// `max_count`) for an unusable bitmap.
+// An unusable bitmap (inconsistent, or its data unreadable now) answers as if every granule
+// were dirty, never "clean": use `qdirty_bitmap_dirty_extents` (or `qdirty_bitmap_check` with
+// QDIRTY_CHECK_INCONSISTENT first) to get an error instead.
 // Thread safety: may be called from any thread; serialized per image.
 //
 // # Safety
@@ -748,7 +781,8 @@ bool qdirty_bitmap_next_dirty_area(const qdirty_bitmap *bm,
 // The SHA-256 of the bitmap's bits as 64 lowercase hex digits, equal to QEMU's
 // `x-debug-block-dirty-bitmap-sha256` for the same bits.
 //
-// Returns: the digest, or NULL on failure: EINVAL (NULL `bm`), ENOENT (the bitmap no longer
+// Returns: the digest, or NULL on failure: EINVAL (NULL `bm`, inconsistent bitmap: QEMU's
+// message and hint), EIO (the bitmap's data could not be read), ENOENT (the bitmap no longer
 // exists).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 // Ownership: the caller owns the string; free it with `qdirty_string_free`.
@@ -759,6 +793,36 @@ bool qdirty_bitmap_next_dirty_area(const qdirty_bitmap *bm,
 // `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
 char *qdirty_bitmap_sha256(const qdirty_bitmap *bm, qdirty_error **errp);
 
+// The dirty parts of `[start, end)` (`end` clamped to the disk size) as maximal runs of dirty
+// granules, in bytes, sorted, clipped to `[start, end)`: at most `max` of them go to
+// `out[0 .. *n)`. While `*n == max` there may be more: call again with `start =
+// out[*n - 1].offset + out[*n - 1].length`. The bitmap is up to date with every write the
+// hook logged before the call. This is the read a backup tool should use: it never answers
+// "clean" for a bitmap it cannot read.
+//
+// `*n` is set to 0 on entry (when `n` is not NULL). `start >= end` gives no extent.
+//
+// Returns: 0, or a negative errno: -EINVAL (NULL `bm` or `n`, NULL `out` or `max` 0,
+// inconsistent bitmap: QEMU's message "Bitmap 'NAME' is inconsistent and cannot be used" and
+// hint), -EIO (the bitmap's data could not be read: the message names the bitmap and the
+// offset; nothing changed and the next call reads again), -ENOENT (the bitmap no longer
+// exists).
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); `*n` is 0.
+// Ownership: `out` stays the caller's.
+// Thread safety: may be called from any thread; serialized per image.
+//
+// # Safety
+// `bm` is NULL or a bitmap still owned by an open image; `out` is NULL or writable for `max`
+// extents; `n` is NULL or writable. `errp` is NULL or points to a `qdirty_error *` that is
+// NULL (otherwise the call returns -EINVAL and does nothing).
+int qdirty_bitmap_dirty_extents(const qdirty_bitmap *bm,
+                                uint64_t start,
+                                uint64_t end,
+                                qdirty_extent *out,
+                                size_t max,
+                                size_t *n,
+                                qdirty_error **errp);
+
 // QEMU's gatekeeper (`bdrv_dirty_bitmap_check`): may the bitmap be used by an operation that
 // forbids the states in `flags`? The checks run in QEMU's order, BUSY, then RO, then
 // INCONSISTENT, and the first failing one gives QEMU's message: "Bitmap 'NAME' is currently in
@@ -767,10 +831,14 @@ char *qdirty_bitmap_sha256(const qdirty_bitmap *bm, qdirty_error **errp);
 // hint "Try block-dirty-bitmap-remove to delete this bitmap from disk").
 //
 // `flags`: QDIRTY_CHECK_BUSY, QDIRTY_CHECK_RO, QDIRTY_CHECK_INCONSISTENT, or the sets
-// QDIRTY_CHECK_DEFAULT / QDIRTY_CHECK_ALLOW_RO. 0 always passes.
+// QDIRTY_CHECK_DEFAULT / QDIRTY_CHECK_ALLOW_RO. 0 always passes. With
+// QDIRTY_CHECK_INCONSISTENT the bitmap must also be readable: its data is loaded if it is
+// still on disk, and a read error fails the check (-EIO); after a successful check the
+// getters without an error channel (`qdirty_bitmap_count`, ...) answer from its real bits.
 //
 // Returns: 0 if allowed, or a negative errno: the check's errno as above, -EINVAL (NULL `bm`,
-// unknown flag bits), -ENOENT (the bitmap no longer exists).
+// unknown flag bits), -EIO (QDIRTY_CHECK_INCONSISTENT: the data could not be read), -ENOENT
+// (the bitmap no longer exists).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 // Ownership: nothing is transferred.
 // Thread safety: may be called from any thread; serialized per image.
@@ -972,7 +1040,8 @@ qdirty_bitmap *qdirty_bitmap_abdicate(qdirty_bitmap *bm, qdirty_error **errp);
 // Returns: `bm` (the parent), or NULL on failure: NULL `bm` (EINVAL), "Cannot reclaim a
 // successor when none is present" (EINVAL), ENOENT (the bitmap no longer exists).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
-// Ownership: on success the successor's handle is freed: do not use it afterwards.
+// Ownership: on success the successor's handle stays valid until the image is closed; calls on it
+// fail with -ENOENT.
 // Thread safety: may be called from any thread; serialized per image. No other thread may use
 // the successor during or after the call.
 //
@@ -1069,8 +1138,9 @@ int qdirty_bitmap_merge(qdirty_bitmap *dest,
 // A new iterator over the bitmap's dirty granules, positioned at offset 0 (QEMU's
 // `bdrv_dirty_iter_new`).
 //
-// Returns: the iterator, or NULL on failure: NULL `bm` (EINVAL), ENOENT (the bitmap no longer
-// exists).
+// Returns: the iterator, or NULL on failure: NULL `bm` or inconsistent bitmap (EINVAL, with
+// QEMU's message and hint), EIO (the bitmap's data could not be read; it is loaded here, so
+// the iterator's steps cannot fail), ENOENT (the bitmap no longer exists).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 // Ownership: the caller owns the iterator and must free it with `qdirty_iter_free` before
 // closing the image.
@@ -1124,7 +1194,8 @@ void qdirty_iter_free(qdirty_iter *iter);
 // at `bytes`.
 //
 // Returns: 1 (dirty), 0 (clean), or a negative errno: -EINVAL (NULL `bm` or `count`, `bytes`
-// 0, `[offset, offset + bytes)` beyond the bitmap's size: QEMU asserts), -ENOENT (the bitmap
+// 0, `[offset, offset + bytes)` beyond the bitmap's size: QEMU asserts; inconsistent bitmap:
+// QEMU's message and hint), -EIO (the bitmap's data could not be read), -ENOENT (the bitmap
 // no longer exists).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 // Thread safety: may be called from any thread; serialized per image.
@@ -1602,7 +1673,8 @@ int qdirty_txn_merge_bitmap(qdirty_txn *txn,
 // -EPERM (readonly bitmap), -EROFS, I/O errors.
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
 // transaction then.
-// Ownership: the bitmap's handle is freed by commit; it stays valid after abort.
+// Ownership: after commit, calls on the bitmap's handle fail with -ENOENT (it stays valid until
+// the image is closed).
 // Thread safety: see `qdirty_txn`; locks `img`.
 //
 // # Safety
@@ -1616,7 +1688,7 @@ int qdirty_txn_remove_bitmap(qdirty_txn *txn,
                              qdirty_error **errp);
 
 // Makes every prepared action final: backups are dropped, removed bitmaps are released (their
-// handles freed). The transaction is empty afterwards, whatever the result.
+// handles stay valid and answer -ENOENT). The transaction is empty afterwards, whatever the result.
 //
 // Returns: 0, or a negative errno: -EINVAL (NULL `txn`), -EIO (an image of the transaction is
 // unusable), errors of the commit.
@@ -1630,7 +1702,7 @@ int qdirty_txn_remove_bitmap(qdirty_txn *txn,
 int qdirty_txn_commit(qdirty_txn *txn, qdirty_error **errp);
 
 // Undoes every prepared action, in reverse order, exactly (see `qdirty_txn`); added bitmaps
-// are released (their handles freed). The transaction is empty afterwards, whatever the
+// are released (their handles stay valid and answer -ENOENT). The transaction is empty afterwards, whatever the
 // result.
 //
 // Returns: 0, or a negative errno: -EINVAL (NULL `txn`), -EIO (an image of the transaction is
@@ -1640,9 +1712,10 @@ int qdirty_txn_commit(qdirty_txn *txn, qdirty_error **errp);
 //
 // # Safety
 // `txn` is NULL or a transaction not yet freed, whose images are still open. `errp` is NULL or
-// points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
-// nothing).
-int qdirty_txn_abort(qdirty_txn *txn, qdirty_error **errp);
+// points to a `qdirty_error *` (if that is not NULL, the abort happens all the same and the
+// details of a failure are dropped).
+int qdirty_txn_abort(qdirty_txn *txn,
+                     qdirty_error **errp);
 
 // Frees a transaction. Actions still prepared (neither committed nor aborted) are aborted
 // first, errors ignored. NULL is a no-op.

@@ -89,6 +89,16 @@ pub enum Error {
         src: u64,
     },
 
+    /// A bitmap cannot go away while something holds it: an operation, a successor, live
+    /// iterators.
+    #[error("Bitmap '{name}' cannot be released while {why}")]
+    Held {
+        /// The bitmap.
+        name: String,
+        /// What holds it.
+        why: &'static str,
+    },
+
     /// The image (or its file) was opened read-only.
     #[error("{0}")]
     ReadOnlyImage(String),
@@ -154,7 +164,7 @@ impl Error {
             Error::NeedsRepair(_) => libc::EACCES,
             Error::BitmapNotFound { .. } => libc::ENOENT,
             Error::BitmapExists { .. } => libc::EEXIST,
-            Error::Busy { .. } => libc::EBUSY,
+            Error::Busy { .. } | Error::Held { .. } => libc::EBUSY,
             Error::ReadOnlyBitmap { .. } => libc::EPERM,
             Error::Inconsistent { .. } => libc::EINVAL,
             Error::SizeMismatch { .. } => libc::EINVAL,

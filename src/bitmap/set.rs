@@ -373,25 +373,38 @@ impl BitmapSet {
     /// busy, has a successor or has live iterators.
     pub fn release(&mut self, id: BitmapId) -> Result<DirtyBitmap> {
         self.absorb();
+        self.check_release(id)?;
         let i = self.index(id)?;
-        let bm = &self.slots[i].bm;
-        if bm.busy() || bm.has_successor() || bm.active_iterators() > 0 {
-            return Err(Error::Precondition(format!(
-                "Bitmap '{}' cannot be released while it is busy, frozen or iterated",
-                bm.display_name()
-            )));
-        }
-        if let Some(parent) = self.slots.iter().find(|s| s.bm.successor() == Some(id)) {
-            return Err(Error::Precondition(format!(
-                "The successor of bitmap '{}' goes away only through abdicate or reclaim",
-                parent.bm.display_name()
-            )));
-        }
         self.catch_up(i);
         let bm = self.slots.remove(i).bm;
         self.refresh_log();
         self.compact();
         Ok(bm)
+    }
+
+    /// Whether [`BitmapSet::release`] would accept `id`: refused (EBUSY) while the bitmap is
+    /// busy, has a successor, has live iterators, or is itself a successor.
+    pub fn check_release(&self, id: BitmapId) -> Result<()> {
+        let bm = &self.slots[self.index(id)?].bm;
+        let held = |why| {
+            Err(Error::Held {
+                name: bm.display_name(),
+                why,
+            })
+        };
+        if bm.busy() {
+            return held("an operation holds it");
+        }
+        if bm.has_successor() {
+            return held("it has a successor");
+        }
+        if bm.active_iterators() > 0 {
+            return held("iterators on it are alive");
+        }
+        if self.slots.iter().any(|s| s.bm.successor() == Some(id)) {
+            return held("it is a successor (it goes away through abdicate or reclaim)");
+        }
+        Ok(())
     }
 
     /// Removes a bitmap whatever its state (internal: removal of stored bitmaps, close).
@@ -479,6 +492,12 @@ impl BitmapSet {
             id,
             "Cannot relinquish control if there's no successor present",
         )?;
+        if self.slots[self.index(id)?].bm.active_iterators() > 0 {
+            return Err(Error::Held {
+                name: self.slots[self.index(id)?].bm.display_name(),
+                why: "iterators on it are alive",
+            });
+        }
         // The successor must still exist before anything changes: a failed call changes
         // nothing (the parent, and its stored copy, stay).
         self.index(child).map_err(|_| {
@@ -502,6 +521,14 @@ impl BitmapSet {
     pub fn reclaim(&mut self, id: BitmapId) -> Result<BitmapId> {
         self.absorb();
         let child = self.successor_of(id, "Cannot reclaim a successor when none is present")?;
+        if let Ok(c) = self.index(child) {
+            if self.slots[c].bm.active_iterators() > 0 {
+                return Err(Error::Held {
+                    name: "(successor)".into(),
+                    why: "iterators on it are alive",
+                });
+            }
+        }
         // Load a parent still on disk first: a read error then leaves everything as it was.
         self.bitmap_mut(id)?.ensure_loaded()?;
         let s = self.remove_unchecked(child).ok_or_else(|| {

@@ -283,7 +283,10 @@ pub unsafe extern "C" fn qdirty_bitmap_clear(
 /// Whether the granule containing `offset` is dirty.
 ///
 /// Returns: true or false; false beyond the end, or if `bm` is NULL or the bitmap no longer
-/// exists.
+/// exists; true inside the disk for an unusable bitmap.
+/// An unusable bitmap (inconsistent, or its data unreadable now) answers as if every granule
+/// were dirty, never "clean": use `qdirty_bitmap_dirty_extents` (or `qdirty_bitmap_check` with
+/// QDIRTY_CHECK_INCONSISTENT first) to get an error instead.
 /// Thread safety: may be called from any thread; serialized per image.
 ///
 /// # Safety
@@ -299,7 +302,11 @@ pub unsafe extern "C" fn qdirty_bitmap_get(bm: *const qdirty_bitmap, offset: u64
 /// The number of dirty bytes: dirty granules times the granularity (QEMU's
 /// `bdrv_get_dirty_count`; the last granule counts in full).
 ///
-/// Returns: the count; 0 if `bm` is NULL or the bitmap no longer exists.
+/// Returns: the count; 0 if `bm` is NULL or the bitmap no longer exists; every granule for an
+/// unusable bitmap.
+/// An unusable bitmap (inconsistent, or its data unreadable now) answers as if every granule
+/// were dirty, never "clean": use `qdirty_bitmap_dirty_extents` (or `qdirty_bitmap_check` with
+/// QDIRTY_CHECK_INCONSISTENT first) to get an error instead.
 /// Thread safety: may be called from any thread; serialized per image.
 ///
 /// # Safety
@@ -316,7 +323,10 @@ pub unsafe extern "C" fn qdirty_bitmap_count(bm: *const qdirty_bitmap) -> u64 {
 /// `bdrv_dirty_bitmap_next_dirty`). The result is `offset` or a multiple of the granularity.
 ///
 /// Returns: the offset, or -1 if there is none, or if `bm` is NULL or the bitmap no longer
-/// exists.
+/// exists; `offset` (inside the disk) for an unusable bitmap.
+/// An unusable bitmap (inconsistent, or its data unreadable now) answers as if every granule
+/// were dirty, never "clean": use `qdirty_bitmap_dirty_extents` (or `qdirty_bitmap_check` with
+/// QDIRTY_CHECK_INCONSISTENT first) to get an error instead.
 /// Thread safety: may be called from any thread; serialized per image.
 ///
 /// # Safety
@@ -338,7 +348,10 @@ pub unsafe extern "C" fn qdirty_bitmap_next_dirty(
 /// `bdrv_dirty_bitmap_next_zero`).
 ///
 /// Returns: the offset, or -1 if there is none, or if `bm` is NULL or the bitmap no longer
-/// exists.
+/// exists; -1 (no clean granule) for an unusable bitmap.
+/// An unusable bitmap (inconsistent, or its data unreadable now) answers as if every granule
+/// were dirty, never "clean": use `qdirty_bitmap_dirty_extents` (or `qdirty_bitmap_check` with
+/// QDIRTY_CHECK_INCONSISTENT first) to get an error instead.
 /// Thread safety: may be called from any thread; serialized per image.
 ///
 /// # Safety
@@ -364,7 +377,11 @@ pub unsafe extern "C" fn qdirty_bitmap_next_zero(
 /// when one is found.
 ///
 /// Returns: true if a run was found; false if none, or `max_count` is 0, or `bm`, `dirty_start`
-/// or `dirty_count` is NULL, or the bitmap no longer exists.
+/// or `dirty_count` is NULL, or the bitmap no longer exists; the whole range (capped at
+/// `max_count`) for an unusable bitmap.
+/// An unusable bitmap (inconsistent, or its data unreadable now) answers as if every granule
+/// were dirty, never "clean": use `qdirty_bitmap_dirty_extents` (or `qdirty_bitmap_check` with
+/// QDIRTY_CHECK_INCONSISTENT first) to get an error instead.
 /// Thread safety: may be called from any thread; serialized per image.
 ///
 /// # Safety
@@ -409,7 +426,8 @@ pub unsafe extern "C" fn qdirty_bitmap_next_dirty_area(
 /// The SHA-256 of the bitmap's bits as 64 lowercase hex digits, equal to QEMU's
 /// `x-debug-block-dirty-bitmap-sha256` for the same bits.
 ///
-/// Returns: the digest, or NULL on failure: EINVAL (NULL `bm`), ENOENT (the bitmap no longer
+/// Returns: the digest, or NULL on failure: EINVAL (NULL `bm`, inconsistent bitmap: QEMU's
+/// message and hint), EIO (the bitmap's data could not be read), ENOENT (the bitmap no longer
 /// exists).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 /// Ownership: the caller owns the string; free it with `qdirty_string_free`.
@@ -429,5 +447,79 @@ pub unsafe extern "C" fn qdirty_bitmap_sha256(
         let s = CString::new(hex)
             .map_err(|_| FfiError::new(libc::EIO, "internal error: digest contains NUL"))?;
         Ok(s.into_raw())
+    })
+}
+
+/// One dirty extent of a bitmap: `length` bytes from `offset`
+/// (`qdirty_bitmap_dirty_extents`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub struct qdirty_extent {
+    /// Start of the extent, in bytes.
+    pub offset: u64,
+    /// Length of the extent, in bytes (never 0).
+    pub length: u64,
+}
+
+/// The dirty parts of `[start, end)` (`end` clamped to the disk size) as maximal runs of dirty
+/// granules, in bytes, sorted, clipped to `[start, end)`: at most `max` of them go to
+/// `out[0 .. *n)`. While `*n == max` there may be more: call again with `start =
+/// out[*n - 1].offset + out[*n - 1].length`. The bitmap is up to date with every write the
+/// hook logged before the call. This is the read a backup tool should use: it never answers
+/// "clean" for a bitmap it cannot read.
+///
+/// `*n` is set to 0 on entry (when `n` is not NULL). `start >= end` gives no extent.
+///
+/// Returns: 0, or a negative errno: -EINVAL (NULL `bm` or `n`, NULL `out` or `max` 0,
+/// inconsistent bitmap: QEMU's message "Bitmap 'NAME' is inconsistent and cannot be used" and
+/// hint), -EIO (the bitmap's data could not be read: the message names the bitmap and the
+/// offset; nothing changed and the next call reads again), -ENOENT (the bitmap no longer
+/// exists).
+/// Errors: on failure `*errp` receives the details (when `errp` is not NULL); `*n` is 0.
+/// Ownership: `out` stays the caller's.
+/// Thread safety: may be called from any thread; serialized per image.
+///
+/// # Safety
+/// `bm` is NULL or a bitmap still owned by an open image; `out` is NULL or writable for `max`
+/// extents; `n` is NULL or writable. `errp` is NULL or points to a `qdirty_error *` that is
+/// NULL (otherwise the call returns -EINVAL and does nothing).
+#[no_mangle]
+pub unsafe extern "C" fn qdirty_bitmap_dirty_extents(
+    bm: *const qdirty_bitmap,
+    start: u64,
+    end: u64,
+    out: *mut qdirty_extent,
+    max: usize,
+    n: *mut usize,
+    errp: *mut *mut qdirty_error,
+) -> c_int {
+    ffi_call!(errp = errp, {
+        if n.is_null() {
+            return Err(FfiError::null_arg("n"));
+        }
+        // SAFETY: non-NULL and writable (see the function's Safety section).
+        unsafe { *n = 0 };
+        if out.is_null() {
+            return Err(FfiError::null_arg("out"));
+        }
+        if max == 0 {
+            return Err(FfiError::invalid("max must be at least 1"));
+        }
+        // SAFETY: see the function's Safety section.
+        let found = unsafe {
+            with_bitmap(bm, |b, _| {
+                let mut k = 0usize;
+                for (offset, length) in b.dirty_runs(start, end)?.take(max) {
+                    // SAFETY: k < max and `out` is writable for `max` extents.
+                    out.add(k).write(qdirty_extent { offset, length });
+                    k += 1;
+                }
+                Ok(k)
+            })
+        }?;
+        // SAFETY: as above.
+        unsafe { *n = found };
+        Ok(())
     })
 }

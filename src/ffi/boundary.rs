@@ -12,6 +12,9 @@
 //!      [`FfiReturn::failure`] (`-errno` or `NULL`),
 //!   4. on a panic stores `"internal error (panic): MESSAGE"` (errno `EIO`) and returns the
 //!      failure value.
+//! - `ffi_call!(errp = errp, release = { ... })` for the functions that release something
+//!   (`qdirty_image_close`, `qdirty_txn_abort`): as the first shape, except that the body
+//!   always runs; a `*errp` already set only means that the details of a failure are dropped.
 //! - `ffi_call!(errp = errp, value = { ... })` for fallible functions whose C return value is
 //!   the result itself (`qdirty_bitmap_status`: 1 or 0, `qdirty_bitmap_serialization_size`: a
 //!   size): the body returns `Result<T, FfiError>` with `T` the C return type; failures return
@@ -210,6 +213,23 @@ macro_rules! ffi_call {
             $crate::ffi::boundary::finish::<$crate::ffi::boundary::Value<_>>(__errp, __outcome)
         }
         .0
+    }};
+    (errp = $errp:expr, release = $body:block) => {{
+        // A release always happens: with `*errp` already set, the details of a failure are
+        // dropped instead of stored (as with `errp` NULL).
+        let __given: *mut *mut $crate::ffi::error::qdirty_error = $errp;
+        // SAFETY: errp is NULL or valid (documented precondition of every function).
+        let __errp = if unsafe { $crate::ffi::boundary::errp_in_use(__given) } {
+            ::std::ptr::null_mut()
+        } else {
+            __given
+        };
+        let __outcome = ::std::panic::catch_unwind(::std::panic::AssertUnwindSafe(|| {
+            let __body = || -> ::std::result::Result<_, $crate::ffi::error::FfiError> { $body };
+            Some(__body())
+        }));
+        // SAFETY: as above.
+        unsafe { $crate::ffi::boundary::finish(__errp, __outcome) }
     }};
     (errp = $errp:expr, $body:block) => {{
         let __errp: *mut *mut $crate::ffi::error::qdirty_error = $errp;

@@ -128,8 +128,13 @@ pub unsafe extern "C" fn qdirty_image_open(
 /// Closes an image: stores its persistent bitmaps when it was opened read-write (clearing
 /// in_use), then frees it together with all its `qdirty_bitmap` handles.
 ///
-/// The image is freed even when storing fails (the error says why; bitmaps not stored stay
-/// marked in_use in the file and load as inconsistent next time). An image made unusable by an
+/// The image is freed even when storing fails: the call then returns the error, which names
+/// every bitmap not stored (they stay marked in_use in the file and load as inconsistent next
+/// time; a bitmap whose data could not be read is one of them, the others are stored). A
+/// `*errp` already set does not stop the close: the details of a failure are then dropped.
+/// In a process other than the one that opened the image (a child after `fork`), close only
+/// frees memory: nothing is stored, and the image locks (shared with the parent) stay with the
+/// parent. A forked child may call nothing else on the parent's images. An image made unusable by an
 /// internal error is not stored: the call fails with EIO, the bitmap handles are freed, and the
 /// image itself is abandoned as if the process had crashed (its file stays open, its bitmaps
 /// stay in_use on disk).
@@ -142,14 +147,14 @@ pub unsafe extern "C" fn qdirty_image_open(
 ///
 /// # Safety
 /// `img` is NULL or an image from `qdirty_image_open` not yet closed. `errp` is NULL or points
-/// to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing: the
-/// image stays open).
+/// to a `qdirty_error *` (if that is not NULL, the image is closed all the same and the
+/// details of a failure are dropped).
 #[no_mangle]
 pub unsafe extern "C" fn qdirty_image_close(
     img: *mut qdirty_image,
     errp: *mut *mut qdirty_error,
 ) -> c_int {
-    ffi_call!(errp = errp, {
+    ffi_call!(errp = errp, release = {
         // SAFETY: see the function's Safety section.
         unsafe { ImageHandle::from_ptr(img, "img") }?;
         // SAFETY: validated above; C gives up ownership.
@@ -350,12 +355,14 @@ pub unsafe extern "C" fn qdirty_image_add_bitmap(
 /// Removes the bitmap named `name` (QMP `block-dirty-bitmap-remove`), from the file too when it
 /// is persistent. This is the only operation allowed on an inconsistent bitmap.
 ///
-/// Returns: 0, or a negative errno: -EINVAL (NULL argument), -ENOENT (no such bitmap), -EBUSY,
-/// -EPERM (read-only bitmap), -EROFS, I/O errors.
-/// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-/// Ownership: the removed bitmap's `qdirty_bitmap` handle is freed: do not use it afterwards.
-/// Thread safety: may be called from any thread; serialized per image. No other thread may use
-/// the removed bitmap's handle.
+/// Returns: 0, or a negative errno: -EINVAL (NULL argument), -ENOENT (no such bitmap), -EBUSY
+/// (busy, frozen with a successor, live iterators, a successor itself), -EPERM (read-only
+/// bitmap), -EROFS, I/O errors.
+/// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed,
+/// in memory or in the file.
+/// Ownership: the removed bitmap's `qdirty_bitmap` handle stays valid until the image is
+/// closed; calls on it fail with -ENOENT.
+/// Thread safety: may be called from any thread; serialized per image.
 ///
 /// # Safety
 /// `img` is NULL or an open image; `name` is NULL or a NUL-terminated string. `errp` is NULL or

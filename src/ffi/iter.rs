@@ -54,8 +54,9 @@ unsafe fn iter_mut<'a>(
 /// A new iterator over the bitmap's dirty granules, positioned at offset 0 (QEMU's
 /// `bdrv_dirty_iter_new`).
 ///
-/// Returns: the iterator, or NULL on failure: NULL `bm` (EINVAL), ENOENT (the bitmap no longer
-/// exists).
+/// Returns: the iterator, or NULL on failure: NULL `bm` or inconsistent bitmap (EINVAL, with
+/// QEMU's message and hint), EIO (the bitmap's data could not be read; it is loaded here, so
+/// the iterator's steps cannot fail), ENOENT (the bitmap no longer exists).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 /// Ownership: the caller owns the iterator and must free it with `qdirty_iter_free` before
 /// closing the image.
@@ -183,7 +184,8 @@ pub unsafe extern "C" fn qdirty_iter_free(iter: *mut qdirty_iter) {
 /// at `bytes`.
 ///
 /// Returns: 1 (dirty), 0 (clean), or a negative errno: -EINVAL (NULL `bm` or `count`, `bytes`
-/// 0, `[offset, offset + bytes)` beyond the bitmap's size: QEMU asserts), -ENOENT (the bitmap
+/// 0, `[offset, offset + bytes)` beyond the bitmap's size: QEMU asserts; inconsistent bitmap:
+/// QEMU's message and hint), -EIO (the bitmap's data could not be read), -ENOENT (the bitmap
 /// no longer exists).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 /// Thread safety: may be called from any thread; serialized per image.

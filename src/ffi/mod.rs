@@ -12,7 +12,7 @@
 //! |---|---|---|---|
 //! | `qdirty_image` | owned by the caller | `qdirty_image_open` | `qdirty_image_close` (always frees) |
 //! | `qdirty_image` (standalone) | owned by the caller | `qdirty_image_new_memory` | `qdirty_image_close` |
-//! | `qdirty_bitmap` | borrowed from its image | `_first_bitmap`, `_next`, `_find_bitmap`, `_add_bitmap`, `_create_bitmap`, `_create_successor`, `_abdicate`, `qdirty_txn_add_bitmap` | `qdirty_image_remove_bitmap`, `qdirty_bitmap_release`, `_abdicate` (the parent), `_reclaim` (the successor), commit of a txn remove, abort of a txn add, or closing the image |
+//! | `qdirty_bitmap` | borrowed from its image | `_first_bitmap`, `_next`, `_find_bitmap`, `_add_bitmap`, `_create_bitmap`, `_create_successor`, `_abdicate`, `qdirty_txn_add_bitmap` | closing the image; once its bitmap is gone (removed, released, abdicated, reclaimed, removed by a txn) every call on it fails with ENOENT |
 //! | `qdirty_backup` | owned by the caller | `qdirty_bitmap_clear_with_backup`, `qdirty_bitmap_merge` | `qdirty_backup_free` (NULL ok) |
 //! | `qdirty_iter` | owned by the caller; its image must outlive it | `qdirty_bitmap_iter_new` | `qdirty_iter_free` (NULL ok) |
 //! | `qdirty_bitmap_info[]` | owned by the caller | `qdirty_image_query_bitmaps` | `qdirty_bitmap_info_free` (NULL ok) |
@@ -29,7 +29,17 @@
 //!   be NULL (the details are dropped); on failure `*errp` receives a new error that the caller
 //!   frees with `qdirty_error_free`; on success `*errp` is not touched. `*errp` must be NULL on
 //!   entry: a non-NULL `*errp` is a caller bug, and the call then returns -EINVAL (or NULL)
-//!   without doing anything, leaving `*errp` as it was.
+//!   without doing anything, leaving `*errp` as it was. Functions that release something
+//!   (`qdirty_image_close`, `qdirty_txn_abort`, every `*_free`) release it all the same; they
+//!   only drop the details of a failure then.
+//! - Reads never answer "clean" for a bitmap they cannot read: the calls with an error channel
+//!   fail (inconsistent bitmap: EINVAL with QEMU's message and hint; unreadable data: EIO,
+//!   retried at the next use); the getters without one (`qdirty_bitmap_count`, `_get`,
+//!   `_next_dirty`, `_next_zero`, `_next_dirty_area`) answer as if every granule were dirty.
+//!   `qdirty_bitmap_dirty_extents` is the read a backup tool uses.
+//! - In a child process after `fork`, only `qdirty_image_close` (which then frees memory and
+//!   touches neither the file nor the locks shared with the parent) may be called on the
+//!   parent's images.
 //! - A NULL or invalid argument never crashes. Fallible functions report it as EINVAL with a
 //!   message; getters without `errp` return a documented default (NULL, 0, false or -1).
 //! - Flags are `uint32_t` checked against the known bits; unknown bits fail with EINVAL.
@@ -180,6 +190,7 @@ pub use bitmap::{
     qdirty_bitmap_readonly, qdirty_bitmap_reset_dirty, qdirty_bitmap_set_dirty,
     qdirty_bitmap_sha256, qdirty_bitmap_size,
 };
+pub use bitmap::{qdirty_bitmap_dirty_extents, qdirty_extent};
 
 pub use state::{
     qdirty_bitmap_busy, qdirty_bitmap_check, qdirty_bitmap_has_successor, qdirty_bitmap_recording,

@@ -5,7 +5,9 @@ use std::os::raw::c_int;
 
 use super::boundary::ffi_call;
 use super::error::qdirty_error;
-use super::handle::{qdirty_bitmap, with_bitmap, with_bitmap_mut, with_state};
+use super::handle::{
+    qdirty_bitmap, with_bitmap, with_bitmap_mut, with_bitmap_unloaded, with_state,
+};
 use crate::bitmap::{CHECK_BUSY, CHECK_INCONSISTENT, CHECK_RO};
 
 /// `qdirty_bitmap_check` flag (QEMU's BDRV_BITMAP_BUSY): fail if the bitmap is busy.
@@ -34,13 +36,14 @@ const _: () = assert!(
         && QDIRTY_CHECK_ALLOW_RO == crate::bitmap::CHECK_ALLOW_RO
 );
 
-/// Reads one flag; `false` when the handle is NULL, stale or unusable.
+/// Reads one flag (the data is not loaded for it); `false` when the handle is NULL, not a
+/// bitmap, or its bitmap is gone.
 ///
 /// # Safety
 /// `bm` is NULL or a bitmap pointer still owned by an open image.
 unsafe fn flag(bm: *const qdirty_bitmap, f: impl FnOnce(&crate::DirtyBitmap) -> bool) -> bool {
     // SAFETY: caller's contract.
-    unsafe { with_bitmap(bm, |b, _| Ok(f(b))) }.unwrap_or(false)
+    unsafe { with_bitmap_unloaded(bm, f) }.unwrap_or(false)
 }
 
 /// QEMU's gatekeeper (`bdrv_dirty_bitmap_check`): may the bitmap be used by an operation that
@@ -51,10 +54,14 @@ unsafe fn flag(bm: *const qdirty_bitmap, f: impl FnOnce(&crate::DirtyBitmap) -> 
 /// hint "Try block-dirty-bitmap-remove to delete this bitmap from disk").
 ///
 /// `flags`: QDIRTY_CHECK_BUSY, QDIRTY_CHECK_RO, QDIRTY_CHECK_INCONSISTENT, or the sets
-/// QDIRTY_CHECK_DEFAULT / QDIRTY_CHECK_ALLOW_RO. 0 always passes.
+/// QDIRTY_CHECK_DEFAULT / QDIRTY_CHECK_ALLOW_RO. 0 always passes. With
+/// QDIRTY_CHECK_INCONSISTENT the bitmap must also be readable: its data is loaded if it is
+/// still on disk, and a read error fails the check (-EIO); after a successful check the
+/// getters without an error channel (`qdirty_bitmap_count`, ...) answer from its real bits.
 ///
 /// Returns: 0 if allowed, or a negative errno: the check's errno as above, -EINVAL (NULL `bm`,
-/// unknown flag bits), -ENOENT (the bitmap no longer exists).
+/// unknown flag bits), -EIO (QDIRTY_CHECK_INCONSISTENT: the data could not be read), -ENOENT
+/// (the bitmap no longer exists).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 /// Ownership: nothing is transferred.
 /// Thread safety: may be called from any thread; serialized per image.
@@ -74,8 +81,15 @@ pub unsafe extern "C" fn qdirty_bitmap_check(
             QDIRTY_CHECK_BUSY | QDIRTY_CHECK_RO | QDIRTY_CHECK_INCONSISTENT,
             "qdirty_bitmap_check",
         )?;
-        // SAFETY: see the function's Safety section.
-        unsafe { with_bitmap(bm, |b, _| Ok(b.check(flags)?)) }
+        if flags & QDIRTY_CHECK_INCONSISTENT != 0 {
+            // Usable means readable too: the data is loaded (or the read error returned).
+            // SAFETY: see the function's Safety section.
+            unsafe { with_bitmap(bm, |b, _| Ok(b.check(flags)?)) }
+        } else {
+            // SAFETY: as above.
+            unsafe { with_bitmap_unloaded(bm, |b| b.check(flags)) }??;
+            Ok(())
+        }
     })
 }
 

@@ -175,7 +175,8 @@ pub unsafe extern "C" fn qdirty_bitmap_abdicate(
 /// Returns: `bm` (the parent), or NULL on failure: NULL `bm` (EINVAL), "Cannot reclaim a
 /// successor when none is present" (EINVAL), ENOENT (the bitmap no longer exists).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
-/// Ownership: on success the successor's handle is freed: do not use it afterwards.
+/// Ownership: on success the successor's handle stays valid until the image is closed; calls on it
+/// fail with -ENOENT.
 /// Thread safety: may be called from any thread; serialized per image. No other thread may use
 /// the successor during or after the call.
 ///

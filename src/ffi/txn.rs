@@ -341,7 +341,8 @@ pub unsafe extern "C" fn qdirty_txn_merge_bitmap(
 /// -EPERM (readonly bitmap), -EROFS, I/O errors.
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
 /// transaction then.
-/// Ownership: the bitmap's handle is freed by commit; it stays valid after abort.
+/// Ownership: after commit, calls on the bitmap's handle fail with -ENOENT (it stays valid until
+/// the image is closed).
 /// Thread safety: see `qdirty_txn`; locks `img`.
 ///
 /// # Safety
@@ -363,7 +364,7 @@ pub unsafe extern "C" fn qdirty_txn_remove_bitmap(
 }
 
 /// Makes every prepared action final: backups are dropped, removed bitmaps are released (their
-/// handles freed). The transaction is empty afterwards, whatever the result.
+/// handles stay valid and answer -ENOENT). The transaction is empty afterwards, whatever the result.
 ///
 /// Returns: 0, or a negative errno: -EINVAL (NULL `txn`), -EIO (an image of the transaction is
 /// unusable), errors of the commit.
@@ -386,7 +387,7 @@ pub unsafe extern "C" fn qdirty_txn_commit(
 }
 
 /// Undoes every prepared action, in reverse order, exactly (see `qdirty_txn`); added bitmaps
-/// are released (their handles freed). The transaction is empty afterwards, whatever the
+/// are released (their handles stay valid and answer -ENOENT). The transaction is empty afterwards, whatever the
 /// result.
 ///
 /// Returns: 0, or a negative errno: -EINVAL (NULL `txn`), -EIO (an image of the transaction is
@@ -396,14 +397,14 @@ pub unsafe extern "C" fn qdirty_txn_commit(
 ///
 /// # Safety
 /// `txn` is NULL or a transaction not yet freed, whose images are still open. `errp` is NULL or
-/// points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
-/// nothing).
+/// points to a `qdirty_error *` (if that is not NULL, the abort happens all the same and the
+/// details of a failure are dropped).
 #[no_mangle]
 pub unsafe extern "C" fn qdirty_txn_abort(
     txn: *mut qdirty_txn,
     errp: *mut *mut qdirty_error,
 ) -> c_int {
-    ffi_call!(errp = errp, {
+    ffi_call!(errp = errp, release = {
         // SAFETY: see the function's Safety section.
         unsafe { txn_mut(txn) }?.finish(false)
     })

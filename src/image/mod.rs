@@ -645,7 +645,9 @@ impl Image {
         };
         let bm = self.set.bitmap(id)?;
         bm.check(CHECK_BUSY | CHECK_RO)?;
-        if bm.persistence() {
+        // Every refusal comes before the stored copy is deleted: a failed call changes nothing.
+        self.set.check_release(id)?;
+        if self.set.bitmap(id)?.persistence() {
             self.remove_stored_bitmap(name)?;
         }
         self.set.release(id)?;
