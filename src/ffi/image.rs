@@ -154,24 +154,27 @@ pub unsafe extern "C" fn qdirty_image_close(
     img: *mut qdirty_image,
     errp: *mut *mut qdirty_error,
 ) -> c_int {
-    ffi_call!(errp = errp, release = {
-        // SAFETY: see the function's Safety section.
-        unsafe { ImageHandle::from_ptr(img, "img") }?;
-        // SAFETY: validated above; C gives up ownership.
-        let handle = unsafe { ImageHandle::take(img) };
-        let (state, poisoned) = handle.into_state();
-        if poisoned {
-            // A panic left the image half-updated: storing it could corrupt the file, and
-            // dropping an Image stores. Leak it instead, as a crash would: its bitmaps stay
-            // in_use on disk and load as inconsistent next time.
-            std::mem::forget(state.into_image());
-            return Err(FfiError::new(
+    ffi_call!(
+        errp = errp,
+        release = {
+            // SAFETY: see the function's Safety section.
+            unsafe { ImageHandle::from_ptr(img, "img") }?;
+            // SAFETY: validated above; C gives up ownership.
+            let handle = unsafe { ImageHandle::take(img) };
+            let (state, poisoned) = handle.into_state();
+            if poisoned {
+                // A panic left the image half-updated: storing it could corrupt the file, and
+                // dropping an Image stores. Leak it instead, as a crash would: its bitmaps stay
+                // in_use on disk and load as inconsistent next time.
+                std::mem::forget(state.into_image());
+                return Err(FfiError::new(
                 libc::EIO,
                 "image is unusable after an internal error; it was closed without storing its bitmaps",
             ));
+            }
+            Ok(state.into_image().close()?)
         }
-        Ok(state.into_image().close()?)
-    })
+    )
 }
 
 /// Stores the persistent bitmaps now without closing, as a checkpoint (QEMU stores them on

@@ -20,8 +20,11 @@ use crate::image::Image;
 /// `qdirty_image_open_with_io`, which qdirty uses instead of opening the file itself.
 ///
 /// Set `size` to `sizeof(qdirty_io_ops)`; it lets the structure grow in later versions (new
-/// fields are only ever appended). A size smaller than this version's structure is refused
-/// (EINVAL); a larger one is accepted when every byte past the fields known to this version is
+/// fields are only ever appended, and a callback added later is optional: NULL keeps the
+/// behaviour of the version without it). Any size from the first published layout (`size`
+/// through `free_clusters`) up is accepted: fields past the caller's size count as NULL, so a
+/// host built against an older header keeps working. A smaller size is refused (EINVAL); a
+/// larger one than this version knows is accepted when every byte past the known fields is
 /// zero (unset), and refused (ENOTSUP) otherwise.
 ///
 /// Every callback gets the `opaque` pointer given to `qdirty_image_open_with_io` first and
@@ -98,6 +101,12 @@ pub struct qdirty_io_ops {
 /// The largest `size` accepted (a bound on how much of the caller's memory is inspected).
 const MAX_OPS_SIZE: u32 = 4096;
 
+/// The size of the first published layout of `qdirty_io_ops` (`size` .. `free_clusters`):
+/// every size from it up is accepted, so that hosts built against an older header keep
+/// working when fields are appended.
+const IO_OPS_FIRST_SIZE: usize =
+    std::mem::offset_of!(qdirty_io_ops, free_clusters) + std::mem::size_of::<usize>();
+
 /// Copies the caller's ops table, checking its size.
 ///
 /// # Safety
@@ -106,36 +115,63 @@ unsafe fn copy_ops(ops: *const qdirty_io_ops) -> Result<qdirty_io_ops, FfiError>
     if ops.is_null() {
         return Err(FfiError::null_arg("ops"));
     }
-    let known = std::mem::size_of::<qdirty_io_ops>();
     // SAFETY: `size` is the first field; the caller's contract.
     let size = unsafe { std::ptr::read_unaligned(ops.cast::<u32>()) };
-    if (size as usize) < known {
+    // SAFETY: the caller's contract: `size` bytes are readable.
+    unsafe { copy_versioned(ops, size, IO_OPS_FIRST_SIZE) }
+}
+
+/// Copies a versioned struct whose first field is its `size` as the caller was built with:
+/// `size` from `first` (the first published layout) up to [`MAX_OPS_SIZE`]. Fields past the
+/// caller's size are zero (NULL callbacks: absent); bytes past the fields this version knows
+/// must be zero (unset), else ENOTSUP.
+///
+/// # Safety
+/// `p` points to `size` readable bytes. `T` is plain data for which all-zero bytes are a
+/// valid value (integers and nullable function pointers).
+unsafe fn copy_versioned<T>(p: *const T, size: u32, first: usize) -> Result<T, FfiError> {
+    let known = std::mem::size_of::<T>();
+    let what = std::any::type_name::<T>()
+        .rsplit("::")
+        .next()
+        .unwrap_or("struct");
+    if (size as usize) < first {
         return Err(FfiError::invalid(format!(
-            "qdirty_io_ops.size is {size}, less than sizeof(qdirty_io_ops) = {known}: set it \
-             to sizeof(qdirty_io_ops)"
+            "{what}.size is {size}, less than the first layout of {what} ({first} bytes): set \
+             it to sizeof({what})"
         )));
     }
     if size > MAX_OPS_SIZE {
         return Err(FfiError::invalid(format!(
-            "qdirty_io_ops.size is {size}, more than any version of qdirty_io_ops"
+            "{what}.size is {size}, more than any version of {what}"
         )));
     }
-    // SAFETY: the caller's contract: `size` bytes are readable.
-    let extra =
-        unsafe { std::slice::from_raw_parts(ops.cast::<u8>().add(known), size as usize - known) };
-    if extra.iter().any(|&b| b != 0) {
-        return Err(FfiError::new(
-            libc::ENOTSUP,
-            format!(
-                "qdirty_io_ops sets fields unknown to this version of qdirty ({} bytes known, \
-                 {size} given)",
-                known
-            ),
-        ));
+    let size = size as usize;
+    if size > known {
+        // SAFETY: the caller's contract: `size` bytes are readable.
+        let extra = unsafe { std::slice::from_raw_parts(p.cast::<u8>().add(known), size - known) };
+        if extra.iter().any(|&b| b != 0) {
+            return Err(FfiError::new(
+                libc::ENOTSUP,
+                format!(
+                    "{what} sets fields unknown to this version of qdirty ({known} bytes known, \
+                     {size} given)"
+                ),
+            ));
+        }
     }
-    // SAFETY: at least `known` bytes are readable; the type is plain data (integers and
-    // nullable function pointers, any bit pattern of which NULL-or-not is valid as C passes it).
-    Ok(unsafe { std::ptr::read_unaligned(ops) })
+    // SAFETY: all-zero bytes are a valid T (caller's contract).
+    let mut out: T = unsafe { std::mem::zeroed() };
+    // SAFETY: min(size, known) bytes are readable at `p` and writable at `out`; they do not
+    // overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            p.cast::<u8>(),
+            (&mut out as *mut T).cast::<u8>(),
+            size.min(known),
+        )
+    };
+    Ok(out)
 }
 
 /// [`Storage`] and [`ClusterAllocator`] over a host's `qdirty_io_ops`.
@@ -377,4 +413,70 @@ pub unsafe extern "C" fn qdirty_image_open_with_io(
         let image = Image::open_storage(Box::new(storage), &name, read_write)?;
         Ok(ImageHandle::into_raw(image))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A later layout: the first one with a field appended.
+    #[repr(C)]
+    struct Grown {
+        ops: qdirty_io_ops,
+        extra: Option<unsafe extern "C" fn(opaque: *mut c_void) -> c_int>,
+    }
+
+    unsafe extern "C" fn nop(_: *mut c_void) -> c_int {
+        0
+    }
+
+    fn first_layout() -> qdirty_io_ops {
+        // SAFETY: all-zero is a valid qdirty_io_ops (an integer and NULL callbacks).
+        let mut ops: qdirty_io_ops = unsafe { std::mem::zeroed() };
+        ops.size = IO_OPS_FIRST_SIZE as u32;
+        ops.flush = Some(nop);
+        ops
+    }
+
+    #[test]
+    fn a_host_built_against_an_older_layout_is_accepted() {
+        // A library whose struct grew reads a host's first-layout table: the new field is
+        // absent (NULL), the others are the host's.
+        let old = first_layout();
+        // SAFETY: `old` is IO_OPS_FIRST_SIZE readable bytes; Grown is zeroable plain data.
+        let got = unsafe {
+            copy_versioned(
+                (&old as *const qdirty_io_ops).cast::<Grown>(),
+                old.size,
+                IO_OPS_FIRST_SIZE,
+            )
+        }
+        .unwrap();
+        assert!(got.extra.is_none());
+        assert!(got.ops.flush.is_some());
+        assert_eq!(got.ops.size as usize, IO_OPS_FIRST_SIZE);
+    }
+
+    #[test]
+    fn sizes_below_the_first_layout_or_with_unknown_fields_set_are_refused() {
+        let mut old = first_layout();
+        old.size = IO_OPS_FIRST_SIZE as u32 - 8;
+        // SAFETY: at least `size` bytes are readable.
+        let Err(e) = (unsafe { copy_ops(&old) }) else {
+            panic!("accepted")
+        };
+        assert_eq!(e.errno, libc::EINVAL);
+        let grown = Grown {
+            ops: qdirty_io_ops {
+                size: std::mem::size_of::<Grown>() as u32,
+                ..first_layout()
+            },
+            extra: Some(nop),
+        };
+        // SAFETY: `grown` is `size` readable bytes.
+        let Err(e) = (unsafe { copy_ops(&grown.ops) }) else {
+            panic!("accepted")
+        };
+        assert_eq!(e.errno, libc::ENOTSUP);
+    }
 }

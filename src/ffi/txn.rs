@@ -404,10 +404,13 @@ pub unsafe extern "C" fn qdirty_txn_abort(
     txn: *mut qdirty_txn,
     errp: *mut *mut qdirty_error,
 ) -> c_int {
-    ffi_call!(errp = errp, release = {
-        // SAFETY: see the function's Safety section.
-        unsafe { txn_mut(txn) }?.finish(false)
-    })
+    ffi_call!(
+        errp = errp,
+        release = {
+            // SAFETY: see the function's Safety section.
+            unsafe { txn_mut(txn) }?.finish(false)
+        }
+    )
 }
 
 /// Frees a transaction. Actions still prepared (neither committed nor aborted) are aborted

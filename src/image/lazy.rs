@@ -123,7 +123,11 @@ impl TableSource {
                             .read_exact_at(&mut buf[..len], off)
                             .map_err(|err| {
                                 Error::io(
-                                    format!("Could not read bitmap '{}' from image", self.name),
+                                    format!(
+                                        "Could not read bitmap '{}' from image (data at offset \
+                                         {off:#x})",
+                                        self.name
+                                    ),
                                     err,
                                 )
                             })?;
