@@ -8,6 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::ExitCode;
 
+use qdirty::bitmap::CHECK_INCONSISTENT;
 use qdirty::image::check::{check_bitmaps, CheckReport};
 use qdirty::{AddOptions, Image};
 use util::{human_size, parse_size, scan, Arity, Json, OptSpec, Progress, SizeError};
@@ -19,7 +20,7 @@ Commands (qdirty COMMAND --help for each):
   info   IMG [--output=human|json] [--count]
   bitmap (--add | --remove | --clear | --enable | --disable | --merge SOURCE [-b SOURCE_FILE [-F FMT]])...
          [-g GRANULARITY] IMG BITMAP
-  dump   IMG [BITMAP...] [--union] [--output=human|json]
+  dump   IMG [BITMAP...] [--union] [--skip-inconsistent] [--output=human|json]
   check  IMG [-r] [--remove-inconsistent] [--salvage [--remove-broken]] [--drop-bitmaps]
          [--output=human|json]
   create IMG SIZE [-o cluster_size=SIZE]
@@ -59,16 +60,24 @@ applied in the order given; the first failure stops (what succeeded before is ke
 ";
 
 const DUMP_HELP: &str = "\
-usage: qdirty dump IMG [BITMAP...] [--union] [--output=human|json]
+usage: qdirty dump IMG [BITMAP...] [--union] [--skip-inconsistent] [--output=human|json]
 
 Lists the dirty extents of each BITMAP (default: every bitmap) of IMG, offline: the same
-extents `qemu-nbd -B BITMAP` exports as qemu:dirty-bitmap:BITMAP. Inconsistent (in-use)
-bitmaps are refused when named, and reported without extents otherwise.
+extents `qemu-nbd -B BITMAP` exports as qemu:dirty-bitmap:BITMAP.
 
-  --union       one extent list: the union of the bitmaps (what is dirty in any of them,
-                e.g. everything changed since the oldest of several checkpoints)
-  --output=FMT  human (default: one \"OFFSET LENGTH\" line per extent) or json
-  -f qcow2      accepted for qemu-img compatibility
+An inconsistent (in-use) bitmap has no usable extents: a named one is refused (exit 1, no
+output). When listing every bitmap, it is reported without extents (human: a '#' line; json:
+\"consistent\": false), the other bitmaps are listed in full, stderr names it and the exit
+status is 1, so that a script cannot take it for \"nothing changed\".
+A bitmap whose data cannot be read is an error (exit 1, no output).
+
+  --union              one extent list: the union of the bitmaps (what is dirty in any of
+                       them, e.g. everything changed since the oldest of several checkpoints)
+  --skip-inconsistent  report inconsistent bitmaps (listed or named) without extents and exit
+                       0 (stderr still names them), as qemu-img convert --skip-broken-bitmaps
+                       leaves them out
+  --output=FMT         human (default: one \"OFFSET LENGTH\" line per extent) or json
+  -f qcow2             accepted for qemu-img compatibility
 ";
 
 const CHECK_HELP: &str = "\
@@ -304,18 +313,22 @@ fn cmd_info(argv: &[OsString]) -> Res<u8> {
     let path = one_image(&p, "info", INFO_HELP)?;
     let info = Image::inspect_with(path, has(&p, "force-share")).map_err(|e| img_err(path, &e))?;
     let counts: Option<Vec<Option<u64>>> = if has(&p, "count") {
-        let img =
+        let mut img =
             Image::open_with(path, false, has(&p, "force-share")).map_err(|e| img_err(path, &e))?;
-        let c = info
-            .bitmaps
-            .iter()
-            .map(|b| {
-                img.find_bitmap(&b.name)
-                    .and_then(|id| img.bitmap(id))
-                    .filter(|bm| !bm.inconsistent())
-                    .map(|bm| bm.count())
-            })
-            .collect();
+        let mut c = Vec::with_capacity(info.bitmaps.len());
+        for b in &info.bitmaps {
+            let id = img
+                .bitmaps()
+                .lookup(&b.name)
+                .map_err(|e| img_err(path, &e))?;
+            let inconsistent = img.bitmap(id).expect("looked up").inconsistent();
+            // Inconsistent: no count (null), as its flags say. Otherwise a read error fails.
+            c.push(if inconsistent {
+                None
+            } else {
+                Some(loaded(&mut img, id).map_err(|e| img_err(path, &e))?.count())
+            });
+        }
         drop(img);
         Some(c)
     } else {
@@ -553,17 +566,22 @@ fn cmd_bitmap(argv: &[OsString]) -> Res<u8> {
                     .and_then(|id| img.bitmaps_mut().bitmap_mut(id)?.disable()),
             ),
             Op::Merge(src) => match &src_file {
-                None => ("merge", img.merge_bitmap(name, src.as_bytes())),
+                None => (
+                    "merge",
+                    load_source(&mut img, src.as_bytes())
+                        .and_then(|()| img.merge_bitmap(name, src.as_bytes())),
+                ),
                 Some(f) => {
                     let src_path = Path::new(f);
-                    let src_img = match open_image(src_path, false) {
+                    let mut src_img = match open_image(src_path, false) {
                         Ok(s) => s,
                         Err(e) => {
                             result = Err(e);
                             break;
                         }
                     };
-                    let r = img.merge_bitmap_from(name, &src_img, src.as_bytes());
+                    let r = load_source(&mut src_img, src.as_bytes())
+                        .and_then(|()| img.merge_bitmap_from(name, &src_img, src.as_bytes()));
                     ("merge", r)
                 }
             },
@@ -587,9 +605,33 @@ fn cmd_bitmap(argv: &[OsString]) -> Res<u8> {
     Ok(code)
 }
 
+/// Reads a merge source's data now if it is still on disk, so that a read error fails the
+/// merge (naming the bitmap) instead of merging clean bits. An unknown or inconsistent source
+/// is left to the merge, which refuses it with QEMU's message.
+fn load_source(img: &mut Image, name: &[u8]) -> qdirty::Result<()> {
+    match img.find_bitmap(name) {
+        Some(id) => img.bitmaps_mut().bitmap_mut(id)?.ensure_loaded(),
+        None => Ok(()),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 
-fn extents(bm: &qdirty::DirtyBitmap) -> Vec<(u64, u64)> {
+/// A consistent bitmap with its data in memory (read now if still on disk). Fails with QEMU's
+/// refusal for an inconsistent bitmap, or with the read error: never a bitmap whose unusable
+/// bits would read as clean.
+fn loaded(img: &mut Image, id: qdirty::BitmapId) -> qdirty::Result<&qdirty::DirtyBitmap> {
+    let bm = img.bitmaps_mut().bitmap_mut(id)?;
+    bm.check(CHECK_INCONSISTENT)?;
+    bm.ensure_loaded()?;
+    // A load that failed through a reader leaves the bitmap inconsistent: check again.
+    bm.check(CHECK_INCONSISTENT)?;
+    Ok(bm)
+}
+
+/// The dirty extents of a consistent bitmap, as qemu-nbd exports them (see [`loaded`]).
+fn read_extents(img: &mut Image, id: qdirty::BitmapId) -> qdirty::Result<Vec<(u64, u64)>> {
+    let bm = loaded(img, id)?;
     let mut out = Vec::new();
     let mut pos = 0;
     let size = bm.size();
@@ -602,7 +644,8 @@ fn extents(bm: &qdirty::DirtyBitmap) -> Vec<(u64, u64)> {
             _ => break,
         }
     }
-    out
+    bm.check(CHECK_INCONSISTENT)?;
+    Ok(out)
 }
 
 fn union(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
@@ -626,6 +669,7 @@ struct Dumped {
     granularity: u64,
     size: u64,
     enabled: Option<bool>,
+    /// None: inconsistent, extents unknown.
     extents: Option<Vec<(u64, u64)>>,
 }
 
@@ -633,19 +677,20 @@ fn cmd_dump(argv: &[OsString]) -> Res<u8> {
     let specs = [
         opt("output", None, Arity::Value),
         opt("union", None, Arity::Flag),
+        opt("skip-inconsistent", None, Arity::Flag),
         opt("format", Some('f'), Arity::Value),
     ];
     let p = parse(argv, &specs, "dump", DUMP_HELP)?;
     let json = output_json(&p, DUMP_HELP)?;
+    let skip = has(&p, "skip-inconsistent");
     let Some((img_arg, names)) = p.args.split_first() else {
         return Err(usage_fail("dump: expecting an image file name", DUMP_HELP));
     };
     let path = Path::new(img_arg);
-    let img = open_image(path, false)?;
+    let mut img = open_image(path, false)?;
     // Directory order (oldest first), as qemu-img info lists them.
     let mut ids = img.bitmap_ids();
     ids.reverse();
-    let mut out = Vec::new();
     let selected: Vec<qdirty::BitmapId> = if names.is_empty() {
         ids.into_iter()
             .filter(|&id| {
@@ -662,30 +707,44 @@ fn cmd_dump(argv: &[OsString]) -> Res<u8> {
                 .lookup(n)
                 .map_err(|e| bm_err(path, &name_of(n), cause(&e)))?;
             let bm = img.bitmap(id).expect("looked up");
-            if let Err(e) = bm.check(qdirty::bitmap::CHECK_INCONSISTENT) {
-                return Err(bm_err(
-                    path,
-                    &name_of(n),
-                    format!(
-                        "{} (try 'qdirty bitmap --remove {} {}' to delete it)",
-                        cause(&e),
-                        path.display(),
-                        name_of(n)
-                    ),
-                ));
+            if let Err(e) = bm.check(CHECK_INCONSISTENT) {
+                if !skip {
+                    return Err(bm_err(
+                        path,
+                        &name_of(n),
+                        format!(
+                            "{} (try 'qdirty bitmap --remove {} {}' to delete it)",
+                            cause(&e),
+                            path.display(),
+                            name_of(n)
+                        ),
+                    ));
+                }
             }
             v.push(id);
         }
         v
     };
+    let mut out = Vec::new();
+    // The inconsistent bitmaps reported without extents, with QEMU's refusal.
+    let mut unusable: Vec<(String, String)> = Vec::new();
     for id in selected {
         let bm = img.bitmap(id).expect("listed");
+        let (name, granularity, size) = (bm.display_name(), bm.granularity(), bm.size());
+        let (enabled, extents) = if let Err(e) = bm.check(CHECK_INCONSISTENT) {
+            unusable.push((name.clone(), cause(&e)));
+            (None, None)
+        } else {
+            let enabled = bm.enabled();
+            let ext = read_extents(&mut img, id).map_err(|e| img_err(path, &e))?;
+            (Some(enabled), Some(ext))
+        };
         out.push(Dumped {
-            name: bm.display_name(),
-            granularity: bm.granularity(),
-            size: bm.size(),
-            enabled: (!bm.inconsistent()).then(|| bm.enabled()),
-            extents: (!bm.inconsistent()).then(|| extents(bm)),
+            name,
+            granularity,
+            size,
+            enabled,
+            extents,
         });
     }
     if has(&p, "union") {
@@ -713,79 +772,107 @@ fn cmd_dump(argv: &[OsString]) -> Res<u8> {
         }];
     }
     drop(img);
-    if json {
-        let bitmaps = out
-            .iter()
-            .map(|d| {
-                let ext = d.extents.as_ref();
-                Json::Obj(vec![
-                    ("name", Json::Str(d.name.clone())),
-                    ("granularity", Json::Num(d.granularity)),
-                    ("size", Json::Num(d.size)),
-                    ("consistent", Json::Bool(ext.is_some())),
-                    ("enabled", d.enabled.map_or(Json::Null, Json::Bool)),
-                    (
-                        "dirty_bytes",
-                        ext.map_or(Json::Null, |e| Json::Num(e.iter().map(|x| x.1).sum())),
-                    ),
-                    (
-                        "extents",
-                        ext.map_or(Json::Null, |e| {
-                            Json::Arr(
-                                e.iter()
-                                    .map(|&(o, l)| {
-                                        Json::Obj(vec![
-                                            ("offset", Json::Num(o)),
-                                            ("length", Json::Num(l)),
-                                        ])
-                                    })
-                                    .collect(),
-                            )
-                        }),
-                    ),
-                ])
-            })
-            .collect();
-        let j = Json::Obj(vec![
-            ("image", Json::Str(path.display().to_string())),
-            ("union", Json::Bool(has(&p, "union"))),
-            ("bitmaps", Json::Arr(bitmaps)),
-        ]);
-        println!("{}", j.pretty());
-        return Ok(0);
+    let written = if json {
+        print_dump_json(path, &out, has(&p, "union"))
+    } else {
+        print_dump_human(&out)
+    };
+    for (name, why) in &unusable {
+        let what = if skip {
+            "skipped, its dirty extents are unknown".to_string()
+        } else {
+            format!(
+                "its dirty extents are unknown (try 'qdirty bitmap --remove {} {name}' to \
+                 delete it; --skip-inconsistent exits 0 anyway)",
+                path.display()
+            )
+        };
+        eprintln!(
+            "qdirty: '{}': bitmap '{name}': {why}: {what}",
+            path.display()
+        );
     }
+    match written {
+        // The reader stopped early (head): it has what it wanted.
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(fail(format!("dump: could not write the extents: {e}")))
+        }
+        _ => Ok(if unusable.is_empty() || skip { 0 } else { 1 }),
+    }
+}
+
+fn print_dump_json(path: &Path, out: &[Dumped], union: bool) -> std::io::Result<()> {
+    let bitmaps = out
+        .iter()
+        .map(|d| {
+            let ext = d.extents.as_ref();
+            Json::Obj(vec![
+                ("name", Json::Str(d.name.clone())),
+                ("granularity", Json::Num(d.granularity)),
+                ("size", Json::Num(d.size)),
+                ("consistent", Json::Bool(ext.is_some())),
+                ("enabled", d.enabled.map_or(Json::Null, Json::Bool)),
+                (
+                    "dirty_bytes",
+                    ext.map_or(Json::Null, |e| Json::Num(e.iter().map(|x| x.1).sum())),
+                ),
+                (
+                    "extents",
+                    ext.map_or(Json::Null, |e| {
+                        Json::Arr(
+                            e.iter()
+                                .map(|&(o, l)| {
+                                    Json::Obj(vec![
+                                        ("offset", Json::Num(o)),
+                                        ("length", Json::Num(l)),
+                                    ])
+                                })
+                                .collect(),
+                        )
+                    }),
+                ),
+            ])
+        })
+        .collect();
+    let j = Json::Obj(vec![
+        ("image", Json::Str(path.display().to_string())),
+        ("union", Json::Bool(union)),
+        ("bitmaps", Json::Arr(bitmaps)),
+    ]);
+    use std::io::Write;
+    let mut w = std::io::stdout().lock();
+    writeln!(w, "{}", j.pretty())?;
+    w.flush()
+}
+
+fn print_dump_human(out: &[Dumped]) -> std::io::Result<()> {
     use std::io::Write;
     let stdout = std::io::stdout();
     let mut w = std::io::BufWriter::new(stdout.lock());
-    for d in &out {
-        let r = match &d.extents {
+    for d in out {
+        match &d.extents {
             None => writeln!(
                 w,
                 "# bitmap '{}': inconsistent (in-use), no extents",
                 d.name
-            ),
+            )?,
             Some(e) => {
                 let total: u64 = e.iter().map(|x| x.1).sum();
-                let mut r = writeln!(
+                writeln!(
                     w,
                     "# bitmap '{}': granularity {}, {} extents, {total} dirty bytes ({})",
                     d.name,
                     d.granularity,
                     e.len(),
                     human_size(total)
-                );
+                )?;
                 for (o, l) in e {
-                    r = r.and_then(|()| writeln!(w, "{o} {l}"));
+                    writeln!(w, "{o} {l}")?;
                 }
-                r
             }
-        };
-        if r.is_err() {
-            return Ok(0); // stdout closed (head): nothing more to say
         }
     }
-    let _ = w.flush();
-    Ok(0)
+    w.flush()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -237,9 +237,133 @@ fn dump_matches_qemu_nbd() {
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "{err}");
-    // Listing all: reported without extents, exit 0.
-    let all = qd_ok(&["dump", "--output=json", &base], &dir);
-    assert!(all.contains("\"consistent\": false"), "{all}");
+}
+
+/// The extents of one bitmap of a `qdirty dump --output=json` document (None: null).
+fn json_extents(b: &Json) -> Option<Vec<(u64, u64)>> {
+    b.get("extents").and_then(Json::as_array).map(|a| {
+        a.iter()
+            .map(|e| {
+                (
+                    e.get("offset").and_then(Json::as_u64).unwrap(),
+                    e.get("length").and_then(Json::as_u64).unwrap(),
+                )
+            })
+            .collect()
+    })
+}
+
+#[test]
+fn dump_never_lists_an_in_use_bitmap_as_clean() {
+    if !require_qemu("dump_never_lists_an_in_use_bitmap_as_clean") {
+        return;
+    }
+    let t = TempDir::new("cli-dump-inuse");
+    let img = t.join("a.qcow2");
+    qemu_img_create(&img, 64 << 20, "", &[]);
+    qemu_img_bitmap_add(&img, "old", None, false);
+    qemu_io_write(&img, &[(0, 65536)]);
+    // QEMU killed while it had the image open read-write: 'old' stays in_use for good.
+    qemu_io_abort(&img, &["write 8M 64k".into()]);
+    qemu_img_bitmap_add(&img, "new", Some(4096), false);
+    qemu_io_write(&img, &[(1 << 20, 10_000), (30 << 20, 4096)]);
+    let qi = qemu_img_info_bitmaps(&img, false);
+    let in_use: Vec<(&str, bool)> = qi.iter().map(|b| (b.name.as_str(), b.in_use())).collect();
+    assert_eq!(in_use, [("old", true), ("new", false)]);
+    let refusal = nbd_refusal(&img, "old").expect("qemu-nbd refuses an in-use bitmap");
+    let qemu_msg = "Bitmap 'old' is inconsistent and cannot be used";
+    assert!(refusal.contains(qemu_msg), "{refusal}");
+    let new_extents = nbd_dirty_extents(&img, "new");
+    assert_eq!(new_extents, [(1 << 20, 12288), (30 << 20, 4096)]);
+    let (dir, base) = split(&img);
+
+    // Every bitmap, JSON: complete, 'old' without extents, exit 1, stderr names it.
+    let o = qd(&["dump", "--output=json", &base], &dir);
+    assert_eq!(code(&o), 1, "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("qdirty: "), "{err}");
+    assert!(
+        err.contains("bitmap 'old'") && err.contains(qemu_msg),
+        "{err}"
+    );
+    assert!(err.contains("--skip-inconsistent"), "{err}");
+    let js = Json::parse(&text(&o.stdout)).unwrap();
+    let list = js.get("bitmaps").and_then(Json::as_array).unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0].get("name").and_then(Json::as_str), Some("old"));
+    assert_eq!(
+        list[0].get("consistent").and_then(Json::as_bool),
+        Some(false)
+    );
+    assert_eq!(json_extents(&list[0]), None);
+    assert_eq!(list[1].get("name").and_then(Json::as_str), Some("new"));
+    assert_eq!(
+        list[1].get("consistent").and_then(Json::as_bool),
+        Some(true)
+    );
+    assert_eq!(json_extents(&list[1]), Some(new_extents.clone()));
+
+    // Human: the '#' line is not the only trace: exit 1 and stderr.
+    let o = qd(&["dump", &base], &dir);
+    assert_eq!(code(&o), 1);
+    let human = text(&o.stdout);
+    assert!(
+        human.contains("# bitmap 'old': inconsistent (in-use), no extents"),
+        "{human}"
+    );
+    let lines: Vec<(u64, u64)> = human
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let (a, b) = l.split_once(' ').unwrap();
+            (a.parse().unwrap(), b.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(lines, new_extents);
+    assert!(text(&o.stderr).contains(qemu_msg), "{}", text(&o.stderr));
+
+    // The union of every bitmap cannot be complete either.
+    let o = qd(&["dump", "--union", &base], &dir);
+    assert_eq!(code(&o), 1);
+    assert!(text(&o.stderr).contains(qemu_msg));
+
+    // --skip-inconsistent: same output, exit 0, the note stays.
+    for extra in [&["--output=json"][..], &[], &["--union"]] {
+        let mut args = vec!["dump", "--skip-inconsistent"];
+        args.extend_from_slice(extra);
+        args.push(&base);
+        let o = qd(&args, &dir);
+        assert_eq!(code(&o), 0, "{args:?}: {}", text(&o.stderr));
+        let err = text(&o.stderr);
+        assert!(
+            err.contains("bitmap 'old'") && err.contains(qemu_msg),
+            "{err}"
+        );
+        let mut plain = args.clone();
+        plain.retain(|a| *a != "--skip-inconsistent");
+        assert_eq!(o.stdout, qd(&plain, &dir).stdout, "{args:?}");
+    }
+    // Named: refused (as qemu-nbd) unless skipped; a consistent one alone is fine.
+    let o = qd(&["dump", &base, "new", "old"], &dir);
+    assert_eq!(code(&o), 1);
+    assert!(o.stdout.is_empty());
+    let o = qd(
+        &["dump", "--skip-inconsistent", "--output=json", &base, "old"],
+        &dir,
+    );
+    assert_eq!(code(&o), 0);
+    assert!(text(&o.stderr).contains(qemu_msg));
+    let js = Json::parse(&text(&o.stdout)).unwrap();
+    let list = js.get("bitmaps").and_then(Json::as_array).unwrap();
+    assert_eq!(
+        list[0].get("consistent").and_then(Json::as_bool),
+        Some(false)
+    );
+    assert_eq!(qd_dump(&img, &["new"]), [("new".to_string(), new_extents)]);
+    // The help says so.
+    let help = qd_ok(&["dump", "--help"], &dir);
+    assert!(help.contains("--skip-inconsistent"), "{help}");
 }
 
 /// One qemu-img bitmap call and the same qdirty bitmap call on copies of `img`: same exit code,
