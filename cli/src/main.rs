@@ -588,10 +588,19 @@ fn cmd_bitmap(argv: &[OsString]) -> Res<u8> {
         };
         if let Err(e) = r {
             let mut msg = format!("Operation {what} failed: {}", cause(&e));
-            if e.hint().is_some() {
+            if let qdirty::Error::Inconsistent { name: bad } = &e {
+                // The inconsistent bitmap may be the merge source, possibly in another file.
+                let target_bad = img
+                    .find_bitmap(name)
+                    .and_then(|id| img.bitmap(id))
+                    .is_some_and(|b| b.inconsistent());
+                let file = match (op, &src_file) {
+                    (Op::Merge(_), Some(f)) if !target_bad => Path::new(f),
+                    _ => path,
+                };
                 msg.push_str(&format!(
-                    " (try 'qdirty bitmap --remove {} {shown}' to delete it)",
-                    path.display()
+                    " (try 'qdirty bitmap --remove {} {bad}' to delete it)",
+                    file.display()
                 ));
             }
             result = Err(bm_err(path, &shown, msg));

@@ -483,6 +483,36 @@ fn bitmap_ops_match_qemu_img_bitmap() {
         "b2",
         "m-used",
     );
+    // The removal hint names the inconsistent bitmap and its file, never the target.
+    let hint = t.join("hint.qcow2");
+    copy(&img, &hint);
+    let (dir, _) = split(&hint);
+    let o = qd(
+        &[
+            "bitmap",
+            "--merge",
+            "b1",
+            "-b",
+            "used-src.qcow2",
+            "hint.qcow2",
+            "b2",
+        ],
+        &dir,
+    );
+    assert_eq!(code(&o), 1);
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("Bitmap 'b1' is inconsistent")
+            && err.contains("try 'qdirty bitmap --remove used-src.qcow2 b1'"),
+        "{err}"
+    );
+    let o = qd(&["bitmap", "--clear", "used.qcow2", "b3"], &dir);
+    assert_eq!(code(&o), 1);
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("try 'qdirty bitmap --remove used.qcow2 b3'"),
+        "{err}"
+    );
 }
 
 #[test]
