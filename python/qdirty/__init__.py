@@ -21,7 +21,9 @@ flags of the C API.
 Errors raise :class:`QdirtyError`, which carries the positive ``errno``, the ``message`` and an
 optional ``hint``. Using a closed image, or a bitmap that no longer exists (removed, released,
 abdicated, reclaimed, or its image closed), raises ``ValueError``: no freed C handle is ever
-passed to the library.
+passed to the library. Offsets, lengths, sizes, granularities, counts and indices are checked
+before any C call: ``TypeError`` for anything but an integer (``bool`` included), ``ValueError``
+for a negative value or one too large for the C parameter.
 
 The library is found through ``QDIRTY_LIB``, then the repository's ``target/`` folder, then the
 system library path.

@@ -7,7 +7,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Tuple
 
 from . import _ffi
-from ._common import U64_MAX, addr, check_ptr, check_rc, lib
+from ._common import U64_MAX, addr, check_ptr, check_rc, lib, uint
 from ._state import ImageState
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -109,6 +109,7 @@ class DirtyIterator:
     def seek(self, offset: int) -> None:
         """The next offset returned is the first dirty granule at or after the granule
         containing ``offset`` (EINVAL at or beyond the bitmap's size)."""
+        offset = uint(offset, "offset")
         check_rc(lib.qdirty_iter_seek, self._h(), offset)
 
     def close(self) -> None:
@@ -289,11 +290,13 @@ class Bitmap:
     def set_dirty(self, offset: int, length: int) -> None:
         """Marks [offset, offset + length) dirty, rounded outward to granules (works on
         disabled bitmaps too)."""
+        offset, length = uint(offset, "offset"), uint(length, "length")
         check_rc(lib.qdirty_bitmap_set_dirty, self._p(), offset, length)
 
     def reset_dirty(self, offset: int, length: int) -> None:
         """Clears [offset, offset + length); granule-aligned, except a length reaching the
         end."""
+        offset, length = uint(offset, "offset"), uint(length, "length")
         check_rc(lib.qdirty_bitmap_reset_dirty, self._p(), offset, length)
 
     def clear(self) -> None:
@@ -322,6 +325,7 @@ class Bitmap:
 
     def get(self, offset: int) -> bool:
         """Whether the granule containing ``offset`` is dirty (False beyond the end)."""
+        offset = uint(offset, "offset")
         return bool(lib.qdirty_bitmap_get(self._p(), offset))
 
     def __contains__(self, offset: int) -> bool:
@@ -333,12 +337,16 @@ class Bitmap:
 
     def next_dirty(self, offset: int = 0, length: Optional[int] = None) -> Optional[int]:
         """The first dirty offset in [offset, offset + length), or None."""
-        r = lib.qdirty_bitmap_next_dirty(self._p(), offset, U64_MAX if length is None else length)
+        offset = uint(offset, "offset")
+        length = U64_MAX if length is None else uint(length, "length")
+        r = lib.qdirty_bitmap_next_dirty(self._p(), offset, length)
         return None if r < 0 else int(r)
 
     def next_zero(self, offset: int = 0, length: Optional[int] = None) -> Optional[int]:
         """The first clean offset in [offset, offset + length), or None."""
-        r = lib.qdirty_bitmap_next_zero(self._p(), offset, U64_MAX if length is None else length)
+        offset = uint(offset, "offset")
+        length = U64_MAX if length is None else uint(length, "length")
+        r = lib.qdirty_bitmap_next_zero(self._p(), offset, length)
         return None if r < 0 else int(r)
 
     def next_dirty_area(
@@ -346,24 +354,25 @@ class Bitmap:
     ) -> Optional[Tuple[int, int]]:
         """The next dirty run ``(offset, length)`` in [start, end), at most ``max_count``
         bytes long, or None."""
+        start = uint(start, "start")
+        end = U64_MAX if end is None else uint(end, "end")
+        max_count = U64_MAX if max_count is None else uint(max_count, "max_count")
         s = ctypes.c_uint64()
         c = ctypes.c_uint64()
         found = lib.qdirty_bitmap_next_dirty_area(
-            self._p(),
-            start,
-            U64_MAX if end is None else end,
-            U64_MAX if max_count is None else max_count,
-            ctypes.byref(s),
-            ctypes.byref(c),
+            self._p(), start, end, max_count, ctypes.byref(s), ctypes.byref(c)
         )
         return (int(s.value), int(c.value)) if found else None
 
     def status(self, offset: int, length: Optional[int] = None) -> Tuple[bool, int]:
         """``(dirty, run)``: whether ``offset`` is dirty, and the length of the run of granules
         in the same state starting there, capped at ``length`` (default: to the end)."""
+        offset = uint(offset, "offset")
+        if length is not None:
+            length = uint(length, "length")
         h = self._p()
         if length is None:
-            length = int(lib.qdirty_bitmap_size(h)) - offset
+            length = max(int(lib.qdirty_bitmap_size(h)) - offset, 0)
         count = ctypes.c_uint64()
         rc = check_rc(lib.qdirty_bitmap_status, h, offset, length, ctypes.byref(count))
         return rc == 1, int(count.value)
@@ -373,7 +382,10 @@ class Bitmap:
     ) -> Iterator[Tuple[int, int]]:
         """Yields every dirty run ``(offset, length)`` in [start, end), in order, each at most
         ``max_len`` bytes long. Runs are clamped to the bitmap's size."""
-        if max_len is not None and max_len <= 0:
+        start = uint(start, "start")
+        if end is not None:
+            end = uint(end, "end")
+        if max_len is not None and uint(max_len, "max_len") == 0:
             raise ValueError("max_len must be positive")
         pos = start
         while True:
@@ -388,7 +400,10 @@ class Bitmap:
     ) -> Iterator[Tuple[int, int]]:
         """Yields every clean run ``(offset, length)`` in [start, end), in order, each at most
         ``max_len`` bytes long."""
-        if max_len is not None and max_len <= 0:
+        start = uint(start, "start")
+        if end is not None:
+            end = uint(end, "end")
+        if max_len is not None and uint(max_len, "max_len") == 0:
             raise ValueError("max_len must be positive")
         size = self.size
         stop = size if end is None else min(end, size)
@@ -407,6 +422,7 @@ class Bitmap:
     def iter_granules(self, start: int = 0) -> DirtyIterator:
         """A :class:`DirtyIterator` over the offsets of the dirty granules, from the granule
         containing ``start`` (QEMU's ``bdrv_dirty_iter_new``)."""
+        start = uint(start, "start")
         h = check_ptr(lib.qdirty_bitmap_iter_new, self._p())
         it = DirtyIterator(self, h)
         if start:
@@ -467,11 +483,13 @@ class Bitmap:
 
     def serialization_size(self, offset: int, length: int) -> int:
         """Buffer bytes needed to serialize [offset, offset + length)."""
+        offset, length = uint(offset, "offset"), uint(length, "length")
         return check_rc(lib.qdirty_bitmap_serialization_size, self._p(), offset, length)
 
     def serialize_part(self, offset: int, length: int) -> bytes:
         """The bits of [offset, offset + length) in QEMU's layout (64-bit little-endian
         words)."""
+        offset, length = uint(offset, "offset"), uint(length, "length")
         h = self._p()
         n = check_rc(lib.qdirty_bitmap_serialization_size, h, offset, length)
         buf = ctypes.create_string_buffer(max(n, 1))
@@ -482,15 +500,18 @@ class Bitmap:
         """Overwrites [offset, offset + length) from ``data`` (layout of
         :meth:`serialize_part`); counts and searches see the new bits after ``finish`` or
         :meth:`deserialize_finish`."""
+        offset, length = uint(offset, "offset"), uint(length, "length")
         raw = bytes(data)
         check_rc(lib.qdirty_bitmap_deserialize_part, self._p(), raw, len(raw), offset, length, bool(finish))
 
     def deserialize_zeroes(self, offset: int, length: int, finish: bool = False) -> None:
         """Fills [offset, offset + length) with clean granules."""
+        offset, length = uint(offset, "offset"), uint(length, "length")
         check_rc(lib.qdirty_bitmap_deserialize_zeroes, self._p(), offset, length, bool(finish))
 
     def deserialize_ones(self, offset: int, length: int, finish: bool = False) -> None:
         """Fills [offset, offset + length) with dirty granules."""
+        offset, length = uint(offset, "offset"), uint(length, "length")
         check_rc(lib.qdirty_bitmap_deserialize_ones, self._p(), offset, length, bool(finish))
 
     def deserialize_finish(self) -> None:
