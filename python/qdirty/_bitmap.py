@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import weakref
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Tuple, TypeVar
 
 from . import _ffi
 from ._common import U64_MAX, addr, check_ptr, check_rc, lib, uint
@@ -12,6 +12,8 @@ from ._state import ImageState
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._image import Image
+
+_T = TypeVar("_T")
 
 #: :meth:`Bitmap.check` flag (QEMU's BDRV_BITMAP_BUSY): fail if the bitmap is busy.
 CHECK_BUSY = _ffi.QDIRTY_CHECK_BUSY
@@ -101,8 +103,15 @@ class DirtyIterator:
         return self
 
     def __next__(self) -> int:
-        r = lib.qdirty_iter_next(self._h())
+        """The next dirty granule's offset. :class:`QdirtyError` when the bitmap is (or
+        becomes, e.g. its data unreadable) inconsistent, or is gone: never a silent end."""
+        h = self._h()
+        bh = self._bitmap._p()
+        check_rc(lib.qdirty_bitmap_check, bh, CHECK_INCONSISTENT)
+        r = lib.qdirty_iter_next(h)
         if r < 0:
+            # -1 also when the data could not be loaded or the bitmap is gone.
+            check_rc(lib.qdirty_bitmap_check, bh, CHECK_INCONSISTENT)
             raise StopIteration
         return int(r)
 
@@ -323,88 +332,134 @@ class Bitmap:
         check_rc(lib.qdirty_bitmap_merge, self._p(), src._p(), None)
         return None
 
+    # Reads. A bitmap that cannot be used must never read as clean: each read runs
+    # qdirty_bitmap_check(INCONSISTENT) first, which fails for an inconsistent bitmap, loads the
+    # data of one still on disk (failing with EIO when it cannot be read) and fails with ENOENT
+    # for one that no longer exists. The check runs again after reads whose C function has no
+    # error channel (a read that had to load the data and failed leaves the bitmap
+    # inconsistent, which only a check shows).
+
+    def _check_readable(self, h: Any) -> None:
+        check_rc(lib.qdirty_bitmap_check, h, CHECK_INCONSISTENT)
+
+    def _read(self, fn: Callable[[Any], _T]) -> _T:
+        """``fn(handle)`` between two readability checks."""
+        h = self._p()
+        self._check_readable(h)
+        r = fn(h)
+        self._check_readable(h)
+        return r
+
     def get(self, offset: int) -> bool:
-        """Whether the granule containing ``offset`` is dirty (False beyond the end)."""
+        """Whether the granule containing ``offset`` is dirty (False beyond the end).
+        :class:`QdirtyError` if the bitmap is inconsistent, its data unreadable or gone."""
         offset = uint(offset, "offset")
-        return bool(lib.qdirty_bitmap_get(self._p(), offset))
+        return self._read(lambda h: bool(lib.qdirty_bitmap_get(h, offset)))
 
     def __contains__(self, offset: int) -> bool:
         return self.get(offset)
 
     def count(self) -> int:
-        """Dirty bytes: dirty granules times the granularity."""
-        return int(lib.qdirty_bitmap_count(self._p()))
+        """Dirty bytes: dirty granules times the granularity. :class:`QdirtyError` if the
+        bitmap is inconsistent, its data unreadable or gone."""
+        return self._read(lambda h: int(lib.qdirty_bitmap_count(h)))
 
     def next_dirty(self, offset: int = 0, length: Optional[int] = None) -> Optional[int]:
-        """The first dirty offset in [offset, offset + length), or None."""
+        """The first dirty offset in [offset, offset + length), or None. :class:`QdirtyError`
+        if the bitmap is inconsistent, its data unreadable or gone."""
         offset = uint(offset, "offset")
         length = U64_MAX if length is None else uint(length, "length")
-        r = lib.qdirty_bitmap_next_dirty(self._p(), offset, length)
-        return None if r < 0 else int(r)
+        r = self._read(lambda h: int(lib.qdirty_bitmap_next_dirty(h, offset, length)))
+        return None if r < 0 else r
 
     def next_zero(self, offset: int = 0, length: Optional[int] = None) -> Optional[int]:
-        """The first clean offset in [offset, offset + length), or None."""
+        """The first clean offset in [offset, offset + length), or None. :class:`QdirtyError`
+        if the bitmap is inconsistent, its data unreadable or gone."""
         offset = uint(offset, "offset")
         length = U64_MAX if length is None else uint(length, "length")
-        r = lib.qdirty_bitmap_next_zero(self._p(), offset, length)
-        return None if r < 0 else int(r)
+        r = self._read(lambda h: int(lib.qdirty_bitmap_next_zero(h, offset, length)))
+        return None if r < 0 else r
+
+    @staticmethod
+    def _next_area(h: Any, start: int, end: int, max_count: int) -> Optional[Tuple[int, int]]:
+        s = ctypes.c_uint64()
+        c = ctypes.c_uint64()
+        found = lib.qdirty_bitmap_next_dirty_area(
+            h, start, end, max_count, ctypes.byref(s), ctypes.byref(c)
+        )
+        return (int(s.value), int(c.value)) if found else None
 
     def next_dirty_area(
         self, start: int = 0, end: Optional[int] = None, max_count: Optional[int] = None
     ) -> Optional[Tuple[int, int]]:
         """The next dirty run ``(offset, length)`` in [start, end), at most ``max_count``
-        bytes long, or None."""
+        bytes long, or None. :class:`QdirtyError` if the bitmap is inconsistent, its data
+        unreadable or gone."""
         start = uint(start, "start")
         end = U64_MAX if end is None else uint(end, "end")
         max_count = U64_MAX if max_count is None else uint(max_count, "max_count")
-        s = ctypes.c_uint64()
-        c = ctypes.c_uint64()
-        found = lib.qdirty_bitmap_next_dirty_area(
-            self._p(), start, end, max_count, ctypes.byref(s), ctypes.byref(c)
-        )
-        return (int(s.value), int(c.value)) if found else None
+        return self._read(lambda h: self._next_area(h, start, end, max_count))
+
+    @staticmethod
+    def _status(h: Any, offset: int, length: int) -> Tuple[bool, int]:
+        count = ctypes.c_uint64()
+        rc = check_rc(lib.qdirty_bitmap_status, h, offset, length, ctypes.byref(count))
+        return rc == 1, int(count.value)
 
     def status(self, offset: int, length: Optional[int] = None) -> Tuple[bool, int]:
         """``(dirty, run)``: whether ``offset`` is dirty, and the length of the run of granules
-        in the same state starting there, capped at ``length`` (default: to the end)."""
+        in the same state starting there, capped at ``length`` (default: to the end).
+        :class:`QdirtyError` if the bitmap is inconsistent, its data unreadable or gone."""
         offset = uint(offset, "offset")
         if length is not None:
             length = uint(length, "length")
         h = self._p()
         if length is None:
             length = max(int(lib.qdirty_bitmap_size(h)) - offset, 0)
-        count = ctypes.c_uint64()
-        rc = check_rc(lib.qdirty_bitmap_status, h, offset, length, ctypes.byref(count))
-        return rc == 1, int(count.value)
+        n = length
+        return self._read(lambda h: self._status(h, offset, n))
 
     def dirty_extents(
         self, start: int = 0, end: Optional[int] = None, max_len: Optional[int] = None
     ) -> Iterator[Tuple[int, int]]:
         """Yields every dirty run ``(offset, length)`` in [start, end), in order, each at most
-        ``max_len`` bytes long. Runs are clamped to the bitmap's size."""
+        ``max_len`` bytes long. Runs are clamped to the bitmap's size. :class:`QdirtyError` if
+        the bitmap is inconsistent, its data unreadable or gone (before the first run)."""
         start = uint(start, "start")
-        if end is not None:
-            end = uint(end, "end")
+        stop = U64_MAX if end is None else uint(end, "end")
         if max_len is not None and uint(max_len, "max_len") == 0:
             raise ValueError("max_len must be positive")
+        cap = U64_MAX if max_len is None else max_len
+        return self._dirty_extents(start, stop, cap)
+
+    def _dirty_extents(self, start: int, stop: int, cap: int) -> Iterator[Tuple[int, int]]:
+        h = self._p()
+        self._check_readable(h)
         pos = start
         while True:
-            area = self.next_dirty_area(pos, end, max_len)
+            area = self._next_area(h, pos, stop, cap)
             if area is None:
-                return
+                break
             yield area
             pos = area[0] + area[1]
+        self._check_readable(h)
 
     def clean_extents(
         self, start: int = 0, end: Optional[int] = None, max_len: Optional[int] = None
     ) -> Iterator[Tuple[int, int]]:
         """Yields every clean run ``(offset, length)`` in [start, end), in order, each at most
-        ``max_len`` bytes long."""
+        ``max_len`` bytes long. :class:`QdirtyError` if the bitmap is inconsistent, its data
+        unreadable or gone."""
         start = uint(start, "start")
         if end is not None:
             end = uint(end, "end")
         if max_len is not None and uint(max_len, "max_len") == 0:
             raise ValueError("max_len must be positive")
+        return self._clean_extents(start, end, max_len)
+
+    def _clean_extents(
+        self, start: int, end: Optional[int], max_len: Optional[int]
+    ) -> Iterator[Tuple[int, int]]:
         size = self.size
         stop = size if end is None else min(end, size)
         pos = start
@@ -423,7 +478,9 @@ class Bitmap:
         """A :class:`DirtyIterator` over the offsets of the dirty granules, from the granule
         containing ``start`` (QEMU's ``bdrv_dirty_iter_new``)."""
         start = uint(start, "start")
-        h = check_ptr(lib.qdirty_bitmap_iter_new, self._p())
+        bh = self._p()
+        self._check_readable(bh)
+        h = check_ptr(lib.qdirty_bitmap_iter_new, bh)
         it = DirtyIterator(self, h)
         if start:
             try:
@@ -434,12 +491,17 @@ class Bitmap:
         return it
 
     def sha256(self) -> str:
-        """SHA-256 of the bits, as QEMU's ``x-debug-block-dirty-bitmap-sha256``."""
-        p = check_ptr(lib.qdirty_bitmap_sha256, self._p())
-        try:
-            return ctypes.string_at(p).decode("ascii")
-        finally:
-            lib.qdirty_string_free(p)
+        """SHA-256 of the bits, as QEMU's ``x-debug-block-dirty-bitmap-sha256``.
+        :class:`QdirtyError` if the bitmap is inconsistent, its data unreadable or gone."""
+
+        def digest(h: Any) -> str:
+            p = check_ptr(lib.qdirty_bitmap_sha256, h)
+            try:
+                return ctypes.string_at(p).decode("ascii")
+            finally:
+                lib.qdirty_string_free(p)
+
+        return self._read(digest)
 
     # -- successors --------------------------------------------------------------------------
 

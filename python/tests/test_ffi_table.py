@@ -2,11 +2,13 @@
 matching arity and pointer/integer return kinds."""
 
 import ctypes
+import errno
 import os
 import re
 import unittest
+from unittest import mock
 
-from _util import qdirty  # noqa: F401  (loads the library)
+from _util import qdirty  # (loads the library)
 from qdirty import _ffi
 
 HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "include", "qdirty.h")
@@ -81,6 +83,19 @@ class PrototypeTableTest(unittest.TestCase):
             fn = getattr(_ffi.lib, name)
             self.assertIs(fn.restype, restype)
             self.assertEqual(list(fn.argtypes), list(argtypes))
+
+    def test_a_missing_function_fails_when_called_not_at_load(self):
+        fake = "qdirty_no_such_function"
+        with mock.patch.dict(_ffi.PROTOTYPES, {fake: (ctypes.c_int, [ctypes.c_int])}):
+            lib = _ffi.load(_ffi.find_library())
+        self.assertEqual(lib.qdirty_missing, [fake])
+        with self.assertRaises(qdirty.QdirtyError) as cm:
+            getattr(lib, fake)(1)
+        self.assertEqual(cm.exception.errno, errno.ENOSYS)
+        self.assertIn(fake, cm.exception.message)
+        self.assertIn(_ffi.find_library(), cm.exception.message)
+        # The rest of that library works.
+        self.assertTrue(lib.qdirty_version())
 
     def test_check_flags_match_header(self):
         text = read_header()
