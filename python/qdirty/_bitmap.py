@@ -336,8 +336,9 @@ class Bitmap:
     # qdirty_bitmap_check(INCONSISTENT) first, which fails for an inconsistent bitmap, loads the
     # data of one still on disk (failing with EIO when it cannot be read) and fails with ENOENT
     # for one that no longer exists. The check runs again after reads whose C function has no
-    # error channel (a read that had to load the data and failed leaves the bitmap
-    # inconsistent, which only a check shows).
+    # error channel: if such a read had to load the data and could not, the check fails too
+    # (the data still cannot be read, or the failed load marked the bitmap inconsistent).
+    # dirty_extents needs neither: its C function fails by itself.
 
     def _check_readable(self, h: Any) -> None:
         check_rc(lib.qdirty_bitmap_check, h, CHECK_INCONSISTENT)
@@ -420,29 +421,53 @@ class Bitmap:
         return self._read(lambda h: self._status(h, offset, n))
 
     def dirty_extents(
-        self, start: int = 0, end: Optional[int] = None, max_len: Optional[int] = None
+        self,
+        start: int = 0,
+        end: Optional[int] = None,
+        batch: int = 1024,
+        *,
+        max_len: Optional[int] = None,
     ) -> Iterator[Tuple[int, int]]:
-        """Yields every dirty run ``(offset, length)`` in [start, end), in order, each at most
-        ``max_len`` bytes long. Runs are clamped to the bitmap's size. :class:`QdirtyError` if
-        the bitmap is inconsistent, its data unreadable or gone (before the first run)."""
+        """Yields every dirty run ``(offset, length)`` in [start, end) (``end`` clamped to the
+        bitmap's size), in order: maximal runs of dirty granules clipped to the range, or,
+        with ``max_len``, pieces of them at most ``max_len`` bytes long.
+
+        The runs come from ``qdirty_bitmap_dirty_extents``, ``batch`` per C call into one
+        reused array. :class:`QdirtyError` if the bitmap is inconsistent, its data unreadable
+        or gone (from the first call, or the call of a later batch). The arguments are checked
+        here, the bitmap when iteration starts."""
         start = uint(start, "start")
         stop = U64_MAX if end is None else uint(end, "end")
+        if uint(batch, "batch") == 0:
+            raise ValueError("batch must be positive")
         if max_len is not None and uint(max_len, "max_len") == 0:
             raise ValueError("max_len must be positive")
-        cap = U64_MAX if max_len is None else max_len
-        return self._dirty_extents(start, stop, cap)
+        return self._dirty_extents(start, stop, batch, max_len)
 
-    def _dirty_extents(self, start: int, stop: int, cap: int) -> Iterator[Tuple[int, int]]:
+    def _dirty_extents(
+        self, start: int, stop: int, batch: int, max_len: Optional[int]
+    ) -> Iterator[Tuple[int, int]]:
         h = self._p()
-        self._check_readable(h)
+        out = (_ffi.Extent * batch)()
+        n = ctypes.c_size_t()
         pos = start
         while True:
-            area = self._next_area(h, pos, stop, cap)
-            if area is None:
-                break
-            yield area
-            pos = area[0] + area[1]
-        self._check_readable(h)
+            check_rc(lib.qdirty_bitmap_dirty_extents, h, pos, stop, out, batch, ctypes.byref(n))
+            runs = [(int(out[i].offset), int(out[i].length)) for i in range(n.value)]
+            for off, length in runs:
+                if max_len is None:
+                    yield off, length
+                    continue
+                while length > 0:
+                    piece = min(length, max_len)
+                    yield off, piece
+                    off += piece
+                    length -= piece
+            if n.value < batch:
+                return
+            pos = runs[-1][0] + runs[-1][1]
+            if pos >= stop:
+                return
 
     def clean_extents(
         self, start: int = 0, end: Optional[int] = None, max_len: Optional[int] = None

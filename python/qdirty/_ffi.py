@@ -72,6 +72,12 @@ class BitmapInfo(ctypes.Structure):
     ]
 
 
+class Extent(ctypes.Structure):
+    """``qdirty_extent``: one dirty run of ``qdirty_bitmap_dirty_extents``, in bytes."""
+
+    _fields_ = [("offset", c_uint64), ("length", c_uint64)]
+
+
 ImageP = POINTER(_Image)
 BitmapP = POINTER(_Bitmap)
 ErrorP = POINTER(_Error)
@@ -81,6 +87,7 @@ BackupP = POINTER(_Backup)
 BackupPP = POINTER(BackupP)
 TxnP = POINTER(_Txn)
 BitmapInfoP = POINTER(BitmapInfo)
+ExtentP = POINTER(Extent)
 
 #: ``typedef void (*qdirty_warning_fn)(const char *message, void *opaque);``
 WARNING_FN = CFUNCTYPE(None, c_char_p, c_void_p)
@@ -137,6 +144,10 @@ PROTOTYPES: Dict[str, Tuple[object, List[object]]] = {
         [BitmapP, c_uint64, c_uint64, c_uint64, POINTER(c_uint64), POINTER(c_uint64)],
     ),
     "qdirty_bitmap_sha256": (OwnedString, [BitmapP, ErrorPP]),
+    "qdirty_bitmap_dirty_extents": (
+        c_int,
+        [BitmapP, c_uint64, c_uint64, ExtentP, c_size_t, POINTER(c_size_t), ErrorPP],
+    ),
     # state and check
     "qdirty_bitmap_check": (c_int, [BitmapP, c_uint32, ErrorPP]),
     "qdirty_bitmap_busy": (c_bool, [BitmapP]),

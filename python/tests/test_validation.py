@@ -164,7 +164,10 @@ class ValidationTest(TempDirTest):
     def test_dirty_extents(self):
         self.refused(lambda v: list(self.bm.dirty_extents(v)))
         self.refused(lambda v: list(self.bm.dirty_extents(0, v)))
+        self.refused(lambda v: list(self.bm.dirty_extents(0, None, v)))
         self.refused(lambda v: list(self.bm.dirty_extents(0, None, max_len=v)))
+        with self.assertRaises(ValueError):
+            list(self.bm.dirty_extents(batch=0))
         with self.assertRaises(ValueError):
             list(self.bm.dirty_extents(max_len=0))
 
