@@ -8,6 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::ExitCode;
 
+use qdirty::bitmap::CHECK_INCONSISTENT;
 use qdirty::image::check::{check_bitmaps, CheckReport};
 use qdirty::{AddOptions, Image};
 use util::{human_size, parse_size, scan, Arity, Json, OptSpec, Progress, SizeError};
@@ -19,7 +20,7 @@ Commands (qdirty COMMAND --help for each):
   info   IMG [--output=human|json] [--count]
   bitmap (--add | --remove | --clear | --enable | --disable | --merge SOURCE [-b SOURCE_FILE [-F FMT]])...
          [-g GRANULARITY] IMG BITMAP
-  dump   IMG [BITMAP...] [--union] [--output=human|json]
+  dump   IMG [BITMAP...] [--union] [--skip-inconsistent] [--output=human|json]
   check  IMG [-r] [--remove-inconsistent] [--salvage [--remove-broken]] [--drop-bitmaps]
          [--output=human|json]
   create IMG SIZE [-o cluster_size=SIZE]
@@ -59,16 +60,24 @@ applied in the order given; the first failure stops (what succeeded before is ke
 ";
 
 const DUMP_HELP: &str = "\
-usage: qdirty dump IMG [BITMAP...] [--union] [--output=human|json]
+usage: qdirty dump IMG [BITMAP...] [--union] [--skip-inconsistent] [--output=human|json]
 
 Lists the dirty extents of each BITMAP (default: every bitmap) of IMG, offline: the same
-extents `qemu-nbd -B BITMAP` exports as qemu:dirty-bitmap:BITMAP. Inconsistent (in-use)
-bitmaps are refused when named, and reported without extents otherwise.
+extents `qemu-nbd -B BITMAP` exports as qemu:dirty-bitmap:BITMAP.
 
-  --union       one extent list: the union of the bitmaps (what is dirty in any of them,
-                e.g. everything changed since the oldest of several checkpoints)
-  --output=FMT  human (default: one \"OFFSET LENGTH\" line per extent) or json
-  -f qcow2      accepted for qemu-img compatibility
+An inconsistent (in-use) bitmap has no usable extents: a named one is refused (exit 1, no
+output). When listing every bitmap, it is reported without extents (human: a '#' line; json:
+\"consistent\": false), the other bitmaps are listed in full, stderr names it and the exit
+status is 1, so that a script cannot take it for \"nothing changed\".
+A bitmap whose data cannot be read is an error (exit 1, no output).
+
+  --union              one extent list: the union of the bitmaps (what is dirty in any of
+                       them, e.g. everything changed since the oldest of several checkpoints)
+  --skip-inconsistent  report inconsistent bitmaps (listed or named) without extents and exit
+                       0 (stderr still names them), as qemu-img convert --skip-broken-bitmaps
+                       leaves them out
+  --output=FMT         human (default: one \"OFFSET LENGTH\" line per extent) or json
+  -f qcow2             accepted for qemu-img compatibility
 ";
 
 const CHECK_HELP: &str = "\
@@ -309,15 +318,15 @@ fn cmd_info(argv: &[OsString]) -> Res<u8> {
         let mut c = Vec::with_capacity(info.bitmaps.len());
         for b in &info.bitmaps {
             let id = img
-                .find_bitmap(&b.name)
-                .filter(|&id| img.bitmap(id).is_some_and(|bm| !bm.inconsistent()));
-            c.push(match id {
-                Some(id) => Some(
-                    img.bitmap_current(id)
-                        .map_err(|e| img_err(path, &e))?
-                        .count(),
-                ),
-                None => None,
+                .bitmaps()
+                .lookup(&b.name)
+                .map_err(|e| img_err(path, &e))?;
+            let inconsistent = img.bitmap(id).expect("looked up").inconsistent();
+            // Inconsistent: no count (null), as its flags say. Otherwise a read error fails.
+            c.push(if inconsistent {
+                None
+            } else {
+                Some(loaded(&mut img, id).map_err(|e| img_err(path, &e))?.count())
             });
         }
         drop(img);
@@ -574,10 +583,19 @@ fn cmd_bitmap(argv: &[OsString]) -> Res<u8> {
         };
         if let Err(e) = r {
             let mut msg = format!("Operation {what} failed: {}", cause(&e));
-            if e.hint().is_some() {
+            if let qdirty::Error::Inconsistent { name: bad } = &e {
+                // The inconsistent bitmap may be the merge source, possibly in another file.
+                let target_bad = img
+                    .find_bitmap(name)
+                    .and_then(|id| img.bitmap(id))
+                    .is_some_and(|b| b.inconsistent());
+                let file = match (op, &src_file) {
+                    (Op::Merge(_), Some(f)) if !target_bad => Path::new(f),
+                    _ => path,
+                };
                 msg.push_str(&format!(
-                    " (try 'qdirty bitmap --remove {} {shown}' to delete it)",
-                    path.display()
+                    " (try 'qdirty bitmap --remove {} {bad}' to delete it)",
+                    file.display()
                 ));
             }
             result = Err(bm_err(path, &shown, msg));
@@ -593,7 +611,18 @@ fn cmd_bitmap(argv: &[OsString]) -> Res<u8> {
 
 // ---------------------------------------------------------------------------------------------
 
-fn extents(bm: &qdirty::DirtyBitmap) -> qdirty::Result<Vec<(u64, u64)>> {
+/// A consistent bitmap, up to date and with its data in memory. Fails with QEMU's refusal for
+/// an inconsistent bitmap, or with the read error: never a bitmap whose bits would read as
+/// clean.
+fn loaded(img: &mut Image, id: qdirty::BitmapId) -> qdirty::Result<&qdirty::DirtyBitmap> {
+    let bm = img.bitmap_current(id)?;
+    bm.check(CHECK_INCONSISTENT)?;
+    Ok(bm)
+}
+
+/// The dirty extents of a consistent bitmap, as qemu-nbd exports them (see [`loaded`]).
+fn read_extents(img: &mut Image, id: qdirty::BitmapId) -> qdirty::Result<Vec<(u64, u64)>> {
+    let bm = loaded(img, id)?;
     Ok(bm.dirty_runs(0, bm.size())?.collect())
 }
 
@@ -618,6 +647,7 @@ struct Dumped {
     granularity: u64,
     size: u64,
     enabled: Option<bool>,
+    /// None: inconsistent, extents unknown.
     extents: Option<Vec<(u64, u64)>>,
 }
 
@@ -625,10 +655,12 @@ fn cmd_dump(argv: &[OsString]) -> Res<u8> {
     let specs = [
         opt("output", None, Arity::Value),
         opt("union", None, Arity::Flag),
+        opt("skip-inconsistent", None, Arity::Flag),
         opt("format", Some('f'), Arity::Value),
     ];
     let p = parse(argv, &specs, "dump", DUMP_HELP)?;
     let json = output_json(&p, DUMP_HELP)?;
+    let skip = has(&p, "skip-inconsistent");
     let Some((img_arg, names)) = p.args.split_first() else {
         return Err(usage_fail("dump: expecting an image file name", DUMP_HELP));
     };
@@ -637,7 +669,6 @@ fn cmd_dump(argv: &[OsString]) -> Res<u8> {
     // Directory order (oldest first), as qemu-img info lists them.
     let mut ids = img.bitmap_ids();
     ids.reverse();
-    let mut out = Vec::new();
     let selected: Vec<qdirty::BitmapId> = if names.is_empty() {
         ids.into_iter()
             .filter(|&id| {
@@ -654,35 +685,44 @@ fn cmd_dump(argv: &[OsString]) -> Res<u8> {
                 .lookup(n)
                 .map_err(|e| bm_err(path, &name_of(n), cause(&e)))?;
             let bm = img.bitmap(id).expect("looked up");
-            if let Err(e) = bm.check(qdirty::bitmap::CHECK_INCONSISTENT) {
-                return Err(bm_err(
-                    path,
-                    &name_of(n),
-                    format!(
-                        "{} (try 'qdirty bitmap --remove {} {}' to delete it)",
-                        cause(&e),
-                        path.display(),
-                        name_of(n)
-                    ),
-                ));
+            if let Err(e) = bm.check(CHECK_INCONSISTENT) {
+                if !skip {
+                    return Err(bm_err(
+                        path,
+                        &name_of(n),
+                        format!(
+                            "{} (try 'qdirty bitmap --remove {} {}' to delete it)",
+                            cause(&e),
+                            path.display(),
+                            name_of(n)
+                        ),
+                    ));
+                }
             }
             v.push(id);
         }
         v
     };
+    let mut out = Vec::new();
+    // The inconsistent bitmaps reported without extents, with QEMU's refusal.
+    let mut unusable: Vec<(String, String)> = Vec::new();
     for id in selected {
-        let bm = img.bitmap_current(id).map_err(|e| img_err(path, &e))?;
-        let runs = if bm.inconsistent() {
-            None
+        let bm = img.bitmap(id).expect("listed");
+        let (name, granularity, size) = (bm.display_name(), bm.granularity(), bm.size());
+        let (enabled, extents) = if let Err(e) = bm.check(CHECK_INCONSISTENT) {
+            unusable.push((name.clone(), cause(&e)));
+            (None, None)
         } else {
-            Some(extents(bm).map_err(|e| img_err(path, &e))?)
+            let enabled = bm.enabled();
+            let ext = read_extents(&mut img, id).map_err(|e| img_err(path, &e))?;
+            (Some(enabled), Some(ext))
         };
         out.push(Dumped {
-            name: bm.display_name(),
-            granularity: bm.granularity(),
-            size: bm.size(),
-            enabled: (!bm.inconsistent()).then(|| bm.enabled()),
-            extents: runs,
+            name,
+            granularity,
+            size,
+            enabled,
+            extents,
         });
     }
     if has(&p, "union") {
@@ -710,79 +750,107 @@ fn cmd_dump(argv: &[OsString]) -> Res<u8> {
         }];
     }
     drop(img);
-    if json {
-        let bitmaps = out
-            .iter()
-            .map(|d| {
-                let ext = d.extents.as_ref();
-                Json::Obj(vec![
-                    ("name", Json::Str(d.name.clone())),
-                    ("granularity", Json::Num(d.granularity)),
-                    ("size", Json::Num(d.size)),
-                    ("consistent", Json::Bool(ext.is_some())),
-                    ("enabled", d.enabled.map_or(Json::Null, Json::Bool)),
-                    (
-                        "dirty_bytes",
-                        ext.map_or(Json::Null, |e| Json::Num(e.iter().map(|x| x.1).sum())),
-                    ),
-                    (
-                        "extents",
-                        ext.map_or(Json::Null, |e| {
-                            Json::Arr(
-                                e.iter()
-                                    .map(|&(o, l)| {
-                                        Json::Obj(vec![
-                                            ("offset", Json::Num(o)),
-                                            ("length", Json::Num(l)),
-                                        ])
-                                    })
-                                    .collect(),
-                            )
-                        }),
-                    ),
-                ])
-            })
-            .collect();
-        let j = Json::Obj(vec![
-            ("image", Json::Str(path.display().to_string())),
-            ("union", Json::Bool(has(&p, "union"))),
-            ("bitmaps", Json::Arr(bitmaps)),
-        ]);
-        println!("{}", j.pretty());
-        return Ok(0);
+    let written = if json {
+        print_dump_json(path, &out, has(&p, "union"))
+    } else {
+        print_dump_human(&out)
+    };
+    for (name, why) in &unusable {
+        let what = if skip {
+            "skipped, its dirty extents are unknown".to_string()
+        } else {
+            format!(
+                "its dirty extents are unknown (try 'qdirty bitmap --remove {} {name}' to \
+                 delete it; --skip-inconsistent exits 0 anyway)",
+                path.display()
+            )
+        };
+        eprintln!(
+            "qdirty: '{}': bitmap '{name}': {why}: {what}",
+            path.display()
+        );
     }
+    match written {
+        // The reader stopped early (head): it has what it wanted.
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(fail(format!("dump: could not write the extents: {e}")))
+        }
+        _ => Ok(if unusable.is_empty() || skip { 0 } else { 1 }),
+    }
+}
+
+fn print_dump_json(path: &Path, out: &[Dumped], union: bool) -> std::io::Result<()> {
+    let bitmaps = out
+        .iter()
+        .map(|d| {
+            let ext = d.extents.as_ref();
+            Json::Obj(vec![
+                ("name", Json::Str(d.name.clone())),
+                ("granularity", Json::Num(d.granularity)),
+                ("size", Json::Num(d.size)),
+                ("consistent", Json::Bool(ext.is_some())),
+                ("enabled", d.enabled.map_or(Json::Null, Json::Bool)),
+                (
+                    "dirty_bytes",
+                    ext.map_or(Json::Null, |e| Json::Num(e.iter().map(|x| x.1).sum())),
+                ),
+                (
+                    "extents",
+                    ext.map_or(Json::Null, |e| {
+                        Json::Arr(
+                            e.iter()
+                                .map(|&(o, l)| {
+                                    Json::Obj(vec![
+                                        ("offset", Json::Num(o)),
+                                        ("length", Json::Num(l)),
+                                    ])
+                                })
+                                .collect(),
+                        )
+                    }),
+                ),
+            ])
+        })
+        .collect();
+    let j = Json::Obj(vec![
+        ("image", Json::Str(path.display().to_string())),
+        ("union", Json::Bool(union)),
+        ("bitmaps", Json::Arr(bitmaps)),
+    ]);
+    use std::io::Write;
+    let mut w = std::io::stdout().lock();
+    writeln!(w, "{}", j.pretty())?;
+    w.flush()
+}
+
+fn print_dump_human(out: &[Dumped]) -> std::io::Result<()> {
     use std::io::Write;
     let stdout = std::io::stdout();
     let mut w = std::io::BufWriter::new(stdout.lock());
-    for d in &out {
-        let r = match &d.extents {
+    for d in out {
+        match &d.extents {
             None => writeln!(
                 w,
                 "# bitmap '{}': inconsistent (in-use), no extents",
                 d.name
-            ),
+            )?,
             Some(e) => {
                 let total: u64 = e.iter().map(|x| x.1).sum();
-                let mut r = writeln!(
+                writeln!(
                     w,
                     "# bitmap '{}': granularity {}, {} extents, {total} dirty bytes ({})",
                     d.name,
                     d.granularity,
                     e.len(),
                     human_size(total)
-                );
+                )?;
                 for (o, l) in e {
-                    r = r.and_then(|()| writeln!(w, "{o} {l}"));
+                    writeln!(w, "{o} {l}")?;
                 }
-                r
             }
-        };
-        if r.is_err() {
-            return Ok(0); // stdout closed (head): nothing more to say
         }
     }
-    let _ = w.flush();
-    Ok(0)
+    w.flush()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -237,9 +237,133 @@ fn dump_matches_qemu_nbd() {
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "{err}");
-    // Listing all: reported without extents, exit 0.
-    let all = qd_ok(&["dump", "--output=json", &base], &dir);
-    assert!(all.contains("\"consistent\": false"), "{all}");
+}
+
+/// The extents of one bitmap of a `qdirty dump --output=json` document (None: null).
+fn json_extents(b: &Json) -> Option<Vec<(u64, u64)>> {
+    b.get("extents").and_then(Json::as_array).map(|a| {
+        a.iter()
+            .map(|e| {
+                (
+                    e.get("offset").and_then(Json::as_u64).unwrap(),
+                    e.get("length").and_then(Json::as_u64).unwrap(),
+                )
+            })
+            .collect()
+    })
+}
+
+#[test]
+fn dump_never_lists_an_in_use_bitmap_as_clean() {
+    if !require_qemu("dump_never_lists_an_in_use_bitmap_as_clean") {
+        return;
+    }
+    let t = TempDir::new("cli-dump-inuse");
+    let img = t.join("a.qcow2");
+    qemu_img_create(&img, 64 << 20, "", &[]);
+    qemu_img_bitmap_add(&img, "old", None, false);
+    qemu_io_write(&img, &[(0, 65536)]);
+    // QEMU killed while it had the image open read-write: 'old' stays in_use for good.
+    qemu_io_abort(&img, &["write 8M 64k".into()]);
+    qemu_img_bitmap_add(&img, "new", Some(4096), false);
+    qemu_io_write(&img, &[(1 << 20, 10_000), (30 << 20, 4096)]);
+    let qi = qemu_img_info_bitmaps(&img, false);
+    let in_use: Vec<(&str, bool)> = qi.iter().map(|b| (b.name.as_str(), b.in_use())).collect();
+    assert_eq!(in_use, [("old", true), ("new", false)]);
+    let refusal = nbd_refusal(&img, "old").expect("qemu-nbd refuses an in-use bitmap");
+    let qemu_msg = "Bitmap 'old' is inconsistent and cannot be used";
+    assert!(refusal.contains(qemu_msg), "{refusal}");
+    let new_extents = nbd_dirty_extents(&img, "new");
+    assert_eq!(new_extents, [(1 << 20, 12288), (30 << 20, 4096)]);
+    let (dir, base) = split(&img);
+
+    // Every bitmap, JSON: complete, 'old' without extents, exit 1, stderr names it.
+    let o = qd(&["dump", "--output=json", &base], &dir);
+    assert_eq!(code(&o), 1, "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("qdirty: "), "{err}");
+    assert!(
+        err.contains("bitmap 'old'") && err.contains(qemu_msg),
+        "{err}"
+    );
+    assert!(err.contains("--skip-inconsistent"), "{err}");
+    let js = Json::parse(&text(&o.stdout)).unwrap();
+    let list = js.get("bitmaps").and_then(Json::as_array).unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0].get("name").and_then(Json::as_str), Some("old"));
+    assert_eq!(
+        list[0].get("consistent").and_then(Json::as_bool),
+        Some(false)
+    );
+    assert_eq!(json_extents(&list[0]), None);
+    assert_eq!(list[1].get("name").and_then(Json::as_str), Some("new"));
+    assert_eq!(
+        list[1].get("consistent").and_then(Json::as_bool),
+        Some(true)
+    );
+    assert_eq!(json_extents(&list[1]), Some(new_extents.clone()));
+
+    // Human: the '#' line is not the only trace: exit 1 and stderr.
+    let o = qd(&["dump", &base], &dir);
+    assert_eq!(code(&o), 1);
+    let human = text(&o.stdout);
+    assert!(
+        human.contains("# bitmap 'old': inconsistent (in-use), no extents"),
+        "{human}"
+    );
+    let lines: Vec<(u64, u64)> = human
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let (a, b) = l.split_once(' ').unwrap();
+            (a.parse().unwrap(), b.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(lines, new_extents);
+    assert!(text(&o.stderr).contains(qemu_msg), "{}", text(&o.stderr));
+
+    // The union of every bitmap cannot be complete either.
+    let o = qd(&["dump", "--union", &base], &dir);
+    assert_eq!(code(&o), 1);
+    assert!(text(&o.stderr).contains(qemu_msg));
+
+    // --skip-inconsistent: same output, exit 0, the note stays.
+    for extra in [&["--output=json"][..], &[], &["--union"]] {
+        let mut args = vec!["dump", "--skip-inconsistent"];
+        args.extend_from_slice(extra);
+        args.push(&base);
+        let o = qd(&args, &dir);
+        assert_eq!(code(&o), 0, "{args:?}: {}", text(&o.stderr));
+        let err = text(&o.stderr);
+        assert!(
+            err.contains("bitmap 'old'") && err.contains(qemu_msg),
+            "{err}"
+        );
+        let mut plain = args.clone();
+        plain.retain(|a| *a != "--skip-inconsistent");
+        assert_eq!(o.stdout, qd(&plain, &dir).stdout, "{args:?}");
+    }
+    // Named: refused (as qemu-nbd) unless skipped; a consistent one alone is fine.
+    let o = qd(&["dump", &base, "new", "old"], &dir);
+    assert_eq!(code(&o), 1);
+    assert!(o.stdout.is_empty());
+    let o = qd(
+        &["dump", "--skip-inconsistent", "--output=json", &base, "old"],
+        &dir,
+    );
+    assert_eq!(code(&o), 0);
+    assert!(text(&o.stderr).contains(qemu_msg));
+    let js = Json::parse(&text(&o.stdout)).unwrap();
+    let list = js.get("bitmaps").and_then(Json::as_array).unwrap();
+    assert_eq!(
+        list[0].get("consistent").and_then(Json::as_bool),
+        Some(false)
+    );
+    assert_eq!(qd_dump(&img, &["new"]), [("new".to_string(), new_extents)]);
+    // The help says so.
+    let help = qd_ok(&["dump", "--help"], &dir);
+    assert!(help.contains("--skip-inconsistent"), "{help}");
 }
 
 /// One qemu-img bitmap call and the same qdirty bitmap call on copies of `img`: same exit code,
@@ -358,6 +482,36 @@ fn bitmap_ops_match_qemu_img_bitmap() {
         &["--merge", "b1", "-b", "used-src.qcow2"],
         "b2",
         "m-used",
+    );
+    // The removal hint names the inconsistent bitmap and its file, never the target.
+    let hint = t.join("hint.qcow2");
+    copy(&img, &hint);
+    let (dir, _) = split(&hint);
+    let o = qd(
+        &[
+            "bitmap",
+            "--merge",
+            "b1",
+            "-b",
+            "used-src.qcow2",
+            "hint.qcow2",
+            "b2",
+        ],
+        &dir,
+    );
+    assert_eq!(code(&o), 1);
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("Bitmap 'b1' is inconsistent")
+            && err.contains("try 'qdirty bitmap --remove used-src.qcow2 b1'"),
+        "{err}"
+    );
+    let o = qd(&["bitmap", "--clear", "used.qcow2", "b3"], &dir);
+    assert_eq!(code(&o), 1);
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("try 'qdirty bitmap --remove used.qcow2 b3'"),
+        "{err}"
     );
 }
 
@@ -697,4 +851,278 @@ fn bad_input_gives_one_line_and_exit_codes() {
         assert!(out.starts_with(&format!("usage: qdirty {sub}")), "{out}");
     }
     assert!(qd_ok(&["--help"], dir).contains("Commands"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Read errors (EIO) in real processes: an LD_PRELOAD shim (tests/eio_shim.c) fails the reads of
+// one file that touch one byte range.
+
+/// Magic of the qcow2 bitmaps extension.
+const BITMAPS_EXT: u32 = 0x2385_2875;
+
+/// The byte range [first, end) of the data clusters of bitmap `name`, read from the raw file
+/// (bitmaps extension, directory, table), independently of qdirty.
+fn bitmap_data_range(img: &Path, name: &str) -> (u64, u64) {
+    let h = raw_header(img);
+    let cs = 1u64 << h.cluster_bits;
+    let ext = h.ext(BITMAPS_EXT).expect("a bitmaps extension");
+    let nb = be_u32(ext, 0);
+    let dir = read_at(img, be_u64(ext, 16), be_u64(ext, 8) as usize);
+    let mut p = 0;
+    for _ in 0..nb {
+        let table_offset = be_u64(&dir, p);
+        let table_size = be_u32(&dir, p + 8) as usize;
+        let name_size = u16::from_be_bytes([dir[p + 18], dir[p + 19]]) as usize;
+        let extra = be_u32(&dir, p + 20) as usize;
+        let at = p + 24 + extra;
+        if &dir[at..at + name_size] == name.as_bytes() {
+            let table = read_at(img, table_offset, table_size * 8);
+            let data: Vec<u64> = (0..table_size)
+                .map(|i| be_u64(&table, i * 8) & 0x00ff_ffff_ffff_fe00)
+                .filter(|&o| o != 0)
+                .collect();
+            let first = *data.iter().min().expect("bitmap data clusters");
+            let last = *data.iter().max().unwrap();
+            return (first, last + cs);
+        }
+        p += (24 + extra + name_size).next_multiple_of(8);
+    }
+    panic!("no bitmap '{name}' in {}", img.display());
+}
+
+/// The shim, built with cc into `t` (None, with a visible SKIP line, without a C compiler).
+fn eio_shim(t: &TempDir, test: &str) -> Option<std::path::PathBuf> {
+    if !have_tool("cc") {
+        if std::env::var("QDIRTY_REQUIRE_QEMU").as_deref() == Ok("1") {
+            panic!("{test}: cc not installed, and QDIRTY_REQUIRE_QEMU=1");
+        }
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIP {test}: cc not installed");
+        return None;
+    }
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/eio_shim.c");
+    let so = t.join("eio.so");
+    run_ok(
+        "cc",
+        &[
+            "-shared",
+            "-fPIC",
+            "-Wall",
+            "-Werror",
+            "-o",
+            so.to_str().unwrap(),
+            src.to_str().unwrap(),
+            "-ldl",
+        ],
+        t.path(),
+    );
+    Some(so)
+}
+
+/// A fault: reads of `file` that touch `range` fail with EIO; each failed read is logged.
+#[derive(Clone)]
+struct Eio<'a> {
+    shim: &'a Path,
+    file: std::path::PathBuf,
+    range: (u64, u64),
+    log: std::path::PathBuf,
+}
+
+impl Eio<'_> {
+    /// Runs `prog args` in `cwd` under the fault.
+    fn run(&self, prog: &str, args: &[&str], cwd: &Path) -> Output {
+        Command::new(prog)
+            .args(args)
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .env("LD_PRELOAD", self.shim)
+            .env("QDIRTY_EIO_FILE", self.file.canonicalize().unwrap())
+            .env("QDIRTY_EIO_START", self.range.0.to_string())
+            .env("QDIRTY_EIO_END", self.range.1.to_string())
+            .env("QDIRTY_EIO_LOG", &self.log)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"))
+    }
+
+    /// How many reads failed so far (and forgets them).
+    fn hits(&self) -> usize {
+        let n = std::fs::read_to_string(&self.log)
+            .map(|s| s.lines().count())
+            .unwrap_or(0);
+        let _ = std::fs::remove_file(&self.log);
+        n
+    }
+}
+
+/// An image with two bitmaps QEMU made and wrote to: b (64k) and c (64k), different extents.
+fn two_bitmaps(t: &TempDir, name: &str) -> std::path::PathBuf {
+    let img = t.join(name);
+    qemu_img_create(&img, 64 << 20, "", &[]);
+    qemu_img_bitmap_add(&img, "b", None, false);
+    qemu_io_write(&img, &[(0, 65536), (5 << 20, 200_000)]);
+    qemu_img_bitmap_add(&img, "c", None, false);
+    qemu_io_write(&img, &[(20 << 20, 4096), (40 << 20, 70_000)]);
+    img
+}
+
+const QEMU_EIO: &str = "Could not read bitmap 'b' from image: Input/output error";
+
+#[test]
+fn unreadable_bitmap_data_fails_dump_and_info_count() {
+    let test = "unreadable_bitmap_data_fails_dump_and_info_count";
+    if !require_qemu(test) {
+        return;
+    }
+    let t = TempDir::new("cli-eio-dump");
+    let Some(shim) = eio_shim(&t, test) else {
+        return;
+    };
+    let img = two_bitmaps(&t, "a.qcow2");
+    let (dir, base) = split(&img);
+    let b_extents = nbd_dirty_extents(&img, "b");
+    let c_extents = nbd_dirty_extents(&img, "c");
+    assert!(!b_extents.is_empty() && !c_extents.is_empty());
+    let eio = Eio {
+        shim: &shim,
+        file: img.clone(),
+        range: bitmap_data_range(&img, "b"),
+        log: t.join("eio.log"),
+    };
+    // The shim works: QEMU fails on the same image, with the same fault, and only with it.
+    let q = eio.run("qemu-img", &["info", "-f", "qcow2", &base], &dir);
+    assert_eq!(q.status.code(), Some(1), "{}", text(&q.stderr));
+    assert!(text(&q.stderr).contains(QEMU_EIO), "{}", text(&q.stderr));
+    assert!(eio.hits() > 0);
+    let harmless = Eio {
+        range: (1 << 40, (1 << 40) + 512),
+        ..eio.clone()
+    };
+    let q = harmless.run("qemu-img", &["info", "-f", "qcow2", &base], &dir);
+    assert_eq!(q.status.code(), Some(0), "{}", text(&q.stderr));
+
+    // b named, b among all bitmaps (skipping inconsistent ones changes nothing: b is not),
+    // JSON or not: exit 1, QEMU's message, nothing on stdout.
+    for args in [
+        &["dump", &base, "b"][..],
+        &["dump", "--output=json", &base, "b"],
+        &["dump", &base],
+        &["dump", "--skip-inconsistent", "--output=json", &base],
+        &["dump", "--union", &base, "c", "b"],
+        &["info", "--count", &base],
+        &["info", "--count", "--output=json", &base],
+    ] {
+        let o = eio.run(QDIRTY, args, &dir);
+        let err = text(&o.stderr);
+        assert_eq!(code(&o), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("qdirty: ") && err.contains(QEMU_EIO),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(o.stdout.is_empty(), "{args:?}: {}", text(&o.stdout));
+        assert!(eio.hits() > 0, "{args:?}: the fault was not hit");
+    }
+    // c alone is readable: listed as QEMU exports it; info without --count reads no data.
+    let o = eio.run(QDIRTY, &["dump", "--output=json", &base, "c"], &dir);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let js = Json::parse(&text(&o.stdout)).unwrap();
+    let list = js.get("bitmaps").and_then(Json::as_array).unwrap();
+    assert_eq!(json_extents(&list[0]), Some(c_extents));
+    let o = eio.run(QDIRTY, &["info", &base], &dir);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    // Without the fault, b is what it was.
+    assert_eq!(qd_dump(&img, &["b"]), [("b".to_string(), b_extents)]);
+}
+
+#[test]
+fn unreadable_merge_source_fails_and_stays_consistent() {
+    let test = "unreadable_merge_source_fails_and_stays_consistent";
+    if !require_qemu(test) {
+        return;
+    }
+    let t = TempDir::new("cli-eio-merge");
+    let Some(shim) = eio_shim(&t, test) else {
+        return;
+    };
+    let img = two_bitmaps(&t, "a.qcow2");
+    let b_before = nbd_dirty_extents(&img, "b");
+    let c_before = nbd_dirty_extents(&img, "c");
+    let range = bitmap_data_range(&img, "b");
+    let check_unchanged = |p: &Path, context: &str| {
+        let qi = qemu_img_info_bitmaps(p, false);
+        assert_eq!(qi.len(), 2, "{context}");
+        for bm in &qi {
+            assert!(!bm.in_use(), "{context}: bitmap '{}' left in use", bm.name);
+        }
+        assert_eq!(nbd_dirty_extents(p, "b"), b_before, "{context}: b");
+        assert_eq!(nbd_dirty_extents(p, "c"), c_before, "{context}: c");
+        assert_check_clean(p, context);
+    };
+
+    // qemu-img under the fault: refused, the image untouched.
+    let q_img = t.join("q.qcow2");
+    copy(&img, &q_img);
+    let (dir, q_base) = split(&q_img);
+    let eio = Eio {
+        shim: &shim,
+        file: q_img.clone(),
+        range,
+        log: t.join("eio.log"),
+    };
+    let q = eio.run("qemu-img", &["bitmap", "--merge", "b", &q_base, "c"], &dir);
+    assert_eq!(q.status.code(), Some(1), "{}", text(&q.stderr));
+    assert!(text(&q.stderr).contains(QEMU_EIO), "{}", text(&q.stderr));
+    assert!(eio.hits() > 0);
+    check_unchanged(&q_img, "after qemu-img under EIO");
+
+    // qdirty, source in the image: exit 1 with QEMU's message; b is not left in use.
+    let d_img = t.join("d.qcow2");
+    copy(&img, &d_img);
+    let (_, d_base) = split(&d_img);
+    let eio = Eio {
+        file: d_img.clone(),
+        ..eio
+    };
+    let o = eio.run(QDIRTY, &["bitmap", "--merge", "b", &d_base, "c"], &dir);
+    let err = text(&o.stderr);
+    assert_eq!(code(&o), 1, "{err}");
+    assert!(err.contains(QEMU_EIO), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(eio.hits() > 0);
+    check_unchanged(&d_img, "after qdirty bitmap --merge under EIO");
+    // Without the fault the same merge works: c |= b.
+    qd_ok(&["bitmap", "--merge", "b", &d_base, "c"], &dir);
+    assert_eq!(
+        nbd_dirty_extents(&d_img, "c"),
+        union_runs(&b_before, &c_before)
+    );
+
+    // qdirty, source in another image (-b): the same, for both images.
+    let src = t.join("src.qcow2");
+    let dst = t.join("dst.qcow2");
+    copy(&img, &src);
+    copy(&img, &dst);
+    let eio = Eio {
+        file: src.clone(),
+        ..eio
+    };
+    let o = eio.run(
+        QDIRTY,
+        &[
+            "bitmap",
+            "--merge",
+            "b",
+            "-b",
+            "src.qcow2",
+            "dst.qcow2",
+            "c",
+        ],
+        &dir,
+    );
+    let err = text(&o.stderr);
+    assert_eq!(code(&o), 1, "{err}");
+    assert!(err.contains(QEMU_EIO), "{err}");
+    assert!(eio.hits() > 0);
+    check_unchanged(&src, "merge source image after EIO");
+    check_unchanged(&dst, "merge target image after EIO");
 }

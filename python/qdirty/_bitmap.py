@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import ctypes
 import weakref
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Tuple, TypeVar
 
 from . import _ffi
-from ._common import U64_MAX, addr, check_ptr, check_rc, lib
+from ._common import U64_MAX, addr, check_ptr, check_rc, lib, uint
 from ._state import ImageState
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._image import Image
+
+_T = TypeVar("_T")
 
 #: :meth:`Bitmap.check` flag (QEMU's BDRV_BITMAP_BUSY): fail if the bitmap is busy.
 CHECK_BUSY = _ffi.QDIRTY_CHECK_BUSY
@@ -101,14 +103,22 @@ class DirtyIterator:
         return self
 
     def __next__(self) -> int:
-        r = lib.qdirty_iter_next(self._h())
+        """The next dirty granule's offset. :class:`QdirtyError` when the bitmap is (or
+        becomes, e.g. its data unreadable) inconsistent, or is gone: never a silent end."""
+        h = self._h()
+        bh = self._bitmap._p()
+        check_rc(lib.qdirty_bitmap_check, bh, CHECK_INCONSISTENT)
+        r = lib.qdirty_iter_next(h)
         if r < 0:
+            # -1 also when the data could not be loaded or the bitmap is gone.
+            check_rc(lib.qdirty_bitmap_check, bh, CHECK_INCONSISTENT)
             raise StopIteration
         return int(r)
 
     def seek(self, offset: int) -> None:
         """The next offset returned is the first dirty granule at or after the granule
         containing ``offset`` (EINVAL at or beyond the bitmap's size)."""
+        offset = uint(offset, "offset")
         check_rc(lib.qdirty_iter_seek, self._h(), offset)
 
     def close(self) -> None:
@@ -289,11 +299,13 @@ class Bitmap:
     def set_dirty(self, offset: int, length: int) -> None:
         """Marks [offset, offset + length) dirty, rounded outward to granules (works on
         disabled bitmaps too)."""
+        offset, length = uint(offset, "offset"), uint(length, "length")
         check_rc(lib.qdirty_bitmap_set_dirty, self._p(), offset, length)
 
     def reset_dirty(self, offset: int, length: int) -> None:
         """Clears [offset, offset + length); granule-aligned, except a length reaching the
         end."""
+        offset, length = uint(offset, "offset"), uint(length, "length")
         check_rc(lib.qdirty_bitmap_reset_dirty, self._p(), offset, length)
 
     def clear(self) -> None:
@@ -320,76 +332,159 @@ class Bitmap:
         check_rc(lib.qdirty_bitmap_merge, self._p(), src._p(), None)
         return None
 
+    # Reads. A bitmap that cannot be used must never read as clean: each read runs
+    # qdirty_bitmap_check(INCONSISTENT) first, which fails for an inconsistent bitmap, loads the
+    # data of one still on disk (failing with EIO when it cannot be read) and fails with ENOENT
+    # for one that no longer exists. The check runs again after reads whose C function has no
+    # error channel: if such a read had to load the data and could not, the check fails too
+    # (the data still cannot be read, or the failed load marked the bitmap inconsistent).
+    # dirty_extents needs neither: its C function fails by itself.
+
+    def _check_readable(self, h: Any) -> None:
+        check_rc(lib.qdirty_bitmap_check, h, CHECK_INCONSISTENT)
+
+    def _read(self, fn: Callable[[Any], _T]) -> _T:
+        """``fn(handle)`` between two readability checks."""
+        h = self._p()
+        self._check_readable(h)
+        r = fn(h)
+        self._check_readable(h)
+        return r
+
     def get(self, offset: int) -> bool:
-        """Whether the granule containing ``offset`` is dirty (False beyond the end)."""
-        return bool(lib.qdirty_bitmap_get(self._p(), offset))
+        """Whether the granule containing ``offset`` is dirty (False beyond the end).
+        :class:`QdirtyError` if the bitmap is inconsistent, its data unreadable or gone."""
+        offset = uint(offset, "offset")
+        return self._read(lambda h: bool(lib.qdirty_bitmap_get(h, offset)))
 
     def __contains__(self, offset: int) -> bool:
         return self.get(offset)
 
     def count(self) -> int:
-        """Dirty bytes: dirty granules times the granularity."""
-        return int(lib.qdirty_bitmap_count(self._p()))
+        """Dirty bytes: dirty granules times the granularity. :class:`QdirtyError` if the
+        bitmap is inconsistent, its data unreadable or gone."""
+        return self._read(lambda h: int(lib.qdirty_bitmap_count(h)))
 
     def next_dirty(self, offset: int = 0, length: Optional[int] = None) -> Optional[int]:
-        """The first dirty offset in [offset, offset + length), or None."""
-        r = lib.qdirty_bitmap_next_dirty(self._p(), offset, U64_MAX if length is None else length)
-        return None if r < 0 else int(r)
+        """The first dirty offset in [offset, offset + length), or None. :class:`QdirtyError`
+        if the bitmap is inconsistent, its data unreadable or gone."""
+        offset = uint(offset, "offset")
+        length = U64_MAX if length is None else uint(length, "length")
+        r = self._read(lambda h: int(lib.qdirty_bitmap_next_dirty(h, offset, length)))
+        return None if r < 0 else r
 
     def next_zero(self, offset: int = 0, length: Optional[int] = None) -> Optional[int]:
-        """The first clean offset in [offset, offset + length), or None."""
-        r = lib.qdirty_bitmap_next_zero(self._p(), offset, U64_MAX if length is None else length)
-        return None if r < 0 else int(r)
+        """The first clean offset in [offset, offset + length), or None. :class:`QdirtyError`
+        if the bitmap is inconsistent, its data unreadable or gone."""
+        offset = uint(offset, "offset")
+        length = U64_MAX if length is None else uint(length, "length")
+        r = self._read(lambda h: int(lib.qdirty_bitmap_next_zero(h, offset, length)))
+        return None if r < 0 else r
+
+    @staticmethod
+    def _next_area(h: Any, start: int, end: int, max_count: int) -> Optional[Tuple[int, int]]:
+        s = ctypes.c_uint64()
+        c = ctypes.c_uint64()
+        found = lib.qdirty_bitmap_next_dirty_area(
+            h, start, end, max_count, ctypes.byref(s), ctypes.byref(c)
+        )
+        return (int(s.value), int(c.value)) if found else None
 
     def next_dirty_area(
         self, start: int = 0, end: Optional[int] = None, max_count: Optional[int] = None
     ) -> Optional[Tuple[int, int]]:
         """The next dirty run ``(offset, length)`` in [start, end), at most ``max_count``
-        bytes long, or None."""
-        s = ctypes.c_uint64()
-        c = ctypes.c_uint64()
-        found = lib.qdirty_bitmap_next_dirty_area(
-            self._p(),
-            start,
-            U64_MAX if end is None else end,
-            U64_MAX if max_count is None else max_count,
-            ctypes.byref(s),
-            ctypes.byref(c),
-        )
-        return (int(s.value), int(c.value)) if found else None
+        bytes long, or None. :class:`QdirtyError` if the bitmap is inconsistent, its data
+        unreadable or gone."""
+        start = uint(start, "start")
+        end = U64_MAX if end is None else uint(end, "end")
+        max_count = U64_MAX if max_count is None else uint(max_count, "max_count")
+        return self._read(lambda h: self._next_area(h, start, end, max_count))
 
-    def status(self, offset: int, length: Optional[int] = None) -> Tuple[bool, int]:
-        """``(dirty, run)``: whether ``offset`` is dirty, and the length of the run of granules
-        in the same state starting there, capped at ``length`` (default: to the end)."""
-        h = self._p()
-        if length is None:
-            length = int(lib.qdirty_bitmap_size(h)) - offset
+    @staticmethod
+    def _status(h: Any, offset: int, length: int) -> Tuple[bool, int]:
         count = ctypes.c_uint64()
         rc = check_rc(lib.qdirty_bitmap_status, h, offset, length, ctypes.byref(count))
         return rc == 1, int(count.value)
 
+    def status(self, offset: int, length: Optional[int] = None) -> Tuple[bool, int]:
+        """``(dirty, run)``: whether ``offset`` is dirty, and the length of the run of granules
+        in the same state starting there, capped at ``length`` (default: to the end).
+        :class:`QdirtyError` if the bitmap is inconsistent, its data unreadable or gone."""
+        offset = uint(offset, "offset")
+        if length is not None:
+            length = uint(length, "length")
+        h = self._p()
+        if length is None:
+            length = max(int(lib.qdirty_bitmap_size(h)) - offset, 0)
+        n = length
+        return self._read(lambda h: self._status(h, offset, n))
+
     def dirty_extents(
-        self, start: int = 0, end: Optional[int] = None, max_len: Optional[int] = None
+        self,
+        start: int = 0,
+        end: Optional[int] = None,
+        batch: int = 1024,
+        *,
+        max_len: Optional[int] = None,
     ) -> Iterator[Tuple[int, int]]:
-        """Yields every dirty run ``(offset, length)`` in [start, end), in order, each at most
-        ``max_len`` bytes long. Runs are clamped to the bitmap's size."""
-        if max_len is not None and max_len <= 0:
+        """Yields every dirty run ``(offset, length)`` in [start, end) (``end`` clamped to the
+        bitmap's size), in order: maximal runs of dirty granules clipped to the range, or,
+        with ``max_len``, pieces of them at most ``max_len`` bytes long.
+
+        The runs come from ``qdirty_bitmap_dirty_extents``, ``batch`` per C call into one
+        reused array. :class:`QdirtyError` if the bitmap is inconsistent, its data unreadable
+        or gone (from the first call, or the call of a later batch). The arguments are checked
+        here, the bitmap when iteration starts."""
+        start = uint(start, "start")
+        stop = U64_MAX if end is None else uint(end, "end")
+        if uint(batch, "batch") == 0:
+            raise ValueError("batch must be positive")
+        if max_len is not None and uint(max_len, "max_len") == 0:
             raise ValueError("max_len must be positive")
+        return self._dirty_extents(start, stop, batch, max_len)
+
+    def _dirty_extents(
+        self, start: int, stop: int, batch: int, max_len: Optional[int]
+    ) -> Iterator[Tuple[int, int]]:
+        h = self._p()
+        out = (_ffi.Extent * batch)()
+        n = ctypes.c_size_t()
         pos = start
         while True:
-            area = self.next_dirty_area(pos, end, max_len)
-            if area is None:
+            check_rc(lib.qdirty_bitmap_dirty_extents, h, pos, stop, out, batch, ctypes.byref(n))
+            runs = [(int(out[i].offset), int(out[i].length)) for i in range(n.value)]
+            for off, length in runs:
+                if max_len is None:
+                    yield off, length
+                    continue
+                while length > 0:
+                    piece = min(length, max_len)
+                    yield off, piece
+                    off += piece
+                    length -= piece
+            if n.value < batch:
                 return
-            yield area
-            pos = area[0] + area[1]
+            pos = runs[-1][0] + runs[-1][1]
+            if pos >= stop:
+                return
 
     def clean_extents(
         self, start: int = 0, end: Optional[int] = None, max_len: Optional[int] = None
     ) -> Iterator[Tuple[int, int]]:
         """Yields every clean run ``(offset, length)`` in [start, end), in order, each at most
-        ``max_len`` bytes long."""
-        if max_len is not None and max_len <= 0:
+        ``max_len`` bytes long. :class:`QdirtyError` if the bitmap is inconsistent, its data
+        unreadable or gone."""
+        start = uint(start, "start")
+        if end is not None:
+            end = uint(end, "end")
+        if max_len is not None and uint(max_len, "max_len") == 0:
             raise ValueError("max_len must be positive")
+        return self._clean_extents(start, end, max_len)
+
+    def _clean_extents(
+        self, start: int, end: Optional[int], max_len: Optional[int]
+    ) -> Iterator[Tuple[int, int]]:
         size = self.size
         stop = size if end is None else min(end, size)
         pos = start
@@ -407,7 +502,10 @@ class Bitmap:
     def iter_granules(self, start: int = 0) -> DirtyIterator:
         """A :class:`DirtyIterator` over the offsets of the dirty granules, from the granule
         containing ``start`` (QEMU's ``bdrv_dirty_iter_new``)."""
-        h = check_ptr(lib.qdirty_bitmap_iter_new, self._p())
+        start = uint(start, "start")
+        bh = self._p()
+        self._check_readable(bh)
+        h = check_ptr(lib.qdirty_bitmap_iter_new, bh)
         it = DirtyIterator(self, h)
         if start:
             try:
@@ -418,12 +516,17 @@ class Bitmap:
         return it
 
     def sha256(self) -> str:
-        """SHA-256 of the bits, as QEMU's ``x-debug-block-dirty-bitmap-sha256``."""
-        p = check_ptr(lib.qdirty_bitmap_sha256, self._p())
-        try:
-            return ctypes.string_at(p).decode("ascii")
-        finally:
-            lib.qdirty_string_free(p)
+        """SHA-256 of the bits, as QEMU's ``x-debug-block-dirty-bitmap-sha256``.
+        :class:`QdirtyError` if the bitmap is inconsistent, its data unreadable or gone."""
+
+        def digest(h: Any) -> str:
+            p = check_ptr(lib.qdirty_bitmap_sha256, h)
+            try:
+                return ctypes.string_at(p).decode("ascii")
+            finally:
+                lib.qdirty_string_free(p)
+
+        return self._read(digest)
 
     # -- successors --------------------------------------------------------------------------
 
@@ -467,11 +570,13 @@ class Bitmap:
 
     def serialization_size(self, offset: int, length: int) -> int:
         """Buffer bytes needed to serialize [offset, offset + length)."""
+        offset, length = uint(offset, "offset"), uint(length, "length")
         return check_rc(lib.qdirty_bitmap_serialization_size, self._p(), offset, length)
 
     def serialize_part(self, offset: int, length: int) -> bytes:
         """The bits of [offset, offset + length) in QEMU's layout (64-bit little-endian
         words)."""
+        offset, length = uint(offset, "offset"), uint(length, "length")
         h = self._p()
         n = check_rc(lib.qdirty_bitmap_serialization_size, h, offset, length)
         buf = ctypes.create_string_buffer(max(n, 1))
@@ -482,15 +587,18 @@ class Bitmap:
         """Overwrites [offset, offset + length) from ``data`` (layout of
         :meth:`serialize_part`); counts and searches see the new bits after ``finish`` or
         :meth:`deserialize_finish`."""
+        offset, length = uint(offset, "offset"), uint(length, "length")
         raw = bytes(data)
         check_rc(lib.qdirty_bitmap_deserialize_part, self._p(), raw, len(raw), offset, length, bool(finish))
 
     def deserialize_zeroes(self, offset: int, length: int, finish: bool = False) -> None:
         """Fills [offset, offset + length) with clean granules."""
+        offset, length = uint(offset, "offset"), uint(length, "length")
         check_rc(lib.qdirty_bitmap_deserialize_zeroes, self._p(), offset, length, bool(finish))
 
     def deserialize_ones(self, offset: int, length: int, finish: bool = False) -> None:
         """Fills [offset, offset + length) with dirty granules."""
+        offset, length = uint(offset, "offset"), uint(length, "length")
         check_rc(lib.qdirty_bitmap_deserialize_ones, self._p(), offset, length, bool(finish))
 
     def deserialize_finish(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno as _errno
+import operator
 import os
 from typing import Any, Callable, Optional, Union
 
@@ -11,6 +12,7 @@ from . import _ffi
 
 lib = _ffi.lib
 U64_MAX = (1 << 64) - 1
+U32_MAX = (1 << 32) - 1
 
 Name = Union[str, bytes]
 PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
@@ -91,6 +93,27 @@ def check_ptr(fn: Callable[..., Any], *args: Any, io: Optional[_ExcSource] = Non
     if io is not None:
         io.exc = None
     return p
+
+
+def uint(value: Any, what: str, bits: int = 64) -> int:
+    """``value`` checked as an unsigned C integer of ``bits`` bits (an offset, a length, a size,
+    a granularity, a count or an index), before it reaches any C call: ctypes would wrap a
+    negative value or one too large silently (``-5`` becomes ``2**64 - 5``, a whole disk).
+
+    Raises ``TypeError`` for anything that is not an integer (``operator.index``), bool
+    included (``True`` is an int in Python, but never a meaningful offset), and ``ValueError``
+    for a negative value or one of ``2**bits`` or more."""
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be an integer, not bool")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, not {type(value).__name__}") from None
+    if v < 0:
+        raise ValueError(f"{what} must not be negative (got {v})")
+    if v >> bits:
+        raise ValueError(f"{what} must be below 2**{bits} (got {v})")
+    return v
 
 
 def encode_name(name: Name) -> bytes:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 from ctypes import (
     CFUNCTYPE,
@@ -30,7 +31,7 @@ from ctypes import (
     c_void_p,
 )
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 
 class _Image(ctypes.Structure):
@@ -71,6 +72,12 @@ class BitmapInfo(ctypes.Structure):
     ]
 
 
+class Extent(ctypes.Structure):
+    """``qdirty_extent``: one dirty run of ``qdirty_bitmap_dirty_extents``, in bytes."""
+
+    _fields_ = [("offset", c_uint64), ("length", c_uint64)]
+
+
 ImageP = POINTER(_Image)
 BitmapP = POINTER(_Bitmap)
 ErrorP = POINTER(_Error)
@@ -80,6 +87,7 @@ BackupP = POINTER(_Backup)
 BackupPP = POINTER(BackupP)
 TxnP = POINTER(_Txn)
 BitmapInfoP = POINTER(BitmapInfo)
+ExtentP = POINTER(Extent)
 
 #: ``typedef void (*qdirty_warning_fn)(const char *message, void *opaque);``
 WARNING_FN = CFUNCTYPE(None, c_char_p, c_void_p)
@@ -136,6 +144,10 @@ PROTOTYPES: Dict[str, Tuple[object, List[object]]] = {
         [BitmapP, c_uint64, c_uint64, c_uint64, POINTER(c_uint64), POINTER(c_uint64)],
     ),
     "qdirty_bitmap_sha256": (OwnedString, [BitmapP, ErrorPP]),
+    "qdirty_bitmap_dirty_extents": (
+        c_int,
+        [BitmapP, c_uint64, c_uint64, ExtentP, c_size_t, POINTER(c_size_t), ErrorPP],
+    ),
     # state and check
     "qdirty_bitmap_check": (c_int, [BitmapP, c_uint32, ErrorPP]),
     "qdirty_bitmap_busy": (c_bool, [BitmapP]),
@@ -264,13 +276,39 @@ def find_library() -> str:
     )
 
 
+def _missing(name: str, path: str) -> Callable[..., Any]:
+    """Stands for a function the loaded library lacks: fails when called, naming it."""
+
+    def call(*_args: Any, **_kwargs: Any) -> Any:
+        from ._common import QdirtyError  # imports this module: not at load time
+
+        raise QdirtyError(
+            errno.ENOSYS,
+            f"{name} is not in {path}: this libqdirty is older than the qdirty package "
+            "(rebuild it, or point QDIRTY_LIB at a newer one)",
+        )
+
+    call.__name__ = name
+    return call
+
+
 def load(path: Optional[str] = None) -> ctypes.CDLL:
-    """Loads the library and declares every prototype."""
-    lib = ctypes.CDLL(path or find_library())
+    """Loads the library and declares every prototype. A function the library lacks (an older
+    build) does not fail the load: it is listed in the library's ``qdirty_missing`` and raises
+    :class:`~qdirty.QdirtyError` (ENOSYS, naming it and the library) when called."""
+    path = path or find_library()
+    lib = ctypes.CDLL(path)
+    missing: List[str] = []
     for name, (restype, argtypes) in PROTOTYPES.items():
-        fn = getattr(lib, name)
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            missing.append(name)
+            setattr(lib, name, _missing(name, path))
+            continue
         fn.restype = restype
         fn.argtypes = argtypes
+    lib.qdirty_missing = missing
     return lib
 
 

@@ -20,6 +20,7 @@ from ._common import (
     encode_name,
     lib,
     take_error,
+    uint,
 )
 from ._io import IoAdapter
 from ._state import ImageState, finalize_image
@@ -129,6 +130,8 @@ class Image:
         """Creates a blank qcow2 v3 image of ``size`` bytes (rounded up to 512) without
         bitmaps. ``cluster_size``: a power of two from 512 to 2 MiB; 0 means 64 KiB. Fails
         (EEXIST) if the file exists."""
+        size = uint(size, "size")
+        cluster_size = uint(cluster_size, "cluster_size", 32)
         check_rc(lib.qdirty_image_create, os.fsencode(path), size, cluster_size)
 
     @classmethod
@@ -157,6 +160,7 @@ class Image:
     def new_memory(cls, size: int) -> "Image":
         """A standalone image: bitmaps over ``size`` bytes with no file behind them (raw disks,
         guest RAM, tests). Persistent bitmaps are refused; closing stores nothing."""
+        size = uint(size, "size")
         handle = check_ptr(lib.qdirty_image_new_memory, size)
         return cls(handle, None)
 
@@ -286,6 +290,7 @@ class Image:
         """Removes the broken bitmap number ``i`` of :meth:`broken_bitmaps` (the later ones move
         down by one) from an image opened with ``rw=True, salvage=True``. Its clusters are
         leaked, never freed (``qemu-img check -r leaks`` reclaims them)."""
+        i = uint(i, "index", 32)
         self._rc(lib.qdirty_image_remove_broken_bitmap, self._h(), i)
 
     def reopen(self, rw: bool) -> None:
@@ -298,6 +303,7 @@ class Image:
         """Resizes every bitmap to ``size`` bytes (new space is clean). For a qcow2 image the
         file must have been resized first (the header's size). Refused while a bitmap is busy,
         frozen or iterated."""
+        size = uint(size, "size")
         self._rc(lib.qdirty_image_truncate, self._h(), size)
 
     # -- properties --------------------------------------------------------------------------
@@ -394,6 +400,7 @@ class Image:
         image. ``disabled``: not recording writes. ``autoload`` is QEMU's deprecated option: any
         value other than None is accepted, ignored, and produces the warning "Autoload option
         is deprecated and its value is ignored"."""
+        granularity = uint(granularity, "granularity", 32)
         p = check_ptr(
             lib.qdirty_image_add_bitmap,
             self._h(),
@@ -408,6 +415,7 @@ class Image:
         """Creates an enabled, transient bitmap (QEMU's ``bdrv_create_dirty_bitmap``);
         ``name`` None makes it anonymous (listed and queried, never found by name or
         stored)."""
+        granularity = uint(granularity, "granularity", 32)
         raw = encode_name(name) if name is not None else None
         p = check_ptr(lib.qdirty_image_create_bitmap, self._h(), raw, granularity)
         return self._wrap_new(p)
@@ -434,6 +442,7 @@ class Image:
     def set_dirty(self, offset: int, length: int) -> None:
         """The guest write hook: marks [offset, offset + length) in every enabled bitmap
         (clamped to the disk size). May run from I/O threads."""
+        offset, length = uint(offset, "offset"), uint(length, "length")
         lib.qdirty_image_set_dirty(self._h(), offset, length)
 
     def query(self) -> List[BitmapInfo]:

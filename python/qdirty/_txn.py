@@ -8,7 +8,7 @@ import weakref
 from typing import Any, List, Optional, Tuple, Union
 
 from ._bitmap import Bitmap
-from ._common import Name, QdirtyError, check_ptr, check_rc, encode_name, lib, take_error
+from ._common import Name, QdirtyError, check_ptr, check_rc, encode_name, lib, take_error, uint
 from ._image import Image, bitmap_flags
 from ._state import TxnState, finalize_txn
 
@@ -84,6 +84,7 @@ class Transaction:
     ) -> Bitmap:
         """block-dirty-bitmap-add: adds the bitmap now (as :meth:`Image.add_bitmap`); abort
         releases it (its Bitmap object becomes unusable)."""
+        granularity = uint(granularity, "granularity", 32)
         h, ih = self._touch(image)
         p = check_ptr(
             lib.qdirty_txn_add_bitmap,

@@ -2,11 +2,13 @@
 matching arity and pointer/integer return kinds."""
 
 import ctypes
+import errno
 import os
 import re
 import unittest
+from unittest import mock
 
-from _util import qdirty  # noqa: F401  (loads the library)
+from _util import qdirty  # (loads the library)
 from qdirty import _ffi
 
 HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "include", "qdirty.h")
@@ -82,6 +84,19 @@ class PrototypeTableTest(unittest.TestCase):
             self.assertIs(fn.restype, restype)
             self.assertEqual(list(fn.argtypes), list(argtypes))
 
+    def test_a_missing_function_fails_when_called_not_at_load(self):
+        fake = "qdirty_no_such_function"
+        with mock.patch.dict(_ffi.PROTOTYPES, {fake: (ctypes.c_int, [ctypes.c_int])}):
+            lib = _ffi.load(_ffi.find_library())
+        self.assertEqual(set(lib.qdirty_missing) - set(_ffi.lib.qdirty_missing), {fake})
+        with self.assertRaises(qdirty.QdirtyError) as cm:
+            getattr(lib, fake)(1)
+        self.assertEqual(cm.exception.errno, errno.ENOSYS)
+        self.assertIn(fake, cm.exception.message)
+        self.assertIn(_ffi.find_library(), cm.exception.message)
+        # The rest of that library works.
+        self.assertTrue(lib.qdirty_version())
+
     def test_check_flags_match_header(self):
         text = read_header()
         for flag in ("QDIRTY_CHECK_BUSY", "QDIRTY_CHECK_RO", "QDIRTY_CHECK_INCONSISTENT",
@@ -96,6 +111,15 @@ class PrototypeTableTest(unittest.TestCase):
         self.assertIsNotNone(m)
         fields = re.findall(r"^\s*([\w ]+?\**)\s*(\w+);", re.sub(r"//.*", "", m.group(1)), re.M)
         self.assertEqual([n for _, n in fields], [n for n, _ in _ffi.BitmapInfo._fields_])
+
+    def test_extent_layout_matches_header(self):
+        text = read_header()
+        m = re.search(r"typedef struct (?:qdirty_extent )?\{([^{}]*)\} qdirty_extent;", text, re.S)
+        self.assertIsNotNone(m, "qdirty_extent is not in the header")
+        fields = re.findall(r"^\s*([\w ]+?\**)\s*(\w+);", re.sub(r"//.*", "", m.group(1)), re.M)
+        self.assertEqual(fields, [("uint64_t", "offset"), ("uint64_t", "length")])
+        self.assertEqual([n for n, _ in _ffi.Extent._fields_], ["offset", "length"])
+        self.assertEqual(ctypes.sizeof(_ffi.Extent), 16)
 
     def test_flags_match_header(self):
         text = read_header()
