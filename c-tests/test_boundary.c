@@ -410,6 +410,25 @@ static void boundary_bitmap(qdirty_image *img, qdirty_image *small)
     }
     CHECK_PTR(qdirty_bitmap_sha256(NULL, &err), EINVAL, err);
     CHECK(qdirty_bitmap_sha256(NULL, NULL) == NULL);
+    {
+        qdirty_extent ext[2] = {{7, 7}, {7, 7}};
+        size_t n = 7;
+        CHECK_RC(qdirty_bitmap_dirty_extents(NULL, 0, SIZE, ext, 2, &n, &err), EINVAL, err);
+        CHECK(n == 0);
+        CHECK_RC(qdirty_bitmap_dirty_extents(a, 0, SIZE, NULL, 2, &n, &err), EINVAL, err);
+        CHECK_RC(qdirty_bitmap_dirty_extents(a, 0, SIZE, ext, 2, NULL, &err), EINVAL, err);
+        CHECK_RC(qdirty_bitmap_dirty_extents(a, 0, SIZE, ext, 0, &n, &err), EINVAL, err);
+        EXPECT_I64(qdirty_bitmap_dirty_extents(a, 0, SIZE, ext, 2, &n, NULL), 0);
+        CHECK_RC(qdirty_bitmap_dirty_extents(a, UINT64_MAX, UINT64_MAX, ext, SIZE_MAX, &n, &err),
+                 0, err);
+        EXPECT_U64(n, 0);
+        CHECK_RC(qdirty_bitmap_dirty_extents(a, GRAN, 0, ext, 2, &n, &err), 0, err);
+        EXPECT_U64(n, 0);
+        CHECK_RC(qdirty_bitmap_dirty_extents(a, 0, UINT64_MAX, ext, 1, &n, &err), 0, err);
+        EXPECT_U64(n, 1);
+        EXPECT_U64(ext[0].offset, 0);
+        EXPECT_U64(ext[0].length, GRAN);
+    }
 
     /* State setters and the gatekeeper. */
     CHECK_RC(qdirty_bitmap_check(NULL, 0, &err), EINVAL, err);

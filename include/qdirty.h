@@ -212,8 +212,11 @@ typedef struct {
 // `qdirty_image_open_with_io`, which qdirty uses instead of opening the file itself.
 //
 // Set `size` to `sizeof(qdirty_io_ops)`; it lets the structure grow in later versions (new
-// fields are only ever appended). A size smaller than this version's structure is refused
-// (EINVAL); a larger one is accepted when every byte past the fields known to this version is
+// fields are only ever appended, and a callback added later is optional: NULL keeps the
+// behaviour of the version without it). Any size from the first published layout (`size`
+// through `free_clusters`) up is accepted: fields past the caller's size count as NULL, so a
+// host built against an older header keeps working. A smaller size is refused (EINVAL); a
+// larger one than this version knows is accepted when every byte past the known fields is
 // zero (unset), and refused (ENOTSUP) otherwise.
 //
 // Every callback gets the `opaque` pointer given to `qdirty_image_open_with_io` first and
