@@ -107,8 +107,9 @@ fn lazy_and_eager_loads_match_qemu() {
         let qemu = qemu_sha256s(&img, &names, &tmp);
         // Lazy: loaded by the first read through &self.
         let mut lazy = qd_open(&img, false);
-        for (_, bm) in qd_bitmaps(&mut lazy) {
-            assert!(!bm.is_loaded(), "open must not read bitmap data");
+        for id in lazy.bitmap_ids() {
+            let state = lazy.bitmap(id).unwrap();
+            assert!(!state.is_loaded(), "open must not read bitmap data");
         }
         // Eager: everything loaded at once.
         let mut eager = qd_open(&img, false);
@@ -168,7 +169,8 @@ fn unloaded_bitmaps_keep_writes_and_are_not_rewritten() {
         "incremental store wrote {written} bytes"
     );
     // The unchanged, disabled bitmap was never loaded (the changed one was, to be rewritten).
-    assert!(!qd_bm(&mut im, "off").is_loaded(), "'off' was loaded");
+    let off = im.find_bitmap(b"off").unwrap();
+    assert!(!im.bitmap(off).unwrap().is_loaded(), "'off' was loaded");
     im.close().unwrap();
     assert_check_clean(&img, "after incremental store");
     let mut want_on = union_runs(&ranges, &[(100 * MIB, 512), (200 * MIB, 1024)]);

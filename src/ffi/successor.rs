@@ -78,10 +78,11 @@ pub unsafe extern "C" fn qdirty_image_create_bitmap(
 /// persistent bitmap for good. Refused while the bitmap is busy, has a successor or has live
 /// iterators (QEMU asserts; qdirty fails).
 ///
-/// Returns: 0, or a negative errno: -EINVAL (NULL `bm`; busy, frozen or iterated), -ENOENT
-/// (the bitmap no longer exists).
+/// Returns: 0, or a negative errno: -EINVAL (NULL `bm`), -EBUSY (busy, frozen with a
+/// successor, iterated, or a successor itself), -ENOENT (the bitmap no longer exists).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
-/// Ownership: on success `bm` is freed: do not use it afterwards.
+/// Ownership: `bm` stays valid until the image is closed; after a release, calls on it fail
+/// with -ENOENT.
 /// Thread safety: may be called from any thread; serialized per image. No other thread may use
 /// `bm` during or after the call.
 ///

@@ -2,6 +2,7 @@
 //! on disk, and the [`LazySource`] that reads one bitmap's data clusters (large sequential
 //! reads of contiguous runs). See `bitmap/lazy.rs` for the bitmap side.
 
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
@@ -122,13 +123,12 @@ impl TableSource {
                             .lock()
                             .read_exact_at(&mut buf[..len], off)
                             .map_err(|err| {
+                                // QEMU's message first (scripts match it), then where: the
+                                // errno stays EIO whatever the storage reported.
+                                let msg = format!("{err} (bitmap data at offset {off:#x})");
                                 Error::io(
-                                    format!(
-                                        "Could not read bitmap '{}' from image (data at offset \
-                                         {off:#x})",
-                                        self.name
-                                    ),
-                                    err,
+                                    format!("Could not read bitmap '{}' from image", self.name),
+                                    io::Error::new(err.kind(), msg),
                                 )
                             })?;
                         into.load_words_le(i as u64 * (cs / 8), &buf[..len]);
