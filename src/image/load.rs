@@ -298,6 +298,7 @@ impl Disk {
         if !changed {
             return Ok(());
         }
+        self.begin_update();
         self.update_dir_in_place(entries)
             .map_err(|e| e.context("Can't update bitmap directory"))
     }
@@ -306,11 +307,13 @@ impl Disk {
     /// QEMU's order (qcow2-format.md §6.2): header with the bitmaps bit clear + flush,
     /// directory + flush, header with the bit set + flush. A crash in between leaves the bit
     /// clear (the next opener drops the bitmaps: safe). On failure the old directory and the
-    /// bit are put back as far as possible.
+    /// bit are put back as far as possible. The directory's clusters must pass the overlap
+    /// check (hold the directory and nothing else) before anything is written.
     pub(super) fn update_dir_in_place(&mut self, entries: Vec<BitmapDirEntry>) -> Result<()> {
         let Some(ext) = self.dir.ext else {
             return Ok(());
         };
+        self.check_directory_owned("rewrite")?;
         let dir = encode_directory(&entries);
         if dir.len() as u64 != ext.bitmap_directory_size {
             return Err(Error::Precondition(

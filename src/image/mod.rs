@@ -15,6 +15,7 @@ mod lazy;
 mod load;
 pub mod lock;
 mod meta;
+mod overlap;
 mod salvage;
 pub mod storage;
 mod store;
@@ -34,10 +35,12 @@ use crate::format::bitmap_dir::BitmapDirEntry;
 use crate::format::bitmap_table::table_size_for;
 use crate::format::extension::BitmapsExt;
 use crate::format::{
-    BME_MAX_PHYS_SIZE, BME_MAX_TABLE_SIZE, QCOW2_MAX_BITMAPS, QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
+    BME_MAX_PHYS_SIZE, BME_MAX_TABLE_SIZE, MAX_HOST_OFFSET, QCOW2_MAX_BITMAPS,
+    QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
 };
 use alloc::Refcounts;
 use meta::Meta;
+use overlap::{MetaClusters, Structure};
 use storage::{FileStorage, Storage};
 
 pub use crate::bitmap::BitmapId;
@@ -87,6 +90,9 @@ struct Disk {
     meta: Meta,
     /// Refcounts, loaded on the first allocation (read-write, built-in allocator only).
     refcounts: Option<Refcounts>,
+    /// The image's metadata by cluster, for the overlap check of writes and frees (read-write,
+    /// built on the first write; see `overlap.rs`).
+    overlap: Option<MetaClusters>,
     dir: DiskDir,
     /// Opened in salvage mode ([`Image::open_salvage`]).
     salvage: bool,
@@ -167,6 +173,7 @@ impl Image {
             frozen: Vec::new(),
             meta,
             refcounts: None,
+            overlap: None,
             dir: DiskDir::default(),
             salvage,
             broken: Vec::new(),
@@ -369,6 +376,7 @@ impl Image {
             }
             d.read_only = true;
             d.refcounts = None;
+            d.overlap = None;
             let _ = d.storage.lock().set_writable(false);
         }
         Ok(())
@@ -698,43 +706,82 @@ impl Disk {
         self.meta.header.cluster_size()
     }
 
-    /// Allocates `n` contiguous clusters (refcount 1): through the host's allocator when the
-    /// storage has one, else through the image's refcounts.
-    fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+    /// Allocates `n` contiguous clusters (refcount 1) for `what(k)` (the k-th cluster): through
+    /// the host's allocator when the storage has one, else through the image's refcounts. The
+    /// clusters pass the overlap check (they must hold nothing, `overlap.rs`) and are recorded
+    /// as holding `what`. A host allocation that fails the check is not given back (the host's
+    /// answer cannot be trusted to free); one of the image's refcounts is undone in memory.
+    fn alloc_clusters(&mut self, n: u64, what: &dyn Fn(u64) -> Structure) -> Result<u64> {
         let cs = self.cluster_size();
-        let mut guard = self.storage.lock();
-        if let Some(a) = guard.allocator() {
-            let off = a
-                .alloc(n, cs)
-                .map_err(|e| Error::io("The host could not allocate clusters", e))?;
-            if off % cs != 0 || off == 0 {
+        self.metadata()?;
+        let host = {
+            let mut guard = self.storage.lock();
+            match guard.allocator() {
+                Some(a) => Some(
+                    a.alloc(n, cs)
+                        .map_err(|e| Error::io("The host could not allocate clusters", e))?,
+                ),
+                None => None,
+            }
+        };
+        if let Some(off) = host {
+            let end = n.checked_mul(cs).and_then(|b| off.checked_add(b));
+            if off % cs != 0 || off == 0 || end.is_none_or(|e| e > MAX_HOST_OFFSET) {
+                let map = self.overlap.as_ref().expect("built above");
                 return Err(Error::InvalidArgument(format!(
-                    "The host allocated clusters at {off:#x}, which is not a valid cluster offset"
+                    "The host allocated {n} clusters at {off:#x} for {}, which is not a valid \
+                     place: clusters must be aligned to {cs} bytes, not cluster 0, and end below \
+                     2^56",
+                    map.describe(&what(0))
                 )));
             }
+            let map = self.overlap.as_mut().expect("built above");
+            map.check_new(off, n, what)
+                .map_err(overlap::Conflict::by_host)?;
+            map.add(off, n, what);
             return Ok(off);
         }
-        drop(guard);
         self.refcounts()?;
         let rc = self.refcounts.as_mut().expect("loaded by refcounts()");
-        let off = rc.alloc(self.storage.lock().as_mut(), n)?;
+        let map = self.overlap.as_mut().expect("built above");
+        let mut guard = self.storage.lock();
+        let storage = guard.as_mut();
+        let check: alloc::Guard<'_> = &|o, k, s| {
+            map.check_new_refcount_structure(o, k, &s)
+                .map_err(|c| c.in_image("write"))
+        };
+        let off = rc.alloc(storage, n, check);
         let (t_off, t_clusters) = rc.reftable_location();
         self.meta.header.refcount_table_offset = t_off;
         self.meta.header.refcount_table_clusters = t_clusters;
+        let off = off?;
+        map.sync_refcounts(rc);
+        if let Err(c) = map.check_new(off, n, what) {
+            // Undone in memory; a failure here only leaks (the increment may be written later).
+            let _ = rc.free(storage, off, n);
+            return Err(c.in_image("write"));
+        }
+        map.add(off, n, what);
         Ok(off)
     }
 
-    /// The image's refcounts, read on first use.
+    /// The image's refcounts, read on first use. The refcount table and blocks are written in
+    /// place, so their clusters must pass the overlap check (hold nothing else).
     fn refcounts(&mut self) -> Result<&mut Refcounts> {
         if self.refcounts.is_none() {
             let h = &self.meta.header;
-            self.refcounts = Some(Refcounts::load(
+            let rc = Refcounts::load(
                 self.storage.lock().as_ref(),
                 h.cluster_bits,
                 h.refcount_order,
                 h.refcount_table_offset,
                 h.refcount_table_clusters,
-            )?);
+            )?;
+            let map = self.metadata()?;
+            map.sync_refcounts(&rc);
+            map.check_refcount_structures()
+                .map_err(|c| c.in_image("rewrite"))?;
+            self.refcounts = Some(rc);
         }
         Ok(self.refcounts.as_mut().expect("loaded above"))
     }
@@ -767,6 +814,8 @@ impl Disk {
     /// Reads the virtual size from the header on storage again (after a host resize).
     fn refresh_size(&mut self) -> Result<()> {
         let fresh = Meta::read(self.storage.lock().as_ref())?;
+        // The L1 table may have moved.
+        self.overlap = None;
         self.meta.header.size = fresh.header.size;
         self.meta.header.l1_size = fresh.header.l1_size;
         self.meta.header.l1_table_offset = fresh.header.l1_table_offset;

@@ -149,6 +149,8 @@ impl Disk {
             .filter(|(i, _)| !positions.contains(i))
             .map(|(_, e)| e.clone())
             .collect();
+        self.begin_update();
+        self.check_directory_owned("free")?;
         let mut allocated = Vec::new();
         let old_dir = match self.commit_directory(entries, &mut allocated) {
             Ok(old) => old,

@@ -99,7 +99,7 @@ fn blank_image_has_consistent_refcounts() {
                 "cluster {c} of a {cs}-byte-cluster image"
             );
         }
-        let off = rc.alloc(&mut st, 1).unwrap();
+        let off = rc.alloc(&mut st, 1, &|_, _, _| Ok(())).unwrap();
         assert_eq!(off, len);
     }
 }
@@ -222,9 +222,9 @@ fn refcount_blocks_and_table_grow() {
     let mut rc = Refcounts::load(&st, 9, 4, 512, 1).unwrap();
     let mut got = Vec::new();
     for _ in 0..20_000 {
-        got.push(rc.alloc(&mut st, 1).unwrap());
+        got.push(rc.alloc(&mut st, 1, &|_, _, _| Ok(())).unwrap());
     }
-    got.push(rc.alloc(&mut st, 40).unwrap());
+    got.push(rc.alloc(&mut st, 40, &|_, _, _| Ok(())).unwrap());
     rc.write_dirty_blocks(&mut st).unwrap();
     let (t_off, t_clusters) = rc.reftable_location();
     assert!(t_clusters > 1, "the refcount table grew");
