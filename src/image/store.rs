@@ -23,7 +23,9 @@
 //!
 //! A store that fails before the commit (ENOSPC, EDQUOT, EFBIG, I/O error) frees what it
 //! allocated and changes nothing else: the directory on disk is the old one (with its in_use
-//! flags) and the in-memory bitmaps, their change tracking included, are as before.
+//! flags) and the in-memory bitmaps, their change tracking included, are as before. A first
+//! bitmaps extension that cluster 0 has no room for (512-byte clusters and a long backing file
+//! name) fails the store with ENOSPC before anything is written, as QEMU's store fails.
 //!
 //! Before anything is written, every cluster the store will free after the commit (the old
 //! directory, the old tables and data clusters of the bitmaps it rewrites) passes the overlap
@@ -249,6 +251,9 @@ impl Disk {
             }
             return Ok(());
         }
+        // A first bitmaps extension must fit in cluster 0 (QEMU's ENOSPC), before anything is
+        // written.
+        self.meta.check_room_for_bitmaps()?;
         // What the commit will free: checked now, before anything is written. The whole old
         // table of a rewritten bitmap is checked, the entries taken over too (the new table
         // would go on naming them).
@@ -525,6 +530,7 @@ impl Disk {
         let new_ext = if entries.is_empty() {
             None
         } else {
+            self.meta.check_room_for_bitmaps()?;
             let raw = encode_directory(&entries);
             let clusters = (raw.len() as u64).div_ceil(cs);
             let off = self.alloc_clusters(clusters, &|_| Structure::BitmapDirectory)?;
