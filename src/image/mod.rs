@@ -59,6 +59,10 @@ pub struct AddOptions {
     pub autoload: Option<bool>,
 }
 
+/// How many times a force-share open reads the bitmaps before it gives up on an image whose
+/// bitmaps keep changing under it ([`Image::open_with`]).
+pub const SHARED_OPEN_ATTEMPTS: u32 = 3;
+
 /// The warning given for the deprecated autoload option.
 pub const AUTOLOAD_WARNING: &str = "Autoload option is deprecated and its value is ignored";
 
@@ -143,44 +147,78 @@ impl Image {
     }
 
     /// [`Image::open`] with QEMU's force-share option (`qemu-img -U`): a read-only open that
-    /// takes no locks, to look at an image another process is using.
+    /// takes no locks, to look at an image another process is using. Such an open reads the
+    /// data of every bitmap at once and checks that the directory and tables did not change
+    /// meanwhile (read again up to [`SHARED_OPEN_ATTEMPTS`] times, then [`Error::InUse`] naming
+    /// what kept changing): the bitmaps are the ones on disk at open, never a mix of versions.
     pub fn open_with(path: impl AsRef<Path>, read_write: bool, force_share: bool) -> Result<Image> {
         let path = path.as_ref();
         let name = path.display().to_string();
         let storage = FileStorage::open_locked(path, read_write, force_share)?;
-        Self::open_storage(Box::new(storage), &name, read_write)
+        Self::open_storage_opts(Box::new(storage), &name, read_write, false, force_share)
     }
 
     /// Opens an image held by any storage. `name` is used in messages.
     pub fn open_storage(storage: Box<dyn Storage>, name: &str, read_write: bool) -> Result<Image> {
-        Self::open_storage_opts(storage, name, read_write, false)
+        Self::open_storage_opts(storage, name, read_write, false, false)
     }
 
+    /// Opens an image; `shared`: another process may write it (force-share, see
+    /// [`Image::open_with`]).
     fn open_storage_opts(
         storage: Box<dyn Storage>,
         name: &str,
         read_write: bool,
         salvage: bool,
+        shared: bool,
     ) -> Result<Image> {
         let ctx = || format!("Could not open '{name}'");
-        let meta = Meta::read(storage.as_ref()).map_err(|e| e.context(ctx()))?;
-        let mut disk = Disk {
-            storage: lazy::SharedStorage::new(storage),
-            sources: lazy::Sources::default(),
-            name: name.to_string(),
-            read_only: !read_write,
-            failed: None,
-            frozen: Vec::new(),
-            meta,
-            refcounts: None,
-            overlap: None,
-            dir: DiskDir::default(),
-            salvage,
-            broken: Vec::new(),
-        };
-        let mut set = BitmapSet::new(disk.size());
-        disk.load(&mut set).map_err(|e| e.context(ctx()))?;
-        Ok(Image::assemble(set, Some(disk), name))
+        let storage = lazy::SharedStorage::new(storage);
+        let shared = shared && !read_write;
+        let mut attempt = 1;
+        loop {
+            let meta = Meta::read(storage.lock().as_ref()).map_err(|e| e.context(ctx()))?;
+            let mut disk = Disk {
+                storage: storage.clone(),
+                sources: lazy::Sources::default(),
+                name: name.to_string(),
+                read_only: !read_write,
+                failed: None,
+                frozen: Vec::new(),
+                meta,
+                refcounts: None,
+                overlap: None,
+                dir: DiskDir::default(),
+                salvage,
+                broken: Vec::new(),
+            };
+            let mut set = BitmapSet::new(disk.size());
+            if let Err(e) = disk.load(&mut set) {
+                // Force-share: what the load read may have been freed and reused meanwhile.
+                if shared && attempt < SHARED_OPEN_ATTEMPTS && disk.header_changed() {
+                    attempt += 1;
+                    continue;
+                }
+                return Err(e.context(ctx()));
+            }
+            if shared {
+                let changed = disk
+                    .read_all_shared(&mut set)
+                    .map_err(|e| e.context(ctx()))?;
+                if let Some(what) = changed {
+                    if attempt < SHARED_OPEN_ATTEMPTS {
+                        attempt += 1;
+                        continue;
+                    }
+                    return Err(Error::InUse(format!(
+                        "{}: {what} changed on disk while it was read, {attempt} times (another \
+                         process is writing the image); try again",
+                        ctx()
+                    )));
+                }
+            }
+            return Ok(Image::assemble(set, Some(disk), name));
+        }
     }
 
     /// Standalone bitmaps over `size` bytes with no image behind them (raw disks, guest RAM,

@@ -185,7 +185,7 @@ impl Image {
         let path = path.as_ref();
         let name = path.display().to_string();
         let storage = FileStorage::open_locked(path, read_write, force_share)?;
-        Self::open_storage_opts(Box::new(storage), &name, read_write, salvage)
+        Self::open_storage_opts(Box::new(storage), &name, read_write, salvage, force_share)
     }
 
     /// [`Image::open_storage`] in salvage mode.
@@ -194,7 +194,7 @@ impl Image {
         name: &str,
         read_write: bool,
     ) -> Result<Image> {
-        Self::open_storage_opts(storage, name, read_write, true)
+        Self::open_storage_opts(storage, name, read_write, true, false)
     }
 
     /// Whether the image was opened in salvage mode.
