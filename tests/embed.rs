@@ -235,6 +235,8 @@ struct RHost {
     length_error: Option<i64>,
     /// alloc_clusters returns this negative errno.
     alloc_error: Option<c_int>,
+    /// alloc_clusters answers these offsets first (then fails as above).
+    alloc_at: Vec<u64>,
 }
 
 impl RHost {
@@ -251,6 +253,7 @@ impl RHost {
             short_read: false,
             length_error: None,
             alloc_error: None,
+            alloc_at: Vec::new(),
         })
     }
 }
@@ -319,9 +322,14 @@ unsafe extern "C" fn r_alloc(
     opaque: *mut c_void,
     _n: u64,
     _cluster_size: u64,
-    _offset: *mut u64,
+    offset: *mut u64,
 ) -> c_int {
     let h = unsafe { host(opaque) };
+    if !h.alloc_at.is_empty() {
+        // SAFETY: qdirty passes a valid out pointer.
+        unsafe { *offset = h.alloc_at.remove(0) };
+        return 0;
+    }
     h.alloc_error.unwrap_or(-libc::ENOSPC)
 }
 
@@ -593,5 +601,54 @@ fn io_pwrite_failure_during_store_keeps_the_image_valid() {
             std::env::var("QDIRTY_REQUIRE_QEMU").as_deref() != Ok("1"),
             "{test}: qemu-img not installed, and QDIRTY_REQUIRE_QEMU=1"
         );
+    }
+}
+
+/// A host allocator that hands back a bad place: unaligned, cluster 0, beyond 2^56 (or 2^63),
+/// or clusters holding the image's metadata (L1 table, refcount table, a refcount block). The
+/// store fails with EINVAL naming the offset and what lives there, and writes nothing.
+#[test]
+fn io_host_allocations_are_checked() {
+    let tmp = TempDir::new("io_host_allocations_are_checked");
+    let img = make_image(tmp.path(), "a.qcow2");
+    let b = std::fs::read(&img).unwrap();
+    let be64 = |o: usize| u64::from_be_bytes(b[o..o + 8].try_into().unwrap());
+    let cs = 1u64 << u32::from_be_bytes(b[20..24].try_into().unwrap());
+    let (l1, reftable) = (be64(40), be64(48));
+    let refblock0 = be64(reftable as usize);
+    let end = (b.len() as u64).next_multiple_of(cs);
+    let cases: [(u64, &str); 7] = [
+        (end + 512, "not a valid"),
+        (1 << 56, "not a valid"),
+        (u64::MAX - (cs - 1), "not a valid"),
+        (l1, "the L1 table"),
+        (reftable, "the refcount table"),
+        (refblock0, "refcount block 0"),
+        (0, "cluster 0"),
+    ];
+    for (at, want) in cases {
+        std::fs::write(&img, &b).unwrap();
+        let mut h = RHost::new(&img);
+        h.alloc_at = vec![at];
+        let mut o = ops();
+        o.alloc_clusters = Some(r_alloc);
+        o.free_clusters = Some(r_free);
+        let image = open_io(&o, &mut h, QDIRTY_OPEN_RDWR).unwrap();
+        add_persistent(image, "b");
+        unsafe { qdirty_image_set_dirty(image, 0, MIB) };
+        let before = h.pwrites;
+        let (e, msg) = close(image).unwrap_err();
+        assert_eq!(e, libc::EINVAL, "{at:#x}: {msg}");
+        assert!(
+            msg.contains(&format!("{at:#x}")) && msg.contains(want),
+            "{at:#x}: '{want}' not in: {msg}"
+        );
+        assert_eq!(
+            h.pwrites, before,
+            "{at:#x}: a refused allocation was written to"
+        );
+        if have_tool("qemu-img") {
+            assert_check_clean(&img, &format!("after the host allocated at {at:#x}"));
+        }
     }
 }

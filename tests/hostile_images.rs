@@ -1352,3 +1352,105 @@ fn rw_sessions_never_make_images_worse() {
         assert_eq!(code, 0, "{what}: guest data changed: {out}");
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// Table entries that name other metadata: stores and removals are refused, nothing is freed
+// ------------------------------------------------------------------------------------------
+
+/// A QEMU-made image with an internal snapshot "s1" and bitmaps "b" and "c" (64 KiB granularity,
+/// both dirty over 0..1 MiB), then bitmap "b"'s first data cluster (its first non-zero table
+/// entry) patched to name other metadata. qdirty opens it read-write, changes "b" (cleared: every old cluster is freed; or
+/// one more bit: one entry is rewritten) or removes it; the store or removal must fail naming
+/// what it was about to free and what lives there, and `qemu-img check` must find nothing new
+/// (QEMU itself, `qemu-img bitmap --clear` on the same image, frees the refcount table).
+#[test]
+fn table_entries_naming_metadata_are_refused() {
+    if std::env::var("QDIRTY_HOSTILE_CHILD").is_ok()
+        || !require_qemu("table_entries_naming_metadata_are_refused")
+    {
+        return;
+    }
+    let tmp = TempDir::new("hostile-overlap");
+    let base = tmp.join("base.qcow2");
+    qemu_img_create(&base, DISK, "", &[]);
+    qemu_io_write(&base, &[(0, 1 << 20)]);
+    let (dir, name) = split(&base);
+    run_ok("qemu-img", &["snapshot", "-c", "s1", &name], &dir);
+    qemu_img_bitmap_add(&base, "b", Some(65536), false);
+    qemu_img_bitmap_add(&base, "c", Some(65536), false);
+    qemu_io_write(&base, &[(0, 1 << 20)]);
+    assert_check_clean(&base, "base");
+    let bytes = read_file(&base);
+    let l = layout(&bytes);
+    let entry = |name: &str| l.entries.iter().find(|e| e.name == name).unwrap().clone();
+    let (b, c) = (entry("b"), entry("c"));
+    let b_data = b.data_table_entry.expect("b has a data cluster");
+    let c_data = be_u64(&bytes, c.data_table_entry.expect("c has a data cluster"));
+    let l1 = be_u64(&bytes, 40);
+    let refblock0 = be_u64(&bytes, l.reftable_offset as usize);
+    // The snapshot table (header offset 64), the snapshot's L1 table (first field of its
+    // entry), and the L2 table of its first L1 entry (the active L2 was copied on write since).
+    let snapshots = be_u64(&bytes, 64);
+    let snap_l1 = be_u64(&bytes, snapshots as usize);
+    let snap_l2 = be_u64(&bytes, snap_l1 as usize) & 0x00ff_ffff_ffff_fe00;
+    let l2 = be_u64(&bytes, l1 as usize) & 0x00ff_ffff_ffff_fe00;
+    assert_ne!(snap_l2, l2);
+    let targets = [
+        (l.reftable_offset, "the refcount table"),
+        (refblock0, "refcount block 0"),
+        (l1, "the L1 table"),
+        (l2, "an L2 table ("),
+        (c.table_offset, "the table of bitmap 'c'"),
+        (c_data, "data cluster 0 of bitmap 'c'"),
+        (snapshots, "the snapshot table"),
+        (snap_l1, "the L1 table of snapshot 's1'"),
+        (snap_l2, "an L2 table of snapshot 's1'"),
+    ];
+    for (target, what) in targets {
+        for op in ["clear", "set", "remove"] {
+            let img = tmp.join(&format!("overlap-{target:x}-{op}.qcow2"));
+            let mut b2 = bytes.clone();
+            put64(&mut b2, b_data, target);
+            std::fs::write(&img, &b2).unwrap();
+            let (before, cb) = check_findings(&img);
+            let mut im = Image::open(&img, true).unwrap_or_else(|e| panic!("rw open: {e}"));
+            let id = im.find_bitmap(b"b").unwrap();
+            let err = match op {
+                "clear" => {
+                    im.bitmap_mut(id).unwrap().clear().unwrap();
+                    im.close().unwrap_err()
+                }
+                "set" => {
+                    im.bitmap_mut(id)
+                        .unwrap()
+                        .set_dirty(DISK - 4096, 1)
+                        .unwrap();
+                    im.close().unwrap_err()
+                }
+                _ => {
+                    let e = im.remove_bitmap(b"b").unwrap_err();
+                    drop(im);
+                    e
+                }
+            };
+            let msg = err.to_string();
+            assert!(
+                msg.contains("Refusing to free data cluster 0 of bitmap 'b'")
+                    && msg.contains(what)
+                    && msg.contains(&format!("{target:#x}")),
+                "{what}, {op}: {msg}"
+            );
+            let (after, ca) = check_findings(&img);
+            let new: Vec<_> = after.difference(&before).collect();
+            assert!(
+                new.is_empty()
+                    && ca.corruptions <= cb.corruptions
+                    && ca.leaks <= cb.leaks
+                    && ca.check_errors == 0,
+                "{what}, {op}: qemu-img check found new problems: {new:?}\nbefore: {cb}\nafter: {ca}"
+            );
+            // The patched entry is still there: nothing was freed or rewritten.
+            assert_eq!(be_u64(&read_file(&img), b_data), target, "{what}, {op}");
+        }
+    }
+}

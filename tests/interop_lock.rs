@@ -157,3 +157,58 @@ fn qdirty_refuses_an_image_qemu_holds() {
     assert_check_clean(&img, test);
     assert_eq!(nbd_dirty_extents(&img, "b1"), vec![(MIB, 65536)]);
 }
+
+/// A force-share open (`qemu-img -U`) next to a second writer: QEMU's tools clear, remove and
+/// add bitmaps and write guest data (reusing the clusters the removed bitmaps freed) after the
+/// open; qdirty's bitmaps are still exactly those of the image at open (as QEMU exported them
+/// over NBD before the changes), never bits read from clusters that were reused since.
+#[test]
+fn force_share_reads_the_bitmaps_as_they_were_at_open() {
+    let test = "force_share_reads_the_bitmaps_as_they_were_at_open";
+    if !require_qemu(test) {
+        return;
+    }
+    let tmp = TempDir::new(test);
+    let img = tmp.join("a.qcow2");
+    qemu_img_create(&img, 64 * MIB, "cluster_size=4096", &[]);
+    qemu_img_bitmap_add(&img, "b", Some(4096), false);
+    qemu_img_bitmap_add(&img, "c", Some(512), false);
+    let writes: Vec<(u64, u64)> = (0..40).map(|i| (i * 1_572_864 + 4096 * i, 8192)).collect();
+    qemu_io_write(&img, &writes);
+    let want_b = nbd_dirty_extents(&img, "b");
+    let want_c = nbd_dirty_extents(&img, "c");
+    assert!(!want_b.is_empty() && !want_c.is_empty());
+
+    for step in 0..4 {
+        let copy = tmp.join(&format!("step{step}.qcow2"));
+        std::fs::copy(&img, &copy).unwrap();
+        let peek = Image::open_with(&copy, false, true).expect("force-share open");
+        // The second writer, after the open.
+        match step {
+            0 => qemu_img_bitmap(&copy, &["--clear"], "b"),
+            1 => qemu_img_bitmap(&copy, &["--remove"], "b"),
+            2 => {
+                qemu_img_bitmap(&copy, &["--remove"], "b");
+                qemu_img_bitmap(&copy, &["--remove"], "c");
+                qemu_img_bitmap_add(&copy, "n", Some(512), false);
+            }
+            _ => {}
+        }
+        if step >= 1 {
+            // Guest writes with a pattern of set bits, into the clusters just freed.
+            let cmds = vec!["write -P 0x5a 32M 16M".to_string()];
+            qemu_io(&copy, &cmds);
+        }
+        for (name, want) in [("b", &want_b), ("c", &want_c)] {
+            let bm = peek
+                .bitmap(peek.find_bitmap(name.as_bytes()).unwrap())
+                .unwrap();
+            assert!(!bm.inconsistent(), "step {step}: '{name}' inconsistent");
+            assert_eq!(
+                &qdirty_runs(bm),
+                want,
+                "step {step}: bitmap '{name}' is not the one at open"
+            );
+        }
+    }
+}

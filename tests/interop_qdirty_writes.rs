@@ -498,3 +498,92 @@ fn b_refcount_table_growth_512_clusters_64bit_refcounts() {
 fn b_new_refblocks_512_clusters_16bit_refcounts() {
     refcount_growth_case("b_new_refblocks_512_clusters_16bit_refcounts", 16, 5);
 }
+
+/// A relative file name of exactly `len` bytes (nested directories: a name component is at most
+/// 255 bytes).
+fn name_of_len(len: usize) -> String {
+    let mut s = String::new();
+    while len - s.len() > 120 {
+        s.push_str(&"d".repeat(99));
+        s.push('/');
+    }
+    s.push_str(&"f".repeat(len - s.len() - 4));
+    s.push_str(".raw");
+    assert_eq!(s.len(), len);
+    s
+}
+
+/// 512-byte clusters and a backing file name so long that cluster 0 has no room for the bitmaps
+/// extension, or just enough: adding a persistent bitmap and closing succeeds with qdirty
+/// exactly where `qemu-img bitmap --add` succeeds. Where QEMU fails (ENOSPC, "Failed to update
+/// bitmap extension") qdirty fails the same way; neither leaves a leak or a bitmap behind.
+#[test]
+fn b_no_room_for_the_bitmaps_extension() {
+    let test = "b_no_room_for_the_bitmaps_extension";
+    if !require_qemu(test) {
+        return;
+    }
+    let tmp = TempDir::new(test);
+    let (mut fits, mut full) = (0, 0);
+    for len in [320, 336, 340, 344, 345, 348, 352, 376] {
+        let backing = name_of_len(len);
+        let path = tmp.join(&backing);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, vec![0u8; MIB as usize]).unwrap();
+        let q = tmp.join(&format!("q{len}.qcow2"));
+        qemu_img_create(&q, MIB, "cluster_size=512", &["-b", &backing, "-F", "raw"]);
+        let d = tmp.join(&format!("d{len}.qcow2"));
+        std::fs::copy(&q, &d).unwrap();
+
+        let (dir, base) = split(&q);
+        let out = run(
+            "qemu-img",
+            &["bitmap", "--add", "-f", "qcow2", &base, "bm"],
+            &dir,
+        );
+        let qemu_ok = out.status.success();
+        let qemu_err = String::from_utf8_lossy(&out.stderr).into_owned();
+
+        let mut img = Image::open(&d, true).unwrap();
+        img.add_bitmap(
+            b"bm",
+            0,
+            qdirty::AddOptions {
+                persistent: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let ours = img.close();
+        assert_eq!(
+            ours.is_ok(),
+            qemu_ok,
+            "name of {len} bytes: qdirty {ours:?}, QEMU: {qemu_err}"
+        );
+        if let Err(e) = ours {
+            full += 1;
+            assert!(
+                qemu_err.contains("Failed to update bitmap extension: No space left on device"),
+                "{len}: {qemu_err}"
+            );
+            assert_eq!(e.errno(), libc::ENOSPC, "{len}: {e}");
+            assert!(
+                e.to_string().contains("Failed to update bitmap extension"),
+                "{len}: {e}"
+            );
+        } else {
+            fits += 1;
+        }
+        assert_check_clean(&q, &format!("QEMU, backing name of {len} bytes"));
+        assert_check_clean(&d, &format!("qdirty, backing name of {len} bytes"));
+        assert_eq!(
+            qemu_img_info_bitmaps(&d, false),
+            qemu_img_info_bitmaps(&q, false),
+            "{len}: bitmaps"
+        );
+    }
+    assert!(
+        fits > 0 && full > 0,
+        "the boundary was not crossed: {fits} fit, {full} full"
+    );
+}

@@ -5,12 +5,21 @@
 //! every open). New refcount blocks and a grown refcount table are written before anything points
 //! at them, each followed by a flush, so a crash can only leak clusters. Increments and
 //! decrements of existing blocks stay in memory until [`Refcounts::write_dirty_blocks`].
+//!
+//! Every cluster the allocator writes a structure of its own into (a new refcount block, a new
+//! table) first passes the caller's [`Guard`] (the overlap check, `overlap.rs`): a free cluster
+//! of a corrupt image may still hold metadata.
 
 use std::collections::BTreeMap;
 
+use super::overlap::Structure;
 use super::storage::Storage;
 use crate::error::{Error, Result};
 use crate::format::{be, refcount, MAX_HOST_OFFSET, QCOW_MAX_REFTABLE_SIZE};
+
+/// Called with (offset, clusters, what) before the allocator writes a structure of its own into
+/// clusters it found free; an error stops the allocation before that write.
+pub type Guard<'a> = &'a dyn Fn(u64, u64, Structure) -> Result<()>;
 
 /// One refcount block in memory.
 #[derive(Debug)]
@@ -36,6 +45,8 @@ pub struct Refcounts {
     free_hint: u64,
     /// One past the highest cluster handed out in this session (may be beyond EOF).
     alloc_end: u64,
+    /// Changes whenever a refcount block is added or the table moves.
+    generation: u64,
 }
 
 impl Refcounts {
@@ -74,6 +85,7 @@ impl Refcounts {
             blocks: BTreeMap::new(),
             free_hint: 0,
             alloc_end: 0,
+            generation: 0,
         })
     }
 
@@ -84,6 +96,21 @@ impl Refcounts {
     /// Current refcount table location (offset, clusters), for the header.
     pub fn reftable_location(&self) -> (u64, u32) {
         (self.reftable_offset, self.reftable_clusters)
+    }
+
+    /// Changes whenever a refcount block is added or the table moves (see
+    /// [`Refcounts::block_offsets`]).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The refcount blocks: (index in the table, offset).
+    pub fn block_offsets(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.reftable
+            .iter()
+            .enumerate()
+            .filter(|(_, &off)| off != 0)
+            .map(|(i, &off)| (i as u64, off))
     }
 
     fn block(&mut self, storage: &dyn Storage, index: u64) -> Result<Option<&mut Block>> {
@@ -179,8 +206,9 @@ impl Refcounts {
     ///
     /// New refcount blocks and a grown table are written (and flushed) at once; the increments
     /// themselves reach the disk with [`Refcounts::write_dirty_blocks`], which the caller runs
-    /// (and flushes) before anything on disk points at the new clusters.
-    pub fn alloc(&mut self, storage: &mut dyn Storage, n: u64) -> Result<u64> {
+    /// (and flushes) before anything on disk points at the new clusters. The returned clusters
+    /// are the caller's to check; new refcount structures pass `guard` before they are written.
+    pub fn alloc(&mut self, storage: &mut dyn Storage, n: u64, guard: Guard<'_>) -> Result<u64> {
         if n == 0 {
             return Err(Error::Precondition("Cannot allocate zero clusters".into()));
         }
@@ -214,11 +242,11 @@ impl Refcounts {
             let last_block = (start + n - 1) / self.entries_per_block;
             for bi in first_block..=last_block {
                 if bi >= self.reftable.len() as u64 {
-                    self.grow_reftable(storage, bi)?;
+                    self.grow_reftable(storage, bi, guard)?;
                     continue 'search;
                 }
                 if self.reftable[bi as usize] == 0 {
-                    self.create_block(storage, bi)?;
+                    self.create_block(storage, bi, guard)?;
                     continue 'search;
                 }
             }
@@ -232,21 +260,23 @@ impl Refcounts {
     }
 
     /// Creates the refcount block for table index `bi` (qcow2-format.md §3.5 create_refblock).
-    fn create_block(&mut self, storage: &mut dyn Storage, bi: u64) -> Result<()> {
+    fn create_block(&mut self, storage: &mut dyn Storage, bi: u64, guard: Guard<'_>) -> Result<()> {
         let epb = self.entries_per_block;
         let cs = self.cluster_size();
         loop {
             let j = self.next_free(storage, 0)?;
+            // The lowest free cluster is where this block (or the one created first) goes.
+            guard(j * cs, 1, Structure::RefcountBlock(bi))?;
             let mut data = vec![0u8; cs as usize];
             if j / epb == bi {
                 // Self-describing: the block counts itself.
                 refcount::set_refcount(&mut data, j % epb, self.refcount_order, 1);
             } else if (j / epb) >= self.reftable.len() as u64 {
-                self.grow_reftable(storage, j / epb)?;
+                self.grow_reftable(storage, j / epb, guard)?;
                 continue;
             } else if self.reftable[(j / epb) as usize] == 0 {
                 // The free cluster's own region has no block yet: create that one first.
-                self.create_block(storage, j / epb)?;
+                self.create_block(storage, j / epb, guard)?;
                 continue;
             } else {
                 self.update(storage, j, true)?;
@@ -273,6 +303,7 @@ impl Refcounts {
                 },
             );
             self.alloc_end = self.alloc_end.max(j + 1);
+            self.generation += 1;
             return Ok(());
         }
     }
@@ -281,7 +312,12 @@ impl Refcounts {
     /// (qcow2-format.md §3.5 grow_reftable): new self-describing blocks and the new table are
     /// placed after everything in use, written and flushed, then the header is switched with
     /// one 12-byte write at offset 48, and the old table is freed.
-    fn grow_reftable(&mut self, storage: &mut dyn Storage, need: u64) -> Result<()> {
+    fn grow_reftable(
+        &mut self,
+        storage: &mut dyn Storage,
+        need: u64,
+        guard: Guard<'_>,
+    ) -> Result<()> {
         let cs = self.cluster_size();
         let epb = self.entries_per_block;
         let file_clusters = storage
@@ -332,6 +368,10 @@ impl Refcounts {
             }
         }
         debug_assert_eq!(next_block_cluster, a + b);
+        for bi in new_blocks.keys() {
+            guard(new_table[*bi as usize], 1, Structure::RefcountBlock(*bi))?;
+        }
+        guard((a + b) * cs, t, Structure::RefcountTable)?;
         // Refcount 1 for every new metadata cluster, in whichever block covers it.
         for c in a..end {
             let bi = c / epb;
@@ -380,6 +420,7 @@ impl Refcounts {
             );
         }
         self.alloc_end = self.alloc_end.max(end);
+        self.generation += 1;
         self.free(storage, old_offset, u64::from(old_clusters))?;
         self.write_dirty_blocks(storage)?;
         flush(storage)

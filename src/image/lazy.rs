@@ -75,6 +75,31 @@ impl TableSource {
         self.valid.store(false, Ordering::Release);
     }
 
+    /// The bitmap's name.
+    pub(super) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the table on disk still says what it said when this source was made (a table
+    /// that cannot be read or decoded any more has changed).
+    pub(super) fn table_unchanged(&self) -> bool {
+        let mut raw = vec![0u8; self.table.len() * 8];
+        if self
+            .storage
+            .0
+            .lock()
+            .read_exact_at(&mut raw, self.table_offset)
+            .is_err()
+        {
+            return false;
+        }
+        raw.chunks_exact(8).enumerate().all(|(i, c)| {
+            let v = crate::format::be::get_u64(c, 0);
+            TableEntry::decode(v, self.cluster_size, self.name.as_bytes(), i as u64)
+                .is_ok_and(|t| t == self.table[i])
+        })
+    }
+
     /// Fills `into` from the table: contiguous runs of data clusters are read with one read
     /// each (at most [`LOAD_READ_BYTES`], a buffer that stays in the CPU cache and is reused
     /// across loads on the thread) and converted with [`HBitmap::load_words_le`]. `max_run`
@@ -170,6 +195,11 @@ impl Sources {
     pub(super) fn register(&mut self, s: &Arc<TableSource>) {
         self.0.retain(|w| w.strong_count() > 0);
         self.0.push(Arc::downgrade(s));
+    }
+
+    /// The sources still in use.
+    pub(super) fn live(&self) -> Vec<Arc<TableSource>> {
+        self.0.iter().filter_map(Weak::upgrade).collect()
     }
 
     /// Invalidates every source reading the table at `table_offset`.

@@ -212,6 +212,91 @@ impl Disk {
         Ok(())
     }
 
+    /// Force-share opens (another process may write the image, `qemu-img -U`): reads the data
+    /// of every bitmap now, then the header's bitmaps state, the directory and every table
+    /// again. Returns what changed on disk meanwhile (naming the bitmap), or None: the data read
+    /// is then the one the directory and tables read at open name. A lazy read later could
+    /// instead find clusters that the other process freed and reused (bits that were never in
+    /// any version of the bitmap). A read error stands only when nothing changed.
+    pub(super) fn read_all_shared(&self, set: &mut BitmapSet) -> Result<Option<String>> {
+        // Keep the sources alive: loading drops the bitmaps' hold on them.
+        let sources = self.sources.live();
+        let mut failed = None;
+        for id in set.ids() {
+            if let Err(e) = set.bitmap_mut(id)?.ensure_loaded() {
+                failed = Some(e);
+                break;
+            }
+        }
+        match (self.changed_on_disk(&sources), failed) {
+            (Some(what), _) => Ok(Some(what)),
+            (None, Some(e)) => Err(e),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// Whether the header's bitmaps state (extension, autoclear bit 0, disk size) differs from
+    /// what the open read (a header that cannot be read any more has changed).
+    pub(super) fn header_changed(&self) -> bool {
+        match super::meta::Meta::read(self.storage.lock().as_ref()) {
+            Ok(fresh) => {
+                let bit =
+                    |h: &crate::format::header::Header| h.autoclear_features & AUTOCLEAR_BITMAPS;
+                fresh.exts.bitmaps != self.meta.exts.bitmaps
+                    || bit(&fresh.header) != bit(&self.meta.header)
+                    || fresh.header.size != self.meta.header.size
+            }
+            Err(_) => true,
+        }
+    }
+
+    /// What changed on disk since the open read the directory and the tables of `sources`,
+    /// naming the bitmap: an entry of the directory as it is now differs from the one read at
+    /// open (name, table, granularity: the flags may change, e.g. in_use set by a writer that
+    /// opened the image, without touching any data), or a table read at open differs now.
+    /// None: the directory and every table read are still those of the open.
+    fn changed_on_disk(&self, sources: &[Arc<TableSource>]) -> Option<String> {
+        let Ok(fresh) = super::meta::Meta::read(self.storage.lock().as_ref()) else {
+            return Some("the image header".into());
+        };
+        let bit = fresh.header.autoclear_features & AUTOCLEAR_BITMAPS != 0;
+        let now = match fresh.exts.bitmaps {
+            Some(ext) if bit && fresh.header.size == self.meta.header.size => ext
+                .validate(self.cluster_size())
+                .and_then(|()| self.read_directory_bytes(&ext))
+                .and_then(|buf| {
+                    parse_directory_salvage(&buf, ext.nb_bitmaps, self.cluster_size(), self.size())
+                })
+                .map(|v| v.into_iter().map(|(e, _)| e).collect::<Vec<_>>())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let key = |e: &BitmapDirEntry| {
+            (
+                e.name.clone(),
+                e.table_offset,
+                e.table_size,
+                e.granularity_bits,
+                e.kind,
+                e.extra_data.clone(),
+            )
+        };
+        let old = &self.dir.entries;
+        let differs =
+            (0..old.len().max(now.len())).find(|&i| old.get(i).map(key) != now.get(i).map(key));
+        if let Some(i) = differs {
+            let e = old.get(i).or(now.get(i)).expect("one of them exists");
+            return Some(format!(
+                "bitmap '{}'",
+                String::from_utf8_lossy(e.qemu_name())
+            ));
+        }
+        sources
+            .iter()
+            .find(|s| !s.table_unchanged())
+            .map(|s| format!("bitmap '{}'", s.name()))
+    }
+
     /// log2 of the disk bytes one data cluster of a bitmap with `gbits` covers.
     pub(super) fn cluster_shift(&self, gbits: u8) -> u32 {
         self.meta.header.cluster_bits + 3 + u32::from(gbits)
@@ -298,6 +383,7 @@ impl Disk {
         if !changed {
             return Ok(());
         }
+        self.begin_update();
         self.update_dir_in_place(entries)
             .map_err(|e| e.context("Can't update bitmap directory"))
     }
@@ -306,11 +392,13 @@ impl Disk {
     /// QEMU's order (qcow2-format.md §6.2): header with the bitmaps bit clear + flush,
     /// directory + flush, header with the bit set + flush. A crash in between leaves the bit
     /// clear (the next opener drops the bitmaps: safe). On failure the old directory and the
-    /// bit are put back as far as possible.
+    /// bit are put back as far as possible. The directory's clusters must pass the overlap
+    /// check (hold the directory and nothing else) before anything is written.
     pub(super) fn update_dir_in_place(&mut self, entries: Vec<BitmapDirEntry>) -> Result<()> {
         let Some(ext) = self.dir.ext else {
             return Ok(());
         };
+        self.check_directory_owned("rewrite")?;
         let dir = encode_directory(&entries);
         if dir.len() as u64 != ext.bitmap_directory_size {
             return Err(Error::Precondition(

@@ -123,6 +123,34 @@ impl Meta {
         })
     }
 
+    /// Whether cluster 0 has room for a bitmaps extension (always, when it has one already).
+    /// With small clusters and a long backing file name it may not: QEMU's store then fails
+    /// with ENOSPC ("Failed to update bitmap extension") and leaves the image as it was; a
+    /// store checks this before it writes anything, to do the same.
+    pub fn check_room_for_bitmaps(&self) -> Result<()> {
+        if self.exts.bitmaps.is_some() {
+            return Ok(());
+        }
+        let mut header = self.header.clone();
+        header.autoclear_features |= AUTOCLEAR_BITMAPS;
+        let exts = Extensions {
+            bitmaps: Some(BitmapsExt {
+                nb_bitmaps: 1,
+                reserved32: 0,
+                bitmap_directory_size: 0,
+                bitmap_directory_offset: 0,
+            }),
+            ..self.exts.clone()
+        };
+        match encode_header_cluster(&header, &exts, self.backing_name.as_deref()) {
+            Err(Error::NoSpace(m)) => Err(Error::NoSpace(format!(
+                "Failed to update bitmap extension: no room for it in cluster 0: {m}"
+            ))),
+            // Any other problem is the header write's to report.
+            _ => Ok(()),
+        }
+    }
+
     /// Rewrites cluster 0 from memory, with QEMU's content (qcow2_update_header) but in an
     /// order that no crash can tear into a header QEMU refuses (module documentation). The last
     /// write is not flushed; intermediate ones are.

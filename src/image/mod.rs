@@ -15,6 +15,7 @@ mod lazy;
 mod load;
 pub mod lock;
 mod meta;
+mod overlap;
 mod salvage;
 pub mod storage;
 mod store;
@@ -35,10 +36,12 @@ use crate::format::bitmap_dir::BitmapDirEntry;
 use crate::format::bitmap_table::table_size_for;
 use crate::format::extension::BitmapsExt;
 use crate::format::{
-    BME_MAX_PHYS_SIZE, BME_MAX_TABLE_SIZE, QCOW2_MAX_BITMAPS, QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
+    BME_MAX_PHYS_SIZE, BME_MAX_TABLE_SIZE, MAX_HOST_OFFSET, QCOW2_MAX_BITMAPS,
+    QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
 };
 use alloc::Refcounts;
 use meta::Meta;
+use overlap::{MetaClusters, Structure};
 use storage::{FileStorage, Storage};
 
 pub use crate::bitmap::BitmapId;
@@ -56,6 +59,10 @@ pub struct AddOptions {
     /// Deprecated `autoload`: accepted, ignored, and warned about when Some.
     pub autoload: Option<bool>,
 }
+
+/// How many times a force-share open reads the bitmaps before it gives up on an image whose
+/// bitmaps keep changing under it ([`Image::open_with`]).
+pub const SHARED_OPEN_ATTEMPTS: u32 = 3;
 
 /// The warning given for the deprecated autoload option.
 pub const AUTOLOAD_WARNING: &str = "Autoload option is deprecated and its value is ignored";
@@ -88,6 +95,9 @@ struct Disk {
     meta: Meta,
     /// Refcounts, loaded on the first allocation (read-write, built-in allocator only).
     refcounts: Option<Refcounts>,
+    /// The image's metadata by cluster, for the overlap check of writes and frees (read-write,
+    /// built on the first write; see `overlap.rs`).
+    overlap: Option<MetaClusters>,
     dir: DiskDir,
     /// Opened in salvage mode ([`Image::open_salvage`]).
     salvage: bool,
@@ -141,43 +151,78 @@ impl Image {
     }
 
     /// [`Image::open`] with QEMU's force-share option (`qemu-img -U`): a read-only open that
-    /// takes no locks, to look at an image another process is using.
+    /// takes no locks, to look at an image another process is using. Such an open reads the
+    /// data of every bitmap at once and checks that the directory and tables did not change
+    /// meanwhile (read again up to [`SHARED_OPEN_ATTEMPTS`] times, then [`Error::InUse`] naming
+    /// what kept changing): the bitmaps are the ones on disk at open, never a mix of versions.
     pub fn open_with(path: impl AsRef<Path>, read_write: bool, force_share: bool) -> Result<Image> {
         let path = path.as_ref();
         let name = path.display().to_string();
         let storage = FileStorage::open_locked(path, read_write, force_share)?;
-        Self::open_storage(Box::new(storage), &name, read_write)
+        Self::open_storage_opts(Box::new(storage), &name, read_write, false, force_share)
     }
 
     /// Opens an image held by any storage. `name` is used in messages.
     pub fn open_storage(storage: Box<dyn Storage>, name: &str, read_write: bool) -> Result<Image> {
-        Self::open_storage_opts(storage, name, read_write, false)
+        Self::open_storage_opts(storage, name, read_write, false, false)
     }
 
+    /// Opens an image; `shared`: another process may write it (force-share, see
+    /// [`Image::open_with`]).
     fn open_storage_opts(
         storage: Box<dyn Storage>,
         name: &str,
         read_write: bool,
         salvage: bool,
+        shared: bool,
     ) -> Result<Image> {
         let ctx = || format!("Could not open '{name}'");
-        let meta = Meta::read(storage.as_ref()).map_err(|e| e.context(ctx()))?;
-        let mut disk = Disk {
-            storage: lazy::SharedStorage::new(storage),
-            sources: lazy::Sources::default(),
-            name: name.to_string(),
-            read_only: !read_write,
-            failed: None,
-            frozen: Vec::new(),
-            meta,
-            refcounts: None,
-            dir: DiskDir::default(),
-            salvage,
-            broken: Vec::new(),
-        };
-        let mut set = BitmapSet::new(disk.size());
-        disk.load(&mut set).map_err(|e| e.context(ctx()))?;
-        Ok(Image::assemble(set, Some(disk), name))
+        let storage = lazy::SharedStorage::new(storage);
+        let shared = shared && !read_write;
+        let mut attempt = 1;
+        loop {
+            let meta = Meta::read(storage.lock().as_ref()).map_err(|e| e.context(ctx()))?;
+            let mut disk = Disk {
+                storage: storage.clone(),
+                sources: lazy::Sources::default(),
+                name: name.to_string(),
+                read_only: !read_write,
+                failed: None,
+                frozen: Vec::new(),
+                meta,
+                refcounts: None,
+                overlap: None,
+                dir: DiskDir::default(),
+                salvage,
+                broken: Vec::new(),
+            };
+            let mut set = BitmapSet::new(disk.size());
+            if let Err(e) = disk.load(&mut set) {
+                // Force-share: what the load read may have been freed and reused meanwhile.
+                if shared && attempt < SHARED_OPEN_ATTEMPTS && disk.header_changed() {
+                    attempt += 1;
+                    continue;
+                }
+                return Err(e.context(ctx()));
+            }
+            if shared {
+                let changed = disk
+                    .read_all_shared(&mut set)
+                    .map_err(|e| e.context(ctx()))?;
+                if let Some(what) = changed {
+                    if attempt < SHARED_OPEN_ATTEMPTS {
+                        attempt += 1;
+                        continue;
+                    }
+                    return Err(Error::InUse(format!(
+                        "{}: {what} changed on disk while it was read, {attempt} times (another \
+                         process is writing the image); try again",
+                        ctx()
+                    )));
+                }
+            }
+            return Ok(Image::assemble(set, Some(disk), name));
+        }
     }
 
     /// Standalone bitmaps over `size` bytes with no image behind them (raw disks, guest RAM,
@@ -410,6 +455,7 @@ impl Image {
             }
             d.read_only = true;
             d.refcounts = None;
+            d.overlap = None;
             let _ = d.storage.lock().set_writable(false);
         }
         Ok(())
@@ -752,43 +798,82 @@ impl Disk {
         self.meta.header.cluster_size()
     }
 
-    /// Allocates `n` contiguous clusters (refcount 1): through the host's allocator when the
-    /// storage has one, else through the image's refcounts.
-    fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+    /// Allocates `n` contiguous clusters (refcount 1) for `what(k)` (the k-th cluster): through
+    /// the host's allocator when the storage has one, else through the image's refcounts. The
+    /// clusters pass the overlap check (they must hold nothing, `overlap.rs`) and are recorded
+    /// as holding `what`. A host allocation that fails the check is not given back (the host's
+    /// answer cannot be trusted to free); one of the image's refcounts is undone in memory.
+    fn alloc_clusters(&mut self, n: u64, what: &dyn Fn(u64) -> Structure) -> Result<u64> {
         let cs = self.cluster_size();
-        let mut guard = self.storage.lock();
-        if let Some(a) = guard.allocator() {
-            let off = a
-                .alloc(n, cs)
-                .map_err(|e| Error::io("The host could not allocate clusters", e))?;
-            if off % cs != 0 || off == 0 {
+        self.metadata()?;
+        let host = {
+            let mut guard = self.storage.lock();
+            match guard.allocator() {
+                Some(a) => Some(
+                    a.alloc(n, cs)
+                        .map_err(|e| Error::io("The host could not allocate clusters", e))?,
+                ),
+                None => None,
+            }
+        };
+        if let Some(off) = host {
+            let end = n.checked_mul(cs).and_then(|b| off.checked_add(b));
+            if off % cs != 0 || off == 0 || end.is_none_or(|e| e > MAX_HOST_OFFSET) {
+                let map = self.overlap.as_ref().expect("built above");
                 return Err(Error::InvalidArgument(format!(
-                    "The host allocated clusters at {off:#x}, which is not a valid cluster offset"
+                    "The host allocated {n} clusters at {off:#x} for {}, which is not a valid \
+                     place: clusters must be aligned to {cs} bytes, not cluster 0, and end below \
+                     2^56",
+                    map.describe(&what(0))
                 )));
             }
+            let map = self.overlap.as_mut().expect("built above");
+            map.check_new(off, n, what)
+                .map_err(overlap::Conflict::by_host)?;
+            map.add(off, n, what);
             return Ok(off);
         }
-        drop(guard);
         self.refcounts()?;
         let rc = self.refcounts.as_mut().expect("loaded by refcounts()");
-        let off = rc.alloc(self.storage.lock().as_mut(), n)?;
+        let map = self.overlap.as_mut().expect("built above");
+        let mut guard = self.storage.lock();
+        let storage = guard.as_mut();
+        let check: alloc::Guard<'_> = &|o, k, s| {
+            map.check_new_refcount_structure(o, k, &s)
+                .map_err(|c| c.in_image("write"))
+        };
+        let off = rc.alloc(storage, n, check);
         let (t_off, t_clusters) = rc.reftable_location();
         self.meta.header.refcount_table_offset = t_off;
         self.meta.header.refcount_table_clusters = t_clusters;
+        let off = off?;
+        map.sync_refcounts(rc);
+        if let Err(c) = map.check_new(off, n, what) {
+            // Undone in memory; a failure here only leaks (the increment may be written later).
+            let _ = rc.free(storage, off, n);
+            return Err(c.in_image("write"));
+        }
+        map.add(off, n, what);
         Ok(off)
     }
 
-    /// The image's refcounts, read on first use.
+    /// The image's refcounts, read on first use. The refcount table and blocks are written in
+    /// place, so their clusters must pass the overlap check (hold nothing else).
     fn refcounts(&mut self) -> Result<&mut Refcounts> {
         if self.refcounts.is_none() {
             let h = &self.meta.header;
-            self.refcounts = Some(Refcounts::load(
+            let rc = Refcounts::load(
                 self.storage.lock().as_ref(),
                 h.cluster_bits,
                 h.refcount_order,
                 h.refcount_table_offset,
                 h.refcount_table_clusters,
-            )?);
+            )?;
+            let map = self.metadata()?;
+            map.sync_refcounts(&rc);
+            map.check_refcount_structures()
+                .map_err(|c| c.in_image("rewrite"))?;
+            self.refcounts = Some(rc);
         }
         Ok(self.refcounts.as_mut().expect("loaded above"))
     }
@@ -821,6 +906,8 @@ impl Disk {
     /// Reads the virtual size from the header on storage again (after a host resize).
     fn refresh_size(&mut self) -> Result<()> {
         let fresh = Meta::read(self.storage.lock().as_ref())?;
+        // The L1 table may have moved.
+        self.overlap = None;
         self.meta.header.size = fresh.header.size;
         self.meta.header.l1_size = fresh.header.l1_size;
         self.meta.header.l1_table_offset = fresh.header.l1_table_offset;

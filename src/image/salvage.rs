@@ -149,6 +149,8 @@ impl Disk {
             .filter(|(i, _)| !positions.contains(i))
             .map(|(_, e)| e.clone())
             .collect();
+        self.begin_update();
+        self.check_directory_owned("free")?;
         let mut allocated = Vec::new();
         let old_dir = match self.commit_directory(entries, &mut allocated) {
             Ok(old) => old,
@@ -183,7 +185,7 @@ impl Image {
         let path = path.as_ref();
         let name = path.display().to_string();
         let storage = FileStorage::open_locked(path, read_write, force_share)?;
-        Self::open_storage_opts(Box::new(storage), &name, read_write, salvage)
+        Self::open_storage_opts(Box::new(storage), &name, read_write, salvage, force_share)
     }
 
     /// [`Image::open_storage`] in salvage mode.
@@ -192,7 +194,7 @@ impl Image {
         name: &str,
         read_write: bool,
     ) -> Result<Image> {
-        Self::open_storage_opts(storage, name, read_write, true)
+        Self::open_storage_opts(storage, name, read_write, true, false)
     }
 
     /// Whether the image was opened in salvage mode.

@@ -23,11 +23,21 @@
 //!
 //! A store that fails before the commit (ENOSPC, EDQUOT, EFBIG, I/O error) frees what it
 //! allocated and changes nothing else: the directory on disk is the old one (with its in_use
-//! flags) and the in-memory bitmaps, their change tracking included, are as before.
+//! flags) and the in-memory bitmaps, their change tracking included, are as before. A first
+//! bitmaps extension that cluster 0 has no room for (512-byte clusters and a long backing file
+//! name) fails the store with ENOSPC before anything is written, as QEMU's store fails.
+//!
+//! Before anything is written, every cluster the store will free after the commit (the old
+//! directory, the old tables and data clusters of the bitmaps it rewrites) passes the overlap
+//! check (`overlap.rs`): it must hold that structure and nothing else. A cluster shared with
+//! other metadata (a corrupt table naming the refcount table, an L1 table, another bitmap's
+//! table...) stops the store with an error naming both, and nothing is written.
 
 use std::io;
+use std::sync::Arc;
 
 use super::lazy::MAX_IO_BYTES;
+use super::overlap::Structure;
 use super::storage::Storage;
 use super::{alloc, Disk, DiskDir};
 use crate::bitmap::{BitmapId, BitmapSet, DirtyBitmap};
@@ -291,6 +301,7 @@ impl Disk {
             return Err(Error::TooBig("Bitmap directory is too large".into()));
         }
         let any_data = jobs.iter().any(|j| !matches!(j.plan, Plan::Keep));
+        self.begin_update();
         if !any_data {
             // Only flags change (typically: in_use cleared): in place, or nothing at all.
             if entries != self.dir.entries {
@@ -302,6 +313,26 @@ impl Disk {
                 }
             }
             return Ok(unstored);
+        }
+        // A first bitmaps extension must fit in cluster 0 (QEMU's ENOSPC), before anything is
+        // written.
+        self.meta.check_room_for_bitmaps()?;
+        // What the commit will free: checked now, before anything is written. The whole old
+        // table of a rewritten bitmap is checked, the entries taken over too (the new table
+        // would go on naming them).
+        self.check_directory_owned("free")?;
+        for j in &jobs {
+            let Some(old) = &j.old else { continue };
+            match &j.plan {
+                Plan::Keep => {}
+                Plan::Partial(t) => self.check_entry_owned(old, t)?,
+                Plan::Full => {
+                    // A table that cannot be read is leaked, not freed (bitmap_clusters).
+                    if let Ok(t) = self.stored_table(old) {
+                        self.check_entry_owned(old, &t)?;
+                    }
+                }
+            }
         }
         // Tables and data, in directory order.
         let mut order: Vec<usize> = (0..jobs.len()).collect();
@@ -445,6 +476,7 @@ impl Disk {
         let cs = self.cluster_size();
         let size = self.size();
         let name = bm.display_name();
+        let id: Arc<[u8]> = Arc::from(bm.name().unwrap_or_default());
         let gbits = bm.granularity_bits();
         let n = table_size_for(size, gbits, cs);
         let per_cluster = (8 * cs) << bm.granularity_bits();
@@ -484,7 +516,9 @@ impl Disk {
         let mut buf: Vec<u8> = Vec::new();
         for chunk in need.chunks(batch) {
             let k = chunk.len() as u64;
-            let off = self.alloc_clusters(k)?;
+            let off = self.alloc_clusters(k, &|j| {
+                Structure::BitmapData(id.clone(), chunk[j as usize].0 as u64)
+            })?;
             allocated.push((off, k));
             let mixed = chunk.iter().filter(|&&(_, full)| !full).count();
             if buf.len() < mixed * cs_us {
@@ -537,7 +571,7 @@ impl Disk {
         }
         let raw = encode_table(&table);
         let clusters = (raw.len() as u64).div_ceil(cs);
-        let off = self.alloc_clusters(clusters)?;
+        let off = self.alloc_clusters(clusters, &|_| Structure::BitmapTable(id.clone()))?;
         allocated.push((off, clusters));
         self.storage
             .lock()
@@ -558,9 +592,10 @@ impl Disk {
         let new_ext = if entries.is_empty() {
             None
         } else {
+            self.meta.check_room_for_bitmaps()?;
             let raw = encode_directory(&entries);
             let clusters = (raw.len() as u64).div_ceil(cs);
-            let off = self.alloc_clusters(clusters)?;
+            let off = self.alloc_clusters(clusters, &|_| Structure::BitmapDirectory)?;
             allocated.push((off, clusters));
             self.storage
                 .lock()
@@ -628,6 +663,12 @@ impl Disk {
         }
         let mut entries = self.dir.entries.clone();
         let removed = entries.remove(ei);
+        // What the commit will free: checked before anything is written.
+        self.begin_update();
+        self.check_directory_owned("free")?;
+        if let Ok(t) = self.stored_table(&removed) {
+            self.check_entry_owned(&removed, &t)?;
+        }
         let mut allocated = Vec::new();
         let mut to_free = match self.commit_directory(entries, &mut allocated) {
             Ok(old) => old,
@@ -643,19 +684,23 @@ impl Disk {
         Ok(())
     }
 
+    /// The entries of a stored bitmap's table, decoded (not checked against the disk size: in_use
+    /// bitmaps were never validated by QEMU).
+    pub(super) fn stored_table(&self, e: &BitmapDirEntry) -> Result<Vec<TableEntry>> {
+        let mut raw = vec![0u8; e.table_size as usize * 8];
+        self.storage
+            .lock()
+            .read_exact_at(&mut raw, e.table_offset)
+            .map_err(|err| Error::io("Could not read bitmap table", err))?;
+        decode_table(&raw, self.cluster_size(), &e.name)
+    }
+
     /// The table and data clusters of a stored bitmap. A table that cannot be read or is not
     /// valid (possible for in_use bitmaps, which QEMU never validated) is left alone: leaking
     /// is safe, freeing clusters named by garbage is not.
     fn bitmap_clusters(&self, e: &BitmapDirEntry) -> FreeList {
         let cs = self.cluster_size();
-        let mut raw = vec![0u8; e.table_size as usize * 8];
-        let table = self
-            .storage
-            .lock()
-            .read_exact_at(&mut raw, e.table_offset)
-            .map_err(|err| Error::io("Could not read bitmap table", err))
-            .and_then(|()| decode_table(&raw, cs, &e.name));
-        match table {
+        match self.stored_table(e) {
             Ok(table) => {
                 let mut out: FreeList = table
                     .iter()
@@ -677,10 +722,16 @@ impl Disk {
         }
     }
 
-    /// Frees clusters after a commit and makes the decrements durable.
+    /// Frees clusters after a commit and makes the decrements durable. Whatever happens, nothing
+    /// on disk names them any more: the overlap check forgets them.
     fn free_now(&mut self, list: &FreeList) -> Result<()> {
         if list.is_empty() {
             return Ok(());
+        }
+        if let Some(map) = self.overlap.as_mut() {
+            for &(off, n) in list {
+                map.forget(off, n);
+            }
         }
         let cs = self.cluster_size();
         {

@@ -92,7 +92,7 @@ fn blank_image_has_consistent_refcounts() {
                 "cluster {c} of a {cs}-byte-cluster image"
             );
         }
-        let off = rc.alloc(&mut st, 1).unwrap();
+        let off = rc.alloc(&mut st, 1, &|_, _, _| Ok(())).unwrap();
         assert_eq!(off, len);
     }
 }
@@ -215,9 +215,9 @@ fn refcount_blocks_and_table_grow() {
     let mut rc = Refcounts::load(&st, 9, 4, 512, 1).unwrap();
     let mut got = Vec::new();
     for _ in 0..20_000 {
-        got.push(rc.alloc(&mut st, 1).unwrap());
+        got.push(rc.alloc(&mut st, 1, &|_, _, _| Ok(())).unwrap());
     }
-    got.push(rc.alloc(&mut st, 40).unwrap());
+    got.push(rc.alloc(&mut st, 40, &|_, _, _| Ok(())).unwrap());
     rc.write_dirty_blocks(&mut st).unwrap();
     let (t_off, t_clusters) = rc.reftable_location();
     assert!(t_clusters > 1, "the refcount table grew");
@@ -329,4 +329,129 @@ fn inconsistent_bitmaps_of_huge_disks_cost_no_memory() {
     assert!(b.dirty_runs(0, u64::MAX).is_err());
     img.remove_bitmap(b"big").unwrap();
     img.close().unwrap();
+}
+
+/// Two versions of an image, as a second writer changes it between reads (force-share): a read
+/// serves the current version; the storage switches to the other one after `switch_after`
+/// reads, and on every read that touches an offset in `flip_on`.
+#[derive(Clone)]
+struct Racy(Arc<Mutex<RacyState>>);
+
+struct RacyState {
+    versions: [Vec<u8>; 2],
+    cur: usize,
+    reads: u64,
+    switch_after: Option<u64>,
+    flip_on: Vec<u64>,
+}
+
+impl Storage for Racy {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut s = self.0.lock().unwrap();
+        if s.switch_after == Some(s.reads) {
+            s.cur = 1;
+        }
+        s.reads += 1;
+        let d = &s.versions[s.cur];
+        let end = offset as usize + buf.len();
+        if end > d.len() {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.copy_from_slice(&d[offset as usize..end]);
+        if s.flip_on.iter().any(|&o| (offset..end as u64).contains(&o)) {
+            s.cur ^= 1;
+        }
+        Ok(())
+    }
+    fn write_all_at(&mut self, _: &[u8], _: u64) -> io::Result<()> {
+        Err(io::ErrorKind::PermissionDenied.into())
+    }
+    fn size(&self) -> io::Result<u64> {
+        let s = self.0.lock().unwrap();
+        Ok(s.versions[s.cur].len() as u64)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The directory, the table and the data cluster of bitmap `name` (one data cluster and a
+/// one-cluster table: 64 KiB clusters and granularity).
+fn bitmap_clusters(bytes: &[u8], name: &str) -> [u64; 3] {
+    let img = open(&Shared::new(bytes.to_vec()), false);
+    let d = img.disk.as_ref().unwrap();
+    let e = d
+        .dir
+        .entries
+        .iter()
+        .find(|e| e.name == name.as_bytes())
+        .unwrap();
+    [
+        d.dir.ext.unwrap().bitmap_directory_offset,
+        e.table_offset,
+        be::get_u64(bytes, e.table_offset as usize),
+    ]
+}
+
+/// A force-share open of an image that a second writer changes while qdirty reads it: v1 has
+/// bitmap "b" dirty over 0..1 MiB in data cluster D1; v2 has it dirty over 1..2 MiB in D2, and
+/// v1's directory, table and D1 freed and reused (all ones). For every point of the open at which the image can switch
+/// from v1 to v2, the open gives v1's or v2's bits, or an error; never v1's table over v2's
+/// D1. An image that keeps changing under every attempt fails with InUse naming the bitmap.
+#[test]
+fn force_share_open_never_mixes_versions() {
+    let s = Shared::new(blank_image(64 * MIB, 65536).unwrap());
+    let mut img = open(&s, true);
+    let id = img.add_bitmap(b"b", 65536, P).unwrap();
+    img.bitmap_mut(id).unwrap().set_dirty(0, MIB).unwrap();
+    img.close().unwrap();
+    let v1 = s.bytes();
+    let mut img = open(&s, true);
+    let id = img.find_bitmap(b"b").unwrap();
+    img.bitmap_mut(id).unwrap().clear().unwrap();
+    img.bitmap_mut(id).unwrap().set_dirty(MIB, MIB).unwrap();
+    img.close().unwrap();
+    let mut v2 = s.bytes();
+    let (old, new) = (bitmap_clusters(&v1, "b"), bitmap_clusters(&v2, "b"));
+    let (d1, d2) = (old[2], new[2]);
+    for c in old {
+        assert!(!new.contains(&c));
+        v2[c as usize..c as usize + 65536].fill(0xff);
+    }
+    let (want1, want2) = (vec![(0, MIB)], vec![(MIB, MIB)]);
+
+    let racy = |switch_after: Option<u64>, flip_on: Vec<u64>| {
+        Racy(Arc::new(Mutex::new(RacyState {
+            versions: [v1.clone(), v2.clone()],
+            cur: 0,
+            reads: 0,
+            switch_after,
+            flip_on,
+        })))
+    };
+    let open_shared = |st: Racy| Image::open_storage_opts(Box::new(st), "racy", false, false, true);
+    // Reads of an undisturbed open.
+    let st = racy(None, Vec::new());
+    assert_eq!(runs(&mut open_shared(st.clone()).unwrap(), "b"), want1);
+    let total = st.0.lock().unwrap().reads;
+    let (mut saw1, mut saw2) = (false, false);
+    for n in 0..=total {
+        let mut img = open_shared(racy(Some(n), Vec::new()))
+            .unwrap_or_else(|e| panic!("switch after {n} of {total} reads: {e}"));
+        let b = img.bitmap(img.find_bitmap(b"b").unwrap()).unwrap();
+        assert!(!b.inconsistent(), "switch after {n} of {total} reads");
+        let got = runs(&mut img, "b");
+        assert!(
+            got == want1 || got == want2,
+            "switch after {n} of {total} reads: bits of no version: {got:?}"
+        );
+        saw1 |= got == want1;
+        saw2 |= got == want2;
+    }
+    assert!(saw1 && saw2, "v1 seen {saw1}, v2 seen {saw2}");
+
+    // Every data read switches the version: no attempt sees a stable image.
+    let e = open_shared(racy(None, vec![d1, d2])).unwrap_err();
+    assert!(matches!(e, Error::InUse(_)), "{e:?}");
+    assert!(e.to_string().contains("bitmap 'b'"), "{e}");
 }
