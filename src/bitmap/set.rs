@@ -121,7 +121,8 @@ impl BitmapSet {
     /// Moves the writes logged by the hook into the open epoch: one set per logged run,
     /// whatever the number of bitmaps (dropped when no bitmap records writes). Ranges are
     /// clamped to the disk. One load when nothing is pending. Every `&mut self` method calls it
-    /// first.
+    /// first. The log then gives back the memory the writes took (log.rs: above
+    /// `RETAIN_BYTES`, after a grace period).
     pub fn absorb(&mut self) {
         if !self.log.has_pending() {
             return;
