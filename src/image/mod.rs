@@ -436,7 +436,7 @@ impl Image {
     }
 
     /// Applies the writes logged through [`Image::write_hook`] to every bitmap recording now,
-    /// so that `&self` readers see them. Cheap (one load) when nothing is pending; else it
+    /// so that `&self` readers see them. Cheap (two loads) when nothing is pending; else it
     /// costs, per recording bitmap, the writes it has not seen yet. To read one bitmap, use
     /// [`Image::bitmap_current`], which brings only that one up to date.
     pub fn fold_writes(&mut self) {
