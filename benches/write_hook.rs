@@ -8,7 +8,11 @@
 //!    with an atomic fetch_or per write (the floor for a lock-free hook) and a flat array
 //!    behind a mutex. Figures are medians over rounds; the ratios are per round, then median.
 //! 2. The same through the Rust API ([`Image::write_hook`]), with a `Mutex<Vec<u64>>` baseline.
-//! 3. QEMU: `qemu-io -t unsafe` doing the same number of random `write -z OFF 4k` on a 1 TiB
+//! 3. Memory of the write log ([`WriteLog::memory`](qdirty::bitmap::WriteLog::memory)):
+//!    16 000 random 4 KiB writes over 1 TiB with one enabled bitmap at 512 B, 4 KiB and 64 KiB
+//!    granularity, while logging and after the next call (which absorbs the log), through the
+//!    Rust API (the C ABI's hook is the same log). Deterministic: no timing.
+//! 4. QEMU: `qemu-io -t unsafe` doing the same number of random `write -z OFF 4k` on a 1 TiB
 //!    qcow2 image with 0 and with 1000 enabled persistent bitmaps, CPU time (user + sys of the
 //!    child) of the writes: each run ends with `sigraise 9` (no store on close) and the same run
 //!    without writes is subtracted. Skipped when qemu-io/qemu-img are missing.
@@ -148,6 +152,24 @@ fn rust_hook(bitmaps: u32, n: u64) -> (f64, f64) {
     (hook_ns, fold_ns)
 }
 
+/// Writes of the log-memory figures.
+const MEMORY_WRITES: u64 = 16_000;
+
+/// Log memory with one bitmap at `granularity` after [`MEMORY_WRITES`] random 4 KiB writes
+/// over 1 TiB, and after the next call absorbs them.
+fn log_memory(granularity: u64) -> (usize, usize) {
+    let mut img = Image::new_memory(DISK);
+    img.add_bitmap(b"m", granularity, AddOptions::default())
+        .unwrap();
+    let hook = img.write_hook();
+    for o in offsets(MEMORY_WRITES, 5) {
+        hook.set(o, WRITE);
+    }
+    let logging = hook.memory();
+    img.fold_writes();
+    (logging, hook.memory())
+}
+
 /// Baseline: a flat Vec<u64> behind a Mutex, same sets for one bitmap.
 fn baseline_mutex(n: u64) -> f64 {
     let flat = Mutex::new(vec![0u64; (DISK / GRAN / 64) as usize]);
@@ -253,6 +275,23 @@ fn main() {
     let qn = env_u64("QDIRTY_BENCH_QEMU_WRITES", 20_000);
     let rounds = env_u64("QDIRTY_BENCH_ROUNDS", 7);
 
+    println!(
+        "write log memory: {MEMORY_WRITES} random 4 KiB writes over 1 TiB, one enabled bitmap"
+    );
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    let mut memory_512 = (0, 0);
+    for g in [512u64, 4096, 65536] {
+        let (logging, after) = log_memory(g);
+        println!(
+            "  granularity {g:>5} B: {:>7.2} MiB while logging, {:>7.3} MiB after the next call",
+            mib(logging),
+            mib(after)
+        );
+        if g == 512 {
+            memory_512 = (logging, after);
+        }
+    }
+
     println!("write hook: random 4 KiB writes over 1 TiB, 64 KiB granularity");
     let exe = build_c();
     let c1 = run_c(&exe, 1, n1, rounds);
@@ -303,6 +342,23 @@ fn main() {
         if c_hook_1000 <= 1000.0 { "met" } else { "NOT met" },
         if c_full_1000 <= 1000.0 { "met" } else { "NOT met" },
         if c_all_1000 <= 1000.0 { "met" } else { "NOT met" }
+    );
+
+    println!(
+        "  log memory at 512 B, {MEMORY_WRITES} writes: <= 16 MiB while logging: {:.2} MiB ({}); \
+         <= 1 MiB after the next call: {:.3} MiB ({})",
+        mib(memory_512.0),
+        if memory_512.0 <= 16 << 20 {
+            "met"
+        } else {
+            "NOT met"
+        },
+        mib(memory_512.1),
+        if memory_512.1 <= 1 << 20 {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
 
     if std::env::var_os("QDIRTY_BENCH_NO_QEMU").is_some() {

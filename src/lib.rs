@@ -22,6 +22,9 @@ pub mod image;
 /// cbindgen:ignore
 pub mod warning;
 
+mod qsbr;
+mod sys_membarrier;
+
 pub use bitmap::DirtyBitmap;
 pub use error::{Error, Result};
 pub use image::{AddOptions, BitmapId, Image};

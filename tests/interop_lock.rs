@@ -182,7 +182,7 @@ fn force_share_reads_the_bitmaps_as_they_were_at_open() {
     for step in 0..4 {
         let copy = tmp.join(&format!("step{step}.qcow2"));
         std::fs::copy(&img, &copy).unwrap();
-        let peek = Image::open_with(&copy, false, true).expect("force-share open");
+        let mut peek = Image::open_with(&copy, false, true).expect("force-share open");
         // The second writer, after the open.
         match step {
             0 => qemu_img_bitmap(&copy, &["--clear"], "b"),
@@ -200,9 +200,8 @@ fn force_share_reads_the_bitmaps_as_they_were_at_open() {
             qemu_io(&copy, &cmds);
         }
         for (name, want) in [("b", &want_b), ("c", &want_c)] {
-            let bm = peek
-                .bitmap(peek.find_bitmap(name.as_bytes()).unwrap())
-                .unwrap();
+            let id = peek.find_bitmap(name.as_bytes()).unwrap();
+            let bm = peek.bitmap_current(id).unwrap();
             assert!(!bm.inconsistent(), "step {step}: '{name}' inconsistent");
             assert_eq!(
                 &qdirty_runs(bm),

@@ -122,10 +122,11 @@ impl BitmapSet {
 
     /// Moves the writes logged by the hook into the open epoch: one set per logged run,
     /// whatever the number of bitmaps (dropped when no bitmap records writes). Ranges are
-    /// clamped to the disk. One load when nothing is pending. Every `&mut self` method calls it
-    /// first.
+    /// clamped to the disk. Two loads when nothing is pending. Every `&mut self` method calls it
+    /// first. The log then gives back the memory the writes took (log.rs: above
+    /// `RETAIN_BYTES`, after a grace period).
     pub fn absorb(&mut self) {
-        if !self.log.has_pending() {
+        if !self.log.wants_drain() {
             return;
         }
         let wanted = self.slots.iter().any(|s| records(&s.bm));
@@ -203,7 +204,7 @@ impl BitmapSet {
 
     /// Applies every write logged so far to every bitmap that records writes (enabled, not
     /// readonly, not inconsistent; successors included), each range rounded outward to the
-    /// bitmap's granularity and clamped to the disk. One load when nothing is pending; else
+    /// bitmap's granularity and clamped to the disk. Two loads when nothing is pending; else
     /// O(pending writes) plus, per recording bitmap, O(writes it has not seen). Call it before
     /// reading bits through `&self` while writers use the hook.
     pub fn fold(&mut self) {

@@ -181,7 +181,7 @@ impl ImageHandle {
         b
     }
 
-    /// Locks the image and absorbs the write log (one load when none is pending; else one set
+    /// Locks the image and absorbs the write log (two loads when none is pending; else one set
     /// per pending write, whatever the number of bitmaps), so that the call sees every write
     /// that completed before it: each bitmap takes the absorbed writes when the call reads or
     /// changes it ([`with_bitmap`], the image's `&mut` methods), or all of them at a

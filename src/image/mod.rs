@@ -525,7 +525,8 @@ impl Image {
 
     /// Applies the writes logged through [`Image::write_hook`] to every bitmap recording now.
     /// Never needed for correctness (every read of bits brings its bitmap up to date first):
-    /// it moves the cost of that catch-up to a moment the caller chooses.
+    /// it moves the cost of that catch-up to a moment the caller chooses. Cheap (two loads)
+    /// when nothing is pending.
     pub fn fold_writes(&mut self) {
         self.set.fold();
     }
