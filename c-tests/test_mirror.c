@@ -120,7 +120,7 @@ static void test_create_release_successors(void)
     CHECK(qdirty_bitmap_recording(named));
     CHECK(qdirty_bitmap_enabled(succ));
     CHECK_PTR(qdirty_bitmap_create_successor(named, &err), EBUSY, err);
-    CHECK_RC(qdirty_bitmap_release(named, &err), EINVAL, err); /* busy, frozen */
+    CHECK_RC(qdirty_bitmap_release(named, &err), EBUSY, err); /* busy, frozen */
     qdirty_image_set_dirty(img, 8192, 1);
     CHECK(!qdirty_bitmap_get(named, 8192));
     CHECK(qdirty_bitmap_get(succ, 8192));
@@ -267,7 +267,7 @@ static void test_iter_and_status(void)
     }
     CHECK_RC(qdirty_iter_seek(it, 1 * MIB, &err), EINVAL, err);
     /* An iterated bitmap cannot be released, nor the image truncated. */
-    CHECK_RC(qdirty_bitmap_release(bm, &err), EINVAL, err);
+    CHECK_RC(qdirty_bitmap_release(bm, &err), EBUSY, err);
     CHECK_RC(qdirty_image_truncate(img, 2 * MIB, &err), EINVAL, err);
     qdirty_iter_free(it);
     qdirty_iter_free(NULL);
