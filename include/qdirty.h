@@ -350,8 +350,9 @@ void qdirty_error_free(qdirty_error *err);
 //
 // `cluster_size` is a power of two from 512 to 2 MiB; 0 means 64 KiB.
 //
-// Returns: 0, or a negative errno: -EINVAL (NULL or empty path, bad cluster size), -EEXIST
-// (the file exists), other I/O errors.
+// Returns: 0, or a negative errno: -EINVAL (NULL or empty path, bad cluster size), -EFBIG (a
+// size whose L1 table would exceed QEMU's maximum for that cluster size), -EEXIST (the file
+// exists), other I/O errors.
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 // Ownership: nothing is transferred.
 // Thread safety: may be called from any thread.
@@ -417,7 +418,9 @@ int qdirty_image_close(qdirty_image *img, qdirty_error **errp);
 // Stores the persistent bitmaps now without closing, as a checkpoint (QEMU stores them on
 // close or inactivation); they stay loaded and are marked in_use again.
 //
-// Returns: 0, or a negative errno: -EINVAL (`img` NULL), -EROFS (read-only image), I/O errors.
+// Returns: 0, or a negative errno: -EINVAL (`img` NULL), -EROFS (read-only image), -ENOTSUP
+// (a standalone image: there is no file to store to), -EIO and other I/O errors (the message
+// names every bitmap not stored).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 // Ownership: nothing is transferred.
 // Thread safety: may be called from any thread; serialized per image.
@@ -480,7 +483,9 @@ qdirty_bitmap *qdirty_image_find_bitmap(qdirty_image *img, const char *name);
 //
 // Returns: the new bitmap, or NULL on failure: unknown flag bits, NULL arguments, a bad name or
 // granularity (EINVAL), a duplicate name (EEXIST), a persistent bitmap on a read-only image
-// (EROFS or EPERM) or on an image that cannot store it (ENOTSUP, EFBIG, ENOSPC...).
+// (EROFS) or on an image that cannot store it (ENOTSUP: a standalone or qcow2 v2 image; EFBIG:
+// too much bitmap data, too many bitmaps, a full bitmap directory). A lack of space in the
+// file is found by the store (close, `qdirty_image_store_bitmaps`), not here.
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 // Ownership: the bitmap is borrowed from the image (see `qdirty_bitmap`).
 // Thread safety: may be called from any thread; serialized per image.
@@ -499,7 +504,8 @@ qdirty_bitmap *qdirty_image_add_bitmap(qdirty_image *img,
 //
 // Returns: 0, or a negative errno: -EINVAL (NULL argument), -ENOENT (no such bitmap), -EBUSY
 // (busy, frozen with a successor, live iterators, a successor itself), -EPERM (read-only
-// bitmap), -EROFS, I/O errors.
+// bitmap), -EROFS, -EIO and other I/O errors (the bitmap's data is read before its stored
+// copy is deleted).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed,
 // in memory or in the file.
 // Ownership: the removed bitmap's `qdirty_bitmap` handle stays valid until the image is
@@ -517,7 +523,8 @@ int qdirty_image_remove_bitmap(qdirty_image *img, const char *name, qdirty_error
 // NULL or `img`. Granularities may differ; the disk sizes must be equal.
 //
 // Returns: 0, or a negative errno: -EINVAL (NULL argument, different sizes, inconsistent
-// bitmap), -ENOENT (no such bitmap), -EBUSY, -EPERM (read-only target).
+// bitmap), -ENOENT (no such bitmap), -EBUSY, -EPERM (read-only target), -EIO (the data of
+// either bitmap could not be read: the message names it).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
 // Ownership: nothing is transferred.
 // Thread safety: may be called from any thread; locks both images (in a fixed order, so
@@ -676,8 +683,8 @@ int qdirty_bitmap_set_dirty(qdirty_bitmap *bm,
 // bitmap (QEMU asserts this; qdirty fails instead).
 //
 // Returns: 0, or a negative errno: -EINVAL (NULL `bm`, unaligned range, range beyond the
-// bitmap's size, inconsistent bitmap), -EPERM (read-only bitmap), -ENOENT (the bitmap no
-// longer exists).
+// bitmap's size, inconsistent bitmap), -EPERM (read-only bitmap), -EIO (the bitmap's data
+// could not be read: the message names it), -ENOENT (the bitmap no longer exists).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
 // Thread safety: may be called from any thread; serialized per image.
 //
@@ -692,7 +699,8 @@ int qdirty_bitmap_reset_dirty(qdirty_bitmap *bm,
 // Clears every bit (QMP `block-dirty-bitmap-clear`).
 //
 // Returns: 0, or a negative errno: -EINVAL (NULL `bm`, inconsistent bitmap), -EPERM (read-only
-// bitmap), -EBUSY, -ENOENT (the bitmap no longer exists).
+// bitmap), -EBUSY, -EIO (the bitmap's data could not be read: the message names it), -ENOENT
+// (the bitmap no longer exists).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
 // Thread safety: may be called from any thread; serialized per image.
 //
@@ -984,10 +992,11 @@ qdirty_bitmap *qdirty_image_create_bitmap(qdirty_image *img,
 // persistent bitmap for good. Refused while the bitmap is busy, has a successor or has live
 // iterators (QEMU asserts; qdirty fails).
 //
-// Returns: 0, or a negative errno: -EINVAL (NULL `bm`; busy, frozen or iterated), -ENOENT
-// (the bitmap no longer exists).
+// Returns: 0, or a negative errno: -EINVAL (NULL `bm`), -EBUSY (busy, frozen with a successor,
+// live iterators, a successor itself), -ENOENT (the bitmap no longer exists).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
-// Ownership: on success `bm` is freed: do not use it afterwards.
+// Ownership: `bm` stays valid until the image is closed; after a release, calls on it fail
+// with -ENOENT.
 // Thread safety: may be called from any thread; serialized per image. No other thread may use
 // `bm` during or after the call.
 //
@@ -1024,7 +1033,8 @@ qdirty_bitmap *qdirty_bitmap_create_successor(qdirty_bitmap *bm, qdirty_error **
 //
 // Returns: the successor (the same pointer `qdirty_bitmap_create_successor` returned, now
 // named), or NULL on failure: NULL `bm` (EINVAL), "Cannot relinquish control if there's no
-// successor present" (EINVAL), ENOENT (the bitmap no longer exists).
+// successor present" (EINVAL), live iterators on the bitmap (EBUSY), ENOENT (the bitmap no
+// longer exists).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
 // Ownership: on success `bm` is freed: do not use it afterwards. The successor is borrowed from
 // the image like any bitmap.
@@ -1041,7 +1051,8 @@ qdirty_bitmap *qdirty_bitmap_abdicate(qdirty_bitmap *bm, qdirty_error **errp);
 // successor is dropped. The bitmap then holds its old bits plus every write made meanwhile.
 //
 // Returns: `bm` (the parent), or NULL on failure: NULL `bm` (EINVAL), "Cannot reclaim a
-// successor when none is present" (EINVAL), ENOENT (the bitmap no longer exists).
+// successor when none is present" (EINVAL), live iterators on the successor (EBUSY), EIO (the
+// bitmap's data could not be read), ENOENT (the bitmap no longer exists).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
 // Ownership: on success the successor's handle stays valid until the image is closed; calls on it
 // fail with -ENOENT.
@@ -1074,7 +1085,8 @@ int qdirty_bitmap_enable_successor(qdirty_bitmap *bm, qdirty_error **errp);
 // `*backup` is set to NULL on entry and receives the backup on success.
 //
 // Returns: 0, or a negative errno: -EINVAL (NULL `bm` or `backup`, inconsistent bitmap),
-// -EBUSY, -EPERM (readonly bitmap), -ENOENT (the bitmap no longer exists).
+// -EBUSY, -EPERM (readonly bitmap), -EIO (the bitmap's data could not be read: the message
+// names it), -ENOENT (the bitmap no longer exists).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
 // Ownership: the caller owns `*backup`; free it with `qdirty_backup_free`.
 // Thread safety: may be called from any thread; serialized per image.
@@ -1123,7 +1135,8 @@ void qdirty_backup_free(qdirty_backup *backup);
 // NULL on entry).
 //
 // Returns: 0, or a negative errno: -EINVAL (NULL `dest` or `src`, different sizes,
-// inconsistent bitmap), -EBUSY, -EPERM (readonly `dest`), -ENOENT (a bitmap no longer exists).
+// inconsistent bitmap), -EBUSY, -EPERM (readonly `dest`), -EIO (the data of either bitmap
+// could not be read: the message names it), -ENOENT (a bitmap no longer exists).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
 // Ownership: the caller owns `*backup`; free it with `qdirty_backup_free`.
 // Thread safety: may be called from any thread; locks both images, in address order (one lock
@@ -1229,7 +1242,8 @@ uint64_t qdirty_bitmap_serialization_align(const qdirty_bitmap *bm);
 //
 // Returns: the size in bytes (0 for `bytes` 0), or a negative errno: -EINVAL (NULL `bm`, a
 // chunk breaking the alignment rules of `qdirty_bitmap_serialization_align` or beyond the
-// bitmap's size, an inconsistent bitmap), -ENOENT (the bitmap no longer exists).
+// bitmap's size, an inconsistent bitmap), -EIO (the bitmap's data could not be read: the
+// message names it), -ENOENT (the bitmap no longer exists).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 // Thread safety: may be called from any thread; serialized per image.
 //
@@ -1247,7 +1261,8 @@ int64_t qdirty_bitmap_serialization_size(const qdirty_bitmap *bm,
 //
 // Returns: 0, or a negative errno: -EINVAL (NULL `bm`, NULL `buf` with `len` > 0, `len`
 // smaller than the serialization size, a chunk breaking the alignment rules or beyond the
-// bitmap's size, an inconsistent bitmap), -ENOENT (the bitmap no longer exists).
+// bitmap's size, an inconsistent bitmap), -EIO (the bitmap's data could not be read: the
+// message names it), -ENOENT (the bitmap no longer exists).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL); `buf` is
 // untouched.
 // Ownership: the caller keeps `buf`.
@@ -1271,8 +1286,8 @@ int qdirty_bitmap_serialize_part(const qdirty_bitmap *bm,
 //
 // Returns: 0, or a negative errno: -EINVAL (NULL `bm`, NULL `buf` with `len` > 0, `len`
 // smaller than the serialization size, a chunk breaking the alignment rules or beyond the
-// bitmap's size, an inconsistent bitmap), -EPERM (readonly bitmap), -ENOENT (the bitmap no
-// longer exists).
+// bitmap's size, an inconsistent bitmap), -EPERM (readonly bitmap), -EIO (the bitmap's data
+// could not be read: the message names it), -ENOENT (the bitmap no longer exists).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
 // Ownership: the caller keeps `buf`.
 // Thread safety: may be called from any thread; serialized per image.
@@ -1341,8 +1356,8 @@ int qdirty_bitmap_deserialize_finish(qdirty_bitmap *bm, qdirty_error **errp);
 // `*out` and `*count` are reset to NULL and 0 on entry (when not NULL) and receive the array
 // and its length on success; an image without bitmaps gives NULL and 0.
 //
-// Returns: 0, or a negative errno: -EINVAL (NULL `img`, `out` or `count`), -EIO (unusable
-// image).
+// Returns: 0, or a negative errno: -EINVAL (NULL `img`, `out` or `count`), -EIO (the data of a
+// bitmap still on disk could not be read: the message names it; or an unusable image).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 // Ownership: the caller owns the array; free it with `qdirty_bitmap_info_free(*out, *count)`.
 // Thread safety: may be called from any thread; serialized per image.
@@ -1376,7 +1391,8 @@ void qdirty_bitmap_info_free(qdirty_bitmap_info *arr, size_t count);
 // reports as "bitmaps": every data cluster and table of every persistent bitmap plus the
 // directory. Any of the three may be NULL. Bitmaps whose data is still on disk are not loaded.
 //
-// Returns: 0, or a negative errno: -EINVAL (NULL `img`), -EIO (unusable image).
+// Returns: 0, or a negative errno: -EINVAL (NULL `img`), -EIO (the data of a changed bitmap
+// could not be read: the message names it; or an unusable image).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 // Thread safety: may be called from any thread; serialized per image.
 //
@@ -1474,8 +1490,7 @@ int qdirty_image_drop_bitmaps_extension(const char *path, int *dropped, qdirty_e
 // persistent bitmaps are refused, and closing stores nothing. Its default granularity is
 // 64 KiB.
 //
-// Returns: the image, or NULL on failure (`*errp` set): none is known today besides the errp
-// rule.
+// Returns: the image, or NULL on failure: `size` beyond INT64_MAX (EINVAL).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 // Ownership: the caller owns the image and must pass it to `qdirty_image_close`.
 // Thread safety: may be called from any thread; the image is used like any other.
@@ -1492,8 +1507,11 @@ qdirty_image *qdirty_image_new_memory(uint64_t size, qdirty_error **errp);
 // persistent bitmap is readonly or inconsistent, or when stored bitmaps are not loaded
 // ("Cannot resize qcow2 with persistent bitmaps that were not loaded into memory").
 //
-// Returns: 0, or a negative errno: -EINVAL (NULL `img`, the refusals above, a size other than
-// the image's), -EBUSY, -EPERM, -EFBIG (too many granules), I/O errors.
+// Returns: 0, or a negative errno: -EINVAL (NULL `img`; a bitmap busy, frozen or iterated;
+// stored bitmaps not loaded; a size other than the image's; an inconsistent persistent
+// bitmap), -EBUSY (a busy persistent bitmap of a qcow2 image: QEMU's check runs first there),
+// -EPERM (a readonly persistent bitmap of a qcow2 image), -EFBIG (too many granules), -EIO and
+// other I/O errors.
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
 // Thread safety: may be called from any thread; serialized per image.
 //
@@ -1508,10 +1526,12 @@ int qdirty_image_truncate(qdirty_image *img, uint64_t new_size, qdirty_error **e
 // and become readonly, and nothing is written afterwards. Reopening in the current mode, or
 // reopening a standalone image, does nothing.
 //
-// Returns: 0, or a negative errno: -EINVAL (NULL `img`, unknown flag bits), -EROFS (a qcow2 v2
-// image cannot be read-write), -EACCES (the file cannot be written, or the image needs
-// repair), I/O and store errors.
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+// Returns: 0, or a negative errno: -EINVAL (NULL `img`, unknown flag bits, a stored bitmap
+// released from memory: "Unexpected bitmap 'NAME'"), -EROFS (a qcow2 v2 image cannot be
+// read-write), -EACCES (the file cannot be written, or the image needs repair), -EIO and other
+// I/O and store errors.
+// Errors: on failure `*errp` receives the details (when `errp` is not NULL); a refused switch
+// to read-write leaves the image read-only.
 // Thread safety: may be called from any thread; serialized per image.
 //
 // # Safety
@@ -1547,8 +1567,8 @@ bool qdirty_image_has_readonly_bitmaps(const qdirty_image *img);
 // next store or close: clear its persistence first (`qdirty_bitmap_set_persistence`) to get
 // rid of it.
 //
-// Returns: 0, or a negative errno: -EINVAL (NULL argument), -EROFS (read-only image), I/O
-// errors.
+// Returns: 0, or a negative errno: -EINVAL (NULL argument), -EROFS (read-only image), -EIO and
+// other I/O errors (the data of the in-memory bitmap of that name is read first).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 // Thread safety: may be called from any thread; serialized per image.
 //
@@ -1591,7 +1611,8 @@ qdirty_bitmap *qdirty_txn_add_bitmap(qdirty_txn *txn,
 // checks), keeping a backup. Abort gives the bits back.
 //
 // Returns: 0, or a negative errno: -EINVAL (NULL argument, inconsistent bitmap), -ENOENT (no
-// such bitmap), -EBUSY, -EPERM (readonly bitmap).
+// such bitmap), -EBUSY, -EPERM (readonly bitmap), -EIO (the bitmap's data could not be read:
+// the message names it).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
 // transaction then.
 // Thread safety: see `qdirty_txn`; locks `img`.
@@ -1650,7 +1671,8 @@ int qdirty_txn_disable_bitmap(qdirty_txn *txn,
 // Abort restores the target.
 //
 // Returns: 0, or a negative errno: -EINVAL (NULL argument, different sizes, inconsistent
-// bitmap), -ENOENT (no such bitmap), -EBUSY, -EPERM (readonly target).
+// bitmap), -ENOENT (no such bitmap), -EBUSY, -EPERM (readonly target), -EIO (the data of
+// either bitmap could not be read: the message names it).
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
 // transaction then.
 // Thread safety: see `qdirty_txn`; locks `img` and `src_img` in address order.
@@ -1670,10 +1692,13 @@ int qdirty_txn_merge_bitmap(qdirty_txn *txn,
 // Action block-dirty-bitmap-remove: bitmap `name` of `img` is held (busy, not stored) until
 // commit releases it, and its stored copy, if any, is deleted from the image now (as in QEMU,
 // this deletion is not undone by abort, but abort makes the bitmap persistent again, so it is
-// stored again on the next store or close). Refused on busy and readonly bitmaps.
+// stored again on the next store or close). Refused on busy and readonly bitmaps, and on
+// bitmaps with live iterators or a successor, which commit could not release.
 //
-// Returns: 0, or a negative errno: -EINVAL (NULL argument), -ENOENT (no such bitmap), -EBUSY,
-// -EPERM (readonly bitmap), -EROFS, I/O errors.
+// Returns: 0, or a negative errno: -EINVAL (NULL argument), -ENOENT (no such bitmap), -EBUSY
+// (busy, frozen with a successor, live iterators), -EPERM (readonly bitmap), -EROFS, -EIO and
+// other I/O errors (the bitmap's data is read before its stored copy is deleted). Every
+// refusal comes before the stored copy is deleted.
 // Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
 // transaction then.
 // Ownership: after commit, calls on the bitmap's handle fail with -ENOENT (it stays valid until

@@ -62,7 +62,8 @@ unsafe fn backup_mut<'a>(p: *mut qdirty_backup) -> Result<&'a mut BackupObj, Ffi
 /// `*backup` is set to NULL on entry and receives the backup on success.
 ///
 /// Returns: 0, or a negative errno: -EINVAL (NULL `bm` or `backup`, inconsistent bitmap),
-/// -EBUSY, -EPERM (readonly bitmap), -ENOENT (the bitmap no longer exists).
+/// -EBUSY, -EPERM (readonly bitmap), -EIO (the bitmap's data could not be read: the message
+/// names it), -ENOENT (the bitmap no longer exists).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
 /// Ownership: the caller owns `*backup`; free it with `qdirty_backup_free`.
 /// Thread safety: may be called from any thread; serialized per image.
@@ -163,7 +164,8 @@ pub unsafe extern "C" fn qdirty_backup_free(backup: *mut qdirty_backup) {
 /// NULL on entry).
 ///
 /// Returns: 0, or a negative errno: -EINVAL (NULL `dest` or `src`, different sizes,
-/// inconsistent bitmap), -EBUSY, -EPERM (readonly `dest`), -ENOENT (a bitmap no longer exists).
+/// inconsistent bitmap), -EBUSY, -EPERM (readonly `dest`), -EIO (the data of either bitmap
+/// could not be read: the message names it), -ENOENT (a bitmap no longer exists).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
 /// Ownership: the caller owns `*backup`; free it with `qdirty_backup_free`.
 /// Thread safety: may be called from any thread; locks both images, in address order (one lock

@@ -238,8 +238,8 @@ pub unsafe extern "C" fn qdirty_bitmap_set_dirty(
 /// bitmap (QEMU asserts this; qdirty fails instead).
 ///
 /// Returns: 0, or a negative errno: -EINVAL (NULL `bm`, unaligned range, range beyond the
-/// bitmap's size, inconsistent bitmap), -EPERM (read-only bitmap), -ENOENT (the bitmap no
-/// longer exists).
+/// bitmap's size, inconsistent bitmap), -EPERM (read-only bitmap), -EIO (the bitmap's data
+/// could not be read: the message names it), -ENOENT (the bitmap no longer exists).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
 /// Thread safety: may be called from any thread; serialized per image.
 ///
@@ -262,7 +262,8 @@ pub unsafe extern "C" fn qdirty_bitmap_reset_dirty(
 /// Clears every bit (QMP `block-dirty-bitmap-clear`).
 ///
 /// Returns: 0, or a negative errno: -EINVAL (NULL `bm`, inconsistent bitmap), -EPERM (read-only
-/// bitmap), -EBUSY, -ENOENT (the bitmap no longer exists).
+/// bitmap), -EBUSY, -EIO (the bitmap's data could not be read: the message names it), -ENOENT
+/// (the bitmap no longer exists).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
 /// Thread safety: may be called from any thread; serialized per image.
 ///

@@ -55,8 +55,9 @@ pub(crate) fn check_flags(flags: u32, known: u32, what: &str) -> Result<(), FfiE
 ///
 /// `cluster_size` is a power of two from 512 to 2 MiB; 0 means 64 KiB.
 ///
-/// Returns: 0, or a negative errno: -EINVAL (NULL or empty path, bad cluster size), -EEXIST
-/// (the file exists), other I/O errors.
+/// Returns: 0, or a negative errno: -EINVAL (NULL or empty path, bad cluster size), -EFBIG (a
+/// size whose L1 table would exceed QEMU's maximum for that cluster size), -EEXIST (the file
+/// exists), other I/O errors.
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 /// Ownership: nothing is transferred.
 /// Thread safety: may be called from any thread.
@@ -180,7 +181,9 @@ pub unsafe extern "C" fn qdirty_image_close(
 /// Stores the persistent bitmaps now without closing, as a checkpoint (QEMU stores them on
 /// close or inactivation); they stay loaded and are marked in_use again.
 ///
-/// Returns: 0, or a negative errno: -EINVAL (`img` NULL), -EROFS (read-only image), I/O errors.
+/// Returns: 0, or a negative errno: -EINVAL (`img` NULL), -EROFS (read-only image), -ENOTSUP
+/// (a standalone image: there is no file to store to), -EIO and other I/O errors (the message
+/// names every bitmap not stored).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 /// Ownership: nothing is transferred.
 /// Thread safety: may be called from any thread; serialized per image.
@@ -311,7 +314,9 @@ pub unsafe extern "C" fn qdirty_image_find_bitmap(
 ///
 /// Returns: the new bitmap, or NULL on failure: unknown flag bits, NULL arguments, a bad name or
 /// granularity (EINVAL), a duplicate name (EEXIST), a persistent bitmap on a read-only image
-/// (EROFS or EPERM) or on an image that cannot store it (ENOTSUP, EFBIG, ENOSPC...).
+/// (EROFS) or on an image that cannot store it (ENOTSUP: a standalone or qcow2 v2 image; EFBIG:
+/// too much bitmap data, too many bitmaps, a full bitmap directory). A lack of space in the
+/// file is found by the store (close, `qdirty_image_store_bitmaps`), not here.
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 /// Ownership: the bitmap is borrowed from the image (see `qdirty_bitmap`).
 /// Thread safety: may be called from any thread; serialized per image.
@@ -360,7 +365,8 @@ pub unsafe extern "C" fn qdirty_image_add_bitmap(
 ///
 /// Returns: 0, or a negative errno: -EINVAL (NULL argument), -ENOENT (no such bitmap), -EBUSY
 /// (busy, frozen with a successor, live iterators, a successor itself), -EPERM (read-only
-/// bitmap), -EROFS, I/O errors.
+/// bitmap), -EROFS, -EIO and other I/O errors (the bitmap's data is read before its stored
+/// copy is deleted).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed,
 /// in memory or in the file.
 /// Ownership: the removed bitmap's `qdirty_bitmap` handle stays valid until the image is
@@ -392,7 +398,8 @@ pub unsafe extern "C" fn qdirty_image_remove_bitmap(
 /// NULL or `img`. Granularities may differ; the disk sizes must be equal.
 ///
 /// Returns: 0, or a negative errno: -EINVAL (NULL argument, different sizes, inconsistent
-/// bitmap), -ENOENT (no such bitmap), -EBUSY, -EPERM (read-only target).
+/// bitmap), -ENOENT (no such bitmap), -EBUSY, -EPERM (read-only target), -EIO (the data of
+/// either bitmap could not be read: the message names it).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
 /// Ownership: nothing is transferred.
 /// Thread safety: may be called from any thread; locks both images (in a fixed order, so

@@ -16,8 +16,7 @@ use crate::image::Image;
 /// persistent bitmaps are refused, and closing stores nothing. Its default granularity is
 /// 64 KiB.
 ///
-/// Returns: the image, or NULL on failure (`*errp` set): none is known today besides the errp
-/// rule.
+/// Returns: the image, or NULL on failure: `size` beyond INT64_MAX (EINVAL).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 /// Ownership: the caller owns the image and must pass it to `qdirty_image_close`.
 /// Thread safety: may be called from any thread; the image is used like any other.
@@ -48,8 +47,11 @@ pub unsafe extern "C" fn qdirty_image_new_memory(
 /// persistent bitmap is readonly or inconsistent, or when stored bitmaps are not loaded
 /// ("Cannot resize qcow2 with persistent bitmaps that were not loaded into memory").
 ///
-/// Returns: 0, or a negative errno: -EINVAL (NULL `img`, the refusals above, a size other than
-/// the image's), -EBUSY, -EPERM, -EFBIG (too many granules), I/O errors.
+/// Returns: 0, or a negative errno: -EINVAL (NULL `img`; a bitmap busy, frozen or iterated;
+/// stored bitmaps not loaded; a size other than the image's; an inconsistent persistent
+/// bitmap), -EBUSY (a busy persistent bitmap of a qcow2 image: QEMU's check runs first there),
+/// -EPERM (a readonly persistent bitmap of a qcow2 image), -EFBIG (too many granules), -EIO and
+/// other I/O errors.
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
 /// Thread safety: may be called from any thread; serialized per image.
 ///
@@ -75,10 +77,12 @@ pub unsafe extern "C" fn qdirty_image_truncate(
 /// and become readonly, and nothing is written afterwards. Reopening in the current mode, or
 /// reopening a standalone image, does nothing.
 ///
-/// Returns: 0, or a negative errno: -EINVAL (NULL `img`, unknown flag bits), -EROFS (a qcow2 v2
-/// image cannot be read-write), -EACCES (the file cannot be written, or the image needs
-/// repair), I/O and store errors.
-/// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+/// Returns: 0, or a negative errno: -EINVAL (NULL `img`, unknown flag bits, a stored bitmap
+/// released from memory: "Unexpected bitmap 'NAME'"), -EROFS (a qcow2 v2 image cannot be
+/// read-write), -EACCES (the file cannot be written, or the image needs repair), -EIO and other
+/// I/O and store errors.
+/// Errors: on failure `*errp` receives the details (when `errp` is not NULL); a refused switch
+/// to read-write leaves the image read-only.
 /// Thread safety: may be called from any thread; serialized per image.
 ///
 /// # Safety
@@ -146,8 +150,8 @@ pub unsafe extern "C" fn qdirty_image_has_readonly_bitmaps(img: *const qdirty_im
 /// next store or close: clear its persistence first (`qdirty_bitmap_set_persistence`) to get
 /// rid of it.
 ///
-/// Returns: 0, or a negative errno: -EINVAL (NULL argument), -EROFS (read-only image), I/O
-/// errors.
+/// Returns: 0, or a negative errno: -EINVAL (NULL argument), -EROFS (read-only image), -EIO and
+/// other I/O errors (the data of the in-memory bitmap of that name is read first).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 /// Thread safety: may be called from any thread; serialized per image.
 ///

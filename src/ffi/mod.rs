@@ -224,6 +224,13 @@ pub use serialize::{
 
 pub use query::{qdirty_bitmap_info, qdirty_bitmap_info_free, qdirty_image_query_bitmaps};
 
+pub use space::qdirty_image_store_space;
+
+pub use salvage::{
+    qdirty_image_broken_bitmap, qdirty_image_broken_bitmap_count,
+    qdirty_image_drop_bitmaps_extension, qdirty_image_remove_broken_bitmap,
+};
+
 pub use image_ops::{
     qdirty_image_default_granularity, qdirty_image_has_readonly_bitmaps, qdirty_image_new_memory,
     qdirty_image_remove_stored_bitmap, qdirty_image_reopen, qdirty_image_truncate,

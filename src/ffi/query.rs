@@ -39,8 +39,8 @@ pub struct qdirty_bitmap_info {
 /// `*out` and `*count` are reset to NULL and 0 on entry (when not NULL) and receive the array
 /// and its length on success; an image without bitmaps gives NULL and 0.
 ///
-/// Returns: 0, or a negative errno: -EINVAL (NULL `img`, `out` or `count`), -EIO (unusable
-/// image).
+/// Returns: 0, or a negative errno: -EINVAL (NULL `img`, `out` or `count`), -EIO (the data of a
+/// bitmap still on disk could not be read: the message names it; or an unusable image).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 /// Ownership: the caller owns the array; free it with `qdirty_bitmap_info_free(*out, *count)`.
 /// Thread safety: may be called from any thread; serialized per image.

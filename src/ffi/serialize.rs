@@ -29,7 +29,8 @@ pub unsafe extern "C" fn qdirty_bitmap_serialization_align(bm: *const qdirty_bit
 ///
 /// Returns: the size in bytes (0 for `bytes` 0), or a negative errno: -EINVAL (NULL `bm`, a
 /// chunk breaking the alignment rules of `qdirty_bitmap_serialization_align` or beyond the
-/// bitmap's size, an inconsistent bitmap), -ENOENT (the bitmap no longer exists).
+/// bitmap's size, an inconsistent bitmap), -EIO (the bitmap's data could not be read: the
+/// message names it), -ENOENT (the bitmap no longer exists).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 /// Thread safety: may be called from any thread; serialized per image.
 ///
@@ -74,7 +75,8 @@ unsafe fn buf_ref<'a>(buf: *const u8, len: usize) -> Result<&'a [u8], FfiError> 
 ///
 /// Returns: 0, or a negative errno: -EINVAL (NULL `bm`, NULL `buf` with `len` > 0, `len`
 /// smaller than the serialization size, a chunk breaking the alignment rules or beyond the
-/// bitmap's size, an inconsistent bitmap), -ENOENT (the bitmap no longer exists).
+/// bitmap's size, an inconsistent bitmap), -EIO (the bitmap's data could not be read: the
+/// message names it), -ENOENT (the bitmap no longer exists).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL); `buf` is
 /// untouched.
 /// Ownership: the caller keeps `buf`.
@@ -115,8 +117,8 @@ pub unsafe extern "C" fn qdirty_bitmap_serialize_part(
 ///
 /// Returns: 0, or a negative errno: -EINVAL (NULL `bm`, NULL `buf` with `len` > 0, `len`
 /// smaller than the serialization size, a chunk breaking the alignment rules or beyond the
-/// bitmap's size, an inconsistent bitmap), -EPERM (readonly bitmap), -ENOENT (the bitmap no
-/// longer exists).
+/// bitmap's size, an inconsistent bitmap), -EPERM (readonly bitmap), -EIO (the bitmap's data
+/// could not be read: the message names it), -ENOENT (the bitmap no longer exists).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
 /// Ownership: the caller keeps `buf`.
 /// Thread safety: may be called from any thread; serialized per image.

@@ -15,7 +15,8 @@ use super::handle::{qdirty_image, ImageHandle};
 /// reports as "bitmaps": every data cluster and table of every persistent bitmap plus the
 /// directory. Any of the three may be NULL. Bitmaps whose data is still on disk are not loaded.
 ///
-/// Returns: 0, or a negative errno: -EINVAL (NULL `img`), -EIO (unusable image).
+/// Returns: 0, or a negative errno: -EINVAL (NULL `img`), -EIO (the data of a changed bitmap
+/// could not be read: the message names it; or an unusable image).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 /// Thread safety: may be called from any thread; serialized per image.
 ///

@@ -78,8 +78,8 @@ pub unsafe extern "C" fn qdirty_image_create_bitmap(
 /// persistent bitmap for good. Refused while the bitmap is busy, has a successor or has live
 /// iterators (QEMU asserts; qdirty fails).
 ///
-/// Returns: 0, or a negative errno: -EINVAL (NULL `bm`), -EBUSY (busy, frozen with a
-/// successor, iterated, or a successor itself), -ENOENT (the bitmap no longer exists).
+/// Returns: 0, or a negative errno: -EINVAL (NULL `bm`), -EBUSY (busy, frozen with a successor,
+/// live iterators, a successor itself), -ENOENT (the bitmap no longer exists).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
 /// Ownership: `bm` stays valid until the image is closed; after a release, calls on it fail
 /// with -ENOENT.
@@ -142,7 +142,8 @@ pub unsafe extern "C" fn qdirty_bitmap_create_successor(
 ///
 /// Returns: the successor (the same pointer `qdirty_bitmap_create_successor` returned, now
 /// named), or NULL on failure: NULL `bm` (EINVAL), "Cannot relinquish control if there's no
-/// successor present" (EINVAL), ENOENT (the bitmap no longer exists).
+/// successor present" (EINVAL), live iterators on the bitmap (EBUSY), ENOENT (the bitmap no
+/// longer exists).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
 /// Ownership: on success `bm` is freed: do not use it afterwards. The successor is borrowed from
 /// the image like any bitmap.
@@ -174,7 +175,8 @@ pub unsafe extern "C" fn qdirty_bitmap_abdicate(
 /// successor is dropped. The bitmap then holds its old bits plus every write made meanwhile.
 ///
 /// Returns: `bm` (the parent), or NULL on failure: NULL `bm` (EINVAL), "Cannot reclaim a
-/// successor when none is present" (EINVAL), ENOENT (the bitmap no longer exists).
+/// successor when none is present" (EINVAL), live iterators on the successor (EBUSY), EIO (the
+/// bitmap's data could not be read), ENOENT (the bitmap no longer exists).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
 /// Ownership: on success the successor's handle stays valid until the image is closed; calls on it
 /// fail with -ENOENT.

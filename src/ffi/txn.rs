@@ -202,7 +202,8 @@ unsafe fn simple_action(
 /// checks), keeping a backup. Abort gives the bits back.
 ///
 /// Returns: 0, or a negative errno: -EINVAL (NULL argument, inconsistent bitmap), -ENOENT (no
-/// such bitmap), -EBUSY, -EPERM (readonly bitmap).
+/// such bitmap), -EBUSY, -EPERM (readonly bitmap), -EIO (the bitmap's data could not be read:
+/// the message names it).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
 /// transaction then.
 /// Thread safety: see `qdirty_txn`; locks `img`.
@@ -285,7 +286,8 @@ pub unsafe extern "C" fn qdirty_txn_disable_bitmap(
 /// Abort restores the target.
 ///
 /// Returns: 0, or a negative errno: -EINVAL (NULL argument, different sizes, inconsistent
-/// bitmap), -ENOENT (no such bitmap), -EBUSY, -EPERM (readonly target).
+/// bitmap), -ENOENT (no such bitmap), -EBUSY, -EPERM (readonly target), -EIO (the data of
+/// either bitmap could not be read: the message names it).
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
 /// transaction then.
 /// Thread safety: see `qdirty_txn`; locks `img` and `src_img` in address order.
@@ -335,10 +337,13 @@ pub unsafe extern "C" fn qdirty_txn_merge_bitmap(
 /// Action block-dirty-bitmap-remove: bitmap `name` of `img` is held (busy, not stored) until
 /// commit releases it, and its stored copy, if any, is deleted from the image now (as in QEMU,
 /// this deletion is not undone by abort, but abort makes the bitmap persistent again, so it is
-/// stored again on the next store or close). Refused on busy and readonly bitmaps.
+/// stored again on the next store or close). Refused on busy and readonly bitmaps, and on
+/// bitmaps with live iterators or a successor, which commit could not release.
 ///
-/// Returns: 0, or a negative errno: -EINVAL (NULL argument), -ENOENT (no such bitmap), -EBUSY,
-/// -EPERM (readonly bitmap), -EROFS, I/O errors.
+/// Returns: 0, or a negative errno: -EINVAL (NULL argument), -ENOENT (no such bitmap), -EBUSY
+/// (busy, frozen with a successor, live iterators), -EPERM (readonly bitmap), -EROFS, -EIO and
+/// other I/O errors (the bitmap's data is read before its stored copy is deleted). Every
+/// refusal comes before the stored copy is deleted.
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
 /// transaction then.
 /// Ownership: after commit, calls on the bitmap's handle fail with -ENOENT (it stays valid until

@@ -427,9 +427,14 @@ impl Image {
                 )
             })?;
             d.read_only = false;
-            d.reopen_checks(&self.set)?;
-            if let Err(e) = d.prepare_writes().and_then(|()| d.mark_in_use(&self.set)) {
+            let made_writable = d
+                .reopen_checks(&self.set)
+                .and_then(|()| d.prepare_writes())
+                .and_then(|()| d.mark_in_use(&self.set));
+            if let Err(e) = made_writable {
+                // A refused reopen leaves the image as it was: read-only.
                 d.read_only = true;
+                let _ = d.storage.lock().set_writable(false);
                 return Err(e);
             }
             for id in self.set.ids() {

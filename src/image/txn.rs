@@ -136,14 +136,17 @@ impl Transaction {
         Ok(())
     }
 
-    /// block-dirty-bitmap-remove (BUSY and RO checks). The stored copy is deleted from the
-    /// image at once and that is not undone (as in QEMU); the bitmap stays in memory, busy and
-    /// not to be stored, until commit releases it. Abort gives it back, still persistent, so the
-    /// next store writes it again.
+    /// block-dirty-bitmap-remove (BUSY and RO checks, and what would stop commit from
+    /// releasing it: live iterators, a successor). Every refusal comes before the stored copy
+    /// is deleted from the image; that deletion is not undone (as in QEMU); the bitmap stays in
+    /// memory, busy and not to be stored, until commit releases it. Abort gives it back, still
+    /// persistent, so the next store writes it again.
     pub fn remove(&mut self, img: &mut Image, name: &[u8]) -> Result<()> {
         let id = img.set.lookup(name)?;
         let bm = img.set.bitmap(id)?;
         bm.check(CHECK_BUSY | CHECK_RO)?;
+        img.set.check_release(id)?;
+        let bm = img.set.bitmap(id)?;
         if bm.persistence() {
             img.remove_stored_bitmap(name)?;
         }
