@@ -518,7 +518,7 @@ static void boundary_bitmap(qdirty_image *img, qdirty_image *small)
         qdirty_iter *it;
         CHECK_PTR(qdirty_bitmap_iter_new(NULL, &err), EINVAL, err);
         CHECK(qdirty_bitmap_iter_new(NULL, NULL) == NULL);
-        EXPECT_I64(qdirty_iter_next(NULL), -1);
+        EXPECT_I64(qdirty_iter_next(NULL), -EINVAL);
         CHECK_RC(qdirty_iter_seek(NULL, 0, &err), EINVAL, err);
         EXPECT_I64(qdirty_iter_seek(NULL, 0, NULL), -EINVAL);
         qdirty_iter_free(NULL);

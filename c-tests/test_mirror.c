@@ -492,7 +492,7 @@ static void test_bad_arguments(void)
     qdirty_backup_free(NULL);
     CHECK_RC(qdirty_bitmap_merge(NULL, NULL, NULL, &err), EINVAL, err);
     CHECK_PTR(qdirty_bitmap_iter_new(NULL, &err), EINVAL, err);
-    CHECK(qdirty_iter_next(NULL) == -1);
+    CHECK(qdirty_iter_next(NULL) == -EINVAL);
     CHECK_RC(qdirty_iter_seek(NULL, 0, &err), EINVAL, err);
     qdirty_iter_free(NULL);
     CHECK_RC(qdirty_bitmap_status(NULL, 0, 1, &count, &err), EINVAL, err);
@@ -518,7 +518,7 @@ static void test_bad_arguments(void)
 
     /* Not-a-handle pointers (right size, wrong magic) are recognized. */
     CHECK_RC(qdirty_bitmap_check((qdirty_bitmap *)junk, 0, &err), EINVAL, err);
-    CHECK(qdirty_iter_next((qdirty_iter *)junk) == -1);
+    CHECK(qdirty_iter_next((qdirty_iter *)junk) == -EINVAL);
     CHECK_RC(qdirty_bitmap_restore(NULL, (qdirty_backup *)junk, &err), EINVAL, err);
     qdirty_backup_free((qdirty_backup *)junk);
     qdirty_iter_free((qdirty_iter *)junk);

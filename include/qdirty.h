@@ -1170,8 +1170,10 @@ qdirty_iter *qdirty_bitmap_iter_new(qdirty_bitmap *bm, qdirty_error **errp);
 // The start of the next dirty granule (a multiple of the granularity), and moves past it
 // (QEMU's `bdrv_dirty_iter_next`).
 //
-// Returns: the offset, or -1 when no dirty granule is left, the bitmap no longer exists, or
-// `iter` is NULL or its image unusable.
+// Returns: the offset; -1 when no dirty granule is left; -ENOENT (-2) when the iterated
+// bitmap no longer exists (a transaction that added it was aborted): the iteration did not
+// finish, so do not take it as "no more dirty granules"; -EINVAL for a NULL `iter`; -EIO when
+// its image is unusable.
 // Thread safety: see `qdirty_iter`.
 //
 // # Safety

@@ -687,31 +687,31 @@ fn iterators_next_seek_free() {
     let mut it = set.iter_new(a).unwrap();
     assert_eq!(it.bitmap(), a);
     let mut got = Vec::new();
-    while let Some(o) = set.iter_next(&mut it) {
+    while let Some(o) = set.iter_next(&mut it).unwrap() {
         got.push(o);
     }
     assert_eq!(got, m.starts(), "granule starts in order");
-    assert_eq!(set.iter_next(&mut it), None, "stays at the end");
+    assert_eq!(set.iter_next(&mut it).unwrap(), None, "stays at the end");
 
     // Seek into the middle of a dirty granule: that granule comes next.
     let starts = m.starts();
     set.iter_seek(&mut it, starts[2] + 123).unwrap();
-    assert_eq!(set.iter_next(&mut it), Some(starts[2]));
-    assert_eq!(set.iter_next(&mut it), Some(starts[3]));
+    assert_eq!(set.iter_next(&mut it).unwrap(), Some(starts[2]));
+    assert_eq!(set.iter_next(&mut it).unwrap(), Some(starts[3]));
     // Seek backwards to 0 restarts.
     set.iter_seek(&mut it, 0).unwrap();
-    assert_eq!(set.iter_next(&mut it), Some(starts[0]));
+    assert_eq!(set.iter_next(&mut it).unwrap(), Some(starts[0]));
     // Resets ahead are respected; sets behind are not seen.
     let victim = starts[1];
     bm_mut(&mut set, a).reset_dirty(victim, g).unwrap();
     m.reset(victim, g);
     set.set_dirty(0, 1);
     m.set(0, 1);
-    assert_eq!(set.iter_next(&mut it), Some(starts[2]));
+    assert_eq!(set.iter_next(&mut it).unwrap(), Some(starts[2]));
     // Seek to the last byte (inside the partial last granule).
     set.iter_seek(&mut it, size - 1).unwrap();
-    assert_eq!(set.iter_next(&mut it), Some((size - 1) / g * g));
-    assert_eq!(set.iter_next(&mut it), None);
+    assert_eq!(set.iter_next(&mut it).unwrap(), Some((size - 1) / g * g));
+    assert_eq!(set.iter_next(&mut it).unwrap(), None);
     // Seek beyond the end is refused (QEMU asserts).
     assert!(matches!(
         set.iter_seek(&mut it, size + g),
@@ -719,7 +719,7 @@ fn iterators_next_seek_free() {
     ));
     // Seek inside a clean area finds the next dirty granule.
     set.iter_seek(&mut it, MIB / 2).unwrap();
-    assert_eq!(set.iter_next(&mut it), Some(MIB));
+    assert_eq!(set.iter_next(&mut it).unwrap(), Some(MIB));
     // Two iterators count.
     let it2 = set.iter_new(a).unwrap();
     assert_eq!(bm(&mut set, a).active_iterators(), 2);
@@ -731,7 +731,7 @@ fn iterators_next_seek_free() {
     // Empty bitmap: None at once.
     let e = set.create(Some(b"e"), 512).unwrap();
     let mut it = set.iter_new(e).unwrap();
-    assert_eq!(set.iter_next(&mut it), None);
+    assert_eq!(set.iter_next(&mut it).unwrap(), None);
     set.iter_free(it);
 }
 
@@ -1915,7 +1915,7 @@ fn random_sequence(seed: u64, steps: usize) {
                 } else if let Some(id) = pick(&mut rng, &all) {
                     let mut it = set.iter_new(id).unwrap();
                     let mut got = Vec::new();
-                    while let Some(o) = set.iter_next(&mut it) {
+                    while let Some(o) = set.iter_next(&mut it).unwrap() {
                         got.push(o);
                     }
                     set.iter_free(it);

@@ -7,7 +7,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Tuple, TypeVar
 
 from . import _ffi
-from ._common import U64_MAX, addr, check_ptr, check_rc, lib, uint
+from ._common import U64_MAX, QdirtyError, addr, check_ptr, check_rc, lib, uint
 from ._state import ImageState
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -109,10 +109,12 @@ class DirtyIterator:
         bh = self._bitmap._p()
         check_rc(lib.qdirty_bitmap_check, bh, CHECK_INCONSISTENT)
         r = lib.qdirty_iter_next(h)
-        if r < 0:
-            # -1 also when the data could not be loaded or the bitmap is gone.
-            check_rc(lib.qdirty_bitmap_check, bh, CHECK_INCONSISTENT)
+        if r == -1:
             raise StopIteration
+        if r < 0:
+            # -errno: the iteration cannot go on (the bitmap is gone, its data unreadable).
+            check_rc(lib.qdirty_bitmap_check, bh, CHECK_INCONSISTENT)
+            raise QdirtyError(-int(r), "the iteration could not go on")
         return int(r)
 
     def seek(self, offset: int) -> None:

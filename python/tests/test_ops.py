@@ -330,5 +330,26 @@ class FileImageTest(TempDirTest):
                 img.remove_stored_bitmap("k")
 
 
+
+class FreshReadsTest(QdirtyTest):
+    """Every read right after the write hook sees its writes, whatever image it goes through."""
+
+    def test_merge_from_another_image_sees_the_hook_writes(self):
+        a = qdirty.Image.new_memory(MiB)
+        b = qdirty.Image.new_memory(MiB)
+        try:
+            s = a.add_bitmap("s", granularity=G)
+            t = b.add_bitmap("t", granularity=G)
+            a.set_dirty(0, 4 * G)
+            b.merge_bitmap("t", "s", src_image=a)
+            self.assertEqual(t.count(), 4 * G)
+            a.set_dirty(8 * G, 1)
+            self.assertEqual(list(s.dirty_extents()), [(0, 4 * G), (8 * G, G)])
+            self.assertEqual([i.count for i in a.query()], [5 * G])
+        finally:
+            a.close()
+            b.close()
+
+
 if __name__ == "__main__":
     unittest.main()

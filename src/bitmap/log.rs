@@ -1142,7 +1142,7 @@ mod tests {
                         4 => {
                             let mut it = s.iter_new(all).unwrap();
                             for _ in 0..32 {
-                                if s.iter_next(&mut it).is_none() {
+                                if s.iter_next(&mut it).unwrap().is_none() {
                                     break;
                                 }
                             }

@@ -651,14 +651,18 @@ impl BitmapSet {
 
     /// The start of the next dirty granule, or None when none is left (QEMU:
     /// bdrv_dirty_iter_next). Bits set behind the iterator are not seen; bits reset ahead of
-    /// it are respected; the hook's writes ahead of it are seen.
-    pub fn iter_next(&mut self, it: &mut DirtyIter) -> Option<u64> {
-        let bm = self.current(it.bitmap).ok()?;
+    /// it are respected; the hook's writes ahead of it are seen. Fails when the bitmap no
+    /// longer exists or cannot be read: an iteration that cannot go on never ends as if the
+    /// rest were clean.
+    pub fn iter_next(&mut self, it: &mut DirtyIter) -> Result<Option<u64>> {
+        let bm = self.current(it.bitmap)?;
         let g = bm.granularity();
-        let at = bm.next_dirty(it.pos, u64::MAX)?;
+        let Some(at) = bm.usable_bits()?.next_dirty(it.pos, u64::MAX) else {
+            return Ok(None);
+        };
         let granule = at - at % g;
         it.pos = granule.saturating_add(g);
-        Some(granule)
+        Ok(Some(granule))
     }
 
     /// Moves the iterator: the next call returns the first dirty granule at or after the
@@ -796,7 +800,11 @@ mod tests {
                     if !iters.is_empty() {
                         let k = rng.below(iters.len() as u64) as usize;
                         let (ia, ib) = &mut iters[k];
-                        assert_eq!(a.iter_next(ia), b.iter_next(ib), "{ctx} iter");
+                        assert_eq!(
+                            a.iter_next(ia).unwrap(),
+                            b.iter_next(ib).unwrap(),
+                            "{ctx} iter"
+                        );
                         if rng.below(8) == 0 {
                             let (ia, ib) = iters.swap_remove(k);
                             a.iter_free(ia);

@@ -89,8 +89,10 @@ pub unsafe extern "C" fn qdirty_bitmap_iter_new(
 /// The start of the next dirty granule (a multiple of the granularity), and moves past it
 /// (QEMU's `bdrv_dirty_iter_next`).
 ///
-/// Returns: the offset, or -1 when no dirty granule is left, the bitmap no longer exists, or
-/// `iter` is NULL or its image unusable.
+/// Returns: the offset; -1 when no dirty granule is left; -ENOENT (-2) when the iterated
+/// bitmap no longer exists (a transaction that added it was aborted): the iteration did not
+/// finish, so do not take it as "no more dirty granules"; -EINVAL for a NULL `iter`; -EIO when
+/// its image is unusable.
 /// Thread safety: see `qdirty_iter`.
 ///
 /// # Safety
@@ -105,14 +107,20 @@ pub unsafe extern "C" fn qdirty_iter_next(iter: *mut qdirty_iter) -> i64 {
             let Some(it) = o.it.as_mut() else {
                 return Ok(-1);
             };
+            if state.image.bitmap(it.bitmap()).is_none() {
+                return Err(FfiError::new(
+                    libc::ENOENT,
+                    "The iterated bitmap no longer exists",
+                ));
+            }
             Ok(state
                 .image
                 .bitmaps_mut()
-                .iter_next(it)
+                .iter_next(it)?
                 .and_then(|v| i64::try_from(v).ok())
                 .unwrap_or(-1))
         };
-        next().unwrap_or(-1)
+        next().unwrap_or_else(|e| -i64::from(e.errno))
     })
 }
 
