@@ -415,8 +415,11 @@ qdirty_image *qdirty_image_open(const char *path, uint32_t flags, qdirty_error *
 // details of a failure are dropped).
 int qdirty_image_close(qdirty_image *img, qdirty_error **errp);
 
-// Stores the persistent bitmaps now without closing, as a checkpoint (QEMU stores them on
-// close or inactivation); they stay loaded and are marked in_use again.
+// Writes the persistent bitmaps' data now without closing, as a checkpoint: the close after it
+// writes only what changed since. The bitmaps stay loaded and writable, and stay in_use on
+// disk throughout (the guest may go on writing: a write whose data reached the disk before its
+// `qdirty_image_set_dirty` would be missing from a copy marked consistent). Only a close or a
+// switch to read-only, after the host stopped guest writes, leaves consistent bitmaps.
 //
 // Returns: 0, or a negative errno: -EINVAL (`img` NULL), -EROFS (read-only image), -ENOTSUP
 // (a standalone image: there is no file to store to), -EIO and other I/O errors (the message
@@ -1525,8 +1528,9 @@ int qdirty_image_truncate(qdirty_image *img, uint64_t new_size, qdirty_error **e
 // Switches a qcow2 image between read-write and read-only (QEMU's qcow2_reopen_bitmaps_ro /
 // _rw). `flags` QDIRTY_OPEN_RDWR: the file is reopened for writing, the persistent bitmaps
 // become writable and are marked in_use on disk. `flags` 0: the persistent bitmaps are stored
-// and become readonly, and nothing is written afterwards. Reopening in the current mode, or
-// reopening a standalone image, does nothing.
+// (consistent: in_use cleared) and become readonly, and nothing is written afterwards; the
+// host stops guest writes first, as for a close. Reopening in the current mode, or reopening a
+// standalone image, does nothing.
 //
 // Returns: 0, or a negative errno: -EINVAL (NULL `img`, unknown flag bits, a stored bitmap
 // released from memory: "Unexpected bitmap 'NAME'"), -EROFS (a qcow2 v2 image cannot be

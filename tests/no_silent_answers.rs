@@ -525,3 +525,49 @@ fn a_forked_child_leaves_the_image_to_its_parent() {
     img.close().unwrap();
     assert!(!in_use_flag(&p));
 }
+
+/// A checkpoint while guest writes go on (`store_bitmaps`) never leaves a copy marked
+/// consistent on disk: a guest write that reaches the disk before its hook call could be
+/// missing from it. At every crash point of the checkpoint, and after it, the bitmap is in_use.
+#[test]
+fn a_checkpoint_never_marks_a_recording_bitmap_consistent() {
+    use qdirty::image::fault::{Fault, Unflushed};
+    let tmp = TempDir::new("no-silent-checkpoint");
+    let p = image_with_bitmap(tmp.path(), "img.qcow2", &[(MIB, 4096)]);
+    let base = std::fs::read(&p).unwrap();
+    let in_use = |bytes: Vec<u8>| -> bool {
+        let st = FaultyStorage::new(bytes).0;
+        let mut ro = Image::open_storage(Box::new(st), "crashed", false).unwrap();
+        let id = ro.find_bitmap(b"b").unwrap();
+        ro.bitmap_current(id).unwrap().inconsistent()
+    };
+    // The clean run: how many ops the checkpoint does.
+    let (st, h) = FaultyStorage::new(base.clone());
+    let mut img = Image::open_storage(Box::new(st), "img", true).unwrap();
+    img.set_dirty(40 * MIB, 1);
+    let start = h.ops();
+    img.store_bitmaps().unwrap();
+    let n = h.ops() - start;
+    assert!(n > 0, "the checkpoint wrote the changed bitmap");
+    assert!(in_use(h.live_image()), "after the checkpoint");
+    drop(img);
+    for k in 0..=n {
+        for unflushed in [Unflushed::Kept, Unflushed::Lost] {
+            let (st, h) = FaultyStorage::new(base.clone());
+            let mut img = Image::open_storage(Box::new(st), "img", true).unwrap();
+            img.set_dirty(40 * MIB, 1);
+            h.set_fault(Some(Fault::Crash {
+                at: h.ops() + k,
+                unflushed,
+                torn_sectors: 0,
+            }));
+            let _ = img.store_bitmaps();
+            let crashed = h.crashed_image().unwrap_or_else(|| h.live_image());
+            std::mem::forget(img);
+            assert!(
+                in_use(crashed),
+                "crash at op {k} of the checkpoint ({unflushed:?})"
+            );
+        }
+    }
+}

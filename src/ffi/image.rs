@@ -178,8 +178,11 @@ pub unsafe extern "C" fn qdirty_image_close(
     )
 }
 
-/// Stores the persistent bitmaps now without closing, as a checkpoint (QEMU stores them on
-/// close or inactivation); they stay loaded and are marked in_use again.
+/// Writes the persistent bitmaps' data now without closing, as a checkpoint: the close after it
+/// writes only what changed since. The bitmaps stay loaded and writable, and stay in_use on
+/// disk throughout (the guest may go on writing: a write whose data reached the disk before its
+/// `qdirty_image_set_dirty` would be missing from a copy marked consistent). Only a close or a
+/// switch to read-only, after the host stopped guest writes, leaves consistent bitmaps.
 ///
 /// Returns: 0, or a negative errno: -EINVAL (`img` NULL), -EROFS (read-only image), -ENOTSUP
 /// (a standalone image: there is no file to store to), -EIO and other I/O errors (the message

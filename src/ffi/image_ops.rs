@@ -74,8 +74,9 @@ pub unsafe extern "C" fn qdirty_image_truncate(
 /// Switches a qcow2 image between read-write and read-only (QEMU's qcow2_reopen_bitmaps_ro /
 /// _rw). `flags` QDIRTY_OPEN_RDWR: the file is reopened for writing, the persistent bitmaps
 /// become writable and are marked in_use on disk. `flags` 0: the persistent bitmaps are stored
-/// and become readonly, and nothing is written afterwards. Reopening in the current mode, or
-/// reopening a standalone image, does nothing.
+/// (consistent: in_use cleared) and become readonly, and nothing is written afterwards; the
+/// host stops guest writes first, as for a close. Reopening in the current mode, or reopening a
+/// standalone image, does nothing.
 ///
 /// Returns: 0, or a negative errno: -EINVAL (NULL `img`, unknown flag bits, a stored bitmap
 /// released from memory: "Unexpected bitmap 'NAME'"), -EROFS (a qcow2 v2 image cannot be

@@ -46,6 +46,7 @@ use storage::{FileStorage, Storage};
 
 pub use crate::bitmap::BitmapId;
 pub use salvage::{drop_bitmaps_extension, BrokenBitmap, DroppedExtension};
+use store::StoreMode;
 pub use store::StoreSpace;
 pub use txn::Transaction;
 
@@ -278,7 +279,9 @@ impl Image {
                 "Lost persistent bitmaps during close of image '{}': {why}",
                 self.name
             ))),
-            Some(d) if !d.read_only => d.store(&mut self.set, true).and_then(|u| u.into_result()),
+            Some(d) if !d.read_only => d
+                .store(&mut self.set, StoreMode::Close)
+                .and_then(|u| u.into_result()),
             _ => Ok(()),
         };
         match r {
@@ -338,7 +341,7 @@ impl Image {
                 self.name
             ))),
             Some(d) if !d.read_only => d
-                .store(&mut self.set, true)
+                .store(&mut self.set, StoreMode::Close)
                 .and_then(|u| u.into_result())
                 .map_err(|e| {
                     e.context(format!(
@@ -350,10 +353,14 @@ impl Image {
         }
     }
 
-    /// Stores the persistent bitmaps now without closing. They stay loaded and writable and are
-    /// marked in_use again on disk before this returns. Incremental: unchanged bitmaps are not
-    /// rewritten, changed ones only where they changed. On failure (e.g. ENOSPC) the bitmaps on
-    /// disk are as before and the in-memory ones intact: retry once space is freed.
+    /// Writes the persistent bitmaps' data now without closing (a checkpoint: the close after
+    /// it writes only what changed since). They stay loaded and writable, and they stay in_use
+    /// on disk throughout: guest writes may go on during the checkpoint, and one whose data
+    /// reached the disk before its hook call would be missing from a copy marked consistent,
+    /// so only a close (or a switch to read-only), after guest writes stopped, clears in_use.
+    /// Incremental: unchanged bitmaps are not rewritten, changed ones only where they changed.
+    /// On failure (e.g. ENOSPC) the bitmaps on disk are as before and the in-memory ones
+    /// intact: retry once space is freed.
     pub fn store_bitmaps(&mut self) -> Result<()> {
         self.set.fold();
         let set = &mut self.set;
@@ -371,7 +378,7 @@ impl Image {
                 ))
             }
         };
-        let unstored = d.store(set, false)?;
+        let unstored = d.store(set, StoreMode::Checkpoint)?;
         if let Err(e) = d.mark_in_use(set) {
             // The stored copies are consistent on disk but the bitmaps go on recording in
             // memory: make them readonly, so that the host refuses guest writes (as QEMU does
@@ -445,7 +452,7 @@ impl Image {
                 }
             }
         } else {
-            let unstored = d.store(&mut self.set, false)?;
+            let unstored = d.store(&mut self.set, StoreMode::ReadOnly)?;
             if !unstored.is_empty() {
                 // Stay read-write: what was stored goes back in_use, as it is still recorded.
                 d.mark_in_use(&self.set)?;

@@ -48,9 +48,25 @@ use crate::format::bitmap_table::{
 };
 use crate::format::extension::BitmapsExt;
 use crate::format::{
-    AUTOCLEAR_BITMAPS, BME_FLAG_AUTO, BT_DIRTY_TRACKING_BITMAP, QCOW2_MAX_BITMAPS,
+    AUTOCLEAR_BITMAPS, BME_FLAG_AUTO, BME_FLAG_IN_USE, BT_DIRTY_TRACKING_BITMAP, QCOW2_MAX_BITMAPS,
     QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
 };
+
+/// What a store is for, which decides the in_use flags it writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum StoreMode {
+    /// Close: in_use cleared, the stored bitmaps dropped from memory. Guest writes have
+    /// stopped (the host's part of the protocol).
+    Close,
+    /// Switch to read-only: in_use cleared, the bitmaps stay in memory, readonly. Guest writes
+    /// have stopped.
+    ReadOnly,
+    /// A checkpoint while the image stays writable: the data and tables are written, but every
+    /// stored bitmap stays in_use on disk. Guest writes may go on during and after it, and one
+    /// that reaches the disk before its hook call would be missing from a copy marked
+    /// consistent: so no copy is ever marked consistent while its bitmap still records.
+    Checkpoint,
+}
 
 /// Clusters to give back after a commit: (offset, number of clusters).
 type FreeList = Vec<(u64, u64)>;
@@ -173,7 +189,7 @@ pub struct StoreSpace {
 impl Disk {
     /// Decides what a store writes: which in-memory bitmaps are stored, where their entries go,
     /// and whether each is kept, partly or fully rewritten.
-    fn plan_store(&self, set: &BitmapSet) -> Result<StorePlan> {
+    fn plan_store(&self, set: &BitmapSet, mode: StoreMode) -> Result<StorePlan> {
         let mut entries = self.dir.entries.clone();
         let mut jobs: Vec<Job> = Vec::new();
         let cs = self.cluster_size();
@@ -182,7 +198,10 @@ impl Disk {
                 continue;
             }
             let name = bm.name().unwrap_or_default().to_vec();
-            let flags = if bm.enabled() { BME_FLAG_AUTO } else { 0 };
+            let mut flags = if bm.enabled() { BME_FLAG_AUTO } else { 0 };
+            if mode == StoreMode::Checkpoint {
+                flags |= BME_FLAG_IN_USE;
+            }
             let fresh = BitmapDirEntry {
                 table_offset: 0,
                 table_size: 0,
@@ -248,14 +267,16 @@ impl Disk {
     }
 
     /// Writes every persistent, consistent, writable bitmap (QEMU's store, incremental: see
-    /// the module documentation). With `release`, the stored bitmaps are dropped from memory
-    /// afterwards (close), and only on success: on failure everything stays as it was.
+    /// the module documentation), with the in_use flags `mode` says. With
+    /// [`StoreMode::Close`], the stored bitmaps are dropped from memory afterwards, and only on
+    /// success: on failure everything stays as it was.
     ///
     /// A bitmap whose data must be rewritten but cannot be read now is left out: its entry
     /// stays as it is on disk (in_use) and it is reported in the returned [`Unstored`]; the
     /// other bitmaps are stored all the same.
-    pub(super) fn store(&mut self, set: &mut BitmapSet, release: bool) -> Result<Unstored> {
-        let plan = self.plan_store(set)?;
+    pub(super) fn store(&mut self, set: &mut BitmapSet, mode: StoreMode) -> Result<Unstored> {
+        let release = mode == StoreMode::Close;
+        let plan = self.plan_store(set, mode)?;
         if plan.jobs.is_empty() {
             return Ok(Unstored::default());
         }
@@ -408,7 +429,7 @@ impl Disk {
     /// What a store would allocate now, and `qemu-img measure`'s "bitmaps" figure.
     pub(super) fn space_needed(&self, set: &BitmapSet) -> Result<StoreSpace> {
         let cs = self.cluster_size();
-        let plan = self.plan_store(set)?;
+        let plan = self.plan_store(set, StoreMode::Close)?;
         let size = self.size();
         let mut clusters = 0u64;
         for j in &plan.jobs {
