@@ -14,7 +14,7 @@
 5. Verifies with `qemu-img compare` (identical) and `qemu-img check`.
 
 Usage: incremental_backup.py [DIR]   (default: a temporary directory)
-Needs qemu-img and qemu-io; QDIRTY_LIB may point to libqdirty.so.
+Needs qemu-img, qemu-io and the qdirty package (`pip install ./python`).
 """
 
 import os
@@ -23,11 +23,7 @@ import subprocess
 import sys
 import tempfile
 
-try:
-    import qdirty
-except ImportError:  # running from the repository
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-    import qdirty
+import qdirty
 
 SIZE = 64 << 20
 BITMAP = "backup-inc"

@@ -27,8 +27,9 @@ for a negative value or one too large for the C parameter. Reads of bits raise
 :class:`QdirtyError` for a bitmap that is inconsistent, whose data cannot be read, or that is
 gone: an unusable bitmap never reads as clean.
 
-The library is found through ``QDIRTY_LIB``, then the repository's ``target/`` folder, then the
-system library path.
+The package carries libqdirty (``pip install`` builds it from the same sources) and loads that
+copy; ``QDIRTY_LIB`` (a path to a ``libqdirty.so``) overrides it, and a package built without it
+(``QDIRTY_PYTHON_SYSTEM_LIB=1``) loads the installed ``libqdirty.so.0``.
 """
 
 from __future__ import annotations
