@@ -34,6 +34,8 @@ from ctypes import (
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ._errors import QdirtyError
+
 
 class _Image(ctypes.Structure):
     """Opaque ``qdirty_image``: never instantiated or dereferenced."""
@@ -273,8 +275,6 @@ def _missing(name: str, path: str) -> Callable[..., Any]:
     """Stands for a function the loaded library lacks: fails when called, naming it."""
 
     def call(*_args: Any, **_kwargs: Any) -> Any:
-        from ._common import QdirtyError  # imports this module: not at load time
-
         raise QdirtyError(
             errno.ENOSYS,
             f"{name} is not in {path}: this libqdirty is older than the qdirty package "
