@@ -75,24 +75,23 @@ def emit(message: str) -> None:
     warnings.warn(message, category, stacklevel=_stacklevel())
 
 
-class _Call:
-    """The warnings the library gave during one call of the package's API."""
+class _State(threading.local):
+    """Per thread: whether a call of the package's API is running (``depth``), and the warnings
+    the library gave during it (``messages``, None while there are none)."""
 
-    def __init__(self) -> None:
-        self.messages: List[str] = []
-
-
-_local = threading.local()
+    depth = 0
+    messages: Optional[List[str]] = None
 
 
-def _calls() -> List[_Call]:
-    calls: Optional[List[_Call]] = getattr(_local, "calls", None)
-    if calls is None:
-        calls = _local.calls = []
-    return calls
-
+_local = _State()
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _deliver() -> None:
+    messages, _local.messages = _local.messages, None
+    for message in messages or ():
+        emit(message)
 
 
 def api(fn: F) -> F:
@@ -101,21 +100,20 @@ def api(fn: F) -> F:
 
     @functools.wraps(fn)
     def boundary(*args: Any, **kwargs: Any) -> Any:
-        calls = _calls()
-        if calls:  # within another API call: that one delivers
+        state = _local
+        if state.depth:  # within another API call: that one delivers
             return fn(*args, **kwargs)
-        call = _Call()
-        calls.append(call)
+        state.depth = 1
         try:
             result = fn(*args, **kwargs)
         except BaseException:
-            calls.pop()
-            for message in call.messages:
-                emit(message)  # raising here chains the error in flight
+            state.depth = 0
+            if state.messages is not None:
+                _deliver()  # raising here chains the error in flight
             raise
-        calls.pop()
-        for message in call.messages:
-            emit(message)
+        state.depth = 0
+        if state.messages is not None:
+            _deliver()
         return result
 
     return cast(F, boundary)
@@ -156,9 +154,10 @@ def _api_unless_generator(fn: F) -> F:
 
 def _from_library(message: Optional[bytes], _opaque: Any) -> None:
     text = (message or b"").decode("utf-8", "replace")
-    calls = _calls()
-    if calls:
-        calls[0].messages.append(text)
+    if _local.depth:
+        if _local.messages is None:
+            _local.messages = []
+        _local.messages.append(text)
         return
     emit(text)  # an exception here: ctypes reports it through sys.unraisablehook
 
