@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from typing import Iterable, Tuple
 
 import qdirty
 
@@ -29,20 +30,20 @@ SIZE = 64 << 20
 BITMAP = "backup-inc"
 
 
-def run(cwd, *args):
+def run(cwd: str, *args: str) -> str:
     r = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
     return r.stdout
 
 
-def guest_write(cwd, offset, length, pattern):
+def guest_write(cwd: str, offset: int, length: int, pattern: str) -> None:
     """The guest writes through QEMU's qcow2 driver (qdirty does not have the image open, so
     QEMU marks the persistent bitmap itself)."""
     run(cwd, "qemu-io", "-f", "qcow2", "-c", f"write -P {pattern} {offset} {length}", "disk.qcow2")
 
 
-def copy_extents(src, dst, extents):
+def copy_extents(src: str, dst: str, extents: Iterable[Tuple[int, int]]) -> int:
     copied = 0
     with open(src, "rb") as fi, open(dst, "r+b") as fo:
         for offset, length in extents:
@@ -56,7 +57,7 @@ def copy_extents(src, dst, extents):
     return copied
 
 
-def main(workdir):
+def main(workdir: str) -> int:
     disk, raw, backup = (os.path.join(workdir, n) for n in ("disk.qcow2", "disk.raw", "backup.raw"))
     for p in (disk, raw, backup):
         if os.path.exists(p):

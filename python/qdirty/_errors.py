@@ -37,6 +37,7 @@ class QdirtyError(OSError):
         hint: a hint that may help fixing the problem, or None.
     """
 
+    errno: int
     message: str
     hint: Optional[str]
 

@@ -309,7 +309,7 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
             continue
         fn.restype = restype
         fn.argtypes = argtypes
-    lib.qdirty_missing = missing
+    setattr(lib, "qdirty_missing", missing)
     return lib
 
 
