@@ -20,6 +20,7 @@ from typing import List, Tuple
 
 from setuptools import setup
 from setuptools.command.bdist_wheel import bdist_wheel
+from setuptools.command.build_py import build_py
 from setuptools.command.sdist import sdist
 
 HERE = Path(__file__).resolve().parent
@@ -64,6 +65,16 @@ class SdistWithCrate(sdist):
             shutil.copy2(lic, dst / lic.name)
 
 
+class FreshBuildPy(build_py):
+    """Copies the package into an emptied build folder: an in-tree build (pip's default) reuses
+    python/build/, where a module since removed from the sources would otherwise stay and be
+    shipped."""
+
+    def run(self) -> None:
+        shutil.rmtree(Path(self.build_lib) / "qdirty", ignore_errors=True)
+        super().run()
+
+
 class PlatformWheel(bdist_wheel):
     """The wheel holds a C library loaded with ctypes, not an extension module: it suits every
     Python 3 on the platform it was built for (``py3-none-<platform>``)."""
@@ -101,6 +112,6 @@ def rust_extensions() -> list:  # type: ignore[type-arg]
 
 setup(
     rust_extensions=rust_extensions(),
-    cmdclass={"sdist": SdistWithCrate, "bdist_wheel": PlatformWheel},
+    cmdclass={"sdist": SdistWithCrate, "build_py": FreshBuildPy, "bdist_wheel": PlatformWheel},
     zip_safe=False,
 )

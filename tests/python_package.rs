@@ -295,22 +295,19 @@ fn sdist_builds_on_its_own() {
         .expect("no sdist made");
     // The wheel is built from the unpacked sdist, in pip's own temporary folder: only the
     // sdist's copy of the Cargo workspace can be reached from there.
-    let other = tmp.join("other");
-    std::fs::create_dir(&other).unwrap();
-    let py2 = venv(&other);
     pip_install(
         "pip install qdirty-*.tar.gz",
-        &py2,
-        &other,
+        &py,
+        tmp.path(),
         &[sdist.as_os_str()],
         &[],
     );
     let work = tmp.join("work");
     std::fs::create_dir(&work).unwrap();
     let img = qemu_image(&work);
-    let listed = list_bitmaps(&py2, &work, &img, &[]);
+    let listed = list_bitmaps(&py, &work, &img, &[]);
     assert_same_bitmaps(&listed, &img);
-    assert!(Path::new(field(&listed, "library")).starts_with(other.join("venv/lib")));
+    assert!(Path::new(field(&listed, "library")).starts_with(tmp.join("venv/lib")));
 }
 
 #[test]
