@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 from setuptools import setup
 from setuptools.command.bdist_wheel import bdist_wheel
@@ -86,7 +86,7 @@ class PlatformWheel(bdist_wheel):
         return "py3", "none", plat
 
 
-def rust_extensions() -> list:  # type: ignore[type-arg]
+def rust_extensions() -> List[Any]:
     if os.environ.get("QDIRTY_PYTHON_SYSTEM_LIB") == "1":
         return []
     from setuptools_rust import Binding, RustExtension, Strip
