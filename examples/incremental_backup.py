@@ -14,7 +14,7 @@
 5. Verifies with `qemu-img compare` (identical) and `qemu-img check`.
 
 Usage: incremental_backup.py [DIR]   (default: a temporary directory)
-Needs qemu-img and qemu-io; QDIRTY_LIB may point to libqdirty.so.
+Needs qemu-img, qemu-io and the qdirty package (`pip install ./python`).
 """
 
 import os
@@ -22,31 +22,28 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from typing import Iterable, Tuple
 
-try:
-    import qdirty
-except ImportError:  # running from the repository
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-    import qdirty
+import qdirty
 
 SIZE = 64 << 20
 BITMAP = "backup-inc"
 
 
-def run(cwd, *args):
+def run(cwd: str, *args: str) -> str:
     r = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
     return r.stdout
 
 
-def guest_write(cwd, offset, length, pattern):
+def guest_write(cwd: str, offset: int, length: int, pattern: str) -> None:
     """The guest writes through QEMU's qcow2 driver (qdirty does not have the image open, so
     QEMU marks the persistent bitmap itself)."""
     run(cwd, "qemu-io", "-f", "qcow2", "-c", f"write -P {pattern} {offset} {length}", "disk.qcow2")
 
 
-def copy_extents(src, dst, extents):
+def copy_extents(src: str, dst: str, extents: Iterable[Tuple[int, int]]) -> int:
     copied = 0
     with open(src, "rb") as fi, open(dst, "r+b") as fo:
         for offset, length in extents:
@@ -60,7 +57,7 @@ def copy_extents(src, dst, extents):
     return copied
 
 
-def main(workdir):
+def main(workdir: str) -> int:
     disk, raw, backup = (os.path.join(workdir, n) for n in ("disk.qcow2", "disk.raw", "backup.raw"))
     for p in (disk, raw, backup):
         if os.path.exists(p):

@@ -18,8 +18,11 @@ Public names: :class:`Image`, :class:`Bitmap`, :class:`BitmapInfo`, :class:`Back
 :func:`set_warning_handler`, the ``CHECK_*`` flags of :meth:`Bitmap.check` and the ``QDIRTY_*``
 flags of the C API.
 
-Errors raise :class:`QdirtyError`, which carries the positive ``errno``, the ``message`` and an
-optional ``hint``. Using a closed image, or a bitmap that no longer exists (removed, released,
+Errors raise :class:`QdirtyError`, an ``OSError`` that carries the positive ``errno``, the
+``message`` and an optional ``hint``; for an errno Python maps to a subclass of ``OSError`` it is
+also that subclass (``FileNotFoundError``, ``PermissionError``, ``BlockingIOError`` for an image
+another process uses, ...). Warnings go through Python's :mod:`warnings`
+(:class:`QdirtyWarning`; ``DeprecationWarning`` for ``autoload``). Using a closed image, or a bitmap that no longer exists (removed, released,
 abdicated, reclaimed, or its image closed), raises ``ValueError``: no freed C handle is ever
 passed to the library. Offsets, lengths, sizes, granularities, counts and indices are checked
 before any C call: ``TypeError`` for anything but an integer (``bool`` included), ``ValueError``
@@ -27,15 +30,16 @@ for a negative value or one too large for the C parameter. Reads of bits raise
 :class:`QdirtyError` for a bitmap that is inconsistent, whose data cannot be read, or that is
 gone: an unusable bitmap never reads as clean.
 
-The library is found through ``QDIRTY_LIB``, then the repository's ``target/`` folder, then the
-system library path.
+The package carries libqdirty (``pip install`` builds it from the same sources) and loads that
+copy; ``QDIRTY_LIB`` (a path to a ``libqdirty.so``) overrides it, and a package built without it
+(``QDIRTY_PYTHON_SYSTEM_LIB=1``) loads the installed ``libqdirty.so.0``.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Optional
 
-from . import _ffi
+from . import _warn
 from ._bitmap import (
     CHECK_ALLOW_RO,
     CHECK_BUSY,
@@ -46,7 +50,8 @@ from ._bitmap import (
     Bitmap,
     DirtyIterator,
 )
-from ._common import QdirtyError, lib as _lib
+from ._common import lib as _lib
+from ._errors import QdirtyError
 from ._ffi import (
     QDIRTY_BITMAP_AUTOLOAD,
     QDIRTY_BITMAP_DISABLED,
@@ -62,6 +67,7 @@ from ._ffi import (
 )
 from ._image import BitmapInfo, BrokenBitmap, Image, StoreSpace, drop_bitmaps_extension
 from ._txn import Transaction
+from ._warn import QdirtyWarning
 
 __all__ = [
     "Backup",
@@ -72,6 +78,7 @@ __all__ = [
     "Image",
     "StoreSpace",
     "QdirtyError",
+    "QdirtyWarning",
     "Transaction",
     "set_warning_handler",
     "version",
@@ -98,30 +105,19 @@ __all__ = [
 
 def version() -> str:
     """The version of the loaded libqdirty, e.g. "0.1.0"."""
-    return _lib.qdirty_version().decode()
+    return str(_lib.qdirty_version().decode())
 
 
 __version__ = version()
 
-_warning_callback: Optional[object] = None
-
-
 def set_warning_handler(handler: Optional[Callable[[str], None]]) -> None:
     """Sends qdirty's warnings (e.g. "Autoload option is deprecated and its value is ignored")
-    to ``handler(message)``; None restores the default (stderr, "qdirty: warning: ...").
+    to ``handler(message)``; None restores the default: Python's :mod:`warnings`, with
+    ``DeprecationWarning`` for the autoload deprecation and :class:`QdirtyWarning` for the
+    others.
 
-    The handler runs on the thread that called into qdirty, with an image locked, and must not
-    call qdirty itself. Exceptions it raises are printed and ignored.
+    The handler is called when the call of the package that produced the warning ends (or, for
+    a direct call of the C functions, while the library runs, with an image locked: it must not
+    call qdirty then). An exception it raises is raised by that call.
     """
-    global _warning_callback
-    if handler is None:
-        _lib.qdirty_set_warning_handler(_ffi.WARNING_FN(), None)
-        _warning_callback = None
-        return
-
-    def trampoline(message: Optional[bytes], _opaque: object) -> None:
-        handler((message or b"").decode("utf-8", "replace"))
-
-    cb = _ffi.WARNING_FN(trampoline)
-    _lib.qdirty_set_warning_handler(cb, None)
-    _warning_callback = cb  # keep it alive while the library may call it
+    _warn.set_handler(handler)

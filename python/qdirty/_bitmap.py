@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Tuple, Type
 from . import _ffi
 from ._common import U64_MAX, QdirtyError, addr, check_ptr, check_rc, lib, uint
 from ._state import ImageState
+from ._warn import public
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._image import Image
@@ -27,6 +28,7 @@ CHECK_DEFAULT = _ffi.QDIRTY_CHECK_DEFAULT
 CHECK_ALLOW_RO = _ffi.QDIRTY_CHECK_ALLOW_RO
 
 
+@public
 class Backup:
     """The bits a bitmap had before :meth:`Bitmap.clear_with_backup` or
     :meth:`Bitmap.merge` changed them (QEMU's HBitmap backup).
@@ -72,6 +74,7 @@ def _free_iter(state: ImageState, key: int) -> None:
         lib.qdirty_iter_free(h)
 
 
+@public
 class DirtyIterator:
     """An iterator over the dirty granules of a bitmap (QEMU's ``BdrvDirtyBitmapIter``),
     yielding the offset of each dirty granule in increasing order.
@@ -139,6 +142,7 @@ class DirtyIterator:
         self.close()
 
 
+@public
 class Bitmap:
     """A dirty bitmap of an :class:`~qdirty.Image`. Obtained from the image (or a transaction),
     never created directly; the same C bitmap always gives the same Bitmap object while it is

@@ -6,9 +6,10 @@ import ctypes
 import errno as _errno
 import operator
 import os
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NoReturn, Optional, Union
 
 from . import _ffi
+from ._errors import QdirtyError as QdirtyError, clean_message
 
 lib = _ffi.lib
 U64_MAX = (1 << 64) - 1
@@ -16,29 +17,6 @@ U32_MAX = (1 << 32) - 1
 
 Name = Union[str, bytes]
 PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
-
-
-class QdirtyError(Exception):
-    """A qdirty call failed.
-
-    Attributes:
-        errno: the positive errno (``errno.EINVAL``, ``errno.ENOENT``, ...).
-        message: the library's message (QEMU's wording where QEMU has one).
-        hint: a hint that may help fixing the problem, or None.
-    """
-
-    def __init__(self, errno: int, message: str, hint: Optional[str] = None) -> None:
-        super().__init__(errno, message)
-        self.errno = errno
-        self.message = message
-        self.hint = hint
-
-    def __str__(self) -> str:
-        name = _errno.errorcode.get(self.errno, str(self.errno))
-        text = f"[{name}] {self.message}"
-        if self.hint:
-            text += f" ({self.hint})"
-        return text
 
 
 class _ExcSource:
@@ -52,7 +30,7 @@ def take_error(err: Any, fallback_errno: int) -> QdirtyError:
     if not err:
         return QdirtyError(fallback_errno, os.strerror(fallback_errno))
     try:
-        message = (lib.qdirty_error_message(err) or b"").decode("utf-8", "replace")
+        message = clean_message((lib.qdirty_error_message(err) or b"").decode("utf-8", "replace"))
         hint_b = lib.qdirty_error_hint(err)
         hint = hint_b.decode("utf-8", "replace") if hint_b is not None else None
         code = lib.qdirty_error_errno(err) or fallback_errno
@@ -61,7 +39,7 @@ def take_error(err: Any, fallback_errno: int) -> QdirtyError:
     return QdirtyError(code, message, hint)
 
 
-def _raise(err: QdirtyError, io: Optional[_ExcSource]) -> None:
+def _raise(err: QdirtyError, io: Optional[_ExcSource]) -> NoReturn:
     cause = None
     if io is not None and io.exc is not None:
         cause, io.exc = io.exc, None

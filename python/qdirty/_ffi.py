@@ -1,11 +1,13 @@
 """Loading libqdirty and declaring every exported function (the one prototype table).
 
-The library is found through, in order:
+The library loaded is, in order:
 
-1. the ``QDIRTY_LIB`` environment variable (a path to ``libqdirty.so``);
-2. the repository's build folder relative to this package: ``target/debug`` then
-   ``target/release`` (also ``$CARGO_TARGET_DIR``);
-3. ``ctypes.util.find_library("qdirty")``.
+1. ``QDIRTY_LIB`` when it is set (a path to a ``libqdirty.so``): an explicit override, and an
+   error when that file does not exist;
+2. the library shipped inside this package (``_libqdirty*.so``, which the wheel's build makes
+   from the same sources);
+3. only for a package built without it (``QDIRTY_PYTHON_SYSTEM_LIB=1``): the installed
+   ``libqdirty.so.N`` (:data:`SONAME`), found by the dynamic loader.
 
 ``tests/test_ffi_table.py`` checks that ``PROTOTYPES`` declares exactly the functions of
 ``include/qdirty.h``: undeclared ``restype``/``argtypes`` default to C ``int`` and truncate
@@ -15,7 +17,6 @@ The library is found through, in order:
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 from ctypes import (
@@ -32,6 +33,8 @@ from ctypes import (
 )
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from ._errors import QdirtyError
 
 
 class _Image(ctypes.Structure):
@@ -244,44 +247,34 @@ QDIRTY_CHECK_DEFAULT = 7
 QDIRTY_CHECK_ALLOW_RO = 5
 
 
-def _candidates() -> List[Path]:
-    out: List[Path] = []
-    env = os.environ.get("QDIRTY_LIB")
-    if env:
-        out.append(Path(env))
-        return out
-    repo = Path(__file__).resolve().parent.parent.parent
-    targets = []
-    if os.environ.get("CARGO_TARGET_DIR"):
-        targets.append(Path(os.environ["CARGO_TARGET_DIR"]))
-    targets.append(repo / "target")
-    for t in targets:
-        for profile in ("debug", "release"):
-            out.append(t / profile / "libqdirty.so")
-    return out
+#: The soname of the C library this package was written for: ``libqdirty.so.<ABI major>``
+#: (``QDIRTY_ABI_MAJOR`` in the C header; a test checks they agree).
+SONAME = "libqdirty.so.0"
+
+
+def bundled_library() -> Optional[Path]:
+    """The library shipped inside this package, or None for a package built without it."""
+    found = sorted(Path(__file__).resolve().parent.glob("_libqdirty*.so"))
+    return found[0] if found else None
 
 
 def find_library() -> str:
-    """The path (or name) of libqdirty to load."""
-    for p in _candidates():
-        if p.is_file():
-            return str(p)
-    if os.environ.get("QDIRTY_LIB"):
-        raise ImportError(f"QDIRTY_LIB={os.environ['QDIRTY_LIB']} does not exist")
-    name = ctypes.util.find_library("qdirty")
-    if name:
-        return name
-    raise ImportError(
-        "libqdirty not found: set QDIRTY_LIB, or build it with `cargo build` in the repository"
-    )
+    """The path (or, for an installed library, the soname) of the libqdirty to load."""
+    env = os.environ.get("QDIRTY_LIB")
+    if env:
+        if not Path(env).is_file():
+            raise ImportError(f"QDIRTY_LIB={env} does not exist")
+        return env
+    bundled = bundled_library()
+    if bundled is not None:
+        return str(bundled)
+    return SONAME
 
 
 def _missing(name: str, path: str) -> Callable[..., Any]:
     """Stands for a function the loaded library lacks: fails when called, naming it."""
 
     def call(*_args: Any, **_kwargs: Any) -> Any:
-        from ._common import QdirtyError  # imports this module: not at load time
-
         raise QdirtyError(
             errno.ENOSYS,
             f"{name} is not in {path}: this libqdirty is older than the qdirty package "
@@ -297,7 +290,15 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
     build) does not fail the load: it is listed in the library's ``qdirty_missing`` and raises
     :class:`~qdirty.QdirtyError` (ENOSYS, naming it and the library) when called."""
     path = path or find_library()
-    lib = ctypes.CDLL(path)
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as e:
+        if path == SONAME:
+            raise ImportError(
+                f"this qdirty package was built without libqdirty and {SONAME} cannot be "
+                f"loaded ({e}): install libqdirty, or set QDIRTY_LIB to a libqdirty.so"
+            ) from e
+        raise ImportError(f"cannot load libqdirty from {path}: {e}") from e
     missing: List[str] = []
     for name, (restype, argtypes) in PROTOTYPES.items():
         try:
@@ -308,8 +309,10 @@ def load(path: Optional[str] = None) -> ctypes.CDLL:
             continue
         fn.restype = restype
         fn.argtypes = argtypes
-    lib.qdirty_missing = missing
+    setattr(lib, "qdirty_missing", missing)
     return lib
 
 
-lib = load()
+library_path = find_library()
+"""What was loaded: ``QDIRTY_LIB``, the bundled library's path, or :data:`SONAME`."""
+lib = load(library_path)

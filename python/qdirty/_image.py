@@ -24,16 +24,20 @@ from ._common import (
 )
 from ._io import IoAdapter
 from ._state import ImageState, finalize_image
+from ._warn import AUTOLOAD_WARNING, api, emit, public
 
 
 def bitmap_flags(persistent: bool, disabled: bool, autoload: Optional[bool]) -> int:
+    """The flags of a new bitmap. ``autoload`` (QEMU's deprecated option) is warned about here,
+    before anything is done (so that ``-W error`` stops the call), and not passed on: the
+    library would ignore it, and warn a second time."""
     flags = 0
     if persistent:
         flags |= _ffi.QDIRTY_BITMAP_PERSISTENT
     if disabled:
         flags |= _ffi.QDIRTY_BITMAP_DISABLED
     if autoload is not None:
-        flags |= _ffi.QDIRTY_BITMAP_AUTOLOAD
+        emit(AUTOLOAD_WARNING)
     return flags
 
 
@@ -70,6 +74,7 @@ class BrokenBitmap:
         return s
 
 
+@api
 def drop_bitmaps_extension(path: PathLike) -> bool:
     """Drops the whole bitmaps extension of the image file at ``path`` (one header write that
     removes it and clears autoclear bit 0, QEMU's rule for programs without bitmap support),
@@ -102,6 +107,7 @@ class BitmapInfo:
     inconsistent: bool
 
 
+@public
 class Image:
     """An open image and its dirty bitmaps: a qcow2 file (:meth:`open`), a standalone image
     with no file (:meth:`new_memory`), or a qcow2 file whose I/O a host provides

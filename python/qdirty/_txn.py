@@ -11,10 +11,12 @@ from ._bitmap import Bitmap
 from ._common import Name, QdirtyError, check_ptr, check_rc, encode_name, lib, take_error, uint
 from ._image import Image, bitmap_flags
 from ._state import TxnState, finalize_txn
+from ._warn import public
 
 Target = Union[Image, Bitmap]
 
 
+@public
 class Transaction:
     """A transaction. Each action (:meth:`add`, :meth:`clear`, :meth:`enable`,
     :meth:`disable`, :meth:`merge`, :meth:`remove`) takes effect at once and raises on its own;

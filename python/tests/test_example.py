@@ -7,14 +7,18 @@ import unittest
 
 from _util import TempDirTest, require_tool
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples", "incremental_backup.py")
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXAMPLE = os.path.join(HERE, "..", "..", "examples", "incremental_backup.py")
+PACKAGE_DIR = os.path.join(HERE, "..")
 
 
 class ExampleTest(TempDirTest):
     def test_incremental_backup(self):
         for tool in ("qemu-img", "qemu-io"):
             require_tool(self, tool)
-        r = subprocess.run([sys.executable, EXAMPLE, self.dir], capture_output=True, text=True)
+        # The example imports the installed package; here, the one of this source tree.
+        env = dict(os.environ, PYTHONPATH=PACKAGE_DIR)
+        r = subprocess.run([sys.executable, EXAMPLE, self.dir], capture_output=True, text=True, env=env)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         self.assertIn("Images are identical.", r.stdout)
         self.assertIn("262144 bytes copied of 67108864", r.stdout)

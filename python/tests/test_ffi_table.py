@@ -121,6 +121,11 @@ class PrototypeTableTest(unittest.TestCase):
         self.assertEqual([n for n, _ in _ffi.Extent._fields_], ["offset", "length"])
         self.assertEqual(ctypes.sizeof(_ffi.Extent), 16)
 
+    def test_soname_matches_header(self):
+        m = re.search(r"#define QDIRTY_ABI_MAJOR (\d+)", read_header())
+        self.assertIsNotNone(m, "QDIRTY_ABI_MAJOR is not in the header")
+        self.assertEqual(_ffi.SONAME, f"libqdirty.so.{m.group(1)}")
+
     def test_flags_match_header(self):
         text = read_header()
         for flag in ("QDIRTY_OPEN_RDWR", "QDIRTY_BITMAP_PERSISTENT", "QDIRTY_BITMAP_DISABLED",
