@@ -1,5 +1,5 @@
 //! I/O benchmark (not a test): `cargo bench --bench io`. qdirty and QEMU's tools on the same
-//! images, in the same run, alternately (issue 6, "Benchmarks").
+//! images, in the same run, alternately (BENCHMARKS.md, I/O).
 //!
 //! Images (built in a temporary directory next to the build, sparse, deleted at the end):
 //! - (a) 16 TiB virtual, 8 enabled bitmaps at 64 KiB, 1% dirty in random 1 MiB extents: made
@@ -924,7 +924,7 @@ fn sections(b: &mut Bench, tools: &Tools, im: &Images, dir: &Path) {
         );
         let plain = dir.join("plain.bin");
         // Cold: the file was dropped from the page cache first (posix_fadvise DONTNEED, after
-        // a sync); warm: read again right after (as in field-notes §5.1), so on both sides the
+        // a sync); warm: read again right after, so on both sides the
         // page cache holds pages that the same kind of sequential read brought in. (Read warm
         // straight after the plain write, the plain file sat in the large folios of its 1 MiB
         // writes while the image held QEMU's cluster writes: 5-10% faster to copy, unrelated

@@ -1,10 +1,10 @@
-//! Crash consistency by fault injection (issue 7): every write and flush of each operation is a
-//! crash point, with several fates for the writes not yet flushed and 512-byte tearing of the
-//! write in progress (`qdirty::image::fault`). Every crash state must reopen in qdirty
-//! (read-only and read-write), pass qdirty's check and `qemu-img check` (no corruption; leaks
-//! only in clusters the operation allocated or freed, and `-r leaks` cleans them), and every
-//! bitmap must have its old content, its new content, or be in_use: never wrong bits that
-//! claim to be consistent. Expected contents are computed from the test's own model.
+//! Crash consistency by fault injection (docs/crash-safety.md, 'Crash enumeration'): every write
+//! and flush of each operation is a crash point, with several fates for the writes not yet flushed
+//! and 512-byte tearing of the write in progress (`qdirty::image::fault`). Every crash state must
+//! reopen in qdirty (read-only and read-write), pass qdirty's check and `qemu-img check` (no
+//! corruption; leaks only in clusters the operation allocated or freed, and `-r leaks` cleans
+//! them), and every bitmap must have its old content, its new content, or be in_use: never wrong
+//! bits that claim to be consistent. Expected contents are computed from the test's own model.
 //!
 //! `qemu-img check` runs on every state when QDIRTY_CRASH_FULL=1 (CI) and on a deterministic
 //! subset (every 7th state, first and last) otherwise; qdirty's own checks run on all states.
@@ -605,7 +605,7 @@ fn add_first(name: &'static str, dir: TempDir, base: Vec<u8>, size: u64) {
 }
 
 /// The first persistent bitmap: the extension appears (64 KiB clusters: header at 504, data
-/// at 512, the torn-header case of issue 7).
+/// at 512; docs/crash-safety.md, 'Cluster-0 torn writes').
 #[test]
 fn crash_add_first_bitmap() {
     let dir = TempDir::new("crash_add");

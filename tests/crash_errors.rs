@@ -1,7 +1,8 @@
-//! Storage errors at every point (issue 7): EIO on every read, write and flush (once, or from
-//! then on), ENOSPC from a full file system. Each gives an error that names what was being done,
-//! leaves an image that qdirty and QEMU open without corruption, and (store_bitmaps) leaves the
-//! in-memory bitmaps usable: after the fault is gone, the same image object stores them.
+//! Storage errors at every point (docs/crash-safety.md, 'Storage errors'): EIO on every read, write
+//! and flush (once, or from then on), ENOSPC from a full file system. Each gives an error that
+//! names what was being done, leaves an image that qdirty and QEMU open without corruption, and
+//! (store_bitmaps) leaves the in-memory bitmaps usable: after the fault is gone, the same image
+//! object stores them.
 
 mod common;
 

@@ -1,6 +1,6 @@
-//! Hostile images (issue 7): a corpus of malformed qcow2 images, one per validation of
-//! qcow2-format.md §1.1-1.2 (header), §2.1/§4.1 (extensions), §3.1 (refcount structures),
-//! §4.5-4.6 (bitmap directory) and §4.3 (bitmap tables).
+//! Hostile images: a corpus of malformed qcow2 images, one per validation of the header, the
+//! extensions, the bitmap directory, the bitmap tables (docs/format.md, 'Checks when loading')
+//! and the refcount structures (docs/format.md, 'Refcounts and allocation').
 //!
 //! Every image is made from a valid base image by patching bytes; each mutation is documented in
 //! `mutations()`. There are two bases: one made by QEMU (`qemu-img create` + `qemu-img bitmap
@@ -346,7 +346,7 @@ fn mutations() -> Vec<Mutation> {
     use Qemu::*;
     let e = |l: &Layout, i: usize| by(l, i).pos;
     vec![
-        // ---- header (§1.1, §1.2) ----
+        // ---- header (docs/format.md, 'Checks when loading', steps 1, 3, 7) ----
         m(
             "header",
             "magic",
@@ -609,7 +609,7 @@ fn mutations() -> Vec<Mutation> {
             Opens,
             |b, _| b[79] |= 0x01,
         ),
-        // ---- extensions (§2.1, §4.1) ----
+        // ---- extensions and reading the directory (steps 2, 5, 6) ----
         m(
             "extension",
             "ext-length-overflow",
@@ -742,7 +742,7 @@ fn mutations() -> Vec<Mutation> {
             Refuses("More bitmaps found than specified in header extension"),
             |b, l| put64(b, l.bitmaps_ext + 16, 67_107_840),
         ),
-        // ---- directory (§4.6) ----
+        // ---- directory (step 6) ----
         m(
             "directory",
             "less-bitmaps",
@@ -973,7 +973,7 @@ fn mutations() -> Vec<Mutation> {
             Refuses("Bitmap already exists: b0"),
             move |b, l| b[e(l, 1) + 25] = b'0',
         ),
-        // ---- tables (§4.3, §4.6 load_bitmap) ----
+        // ---- tables (step 8) ----
         m(
             "table",
             "table-entry-reserved",
@@ -1046,7 +1046,8 @@ fn mutations() -> Vec<Mutation> {
                 put64(b, p, 1 << 40)
             },
         ),
-        // ---- refcount structures (§3.1): found when qdirty allocates ----
+        // ---- refcount structures (docs/format.md, 'Refcounts and allocation'): found when
+        // qdirty allocates ----
         m(
             "refcount",
             "reftable-reserved-bits",

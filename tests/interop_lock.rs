@@ -1,4 +1,5 @@
-//! Image locking against QEMU's own tools, both directions (qcow2-format.md §7): qdirty takes
+//! Image locking against QEMU's own tools, both directions (docs/format.md, 'Image locking'):
+//! qdirty takes
 //! the same shared OFD locks and conflict probes as QEMU, so neither writes an image the other
 //! is using.
 

@@ -1,7 +1,8 @@
-//! The I/O path (issue 6): lazy loading gives the same bits as eager loading and as QEMU;
-//! incremental stores write only what changed and keep `qemu-img check` clean over hundreds of
-//! random sessions; a full filesystem (injected ENOSPC, and a small tmpfs) during store leaves
-//! the old bitmaps readable by QEMU and the in-memory ones intact.
+//! The I/O path (docs/design.md, 'Lazy loading' and 'The incremental store'): lazy loading gives
+//! the same bits as eager loading and as QEMU; incremental stores write only what changed and keep
+//! `qemu-img check` clean over hundreds of random sessions; a full filesystem (injected ENOSPC, and
+//! a small tmpfs) during store leaves the old bitmaps readable by QEMU and the in-memory ones
+//! intact.
 
 mod common;
 

@@ -1,4 +1,5 @@
-//! The in-memory mirror of QEMU's dirty-bitmap layer (dirty-bitmap-api.md §1–§4), checked
+//! The in-memory mirror of QEMU's dirty-bitmap layer (docs/design.md, 'QEMU's bitmap state
+//! model'; include/qdirty.h), checked
 //! without QEMU against independent models: a per-granule `Vec<bool>` for the bits, an
 //! independent SHA-256 for `x-debug-block-dirty-bitmap-sha256`, and a state model for the flags
 //! (successor protocol, busy/readonly/inconsistent checks, recording), transactions and
@@ -412,7 +413,7 @@ fn readonly_semantics() {
 }
 
 // ------------------------------------------------------------------------------------------
-// Successor protocol (§2.4)
+// Successor protocol
 // ------------------------------------------------------------------------------------------
 
 #[test]
@@ -861,7 +862,7 @@ fn clear_and_merge_with_backup_restore_exactly() {
 }
 
 // ------------------------------------------------------------------------------------------
-// Serialization (§3.7) and sha256 (§3.8)
+// Serialization and sha256
 // ------------------------------------------------------------------------------------------
 
 #[test]
@@ -1156,7 +1157,7 @@ fn standalone_image_does_everything_but_persistence() {
 }
 
 // ------------------------------------------------------------------------------------------
-// Transactions (§4.4)
+// Transactions
 // ------------------------------------------------------------------------------------------
 
 /// Everything observable about an image's bitmaps, in list order.

@@ -1,4 +1,4 @@
-//! Salvage (issue 7): QEMU-made images with one bitmap directory entry or table broken so that
+//! Salvage: QEMU-made images with one bitmap directory entry or table broken so that
 //! QEMU refuses the whole image. qdirty's normal open refuses them with the same reason; a
 //! salvage open lists the broken bitmaps with their reasons and loads the valid ones with the
 //! bits nbdinfo showed before the damage; removing the broken ones makes QEMU open the image

@@ -38,8 +38,8 @@
 //! chunk through the chunk summaries (at most three word reads), then jumps with the `nonempty`
 //! (`notfull`) tower to the next chunk that can contain one, in O(levels) word reads whatever
 //! the distance — so both next_dirty in a sparse bitmap and next_zero in a full one are O(1)-ish,
-//! and a fully dirty region is skipped in one step (QEMU's linear next_zero is the pathology of
-//! field-notes P3).
+//! and a fully dirty region is skipped in one step (QEMU's HBitmap summarizes only "non-zero",
+//! so its next_zero scans a dirty region word by word).
 //!
 //! The total dirty count is maintained incrementally (popcount of changed bits), so `count` and
 //! `is_empty` are O(1). Updates of whole chunks (set/reset/merge/deserialize covering a chunk)
@@ -2966,7 +2966,7 @@ mod tests {
         assert_eq!(dst.dirty_granules(), src.dirty_granules());
     }
 
-    /// The memory targets of issue 5 (16 TiB at 64 KiB): behaviour, not timing.
+    /// Memory follows the dirt on a 16 TiB disk at 64 KiB granularity: behaviour, not timing.
     #[test]
     fn memory_follows_the_dirt() {
         let size = 16u64 << 40;

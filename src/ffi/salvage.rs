@@ -1,4 +1,4 @@
-//! Salvage (issue 7): listing and removing broken bitmaps of an image opened with
+//! Salvage: listing and removing broken bitmaps of an image opened with
 //! QDIRTY_OPEN_SALVAGE, and dropping the whole bitmaps extension of an image whose directory is
 //! broken as a whole.
 

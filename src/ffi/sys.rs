@@ -1,6 +1,6 @@
 //! Safe wrappers of the few operating-system calls qdirty needs beyond std (the other direction
 //! of the foreign function interface): Linux open-file-description byte-range locks, as QEMU's
-//! file-posix driver uses them (qcow2-format.md §7).
+//! file-posix driver uses them (docs/format.md, 'Image locking').
 
 use std::fs::File;
 use std::io;

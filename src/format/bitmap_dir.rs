@@ -1,4 +1,5 @@
-//! The bitmap directory (qcow2-format.md §4.2, §4.6): entries, QEMU's checks, encoding.
+//! The bitmap directory (docs/format.md, 'Bitmap directory' and 'Checks when loading'): entries,
+//! QEMU's checks, encoding.
 //!
 //! Messages start with QEMU's text and then name the field and the bad value (qdirty's rule),
 //! e.g. "Bitmap 'b1' doesn't satisfy the constraints: granularity_bits 40 is outside 9..31".
@@ -73,7 +74,8 @@ impl BitmapDirEntry {
     pub fn qemu_name(&self) -> &[u8] {
         self.name.split(|&c| c == 0).next().unwrap_or(&[])
     }
-    /// QEMU's check_dir_entry: the per-entry constraints of §4.6 step 2. On failure the error is
+    /// QEMU's check_dir_entry: the per-entry constraints (docs/format.md, 'Checks when loading',
+    /// step 6). On failure the error is
     /// `Error::InvalidImage("Bitmap 'NAME' doesn't satisfy the constraints: <field> <value> ...")`.
     ///
     /// Checked in QEMU's order: table_size != 0, table_offset != 0, table_offset cluster aligned,
@@ -172,7 +174,8 @@ impl BitmapDirEntry {
     }
 }
 
-/// Parses and validates a whole directory (§4.6 steps 1-3, QEMU's order and messages), including
+/// Parses and validates a whole directory (docs/format.md, 'Checks when loading', step 6: QEMU's
+/// order and messages), including
 /// duplicate names ("Bitmap already exists: NAME"). `buf.len()` is the directory size.
 ///
 /// Like QEMU, a later entry whose name equals an earlier one is only an error when it is not
@@ -421,7 +424,8 @@ mod tests {
 
     #[test]
     fn qemu_example_entry_bytes() {
-        // qcow2-format.md §4.2: "b1", enabled, granularity 64 KiB, table at 0x40000.
+        // The bytes `qemu-img bitmap --add` writes for "b1" on a new 64 MiB image with 64 KiB
+        // clusters: table at 0x40000, table_size 1, flags auto, type 1, granularity_bits 16.
         let e = entry(b"b1", 0x40000);
         let mut out = Vec::new();
         e.encode_into(&mut out);

@@ -1,4 +1,4 @@
-//! Bitmap table entries (qcow2-format.md §4.3, §4.4).
+//! Bitmap table entries (docs/format.md, 'Bitmap table' and 'Bitmap data').
 
 use crate::error::{Error, Result};
 use crate::format::be::get_u64;
@@ -247,7 +247,8 @@ mod tests {
         assert_eq!(table_size_for(40 * G, 10, 64 * K), 80);
         assert_eq!(table_size_for(4096 * G, 10, 64 * K), 8192);
         assert_eq!(table_size_for(G, 12, 512), 64);
-        // 100 MiB, 512 B granularity, 4 KiB clusters: 7 (qcow2-format.md §4.4)
+        // 100 MiB, 512 B granularity, 4 KiB clusters: each entry covers 4096 * 8 * 512 = 16 MiB,
+        // so 7 entries.
         assert_eq!(table_size_for(100 * M, 9, 4096), 7);
         assert_eq!(table_size_for(0, 16, 65536), 0);
         assert_eq!(table_size_for(1, 16, 65536), 1);

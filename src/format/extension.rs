@@ -1,5 +1,5 @@
-//! Header extensions (qcow2-format.md §2): parse the area after the header, and rebuild the whole
-//! cluster 0 the way QEMU's qcow2_update_header does.
+//! Header extensions (docs/format.md, 'Header extensions'): parse the area after the header, and
+//! rebuild the whole cluster 0 the way QEMU's qcow2_update_header does.
 
 use std::borrow::Cow;
 
@@ -26,7 +26,7 @@ pub const EXT_CRYPTO: u32 = 0x0537_BE77;
 /// Magic of the external data file name extension.
 pub const EXT_DATA_FILE: u32 = 0x4441_5441;
 
-/// The 24 bytes of the bitmaps extension (qcow2-format.md §4.1).
+/// The 24 bytes of the bitmaps extension (docs/format.md, 'The bitmaps extension').
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BitmapsExt {
     /// Number of directory entries.
@@ -377,11 +377,12 @@ fn c_str(b: &[u8]) -> &[u8] {
     b.split(|&c| c == 0).next().unwrap_or(&[])
 }
 
-/// Builds the whole first cluster exactly as QEMU's qcow2_update_header would (qcow2-format.md
-/// §2.3): fixed header (v3: header_length = 112 + unknown fields), unknown header fields,
-/// backing format, data file name, crypto pointer, a regenerated feature name table (v3 and
-/// cluster size > 4096 only), the bitmaps extension if `exts.bitmaps` is Some, unknown extensions,
-/// end marker, backing file name (backing_file_offset/size in the result point at it). Returns
+/// Builds the whole first cluster exactly as QEMU's qcow2_update_header would (docs/format.md,
+/// 'Placement when qdirty writes cluster 0'): fixed header (v3: header_length = 112 + unknown
+/// fields), unknown header fields, backing format, data file name, crypto pointer, a regenerated
+/// feature name table (v3 and cluster size > 4096 only), the bitmaps extension if `exts.bitmaps`
+/// is Some, unknown extensions, end marker, backing file name (backing_file_offset/size in the
+/// result point at it). Returns
 /// `Error::NoSpace` when it does not fit in one cluster. Only v3 headers are encoded.
 ///
 /// QEMU details reproduced: the size field is written rounded down to a multiple of 512 (QEMU

@@ -1,4 +1,5 @@
-//! The qcow2 header (qcow2-format.md §1): parse, validate, encode.
+//! The qcow2 header (docs/format.md, 'Header' and 'Feature bits'; QEMU's docs/interop/qcow2.txt):
+//! parse, validate, encode.
 //!
 //! [`Header::parse`] runs the open-time checks QEMU's `qcow2_do_open` makes on the header itself,
 //! in QEMU's order and with QEMU's messages, except the unknown-incompatible-feature check: QEMU

@@ -1,4 +1,4 @@
-//! Refcount table and refcount block entries (qcow2-format.md §3.1).
+//! Refcount table and refcount block entries (docs/format.md, 'Refcounts and allocation').
 //!
 //! Widths of 1..64 bits (refcount_order 0..6). Entries of 8 bits and more are big-endian
 //! integers of width/8 bytes; narrower entries are packed LSB-first inside each byte (entry i

@@ -973,7 +973,7 @@ fn qemu_default_64k() {
     );
     let b = p.exts.bitmaps.unwrap();
     assert_eq!((b.nb_bitmaps, b.bitmap_directory_size), (1, 32));
-    // qcow2-format.md §2.3 offsets
+    // After the 112-byte header and QEMU's 8-entry feature name table: 112 + 8 + 8 * 48 = 0x1F8.
     assert_eq!(crate::format::be::get_u32(p.cluster0(), 0x1F8), EXT_BITMAPS);
 }
 
@@ -1043,7 +1043,8 @@ fn qemu_backing_file() {
         assert_eq!(p.exts.backing_format.as_deref(), Some(&b"qcow2"[..]));
         assert_eq!(p.header.backing_file_size, 10);
         if cs == "4096" {
-            // qcow2-format.md §2.3: backing-format ext at 0x70, bitmaps at 0x80, end at 0xA0, name at 0xA8
+            // No feature name table with 4 KiB clusters: backing format at 0x70 (8 + 8 bytes),
+            // bitmaps at 0x80 (8 + 24), end marker at 0xA0, name at 0xA8.
             assert_eq!(p.header.backing_file_offset, 0xA8);
         }
     }
@@ -1156,7 +1157,9 @@ fn qemu_feature_shapes() {
 
 #[test]
 fn qemu_backing_name_no_space() {
-    // qcow2-format.md §2.2: 512-byte clusters, a 353-character backing name, one bitmap: ENOSPC.
+    // 512-byte clusters, a 353-character backing name, one bitmap: the header would need
+    // 112 + 16 (backing format) + 32 (bitmaps) + 8 (end) + 353 = 521 bytes, so QEMU's store fails
+    // with ENOSPC.
     if !have_qemu("nospace") {
         return;
     }

@@ -1,5 +1,5 @@
-//! Cluster allocation and freeing through the qcow2 refcount structures
-//! (qcow2-format.md §3, the algorithm of §3.5).
+//! Cluster allocation and freeing through the qcow2 refcount structures (docs/format.md,
+//! 'Refcounts and allocation').
 //!
 //! Allocation is first-fit from the lowest free cluster, as QEMU does (the hint restarts at 0 on
 //! every open). New refcount blocks and a grown refcount table are written before anything points
@@ -259,7 +259,8 @@ impl Refcounts {
         }
     }
 
-    /// Creates the refcount block for table index `bi` (qcow2-format.md §3.5 create_refblock).
+    /// Creates the refcount block for table index `bi`: written and flushed before the table
+    /// entry that points at it.
     fn create_block(&mut self, storage: &mut dyn Storage, bi: u64, guard: Guard<'_>) -> Result<()> {
         let epb = self.entries_per_block;
         let cs = self.cluster_size();
@@ -308,8 +309,8 @@ impl Refcounts {
         }
     }
 
-    /// Grows the refcount table so that it has an entry for block index `need`
-    /// (qcow2-format.md §3.5 grow_reftable): new self-describing blocks and the new table are
+    /// Grows the refcount table so that it has an entry for block index `need`: new
+    /// self-describing blocks and the new table are
     /// placed after everything in use, written and flushed, then the header is switched with
     /// one 12-byte write at offset 48, and the old table is freed.
     fn grow_reftable(

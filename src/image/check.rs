@@ -1,5 +1,5 @@
 //! The refcount part of `qemu-img check`, with the bitmap structures singled out
-//! (QEMU: qcow2_check_refcounts, qcow2_check_bitmaps_refcounts; qcow2-format.md §3.4, §6.6).
+//! (QEMU: qcow2_check_refcounts, qcow2_check_bitmaps_refcounts).
 //!
 //! Leaks and corruptions are counted the way QEMU counts them, over the whole image: every
 //! reference (header, active L1/L2 tables and data clusters incl. compressed and extended-L2

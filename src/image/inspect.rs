@@ -1,5 +1,5 @@
 //! Listing an image without reading bitmap data: the header facts `qemu-img info` shows and the
-//! bitmap directory as it is on disk (QEMU: qcow2_get_bitmap_info_list, qcow2-format.md §6.6).
+//! bitmap directory as it is on disk (QEMU: qcow2_get_bitmap_info_list).
 //!
 //! Unlike [`Image::open`], nothing beyond cluster 0 and the directory is read, so listing is
 //! O(directory) whatever the bitmaps' sizes, and works on images whose bitmaps are in use.

@@ -1,4 +1,5 @@
-//! Loading bitmaps on open (QEMU: qcow2_load_dirty_bitmaps, qcow2-format.md §5, §6.1, §6.2).
+//! Loading bitmaps on open (QEMU: qcow2_load_dirty_bitmaps; docs/format.md, 'Checks when
+//! loading', 'The autoclear bit', 'Loading' and 'In-use marking').
 
 use std::sync::Arc;
 
@@ -361,7 +362,7 @@ impl Disk {
     }
 
     /// Sets in_use on disk for every consistent entry that has a writable in-memory bitmap,
-    /// in place, with QEMU's order (qcow2-format.md §6.2).
+    /// in place, with QEMU's order (docs/format.md, 'In-use marking').
     pub(super) fn mark_in_use(&mut self, set: &BitmapSet) -> Result<()> {
         if self.dir.ext.is_none() {
             return Ok(());
@@ -389,7 +390,7 @@ impl Disk {
     }
 
     /// Rewrites the directory in place with entries that differ only in their flags, with
-    /// QEMU's order (qcow2-format.md §6.2): header with the bitmaps bit clear + flush,
+    /// QEMU's order (docs/format.md, 'In-use marking'): header with the bitmaps bit clear + flush,
     /// directory + flush, header with the bit set + flush. A crash in between leaves the bit
     /// clear (the next opener drops the bitmaps: safe). On failure the old directory and the
     /// bit are put back as far as possible. The directory's clusters must pass the overlap

@@ -1,4 +1,4 @@
-//! Image locking that interoperates with QEMU (qcow2-format.md §7; QEMU's file-posix
+//! Image locking that interoperates with QEMU (docs/format.md, 'Image locking'; QEMU's file-posix
 //! `raw_apply_lock_bytes` / `raw_check_lock_bytes`).
 //!
 //! QEMU marks "I hold permission i" with a shared OFD lock on byte 100 + i and "I do not let

@@ -31,7 +31,7 @@
 //!
 //! 1. one write of the changed sectors (atomic when they are a single sector: a flip of the
 //!    autoclear bit, or a store that only moves the directory, where the 24 data bytes change
-//!    inside sector 1; this is case (i) of issue 7);
+//!    inside sector 1);
 //! 2. tail first: the changed sectors after sector 0, flush, then sector 0. Safe when the old
 //!    header reads no byte that changes after sector 0: the extension appears (the old end
 //!    marker is at 504, inside sector 0);
@@ -485,8 +485,9 @@ mod tests {
         }
     }
 
-    /// Every plan the write takes is safe under any subset of sectors, for the layouts of
-    /// issue 7: the extension appearing and disappearing, with and without a backing file.
+    /// Every plan the write takes is safe under any subset of sectors, for the layouts that tear
+    /// QEMU's single write: the extension appearing and disappearing, with and without a backing
+    /// file.
     #[test]
     fn plans_for_appearing_and_disappearing_extension() {
         let (h, _) = header_64k();

@@ -1,5 +1,5 @@
-//! qcow2 images and their persistent dirty bitmaps, with QEMU's semantics
-//! (qcow2-format.md §5, §6; dirty-bitmap-api.md §2, §4).
+//! qcow2 images and their persistent dirty bitmaps, with QEMU's semantics (docs/format.md,
+//! 'Loading' to 'Removal').
 //!
 //! An [`Image`] owns its storage, the header in memory, the refcounts (read-write opens only),
 //! the bitmap directory as it is on disk, and the in-memory bitmaps (newest first, as QEMU lists

@@ -1,5 +1,5 @@
 //! The metadata overlap check for what qdirty writes and frees (QEMU: the qcow2 driver's
-//! `overlap-check`, qcow2_check_metadata_overlap; qcow2-format.md §3, §6).
+//! `overlap-check`, qcow2_check_metadata_overlap; docs/crash-safety.md, 'Overlap checks').
 //!
 //! In a corrupt image a bitmap table entry can name a cluster that holds other metadata (the
 //! refcount table, an L1 or L2 table, cluster 0, another bitmap's table), and a host's

@@ -1,5 +1,5 @@
-//! Salvage (issue 7): images whose bitmap directory entries or tables break QEMU's checks
-//! (qcow2-format.md §4.5, §4.6), which QEMU refuses to open at all.
+//! Salvage: images whose bitmap directory entries or tables break QEMU's checks (docs/format.md,
+//! 'Checks when loading'), which QEMU refuses to open at all.
 //!
 //! * [`Image::open_salvage`]: an entry that fails QEMU's per-entry checks (extra data, the
 //!   constraints, a duplicate name) or whose table fails validation or cannot be read does not
@@ -16,7 +16,8 @@
 //! * When the directory as a whole cannot be parsed (extension fields, a directory beyond the
 //!   end of the file, a broken walk, a count mismatch) nothing can be salvaged entry by entry:
 //!   the salvage open fails with [`DROP_HINT`], and [`drop_bitmaps_extension`] is the explicit
-//!   alternative: QEMU's own rule for programs without bitmap support (§5.1), autoclear bit 0
+//!   alternative: QEMU's own rule for programs without bitmap support (docs/format.md, 'The
+//!   autoclear bit'), autoclear bit 0
 //!   cleared and the extension removed in one header write. Every bitmap is lost; the
 //!   directory, tables and data clusters are leaked.
 //!

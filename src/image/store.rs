@@ -1,5 +1,5 @@
 //! Storing bitmaps and removing stored ones (QEMU: qcow2_store_persistent_dirty_bitmaps,
-//! qcow2_co_remove_persistent_dirty_bitmap; qcow2-format.md §6.4, §6.5).
+//! qcow2_co_remove_persistent_dirty_bitmap; docs/format.md, 'Storing' and 'Removal').
 //!
 //! Write order, and what a crash at each point leaves:
 //! 1. new data clusters and tables, 2. the new directory, 3. refcount blocks, then fdatasync:
@@ -9,10 +9,11 @@
 //! 5. only then the old directory, tables and data clusters are freed (refcount decrements,
 //!    written and flushed): a crash before that leaks them, nothing more.
 //!
-//! Store is incremental (issue 6):
+//! Store is incremental (docs/design.md, 'The incremental store'):
 //! * a bitmap unchanged since it was loaded or last stored keeps its entry and table; only
 //!   its flags change. When only flags change in the whole directory, the directory is
-//!   rewritten in place with QEMU's header/directory/header order (§6.2) instead of a new one;
+//!   rewritten in place with QEMU's header/directory/header order (docs/format.md, 'In-use
+//!   marking') instead of a new one;
 //!   when nothing changes, nothing is written;
 //! * a changed bitmap gets a new table (copy-on-write): the data clusters whose table entries
 //!   were touched are written to new clusters (allocated in contiguous runs, written in 1 MiB
@@ -106,10 +107,9 @@ impl Unstored {
 const ONES_BYTES: usize = 1 << 20;
 
 /// Largest single write of bitmap data. A run of clusters is allocated whole (up to
-/// MAX_IO_BYTES) but written in pieces of this size, as a plain sequential write would be:
-/// measured on the 2-vCPU VM of the benchmarks (BENCHMARKS.md, I/O), 512 MiB written in
-/// 16 MiB writes into memory the guest had handed back to the host took 0.44-0.52 s to reach
-/// the page cache, in 1 MiB writes 0.09 s (equal, 0.11-0.15 s, when the memory was just freed).
+/// MAX_IO_BYTES) but written in pieces of this size, as a plain sequential write would be: on a
+/// virtual machine that has handed its free memory back to its hypervisor, much larger writes
+/// reach the page cache several times more slowly than 1 MiB writes (BENCHMARKS.md, I/O).
 const WRITE_BYTES: usize = 1 << 20;
 
 /// Writes `slices` (one run, as if concatenated) at `off` in vectored writes of at most
