@@ -537,7 +537,8 @@ mod tests {
         let seen: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
         drop(limbo);
         drop(Arc::try_unwrap(cell).ok().unwrap());
-        assert!(seen > 0 && freed == 2000, "{seen} {freed}");
+        // A reclaim frees every piece whose grace period passed: the last one may go past 2000.
+        assert!(seen > 0 && freed >= 2000, "{seen} {freed}");
         assert_eq!(live.load(SeqCst), 0);
     }
 }
