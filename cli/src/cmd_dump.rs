@@ -1,66 +1,57 @@
-//! `qdirty dump`.
+//! `qdirty dump`: the dirty extents of bitmaps, as qemu-nbd exports them, streamed.
+//!
+//! Every bitmap to list is read first (a read error fails the command before anything is
+//! printed); then the extents are written as they are found, never collected: a bitmap with
+//! millions of extents needs no more memory than its own bits. `--union` merges the bitmaps
+//! into one at the smallest granularity (exact: every granularity is a power of two).
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
 
 use qdirty::bitmap::CHECK_INCONSISTENT;
-use qdirty::Image;
+use qdirty::{BitmapId, DirtyBitmap, Image};
 
 use crate::common::*;
 use crate::getopt::{opt, Arity};
 use crate::help::*;
 use crate::util::*;
 
-// ---------------------------------------------------------------------------------------------
-
 /// A consistent bitmap, up to date and with its data in memory. Fails with QEMU's refusal for
 /// an inconsistent bitmap, or with the read error: never a bitmap whose bits would read as
 /// clean.
-pub fn loaded(img: &mut Image, id: qdirty::BitmapId) -> qdirty::Result<&qdirty::DirtyBitmap> {
+pub fn loaded(img: &mut Image, id: BitmapId) -> qdirty::Result<&DirtyBitmap> {
     let bm = img.bitmap_current(id)?;
     bm.check(CHECK_INCONSISTENT)?;
     Ok(bm)
 }
 
-/// The dirty extents of a consistent bitmap, as qemu-nbd exports them (see [`loaded`]).
-fn read_extents(img: &mut Image, id: qdirty::BitmapId) -> qdirty::Result<Vec<(u64, u64)>> {
-    let bm = loaded(img, id)?;
-    Ok(bm.dirty_runs(0, bm.size())?.collect())
-}
-
-fn union(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    runs.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (o, l) in runs {
-        if let Some(last) = out.last_mut() {
-            if o <= last.0 + last.1 {
-                let end = (o + l).max(last.0 + last.1);
-                last.1 = end - last.0;
-                continue;
-            }
-        }
-        out.push((o, l));
-    }
-    out
-}
-
-struct Dumped {
+/// One entry of the listing.
+struct Entry {
     name: String,
     granularity: u64,
     size: u64,
     enabled: Option<bool>,
-    /// None: inconsistent, extents unknown.
-    extents: Option<Vec<(u64, u64)>>,
+    /// What to list: a bitmap of the image, the union accumulator, or nothing (inconsistent:
+    /// its extents are unknown).
+    source: Source,
+}
+
+enum Source {
+    Image(BitmapId),
+    Union(Box<DirtyBitmap>),
+    Unknown,
 }
 
 pub fn run(argv: &[OsString]) -> Res<u8> {
     let specs = [
         opt("help", Some('h'), Arity::Flag),
+        opt("format", Some('f'), Arity::Value),
         opt("output", None, Arity::Value),
+        opt("image-opts", None, Arity::Flag),
+        opt("force-share", Some('U'), Arity::Flag),
         opt("union", None, Arity::Flag),
         opt("skip-inconsistent", None, Arity::Flag),
-        opt("format", Some('f'), Arity::Value),
     ];
     let Some(p) = parse(argv, &specs, "dump", DUMP_HELP)? else {
         return Ok(0);
@@ -68,14 +59,13 @@ pub fn run(argv: &[OsString]) -> Res<u8> {
     let json = output_json(&p, "dump")?;
     let skip = p.has("skip-inconsistent");
     let Some((img_arg, names)) = p.args.split_first() else {
-        return Err(usage_error("dump", "dump: expecting an image file name"));
+        return Err(usage_error("dump", "Expecting an image file name"));
     };
-    let path = Path::new(img_arg);
-    let mut img = open_image(path, false)?;
+    let (file, mut img) = open_for_reading(&p, img_arg)?;
     // Directory order (oldest first), as qemu-img info lists them.
     let mut ids = img.bitmap_ids();
     ids.reverse();
-    let selected: Vec<qdirty::BitmapId> = if names.is_empty() {
+    let selected: Vec<BitmapId> = if names.is_empty() {
         ids.into_iter()
             .filter(|&id| {
                 img.bitmap(id)
@@ -89,17 +79,15 @@ pub fn run(argv: &[OsString]) -> Res<u8> {
             let id = img
                 .bitmaps()
                 .lookup(n)
-                .map_err(|e| bm_err(path, &name_of(n), cause(&e)))?;
+                .map_err(|e| bm_err_s(&file, &name_of(n), e.to_string()))?;
             let bm = img.bitmap(id).expect("looked up");
             if let Err(e) = bm.check(CHECK_INCONSISTENT) {
                 if !skip {
-                    return Err(bm_err(
-                        path,
+                    return Err(bm_err_s(
+                        &file,
                         &name_of(n),
                         format!(
-                            "{} (try 'qdirty bitmap --remove {} {}' to delete it)",
-                            cause(&e),
-                            path.display(),
+                            "{e} (try 'qdirty bitmap --remove {file} {}' to delete it)",
                             name_of(n)
                         ),
                     ));
@@ -109,72 +97,59 @@ pub fn run(argv: &[OsString]) -> Res<u8> {
         }
         v
     };
-    let mut out = Vec::new();
-    // The inconsistent bitmaps reported without extents, with QEMU's refusal.
+    // Read every bitmap first: a read error fails before anything is printed.
+    let mut entries = Vec::new();
     let mut unusable: Vec<(String, String)> = Vec::new();
-    for id in selected {
-        let bm = img.bitmap(id).expect("listed");
-        let (name, granularity, size) = (bm.display_name(), bm.granularity(), bm.size());
-        let (enabled, extents) = if let Err(e) = bm.check(CHECK_INCONSISTENT) {
-            unusable.push((name.clone(), cause(&e)));
-            (None, None)
-        } else {
-            let enabled = bm.enabled();
-            let ext = read_extents(&mut img, id).map_err(|e| img_err(path, &e))?;
-            (Some(enabled), Some(ext))
-        };
-        out.push(Dumped {
-            name,
-            granularity,
-            size,
-            enabled,
-            extents,
-        });
+    {
+        let progress = Progress::counted(
+            format!("reading the bitmaps of '{file}'"),
+            selected.len() as u64,
+        );
+        for &id in &selected {
+            let bm = img.bitmap(id).expect("listed");
+            let (name, granularity, size) = (bm.display_name(), bm.granularity(), bm.size());
+            let (enabled, source) = if let Err(e) = bm.check(CHECK_INCONSISTENT) {
+                unusable.push((name.clone(), e.to_string()));
+                (None, Source::Unknown)
+            } else {
+                let enabled = bm.enabled();
+                loaded(&mut img, id).map_err(|e| img_err_s(&file, &e))?;
+                (Some(enabled), Source::Image(id))
+            };
+            entries.push(Entry {
+                name,
+                granularity,
+                size,
+                enabled,
+                source,
+            });
+            progress.step();
+        }
     }
     if p.has("union") {
-        let all: Vec<(u64, u64)> = out
-            .iter()
-            .flat_map(|d| d.extents.clone().unwrap_or_default())
-            .collect();
-        let names: Vec<String> = out
-            .iter()
-            .filter(|d| d.extents.is_some())
-            .map(|d| d.name.clone())
-            .collect();
-        let g = out
-            .iter()
-            .filter(|d| d.extents.is_some())
-            .map(|d| d.granularity)
-            .min()
-            .unwrap_or(0);
-        out = vec![Dumped {
-            name: names.join("|"),
-            granularity: g,
-            size: img.size(),
-            enabled: None,
-            extents: Some(union(all)),
-        }];
+        entries = vec![union(&mut img, &entries).map_err(|e| img_err_s(&file, &e))?];
     }
-    drop(img);
-    let written = if json {
-        print_dump_json(path, &out, p.has("union"))
-    } else {
-        print_dump_human(&out)
+    let written = {
+        let stdout = std::io::stdout();
+        let mut w = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+        let r = if json {
+            print_json(&mut w, &mut img, &file, &entries, p.has("union"))
+        } else {
+            print_human(&mut w, &mut img, &entries)
+        };
+        r.and_then(|()| w.flush())
     };
+    drop(img);
     for (name, why) in &unusable {
         let what = if skip {
             "skipped, its dirty extents are unknown".to_string()
         } else {
             format!(
-                "its dirty extents are unknown (try 'qdirty bitmap --remove {} {name}' to \
-                 delete it; --skip-inconsistent exits 0 anyway)",
-                path.display()
+                "its dirty extents are unknown (try 'qdirty bitmap --remove {file} {name}' to \
+                 delete it; --skip-inconsistent exits 0 anyway)"
             )
         };
-        eprintln!(
-            "qdirty: '{}': bitmap '{name}': {why}: {what}",
-            path.display()
-        );
+        eprintln!("qdirty: '{file}': bitmap '{name}': {why}: {what}");
     }
     match written {
         // The reader stopped early (head): it has what it wanted.
@@ -185,76 +160,150 @@ pub fn run(argv: &[OsString]) -> Res<u8> {
     }
 }
 
-fn print_dump_json(path: &Path, out: &[Dumped], union: bool) -> std::io::Result<()> {
-    let bitmaps = out
-        .iter()
-        .map(|d| {
-            let ext = d.extents.as_ref();
-            Json::Obj(vec![
-                ("name", Json::Str(d.name.clone())),
-                ("granularity", Json::Num(d.granularity)),
-                ("size", Json::Num(d.size)),
-                ("consistent", Json::Bool(ext.is_some())),
-                ("enabled", d.enabled.map_or(Json::Null, Json::Bool)),
-                (
-                    "dirty_bytes",
-                    ext.map_or(Json::Null, |e| Json::Num(e.iter().map(|x| x.1).sum())),
-                ),
-                (
-                    "extents",
-                    ext.map_or(Json::Null, |e| {
-                        Json::Arr(
-                            e.iter()
-                                .map(|&(o, l)| {
-                                    Json::Obj(vec![
-                                        ("offset", Json::Num(o)),
-                                        ("length", Json::Num(l)),
-                                    ])
-                                })
-                                .collect(),
-                        )
-                    }),
-                ),
-            ])
-        })
-        .collect();
-    let j = Json::Obj(vec![
-        ("image", Json::Str(path.display().to_string())),
-        ("union", Json::Bool(union)),
-        ("bitmaps", Json::Arr(bitmaps)),
-    ]);
-    use std::io::Write;
-    let mut w = std::io::stdout().lock();
-    writeln!(w, "{}", j.pretty())?;
-    w.flush()
+fn bm_err_s(file: &str, bitmap: &str, msg: String) -> Fail {
+    fail(format!("'{file}': bitmap '{bitmap}': {msg}"))
 }
 
-fn print_dump_human(out: &[Dumped]) -> std::io::Result<()> {
-    use std::io::Write;
-    let stdout = std::io::stdout();
-    let mut w = std::io::BufWriter::new(stdout.lock());
-    for d in out {
-        match &d.extents {
-            None => writeln!(
-                w,
-                "# bitmap '{}': inconsistent (in-use), no extents",
-                d.name
-            )?,
-            Some(e) => {
-                let total: u64 = e.iter().map(|x| x.1).sum();
-                writeln!(
-                    w,
-                    "# bitmap '{}': granularity {}, {} extents, {total} dirty bytes ({})",
-                    d.name,
-                    d.granularity,
-                    e.len(),
-                    human_size(total)
-                )?;
-                for (o, l) in e {
-                    writeln!(w, "{o} {l}")?;
-                }
-            }
+fn img_err_s(file: &str, e: &qdirty::Error) -> Fail {
+    fail(format!("'{file}': {}", cause(e)))
+}
+
+/// The union of the consistent entries: one bitmap at the smallest granularity.
+fn union(img: &mut Image, entries: &[Entry]) -> qdirty::Result<Entry> {
+    let mut names = Vec::new();
+    let mut g = 0;
+    for e in entries {
+        if let Source::Image(_) = e.source {
+            names.push(e.name.clone());
+            g = if g == 0 {
+                e.granularity
+            } else {
+                g.min(e.granularity)
+            };
         }
     }
-    w.flush()
+    let mut acc = img.bitmaps().scratch(if g == 0 { 65536 } else { g })?;
+    for e in entries {
+        if let Source::Image(id) = e.source {
+            acc.merge_from(loaded(img, id)?)?;
+        }
+    }
+    Ok(Entry {
+        name: names.join("|"),
+        granularity: g,
+        size: img.size(),
+        enabled: None,
+        source: Source::Union(Box::new(acc)),
+    })
+}
+
+/// Calls `f` on each dirty extent of the entry (none when its extents are unknown).
+fn each_extent(
+    img: &mut Image,
+    e: &Entry,
+    mut f: impl FnMut(u64, u64) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let bm: &DirtyBitmap = match &e.source {
+        Source::Unknown => return Ok(()),
+        Source::Union(b) => b,
+        Source::Image(id) => loaded(img, *id).map_err(std::io::Error::other)?,
+    };
+    for (o, l) in bm.dirty_runs(0, bm.size()).map_err(std::io::Error::other)? {
+        f(o, l)?;
+    }
+    Ok(())
+}
+
+/// (extents, dirty bytes) of an entry.
+fn totals(img: &mut Image, e: &Entry) -> std::io::Result<(u64, u64)> {
+    let (mut n, mut bytes) = (0, 0);
+    each_extent(img, e, |_, l| {
+        n += 1;
+        bytes += l;
+        Ok(())
+    })?;
+    Ok((n, bytes))
+}
+
+fn print_human(w: &mut impl Write, img: &mut Image, entries: &[Entry]) -> std::io::Result<()> {
+    for e in entries {
+        if let Source::Unknown = e.source {
+            writeln!(
+                w,
+                "# bitmap '{}': inconsistent (in-use), no extents",
+                e.name
+            )?;
+            continue;
+        }
+        let (n, total) = totals(img, e)?;
+        writeln!(
+            w,
+            "# bitmap '{}': granularity {}, {n} extents, {total} dirty bytes ({})",
+            e.name,
+            e.granularity,
+            human_size(total)
+        )?;
+        each_extent(img, e, |o, l| writeln!(w, "{o} {l}"))?;
+    }
+    Ok(())
+}
+
+/// A JSON string (serde_json's escaping).
+fn js(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serializes")
+}
+
+/// The JSON document, written as it goes: 4-space indentation as qemu-img's, one line per
+/// extent.
+fn print_json(
+    w: &mut impl Write,
+    img: &mut Image,
+    file: &str,
+    entries: &[Entry],
+    union: bool,
+) -> std::io::Result<()> {
+    writeln!(w, "{{")?;
+    writeln!(w, "    \"image\": {},", js(file))?;
+    writeln!(w, "    \"union\": {union},")?;
+    if entries.is_empty() {
+        writeln!(w, "    \"bitmaps\": []")?;
+        return writeln!(w, "}}");
+    }
+    writeln!(w, "    \"bitmaps\": [")?;
+    for (i, e) in entries.iter().enumerate() {
+        let known = !matches!(e.source, Source::Unknown);
+        writeln!(w, "        {{")?;
+        writeln!(w, "            \"name\": {},", js(&e.name))?;
+        writeln!(w, "            \"granularity\": {},", e.granularity)?;
+        writeln!(w, "            \"size\": {},", e.size)?;
+        writeln!(w, "            \"consistent\": {known},")?;
+        let enabled = e.enabled.map_or("null".to_string(), |b| b.to_string());
+        writeln!(w, "            \"enabled\": {enabled},")?;
+        if !known {
+            writeln!(w, "            \"dirty_bytes\": null,")?;
+            writeln!(w, "            \"extents\": null")?;
+        } else {
+            let (n, total) = totals(img, e)?;
+            writeln!(w, "            \"dirty_bytes\": {total},")?;
+            if n == 0 {
+                writeln!(w, "            \"extents\": []")?;
+            } else {
+                writeln!(w, "            \"extents\": [")?;
+                let mut k = 0;
+                each_extent(img, e, |o, l| {
+                    k += 1;
+                    let sep = if k < n { "," } else { "" };
+                    writeln!(
+                        w,
+                        "                {{\"offset\": {o}, \"length\": {l}}}{sep}"
+                    )
+                })?;
+                writeln!(w, "            ]")?;
+            }
+        }
+        let sep = if i + 1 < entries.len() { "," } else { "" };
+        writeln!(w, "        }}{sep}")?;
+    }
+    writeln!(w, "    ]")?;
+    writeln!(w, "}}")
 }

@@ -94,13 +94,6 @@ pub fn parse(
     if let Some(e) = err {
         return Err(usage_fail(cmd, e));
     }
-    for (k, v) in &p.opts {
-        if *k == "format" && v != "qcow2" {
-            return Err(fail(format!(
-                "{cmd}: format '{v}' is not supported: qdirty works on qcow2 images only"
-            )));
-        }
-    }
     Ok(Some(p))
 }
 
@@ -136,4 +129,31 @@ pub fn open_image(img: &Path, rw: bool) -> Res<Image> {
 pub fn close_image(img: Image, path: &Path) -> Res<()> {
     let _p = Progress::start(format!("storing the bitmaps of '{}'", path.display()));
     img.close().map_err(|e| img_err(path, &e))
+}
+
+/// Opens the image operand `arg` of a reading subcommand as qemu-img does (`-f`,
+/// `--image-opts`, `json:`, `-U` from `p`): read-only, with QEMU's shared read locks unless
+/// `-U` (then another process may be writing it). Returns the file's name (for messages) and
+/// the image.
+pub fn open_for_reading(p: &Parsed, arg: &OsString) -> Res<(String, Image)> {
+    let arg = arg.to_string_lossy();
+    let spec = crate::imgspec::resolve(
+        &arg,
+        &crate::imgspec::Request {
+            image_opts: p.has("image-opts"),
+            format: p.last("format"),
+            write: false,
+            force_share: p.has("force-share"),
+        },
+    )
+    .map_err(fail)?;
+    for w in &spec.warnings {
+        eprintln!("qdirty: {w}");
+    }
+    match crate::open::open(&spec, false).map_err(fail)? {
+        crate::open::Opened::Qcow2(img) => Ok((spec.filename, *img)),
+        crate::open::Opened::Raw(_) => Err(fail(format!(
+            "Could not open '{arg}': not a qcow2 image (a raw image has no bitmaps)"
+        ))),
+    }
 }

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -214,18 +214,35 @@ pub fn stderr_is_tty() -> bool {
     unsafe { libc::isatty(2) == 1 }
 }
 
-/// Elapsed-time progress on stderr while a long load or store runs, only on a terminal.
+/// Progress on stderr while a long load or store runs, only on a terminal, after half a second:
+/// the elapsed time, and the percentage done when the total is known ([`Progress::counted`]).
 pub struct Progress {
     stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Progress {
-    /// Starts showing `what` after half a second, if stderr is a terminal.
+    /// Shows `what` with the elapsed time.
     pub fn start(what: String) -> Progress {
+        Self::with_total(what, None)
+    }
+
+    /// Shows `what` with the share of `total` steps done (see [`Progress::step`]).
+    pub fn counted(what: String, total: u64) -> Progress {
+        Self::with_total(what, Some(total))
+    }
+
+    /// One more step done.
+    pub fn step(&self) {
+        self.done.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn with_total(what: String, total: Option<u64>) -> Progress {
         let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
         let thread = stderr_is_tty().then(|| {
-            let stop = stop.clone();
+            let (stop, done) = (stop.clone(), done.clone());
             std::thread::spawn(move || {
                 let t0 = Instant::now();
                 let mut shown = false;
@@ -233,9 +250,16 @@ impl Progress {
                     std::thread::sleep(Duration::from_millis(100));
                     let el = t0.elapsed();
                     if el >= Duration::from_millis(500) {
+                        let pct = total
+                            .filter(|&t| t > 0)
+                            .map(|t| {
+                                let d = done.load(Ordering::Relaxed).min(t);
+                                format!(" {}% ({d}/{t})", d * 100 / t)
+                            })
+                            .unwrap_or_default();
                         let _ = write!(
                             std::io::stderr(),
-                            "\rqdirty: {what}... {:.1}s",
+                            "\r\x1b[Kqdirty: {what}...{pct} {:.1}s",
                             el.as_secs_f64()
                         );
                         shown = true;
@@ -246,7 +270,7 @@ impl Progress {
                 }
             })
         });
-        Progress { stop, thread }
+        Progress { stop, done, thread }
     }
 }
 

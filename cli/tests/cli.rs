@@ -4,6 +4,7 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
+use std::io::Write as _;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
@@ -1073,4 +1074,102 @@ fn unreadable_merge_source_fails_and_stays_consistent() {
     assert!(eio.hits() > 0);
     check_unchanged(&src, "merge source image after EIO");
     check_unchanged(&dst, "merge target image after EIO");
+}
+
+/// An image made by the library with one bitmap of `n` extents: every other 4 KiB granule.
+fn many_extents(t: &TempDir, name: &str, n: u64) -> std::path::PathBuf {
+    let p = t.join(name);
+    qdirty::Image::create(&p, 2 * n * 4096, 0).unwrap();
+    let mut img = qdirty::Image::open(&p, true).unwrap();
+    img.add_bitmap(
+        b"b",
+        4096,
+        qdirty::AddOptions {
+            persistent: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for i in 0..n {
+        img.set_dirty(2 * i * 4096, 4096);
+    }
+    img.close().unwrap();
+    p
+}
+
+/// Runs qdirty with stdout to /dev/null; (exit code, peak resident set in KiB). Through a
+/// small shell that execs it: a child forked from this (large) test process would count the
+/// test's memory as its own until the exec.
+fn peak_rss(args: &[&str], cwd: &Path) -> (i32, u64) {
+    #[allow(clippy::zombie_processes)] // reaped by wait4 below, which also gives its rusage
+    let child = Command::new("sh")
+        .args(["-c", "exec \"$0\" \"$@\"", QDIRTY])
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is valid; wait4 fills it for our own child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    assert_eq!(pid, child.id() as i32);
+    // Reaped above: this only releases the handle.
+    std::mem::forget(child);
+    (libc::WEXITSTATUS(status), ru.ru_maxrss as u64)
+}
+
+#[test]
+fn dump_json_streams_and_stops_quietly_on_a_closed_pipe() {
+    let t = TempDir::new("cli-dump-stream");
+    let n = 1_000_000;
+    let img = many_extents(&t, "many.qcow2", n);
+    let (dir, base) = split(&img);
+    // Memory: the JSON listing needs no more than the text one (both stream the extents).
+    let (c_text, text_kib) = peak_rss(&["dump", &base], &dir);
+    let (c_json, json_kib) = peak_rss(&["dump", "--output=json", &base], &dir);
+    assert_eq!((c_text, c_json), (0, 0));
+    let _ = writeln!(
+        std::io::stderr(),
+        "dump of {n} extents: peak RSS text {text_kib} KiB, json {json_kib} KiB"
+    );
+    assert!(
+        json_kib < text_kib + 8 * 1024,
+        "json {json_kib} KiB vs text {text_kib} KiB"
+    );
+    // A reader that stops after two lines: no error, exit 0, for both outputs.
+    for args in [&["dump", "--output=json", &base][..], &["dump", &base]] {
+        let mut child = Command::new(QDIRTY)
+            .args(args)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        use std::io::BufRead;
+        out.read_line(&mut first).unwrap();
+        out.read_line(&mut first).unwrap();
+        drop(out);
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(code(&o), 0, "{args:?}: {}", text(&o.stderr));
+        assert!(o.stderr.is_empty(), "{args:?}: {}", text(&o.stderr));
+        if args.contains(&"--output=json") {
+            assert_eq!(first, format!("{{\n    \"image\": \"{base}\",\n"));
+        }
+    }
+    // The document itself: every extent, as arithmetic says.
+    let out = qd_ok(&["dump", "--output=json", &base], &dir);
+    let js = Json::parse(&out).unwrap();
+    let b = &js.get("bitmaps").and_then(Json::as_array).unwrap()[0];
+    let ext = json_extents(b).unwrap();
+    assert_eq!(ext.len() as u64, n);
+    assert!(ext
+        .iter()
+        .enumerate()
+        .all(|(i, &(o, l))| o == 2 * i as u64 * 4096 && l == 4096));
+    assert_eq!(b.get("dirty_bytes").and_then(Json::as_u64), Some(n * 4096));
 }
