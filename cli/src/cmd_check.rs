@@ -3,8 +3,9 @@
 use std::ffi::OsString;
 use std::path::Path;
 
-use qdirty::image::check::{check_bitmaps, CheckReport};
+use qdirty::image::check::{check_bitmaps_with, CheckReport};
 use qdirty::Image;
+use serde_json::{json, Value};
 
 use crate::common::*;
 use crate::getopt::{opt, Arity};
@@ -23,6 +24,8 @@ pub fn run(argv: &[OsString]) -> Res<u8> {
         opt("drop-bitmaps", None, Arity::Flag),
         opt("output", None, Arity::Value),
         opt("format", Some('f'), Arity::Value),
+        opt("image-opts", None, Arity::Flag),
+        opt("force-share", Some('U'), Arity::Flag),
     ];
     // qemu-img's "-r leaks" spelling.
     let argv: Vec<OsString> = {
@@ -47,7 +50,28 @@ pub fn run(argv: &[OsString]) -> Res<u8> {
         return Ok(0);
     };
     let json = output_json(&p, "check")?;
-    let path = one_image(&p, "check")?;
+    let arg = one_image(&p, "check")?.to_string_lossy().into_owned();
+    let writes = p.has("repair")
+        || p.has("remove-inconsistent")
+        || p.has("remove-broken")
+        || p.has("drop-bitmaps");
+    let spec = crate::imgspec::resolve(
+        &arg,
+        &crate::imgspec::Request {
+            image_opts: p.has("image-opts"),
+            format: p.last("format"),
+            write: writes,
+            force_share: p.has("force-share"),
+        },
+    )
+    .map_err(fail)?;
+    if spec.format == crate::imgspec::Format::Raw {
+        return Err(fail(format!(
+            "Could not open '{arg}': not a qcow2 image (qdirty checks qcow2 images only)"
+        )));
+    }
+    let unlocked = spec.force_share || !spec.locking;
+    let path = std::path::Path::new(&spec.filename);
     if p.has("remove-broken") && !p.has("salvage") {
         return Err(usage_error(
             "check",
@@ -119,7 +143,7 @@ pub fn run(argv: &[OsString]) -> Res<u8> {
     }
     let report = {
         let _p = Progress::start(format!("checking '{}'", path.display()));
-        check_bitmaps(path, p.has("repair")).map_err(|e| img_err(path, &e))?
+        check_bitmaps_with(path, p.has("repair"), unlocked).map_err(|e| img_err(path, &e))?
     };
     print_check(path, &report, &removed, &salvage, p.has("repair"), json);
     Ok(report.exit_code() as u8)
@@ -128,13 +152,12 @@ pub fn run(argv: &[OsString]) -> Res<u8> {
 /// `check --salvage` while broken bitmaps remain (no refcount check is possible).
 fn print_broken(path: &Path, salvage: &SalvageOutcome, json: bool) {
     if json {
-        let j = Json::Obj(vec![
-            ("filename", Json::Str(path.display().to_string())),
-            ("format", Json::Str("qcow2".into())),
-            ("broken_bitmaps", broken_json(&salvage.broken)),
-            ("removed_broken_bitmaps", broken_json(&salvage.removed)),
-        ]);
-        println!("{}", j.pretty());
+        print_json(&json!({
+            "filename": path.display().to_string(),
+            "format": "qcow2",
+            "broken_bitmaps": broken_json(&salvage.broken),
+            "removed_broken_bitmaps": broken_json(&salvage.removed),
+        }));
         return;
     }
     print_salvage(salvage);
@@ -179,19 +202,17 @@ struct SalvageOutcome {
     dropped: Option<u32>,
 }
 
-fn broken_json(v: &[qdirty::image::BrokenBitmap]) -> Json {
-    Json::Arr(
-        v.iter()
-            .map(|b| {
-                Json::Obj(vec![
-                    ("index", Json::Num(b.index as u64)),
-                    ("name", Json::Str(name_of(&b.name))),
-                    ("display_name", Json::Str(b.display_name())),
-                    ("reason", Json::Str(b.reason.clone())),
-                ])
+fn broken_json(v: &[qdirty::image::BrokenBitmap]) -> Value {
+    v.iter()
+        .map(|b| {
+            json!({
+                "index": b.index,
+                "name": name_of(&b.name),
+                "display_name": b.display_name(),
+                "reason": b.reason,
             })
-            .collect(),
-    )
+        })
+        .collect()
 }
 
 fn print_check(
@@ -209,34 +230,32 @@ fn print_check(
         .map(|b| b.display_name())
         .collect();
     if json {
-        let strs = |v: &[String]| Json::Arr(v.iter().map(|s| Json::Str(s.clone())).collect());
-        let j = Json::Obj(vec![
-            ("filename", Json::Str(path.display().to_string())),
-            ("format", Json::Str("qcow2".into())),
-            ("check_errors", Json::Num(r.check_errors)),
-            ("leaks", Json::Num(r.leaks)),
-            ("corruptions", Json::Num(r.corruptions)),
-            ("bitmap_leaks", Json::Num(r.bitmap_leaks)),
-            ("bitmap_corruptions", Json::Num(r.bitmap_corruptions)),
-            ("leaks_fixed", Json::Num(r.leaks_fixed)),
-            ("bitmap_leaks_fixed", Json::Num(r.bitmap_leaks_fixed)),
-            ("stale_bitmaps_extension", Json::Bool(r.stale_extension)),
-            (
-                "stale_bitmaps_extension_dropped",
-                Json::Bool(r.stale_extension_dropped),
-            ),
-            ("inconsistent_bitmaps", strs(&inconsistent)),
-            ("removed_bitmaps", strs(removed)),
-            ("broken_bitmaps", broken_json(&salvage.broken)),
-            ("removed_broken_bitmaps", broken_json(&salvage.removed)),
-            (
-                "bitmaps_extension_dropped",
-                Json::Bool(salvage.dropped.is_some()),
-            ),
-            ("total_clusters", Json::Num(r.total_clusters)),
-            ("image_end_offset", Json::Num(r.image_end_offset)),
-        ]);
-        println!("{}", j.pretty());
+        // qemu-img check's names and meanings first, then qdirty's additions.
+        print_json(&json!({
+            "image-end-offset": r.image_end_offset,
+            "total-clusters": r.virtual_clusters,
+            "check-errors": r.check_errors,
+            "allocated-clusters": r.allocated_clusters,
+            "filename": path.display().to_string(),
+            "format": "qcow2",
+            "fragmented-clusters": r.fragmented_clusters,
+            "compressed-clusters": r.compressed_clusters,
+            "leaks": r.leaks,
+            "corruptions": r.corruptions,
+            "leaks-fixed": r.leaks_fixed,
+            "corruptions-fixed": 0,
+            "bitmap_leaks": r.bitmap_leaks,
+            "bitmap_corruptions": r.bitmap_corruptions,
+            "bitmap_leaks_fixed": r.bitmap_leaks_fixed,
+            "stale_bitmaps_extension": r.stale_extension,
+            "stale_bitmaps_extension_dropped": r.stale_extension_dropped,
+            "inconsistent_bitmaps": inconsistent,
+            "removed_bitmaps": removed,
+            "broken_bitmaps": broken_json(&salvage.broken),
+            "removed_broken_bitmaps": broken_json(&salvage.removed),
+            "bitmaps_extension_dropped": salvage.dropped.is_some(),
+            "file_clusters": r.total_clusters,
+        }));
         return;
     }
     for m in &r.messages {
@@ -288,6 +307,18 @@ fn print_check(
     }
     for n in &inconsistent {
         println!("Bitmap '{n}' is inconsistent (in-use): --remove-inconsistent removes it");
+    }
+    // qemu-img's allocation line, with its figures.
+    if r.virtual_clusters != 0 && r.allocated_clusters != 0 {
+        let pct = |n: u64, of: u64| n as f64 * 100.0 / of as f64;
+        println!(
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
+            r.allocated_clusters,
+            r.virtual_clusters,
+            pct(r.allocated_clusters, r.virtual_clusters),
+            pct(r.fragmented_clusters, r.allocated_clusters),
+            pct(r.compressed_clusters, r.allocated_clusters)
+        );
     }
     println!("Image end offset: {}", r.image_end_offset);
 }

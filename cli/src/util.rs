@@ -1,6 +1,5 @@
-//! Small helpers: sizes as qemu-img parses them, JSON output, progress.
+//! Small helpers: sizes as qemu-img parses them, JSON output as qemu-img prints it, progress.
 
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -122,90 +121,17 @@ pub fn human_size(n: u64) -> String {
     }
 }
 
-/// A JSON string literal.
-pub fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// A JSON value, written compactly or indented.
-pub enum Json {
-    Null,
-    Bool(bool),
-    Num(u64),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(Vec<(&'static str, Json)>),
-}
-
-impl Json {
-    /// Pretty-printed with 4 spaces, as qemu-img prints JSON.
-    pub fn pretty(&self) -> String {
-        let mut s = String::new();
-        self.write(&mut s, 0);
-        s
-    }
-
-    fn write(&self, s: &mut String, indent: usize) {
-        let pad = |n: usize| " ".repeat(n * 4);
-        match self {
-            Json::Null => s.push_str("null"),
-            Json::Bool(b) => s.push_str(if *b { "true" } else { "false" }),
-            Json::Num(n) => {
-                let _ = write!(s, "{n}");
-            }
-            Json::Str(t) => s.push_str(&json_str(t)),
-            Json::Arr(v) if v.is_empty() => s.push_str("[]"),
-            Json::Arr(v) => {
-                // Arrays of small objects (extents) on one line each.
-                s.push_str("[\n");
-                for (i, x) in v.iter().enumerate() {
-                    s.push_str(&pad(indent + 1));
-                    x.write(s, indent + 1);
-                    s.push_str(if i + 1 < v.len() { ",\n" } else { "\n" });
-                }
-                s.push_str(&pad(indent));
-                s.push(']');
-            }
-            Json::Obj(v) if v.len() <= 2 && v.iter().all(|(_, x)| matches!(x, Json::Num(_))) => {
-                s.push('{');
-                for (i, (k, x)) in v.iter().enumerate() {
-                    let _ = write!(s, "{}: ", json_str(k));
-                    x.write(s, indent);
-                    if i + 1 < v.len() {
-                        s.push_str(", ");
-                    }
-                }
-                s.push('}');
-            }
-            Json::Obj(v) if v.is_empty() => s.push_str("{}"),
-            Json::Obj(v) => {
-                s.push_str("{\n");
-                for (i, (k, x)) in v.iter().enumerate() {
-                    let _ = write!(s, "{}{}: ", pad(indent + 1), json_str(k));
-                    x.write(s, indent + 1);
-                    s.push_str(if i + 1 < v.len() { ",\n" } else { "\n" });
-                }
-                s.push_str(&pad(indent));
-                s.push('}');
-            }
-        }
-    }
+/// Prints a JSON document as qemu-img does: indented by 4 spaces, then a newline.
+pub fn print_json(v: &serde_json::Value) {
+    use serde::Serialize;
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    v.serialize(&mut ser).expect("a JSON value serializes");
+    out.push(b'\n');
+    let mut w = std::io::stdout().lock();
+    // A closed stdout (the reader is gone) is not an error worth reporting.
+    let _ = w.write_all(&out).and_then(|()| w.flush());
 }
 
 /// Whether stderr is a terminal.
@@ -372,24 +298,5 @@ mod tests {
         ] {
             assert_eq!(parse_size(s), Err(SizeError::Invalid), "{s:?}");
         }
-    }
-
-    #[test]
-    fn json_escapes() {
-        assert_eq!(json_str("a\"b\\\n\u{1}"), "\"a\\\"b\\\\\\n\\u0001\"");
-        let j = Json::Obj(vec![
-            (
-                "a",
-                Json::Arr(vec![Json::Obj(vec![
-                    ("offset", Json::Num(0)),
-                    ("length", Json::Num(5)),
-                ])]),
-            ),
-            ("b", Json::Null),
-        ]);
-        assert_eq!(
-            j.pretty(),
-            "{\n    \"a\": [\n        {\"offset\": 0, \"length\": 5}\n    ],\n    \"b\": null\n}"
-        );
     }
 }

@@ -186,10 +186,17 @@ fn release(h: Option<Held>) {
     match h {
         None => {}
         Some(Held::Io(mut c)) => {
-            let _ = c.kill();
-            let _ = c.wait();
+            // End of input: qemu-io closes the image properly (no bitmap left in use).
+            drop(c.stdin.take());
+            let t0 = Instant::now();
+            while c.try_wait().unwrap().is_none() {
+                if t0.elapsed() > Duration::from_secs(20) {
+                    let _ = c.kill();
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
-        Some(Held::Qsd(q)) => q.kill(),
+        Some(Held::Qsd(q)) => q.quit(),
     }
 }
 
