@@ -143,7 +143,7 @@ pub fn run(argv: &[OsString]) -> Res<u8> {
     }
     let report = {
         let _p = Progress::start(format!("checking '{}'", path.display()));
-        check_bitmaps_with(path, p.has("repair"), unlocked).map_err(|e| img_err(path, &e))?
+        check_bitmaps_with(path, p.has("repair"), unlocked).map_err(|e| open_err(path, &e))?
     };
     print_check(path, &report, &removed, &salvage, p.has("repair"), json);
     Ok(report.exit_code() as u8)

@@ -61,7 +61,7 @@ pub fn run(argv: &[OsString]) -> Res<u8> {
     let Some((img_arg, names)) = p.args.split_first() else {
         return Err(usage_error("dump", "Expecting an image file name"));
     };
-    let (file, mut img) = open_for_reading(&p, img_arg)?;
+    let (file, mut img, unlocked) = open_for_reading(&p, img_arg)?;
     // Directory order (oldest first), as qemu-img info lists them.
     let mut ids = img.bitmap_ids();
     ids.reverse();
@@ -135,7 +135,7 @@ pub fn run(argv: &[OsString]) -> Res<u8> {
         let r = if json {
             print_json(&mut w, &mut img, &file, &entries, p.has("union"))
         } else {
-            print_human(&mut w, &mut img, &entries)
+            print_human(&mut w, &mut img, &entries, unlocked)
         };
         r.and_then(|()| w.flush())
     };
@@ -225,14 +225,22 @@ fn totals(img: &mut Image, e: &Entry) -> std::io::Result<(u64, u64)> {
     Ok((n, bytes))
 }
 
-fn print_human(w: &mut impl Write, img: &mut Image, entries: &[Entry]) -> std::io::Result<()> {
+/// `unlocked`: read without locks, so that an in-use bitmap may be a running QEMU's (in use)
+/// rather than one a gone QEMU left (inconsistent).
+fn print_human(
+    w: &mut impl Write,
+    img: &mut Image,
+    entries: &[Entry],
+    unlocked: bool,
+) -> std::io::Result<()> {
+    let state = if unlocked {
+        "in use"
+    } else {
+        "inconsistent (in-use)"
+    };
     for e in entries {
         if let Source::Unknown = e.source {
-            writeln!(
-                w,
-                "# bitmap '{}': inconsistent (in-use), no extents",
-                e.name
-            )?;
+            writeln!(w, "# bitmap '{}': {state}, no extents", e.name)?;
             continue;
         }
         let (n, total) = totals(img, e)?;

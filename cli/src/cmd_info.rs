@@ -54,9 +54,9 @@ pub fn run(argv: &[OsString]) -> Res<u8> {
     // Without locks when shared (-U) or unlocked (file.locking=off); else QEMU's read locks,
     // so that a bitmap found in use was left so by a QEMU that is gone: inconsistent.
     let unlocked = spec.force_share || !spec.locking;
-    let info = Image::inspect_with(path, unlocked).map_err(|e| img_err(path, &e))?;
+    let info = Image::inspect_with(path, unlocked).map_err(|e| open_err(path, &e))?;
     let counts: Option<Vec<Option<u64>>> = if p.has("count") {
-        let (_, mut img) = open_for_reading(&p, arg)?;
+        let (_, mut img, _) = open_for_reading(&p, arg)?;
         let progress = Progress::counted(
             format!("reading the bitmaps of '{}'", spec.filename),
             info.bitmaps.len() as u64,

@@ -75,6 +75,25 @@ pub fn img_err(img: &Path, e: &qdirty::Error) -> Fail {
     fail(format!("'{}': {}", img.display(), cause(e)))
 }
 
+/// A failure to open `arg` (its file, its locks) as qemu-img reports it; other errors as
+/// [`img_err`].
+pub fn open_err(arg: &Path, e: &qdirty::Error) -> Fail {
+    let opening = match e {
+        qdirty::Error::InUse(_) => true,
+        qdirty::Error::Io { op, .. } => op.starts_with("Could not open '"),
+        _ => false,
+    };
+    if opening {
+        fail(format!(
+            "Could not open '{}': {}",
+            arg.display(),
+            crate::open::qemu_text(e)
+        ))
+    } else {
+        img_err(arg, e)
+    }
+}
+
 pub fn bm_err(img: &Path, bitmap: &str, msg: String) -> Fail {
     fail(format!("'{}': bitmap '{bitmap}': {msg}", img.display()))
 }
@@ -134,8 +153,8 @@ pub fn close_image(img: Image, path: &Path) -> Res<()> {
 /// Opens the image operand `arg` of a reading subcommand as qemu-img does (`-f`,
 /// `--image-opts`, `json:`, `-U` from `p`): read-only, with QEMU's shared read locks unless
 /// `-U` (then another process may be writing it). Returns the file's name (for messages) and
-/// the image.
-pub fn open_for_reading(p: &Parsed, arg: &OsString) -> Res<(String, Image)> {
+/// the image, and whether it was opened without locks (another process may be using it).
+pub fn open_for_reading(p: &Parsed, arg: &OsString) -> Res<(String, Image, bool)> {
     let arg = arg.to_string_lossy();
     let spec = crate::imgspec::resolve(
         &arg,
@@ -151,7 +170,10 @@ pub fn open_for_reading(p: &Parsed, arg: &OsString) -> Res<(String, Image)> {
         eprintln!("qdirty: {w}");
     }
     match crate::open::open(&spec, false).map_err(fail)? {
-        crate::open::Opened::Qcow2(img) => Ok((spec.filename, *img)),
+        crate::open::Opened::Qcow2(img) => {
+            let unlocked = spec.force_share || !spec.locking;
+            Ok((spec.filename, *img, unlocked))
+        }
         crate::open::Opened::Raw(_) => Err(fail(format!(
             "Could not open '{arg}': not a qcow2 image (a raw image has no bitmaps)"
         ))),

@@ -1224,3 +1224,98 @@ fn dump_json_streams_and_stops_quietly_on_a_closed_pipe() {
         .all(|(i, &(o, l))| o == 2 * i as u64 * 4096 && l == 4096));
     assert_eq!(b.get("dirty_bytes").and_then(Json::as_u64), Some(n * 4096));
 }
+
+/// Waits until some process holds an OFD lock on `p` (QEMU took its image locks).
+fn wait_locked(p: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let needle = format!(":{} ", std::fs::metadata(p).unwrap().ino());
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < std::time::Duration::from_secs(20) {
+        let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+        if locks
+            .lines()
+            .any(|l| l.contains("OFDLCK") && l.contains(&needle))
+        {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("nobody locked {}", p.display());
+}
+
+#[test]
+fn locks_are_what_help_says() {
+    if !require_qemu("locks_are_what_help_says") {
+        return;
+    }
+    let t = TempDir::new("cli-locks");
+    let img = qemu_image(&t, "a.qcow2");
+    let (dir, base) = split(&img);
+    // A running QEMU (qemu-io, read-write, interactive) holds the image.
+    let mut vm = Command::new("qemu-io")
+        .args(["-f", "qcow2", &base])
+        .current_dir(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_locked(&img);
+    // ... and has marked its bitmaps in use (QEMU does so once the image is open).
+    let t0 = std::time::Instant::now();
+    while !qemu_img_info_bitmaps(&img, true).iter().all(|b| b.in_use()) {
+        assert!(
+            t0.elapsed().as_secs() < 20,
+            "qemu-io never marked the bitmaps"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // qemu-img info / check / map (for dump) refuse it; so does qdirty, with the same message.
+    for (ours, theirs) in [("info", "info"), ("check", "check"), ("dump", "map")] {
+        let q = run("qemu-img", &[theirs, "-f", "qcow2", &base], &dir);
+        let d = qd(&[ours, &base], &dir);
+        assert_eq!(code(&d), 1, "{ours}: {}", text(&d.stderr));
+        assert_eq!(q.status.code(), Some(1), "{theirs}");
+        assert_eq!(
+            text(&d.stderr),
+            text(&q.stderr).replace("qemu-img", "qdirty"),
+            "{ours}"
+        );
+    }
+    // -U reads it: the bitmaps the running QEMU updates are in use, not inconsistent.
+    let o = qd(&["info", "-U", &base], &dir);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let human = text(&o.stdout);
+    assert!(
+        human.contains("b1: granularity 65536, flags [in-use, auto], in use"),
+        "{human}"
+    );
+    assert!(!human.contains("inconsistent"), "{human}");
+    let o = qd(&["dump", "-U", &base], &dir);
+    assert_eq!(code(&o), 1, "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("# bitmap 'b1': in use, no extents"),
+        "{}",
+        text(&o.stdout)
+    );
+    let q = run("qemu-img", &["check", "-U", "-f", "qcow2", &base], &dir);
+    let d = qd(&["check", "-U", &base], &dir);
+    assert_eq!(code(&d), q.status.code().unwrap(), "{}", text(&d.stderr));
+    // -U with an option that writes: qemu-img's refusal.
+    let q = run("qemu-img", &["check", "-U", "-r", "leaks", &base], &dir);
+    let d = qd(&["check", "-U", "-r", "leaks", &base], &dir);
+    assert_eq!(code(&d), 1);
+    assert_eq!(
+        text(&d.stderr),
+        text(&q.stderr).replace("qemu-img", "qdirty")
+    );
+    drop(vm.stdin.take());
+    vm.wait().unwrap();
+    // The help of each says so.
+    for sub in ["info", "check", "dump"] {
+        let help = qd_ok(&[sub, "--help"], &dir);
+        assert!(help.contains("-U, --force-share"), "{sub}: {help}");
+        assert!(help.contains("Locks: "), "{sub}: {help}");
+        assert!(!help.contains("takes no locks"), "{sub}: {help}");
+    }
+}
