@@ -64,12 +64,14 @@ pub fn run(argv: &[OsString]) -> Res<u8> {
         }
     };
     let cs = u32::try_from(cluster_size).unwrap_or(u32::MAX).max(1);
+    // Refusals (an existing file, a bad cluster size) come before the "Formatting" line,
+    // which announces an image that is there.
+    Image::create(path, size, cs).map_err(|e| img_err(path, &e))?;
     if !p.has("quiet") {
         println!(
             "Formatting '{}', fmt=qcow2 cluster_size={cluster_size} size={size}",
             path.display()
         );
     }
-    Image::create(path, size, cs).map_err(|e| img_err(path, &e))?;
     Ok(0)
 }

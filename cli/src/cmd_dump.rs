@@ -244,9 +244,10 @@ fn print_human(
             continue;
         }
         let (n, total) = totals(img, e)?;
+        let extents = if n == 1 { "extent" } else { "extents" };
         writeln!(
             w,
-            "# bitmap '{}': granularity {}, {n} extents, {total} dirty bytes ({})",
+            "# bitmap '{}': granularity {}, {n} {extents}, {total} dirty bytes ({})",
             e.name,
             e.granularity,
             human_size(total)

@@ -735,6 +735,8 @@ fn create_is_what_qemu_img_sees() {
         assert_eq!(code(&o), 1, "{args:?}");
         let err = text(&o.stderr);
         assert!(err.contains(msg), "{args:?}: {err}");
+        // Refused before anything is announced.
+        assert!(o.stdout.is_empty(), "{args:?}: {}", text(&o.stdout));
         assert!(err.starts_with("qdirty: "), "{err}");
     }
 }
@@ -1318,4 +1320,20 @@ fn locks_are_what_help_says() {
         assert!(help.contains("Locks: "), "{sub}: {help}");
         assert!(!help.contains("takes no locks"), "{sub}: {help}");
     }
+}
+
+#[test]
+fn one_extent_is_one_extent() {
+    let t = TempDir::new("cli-one-extent");
+    let img = many_extents(&t, "one.qcow2", 1);
+    let (dir, base) = split(&img);
+    let out = qd_ok(&["dump", &base], &dir);
+    assert_eq!(
+        out,
+        "# bitmap 'b': granularity 4096, 1 extent, 4096 dirty bytes (4 KiB)\n0 4096\n"
+    );
+    let img = many_extents(&t, "two.qcow2", 2);
+    let (_, base) = split(&img);
+    let out = qd_ok(&["dump", &base], &dir);
+    assert!(out.starts_with("# bitmap 'b': granularity 4096, 2 extents, 8192 dirty bytes"));
 }
