@@ -4,7 +4,7 @@
 # which produces the same layout).
 #
 #   scripts/install.sh [--prefix DIR] [--libdir DIR] [--includedir DIR] [--destdir DIR]
-#                      [--lib PATH_TO_BUILT_SO]
+#                      [--lib PATH_TO_BUILT_SO] [--bindir DIR] [--mandir DIR] [--bin PATH]
 #
 # Without --lib it runs `cargo build --release` first and installs target/release/libqdirty.so.
 # It installs, for version X.Y.Z and ABI major N (QDIRTY_ABI_MAJOR in include/qdirty.h, the
@@ -19,6 +19,11 @@
 # stages the files under DIR (as make's DESTDIR) while the .pc file names the final paths.
 # Then: cc prog.c $(pkg-config --cflags --libs qdirty), with PKG_CONFIG_PATH=LIBDIR/pkgconfig
 # unless LIBDIR/pkgconfig is already on pkg-config's search path.
+# The qdirty command (--bin PATH, default: the qdirty built next to the library; skipped with a
+# note when there is none), its manual page and its bash completion go to:
+#   BINDIR/qdirty                                   (--bindir, default PREFIX/bin)
+#   MANDIR/man1/qdirty.1                            (--mandir, default PREFIX/share/man)
+#   PREFIX/share/bash-completion/completions/qdirty
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,15 +42,18 @@ libdir=
 includedir=
 destdir=
 lib=
+bindir=
+mandir=
+bin=
 while [ $# -gt 0 ]; do
     case "$1" in
-        --prefix | --libdir | --includedir | --destdir | --lib)
+        --prefix | --libdir | --includedir | --destdir | --lib | --bindir | --mandir | --bin)
             [ $# -ge 2 ] || die "$1 needs a value"
             opt=${1#--}
             val=$2
             shift 2
             ;;
-        --prefix=* | --libdir=* | --includedir=* | --destdir=* | --lib=*)
+        --prefix=* | --libdir=* | --includedir=* | --destdir=* | --lib=* | --bindir=* | --mandir=* | --bin=*)
             opt=${1%%=*}
             opt=${opt#--}
             val=${1#*=}
@@ -67,6 +75,9 @@ while [ $# -gt 0 ]; do
         includedir) includedir=$val ;;
         destdir) destdir=$val ;;
         lib) lib=$val ;;
+        bindir) bindir=$val ;;
+        mandir) mandir=$val ;;
+        bin) bin=$val ;;
     esac
 done
 
@@ -164,6 +175,21 @@ sed -e "s|@PREFIX@|$(esc "$prefix")|g" \
     -e "s|@VERSION@|$(esc "$version")|g" \
     "$template" >"$dest_pc/qdirty.pc.tmp.$$"
 mv -f "$dest_pc/qdirty.pc.tmp.$$" "$dest_pc/qdirty.pc"
+
+# The command, its manual page and its bash completion.
+bindir=$(under "$prefix" "${bindir:-bin}")
+mandir=$(under "$prefix" "${mandir:-share/man}")
+compdir=$prefix/share/bash-completion/completions
+[ -n "$bin" ] || bin=$(dirname "$lib")/qdirty
+if [ -f "$bin" ]; then
+    mkdir -p "$destdir$bindir"
+    install_file 0755 "$bin" "$destdir$bindir/qdirty"
+else
+    echo "install.sh: no qdirty command at $bin (build it with cargo build --release, or pass --bin): not installed" >&2
+fi
+mkdir -p "$destdir$mandir/man1" "$destdir$compdir"
+install_file 0644 "$root/cli/man/qdirty.1" "$destdir$mandir/man1/qdirty.1"
+install_file 0644 "$root/cli/completion/qdirty.bash" "$destdir$compdir/qdirty"
 
 echo "install.sh: installed qdirty $version (soname $soname) under $destdir$prefix:"
 echo "  $dest_lib/$real"

@@ -1,8 +1,7 @@
-//! Small helpers: sizes as qemu-img parses them, JSON output, option scanning, progress.
+//! Small helpers: sizes as qemu-img parses them, JSON output as qemu-img prints it, progress.
 
-use std::fmt::Write as _;
 use std::io::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,62 +14,93 @@ pub enum SizeError {
     TooBig,
 }
 
-/// Parses a size as QEMU's qemu_strtosz does: decimal or 0x hex, an optional fraction (only
-/// with a unit), and an optional suffix b, k, M, G, T, P, E (any case; powers of 1024).
+/// Parses a size as QEMU's `qemu_strtosz` (through qemu-img's `cvtnum`) does: leading
+/// whitespace, an optional sign, decimal or `0x` hex, an optional fraction (decimal only; a
+/// non-zero one needs a unit: `1.0` is 1, `0.5` is refused), and an optional suffix b, k, M, G,
+/// T, P, E (any case; powers of 1024), rounding half a byte up. A negative number or one beyond
+/// 2^63 - 1 is out of range ([`SizeError::TooBig`]), unless more text follows it, which makes it
+/// invalid (as QEMU reports `-1` and `-1k`).
 pub fn parse_size(s: &str) -> Result<u64, SizeError> {
-    let hex = s.starts_with("0x") || s.starts_with("0X");
-    let (num, unit) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() && !hex => {
-            let shift = match c.to_ascii_lowercase() {
+    let t = s.trim_start_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r']);
+    let (neg, t) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        let n = hex.bytes().take_while(u8::is_ascii_hexdigit).count();
+        if n == 0 || n != hex.len() || neg {
+            return Err(SizeError::Invalid);
+        }
+        let v = u64::from_str_radix(hex, 16).map_err(|_| SizeError::TooBig)?;
+        return in_range(u128::from(v));
+    }
+    let n = t.bytes().take_while(u8::is_ascii_digit).count();
+    let (int, rest) = t.split_at(n);
+    if neg || int.parse::<u64>().is_err() && n > 0 {
+        // QEMU's integer parse fails with ERANGE; text after the number makes it EINVAL.
+        return Err(if n > 0 && rest.is_empty() {
+            SizeError::TooBig
+        } else {
+            SizeError::Invalid
+        });
+    }
+    let (frac, rest) = match rest.strip_prefix('.') {
+        Some(r) => {
+            let m = r.bytes().take_while(u8::is_ascii_digit).count();
+            (Some(&r[..m]), &r[m..])
+        }
+        None => (None, rest),
+    };
+    if n == 0 && frac.is_none_or(str::is_empty) {
+        return Err(SizeError::Invalid);
+    }
+    let (shift, rest) = match rest.chars().next().map(|c| c.to_ascii_lowercase()) {
+        Some(c @ ('b' | 'k' | 'm' | 'g' | 't' | 'p' | 'e')) => {
+            let shift = match c {
                 'b' => 0,
                 'k' => 10,
                 'm' => 20,
                 'g' => 30,
                 't' => 40,
                 'p' => 50,
-                'e' => 60,
-                _ => return Err(SizeError::Invalid),
+                _ => 60,
             };
-            (&s[..i], Some(shift))
+            (shift, &rest[1..])
         }
-        _ => (s, None),
+        _ => (0, rest),
     };
-    let shift = unit.unwrap_or(0);
-    let (int, frac) = if let Some(hex) = num.strip_prefix("0x").or_else(|| num.strip_prefix("0X")) {
-        if hex.is_empty() || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(SizeError::Invalid);
-        }
-        let v = u128::from_str_radix(hex, 16).map_err(|_| SizeError::TooBig)?;
-        (v, None)
+    if !rest.is_empty() {
+        return Err(SizeError::Invalid);
+    }
+    let int: u128 = if n == 0 {
+        0
     } else {
-        let (i, f) = match num.split_once('.') {
-            Some((i, f)) => (i, Some(f)),
-            None => (num, None),
-        };
-        if i.is_empty() || !i.chars().all(|c| c.is_ascii_digit()) {
-            return Err(SizeError::Invalid);
-        }
-        if let Some(f) = f {
-            if f.is_empty() || !f.chars().all(|c| c.is_ascii_digit()) || shift == 0 {
-                return Err(SizeError::Invalid);
-            }
-        }
-        let v: u128 = i.parse().map_err(|_| SizeError::TooBig)?;
-        (v, f)
+        u128::from(int.parse::<u64>().unwrap_or(0))
     };
-    let mut v = int
-        .checked_shl(shift)
-        .filter(|v| v >> shift == int)
-        .ok_or(SizeError::TooBig)?;
-    if let Some(f) = frac {
-        let f = &f[..f.len().min(18)];
-        let n: u128 = f.parse().map_err(|_| SizeError::Invalid)?;
-        v += (n << shift) / 10u128.pow(f.len() as u32);
+    // The fraction as QEMU keeps it: a 0.64 fixed-point number from a double.
+    let valf: u128 = match frac {
+        Some(f) if !f.is_empty() => {
+            let x: f64 = format!("0.{f}").parse().map_err(|_| SizeError::Invalid)?;
+            (x * 18_446_744_073_709_551_616.0) as u64 as u128
+        }
+        _ => 0,
+    };
+    if shift == 0 && valf != 0 {
+        return Err(SizeError::Invalid);
     }
+    let prod = valf << shift;
+    let v = (int << shift) + (prod >> 64) + ((prod >> 63) & 1);
+    in_range(v)
+}
+
+/// `cvtnum`'s range: 0 ..= 2^63 - 1.
+fn in_range(v: u128) -> Result<u64, SizeError> {
     if v > i64::MAX as u128 {
-        return Err(SizeError::TooBig);
+        Err(SizeError::TooBig)
+    } else {
+        Ok(v as u64)
     }
-    Ok(v as u64)
 }
 
 /// A size for people: "64 MiB".
@@ -91,180 +121,17 @@ pub fn human_size(n: u64) -> String {
     }
 }
 
-/// A JSON string literal.
-pub fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// A JSON value, written compactly or indented.
-pub enum Json {
-    Null,
-    Bool(bool),
-    Num(u64),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(Vec<(&'static str, Json)>),
-}
-
-impl Json {
-    /// Pretty-printed with 4 spaces, as qemu-img prints JSON.
-    pub fn pretty(&self) -> String {
-        let mut s = String::new();
-        self.write(&mut s, 0);
-        s
-    }
-
-    fn write(&self, s: &mut String, indent: usize) {
-        let pad = |n: usize| " ".repeat(n * 4);
-        match self {
-            Json::Null => s.push_str("null"),
-            Json::Bool(b) => s.push_str(if *b { "true" } else { "false" }),
-            Json::Num(n) => {
-                let _ = write!(s, "{n}");
-            }
-            Json::Str(t) => s.push_str(&json_str(t)),
-            Json::Arr(v) if v.is_empty() => s.push_str("[]"),
-            Json::Arr(v) => {
-                // Arrays of small objects (extents) on one line each.
-                s.push_str("[\n");
-                for (i, x) in v.iter().enumerate() {
-                    s.push_str(&pad(indent + 1));
-                    x.write(s, indent + 1);
-                    s.push_str(if i + 1 < v.len() { ",\n" } else { "\n" });
-                }
-                s.push_str(&pad(indent));
-                s.push(']');
-            }
-            Json::Obj(v) if v.len() <= 2 && v.iter().all(|(_, x)| matches!(x, Json::Num(_))) => {
-                s.push('{');
-                for (i, (k, x)) in v.iter().enumerate() {
-                    let _ = write!(s, "{}: ", json_str(k));
-                    x.write(s, indent);
-                    if i + 1 < v.len() {
-                        s.push_str(", ");
-                    }
-                }
-                s.push('}');
-            }
-            Json::Obj(v) if v.is_empty() => s.push_str("{}"),
-            Json::Obj(v) => {
-                s.push_str("{\n");
-                for (i, (k, x)) in v.iter().enumerate() {
-                    let _ = write!(s, "{}{}: ", pad(indent + 1), json_str(k));
-                    x.write(s, indent + 1);
-                    s.push_str(if i + 1 < v.len() { ",\n" } else { "\n" });
-                }
-                s.push_str(&pad(indent));
-                s.push('}');
-            }
-        }
-    }
-}
-
-/// How an option takes its value.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Arity {
-    Flag,
-    Value,
-}
-
-/// An option a subcommand accepts: long name (without --), short letter, arity.
-pub struct OptSpec {
-    pub long: &'static str,
-    pub short: Option<char>,
-    pub arity: Arity,
-}
-
-/// A parsed command line: options in order (by long name) and positional arguments.
-pub struct Parsed {
-    pub opts: Vec<(&'static str, String)>,
-    pub args: Vec<std::ffi::OsString>,
-}
-
-/// getopt_long-like scanning: `--long`, `--long=value`, `--long value`, `-s`, `-svalue`,
-/// `-s value`, grouped short flags, `--` ends options. Options and positionals may mix.
-pub fn scan(argv: &[std::ffi::OsString], specs: &[OptSpec]) -> Result<Parsed, String> {
-    let mut opts = Vec::new();
-    let mut args = Vec::new();
-    let mut i = 0;
-    let mut only_args = false;
-    while i < argv.len() {
-        let raw = &argv[i];
-        i += 1;
-        let a = raw.to_string_lossy();
-        if only_args || a == "-" || !a.starts_with('-') {
-            args.push(raw.clone());
-            continue;
-        }
-        if a == "--" {
-            only_args = true;
-            continue;
-        }
-        if let Some(long) = a.strip_prefix("--") {
-            let (name, inline) = match long.split_once('=') {
-                Some((n, v)) => (n, Some(v.to_string())),
-                None => (long, None),
-            };
-            let Some(spec) = specs.iter().find(|s| s.long == name) else {
-                return Err(format!("unrecognized option '--{name}'"));
-            };
-            match (spec.arity, inline) {
-                (Arity::Flag, Some(_)) => {
-                    return Err(format!("option '--{name}' doesn't allow an argument"))
-                }
-                (Arity::Flag, None) => opts.push((spec.long, String::new())),
-                (Arity::Value, Some(v)) => opts.push((spec.long, v)),
-                (Arity::Value, None) => {
-                    let Some(v) = argv.get(i) else {
-                        return Err(format!("option '--{name}' requires an argument"));
-                    };
-                    i += 1;
-                    opts.push((spec.long, v.to_string_lossy().into_owned()));
-                }
-            }
-            continue;
-        }
-        let chars: Vec<char> = a[1..].chars().collect();
-        let mut j = 0;
-        while j < chars.len() {
-            let c = chars[j];
-            j += 1;
-            let Some(spec) = specs.iter().find(|s| s.short == Some(c)) else {
-                return Err(format!("invalid option -- '{c}'"));
-            };
-            if spec.arity == Arity::Flag {
-                opts.push((spec.long, String::new()));
-                continue;
-            }
-            let rest: String = chars[j..].iter().collect();
-            if !rest.is_empty() {
-                opts.push((spec.long, rest));
-            } else if let Some(v) = argv.get(i) {
-                i += 1;
-                opts.push((spec.long, v.to_string_lossy().into_owned()));
-            } else {
-                return Err(format!("option requires an argument -- '{c}'"));
-            }
-            break;
-        }
-    }
-    Ok(Parsed { opts, args })
+/// Prints a JSON document as qemu-img does: indented by 4 spaces, then a newline.
+pub fn print_json(v: &serde_json::Value) {
+    use serde::Serialize;
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    v.serialize(&mut ser).expect("a JSON value serializes");
+    out.push(b'\n');
+    let mut w = std::io::stdout().lock();
+    // A closed stdout (the reader is gone) is not an error worth reporting.
+    let _ = w.write_all(&out).and_then(|()| w.flush());
 }
 
 /// Whether stderr is a terminal.
@@ -273,18 +140,35 @@ pub fn stderr_is_tty() -> bool {
     unsafe { libc::isatty(2) == 1 }
 }
 
-/// Elapsed-time progress on stderr while a long load or store runs, only on a terminal.
+/// Progress on stderr while a long load or store runs, only on a terminal, after half a second:
+/// the elapsed time, and the percentage done when the total is known ([`Progress::counted`]).
 pub struct Progress {
     stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Progress {
-    /// Starts showing `what` after half a second, if stderr is a terminal.
+    /// Shows `what` with the elapsed time.
     pub fn start(what: String) -> Progress {
+        Self::with_total(what, None)
+    }
+
+    /// Shows `what` with the share of `total` steps done (see [`Progress::step`]).
+    pub fn counted(what: String, total: u64) -> Progress {
+        Self::with_total(what, Some(total))
+    }
+
+    /// One more step done.
+    pub fn step(&self) {
+        self.done.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn with_total(what: String, total: Option<u64>) -> Progress {
         let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
         let thread = stderr_is_tty().then(|| {
-            let stop = stop.clone();
+            let (stop, done) = (stop.clone(), done.clone());
             std::thread::spawn(move || {
                 let t0 = Instant::now();
                 let mut shown = false;
@@ -292,9 +176,16 @@ impl Progress {
                     std::thread::sleep(Duration::from_millis(100));
                     let el = t0.elapsed();
                     if el >= Duration::from_millis(500) {
+                        let pct = total
+                            .filter(|&t| t > 0)
+                            .map(|t| {
+                                let d = done.load(Ordering::Relaxed).min(t);
+                                format!(" {}% ({d}/{t})", d * 100 / t)
+                            })
+                            .unwrap_or_default();
                         let _ = write!(
                             std::io::stderr(),
-                            "\rqdirty: {what}... {:.1}s",
+                            "\r\x1b[Kqdirty: {what}...{pct} {:.1}s",
                             el.as_secs_f64()
                         );
                         shown = true;
@@ -305,7 +196,7 @@ impl Progress {
                 }
             })
         });
-        Progress { stop, thread }
+        Progress { stop, done, thread }
     }
 }
 
@@ -322,83 +213,90 @@ impl Drop for Progress {
 mod tests {
     use super::*;
 
+    /// Expected values: qemu-img 10.0.2's `bitmap --add -g VALUE` on each (the granularity it
+    /// stored, or which of cvtnum's two messages it printed).
     #[test]
     fn sizes_like_qemu() {
-        assert_eq!(parse_size("100"), Ok(100));
-        assert_eq!(parse_size("64k"), Ok(65536));
-        assert_eq!(parse_size("64K"), Ok(65536));
-        assert_eq!(parse_size("1M"), Ok(1 << 20));
-        assert_eq!(parse_size("1.5k"), Ok(1536));
-        assert_eq!(parse_size("1.0000001k"), Ok(1024));
-        assert_eq!(parse_size("2T"), Ok(2 << 40));
-        assert_eq!(parse_size("1e"), Ok(1 << 60));
-        assert_eq!(parse_size("65536b"), Ok(65536));
-        assert_eq!(parse_size("0x1000"), Ok(4096));
-        assert_eq!(parse_size("8E"), Err(SizeError::TooBig));
-        assert_eq!(parse_size("16E"), Err(SizeError::TooBig));
-        for bad in [
-            "", "1x", "1.5", "1.5b", "-1k", "1kB", "k", "1.k", "0x", " 1",
+        for (s, v) in [
+            ("100", 100),
+            ("64k", 65536),
+            ("64K", 65536),
+            ("1M", 1 << 20),
+            ("1.5k", 1536),
+            ("1.0000001k", 1024),
+            ("2T", 2 << 40),
+            ("1e", 1 << 60),
+            ("65536b", 65536),
+            ("0x1000", 4096),
+            ("0X200", 512),
+            (" 0x200", 512),
+            ("+512", 512),
+            (" 512", 512),
+            ("\t512", 512),
+            ("512B", 512),
+            ("0.5k", 512),
+            (".5k", 512),
+            ("1.k", 1024),
+            ("5.b", 5),
+            ("5.0b", 5),
+            ("1.0", 1),
+            ("0.0", 0),
+            ("0.0001k", 0),
+            ("00512", 512),
+            ("0x0", 0),
+            ("6G", 6 << 30),
         ] {
-            assert_eq!(parse_size(bad), Err(SizeError::Invalid), "{bad}");
+            assert_eq!(parse_size(s), Ok(v), "{s:?}");
         }
-    }
-
-    #[test]
-    fn scanning() {
-        let v = |s: &[&str]| s.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
-        let specs = [
-            OptSpec {
-                long: "add",
-                short: None,
-                arity: Arity::Flag,
-            },
-            OptSpec {
-                long: "granularity",
-                short: Some('g'),
-                arity: Arity::Value,
-            },
-            OptSpec {
-                long: "merge",
-                short: None,
-                arity: Arity::Value,
-            },
-        ];
-        let p = scan(
-            &v(&["--add", "-g64k", "img", "--merge=x", "-g", "1M", "--", "-b"]),
-            &specs,
-        )
-        .unwrap();
-        assert_eq!(
-            p.opts,
-            vec![
-                ("add", String::new()),
-                ("granularity", "64k".into()),
-                ("merge", "x".into()),
-                ("granularity", "1M".into())
-            ]
-        );
-        assert_eq!(p.args, v(&["img", "-b"]));
-        assert!(scan(&v(&["--bogus"]), &specs).is_err());
-        assert!(scan(&v(&["-g"]), &specs).is_err());
-        assert!(scan(&v(&["--add=1"]), &specs).is_err());
-    }
-
-    #[test]
-    fn json_escapes() {
-        assert_eq!(json_str("a\"b\\\n\u{1}"), "\"a\\\"b\\\\\\n\\u0001\"");
-        let j = Json::Obj(vec![
-            (
-                "a",
-                Json::Arr(vec![Json::Obj(vec![
-                    ("offset", Json::Num(0)),
-                    ("length", Json::Num(5)),
-                ])]),
-            ),
-            ("b", Json::Null),
-        ]);
-        assert_eq!(
-            j.pretty(),
-            "{\n    \"a\": [\n        {\"offset\": 0, \"length\": 5}\n    ],\n    \"b\": null\n}"
-        );
+        for s in [
+            "8E",
+            "16E",
+            "-1",
+            "-0",
+            " -1",
+            "-512",
+            "99999999999999999999",
+            "9223372036854775808",
+            "0x8000000000000000",
+            "8192P",
+        ] {
+            assert_eq!(parse_size(s), Err(SizeError::TooBig), "{s:?}");
+        }
+        for s in [
+            "",
+            " ",
+            "k",
+            "+",
+            "-",
+            "1 ",
+            "1x",
+            "1.5",
+            "0.5",
+            "1.5b",
+            "0.5b",
+            "-1k",
+            "-1.5k",
+            "1kB",
+            "0x",
+            "0x10k",
+            "0x1k",
+            "0x1.5",
+            "0b1",
+            "0x-1",
+            "-0x1",
+            "+-1",
+            "++1",
+            "1..5k",
+            "1.5.k",
+            "1.5kk",
+            "1e3",
+            "1.5e3",
+            "1.5 k",
+            ".k",
+            ".",
+            "99999999999999999999k",
+        ] {
+            assert_eq!(parse_size(s), Err(SizeError::Invalid), "{s:?}");
+        }
     }
 }

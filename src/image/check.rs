@@ -117,6 +117,17 @@ pub struct CheckReport {
     pub bitmaps: Vec<StoredBitmapInfo>,
     /// Clusters of the image file.
     pub total_clusters: u64,
+    /// Clusters of the virtual disk (QEMU's BlockFragInfo.total_clusters, what `qemu-img
+    /// check` reports as total-clusters).
+    pub virtual_clusters: u64,
+    /// Clusters the active L1/L2 tables map to data, compressed or not (QEMU's
+    /// BlockFragInfo.allocated_clusters).
+    pub allocated_clusters: u64,
+    /// Of those, clusters not right after the previous one of the same L2 table, and every
+    /// compressed cluster (BlockFragInfo.fragmented_clusters).
+    pub fragmented_clusters: u64,
+    /// Of those, compressed clusters (BlockFragInfo.compressed_clusters).
+    pub compressed_clusters: u64,
     /// One past the highest cluster in use (bytes), as `qemu-img check` reports it.
     pub image_end_offset: u64,
 }
@@ -204,8 +215,9 @@ impl Checker<'_> {
         }
     }
 
-    /// check_refcounts_l1 + check_refcounts_l2.
-    fn l1(&mut self, l1_offset: u64, l1_size: u32) {
+    /// check_refcounts_l1 + check_refcounts_l2; `frag`: count the allocation of the clusters
+    /// (the active L1 only, as QEMU's CHECK_FRAG_INFO).
+    fn l1(&mut self, l1_offset: u64, l1_size: u32, frag: bool) {
         let bytes = u64::from(l1_size) * 8;
         if bytes == 0 {
             return;
@@ -238,11 +250,13 @@ impl Checker<'_> {
                 ));
                 self.report.corruptions += 1;
             }
-            self.l2(l2_offset);
+            self.l2(l2_offset, frag);
         }
     }
 
-    fn l2(&mut self, l2_offset: u64) {
+    fn l2(&mut self, l2_offset: u64, frag: bool) {
+        // Where the next data cluster would be if this table's clusters were contiguous.
+        let mut next_contiguous = 0u64;
         let Ok(l2) = read_padded(self.storage, l2_offset, self.cs as usize) else {
             self.report
                 .messages
@@ -289,6 +303,12 @@ impl Checker<'_> {
                 let sectors = ((entry >> shift) & mask) + 1;
                 let csize = sectors * 512 - (coffset & 511);
                 self.inc(coffset, csize);
+                if frag {
+                    // Compressed clusters count as fragmented by nature, as in QEMU.
+                    self.report.allocated_clusters += 1;
+                    self.report.compressed_clusters += 1;
+                    self.report.fragmented_clusters += 1;
+                }
                 continue;
             }
             if entry & L2E_STD_RESERVED_MASK != 0 {
@@ -304,6 +324,13 @@ impl Checker<'_> {
             } else {
                 offset != 0 || (self.data_file && entry & OFLAG_COPIED != 0)
             };
+            if allocated && frag {
+                self.report.allocated_clusters += 1;
+                if next_contiguous != 0 && offset != next_contiguous {
+                    self.report.fragmented_clusters += 1;
+                }
+                next_contiguous = offset + self.cs;
+            }
             if !allocated {
                 if !zero && bitmap & L2_BITMAP_ALL_ALLOC != 0 {
                     self.report.messages.push(
@@ -364,7 +391,7 @@ impl Checker<'_> {
                 self.report.corruptions += 1;
                 continue;
             }
-            self.l1(o, s);
+            self.l1(o, s, false);
         }
         self.inc(offset, pos - offset);
     }
@@ -499,7 +526,8 @@ fn run_check(
     if u64::from(h.l1_size) * 8 > QCOW_MAX_L1_SIZE {
         return Err(Error::InvalidImage("Active L1 table too large".into()));
     }
-    c.l1(h.l1_table_offset, h.l1_size);
+    c.report.virtual_clusters = h.size.next_multiple_of(512).div_ceil(cs);
+    c.l1(h.l1_table_offset, h.l1_size, true);
     c.snapshots(h.snapshots_offset, h.nb_snapshots);
     let reft_bytes = u64::from(h.refcount_table_clusters) * cs;
     c.inc(h.refcount_table_offset, reft_bytes);
@@ -679,10 +707,21 @@ fn run_check(
 /// Holds QEMU's image locks for the whole check (write locks when repairing), so it fails with
 /// [`Error::InUse`] while QEMU uses the image, as `qemu-img check` does.
 pub fn check_bitmaps(path: impl AsRef<Path>, repair: bool) -> Result<CheckReport> {
+    check_bitmaps_with(path, repair, false)
+}
+
+/// [`check_bitmaps`] with QEMU's force-share (`qemu-img check -U`): no locks, to check an
+/// image another process has open (what it writes meanwhile may show as errors, as with
+/// qemu-img). Refused with `repair`.
+pub fn check_bitmaps_with(
+    path: impl AsRef<Path>,
+    repair: bool,
+    force_share: bool,
+) -> Result<CheckReport> {
     let path = path.as_ref();
     // The reads and the repair below use other descriptors of this process, which take no
     // locks of their own: these locks cover them.
-    let _locks = FileStorage::open_locked(path, repair, false)?;
+    let _locks = FileStorage::open_locked(path, repair, force_share)?;
     check_locked(path, repair)
 }
 

@@ -168,6 +168,19 @@ impl Image {
         Self::open_storage_opts(storage, name, read_write, false, false)
     }
 
+    /// [`Image::open_storage`] with QEMU's force-share option: `force_share` on a read-only
+    /// open means another process may be writing the image, so the bitmaps are read as
+    /// [`Image::open_with`] reads them then (all at once, checked for changes meanwhile). The
+    /// storage's locks, if any, are the caller's business.
+    pub fn open_storage_with(
+        storage: Box<dyn Storage>,
+        name: &str,
+        read_write: bool,
+        force_share: bool,
+    ) -> Result<Image> {
+        Self::open_storage_opts(storage, name, read_write, false, force_share)
+    }
+
     /// Opens an image; `shared`: another process may write it (force-share, see
     /// [`Image::open_with`]).
     fn open_storage_opts(
