@@ -130,7 +130,12 @@ fn expected_soname() -> String {
 
 /// The value of `key = value` in the `[table]` of Cargo.toml (a minimal reader for flat keys).
 fn cargo_toml_value(table: &str, key: &str) -> Option<String> {
-    let text = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    manifest_value("Cargo.toml", table, key)
+}
+
+/// The value of `key = value` in the `[table]` of the manifest `file` (relative to the root).
+fn manifest_value(file: &str, table: &str, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(root().join(file)).unwrap();
     let mut in_table = false;
     for line in text.lines().map(str::trim) {
         if line.starts_with('[') {
@@ -396,4 +401,148 @@ fn install_sh_rejects_bad_arguments() {
             output_text(&out)
         );
     }
+}
+
+/// The files `cargo package --list` puts in the registry package of `package`.
+fn packaged_files(package: &str) -> Vec<String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .args([
+            "package",
+            "--list",
+            "--no-verify",
+            "--allow-dirty",
+            "-p",
+            package,
+        ])
+        .current_dir(root())
+        .output()
+        .expect("cannot run cargo");
+    assert!(
+        out.status.success(),
+        "cargo package --list -p {package} failed:\n{}",
+        output_text(&out)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn registry_package_has_the_library_and_no_test_data() {
+    let files = packaged_files("qdirty");
+    for need in [
+        "Cargo.toml",
+        "build.rs",
+        "src/lib.rs",
+        "src/ffi/version.rs",
+        "include/qdirty.h",
+        "cbindgen.toml",
+        "scripts/install.sh",
+        "scripts/qdirty.pc.in",
+        "examples/quickstart.rs",
+        "examples/consumer.c",
+        "README.md",
+        "CHANGELOG.md",
+        "LICENSE-MIT",
+        "LICENSE-APACHE",
+    ] {
+        assert!(
+            files.iter().any(|f| f == need),
+            "the package lacks {need}: {files:?}"
+        );
+    }
+    // Every library source file goes (a missing one would break the build from the package).
+    let mut sources = Vec::new();
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    walk(&root().join("src"), &mut sources);
+    for s in sources {
+        let rel = s.strip_prefix(root()).unwrap().to_str().unwrap().to_owned();
+        assert!(files.contains(&rel), "the package lacks {rel}");
+    }
+    // No test suite, test images, fuzz corpus, benchmarks, Python package or build output.
+    for f in &files {
+        let top = f.split('/').next().unwrap();
+        assert!(
+            !["tests", "c-tests", "python", "fuzz", "benches", "target", "cli", ".ci"]
+                .contains(&top),
+            "the package carries {f}"
+        );
+        assert!(
+            ![".qcow2", ".img", ".raw", ".bin", ".so", ".o"]
+                .iter()
+                .any(|ext| f.ends_with(ext)),
+            "the package carries {f}"
+        );
+    }
+
+    let cli = packaged_files("qdirty-cli");
+    for need in ["Cargo.toml", "src/main.rs", "README.md"] {
+        assert!(
+            cli.iter().any(|f| f == need),
+            "qdirty-cli lacks {need}: {cli:?}"
+        );
+    }
+    assert!(
+        cli.iter().all(|f| !f.starts_with("tests/")),
+        "qdirty-cli carries its tests: {cli:?}"
+    );
+}
+
+#[test]
+fn manifests_carry_registry_metadata() {
+    for file in ["Cargo.toml", "cli/Cargo.toml"] {
+        for key in [
+            "description",
+            "license",
+            "readme",
+            "keywords",
+            "categories",
+            "rust-version",
+        ] {
+            let value = manifest_value(file, "package", key);
+            assert!(
+                value.as_deref().is_some_and(|v| !v.is_empty() && v != "[]"),
+                "{file} has no [package] {key}"
+            );
+        }
+        assert_eq!(
+            manifest_value(file, "package", "license").as_deref(),
+            Some("MIT OR Apache-2.0"),
+            "{file}"
+        );
+        let readme = manifest_value(file, "package", "readme").unwrap();
+        let dir = Path::new(file).parent().unwrap();
+        assert!(
+            root().join(dir).join(&readme).is_file(),
+            "{file}: readme {readme} does not exist"
+        );
+    }
+    assert_eq!(
+        manifest_value("cli/Cargo.toml", "package", "rust-version"),
+        manifest_value("Cargo.toml", "package", "rust-version"),
+        "the command and the library have one MSRV"
+    );
+    for file in ["LICENSE-MIT", "LICENSE-APACHE"] {
+        let text =
+            std::fs::read_to_string(root().join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(text.len() > 1000, "{file} is not a license text");
+    }
+    assert!(std::fs::read_to_string(root().join("LICENSE-MIT"))
+        .unwrap()
+        .contains("Copyright (c) The qdirty developers"));
+    assert!(std::fs::read_to_string(root().join("LICENSE-APACHE"))
+        .unwrap()
+        .contains("Apache License\n                           Version 2.0, January 2004"));
 }
