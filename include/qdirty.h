@@ -83,6 +83,21 @@
 // against this header runs with any libqdirty of the same ABI major that is at least as new.
 #define QDIRTY_ABI_MAJOR 0u
 
+// The major version of the qdirty release this header belongs to (`X` of `X.Y.Z`, the crate's
+// version in Cargo.toml). `qdirty_version_number()` gives the installed library's.
+#define QDIRTY_VERSION_MAJOR 0u
+
+// The minor version of this header's release (`Y` of `X.Y.Z`, below 100).
+#define QDIRTY_VERSION_MINOR 1u
+
+// The patch version of this header's release (`Z` of `X.Y.Z`, below 100).
+#define QDIRTY_VERSION_PATCH 0u
+
+// This header's release as one number, MAJOR * 10000 + MINOR * 100 + PATCH (0.1.0 is 100,
+// 1.2.3 is 10203), for the preprocessor: `#if QDIRTY_VERSION_NUMBER >= 200` guards code that
+// needs 0.2.0's header; `qdirty_version_number() >= 200` checks the library it runs with.
+#define QDIRTY_VERSION_NUMBER (((QDIRTY_VERSION_MAJOR * 10000) + (QDIRTY_VERSION_MINOR * 100)) + QDIRTY_VERSION_PATCH)
+
 // The bits a bitmap had before `qdirty_bitmap_clear_with_backup` or `qdirty_bitmap_merge`
 // changed them (QEMU's HBitmap backup), for `qdirty_bitmap_restore`.
 //
@@ -279,6 +294,14 @@ extern "C" {
 // Ownership: static; do not free it.
 // Thread safety: may be called from any thread.
 const char *qdirty_version(void);
+
+// The library version as one number, MAJOR * 10000 + MINOR * 100 + PATCH (100 for "0.1.0"):
+// the `QDIRTY_VERSION_NUMBER` of the library running, to compare with the header's, e.g.
+// `qdirty_version_number() >= 200` before using what 0.2.0 added.
+//
+// Returns: the version number; never fails.
+// Thread safety: may be called from any thread.
+uint32_t qdirty_version_number(void);
 
 // Frees a string returned by qdirty (e.g. by `qdirty_bitmap_sha256`). NULL is a no-op.
 //

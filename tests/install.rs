@@ -438,6 +438,7 @@ fn registry_package_has_the_library_and_no_test_data() {
         "build.rs",
         "src/lib.rs",
         "src/ffi/version.rs",
+        "src/ffi/qdirty.map",
         "include/qdirty.h",
         "cbindgen.toml",
         "scripts/install.sh",
