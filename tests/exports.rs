@@ -1,7 +1,8 @@
-//! The C ABI as shipped: include/qdirty.h compiles on its own as C11 and C++, declares exactly
-//! the functions the cdylib exports, every exported function is wrapped by the panic boundary
-//! (`ffi_call!`) and carries the symbol version src/ffi/qdirty.map gives it, and a program that
-//! needs a newer version than the library has refuses to load.
+//! The C ABI as shipped: include/qdirty.h compiles on its own as C89, C99, C11 and C++11
+//! (`-pedantic -Werror`), declares exactly the functions the cdylib exports, every exported
+//! function is wrapped by the panic boundary (`ffi_call!`) and carries the symbol version
+//! src/ffi/qdirty.map gives it, and a program that needs a newer version than the library has
+//! refuses to load.
 
 #[path = "support/clib.rs"]
 mod clib;
@@ -50,24 +51,34 @@ fn header_functions() -> BTreeSet<String> {
     names
 }
 
-fn compile_header(cpp: bool) {
-    let dir = scratch_dir(if cpp { "header-cxx" } else { "header-c" });
+/// Compiles a file that includes include/qdirty.h twice and uses its macros and types, as the
+/// language `std` (`c89`, `c99`, `c11`, `c++11`) with `-pedantic -Werror`.
+fn compile_header(std: &str) {
+    let cpp = std.starts_with("c++");
+    let dir = scratch_dir(&format!("header-{std}"));
     let src = dir.join(if cpp { "t.cpp" } else { "t.c" });
     std::fs::write(
         &src,
         "#include \"qdirty.h\"\n#include \"qdirty.h\" /* the include guard works */\n\
+         #if QDIRTY_VERSION_NUMBER < 100 || QDIRTY_VERSION_NUMBER != \\\n\
+         \x20   QDIRTY_VERSION_MAJOR * 10000 + QDIRTY_VERSION_MINOR * 100 + QDIRTY_VERSION_PATCH\n\
+         #error \"QDIRTY_VERSION_NUMBER is not usable in #if\"\n\
+         #endif\n\
          int qdirty_header_test(void);\n\
          int qdirty_header_test(void) {\n\
          \x20   qdirty_warning_fn f = 0;\n\
+         \x20   qdirty_extent e;\n\
+         \x20   e.offset = 0;\n\
+         \x20   e.length = 0;\n\
          \x20   (void)f;\n\
          \x20   return (int)(QDIRTY_OPEN_RDWR + QDIRTY_BITMAP_PERSISTENT + QDIRTY_BITMAP_DISABLED +\n\
-         \x20                QDIRTY_BITMAP_AUTOLOAD);\n\
+         \x20                QDIRTY_BITMAP_AUTOLOAD + e.offset + e.length);\n\
          }\n",
     )
     .unwrap();
     let tool = compiler(cpp);
     let mut cmd = tool.to_command();
-    cmd.arg(if cpp { "-std=c++11" } else { "-std=c11" })
+    cmd.arg(format!("-std={std}"))
         .args(["-Wall", "-Wextra", "-Werror", "-pedantic"])
         .arg("-I")
         .arg(root().join("include"))
@@ -81,21 +92,30 @@ fn compile_header(cpp: bool) {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(
         out.status.success(),
-        "include/qdirty.h does not compile standalone as {}:\n{}{}",
-        if cpp { "C++" } else { "C11" },
+        "include/qdirty.h does not compile standalone with -std={std} -pedantic -Werror:\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
 }
 
 #[test]
-fn header_compiles_as_c11() {
-    compile_header(false);
+fn header_compiles_as_c89() {
+    compile_header("c89");
 }
 
 #[test]
-fn header_compiles_as_cxx() {
-    compile_header(true);
+fn header_compiles_as_c99() {
+    compile_header("c99");
+}
+
+#[test]
+fn header_compiles_as_c11() {
+    compile_header("c11");
+}
+
+#[test]
+fn header_compiles_as_cxx11() {
+    compile_header("c++11");
 }
 
 #[test]
