@@ -1,11 +1,15 @@
-//! Packaging: scripts/install.sh installs the cdylib this test run built (never a nested `cargo
-//! build`: cargo holds the target directory's lock) under a temporary prefix, and
-//! examples/consumer.c, compiled with nothing but `pkg-config --cflags --libs qdirty`, runs
-//! against that installed copy. Also checks the layout, the .pc file, and that the ABI major
-//! agrees everywhere: src/ffi/version.rs, include/qdirty.h, the soname, cargo-c's metadata.
+//! Packaging: scripts/install.sh installs the cdylib and the `qdirty` command this test run
+//! built (never a nested `cargo build`: cargo holds the target directory's lock) under a
+//! temporary prefix, and examples/consumer.c, compiled with nothing but `pkg-config --cflags
+//! --libs qdirty`, runs against that installed copy. Also checks the layout, the .pc file, that
+//! the installed library and command are stripped (and `--no-strip` installs them as built),
+//! and that the ABI major agrees everywhere: src/ffi/version.rs, include/qdirty.h, the soname,
+//! cargo-c's metadata.
 //!
-//! Needs pkg-config, a C compiler and readelf (binutils); `.ci/run` installs them. A missing
-//! tool fails the test: it is a plain dependency, not an optional oracle like QEMU.
+//! Needs pkg-config, a C compiler and readelf and strip (binutils); `.ci/run` installs them. A
+//! missing tool fails the test: it is a plain dependency, not an optional oracle like QEMU. The
+//! command is target/<profile>/qdirty, which `cargo test` builds for cli/tests; a lone
+//! `cargo test --test install` needs `cargo build -p qdirty-cli` first.
 
 #[path = "support/clib.rs"]
 mod clib;
@@ -55,13 +59,33 @@ fn run_tool(cmd: &mut Command, package: &str) -> Output {
     })
 }
 
-/// Runs scripts/install.sh with `args` and `--lib <this run's cdylib>`; asserts success.
+/// The `qdirty` command built for this run: target/<profile>/qdirty.
+fn command() -> PathBuf {
+    let dir = clib::lib_dir();
+    let profile_dir = if dir.ends_with("deps") {
+        dir.parent().unwrap().to_path_buf()
+    } else {
+        dir
+    };
+    let bin = profile_dir.join("qdirty");
+    assert!(
+        bin.is_file(),
+        "{} does not exist: `cargo test` builds it; alone, run `cargo build -p qdirty-cli` first",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs scripts/install.sh with `args`, `--lib <this run's cdylib>` and `--bin <this run's
+/// command>`; asserts success.
 fn install(args: &[&str]) -> Output {
     let out = Command::new("bash")
         .arg(root().join("scripts/install.sh"))
         .args(args)
         .arg("--lib")
         .arg(cdylib())
+        .arg("--bin")
+        .arg(command())
         .output()
         .expect("cannot run bash");
     assert!(
@@ -164,6 +188,123 @@ fn pc_variable(pc: &str, var: &str) -> Option<String> {
         .map(|v| v.trim().to_owned())
 }
 
+/// The section names of an ELF file (`readelf -S`).
+fn sections(file: &Path) -> Vec<String> {
+    let out = run_tool(
+        Command::new("readelf")
+            .args(["-S", "-W"])
+            .arg(file)
+            .env("LC_ALL", "C"),
+        "binutils",
+    );
+    assert!(
+        out.status.success(),
+        "readelf -S failed:\n{}",
+        output_text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim_start();
+            let rest = l.strip_prefix('[')?;
+            let name = rest[rest.find(']')? + 1..].split_whitespace().next()?;
+            Some(name.to_owned())
+        })
+        .collect()
+}
+
+/// The dynamic symbols (`name@version`, sorted) an ELF file defines: what a program can bind to.
+fn defined_dynamic_symbols(file: &Path) -> Vec<String> {
+    let out = run_tool(
+        Command::new("readelf")
+            .args(["--dyn-syms", "-W"])
+            .arg(file)
+            .env("LC_ALL", "C"),
+        "binutils",
+    );
+    let mut syms: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 8 && f[0].ends_with(':') && f[6] != "UND").then(|| f[7].to_owned())
+        })
+        .collect();
+    syms.sort();
+    syms
+}
+
+/// `installed` is `built` stripped: no symbol table or debug sections left, smaller, and the
+/// same dynamic symbols (with their versions) and soname.
+fn assert_stripped_copy(installed: &Path, built: &Path) {
+    let built_sections = sections(built);
+    assert!(
+        built_sections.iter().any(|s| s == ".symtab")
+            && built_sections.iter().any(|s| s.starts_with(".debug_")),
+        "{} has no symbols or debug info to strip: {built_sections:?}",
+        built.display()
+    );
+    // `.debug_gdb_scripts` (rustc's pointer to gdb's pretty printers) is loaded at run time, so
+    // strip keeps it: it is not debug information.
+    let left: Vec<_> = sections(installed)
+        .into_iter()
+        .filter(|s| {
+            s == ".symtab"
+                || s == ".strtab"
+                || (s.starts_with(".debug_") && s != ".debug_gdb_scripts")
+        })
+        .collect();
+    assert!(
+        left.is_empty(),
+        "{} is not stripped: {left:?}",
+        installed.display()
+    );
+    let (got, was) = (
+        std::fs::metadata(installed).unwrap().len(),
+        std::fs::metadata(built).unwrap().len(),
+    );
+    assert!(
+        got < was,
+        "{} ({got} bytes) is not smaller than {} ({was} bytes)",
+        installed.display(),
+        built.display()
+    );
+    assert_eq!(
+        defined_dynamic_symbols(installed),
+        defined_dynamic_symbols(built),
+        "stripping changed the dynamic symbols of {}",
+        installed.display()
+    );
+    assert_eq!(
+        dynamic_entries(installed, "SONAME"),
+        dynamic_entries(built, "SONAME")
+    );
+    if let Ok(out) = Command::new("file").arg(installed).output() {
+        let says = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            says.contains(", stripped"),
+            "file(1) on {}: {says}",
+            installed.display()
+        );
+    }
+}
+
+#[test]
+fn no_strip_installs_the_files_as_built() {
+    let scratch = Scratch::new("nostrip");
+    let prefix = scratch.0.join("prefix");
+    install(&["--prefix", prefix.to_str().unwrap(), "--no-strip"]);
+    assert_eq!(
+        std::fs::read(prefix.join(format!("lib/libqdirty.so.{VERSION}"))).unwrap(),
+        std::fs::read(cdylib()).unwrap(),
+        "--no-strip: the library is not a copy of the one built"
+    );
+    assert_eq!(
+        std::fs::read(prefix.join("bin/qdirty")).unwrap(),
+        std::fs::read(command()).unwrap(),
+        "--no-strip: the command is not a copy of the one built"
+    );
+}
+
 #[test]
 fn the_abi_major_agrees_everywhere() {
     let abi = qdirty::ffi::QDIRTY_ABI_MAJOR;
@@ -212,10 +353,14 @@ fn installed_copy_serves_a_pkg_config_consumer() {
     let so_n = expected_soname();
     let meta = std::fs::symlink_metadata(libdir.join(&real)).unwrap();
     assert!(meta.is_file(), "{real} must be a regular file");
-    assert_eq!(
-        std::fs::read(libdir.join(&real)).unwrap(),
-        std::fs::read(cdylib()).unwrap(),
-        "{real} is not a copy of the library built"
+    assert_stripped_copy(&libdir.join(&real), &cdylib());
+    let bin = prefix.join("bin/qdirty");
+    assert_stripped_copy(&bin, &command());
+    let out = Command::new(&bin).arg("--help").output().unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("qdirty"),
+        "the installed command does not run:\n{}",
+        output_text(&out)
     );
     assert_eq!(
         std::fs::read_link(libdir.join(&so_n)).unwrap(),
@@ -367,6 +512,7 @@ fn destdir_stages_files_and_the_pc_names_the_final_paths() {
         );
     }
     assert!(root_dir.join("include/qdirty.h").is_file());
+    assert!(root_dir.join("bin/qdirty").is_file());
     let pc = std::fs::read_to_string(libdir.join("pkgconfig/qdirty.pc")).unwrap();
     assert_eq!(pc_variable(&pc, "prefix").as_deref(), Some(prefix), "{pc}");
     assert_eq!(
