@@ -693,3 +693,124 @@ fn manifests_carry_registry_metadata() {
         .unwrap()
         .contains("Apache License\n                           Version 2.0, January 2004"));
 }
+
+/// Files and links under `dir`, relative: `path` for a file, `path -> final target name` for a
+/// link (resolved through link chains, so `libqdirty.so -> libqdirty.so.N -> libqdirty.so.X.Y.Z`
+/// and `libqdirty.so -> libqdirty.so.X.Y.Z` compare equal).
+fn layout(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(base).unwrap().display().to_string();
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            if meta.file_type().is_symlink() {
+                let target = std::fs::canonicalize(&p).unwrap();
+                out.push(format!(
+                    "{rel} -> {}",
+                    target.file_name().unwrap().to_string_lossy()
+                ));
+            } else if meta.is_dir() {
+                walk(base, &p, out);
+            } else {
+                out.push(rel);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// The variables and fields of a .pc file, without `Libs.private` (static linking only).
+fn pc_entries(pc: &str) -> Vec<String> {
+    let mut out: Vec<String> = pc
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Libs.private:"))
+        .map(str::to_owned)
+        .collect();
+    out.sort();
+    out
+}
+
+/// cargo-c's `cargo cinstall` (README: for distributions) and scripts/install.sh give the same
+/// layout, soname, header, .pc file and versioned exports; install.sh adds the command and
+/// strips. Runs only where cargo-c is installed (`cargo install cargo-c`): it is not on CI.
+#[test]
+fn cargo_cinstall_layout_matches_install_sh() {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if !std::env::split_paths(&path).any(|d| d.join("cargo-cinstall").is_file()) {
+        eprintln!("SKIP cargo_cinstall_layout_matches_install_sh: cargo-cinstall is not on PATH");
+        return;
+    }
+    let scratch = Scratch::new("cinstall");
+    let (prefix, libdir) = ("/usr", "lib64");
+    // Its own target directory (not this run's, which cargo keeps locked), kept between runs.
+    let target = clib::lib_dir()
+        .ancestors()
+        .nth(2)
+        .unwrap()
+        .join("cinstall-test");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let c_stage = scratch.0.join("cinstall");
+    let out = Command::new(cargo)
+        .args(["cinstall", "--release", "--library-type", "cdylib"])
+        .args(["--prefix", prefix, "--libdir", libdir, "--destdir"])
+        .arg(&c_stage)
+        .arg("--target-dir")
+        .arg(&target)
+        .current_dir(root())
+        .output()
+        .expect("cannot run cargo");
+    assert!(
+        out.status.success(),
+        "cargo cinstall failed:\n{}",
+        output_text(&out)
+    );
+    let s_stage = scratch.0.join("install-sh");
+    install(&[
+        "--prefix",
+        prefix,
+        "--libdir",
+        libdir,
+        "--destdir",
+        s_stage.to_str().unwrap(),
+    ]);
+
+    let mut expected = layout(&c_stage);
+    expected.push("usr/bin/qdirty".into());
+    expected.sort();
+    assert_eq!(
+        layout(&s_stage),
+        expected,
+        "scripts/install.sh and cargo cinstall install different files"
+    );
+    let lib = |stage: &Path| stage.join(format!("usr/{libdir}/libqdirty.so.{VERSION}"));
+    assert_eq!(soname(&lib(&c_stage)), expected_soname());
+    assert_eq!(soname(&lib(&s_stage)), expected_soname());
+    let exports = |f: &Path| -> Vec<String> {
+        defined_dynamic_symbols(f)
+            .into_iter()
+            .filter(|s| s.starts_with("qdirty_"))
+            .collect()
+    };
+    assert_eq!(exports(&lib(&c_stage)), exports(&lib(&s_stage)));
+    assert!(
+        exports(&lib(&c_stage))
+            .iter()
+            .all(|s| s.contains("@@QDIRTY_")),
+        "cargo cinstall's library lacks symbol versions"
+    );
+    assert_eq!(
+        std::fs::read(c_stage.join("usr/include/qdirty.h")).unwrap(),
+        std::fs::read(root().join("include/qdirty.h")).unwrap()
+    );
+    let pc = |stage: &Path| {
+        pc_entries(
+            &std::fs::read_to_string(stage.join(format!("usr/{libdir}/pkgconfig/qdirty.pc")))
+                .unwrap(),
+        )
+    };
+    assert_eq!(pc(&s_stage), pc(&c_stage), "the .pc files differ");
+}
