@@ -92,6 +92,7 @@ static void boundary_misc(void)
     qdirty_error *err = some_error();
 
     CHECK(qdirty_version() != NULL);
+    CHECK(qdirty_version_number() == QDIRTY_VERSION_NUMBER);
     qdirty_string_free(NULL);
     CHECK(qdirty_error_message(NULL) == NULL);
     CHECK(qdirty_error_hint(NULL) == NULL);

@@ -13,6 +13,19 @@ static void test_version_and_frees(void)
     CHECK(v != NULL && strchr(v, '.') != NULL);
     CHECK(qdirty_version() == v); /* static */
 
+    /* The header's version macros, the library's string and its number agree. */
+    unsigned x = 99, y = 99, z = 99;
+    char rest = 0;
+    CHECK(v != NULL && sscanf(v, "%u.%u.%u%c", &x, &y, &z, &rest) == 3);
+    CHECK_EQ_U64(x, QDIRTY_VERSION_MAJOR);
+    CHECK_EQ_U64(y, QDIRTY_VERSION_MINOR);
+    CHECK_EQ_U64(z, QDIRTY_VERSION_PATCH);
+    CHECK_EQ_U64(qdirty_version_number(), x * 10000u + y * 100u + z);
+    CHECK_EQ_U64(qdirty_version_number(), QDIRTY_VERSION_NUMBER);
+#if QDIRTY_VERSION_NUMBER != QDIRTY_VERSION_MAJOR * 10000 + QDIRTY_VERSION_MINOR * 100 + QDIRTY_VERSION_PATCH
+#error "QDIRTY_VERSION_NUMBER is not usable in #if"
+#endif
+
     /* NULL is a no-op for the free functions. */
     qdirty_error_free(NULL);
     qdirty_string_free(NULL);

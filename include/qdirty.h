@@ -27,764 +27,947 @@
 #include <stddef.h>
 #include <stdint.h>
 
-// `qdirty_image_open` flag: open the image read-write. Without it the image is opened
-// read-only and nothing is ever written to it.
+#ifdef __cplusplus
+extern "C" {
+#endif /* __cplusplus */
+
+/**
+ * `qdirty_image_open` flag: open the image read-write. Without it the image is opened
+ * read-only and nothing is ever written to it.
+ */
 #define QDIRTY_OPEN_RDWR 1u
 
-// `qdirty_image_open` flag: QEMU's force-share (`qemu-img -U`): a read-only open that takes no
-// image locks, to look at an image another process (QEMU) is using. Not allowed with
-// QDIRTY_OPEN_RDWR. Without it, qdirty takes the same OFD locks as QEMU and the open fails
-// with -EAGAIN while QEMU uses the image in a conflicting way.
+/**
+ * `qdirty_image_open` flag: QEMU's force-share (`qemu-img -U`): a read-only open that takes no
+ * image locks, to look at an image another process (QEMU) is using. Not allowed with
+ * QDIRTY_OPEN_RDWR. Without it, qdirty takes the same OFD locks as QEMU and the open fails
+ * with -EAGAIN while QEMU uses the image in a conflicting way.
+ */
 #define QDIRTY_OPEN_FORCE_SHARE 2u
 
-// `qdirty_image_open` flag: salvage mode, for images QEMU refuses to open because of a broken
-// bitmap directory entry or table (reserved flag bits, bad granularity, bad table entries, a
-// wrong table size, ...). Such an entry does not fail the open: it becomes a *broken bitmap*,
-// listed by `qdirty_image_broken_bitmap_count` / `qdirty_image_broken_bitmap` with the reason
-// QEMU refuses it, never loaded, and removable only (`qdirty_image_remove_broken_bitmap`, with
-// QDIRTY_OPEN_RDWR; its clusters are leaked, never freed). The valid bitmaps load normally.
-// QEMU keeps refusing the image (a store writes broken entries back as they are) until every
-// broken bitmap is removed. A directory broken as a whole (its size, count or walk, the
-// extension's fields) still fails the open, with a message naming
-// `qdirty_image_drop_bitmaps_extension`. May be combined with the other flags.
+/**
+ * `qdirty_image_open` flag: salvage mode, for images QEMU refuses to open because of a broken
+ * bitmap directory entry or table (reserved flag bits, bad granularity, bad table entries, a
+ * wrong table size, ...). Such an entry does not fail the open: it becomes a *broken bitmap*,
+ * listed by `qdirty_image_broken_bitmap_count` / `qdirty_image_broken_bitmap` with the reason
+ * QEMU refuses it, never loaded, and removable only (`qdirty_image_remove_broken_bitmap`, with
+ * QDIRTY_OPEN_RDWR; its clusters are leaked, never freed). The valid bitmaps load normally.
+ * QEMU keeps refusing the image (a store writes broken entries back as they are) until every
+ * broken bitmap is removed. A directory broken as a whole (its size, count or walk, the
+ * extension's fields) still fails the open, with a message naming
+ * `qdirty_image_drop_bitmaps_extension`. May be combined with the other flags.
+ */
 #define QDIRTY_OPEN_SALVAGE 4u
 
-// `qdirty_image_add_bitmap` flag: the bitmap is persistent (stored in the image on close).
+/**
+ * `qdirty_image_add_bitmap` flag: the bitmap is persistent (stored in the image on close).
+ */
 #define QDIRTY_BITMAP_PERSISTENT 1u
 
-// `qdirty_image_add_bitmap` flag: the bitmap is created disabled (not recording writes).
+/**
+ * `qdirty_image_add_bitmap` flag: the bitmap is created disabled (not recording writes).
+ */
 #define QDIRTY_BITMAP_DISABLED 2u
 
-// `qdirty_image_add_bitmap` flag: QEMU's deprecated `autoload` option. Accepted, its value is
-// ignored, and the warning "Autoload option is deprecated and its value is ignored" is
-// delivered to the warning handler. Whether a bitmap loads enabled depends only on whether it
-// was enabled when stored.
+/**
+ * `qdirty_image_add_bitmap` flag: QEMU's deprecated `autoload` option. Accepted, its value is
+ * ignored, and the warning "Autoload option is deprecated and its value is ignored" is
+ * delivered to the warning handler. Whether a bitmap loads enabled depends only on whether it
+ * was enabled when stored.
+ */
 #define QDIRTY_BITMAP_AUTOLOAD 4u
 
-// `qdirty_bitmap_check` flag (QEMU's BDRV_BITMAP_BUSY): fail if the bitmap is busy.
+/**
+ * `qdirty_bitmap_check` flag (QEMU's BDRV_BITMAP_BUSY): fail if the bitmap is busy.
+ */
 #define QDIRTY_CHECK_BUSY 1u
 
-// `qdirty_bitmap_check` flag (QEMU's BDRV_BITMAP_RO): fail if the bitmap is readonly.
+/**
+ * `qdirty_bitmap_check` flag (QEMU's BDRV_BITMAP_RO): fail if the bitmap is readonly.
+ */
 #define QDIRTY_CHECK_RO 2u
 
-// `qdirty_bitmap_check` flag (QEMU's BDRV_BITMAP_INCONSISTENT): fail if the bitmap is
-// inconsistent.
+/**
+ * `qdirty_bitmap_check` flag (QEMU's BDRV_BITMAP_INCONSISTENT): fail if the bitmap is
+ * inconsistent.
+ */
 #define QDIRTY_CHECK_INCONSISTENT 4u
 
-// `qdirty_bitmap_check` flags for operations that change a bitmap's bits (QEMU's
-// BDRV_BITMAP_DEFAULT): BUSY | RO | INCONSISTENT.
+/**
+ * `qdirty_bitmap_check` flags for operations that change a bitmap's bits (QEMU's
+ * BDRV_BITMAP_DEFAULT): BUSY | RO | INCONSISTENT.
+ */
 #define QDIRTY_CHECK_DEFAULT 7u
 
-// `qdirty_bitmap_check` flags for operations that only read a bitmap or change its state
-// (QEMU's BDRV_BITMAP_ALLOW_RO): BUSY | INCONSISTENT.
+/**
+ * `qdirty_bitmap_check` flags for operations that only read a bitmap or change its state
+ * (QEMU's BDRV_BITMAP_ALLOW_RO): BUSY | INCONSISTENT.
+ */
 #define QDIRTY_CHECK_ALLOW_RO 5u
 
-// The major version of the C ABI, the `N` of the soname `libqdirty.so.N`. A program compiled
-// against this header runs with any libqdirty of the same ABI major that is at least as new.
+/**
+ * The major version of the C ABI, the `N` of the soname `libqdirty.so.N`. A program compiled
+ * against this header runs with any libqdirty of the same ABI major that is at least as new.
+ */
 #define QDIRTY_ABI_MAJOR 0u
 
-// The bits a bitmap had before `qdirty_bitmap_clear_with_backup` or `qdirty_bitmap_merge`
-// changed them (QEMU's HBitmap backup), for `qdirty_bitmap_restore`.
-//
-// Ownership: owned by the caller; free it with `qdirty_backup_free` (restoring does not free
-// it: it leaves it empty).
-// Thread safety: not shared between threads by qdirty; one thread at a time may use it.
-// Methods: qdirty_bitmap_restore, qdirty_backup_free
+/**
+ * The major version of the qdirty release this header belongs to (`X` of `X.Y.Z`, the crate's
+ * version in Cargo.toml). `qdirty_version_number()` gives the installed library's.
+ */
+#define QDIRTY_VERSION_MAJOR 0u
+
+/**
+ * The minor version of this header's release (`Y` of `X.Y.Z`, below 100).
+ */
+#define QDIRTY_VERSION_MINOR 1u
+
+/**
+ * The patch version of this header's release (`Z` of `X.Y.Z`, below 100).
+ */
+#define QDIRTY_VERSION_PATCH 0u
+
+/**
+ * This header's release as one number, MAJOR * 10000 + MINOR * 100 + PATCH (0.1.0 is 100,
+ * 1.2.3 is 10203), for the preprocessor: `#if QDIRTY_VERSION_NUMBER >= 200` guards code that
+ * needs 0.2.0's header; `qdirty_version_number() >= 200` checks the library it runs with.
+ */
+#define QDIRTY_VERSION_NUMBER (((QDIRTY_VERSION_MAJOR * 10000) + (QDIRTY_VERSION_MINOR * 100)) + QDIRTY_VERSION_PATCH)
+
+/**
+ * The bits a bitmap had before `qdirty_bitmap_clear_with_backup` or `qdirty_bitmap_merge`
+ * changed them (QEMU's HBitmap backup), for `qdirty_bitmap_restore`.
+ *
+ * Ownership: owned by the caller; free it with `qdirty_backup_free` (restoring does not free
+ * it: it leaves it empty).
+ * Thread safety: not shared between threads by qdirty; one thread at a time may use it.
+ * Methods: qdirty_bitmap_restore, qdirty_backup_free
+ */
 typedef struct qdirty_backup qdirty_backup;
 
-// A dirty bitmap of an image.
-//
-// Ownership: borrowed from its image; never freed by the caller. The pointer stays safe to
-// pass until the image is closed: once its bitmap is gone (removed, released, abdicated,
-// removed by a committed transaction), every call on it fails with -ENOENT (getters without
-// an error channel return NULL / false / 0 / -1) and never touches another bitmap. Finding
-// the same bitmap twice returns the same pointer.
-// Thread safety: as its image (calls are serialized by the image's lock).
-// Methods: qdirty_bitmap_next, qdirty_bitmap_name, qdirty_bitmap_granularity,
-// qdirty_bitmap_size, qdirty_bitmap_enabled, qdirty_bitmap_persistent,
-// qdirty_bitmap_inconsistent, qdirty_bitmap_readonly, qdirty_bitmap_enable,
-// qdirty_bitmap_disable, qdirty_bitmap_set_dirty, qdirty_bitmap_reset_dirty,
-// qdirty_bitmap_clear, qdirty_bitmap_get, qdirty_bitmap_count, qdirty_bitmap_next_dirty,
-// qdirty_bitmap_next_zero, qdirty_bitmap_next_dirty_area, qdirty_bitmap_sha256
+/**
+ * A dirty bitmap of an image.
+ *
+ * Ownership: borrowed from its image; never freed by the caller. The pointer stays safe to
+ * pass until the image is closed: once its bitmap is gone (removed, released, abdicated,
+ * removed by a committed transaction), every call on it fails with -ENOENT (getters without
+ * an error channel return NULL / false / 0 / -1) and never touches another bitmap. Finding
+ * the same bitmap twice returns the same pointer.
+ * Thread safety: as its image (calls are serialized by the image's lock).
+ * Methods: qdirty_bitmap_next, qdirty_bitmap_name, qdirty_bitmap_granularity,
+ * qdirty_bitmap_size, qdirty_bitmap_enabled, qdirty_bitmap_persistent,
+ * qdirty_bitmap_inconsistent, qdirty_bitmap_readonly, qdirty_bitmap_enable,
+ * qdirty_bitmap_disable, qdirty_bitmap_set_dirty, qdirty_bitmap_reset_dirty,
+ * qdirty_bitmap_clear, qdirty_bitmap_get, qdirty_bitmap_count, qdirty_bitmap_next_dirty,
+ * qdirty_bitmap_next_zero, qdirty_bitmap_next_dirty_area, qdirty_bitmap_sha256
+ */
 typedef struct qdirty_bitmap qdirty_bitmap;
 
-// The details of a failed call: a message, an optional hint and a positive errno.
-//
-// Ownership: owned by the caller. A failing function that takes `qdirty_error **errp` stores
-// a new error in `*errp` (when `errp` is not NULL); free it with `qdirty_error_free`.
-// Thread safety: an error is immutable; it may be read from any thread and freed from any
-// thread, once.
-// Methods: qdirty_error_message, qdirty_error_hint, qdirty_error_errno, qdirty_error_free
+/**
+ * The details of a failed call: a message, an optional hint and a positive errno.
+ *
+ * Ownership: owned by the caller. A failing function that takes `qdirty_error **errp` stores
+ * a new error in `*errp` (when `errp` is not NULL); free it with `qdirty_error_free`.
+ * Thread safety: an error is immutable; it may be read from any thread and freed from any
+ * thread, once.
+ * Methods: qdirty_error_message, qdirty_error_hint, qdirty_error_errno, qdirty_error_free
+ */
 typedef struct qdirty_error qdirty_error;
 
-// An open qcow2 image and its dirty bitmaps.
-//
-// Ownership: owned by the caller from `qdirty_image_open` until `qdirty_image_close`, which
-// always frees it. It owns its `qdirty_bitmap` handles.
-// Thread safety: may be used from several threads; calls on one image are serialized by an
-// internal lock held for the whole call. `qdirty_image_set_dirty` (the guest write hook) takes
-// no lock: it may run from any number of I/O threads concurrently with each other and with
-// every management call. Calls touching two images lock them in address order. Closing must
-// not race with any other use, the write hook included (stop I/O first). A panic inside
-// qdirty (a bug) makes the image unusable: later calls fail with "image is unusable after an
-// internal error", and close abandons it without storing.
-// Methods: qdirty_image_open, qdirty_image_close, qdirty_image_size, qdirty_image_read_only,
-// qdirty_image_store_bitmaps, qdirty_image_first_bitmap, qdirty_image_find_bitmap,
-// qdirty_image_add_bitmap, qdirty_image_remove_bitmap, qdirty_image_merge_bitmap,
-// qdirty_image_set_dirty
+/**
+ * An open qcow2 image and its dirty bitmaps.
+ *
+ * Ownership: owned by the caller from `qdirty_image_open` until `qdirty_image_close`, which
+ * always frees it. It owns its `qdirty_bitmap` handles.
+ * Thread safety: may be used from several threads; calls on one image are serialized by an
+ * internal lock held for the whole call. `qdirty_image_set_dirty` (the guest write hook) takes
+ * no lock: it may run from any number of I/O threads concurrently with each other and with
+ * every management call. Calls touching two images lock them in address order. Closing must
+ * not race with any other use, the write hook included (stop I/O first). A panic inside
+ * qdirty (a bug) makes the image unusable: later calls fail with "image is unusable after an
+ * internal error", and close abandons it without storing.
+ * Methods: qdirty_image_open, qdirty_image_close, qdirty_image_size, qdirty_image_read_only,
+ * qdirty_image_store_bitmaps, qdirty_image_first_bitmap, qdirty_image_find_bitmap,
+ * qdirty_image_add_bitmap, qdirty_image_remove_bitmap, qdirty_image_merge_bitmap,
+ * qdirty_image_set_dirty
+ */
 typedef struct qdirty_image qdirty_image;
 
-// An iterator over the dirty granules of one bitmap (QEMU's `BdrvDirtyBitmapIter`). While it
-// lives, its bitmap cannot be released and the image's bitmaps cannot be truncated.
-//
-// Ownership: owned by the caller from `qdirty_bitmap_iter_new` until `qdirty_iter_free`. It
-// refers to its image: free it before closing the image (using or freeing an iterator after
-// its image was closed is undefined behaviour).
-// Thread safety: an iterator is not a thread-safe object: use it from one thread at a time.
-// Each call locks its image, so it may run alongside any other call on the image (guest
-// writes included): bits set behind the iterator are not seen, bits reset ahead of it are.
-// Methods: qdirty_iter_next, qdirty_iter_seek, qdirty_iter_free
+/**
+ * An iterator over the dirty granules of one bitmap (QEMU's `BdrvDirtyBitmapIter`). While it
+ * lives, its bitmap cannot be released and the image's bitmaps cannot be truncated.
+ *
+ * Ownership: owned by the caller from `qdirty_bitmap_iter_new` until `qdirty_iter_free`. It
+ * refers to its image: free it before closing the image (using or freeing an iterator after
+ * its image was closed is undefined behaviour).
+ * Thread safety: an iterator is not a thread-safe object: use it from one thread at a time.
+ * Each call locks its image, so it may run alongside any other call on the image (guest
+ * writes included): bits set behind the iterator are not seen, bits reset ahead of it are.
+ * Methods: qdirty_iter_next, qdirty_iter_seek, qdirty_iter_free
+ */
 typedef struct qdirty_iter qdirty_iter;
 
-// A transaction: bitmap actions on one or several images that take effect together or not at
-// all (QEMU's `transaction` QMP command). Each `qdirty_txn_*_bitmap` action is prepared (done)
-// at once and fails on its own; then `qdirty_txn_commit` makes every prepared action final,
-// or `qdirty_txn_abort` undoes them all in reverse order, exactly: clear gives the bits back,
-// merge restores the target, enable/disable restore the previous state, add releases the new
-// bitmap, remove gives the bitmap back (its stored copy, deleted when the action was prepared,
-// is written again on the next store or close). Until commit, a removed bitmap stays in the
-// image, busy and not stored; commit releases it. If an action fails, abort the transaction.
-//
-// Ownership: owned by the caller from `qdirty_txn_new` until `qdirty_txn_free`. After commit
-// or abort it is empty and may be reused. It keeps pointers to the images its actions touched:
-// every such image must stay open until the transaction is committed, aborted or freed.
-// Thread safety: a transaction is not a thread-safe object: use it from one thread at a time.
-// Each call locks the images it touches (several in address order), so other threads may keep
-// using those images meanwhile.
-// Methods: qdirty_txn_add_bitmap, qdirty_txn_clear_bitmap, qdirty_txn_enable_bitmap,
-// qdirty_txn_disable_bitmap, qdirty_txn_merge_bitmap, qdirty_txn_remove_bitmap,
-// qdirty_txn_commit, qdirty_txn_abort, qdirty_txn_free
+/**
+ * A transaction: bitmap actions on one or several images that take effect together or not at
+ * all (QEMU's `transaction` QMP command). Each `qdirty_txn_*_bitmap` action is prepared (done)
+ * at once and fails on its own; then `qdirty_txn_commit` makes every prepared action final,
+ * or `qdirty_txn_abort` undoes them all in reverse order, exactly: clear gives the bits back,
+ * merge restores the target, enable/disable restore the previous state, add releases the new
+ * bitmap, remove gives the bitmap back (its stored copy, deleted when the action was prepared,
+ * is written again on the next store or close). Until commit, a removed bitmap stays in the
+ * image, busy and not stored; commit releases it. If an action fails, abort the transaction.
+ *
+ * Ownership: owned by the caller from `qdirty_txn_new` until `qdirty_txn_free`. After commit
+ * or abort it is empty and may be reused. It keeps pointers to the images its actions touched:
+ * every such image must stay open until the transaction is committed, aborted or freed.
+ * Thread safety: a transaction is not a thread-safe object: use it from one thread at a time.
+ * Each call locks the images it touches (several in address order), so other threads may keep
+ * using those images meanwhile.
+ * Methods: qdirty_txn_add_bitmap, qdirty_txn_clear_bitmap, qdirty_txn_enable_bitmap,
+ * qdirty_txn_disable_bitmap, qdirty_txn_merge_bitmap, qdirty_txn_remove_bitmap,
+ * qdirty_txn_commit, qdirty_txn_abort, qdirty_txn_free
+ */
 typedef struct qdirty_txn qdirty_txn;
 
-// A function that receives qdirty's warnings (QEMU's `warn_report`), e.g. "Autoload option is
-// deprecated and its value is ignored".
-//
-// `message` is a NUL-terminated string without the "qdirty: warning: " prefix, valid only
-// during the call. `opaque` is the pointer given to `qdirty_set_warning_handler`.
-// The handler may be called from any thread that calls into qdirty, while qdirty holds the
-// lock of the image concerned: it must not call qdirty functions itself.
+/**
+ * A function that receives qdirty's warnings (QEMU's `warn_report`), e.g. "Autoload option is
+ * deprecated and its value is ignored".
+ *
+ * `message` is a NUL-terminated string without the "qdirty: warning: " prefix, valid only
+ * during the call. `opaque` is the pointer given to `qdirty_set_warning_handler`.
+ * The handler may be called from any thread that calls into qdirty, while qdirty holds the
+ * lock of the image concerned: it must not call qdirty functions itself.
+ */
 typedef void (*qdirty_warning_fn)(const char *message, void *opaque);
 
-// One dirty extent of a bitmap: `length` bytes from `offset`
-// (`qdirty_bitmap_dirty_extents`).
+/**
+ * One dirty extent of a bitmap: `length` bytes from `offset`
+ * (`qdirty_bitmap_dirty_extents`).
+ */
 typedef struct {
-    // Start of the extent, in bytes.
+    /**
+     * Start of the extent, in bytes.
+     */
     uint64_t offset;
-    // Length of the extent, in bytes (never 0).
+    /**
+     * Length of the extent, in bytes (never 0).
+     */
     uint64_t length;
 } qdirty_extent;
 
-// One bitmap in the snapshot of `qdirty_image_query_bitmaps` (QEMU's BlockDirtyInfo).
-//
-// Ownership: the array and the names belong to it; free them with one
-// `qdirty_bitmap_info_free` call.
-// Thread safety: plain data, a snapshot: it does not change when the bitmaps do.
+/**
+ * One bitmap in the snapshot of `qdirty_image_query_bitmaps` (QEMU's BlockDirtyInfo).
+ *
+ * Ownership: the array and the names belong to it; free them with one
+ * `qdirty_bitmap_info_free` call.
+ * Thread safety: plain data, a snapshot: it does not change when the bitmaps do.
+ */
 typedef struct {
-    // The name (truncated at its first NUL byte); NULL for anonymous bitmaps (successors,
-    // `qdirty_image_create_bitmap` with NULL).
+    /**
+     * The name (truncated at its first NUL byte); NULL for anonymous bitmaps (successors,
+     * `qdirty_image_create_bitmap` with NULL).
+     */
     const char *name;
-    // Dirty granules times the granularity, in bytes (can exceed the size by less than a
-    // granule).
+    /**
+     * Dirty granules times the granularity, in bytes (can exceed the size by less than a
+     * granule).
+     */
     uint64_t count;
-    // The granularity in bytes.
+    /**
+     * The granularity in bytes.
+     */
     uint32_t granularity;
-    // Enabled, or frozen with an enabled successor (`qdirty_bitmap_recording`).
+    /**
+     * Enabled, or frozen with an enabled successor (`qdirty_bitmap_recording`).
+     */
     bool recording;
-    // Held by an operation (`qdirty_bitmap_busy`).
+    /**
+     * Held by an operation (`qdirty_bitmap_busy`).
+     */
     bool busy;
-    // The raw persistent flag (skip_store not taken into account).
+    /**
+     * The raw persistent flag (skip_store not taken into account).
+     */
     bool persistent;
-    // Found in_use on open (`qdirty_bitmap_inconsistent`).
+    /**
+     * Found in_use on open (`qdirty_bitmap_inconsistent`).
+     */
     bool inconsistent;
 } qdirty_bitmap_info;
 
-// The I/O of a qcow2 image as its host provides it: a table of callbacks passed to
-// `qdirty_image_open_with_io`, which qdirty uses instead of opening the file itself.
-//
-// Set `size` to `sizeof(qdirty_io_ops)`; it lets the structure grow in later versions (new
-// fields are only ever appended, and a callback added later is optional: NULL keeps the
-// behaviour of the version without it). Any size from the first published layout (`size`
-// through `free_clusters`) up is accepted: fields past the caller's size count as NULL, so a
-// host built against an older header keeps working. A smaller size is refused (EINVAL); a
-// larger one than this version knows is accepted when every byte past the known fields is
-// zero (unset), and refused (ENOTSUP) otherwise.
-//
-// Every callback gets the `opaque` pointer given to `qdirty_image_open_with_io` first and
-// returns 0 on success or a negative errno (-EIO, -ENOSPC, ...), which qdirty reports in its own
-// error (a positive value from `pread`/`pwrite` is accepted as a byte count: `len` means
-// success, less is a short transfer, reported as EIO). A read or write must transfer all `len`
-// bytes: there are no partial successes. Reading past the end of the file is an error.
-//
-// Callbacks are called synchronously, with the image's lock held, from the thread that called
-// into qdirty (any thread that uses the image); calls for one image never overlap. They must
-// not call qdirty functions on the same image (that deadlocks) and must not unwind.
-//
-// - `pread` (required): read `len` bytes at byte `offset` of the image file into `buf`.
-// - `pwrite` (required for read-write opens, may be NULL for read-only ones): write `len`
-//   bytes from `buf` at `offset`. Writes may land beyond the current end of the file only in
-//   clusters the host allocated (see `alloc_clusters`), or, without host allocation, where
-//   qdirty's refcount allocator put them.
-// - `flush` (required for read-write opens): make every completed write durable, and the
-//   host's own metadata (e.g. the refcounts changed by `alloc_clusters`/`free_clusters`) as
-//   well, before returning (fdatasync). qdirty relies on it for ordering: see
-//   `qdirty_image_open_with_io`.
-// - `get_length` (required): the current length of the file in bytes, or a negative errno.
-// - `alloc_clusters` (optional): allocate `n` contiguous, cluster-aligned clusters of
-//   `cluster_size` bytes, give them refcount 1 in the host's refcounts, store the byte offset
-//   of the first in `*offset` and return 0 (or -ENOSPC, ...). The clusters belong to qdirty
-//   until it frees them; the refcount change must be durable after the next `flush`.
-// - `free_clusters` (optional): qdirty no longer references the `n` clusters at `offset`
-//   (which it got from `alloc_clusters`, in this or an earlier session, or which QEMU
-//   allocated for bitmaps): drop their refcount. qdirty calls `flush` afterwards.
-//
-// `alloc_clusters` and `free_clusters` are both set or both NULL. When both are NULL, qdirty
-// allocates and frees through the image's refcount table and blocks itself, using `pread`
-// and `pwrite` (and may grow the refcount table, which changes the header's refcount table
-// fields): the host must then not hold any refcount state in memory across qdirty calls that
-// write (open read-write, store, remove, close).
+/**
+ * The I/O of a qcow2 image as its host provides it: a table of callbacks passed to
+ * `qdirty_image_open_with_io`, which qdirty uses instead of opening the file itself.
+ *
+ * Set `size` to `sizeof(qdirty_io_ops)`; it lets the structure grow in later versions (new
+ * fields are only ever appended, and a callback added later is optional: NULL keeps the
+ * behaviour of the version without it). Any size from the first published layout (`size`
+ * through `free_clusters`) up is accepted: fields past the caller's size count as NULL, so a
+ * host built against an older header keeps working. A smaller size is refused (EINVAL); a
+ * larger one than this version knows is accepted when every byte past the known fields is
+ * zero (unset), and refused (ENOTSUP) otherwise.
+ *
+ * Every callback gets the `opaque` pointer given to `qdirty_image_open_with_io` first and
+ * returns 0 on success or a negative errno (-EIO, -ENOSPC, ...), which qdirty reports in its own
+ * error (a positive value from `pread`/`pwrite` is accepted as a byte count: `len` means
+ * success, less is a short transfer, reported as EIO). A read or write must transfer all `len`
+ * bytes: there are no partial successes. Reading past the end of the file is an error.
+ *
+ * Callbacks are called synchronously, with the image's lock held, from the thread that called
+ * into qdirty (any thread that uses the image); calls for one image never overlap. They must
+ * not call qdirty functions on the same image (that deadlocks) and must not unwind.
+ *
+ * - `pread` (required): read `len` bytes at byte `offset` of the image file into `buf`.
+ * - `pwrite` (required for read-write opens, may be NULL for read-only ones): write `len`
+ *   bytes from `buf` at `offset`. Writes may land beyond the current end of the file only in
+ *   clusters the host allocated (see `alloc_clusters`), or, without host allocation, where
+ *   qdirty's refcount allocator put them.
+ * - `flush` (required for read-write opens): make every completed write durable, and the
+ *   host's own metadata (e.g. the refcounts changed by `alloc_clusters`/`free_clusters`) as
+ *   well, before returning (fdatasync). qdirty relies on it for ordering: see
+ *   `qdirty_image_open_with_io`.
+ * - `get_length` (required): the current length of the file in bytes, or a negative errno.
+ * - `alloc_clusters` (optional): allocate `n` contiguous, cluster-aligned clusters of
+ *   `cluster_size` bytes, give them refcount 1 in the host's refcounts, store the byte offset
+ *   of the first in `*offset` and return 0 (or -ENOSPC, ...). The clusters belong to qdirty
+ *   until it frees them; the refcount change must be durable after the next `flush`.
+ * - `free_clusters` (optional): qdirty no longer references the `n` clusters at `offset`
+ *   (which it got from `alloc_clusters`, in this or an earlier session, or which QEMU
+ *   allocated for bitmaps): drop their refcount. qdirty calls `flush` afterwards.
+ *
+ * `alloc_clusters` and `free_clusters` are both set or both NULL. When both are NULL, qdirty
+ * allocates and frees through the image's refcount table and blocks itself, using `pread`
+ * and `pwrite` (and may grow the refcount table, which changes the header's refcount table
+ * fields): the host must then not hold any refcount state in memory across qdirty calls that
+ * write (open read-write, store, remove, close).
+ */
 typedef struct {
-    // `sizeof(qdirty_io_ops)` as the host was compiled with.
+    /**
+     * `sizeof(qdirty_io_ops)` as the host was compiled with.
+     */
     uint32_t size;
-    // Reads `len` bytes at `offset` into `buf`: 0 or -errno.
+    /**
+     * Reads `len` bytes at `offset` into `buf`: 0 or -errno.
+     */
     int (*pread)(void *opaque, void *buf, uint64_t len, uint64_t offset);
-    // Writes `len` bytes from `buf` at `offset`: 0 or -errno.
+    /**
+     * Writes `len` bytes from `buf` at `offset`: 0 or -errno.
+     */
     int (*pwrite)(void *opaque, const void *buf, uint64_t len, uint64_t offset);
-    // Makes completed writes and the host's allocation metadata durable: 0 or -errno.
+    /**
+     * Makes completed writes and the host's allocation metadata durable: 0 or -errno.
+     */
     int (*flush)(void *opaque);
-    // The file's length in bytes, or -errno.
+    /**
+     * The file's length in bytes, or -errno.
+     */
     int64_t (*get_length)(void *opaque);
-    // Allocates `n` contiguous clusters (refcount 1), the first at `*offset`: 0 or -errno.
+    /**
+     * Allocates `n` contiguous clusters (refcount 1), the first at `*offset`: 0 or -errno.
+     */
     int (*alloc_clusters)(void *opaque, uint64_t n, uint64_t cluster_size, uint64_t *offset);
-    // Frees `n` clusters at `offset` (refcount decrement): 0 or -errno.
+    /**
+     * Frees `n` clusters at `offset` (refcount decrement): 0 or -errno.
+     */
     int (*free_clusters)(void *opaque, uint64_t offset, uint64_t n, uint64_t cluster_size);
 } qdirty_io_ops;
 
-#ifdef __cplusplus
-extern "C" {
-#endif // __cplusplus
-
-// The library version, e.g. "0.1.0".
-//
-// Returns: a static NUL-terminated string; never NULL.
-// Ownership: static; do not free it.
-// Thread safety: may be called from any thread.
+/**
+ * The library version, e.g. "0.1.0".
+ *
+ * Returns: a static NUL-terminated string; never NULL.
+ * Ownership: static; do not free it.
+ * Thread safety: may be called from any thread.
+ */
 const char *qdirty_version(void);
 
-// Frees a string returned by qdirty (e.g. by `qdirty_bitmap_sha256`). NULL is a no-op.
-//
-// Ownership: takes `s`. Only strings documented as "free with qdirty_string_free" may be
-// passed; strings borrowed from objects (names, messages) must not.
-// Thread safety: may be called from any thread, once per string.
-//
-// # Safety
-// `s` is NULL or a string returned by qdirty for freeing with this function, not yet freed.
+/**
+ * The library version as one number, MAJOR * 10000 + MINOR * 100 + PATCH (100 for "0.1.0"):
+ * the `QDIRTY_VERSION_NUMBER` of the library running, to compare with the header's, e.g.
+ * `qdirty_version_number() >= 200` before using what 0.2.0 added.
+ *
+ * Returns: the version number; never fails.
+ * Thread safety: may be called from any thread.
+ */
+uint32_t qdirty_version_number(void);
+
+/**
+ * Frees a string returned by qdirty (e.g. by `qdirty_bitmap_sha256`). NULL is a no-op.
+ *
+ * Ownership: takes `s`. Only strings documented as "free with qdirty_string_free" may be
+ * passed; strings borrowed from objects (names, messages) must not.
+ * Thread safety: may be called from any thread, once per string.
+ *
+ * # Safety
+ * `s` is NULL or a string returned by qdirty for freeing with this function, not yet freed.
+ */
 void qdirty_string_free(char *s);
 
-// Installs the process-wide warning handler. `handler` NULL restores the default, which prints
-// "qdirty: warning: MESSAGE" on stderr.
-//
-// `opaque` is passed back to every call of `handler`; qdirty never dereferences it.
-// Ownership: qdirty keeps `handler` and `opaque` until the next call of this function; the caller
-// keeps whatever `opaque` points to alive until then.
-// Thread safety: may be called from any thread; `handler` may be called from any thread that
-// calls into qdirty, concurrently, and must not call qdirty functions itself.
-//
-// # Safety
-// `handler`, when not NULL, is a valid function of type `qdirty_warning_fn` that can be called
-// with `opaque` from any thread until it is replaced.
+/**
+ * Installs the process-wide warning handler. `handler` NULL restores the default, which prints
+ * "qdirty: warning: MESSAGE" on stderr.
+ *
+ * `opaque` is passed back to every call of `handler`; qdirty never dereferences it.
+ * Ownership: qdirty keeps `handler` and `opaque` until the next call of this function; the caller
+ * keeps whatever `opaque` points to alive until then.
+ * Thread safety: may be called from any thread; `handler` may be called from any thread that
+ * calls into qdirty, concurrently, and must not call qdirty functions itself.
+ *
+ * # Safety
+ * `handler`, when not NULL, is a valid function of type `qdirty_warning_fn` that can be called
+ * with `opaque` from any thread until it is replaced.
+ */
 void qdirty_set_warning_handler(qdirty_warning_fn handler, void *opaque);
 
-// The error message, a NUL-terminated UTF-8 string (QEMU's wording where QEMU has one).
-//
-// Returns: the message, valid until `qdirty_error_free(err)`; NULL if `err` is NULL.
-// Ownership: borrowed from `err`; do not free it.
-// Thread safety: may be called from any thread.
-//
-// # Safety
-// `err` is NULL or an error returned through an `errp` and not yet freed.
+/**
+ * The error message, a NUL-terminated UTF-8 string (QEMU's wording where QEMU has one).
+ *
+ * Returns: the message, valid until `qdirty_error_free(err)`; NULL if `err` is NULL.
+ * Ownership: borrowed from `err`; do not free it.
+ * Thread safety: may be called from any thread.
+ *
+ * # Safety
+ * `err` is NULL or an error returned through an `errp` and not yet freed.
+ */
 const char *qdirty_error_message(const qdirty_error *err);
 
-// A hint that may help the user fix the problem (QEMU's `error_append_hint`), e.g. "Try
-// block-dirty-bitmap-remove to delete this bitmap from disk".
-//
-// Returns: the hint, valid until `qdirty_error_free(err)`; NULL if there is none or `err` is
-// NULL.
-// Ownership: borrowed from `err`; do not free it.
-// Thread safety: may be called from any thread.
-//
-// # Safety
-// `err` is NULL or an error returned through an `errp` and not yet freed.
+/**
+ * A hint that may help the user fix the problem (QEMU's `error_append_hint`), e.g. "Try
+ * block-dirty-bitmap-remove to delete this bitmap from disk".
+ *
+ * Returns: the hint, valid until `qdirty_error_free(err)`; NULL if there is none or `err` is
+ * NULL.
+ * Ownership: borrowed from `err`; do not free it.
+ * Thread safety: may be called from any thread.
+ *
+ * # Safety
+ * `err` is NULL or an error returned through an `errp` and not yet freed.
+ */
 const char *qdirty_error_hint(const qdirty_error *err);
 
-// The positive errno that best describes the error (EINVAL, ENOENT, EEXIST, EBUSY, EPERM,
-// EROFS, EIO, ENOSPC, ENOTSUP, EFBIG, ...). The failing function returned its negation.
-//
-// Returns: the errno; 0 if `err` is NULL.
-// Thread safety: may be called from any thread.
-//
-// # Safety
-// `err` is NULL or an error returned through an `errp` and not yet freed.
+/**
+ * The positive errno that best describes the error (EINVAL, ENOENT, EEXIST, EBUSY, EPERM,
+ * EROFS, EIO, ENOSPC, ENOTSUP, EFBIG, ...). The failing function returned its negation.
+ *
+ * Returns: the errno; 0 if `err` is NULL.
+ * Thread safety: may be called from any thread.
+ *
+ * # Safety
+ * `err` is NULL or an error returned through an `errp` and not yet freed.
+ */
 int qdirty_error_errno(const qdirty_error *err);
 
-// Frees an error. NULL is a no-op.
-//
-// Ownership: takes `err`; it and the strings borrowed from it are invalid afterwards.
-// Thread safety: may be called from any thread, once per error.
-//
-// # Safety
-// `err` is NULL or an error returned through an `errp` and not yet freed.
+/**
+ * Frees an error. NULL is a no-op.
+ *
+ * Ownership: takes `err`; it and the strings borrowed from it are invalid afterwards.
+ * Thread safety: may be called from any thread, once per error.
+ *
+ * # Safety
+ * `err` is NULL or an error returned through an `errp` and not yet freed.
+ */
 void qdirty_error_free(qdirty_error *err);
 
-// Creates a blank qcow2 v3 image file of `size` bytes (rounded up to 512) with no bitmaps, so
-// that tests and tools need no qemu-img. Fails if the file exists.
-//
-// `cluster_size` is a power of two from 512 to 2 MiB; 0 means 64 KiB.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL or empty path, bad cluster size), -EFBIG (a
-// size whose L1 table would exceed QEMU's maximum for that cluster size), -EEXIST (the file
-// exists), other I/O errors.
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Ownership: nothing is transferred.
-// Thread safety: may be called from any thread.
-//
-// # Safety
-// `path` is NULL or a NUL-terminated string. `errp` is NULL or points to a `qdirty_error *`
-// that is NULL (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Creates a blank qcow2 v3 image file of `size` bytes (rounded up to 512) with no bitmaps, so
+ * that tests and tools need no qemu-img. Fails if the file exists.
+ *
+ * `cluster_size` is a power of two from 512 to 2 MiB; 0 means 64 KiB.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL or empty path, bad cluster size), -EFBIG (a
+ * size whose L1 table would exceed QEMU's maximum for that cluster size), -EEXIST (the file
+ * exists), other I/O errors.
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Ownership: nothing is transferred.
+ * Thread safety: may be called from any thread.
+ *
+ * # Safety
+ * `path` is NULL or a NUL-terminated string. `errp` is NULL or points to a `qdirty_error *`
+ * that is NULL (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_image_create(const char *path,
                         uint64_t size,
                         uint32_t cluster_size,
                         qdirty_error **errp);
 
-// Opens a qcow2 image and loads its bitmaps, as QEMU does.
-//
-// `flags`: 0 opens read-only (nothing is ever written); QDIRTY_OPEN_RDWR opens read-write,
-// which marks every loaded bitmap in_use in the file before this function returns, and stores
-// them on `qdirty_image_close`. Bitmaps stored with the `auto` flag load enabled, the others
-// disabled; bitmaps found in_use load as inconsistent. The image is locked like QEMU locks it
-// (shared OFD locks on bytes 100-103/200-203 and conflict probes) unless
-// QDIRTY_OPEN_FORCE_SHARE is given (read-only opens only). QDIRTY_OPEN_SALVAGE opens an image
-// whose bitmap directory entries or tables QEMU refuses, keeping those as broken bitmaps (see
-// the flag and `qdirty_image_broken_bitmap`).
-//
-// Returns: the image, or NULL on failure: unknown flag bits, RDWR with FORCE_SHARE or a NULL
-// path (EINVAL), the image is in use by another process such as QEMU (EAGAIN), a file that is
-// not a usable qcow2 image (EINVAL, ENOTSUP), an image that needs repair before it can be
-// written (EACCES, the message names `qemu-img check -r all`), I/O errors.
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Ownership: the caller owns the image and must pass it to `qdirty_image_close`.
-// Thread safety: may be called from any thread.
-//
-// # Safety
-// `path` is NULL or a NUL-terminated string. `errp` is NULL or points to a `qdirty_error *`
-// that is NULL (otherwise the call returns NULL and does nothing).
+/**
+ * Opens a qcow2 image and loads its bitmaps, as QEMU does.
+ *
+ * `flags`: 0 opens read-only (nothing is ever written); QDIRTY_OPEN_RDWR opens read-write,
+ * which marks every loaded bitmap in_use in the file before this function returns, and stores
+ * them on `qdirty_image_close`. Bitmaps stored with the `auto` flag load enabled, the others
+ * disabled; bitmaps found in_use load as inconsistent. The image is locked like QEMU locks it
+ * (shared OFD locks on bytes 100-103/200-203 and conflict probes) unless
+ * QDIRTY_OPEN_FORCE_SHARE is given (read-only opens only). QDIRTY_OPEN_SALVAGE opens an image
+ * whose bitmap directory entries or tables QEMU refuses, keeping those as broken bitmaps (see
+ * the flag and `qdirty_image_broken_bitmap`).
+ *
+ * Returns: the image, or NULL on failure: unknown flag bits, RDWR with FORCE_SHARE or a NULL
+ * path (EINVAL), the image is in use by another process such as QEMU (EAGAIN), a file that is
+ * not a usable qcow2 image (EINVAL, ENOTSUP), an image that needs repair before it can be
+ * written (EACCES, the message names `qemu-img check -r all`), I/O errors.
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Ownership: the caller owns the image and must pass it to `qdirty_image_close`.
+ * Thread safety: may be called from any thread.
+ *
+ * # Safety
+ * `path` is NULL or a NUL-terminated string. `errp` is NULL or points to a `qdirty_error *`
+ * that is NULL (otherwise the call returns NULL and does nothing).
+ */
 qdirty_image *qdirty_image_open(const char *path, uint32_t flags, qdirty_error **errp);
 
-// Closes an image: stores its persistent bitmaps when it was opened read-write (clearing
-// in_use), then frees it together with all its `qdirty_bitmap` handles.
-//
-// The image is freed even when storing fails: the call then returns the error, which names
-// every bitmap not stored (they stay marked in_use in the file and load as inconsistent next
-// time; a bitmap whose data could not be read is one of them, the others are stored). A
-// `*errp` already set does not stop the close: the details of a failure are then dropped.
-// In a process other than the one that opened the image (a child after `fork`), close only
-// frees memory: nothing is stored, and the image locks (shared with the parent) stay with the
-// parent. A forked child may call nothing else on the parent's images. An image made unusable by an
-// internal error is not stored: the call fails with EIO, the bitmap handles are freed, and the
-// image itself is abandoned as if the process had crashed (its file stays open, its bitmaps
-// stay in_use on disk).
-//
-// Returns: 0, or a negative errno: -EINVAL (`img` NULL or not an open image: nothing is
-// freed), -EIO and other errors of the final store.
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Ownership: takes `img`; it and its bitmaps are invalid afterwards, whatever the result.
-// Thread safety: no other thread may use `img` or its bitmaps during or after this call.
-//
-// # Safety
-// `img` is NULL or an image from `qdirty_image_open` not yet closed. `errp` is NULL or points
-// to a `qdirty_error *` (if that is not NULL, the image is closed all the same and the
-// details of a failure are dropped).
+/**
+ * Closes an image: stores its persistent bitmaps when it was opened read-write (clearing
+ * in_use), then frees it together with all its `qdirty_bitmap` handles.
+ *
+ * The image is freed even when storing fails: the call then returns the error, which names
+ * every bitmap not stored (they stay marked in_use in the file and load as inconsistent next
+ * time; a bitmap whose data could not be read is one of them, the others are stored). A
+ * `*errp` already set does not stop the close: the details of a failure are then dropped.
+ * In a process other than the one that opened the image (a child after `fork`), close only
+ * frees memory: nothing is stored, and the image locks (shared with the parent) stay with the
+ * parent. A forked child may call nothing else on the parent's images. An image made unusable by an
+ * internal error is not stored: the call fails with EIO, the bitmap handles are freed, and the
+ * image itself is abandoned as if the process had crashed (its file stays open, its bitmaps
+ * stay in_use on disk).
+ *
+ * Returns: 0, or a negative errno: -EINVAL (`img` NULL or not an open image: nothing is
+ * freed), -EIO and other errors of the final store.
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Ownership: takes `img`; it and its bitmaps are invalid afterwards, whatever the result.
+ * Thread safety: no other thread may use `img` or its bitmaps during or after this call.
+ *
+ * # Safety
+ * `img` is NULL or an image from `qdirty_image_open` not yet closed. `errp` is NULL or points
+ * to a `qdirty_error *` (if that is not NULL, the image is closed all the same and the
+ * details of a failure are dropped).
+ */
 int qdirty_image_close(qdirty_image *img, qdirty_error **errp);
 
-// Writes the persistent bitmaps' data now without closing, as a checkpoint: the close after it
-// writes only what changed since. The bitmaps stay loaded and writable, and stay in_use on
-// disk throughout (the guest may go on writing: a write whose data reached the disk before its
-// `qdirty_image_set_dirty` would be missing from a copy marked consistent). Only a close or a
-// switch to read-only, after the host stopped guest writes, leaves consistent bitmaps.
-//
-// Returns: 0, or a negative errno: -EINVAL (`img` NULL), -EROFS (read-only image), -ENOTSUP
-// (a standalone image: there is no file to store to), -EIO and other I/O errors (the message
-// names every bitmap not stored).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Ownership: nothing is transferred.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `img` is NULL or an open image. `errp` is NULL or points to a `qdirty_error *` that is NULL
-// (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Writes the persistent bitmaps' data now without closing, as a checkpoint: the close after it
+ * writes only what changed since. The bitmaps stay loaded and writable, and stay in_use on
+ * disk throughout (the guest may go on writing: a write whose data reached the disk before its
+ * `qdirty_image_set_dirty` would be missing from a copy marked consistent). Only a close or a
+ * switch to read-only, after the host stopped guest writes, leaves consistent bitmaps.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (`img` NULL), -EROFS (read-only image), -ENOTSUP
+ * (a standalone image: there is no file to store to), -EIO and other I/O errors (the message
+ * names every bitmap not stored).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Ownership: nothing is transferred.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `img` is NULL or an open image. `errp` is NULL or points to a `qdirty_error *` that is NULL
+ * (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_image_store_bitmaps(qdirty_image *img, qdirty_error **errp);
 
-// The virtual disk size in bytes.
-//
-// Returns: the size; 0 if `img` is NULL or unusable.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `img` is NULL or an open image.
+/**
+ * The virtual disk size in bytes.
+ *
+ * Returns: the size; 0 if `img` is NULL or unusable.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `img` is NULL or an open image.
+ */
 uint64_t qdirty_image_size(const qdirty_image *img);
 
-// Whether the image is read-only (opened without QDIRTY_OPEN_RDWR, or a qcow2 v2 image).
-//
-// Returns: true or false; false if `img` is NULL or unusable.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `img` is NULL or an open image.
+/**
+ * Whether the image is read-only (opened without QDIRTY_OPEN_RDWR, or a qcow2 v2 image).
+ *
+ * Returns: true or false; false if `img` is NULL or unusable.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `img` is NULL or an open image.
+ */
 bool qdirty_image_read_only(const qdirty_image *img);
 
-// The first bitmap of the image, in QEMU's list order (newest first); iterate with
-// `qdirty_bitmap_next`.
-//
-// Returns: the bitmap, or NULL if the image has none, or `img` is NULL or unusable.
-// Ownership: borrowed from the image (see `qdirty_bitmap`).
-// Thread safety: may be called from any thread; serialized per image. Adding or removing
-// bitmaps while iterating from another thread may skip or repeat bitmaps.
-//
-// # Safety
-// `img` is NULL or an open image.
+/**
+ * The first bitmap of the image, in QEMU's list order (newest first); iterate with
+ * `qdirty_bitmap_next`.
+ *
+ * Returns: the bitmap, or NULL if the image has none, or `img` is NULL or unusable.
+ * Ownership: borrowed from the image (see `qdirty_bitmap`).
+ * Thread safety: may be called from any thread; serialized per image. Adding or removing
+ * bitmaps while iterating from another thread may skip or repeat bitmaps.
+ *
+ * # Safety
+ * `img` is NULL or an open image.
+ */
 qdirty_bitmap *qdirty_image_first_bitmap(qdirty_image *img);
 
-// The bitmap named `name` (exact byte comparison).
-//
-// Returns: the bitmap, or NULL if there is none of that name, or an argument is NULL or
-// unusable.
-// Ownership: borrowed from the image (see `qdirty_bitmap`).
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `img` is NULL or an open image; `name` is NULL or a NUL-terminated string.
+/**
+ * The bitmap named `name` (exact byte comparison).
+ *
+ * Returns: the bitmap, or NULL if there is none of that name, or an argument is NULL or
+ * unusable.
+ * Ownership: borrowed from the image (see `qdirty_bitmap`).
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `img` is NULL or an open image; `name` is NULL or a NUL-terminated string.
+ */
 qdirty_bitmap *qdirty_image_find_bitmap(qdirty_image *img, const char *name);
 
-// Adds a bitmap (QMP `block-dirty-bitmap-add`).
-//
-// `name`: 1..1023 bytes, unique on the image (including inconsistent bitmaps).
-// `granularity`: a power of two from 512 B to 2 GiB; 0 means QEMU's default
-// min(max(cluster size, 4 KiB), 64 KiB).
-// `flags`: QDIRTY_BITMAP_PERSISTENT (store it in the image on close; checks that the image can
-// store it), QDIRTY_BITMAP_DISABLED (create it not recording writes), QDIRTY_BITMAP_AUTOLOAD
-// (deprecated: accepted, ignored, and the warning "Autoload option is deprecated and its value
-// is ignored" goes to the warning handler).
-//
-// Returns: the new bitmap, or NULL on failure: unknown flag bits, NULL arguments, a bad name or
-// granularity (EINVAL), a duplicate name (EEXIST), a persistent bitmap on a read-only image
-// (EROFS) or on an image that cannot store it (ENOTSUP: a standalone or qcow2 v2 image; EFBIG:
-// too much bitmap data, too many bitmaps, a full bitmap directory). A lack of space in the
-// file is found by the store (close, `qdirty_image_store_bitmaps`), not here.
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Ownership: the bitmap is borrowed from the image (see `qdirty_bitmap`).
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `img` is NULL or an open image; `name` is NULL or a NUL-terminated string. `errp` is NULL or
-// points to a `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
+/**
+ * Adds a bitmap (QMP `block-dirty-bitmap-add`).
+ *
+ * `name`: 1..1023 bytes, unique on the image (including inconsistent bitmaps).
+ * `granularity`: a power of two from 512 B to 2 GiB; 0 means QEMU's default
+ * min(max(cluster size, 4 KiB), 64 KiB).
+ * `flags`: QDIRTY_BITMAP_PERSISTENT (store it in the image on close; checks that the image can
+ * store it), QDIRTY_BITMAP_DISABLED (create it not recording writes), QDIRTY_BITMAP_AUTOLOAD
+ * (deprecated: accepted, ignored, and the warning "Autoload option is deprecated and its value
+ * is ignored" goes to the warning handler).
+ *
+ * Returns: the new bitmap, or NULL on failure: unknown flag bits, NULL arguments, a bad name or
+ * granularity (EINVAL), a duplicate name (EEXIST), a persistent bitmap on a read-only image
+ * (EROFS) or on an image that cannot store it (ENOTSUP: a standalone or qcow2 v2 image; EFBIG:
+ * too much bitmap data, too many bitmaps, a full bitmap directory). A lack of space in the
+ * file is found by the store (close, `qdirty_image_store_bitmaps`), not here.
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Ownership: the bitmap is borrowed from the image (see `qdirty_bitmap`).
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `img` is NULL or an open image; `name` is NULL or a NUL-terminated string. `errp` is NULL or
+ * points to a `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
+ */
 qdirty_bitmap *qdirty_image_add_bitmap(qdirty_image *img,
                                        const char *name,
                                        uint32_t granularity,
                                        uint32_t flags,
                                        qdirty_error **errp);
 
-// Removes the bitmap named `name` (QMP `block-dirty-bitmap-remove`), from the file too when it
-// is persistent. This is the only operation allowed on an inconsistent bitmap.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL argument), -ENOENT (no such bitmap), -EBUSY
-// (busy, frozen with a successor, live iterators, a successor itself), -EPERM (read-only
-// bitmap), -EROFS, -EIO and other I/O errors (the bitmap's data is read before its stored
-// copy is deleted).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed,
-// in memory or in the file.
-// Ownership: the removed bitmap's `qdirty_bitmap` handle stays valid until the image is
-// closed; calls on it fail with -ENOENT.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `img` is NULL or an open image; `name` is NULL or a NUL-terminated string. `errp` is NULL or
-// points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
-// nothing).
+/**
+ * Removes the bitmap named `name` (QMP `block-dirty-bitmap-remove`), from the file too when it
+ * is persistent. This is the only operation allowed on an inconsistent bitmap.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL argument), -ENOENT (no such bitmap), -EBUSY
+ * (busy, frozen with a successor, live iterators, a successor itself), -EPERM (read-only
+ * bitmap), -EROFS, -EIO and other I/O errors (the bitmap's data is read before its stored
+ * copy is deleted).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed,
+ * in memory or in the file.
+ * Ownership: the removed bitmap's `qdirty_bitmap` handle stays valid until the image is
+ * closed; calls on it fail with -ENOENT.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `img` is NULL or an open image; `name` is NULL or a NUL-terminated string. `errp` is NULL or
+ * points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
+ * nothing).
+ */
 int qdirty_image_remove_bitmap(qdirty_image *img, const char *name, qdirty_error **errp);
 
-// Merges bitmap `src_name` into bitmap `target` (target |= source, QMP
-// `block-dirty-bitmap-merge`). The source is a bitmap of `src_img`, or of `img` when `src_img` is
-// NULL or `img`. Granularities may differ; the disk sizes must be equal.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL argument, different sizes, inconsistent
-// bitmap), -ENOENT (no such bitmap), -EBUSY, -EPERM (read-only target), -EIO (the data of
-// either bitmap could not be read: the message names it).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
-// Ownership: nothing is transferred.
-// Thread safety: may be called from any thread; locks both images (in a fixed order, so
-// concurrent merges in opposite directions do not deadlock).
-//
-// # Safety
-// `img` is NULL or an open image; `src_img` is NULL or an open image; `target` and `src_name`
-// are NULL or NUL-terminated strings. `errp` is NULL or points to a `qdirty_error *` that is
-// NULL (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Merges bitmap `src_name` into bitmap `target` (target |= source, QMP
+ * `block-dirty-bitmap-merge`). The source is a bitmap of `src_img`, or of `img` when `src_img` is
+ * NULL or `img`. Granularities may differ; the disk sizes must be equal.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL argument, different sizes, inconsistent
+ * bitmap), -ENOENT (no such bitmap), -EBUSY, -EPERM (read-only target), -EIO (the data of
+ * either bitmap could not be read: the message names it).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+ * Ownership: nothing is transferred.
+ * Thread safety: may be called from any thread; locks both images (in a fixed order, so
+ * concurrent merges in opposite directions do not deadlock).
+ *
+ * # Safety
+ * `img` is NULL or an open image; `src_img` is NULL or an open image; `target` and `src_name`
+ * are NULL or NUL-terminated strings. `errp` is NULL or points to a `qdirty_error *` that is
+ * NULL (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_image_merge_bitmap(qdirty_image *img,
                               const char *target,
                               qdirty_image *src_img,
                               const char *src_name,
                               qdirty_error **errp);
 
-// The guest write hook (QEMU's `bdrv_set_dirty`): marks `[offset, offset + bytes)` in every
-// enabled bitmap of the image and in no disabled one (nor readonly nor inconsistent), rounded
-// outward to each bitmap's granularity and clamped to the disk size.
-//
-// Lock-free and O(1) in the number of bitmaps: the range goes into the image's write log with
-// atomic word operations, and the next call that locks the image (any other function on it or
-// its bitmaps) applies it to the bitmaps recording at that moment, before doing anything else.
-// So a write whose `qdirty_image_set_dirty` returned before a management call started is in
-// every bitmap enabled at that time, and one that started after the call returned is not in
-// the bitmaps it disabled or cleared, as with QEMU's mutex. A write concurrent with a
-// management call may be applied granule by granule on either side of it.
-//
-// Does nothing when `img` is NULL (there is no error to report: check bitmaps with
-// `qdirty_bitmap_get` if in doubt).
-// Thread safety: may be called from any thread, concurrently with itself and with any call on
-// the image except `qdirty_image_close` (the caller stops I/O before closing).
-//
-// # Safety
-// `img` is NULL or an open image.
+/**
+ * The guest write hook (QEMU's `bdrv_set_dirty`): marks `[offset, offset + bytes)` in every
+ * enabled bitmap of the image and in no disabled one (nor readonly nor inconsistent), rounded
+ * outward to each bitmap's granularity and clamped to the disk size.
+ *
+ * Lock-free and O(1) in the number of bitmaps: the range goes into the image's write log with
+ * atomic word operations, and the next call that locks the image (any other function on it or
+ * its bitmaps) applies it to the bitmaps recording at that moment, before doing anything else.
+ * So a write whose `qdirty_image_set_dirty` returned before a management call started is in
+ * every bitmap enabled at that time, and one that started after the call returned is not in
+ * the bitmaps it disabled or cleared, as with QEMU's mutex. A write concurrent with a
+ * management call may be applied granule by granule on either side of it.
+ *
+ * Does nothing when `img` is NULL (there is no error to report: check bitmaps with
+ * `qdirty_bitmap_get` if in doubt).
+ * Thread safety: may be called from any thread, concurrently with itself and with any call on
+ * the image except `qdirty_image_close` (the caller stops I/O before closing).
+ *
+ * # Safety
+ * `img` is NULL or an open image.
+ */
 void qdirty_image_set_dirty(qdirty_image *img, uint64_t offset, uint64_t bytes);
 
-// The next bitmap of the image in QEMU's list order (newest first).
-//
-// Returns: the bitmap, or NULL after the last one, or if `bm` is NULL or no longer exists.
-// Ownership: borrowed from the image (see `qdirty_bitmap`).
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image.
+/**
+ * The next bitmap of the image in QEMU's list order (newest first).
+ *
+ * Returns: the bitmap, or NULL after the last one, or if `bm` is NULL or no longer exists.
+ * Ownership: borrowed from the image (see `qdirty_bitmap`).
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image.
+ */
 qdirty_bitmap *qdirty_bitmap_next(qdirty_bitmap *bm);
 
-// The bitmap's name (truncated at its first NUL byte, which only a foreign image can contain).
-//
-// Returns: the name, valid as long as the bitmap handle; NULL for an anonymous bitmap (see
-// `qdirty_image_create_bitmap`, `qdirty_bitmap_create_successor`), or if `bm` is NULL or the
-// bitmap no longer exists.
-// Ownership: borrowed from the bitmap; do not free it.
-// Thread safety: may be called from any thread.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image.
+/**
+ * The bitmap's name (truncated at its first NUL byte, which only a foreign image can contain).
+ *
+ * Returns: the name, valid as long as the bitmap handle; NULL for an anonymous bitmap (see
+ * `qdirty_image_create_bitmap`, `qdirty_bitmap_create_successor`), or if `bm` is NULL or the
+ * bitmap no longer exists.
+ * Ownership: borrowed from the bitmap; do not free it.
+ * Thread safety: may be called from any thread.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image.
+ */
 const char *qdirty_bitmap_name(const qdirty_bitmap *bm);
 
-// The granularity in bytes (a power of two from 512 B to 2 GiB).
-//
-// Returns: the granularity; 0 if `bm` is NULL or the bitmap no longer exists.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image.
+/**
+ * The granularity in bytes (a power of two from 512 B to 2 GiB).
+ *
+ * Returns: the granularity; 0 if `bm` is NULL or the bitmap no longer exists.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image.
+ */
 uint32_t qdirty_bitmap_granularity(const qdirty_bitmap *bm);
 
-// The number of bytes the bitmap covers (the disk size).
-//
-// Returns: the size; 0 if `bm` is NULL or the bitmap no longer exists.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image.
+/**
+ * The number of bytes the bitmap covers (the disk size).
+ *
+ * Returns: the size; 0 if `bm` is NULL or the bitmap no longer exists.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image.
+ */
 uint64_t qdirty_bitmap_size(const qdirty_bitmap *bm);
 
-// Whether the bitmap records guest writes (stored with the `auto` flag).
-//
-// Returns: true or false; false if `bm` is NULL or the bitmap no longer exists.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image.
+/**
+ * Whether the bitmap records guest writes (stored with the `auto` flag).
+ *
+ * Returns: true or false; false if `bm` is NULL or the bitmap no longer exists.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image.
+ */
 bool qdirty_bitmap_enabled(const qdirty_bitmap *bm);
 
-// Whether the bitmap is persistent (stored in the image on close).
-//
-// Returns: true or false; false if `bm` is NULL or the bitmap no longer exists.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image.
+/**
+ * Whether the bitmap is persistent (stored in the image on close).
+ *
+ * Returns: true or false; false if `bm` is NULL or the bitmap no longer exists.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image.
+ */
 bool qdirty_bitmap_persistent(const qdirty_bitmap *bm);
 
-// Whether the bitmap was found in_use on open (the image was not closed cleanly). An
-// inconsistent bitmap has no content; removing it is the only operation allowed.
-//
-// Returns: true or false; false if `bm` is NULL or the bitmap no longer exists.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image.
+/**
+ * Whether the bitmap was found in_use on open (the image was not closed cleanly). An
+ * inconsistent bitmap has no content; removing it is the only operation allowed.
+ *
+ * Returns: true or false; false if `bm` is NULL or the bitmap no longer exists.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image.
+ */
 bool qdirty_bitmap_inconsistent(const qdirty_bitmap *bm);
 
-// Whether the bitmap is read-only (its image was opened read-only): its bits cannot change.
-//
-// Returns: true or false; false if `bm` is NULL or the bitmap no longer exists.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image.
+/**
+ * Whether the bitmap is read-only (its image was opened read-only): its bits cannot change.
+ *
+ * Returns: true or false; false if `bm` is NULL or the bitmap no longer exists.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image.
+ */
 bool qdirty_bitmap_readonly(const qdirty_bitmap *bm);
 
-// Enables the bitmap: it records guest writes (QMP `block-dirty-bitmap-enable`).
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `bm`, inconsistent bitmap), -ENOENT (the
-// bitmap no longer exists), -EBUSY.
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Enables the bitmap: it records guest writes (QMP `block-dirty-bitmap-enable`).
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `bm`, inconsistent bitmap), -ENOENT (the
+ * bitmap no longer exists), -EBUSY.
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_bitmap_enable(qdirty_bitmap *bm, qdirty_error **errp);
 
-// Disables the bitmap: it stops recording guest writes (QMP `block-dirty-bitmap-disable`).
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `bm`, inconsistent bitmap), -ENOENT (the
-// bitmap no longer exists), -EBUSY.
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Disables the bitmap: it stops recording guest writes (QMP `block-dirty-bitmap-disable`).
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `bm`, inconsistent bitmap), -ENOENT (the
+ * bitmap no longer exists), -EBUSY.
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_bitmap_disable(qdirty_bitmap *bm, qdirty_error **errp);
 
-// Marks `[offset, offset + bytes)` dirty, rounded outward to the granularity (QEMU's
-// `bdrv_set_dirty_bitmap`). Works on disabled bitmaps too.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `bm`, range beyond the bitmap's size,
-// inconsistent bitmap), -EPERM (read-only bitmap), -ENOENT (the bitmap no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Marks `[offset, offset + bytes)` dirty, rounded outward to the granularity (QEMU's
+ * `bdrv_set_dirty_bitmap`). Works on disabled bitmaps too.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `bm`, range beyond the bitmap's size,
+ * inconsistent bitmap), -EPERM (read-only bitmap), -ENOENT (the bitmap no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_bitmap_set_dirty(qdirty_bitmap *bm,
                             uint64_t offset,
                             uint64_t bytes,
                             qdirty_error **errp);
 
-// Clears `[offset, offset + bytes)` (QEMU's `bdrv_reset_dirty_bitmap`). `offset` must be a
-// multiple of the granularity, and so must `bytes` unless the range ends at the end of the
-// bitmap (QEMU asserts this; qdirty fails instead).
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `bm`, unaligned range, range beyond the
-// bitmap's size, inconsistent bitmap), -EPERM (read-only bitmap), -EIO (the bitmap's data
-// could not be read: the message names it), -ENOENT (the bitmap no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Clears `[offset, offset + bytes)` (QEMU's `bdrv_reset_dirty_bitmap`). `offset` must be a
+ * multiple of the granularity, and so must `bytes` unless the range ends at the end of the
+ * bitmap (QEMU asserts this; qdirty fails instead).
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `bm`, unaligned range, range beyond the
+ * bitmap's size, inconsistent bitmap), -EPERM (read-only bitmap), -EIO (the bitmap's data
+ * could not be read: the message names it), -ENOENT (the bitmap no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_bitmap_reset_dirty(qdirty_bitmap *bm,
                               uint64_t offset,
                               uint64_t bytes,
                               qdirty_error **errp);
 
-// Clears every bit (QMP `block-dirty-bitmap-clear`).
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `bm`, inconsistent bitmap), -EPERM (read-only
-// bitmap), -EBUSY, -EIO (the bitmap's data could not be read: the message names it), -ENOENT
-// (the bitmap no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Clears every bit (QMP `block-dirty-bitmap-clear`).
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `bm`, inconsistent bitmap), -EPERM (read-only
+ * bitmap), -EBUSY, -EIO (the bitmap's data could not be read: the message names it), -ENOENT
+ * (the bitmap no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_bitmap_clear(qdirty_bitmap *bm, qdirty_error **errp);
 
-// Whether the granule containing `offset` is dirty.
-//
-// Returns: true or false; false beyond the end, or if `bm` is NULL or the bitmap no longer
-// exists; true inside the disk for an unusable bitmap.
-// An unusable bitmap (inconsistent, or its data unreadable now) answers as if every granule
-// were dirty, never "clean": use `qdirty_bitmap_dirty_extents` (or `qdirty_bitmap_check` with
-// QDIRTY_CHECK_INCONSISTENT first) to get an error instead.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image.
+/**
+ * Whether the granule containing `offset` is dirty.
+ *
+ * Returns: true or false; false beyond the end, or if `bm` is NULL or the bitmap no longer
+ * exists; true inside the disk for an unusable bitmap.
+ * An unusable bitmap (inconsistent, or its data unreadable now) answers as if every granule
+ * were dirty, never "clean": use `qdirty_bitmap_dirty_extents` (or `qdirty_bitmap_check` with
+ * QDIRTY_CHECK_INCONSISTENT first) to get an error instead.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image.
+ */
 bool qdirty_bitmap_get(const qdirty_bitmap *bm, uint64_t offset);
 
-// The number of dirty bytes: dirty granules times the granularity (QEMU's
-// `bdrv_get_dirty_count`; the last granule counts in full).
-//
-// Returns: the count; 0 if `bm` is NULL or the bitmap no longer exists; every granule for an
-// unusable bitmap.
-// An unusable bitmap (inconsistent, or its data unreadable now) answers as if every granule
-// were dirty, never "clean": use `qdirty_bitmap_dirty_extents` (or `qdirty_bitmap_check` with
-// QDIRTY_CHECK_INCONSISTENT first) to get an error instead.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image.
+/**
+ * The number of dirty bytes: dirty granules times the granularity (QEMU's
+ * `bdrv_get_dirty_count`; the last granule counts in full).
+ *
+ * Returns: the count; 0 if `bm` is NULL or the bitmap no longer exists; every granule for an
+ * unusable bitmap.
+ * An unusable bitmap (inconsistent, or its data unreadable now) answers as if every granule
+ * were dirty, never "clean": use `qdirty_bitmap_dirty_extents` (or `qdirty_bitmap_check` with
+ * QDIRTY_CHECK_INCONSISTENT first) to get an error instead.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image.
+ */
 uint64_t qdirty_bitmap_count(const qdirty_bitmap *bm);
 
-// The first dirty offset in `[offset, offset + bytes)`, clamped to the bitmap's size (QEMU's
-// `bdrv_dirty_bitmap_next_dirty`). The result is `offset` or a multiple of the granularity.
-//
-// Returns: the offset, or -1 if there is none, or if `bm` is NULL or the bitmap no longer
-// exists; `offset` (inside the disk) for an unusable bitmap.
-// An unusable bitmap (inconsistent, or its data unreadable now) answers as if every granule
-// were dirty, never "clean": use `qdirty_bitmap_dirty_extents` (or `qdirty_bitmap_check` with
-// QDIRTY_CHECK_INCONSISTENT first) to get an error instead.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image.
+/**
+ * The first dirty offset in `[offset, offset + bytes)`, clamped to the bitmap's size (QEMU's
+ * `bdrv_dirty_bitmap_next_dirty`). The result is `offset` or a multiple of the granularity.
+ *
+ * Returns: the offset, or -1 if there is none, or if `bm` is NULL or the bitmap no longer
+ * exists; `offset` (inside the disk) for an unusable bitmap.
+ * An unusable bitmap (inconsistent, or its data unreadable now) answers as if every granule
+ * were dirty, never "clean": use `qdirty_bitmap_dirty_extents` (or `qdirty_bitmap_check` with
+ * QDIRTY_CHECK_INCONSISTENT first) to get an error instead.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image.
+ */
 int64_t qdirty_bitmap_next_dirty(const qdirty_bitmap *bm, uint64_t offset, uint64_t bytes);
 
-// The first clean offset in `[offset, offset + bytes)`, clamped to the bitmap's size (QEMU's
-// `bdrv_dirty_bitmap_next_zero`).
-//
-// Returns: the offset, or -1 if there is none, or if `bm` is NULL or the bitmap no longer
-// exists; -1 (no clean granule) for an unusable bitmap.
-// An unusable bitmap (inconsistent, or its data unreadable now) answers as if every granule
-// were dirty, never "clean": use `qdirty_bitmap_dirty_extents` (or `qdirty_bitmap_check` with
-// QDIRTY_CHECK_INCONSISTENT first) to get an error instead.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image.
+/**
+ * The first clean offset in `[offset, offset + bytes)`, clamped to the bitmap's size (QEMU's
+ * `bdrv_dirty_bitmap_next_zero`).
+ *
+ * Returns: the offset, or -1 if there is none, or if `bm` is NULL or the bitmap no longer
+ * exists; -1 (no clean granule) for an unusable bitmap.
+ * An unusable bitmap (inconsistent, or its data unreadable now) answers as if every granule
+ * were dirty, never "clean": use `qdirty_bitmap_dirty_extents` (or `qdirty_bitmap_check` with
+ * QDIRTY_CHECK_INCONSISTENT first) to get an error instead.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image.
+ */
 int64_t qdirty_bitmap_next_zero(const qdirty_bitmap *bm, uint64_t offset, uint64_t bytes);
 
-// Finds the next dirty run in `[start, min(end, size))`, at most `max_count` bytes long (QEMU's
-// `bdrv_dirty_bitmap_next_dirty_area`). Iterate over all dirty extents by calling it again with
-// `start = *dirty_start + *dirty_count`.
-//
-// `*dirty_start` and `*dirty_count` are set to 0 on entry (when not NULL) and receive the run
-// when one is found.
-//
-// Returns: true if a run was found; false if none, or `max_count` is 0, or `bm`, `dirty_start`
-// or `dirty_count` is NULL, or the bitmap no longer exists; the whole range (capped at
-// `max_count`) for an unusable bitmap.
-// An unusable bitmap (inconsistent, or its data unreadable now) answers as if every granule
-// were dirty, never "clean": use `qdirty_bitmap_dirty_extents` (or `qdirty_bitmap_check` with
-// QDIRTY_CHECK_INCONSISTENT first) to get an error instead.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image; `dirty_start` and `dirty_count` are
-// NULL or writable.
+/**
+ * Finds the next dirty run in `[start, min(end, size))`, at most `max_count` bytes long (QEMU's
+ * `bdrv_dirty_bitmap_next_dirty_area`). Iterate over all dirty extents by calling it again with
+ * `start = *dirty_start + *dirty_count`.
+ *
+ * `*dirty_start` and `*dirty_count` are set to 0 on entry (when not NULL) and receive the run
+ * when one is found.
+ *
+ * Returns: true if a run was found; false if none, or `max_count` is 0, or `bm`, `dirty_start`
+ * or `dirty_count` is NULL, or the bitmap no longer exists; the whole range (capped at
+ * `max_count`) for an unusable bitmap.
+ * An unusable bitmap (inconsistent, or its data unreadable now) answers as if every granule
+ * were dirty, never "clean": use `qdirty_bitmap_dirty_extents` (or `qdirty_bitmap_check` with
+ * QDIRTY_CHECK_INCONSISTENT first) to get an error instead.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image; `dirty_start` and `dirty_count` are
+ * NULL or writable.
+ */
 bool qdirty_bitmap_next_dirty_area(const qdirty_bitmap *bm,
                                    uint64_t start,
                                    uint64_t end,
@@ -792,43 +975,47 @@ bool qdirty_bitmap_next_dirty_area(const qdirty_bitmap *bm,
                                    uint64_t *dirty_start,
                                    uint64_t *dirty_count);
 
-// The SHA-256 of the bitmap's bits as 64 lowercase hex digits, equal to QEMU's
-// `x-debug-block-dirty-bitmap-sha256` for the same bits.
-//
-// Returns: the digest, or NULL on failure: EINVAL (NULL `bm`, inconsistent bitmap: QEMU's
-// message and hint), EIO (the bitmap's data could not be read), ENOENT (the bitmap no longer
-// exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Ownership: the caller owns the string; free it with `qdirty_string_free`.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
+/**
+ * The SHA-256 of the bitmap's bits as 64 lowercase hex digits, equal to QEMU's
+ * `x-debug-block-dirty-bitmap-sha256` for the same bits.
+ *
+ * Returns: the digest, or NULL on failure: EINVAL (NULL `bm`, inconsistent bitmap: QEMU's
+ * message and hint), EIO (the bitmap's data could not be read), ENOENT (the bitmap no longer
+ * exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Ownership: the caller owns the string; free it with `qdirty_string_free`.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
+ */
 char *qdirty_bitmap_sha256(const qdirty_bitmap *bm, qdirty_error **errp);
 
-// The dirty parts of `[start, end)` (`end` clamped to the disk size) as maximal runs of dirty
-// granules, in bytes, sorted, clipped to `[start, end)`: at most `max` of them go to
-// `out[0 .. *n)`. While `*n == max` there may be more: call again with `start =
-// out[*n - 1].offset + out[*n - 1].length`. The bitmap is up to date with every write the
-// hook logged before the call. This is the read a backup tool should use: it never answers
-// "clean" for a bitmap it cannot read.
-//
-// `*n` is set to 0 on entry (when `n` is not NULL). `start >= end` gives no extent.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `bm` or `n`, NULL `out` or `max` 0,
-// inconsistent bitmap: QEMU's message "Bitmap 'NAME' is inconsistent and cannot be used" and
-// hint), -EIO (the bitmap's data could not be read: the message names the bitmap and the
-// offset; nothing changed and the next call reads again), -ENOENT (the bitmap no longer
-// exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); `*n` is 0.
-// Ownership: `out` stays the caller's.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image; `out` is NULL or writable for `max`
-// extents; `n` is NULL or writable. `errp` is NULL or points to a `qdirty_error *` that is
-// NULL (otherwise the call returns -EINVAL and does nothing).
+/**
+ * The dirty parts of `[start, end)` (`end` clamped to the disk size) as maximal runs of dirty
+ * granules, in bytes, sorted, clipped to `[start, end)`: at most `max` of them go to
+ * `out[0 .. *n)`. While `*n == max` there may be more: call again with `start =
+ * out[*n - 1].offset + out[*n - 1].length`. The bitmap is up to date with every write the
+ * hook logged before the call. This is the read a backup tool should use: it never answers
+ * "clean" for a bitmap it cannot read.
+ *
+ * `*n` is set to 0 on entry (when `n` is not NULL). `start >= end` gives no extent.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `bm` or `n`, NULL `out` or `max` 0,
+ * inconsistent bitmap: QEMU's message "Bitmap 'NAME' is inconsistent and cannot be used" and
+ * hint), -EIO (the bitmap's data could not be read: the message names the bitmap and the
+ * offset; nothing changed and the next call reads again), -ENOENT (the bitmap no longer
+ * exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); `*n` is 0.
+ * Ownership: `out` stays the caller's.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image; `out` is NULL or writable for `max`
+ * extents; `n` is NULL or writable. `errp` is NULL or points to a `qdirty_error *` that is
+ * NULL (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_bitmap_dirty_extents(const qdirty_bitmap *bm,
                                 uint64_t start,
                                 uint64_t end,
@@ -837,446 +1024,502 @@ int qdirty_bitmap_dirty_extents(const qdirty_bitmap *bm,
                                 size_t *n,
                                 qdirty_error **errp);
 
-// QEMU's gatekeeper (`bdrv_dirty_bitmap_check`): may the bitmap be used by an operation that
-// forbids the states in `flags`? The checks run in QEMU's order, BUSY, then RO, then
-// INCONSISTENT, and the first failing one gives QEMU's message: "Bitmap 'NAME' is currently in
-// use by another operation and cannot be used" (EBUSY), "Bitmap 'NAME' is readonly and cannot
-// be modified" (EPERM), "Bitmap 'NAME' is inconsistent and cannot be used" (EINVAL, with the
-// hint "Try block-dirty-bitmap-remove to delete this bitmap from disk").
-//
-// `flags`: QDIRTY_CHECK_BUSY, QDIRTY_CHECK_RO, QDIRTY_CHECK_INCONSISTENT, or the sets
-// QDIRTY_CHECK_DEFAULT / QDIRTY_CHECK_ALLOW_RO. 0 always passes. With
-// QDIRTY_CHECK_INCONSISTENT the bitmap must also be readable: its data is loaded if it is
-// still on disk, and a read error fails the check (-EIO); after a successful check the
-// getters without an error channel (`qdirty_bitmap_count`, ...) answer from its real bits.
-//
-// Returns: 0 if allowed, or a negative errno: the check's errno as above, -EINVAL (NULL `bm`,
-// unknown flag bits), -EIO (QDIRTY_CHECK_INCONSISTENT: the data could not be read), -ENOENT
-// (the bitmap no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Ownership: nothing is transferred.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+/**
+ * QEMU's gatekeeper (`bdrv_dirty_bitmap_check`): may the bitmap be used by an operation that
+ * forbids the states in `flags`? The checks run in QEMU's order, BUSY, then RO, then
+ * INCONSISTENT, and the first failing one gives QEMU's message: "Bitmap 'NAME' is currently in
+ * use by another operation and cannot be used" (EBUSY), "Bitmap 'NAME' is readonly and cannot
+ * be modified" (EPERM), "Bitmap 'NAME' is inconsistent and cannot be used" (EINVAL, with the
+ * hint "Try block-dirty-bitmap-remove to delete this bitmap from disk").
+ *
+ * `flags`: QDIRTY_CHECK_BUSY, QDIRTY_CHECK_RO, QDIRTY_CHECK_INCONSISTENT, or the sets
+ * QDIRTY_CHECK_DEFAULT / QDIRTY_CHECK_ALLOW_RO. 0 always passes. With
+ * QDIRTY_CHECK_INCONSISTENT the bitmap must also be readable: its data is loaded if it is
+ * still on disk, and a read error fails the check (-EIO); after a successful check the
+ * getters without an error channel (`qdirty_bitmap_count`, ...) answer from its real bits.
+ *
+ * Returns: 0 if allowed, or a negative errno: the check's errno as above, -EINVAL (NULL `bm`,
+ * unknown flag bits), -EIO (QDIRTY_CHECK_INCONSISTENT: the data could not be read), -ENOENT
+ * (the bitmap no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Ownership: nothing is transferred.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_bitmap_check(const qdirty_bitmap *bm, uint32_t flags, qdirty_error **errp);
 
-// Whether the bitmap is busy: held by an operation (a successor, an export, a migration, a
-// transactional remove). Busy bitmaps refuse changes through the checked functions.
-//
-// Returns: true or false; false if `bm` is NULL or the bitmap no longer exists.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image.
+/**
+ * Whether the bitmap is busy: held by an operation (a successor, an export, a migration, a
+ * transactional remove). Busy bitmaps refuse changes through the checked functions.
+ *
+ * Returns: true or false; false if `bm` is NULL or the bitmap no longer exists.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image.
+ */
 bool qdirty_bitmap_busy(const qdirty_bitmap *bm);
 
-// Sets or clears the busy flag directly (QEMU's `bdrv_dirty_bitmap_set_busy`, used by NBD
-// exports and migration to hold a bitmap). No checks.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `bm`), -ENOENT (the bitmap no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Sets or clears the busy flag directly (QEMU's `bdrv_dirty_bitmap_set_busy`, used by NBD
+ * exports and migration to hold a bitmap). No checks.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `bm`), -ENOENT (the bitmap no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_bitmap_set_busy(qdirty_bitmap *bm, bool busy, qdirty_error **errp);
 
-// Sets or clears the readonly flag directly (QEMU's `bdrv_dirty_bitmap_set_readonly`). No
-// checks. A readonly bitmap's bits cannot change, and while an image has one the host must
-// refuse guest writes (`qdirty_image_has_readonly_bitmaps`).
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `bm`), -ENOENT (the bitmap no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Sets or clears the readonly flag directly (QEMU's `bdrv_dirty_bitmap_set_readonly`). No
+ * checks. A readonly bitmap's bits cannot change, and while an image has one the host must
+ * refuse guest writes (`qdirty_image_has_readonly_bitmaps`).
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `bm`), -ENOENT (the bitmap no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_bitmap_set_readonly(qdirty_bitmap *bm, bool readonly, qdirty_error **errp);
 
-// Sets or clears the persistent flag (QEMU's `bdrv_dirty_bitmap_set_persistence`). No checks:
-// unlike QDIRTY_BITMAP_PERSISTENT at creation, it does not ask whether the image can store the
-// bitmap; a bitmap that cannot be stored makes the next store or close fail.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `bm`), -ENOENT (the bitmap no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Sets or clears the persistent flag (QEMU's `bdrv_dirty_bitmap_set_persistence`). No checks:
+ * unlike QDIRTY_BITMAP_PERSISTENT at creation, it does not ask whether the image can store the
+ * bitmap; a bitmap that cannot be stored makes the next store or close fail.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `bm`), -ENOENT (the bitmap no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_bitmap_set_persistence(qdirty_bitmap *bm, bool persistent, qdirty_error **errp);
 
-// Whether skip_store is set: the bitmap is not written back on the next store or close even
-// if it is persistent (QEMU: migration, transactional remove).
-//
-// Returns: true or false; false if `bm` is NULL or the bitmap no longer exists.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image.
+/**
+ * Whether skip_store is set: the bitmap is not written back on the next store or close even
+ * if it is persistent (QEMU: migration, transactional remove).
+ *
+ * Returns: true or false; false if `bm` is NULL or the bitmap no longer exists.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image.
+ */
 bool qdirty_bitmap_skip_store(const qdirty_bitmap *bm);
 
-// Sets or clears skip_store (QEMU's `bdrv_dirty_bitmap_skip_store`). No checks.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `bm`), -ENOENT (the bitmap no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Sets or clears skip_store (QEMU's `bdrv_dirty_bitmap_skip_store`). No checks.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `bm`), -ENOENT (the bitmap no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_bitmap_set_skip_store(qdirty_bitmap *bm, bool skip, qdirty_error **errp);
 
-// Marks the bitmap inconsistent, which also disables it (QEMU's
-// `bdrv_dirty_bitmap_set_inconsistent`). Only persistent bitmaps can be inconsistent (QEMU
-// asserts; qdirty fails). There is no way back: remove the bitmap.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `bm`, the bitmap is not persistent), -ENOENT
-// (the bitmap no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Marks the bitmap inconsistent, which also disables it (QEMU's
+ * `bdrv_dirty_bitmap_set_inconsistent`). Only persistent bitmaps can be inconsistent (QEMU
+ * asserts; qdirty fails). There is no way back: remove the bitmap.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `bm`, the bitmap is not persistent), -ENOENT
+ * (the bitmap no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_bitmap_set_inconsistent(qdirty_bitmap *bm, qdirty_error **errp);
 
-// QEMU's `recording` (what `query-block` reports): the bitmap is enabled, or it is frozen and
-// its successor is enabled (the successor records guest writes on its behalf).
-//
-// Returns: true or false; false if `bm` is NULL or the bitmap no longer exists.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image.
+/**
+ * QEMU's `recording` (what `query-block` reports): the bitmap is enabled, or it is frozen and
+ * its successor is enabled (the successor records guest writes on its behalf).
+ *
+ * Returns: true or false; false if `bm` is NULL or the bitmap no longer exists.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image.
+ */
 bool qdirty_bitmap_recording(const qdirty_bitmap *bm);
 
-// Whether the bitmap has a successor (it is frozen by `qdirty_bitmap_create_successor`).
-//
-// Returns: true or false; false if `bm` is NULL or the bitmap no longer exists.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image.
+/**
+ * Whether the bitmap has a successor (it is frozen by `qdirty_bitmap_create_successor`).
+ *
+ * Returns: true or false; false if `bm` is NULL or the bitmap no longer exists.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image.
+ */
 bool qdirty_bitmap_has_successor(const qdirty_bitmap *bm);
 
-// Creates an enabled, empty, transient bitmap covering the image (QEMU's
-// `bdrv_create_dirty_bitmap`), at the head of the list. Unlike `qdirty_image_add_bitmap`
-// (QMP's add) it does not look at the names stored in the image and never makes the bitmap
-// persistent, and `name` may be NULL for an anonymous bitmap: anonymous bitmaps are listed
-// and queried (with a NULL name), record writes, and are never stored or found by name.
-//
-// `name`: NULL, or 1..1023 bytes not used by another bitmap of the image.
-// `granularity`: a power of two from 512 B to 2 GiB; 0 means
-// `qdirty_image_default_granularity(img)`.
-//
-// Returns: the new bitmap, or NULL on failure: NULL `img`, a bad name or granularity (EINVAL),
-// "Bitmap already exists: NAME" (EEXIST), a bitmap too big for the image (EFBIG).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Ownership: the bitmap is borrowed from the image (see `qdirty_bitmap`); it lives until
-// `qdirty_bitmap_release`, `qdirty_image_remove_bitmap` (named ones) or closing the image.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `img` is NULL or an open image; `name` is NULL or a NUL-terminated string. `errp` is NULL or
-// points to a `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
+/**
+ * Creates an enabled, empty, transient bitmap covering the image (QEMU's
+ * `bdrv_create_dirty_bitmap`), at the head of the list. Unlike `qdirty_image_add_bitmap`
+ * (QMP's add) it does not look at the names stored in the image and never makes the bitmap
+ * persistent, and `name` may be NULL for an anonymous bitmap: anonymous bitmaps are listed
+ * and queried (with a NULL name), record writes, and are never stored or found by name.
+ *
+ * `name`: NULL, or 1..1023 bytes not used by another bitmap of the image.
+ * `granularity`: a power of two from 512 B to 2 GiB; 0 means
+ * `qdirty_image_default_granularity(img)`.
+ *
+ * Returns: the new bitmap, or NULL on failure: NULL `img`, a bad name or granularity (EINVAL),
+ * "Bitmap already exists: NAME" (EEXIST), a bitmap too big for the image (EFBIG).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Ownership: the bitmap is borrowed from the image (see `qdirty_bitmap`); it lives until
+ * `qdirty_bitmap_release`, `qdirty_image_remove_bitmap` (named ones) or closing the image.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `img` is NULL or an open image; `name` is NULL or a NUL-terminated string. `errp` is NULL or
+ * points to a `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
+ */
 qdirty_bitmap *qdirty_image_create_bitmap(qdirty_image *img,
                                           const char *name,
                                           uint32_t granularity,
                                           qdirty_error **errp);
 
-// Drops a bitmap from memory (QEMU's `bdrv_release_dirty_bitmap`). A stored copy stays in the
-// image untouched (still marked in_use while the image is open read-write, so it loads as
-// inconsistent next time unless removed): use `qdirty_image_remove_bitmap` to delete a
-// persistent bitmap for good. Refused while the bitmap is busy, has a successor or has live
-// iterators (QEMU asserts; qdirty fails).
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `bm`), -EBUSY (busy, frozen with a successor,
-// live iterators, a successor itself), -ENOENT (the bitmap no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
-// Ownership: `bm` stays valid until the image is closed; after a release, calls on it fail
-// with -ENOENT.
-// Thread safety: may be called from any thread; serialized per image. No other thread may use
-// `bm` during or after the call.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Drops a bitmap from memory (QEMU's `bdrv_release_dirty_bitmap`). A stored copy stays in the
+ * image untouched (still marked in_use while the image is open read-write, so it loads as
+ * inconsistent next time unless removed): use `qdirty_image_remove_bitmap` to delete a
+ * persistent bitmap for good. Refused while the bitmap is busy, has a successor or has live
+ * iterators (QEMU asserts; qdirty fails).
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `bm`), -EBUSY (busy, frozen with a successor,
+ * live iterators, a successor itself), -ENOENT (the bitmap no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+ * Ownership: `bm` stays valid until the image is closed; after a release, calls on it fail
+ * with -ENOENT.
+ * Thread safety: may be called from any thread; serialized per image. No other thread may use
+ * `bm` during or after the call.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_bitmap_release(qdirty_bitmap *bm, qdirty_error **errp);
 
-// Freezes the bitmap for an operation such as a backup (QEMU's
-// `bdrv_dirty_bitmap_create_successor`): a new anonymous successor with the same granularity,
-// covering the image's current size, starts with the bitmap's enabled state and from now on
-// records guest writes in its place; the bitmap becomes disabled and busy, its bits frozen for
-// the operation. End it with `qdirty_bitmap_abdicate` (the operation succeeded) or
-// `qdirty_bitmap_reclaim` (it failed).
-//
-// Only BUSY is checked, as in QEMU: callers check readonly and inconsistent first if they care
-// (`qdirty_bitmap_check` with QDIRTY_CHECK_DEFAULT).
-//
-// Returns: the successor, or NULL on failure: NULL `bm` (EINVAL), a busy bitmap (EBUSY, with
-// QEMU's message), "Cannot create a successor for a bitmap that already has one" (EINVAL),
-// ENOENT (the bitmap no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Ownership: the successor is borrowed from the image like any bitmap.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
+/**
+ * Freezes the bitmap for an operation such as a backup (QEMU's
+ * `bdrv_dirty_bitmap_create_successor`): a new anonymous successor with the same granularity,
+ * covering the image's current size, starts with the bitmap's enabled state and from now on
+ * records guest writes in its place; the bitmap becomes disabled and busy, its bits frozen for
+ * the operation. End it with `qdirty_bitmap_abdicate` (the operation succeeded) or
+ * `qdirty_bitmap_reclaim` (it failed).
+ *
+ * Only BUSY is checked, as in QEMU: callers check readonly and inconsistent first if they care
+ * (`qdirty_bitmap_check` with QDIRTY_CHECK_DEFAULT).
+ *
+ * Returns: the successor, or NULL on failure: NULL `bm` (EINVAL), a busy bitmap (EBUSY, with
+ * QEMU's message), "Cannot create a successor for a bitmap that already has one" (EINVAL),
+ * ENOENT (the bitmap no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Ownership: the successor is borrowed from the image like any bitmap.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
+ */
 qdirty_bitmap *qdirty_bitmap_create_successor(qdirty_bitmap *bm, qdirty_error **errp);
 
-// The operation succeeded (QEMU's `bdrv_dirty_bitmap_abdicate`): the successor takes the
-// bitmap's name and persistent flag and keeps its own enabled state; the bitmap and its bits
-// are dropped. The successor now holds only the writes made since `create_successor`.
-//
-// Returns: the successor (the same pointer `qdirty_bitmap_create_successor` returned, now
-// named), or NULL on failure: NULL `bm` (EINVAL), "Cannot relinquish control if there's no
-// successor present" (EINVAL), live iterators on the bitmap (EBUSY), ENOENT (the bitmap no
-// longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
-// Ownership: on success `bm` is freed: do not use it afterwards. The successor is borrowed from
-// the image like any bitmap.
-// Thread safety: may be called from any thread; serialized per image. No other thread may use
-// `bm` during or after the call.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
+/**
+ * The operation succeeded (QEMU's `bdrv_dirty_bitmap_abdicate`): the successor takes the
+ * bitmap's name and persistent flag and keeps its own enabled state; the bitmap and its bits
+ * are dropped. The successor now holds only the writes made since `create_successor`.
+ *
+ * Returns: the successor (the same pointer `qdirty_bitmap_create_successor` returned, now
+ * named), or NULL on failure: NULL `bm` (EINVAL), "Cannot relinquish control if there's no
+ * successor present" (EINVAL), live iterators on the bitmap (EBUSY), ENOENT (the bitmap no
+ * longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+ * Ownership: on success `bm` is freed: do not use it afterwards. The successor is borrowed from
+ * the image like any bitmap.
+ * Thread safety: may be called from any thread; serialized per image. No other thread may use
+ * `bm` during or after the call.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
+ */
 qdirty_bitmap *qdirty_bitmap_abdicate(qdirty_bitmap *bm, qdirty_error **errp);
 
-// The operation failed (QEMU's `bdrv_reclaim_dirty_bitmap`): the bitmap takes back the
-// successor's bits (bitmap |= successor) and its enabled state, stops being busy, and the
-// successor is dropped. The bitmap then holds its old bits plus every write made meanwhile.
-//
-// Returns: `bm` (the parent), or NULL on failure: NULL `bm` (EINVAL), "Cannot reclaim a
-// successor when none is present" (EINVAL), live iterators on the successor (EBUSY), EIO (the
-// bitmap's data could not be read), ENOENT (the bitmap no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
-// Ownership: on success the successor's handle stays valid until the image is closed; calls on it
-// fail with -ENOENT.
-// Thread safety: may be called from any thread; serialized per image. No other thread may use
-// the successor during or after the call.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
+/**
+ * The operation failed (QEMU's `bdrv_reclaim_dirty_bitmap`): the bitmap takes back the
+ * successor's bits (bitmap |= successor) and its enabled state, stops being busy, and the
+ * successor is dropped. The bitmap then holds its old bits plus every write made meanwhile.
+ *
+ * Returns: `bm` (the parent), or NULL on failure: NULL `bm` (EINVAL), "Cannot reclaim a
+ * successor when none is present" (EINVAL), live iterators on the successor (EBUSY), EIO (the
+ * bitmap's data could not be read), ENOENT (the bitmap no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+ * Ownership: on success the successor's handle stays valid until the image is closed; calls on it
+ * fail with -ENOENT.
+ * Thread safety: may be called from any thread; serialized per image. No other thread may use
+ * the successor during or after the call.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
+ */
 qdirty_bitmap *qdirty_bitmap_reclaim(qdirty_bitmap *bm, qdirty_error **errp);
 
-// Enables the successor of a frozen bitmap (QEMU's `bdrv_dirty_bitmap_enable_successor`, used
-// by migration when the guest starts before a bitmap has arrived); the bitmap itself stays
-// disabled.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `bm`, "The bitmap has no successor to
-// enable": QEMU would dereference NULL), -ENOENT (the bitmap no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Enables the successor of a frozen bitmap (QEMU's `bdrv_dirty_bitmap_enable_successor`, used
+ * by migration when the guest starts before a bitmap has arrived); the bitmap itself stays
+ * disabled.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `bm`, "The bitmap has no successor to
+ * enable": QEMU would dereference NULL), -ENOENT (the bitmap no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_bitmap_enable_successor(qdirty_bitmap *bm, qdirty_error **errp);
 
-// Clears every bit and hands the old bits back as a backup (QEMU's `bdrv_clear_dirty_bitmap`
-// with a backup, the prepare step of the transaction's clear action); QDIRTY_CHECK_DEFAULT
-// checks first. Undo with `qdirty_bitmap_restore`.
-//
-// `*backup` is set to NULL on entry and receives the backup on success.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `bm` or `backup`, inconsistent bitmap),
-// -EBUSY, -EPERM (readonly bitmap), -EIO (the bitmap's data could not be read: the message
-// names it), -ENOENT (the bitmap no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
-// Ownership: the caller owns `*backup`; free it with `qdirty_backup_free`.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image; `backup` is NULL or writable. `errp`
-// is NULL or points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and
-// does nothing).
+/**
+ * Clears every bit and hands the old bits back as a backup (QEMU's `bdrv_clear_dirty_bitmap`
+ * with a backup, the prepare step of the transaction's clear action); QDIRTY_CHECK_DEFAULT
+ * checks first. Undo with `qdirty_bitmap_restore`.
+ *
+ * `*backup` is set to NULL on entry and receives the backup on success.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `bm` or `backup`, inconsistent bitmap),
+ * -EBUSY, -EPERM (readonly bitmap), -EIO (the bitmap's data could not be read: the message
+ * names it), -ENOENT (the bitmap no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+ * Ownership: the caller owns `*backup`; free it with `qdirty_backup_free`.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image; `backup` is NULL or writable. `errp`
+ * is NULL or points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and
+ * does nothing).
+ */
 int qdirty_bitmap_clear_with_backup(qdirty_bitmap *bm, qdirty_backup **backup, qdirty_error **errp);
 
-// Puts back the bits saved in `backup` (QEMU's `bdrv_restore_dirty_bitmap`, the abort step of
-// the clear and merge actions). The backup must come from this bitmap (or one of the same
-// size and granularity); it is left empty, not freed: free it with `qdirty_backup_free`.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL argument, an empty (already restored) backup,
-// a backup of another size or granularity), -EPERM (readonly bitmap), -ENOENT (the bitmap no
-// longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
-// Ownership: the caller keeps `backup`.
-// Thread safety: may be called from any thread; serialized per image. No other thread may use
-// `backup` at the same time.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image; `backup` is NULL or a backup not yet
-// freed. `errp` is NULL or points to a `qdirty_error *` that is NULL (otherwise the call
-// returns -EINVAL and does nothing).
+/**
+ * Puts back the bits saved in `backup` (QEMU's `bdrv_restore_dirty_bitmap`, the abort step of
+ * the clear and merge actions). The backup must come from this bitmap (or one of the same
+ * size and granularity); it is left empty, not freed: free it with `qdirty_backup_free`.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL argument, an empty (already restored) backup,
+ * a backup of another size or granularity), -EPERM (readonly bitmap), -ENOENT (the bitmap no
+ * longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+ * Ownership: the caller keeps `backup`.
+ * Thread safety: may be called from any thread; serialized per image. No other thread may use
+ * `backup` at the same time.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image; `backup` is NULL or a backup not yet
+ * freed. `errp` is NULL or points to a `qdirty_error *` that is NULL (otherwise the call
+ * returns -EINVAL and does nothing).
+ */
 int qdirty_bitmap_restore(qdirty_bitmap *bm, qdirty_backup *backup, qdirty_error **errp);
 
-// Frees a backup. NULL is a no-op.
-//
-// Ownership: takes `backup`; it is invalid afterwards.
-// Thread safety: may be called from any thread, once per backup.
-//
-// # Safety
-// `backup` is NULL or a backup not yet freed.
+/**
+ * Frees a backup. NULL is a no-op.
+ *
+ * Ownership: takes `backup`; it is invalid afterwards.
+ * Thread safety: may be called from any thread, once per backup.
+ *
+ * # Safety
+ * `backup` is NULL or a backup not yet freed.
+ */
 void qdirty_backup_free(qdirty_backup *backup);
 
-// dest |= src (QEMU's `bdrv_merge_dirty_bitmap`), between any two bitmaps: of the same image
-// or of two images, named or anonymous, even the same bitmap. QEMU's checks, in QMP's order:
-// QDIRTY_CHECK_ALLOW_RO on `src` (a readonly source is fine), equal sizes ("Bitmaps are of
-// different sizes (destination size is N, source size is M) and can't be merged"), then
-// QDIRTY_CHECK_DEFAULT on `dest`. Granularities may differ (a coarser destination is rounded
-// outward).
-//
-// `backup`: NULL, or where to store dest's previous bits for `qdirty_bitmap_restore` (set to
-// NULL on entry).
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `dest` or `src`, different sizes,
-// inconsistent bitmap), -EBUSY, -EPERM (readonly `dest`), -EIO (the data of either bitmap
-// could not be read: the message names it), -ENOENT (a bitmap no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
-// Ownership: the caller owns `*backup`; free it with `qdirty_backup_free`.
-// Thread safety: may be called from any thread; locks both images, in address order (one lock
-// when they are the same image), so concurrent merges in opposite directions do not deadlock.
-//
-// # Safety
-// `dest` and `src` are NULL or bitmaps still owned by open images; `backup` is NULL or
-// writable. `errp` is NULL or points to a `qdirty_error *` that is NULL (otherwise the call
-// returns -EINVAL and does nothing).
+/**
+ * dest |= src (QEMU's `bdrv_merge_dirty_bitmap`), between any two bitmaps: of the same image
+ * or of two images, named or anonymous, even the same bitmap. QEMU's checks, in QMP's order:
+ * QDIRTY_CHECK_ALLOW_RO on `src` (a readonly source is fine), equal sizes ("Bitmaps are of
+ * different sizes (destination size is N, source size is M) and can't be merged"), then
+ * QDIRTY_CHECK_DEFAULT on `dest`. Granularities may differ (a coarser destination is rounded
+ * outward).
+ *
+ * `backup`: NULL, or where to store dest's previous bits for `qdirty_bitmap_restore` (set to
+ * NULL on entry).
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `dest` or `src`, different sizes,
+ * inconsistent bitmap), -EBUSY, -EPERM (readonly `dest`), -EIO (the data of either bitmap
+ * could not be read: the message names it), -ENOENT (a bitmap no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+ * Ownership: the caller owns `*backup`; free it with `qdirty_backup_free`.
+ * Thread safety: may be called from any thread; locks both images, in address order (one lock
+ * when they are the same image), so concurrent merges in opposite directions do not deadlock.
+ *
+ * # Safety
+ * `dest` and `src` are NULL or bitmaps still owned by open images; `backup` is NULL or
+ * writable. `errp` is NULL or points to a `qdirty_error *` that is NULL (otherwise the call
+ * returns -EINVAL and does nothing).
+ */
 int qdirty_bitmap_merge(qdirty_bitmap *dest,
                         const qdirty_bitmap *src,
                         qdirty_backup **backup,
                         qdirty_error **errp);
 
-// A new iterator over the bitmap's dirty granules, positioned at offset 0 (QEMU's
-// `bdrv_dirty_iter_new`).
-//
-// Returns: the iterator, or NULL on failure: NULL `bm` or inconsistent bitmap (EINVAL, with
-// QEMU's message and hint), EIO (the bitmap's data could not be read; it is loaded here, so
-// the iterator's steps cannot fail), ENOENT (the bitmap no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Ownership: the caller owns the iterator and must free it with `qdirty_iter_free` before
-// closing the image.
-// Thread safety: may be called from any thread; serialized per image. See `qdirty_iter`.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
+/**
+ * A new iterator over the bitmap's dirty granules, positioned at offset 0 (QEMU's
+ * `bdrv_dirty_iter_new`).
+ *
+ * Returns: the iterator, or NULL on failure: NULL `bm` or inconsistent bitmap (EINVAL, with
+ * QEMU's message and hint), EIO (the bitmap's data could not be read; it is loaded here, so
+ * the iterator's steps cannot fail), ENOENT (the bitmap no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Ownership: the caller owns the iterator and must free it with `qdirty_iter_free` before
+ * closing the image.
+ * Thread safety: may be called from any thread; serialized per image. See `qdirty_iter`.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns NULL and does nothing).
+ */
 qdirty_iter *qdirty_bitmap_iter_new(qdirty_bitmap *bm, qdirty_error **errp);
 
-// The start of the next dirty granule (a multiple of the granularity), and moves past it
-// (QEMU's `bdrv_dirty_iter_next`).
-//
-// Returns: the offset; -1 when no dirty granule is left; -ENOENT (-2) when the iterated
-// bitmap no longer exists (a transaction that added it was aborted): the iteration did not
-// finish, so do not take it as "no more dirty granules"; -EINVAL for a NULL `iter`; -EIO when
-// its image is unusable.
-// Thread safety: see `qdirty_iter`.
-//
-// # Safety
-// `iter` is NULL or an iterator not yet freed whose image is open.
+/**
+ * The start of the next dirty granule (a multiple of the granularity), and moves past it
+ * (QEMU's `bdrv_dirty_iter_next`).
+ *
+ * Returns: the offset; -1 when no dirty granule is left; -ENOENT (-2) when the iterated
+ * bitmap no longer exists (a transaction that added it was aborted): the iteration did not
+ * finish, so do not take it as "no more dirty granules"; -EINVAL for a NULL `iter`; -EIO when
+ * its image is unusable.
+ * Thread safety: see `qdirty_iter`.
+ *
+ * # Safety
+ * `iter` is NULL or an iterator not yet freed whose image is open.
+ */
 int64_t qdirty_iter_next(qdirty_iter *iter);
 
-// Moves the iterator: the next `qdirty_iter_next` returns the first dirty granule at or after
-// the granule containing `offset` (QEMU's `bdrv_set_dirty_iter`).
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `iter`, `offset` at or beyond the bitmap's
-// size: QEMU asserts), -ENOENT (the bitmap no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); the iterator did
-// not move.
-// Thread safety: see `qdirty_iter`.
-//
-// # Safety
-// `iter` is NULL or an iterator not yet freed whose image is open. `errp` is NULL or points to
-// a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Moves the iterator: the next `qdirty_iter_next` returns the first dirty granule at or after
+ * the granule containing `offset` (QEMU's `bdrv_set_dirty_iter`).
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `iter`, `offset` at or beyond the bitmap's
+ * size: QEMU asserts), -ENOENT (the bitmap no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); the iterator did
+ * not move.
+ * Thread safety: see `qdirty_iter`.
+ *
+ * # Safety
+ * `iter` is NULL or an iterator not yet freed whose image is open. `errp` is NULL or points to
+ * a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_iter_seek(qdirty_iter *iter, uint64_t offset, qdirty_error **errp);
 
-// Frees an iterator (QEMU's `bdrv_dirty_iter_free`); its bitmap may be released and truncated
-// again once no iterator is left. NULL is a no-op.
-//
-// Ownership: takes `iter`; it is invalid afterwards.
-// Thread safety: see `qdirty_iter`; no other thread may use `iter` during or after the call.
-//
-// # Safety
-// `iter` is NULL or an iterator not yet freed whose image is open.
+/**
+ * Frees an iterator (QEMU's `bdrv_dirty_iter_free`); its bitmap may be released and truncated
+ * again once no iterator is left. NULL is a no-op.
+ *
+ * Ownership: takes `iter`; it is invalid afterwards.
+ * Thread safety: see `qdirty_iter`; no other thread may use `iter` during or after the call.
+ *
+ * # Safety
+ * `iter` is NULL or an iterator not yet freed whose image is open.
+ */
 void qdirty_iter_free(qdirty_iter *iter);
 
-// Whether `offset` is dirty, and how long the run with that state is (QEMU's
-// `bdrv_dirty_bitmap_status`, with the 2022 fix: 1 means dirty).
-//
-// `*count` is set to 0 on entry (when not NULL) and receives the length in bytes of the run
-// starting at `offset` whose granules are all dirty (result 1) or all clean (result 0), capped
-// at `bytes`.
-//
-// Returns: 1 (dirty), 0 (clean), or a negative errno: -EINVAL (NULL `bm` or `count`, `bytes`
-// 0, `[offset, offset + bytes)` beyond the bitmap's size: QEMU asserts; inconsistent bitmap:
-// QEMU's message and hint), -EIO (the bitmap's data could not be read), -ENOENT (the bitmap
-// no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image; `count` is NULL or writable. `errp`
-// is NULL or points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and
-// does nothing).
+/**
+ * Whether `offset` is dirty, and how long the run with that state is (QEMU's
+ * `bdrv_dirty_bitmap_status`, with the 2022 fix: 1 means dirty).
+ *
+ * `*count` is set to 0 on entry (when not NULL) and receives the length in bytes of the run
+ * starting at `offset` whose granules are all dirty (result 1) or all clean (result 0), capped
+ * at `bytes`.
+ *
+ * Returns: 1 (dirty), 0 (clean), or a negative errno: -EINVAL (NULL `bm` or `count`, `bytes`
+ * 0, `[offset, offset + bytes)` beyond the bitmap's size: QEMU asserts; inconsistent bitmap:
+ * QEMU's message and hint), -EIO (the bitmap's data could not be read), -ENOENT (the bitmap
+ * no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image; `count` is NULL or writable. `errp`
+ * is NULL or points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and
+ * does nothing).
+ */
 int qdirty_bitmap_status(const qdirty_bitmap *bm,
                          uint64_t offset,
                          uint64_t bytes,
                          uint64_t *count,
                          qdirty_error **errp);
 
-// The alignment of serialization chunks in bytes of disk: 64 granules (QEMU's
-// `bdrv_dirty_bitmap_serialization_align`). Chunk starts must be multiples of it, and so must
-// chunk lengths unless the chunk ends at the end of the bitmap.
-//
-// Returns: the alignment; 0 if `bm` is NULL or the bitmap no longer exists.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image.
+/**
+ * The alignment of serialization chunks in bytes of disk: 64 granules (QEMU's
+ * `bdrv_dirty_bitmap_serialization_align`). Chunk starts must be multiples of it, and so must
+ * chunk lengths unless the chunk ends at the end of the bitmap.
+ *
+ * Returns: the alignment; 0 if `bm` is NULL or the bitmap no longer exists.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image.
+ */
 uint64_t qdirty_bitmap_serialization_align(const qdirty_bitmap *bm);
 
-// The buffer size needed to serialize `[offset, offset + bytes)` (QEMU's
-// `bdrv_dirty_bitmap_serialization_size`): the 64-bit words the chunk spans, times 8.
-//
-// Returns: the size in bytes (0 for `bytes` 0), or a negative errno: -EINVAL (NULL `bm`, a
-// chunk breaking the alignment rules of `qdirty_bitmap_serialization_align` or beyond the
-// bitmap's size, an inconsistent bitmap), -EIO (the bitmap's data could not be read: the
-// message names it), -ENOENT (the bitmap no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+/**
+ * The buffer size needed to serialize `[offset, offset + bytes)` (QEMU's
+ * `bdrv_dirty_bitmap_serialization_size`): the 64-bit words the chunk spans, times 8.
+ *
+ * Returns: the size in bytes (0 for `bytes` 0), or a negative errno: -EINVAL (NULL `bm`, a
+ * chunk breaking the alignment rules of `qdirty_bitmap_serialization_align` or beyond the
+ * bitmap's size, an inconsistent bitmap), -EIO (the bitmap's data could not be read: the
+ * message names it), -ENOENT (the bitmap no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+ */
 int64_t qdirty_bitmap_serialization_size(const qdirty_bitmap *bm,
                                          uint64_t offset,
                                          uint64_t bytes,
                                          qdirty_error **errp);
 
-// Serializes `[offset, offset + bytes)` into `buf` (QEMU's
-// `bdrv_dirty_bitmap_serialize_part`): `qdirty_bitmap_serialization_size(bm, offset, bytes)`
-// bytes are written at the start of `buf`.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `bm`, NULL `buf` with `len` > 0, `len`
-// smaller than the serialization size, a chunk breaking the alignment rules or beyond the
-// bitmap's size, an inconsistent bitmap), -EIO (the bitmap's data could not be read: the
-// message names it), -ENOENT (the bitmap no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); `buf` is
-// untouched.
-// Ownership: the caller keeps `buf`.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image; `buf` is NULL or writable for `len`
-// bytes. `errp` is NULL or points to a `qdirty_error *` that is NULL (otherwise the call
-// returns -EINVAL and does nothing).
+/**
+ * Serializes `[offset, offset + bytes)` into `buf` (QEMU's
+ * `bdrv_dirty_bitmap_serialize_part`): `qdirty_bitmap_serialization_size(bm, offset, bytes)`
+ * bytes are written at the start of `buf`.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `bm`, NULL `buf` with `len` > 0, `len`
+ * smaller than the serialization size, a chunk breaking the alignment rules or beyond the
+ * bitmap's size, an inconsistent bitmap), -EIO (the bitmap's data could not be read: the
+ * message names it), -ENOENT (the bitmap no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); `buf` is
+ * untouched.
+ * Ownership: the caller keeps `buf`.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image; `buf` is NULL or writable for `len`
+ * bytes. `errp` is NULL or points to a `qdirty_error *` that is NULL (otherwise the call
+ * returns -EINVAL and does nothing).
+ */
 int qdirty_bitmap_serialize_part(const qdirty_bitmap *bm,
                                  uint8_t *buf,
                                  size_t len,
@@ -1284,23 +1527,25 @@ int qdirty_bitmap_serialize_part(const qdirty_bitmap *bm,
                                  uint64_t bytes,
                                  qdirty_error **errp);
 
-// Overwrites `[offset, offset + bytes)` from `buf` (QEMU's
-// `bdrv_dirty_bitmap_deserialize_part`): whole 64-bit words, in the layout of
-// `qdirty_bitmap_serialize_part`. Until `qdirty_bitmap_deserialize_finish` runs (or `finish`
-// is true), the bitmap's count and searches do not see the new bits.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `bm`, NULL `buf` with `len` > 0, `len`
-// smaller than the serialization size, a chunk breaking the alignment rules or beyond the
-// bitmap's size, an inconsistent bitmap), -EPERM (readonly bitmap), -EIO (the bitmap's data
-// could not be read: the message names it), -ENOENT (the bitmap no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
-// Ownership: the caller keeps `buf`.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image; `buf` is NULL or readable for `len`
-// bytes. `errp` is NULL or points to a `qdirty_error *` that is NULL (otherwise the call
-// returns -EINVAL and does nothing).
+/**
+ * Overwrites `[offset, offset + bytes)` from `buf` (QEMU's
+ * `bdrv_dirty_bitmap_deserialize_part`): whole 64-bit words, in the layout of
+ * `qdirty_bitmap_serialize_part`. Until `qdirty_bitmap_deserialize_finish` runs (or `finish`
+ * is true), the bitmap's count and searches do not see the new bits.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `bm`, NULL `buf` with `len` > 0, `len`
+ * smaller than the serialization size, a chunk breaking the alignment rules or beyond the
+ * bitmap's size, an inconsistent bitmap), -EPERM (readonly bitmap), -EIO (the bitmap's data
+ * could not be read: the message names it), -ENOENT (the bitmap no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+ * Ownership: the caller keeps `buf`.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image; `buf` is NULL or readable for `len`
+ * bytes. `errp` is NULL or points to a `qdirty_error *` that is NULL (otherwise the call
+ * returns -EINVAL and does nothing).
+ */
 int qdirty_bitmap_deserialize_part(qdirty_bitmap *bm,
                                    const uint8_t *buf,
                                    size_t len,
@@ -1309,142 +1554,158 @@ int qdirty_bitmap_deserialize_part(qdirty_bitmap *bm,
                                    bool finish,
                                    qdirty_error **errp);
 
-// Fills `[offset, offset + bytes)` with clean granules (QEMU's
-// `bdrv_dirty_bitmap_deserialize_zeroes`); see `qdirty_bitmap_deserialize_part` for the rules
-// and `finish`.
-//
-// Returns: 0, or a negative errno as `qdirty_bitmap_deserialize_part`.
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Fills `[offset, offset + bytes)` with clean granules (QEMU's
+ * `bdrv_dirty_bitmap_deserialize_zeroes`); see `qdirty_bitmap_deserialize_part` for the rules
+ * and `finish`.
+ *
+ * Returns: 0, or a negative errno as `qdirty_bitmap_deserialize_part`.
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_bitmap_deserialize_zeroes(qdirty_bitmap *bm,
                                      uint64_t offset,
                                      uint64_t bytes,
                                      bool finish,
                                      qdirty_error **errp);
 
-// Fills `[offset, offset + bytes)` with dirty granules (QEMU's
-// `bdrv_dirty_bitmap_deserialize_ones`), never past the bitmap's end (QEMU sets stray bits
-// there; qdirty does not); see `qdirty_bitmap_deserialize_part` for the rules and `finish`.
-//
-// Returns: 0, or a negative errno as `qdirty_bitmap_deserialize_part`.
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Fills `[offset, offset + bytes)` with dirty granules (QEMU's
+ * `bdrv_dirty_bitmap_deserialize_ones`), never past the bitmap's end (QEMU sets stray bits
+ * there; qdirty does not); see `qdirty_bitmap_deserialize_part` for the rules and `finish`.
+ *
+ * Returns: 0, or a negative errno as `qdirty_bitmap_deserialize_part`.
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_bitmap_deserialize_ones(qdirty_bitmap *bm,
                                    uint64_t offset,
                                    uint64_t bytes,
                                    bool finish,
                                    qdirty_error **errp);
 
-// Rebuilds the bitmap's summaries and count after `qdirty_bitmap_deserialize_*` calls made
-// with `finish` false (QEMU's `bdrv_dirty_bitmap_deserialize_finish`).
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `bm`), -ENOENT (the bitmap no longer exists).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
-// `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Rebuilds the bitmap's summaries and count after `qdirty_bitmap_deserialize_*` calls made
+ * with `finish` false (QEMU's `bdrv_dirty_bitmap_deserialize_finish`).
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `bm`), -ENOENT (the bitmap no longer exists).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `bm` is NULL or a bitmap still owned by an open image. `errp` is NULL or points to a
+ * `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_bitmap_deserialize_finish(qdirty_bitmap *bm, qdirty_error **errp);
 
-// A snapshot of every bitmap of the image, in list order (newest first), anonymous bitmaps and
-// successors included (QEMU's `bdrv_query_dirty_bitmaps`).
-//
-// `*out` and `*count` are reset to NULL and 0 on entry (when not NULL) and receive the array
-// and its length on success; an image without bitmaps gives NULL and 0.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `img`, `out` or `count`), -EIO (the data of a
-// bitmap still on disk could not be read: the message names it; or an unusable image).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Ownership: the caller owns the array; free it with `qdirty_bitmap_info_free(*out, *count)`.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `img` is NULL or an open image; `out` and `count` are NULL or writable. `errp` is NULL or
-// points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
-// nothing).
+/**
+ * A snapshot of every bitmap of the image, in list order (newest first), anonymous bitmaps and
+ * successors included (QEMU's `bdrv_query_dirty_bitmaps`).
+ *
+ * `*out` and `*count` are reset to NULL and 0 on entry (when not NULL) and receive the array
+ * and its length on success; an image without bitmaps gives NULL and 0.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `img`, `out` or `count`), -EIO (the data of a
+ * bitmap still on disk could not be read: the message names it; or an unusable image).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Ownership: the caller owns the array; free it with `qdirty_bitmap_info_free(*out, *count)`.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `img` is NULL or an open image; `out` and `count` are NULL or writable. `errp` is NULL or
+ * points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
+ * nothing).
+ */
 int qdirty_image_query_bitmaps(qdirty_image *img,
                                qdirty_bitmap_info **out,
                                size_t *count,
                                qdirty_error **errp);
 
-// Frees an array from `qdirty_image_query_bitmaps` and its names. NULL is a no-op.
-//
-// `count` must be the length the query returned with `arr`.
-// Ownership: takes `arr`; it and its names are invalid afterwards.
-// Thread safety: may be called from any thread, once per array.
-//
-// # Safety
-// `arr` is NULL or an array from `qdirty_image_query_bitmaps` not yet freed, and `count` its
-// length.
+/**
+ * Frees an array from `qdirty_image_query_bitmaps` and its names. NULL is a no-op.
+ *
+ * `count` must be the length the query returned with `arr`.
+ * Ownership: takes `arr`; it and its names are invalid afterwards.
+ * Thread safety: may be called from any thread, once per array.
+ *
+ * # Safety
+ * `arr` is NULL or an array from `qdirty_image_query_bitmaps` not yet freed, and `count` its
+ * length.
+ */
 void qdirty_bitmap_info_free(qdirty_bitmap_info *arr, size_t count);
 
-// How much space a store (`qdirty_image_store_bitmaps`, close) needs now.
-//
-// `*clusters` receives the number of new clusters the store would allocate now: changed
-// non-zero data clusters, new bitmap tables and a new directory (an image whose bitmaps did
-// not change needs 0; refcount blocks the allocation may need come on top, at most a few).
-// `*bytes` receives the same in bytes. `*measure_bytes` receives what `qemu-img measure`
-// reports as "bitmaps": every data cluster and table of every persistent bitmap plus the
-// directory. Any of the three may be NULL. Bitmaps whose data is still on disk are not loaded.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `img`), -EIO (the data of a changed bitmap
-// could not be read: the message names it; or an unusable image).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `img` is NULL or an open image; `clusters`, `bytes` and `measure_bytes` are NULL or
-// writable. `errp` is NULL or points to a `qdirty_error *` that is NULL (otherwise the call
-// returns -EINVAL and does nothing).
+/**
+ * How much space a store (`qdirty_image_store_bitmaps`, close) needs now.
+ *
+ * `*clusters` receives the number of new clusters the store would allocate now: changed
+ * non-zero data clusters, new bitmap tables and a new directory (an image whose bitmaps did
+ * not change needs 0; refcount blocks the allocation may need come on top, at most a few).
+ * `*bytes` receives the same in bytes. `*measure_bytes` receives what `qemu-img measure`
+ * reports as "bitmaps": every data cluster and table of every persistent bitmap plus the
+ * directory. Any of the three may be NULL. Bitmaps whose data is still on disk are not loaded.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `img`), -EIO (the data of a changed bitmap
+ * could not be read: the message names it; or an unusable image).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `img` is NULL or an open image; `clusters`, `bytes` and `measure_bytes` are NULL or
+ * writable. `errp` is NULL or points to a `qdirty_error *` that is NULL (otherwise the call
+ * returns -EINVAL and does nothing).
+ */
 int qdirty_image_store_space(qdirty_image *img,
                              uint64_t *clusters,
                              uint64_t *bytes,
                              uint64_t *measure_bytes,
                              qdirty_error **errp);
 
-// The number of broken bitmaps of an image opened with QDIRTY_OPEN_SALVAGE: directory entries
-// or tables that QEMU refuses the whole image for. Always 0 without QDIRTY_OPEN_SALVAGE (such
-// an image fails to open instead). QEMU refuses the image until every broken bitmap is
-// removed (`qdirty_image_remove_broken_bitmap`).
-//
-// Returns: the count (>= 0), or a negative errno: -EINVAL (`img` NULL), -EIO (unusable image).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `img` is NULL or an open image. `errp` is NULL or points to a `qdirty_error *` that is NULL
-// (otherwise the call returns -EINVAL and does nothing).
+/**
+ * The number of broken bitmaps of an image opened with QDIRTY_OPEN_SALVAGE: directory entries
+ * or tables that QEMU refuses the whole image for. Always 0 without QDIRTY_OPEN_SALVAGE (such
+ * an image fails to open instead). QEMU refuses the image until every broken bitmap is
+ * removed (`qdirty_image_remove_broken_bitmap`).
+ *
+ * Returns: the count (>= 0), or a negative errno: -EINVAL (`img` NULL), -EIO (unusable image).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `img` is NULL or an open image. `errp` is NULL or points to a `qdirty_error *` that is NULL
+ * (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_image_broken_bitmap_count(qdirty_image *img, qdirty_error **errp);
 
-// Describes the broken bitmap number `i` (0 .. count-1, in directory order; see
-// `qdirty_image_broken_bitmap_count`).
-//
-// `*index` receives its position in the bitmap directory (what messages use when the name is
-// empty), `*name` its name as QEMU reads it (up to the first NUL; may be empty and need not be
-// UTF-8), `*reason` the reason QEMU refuses the image for (the same message a normal open
-// fails with). Any of the three may be NULL. The strings are new: free them with
-// `qdirty_string_free`.
-//
-// Returns: 0, or a negative errno: -EINVAL (`img` NULL), -ENOENT (`i` out of range), -EIO
-// (unusable image).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing is written
-// to `*index`, `*name`, `*reason`.
-// Ownership: the caller owns `*name` and `*reason`.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `img` is NULL or an open image; `index`, `name` and `reason` are NULL or writable. `errp` is
-// NULL or points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and
-// does nothing).
+/**
+ * Describes the broken bitmap number `i` (0 .. count-1, in directory order; see
+ * `qdirty_image_broken_bitmap_count`).
+ *
+ * `*index` receives its position in the bitmap directory (what messages use when the name is
+ * empty), `*name` its name as QEMU reads it (up to the first NUL; may be empty and need not be
+ * UTF-8), `*reason` the reason QEMU refuses the image for (the same message a normal open
+ * fails with). Any of the three may be NULL. The strings are new: free them with
+ * `qdirty_string_free`.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (`img` NULL), -ENOENT (`i` out of range), -EIO
+ * (unusable image).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing is written
+ * to `*index`, `*name`, `*reason`.
+ * Ownership: the caller owns `*name` and `*reason`.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `img` is NULL or an open image; `index`, `name` and `reason` are NULL or writable. `errp` is
+ * NULL or points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and
+ * does nothing).
+ */
 int qdirty_image_broken_bitmap(qdirty_image *img,
                                uint32_t i,
                                uint32_t *index,
@@ -1452,160 +1713,180 @@ int qdirty_image_broken_bitmap(qdirty_image *img,
                                char **reason,
                                qdirty_error **errp);
 
-// Removes the broken bitmap number `i` (as listed by `qdirty_image_broken_bitmap`; the later
-// ones move down by one) from an image opened with QDIRTY_OPEN_SALVAGE | QDIRTY_OPEN_RDWR. The
-// bitmap directory is rewritten without it; the clusters its entry and table name are never
-// freed (they are leaked: `qemu-img check -r leaks` reclaims them). Once no broken bitmap is
-// left, QEMU opens the image again.
-//
-// Returns: 0, or a negative errno: -EINVAL (`img` NULL), -ENOENT (`i` out of range), -EROFS
-// (read-only image), I/O errors.
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `img` is NULL or an open image. `errp` is NULL or points to a `qdirty_error *` that is NULL
-// (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Removes the broken bitmap number `i` (as listed by `qdirty_image_broken_bitmap`; the later
+ * ones move down by one) from an image opened with QDIRTY_OPEN_SALVAGE | QDIRTY_OPEN_RDWR. The
+ * bitmap directory is rewritten without it; the clusters its entry and table name are never
+ * freed (they are leaked: `qemu-img check -r leaks` reclaims them). Once no broken bitmap is
+ * left, QEMU opens the image again.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (`img` NULL), -ENOENT (`i` out of range), -EROFS
+ * (read-only image), I/O errors.
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `img` is NULL or an open image. `errp` is NULL or points to a `qdirty_error *` that is NULL
+ * (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_image_remove_broken_bitmap(qdirty_image *img, uint32_t i, qdirty_error **errp);
 
-// Drops the whole bitmaps extension of the image file at `path`, for an image whose bitmap
-// directory is broken as a whole (a QDIRTY_OPEN_SALVAGE open then fails, naming this
-// function): one header write removes the extension and clears autoclear bit 0 (QEMU's rule for
-// programs without bitmap support), then fdatasync. Every persistent bitmap is lost; their
-// directory, tables and data clusters are leaked (`qemu-img check -r leaks` reclaims them).
-// Guest data and other metadata are not touched. Never done implicitly by any other call.
-//
-// `*dropped` (may be NULL) receives 1 when there was something to drop, 0 when the image had
-// no bitmaps extension (nothing written).
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL or empty path, not a usable qcow2 file),
-// -ENOTSUP (qcow2 v2), -EAGAIN (the image is in use, e.g. by QEMU), I/O errors.
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Thread safety: may be called from any thread.
-//
-// # Safety
-// `path` is NULL or a NUL-terminated string; `dropped` is NULL or writable. `errp` is NULL or
-// points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
-// nothing).
+/**
+ * Drops the whole bitmaps extension of the image file at `path`, for an image whose bitmap
+ * directory is broken as a whole (a QDIRTY_OPEN_SALVAGE open then fails, naming this
+ * function): one header write removes the extension and clears autoclear bit 0 (QEMU's rule for
+ * programs without bitmap support), then fdatasync. Every persistent bitmap is lost; their
+ * directory, tables and data clusters are leaked (`qemu-img check -r leaks` reclaims them).
+ * Guest data and other metadata are not touched. Never done implicitly by any other call.
+ *
+ * `*dropped` (may be NULL) receives 1 when there was something to drop, 0 when the image had
+ * no bitmaps extension (nothing written).
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL or empty path, not a usable qcow2 file),
+ * -ENOTSUP (qcow2 v2), -EAGAIN (the image is in use, e.g. by QEMU), I/O errors.
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Thread safety: may be called from any thread.
+ *
+ * # Safety
+ * `path` is NULL or a NUL-terminated string; `dropped` is NULL or writable. `errp` is NULL or
+ * points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
+ * nothing).
+ */
 int qdirty_image_drop_bitmaps_extension(const char *path, int *dropped, qdirty_error **errp);
 
-// Creates a standalone image: bitmaps over `size` bytes with no qcow2 file behind them (for raw
-// disks, guest RAM, tests). Every in-memory operation works as on a qcow2 image (add, create,
-// successors, merge, iterators, serialization, transactions, truncate to any size);
-// persistent bitmaps are refused, and closing stores nothing. Its default granularity is
-// 64 KiB.
-//
-// Returns: the image, or NULL on failure: `size` beyond INT64_MAX (EINVAL).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Ownership: the caller owns the image and must pass it to `qdirty_image_close`.
-// Thread safety: may be called from any thread; the image is used like any other.
-//
-// # Safety
-// `errp` is NULL or points to a `qdirty_error *` that is NULL (otherwise the call returns NULL
-// and does nothing).
+/**
+ * Creates a standalone image: bitmaps over `size` bytes with no qcow2 file behind them (for raw
+ * disks, guest RAM, tests). Every in-memory operation works as on a qcow2 image (add, create,
+ * successors, merge, iterators, serialization, transactions, truncate to any size);
+ * persistent bitmaps are refused, and closing stores nothing. Its default granularity is
+ * 64 KiB.
+ *
+ * Returns: the image, or NULL on failure: `size` beyond INT64_MAX (EINVAL).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Ownership: the caller owns the image and must pass it to `qdirty_image_close`.
+ * Thread safety: may be called from any thread; the image is used like any other.
+ *
+ * # Safety
+ * `errp` is NULL or points to a `qdirty_error *` that is NULL (otherwise the call returns NULL
+ * and does nothing).
+ */
 qdirty_image *qdirty_image_new_memory(uint64_t size, qdirty_error **errp);
 
-// Resizes every bitmap of the image to `new_size` bytes (QEMU's `bdrv_dirty_bitmap_truncate`):
-// new space is clean, granules entirely beyond the new end are dropped. For a qcow2 image the
-// host resizes the image file first (qdirty does not); `new_size` must then be the size its
-// header says. Refused (nothing changes) while any bitmap is busy, frozen or iterated, when a
-// persistent bitmap is readonly or inconsistent, or when stored bitmaps are not loaded
-// ("Cannot resize qcow2 with persistent bitmaps that were not loaded into memory").
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `img`; a bitmap busy, frozen or iterated;
-// stored bitmaps not loaded; a size other than the image's; an inconsistent persistent
-// bitmap), -EBUSY (a busy persistent bitmap of a qcow2 image: QEMU's check runs first there),
-// -EPERM (a readonly persistent bitmap of a qcow2 image), -EFBIG (too many granules), -EIO and
-// other I/O errors.
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `img` is NULL or an open image. `errp` is NULL or points to a `qdirty_error *` that is NULL
-// (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Resizes every bitmap of the image to `new_size` bytes (QEMU's `bdrv_dirty_bitmap_truncate`):
+ * new space is clean, granules entirely beyond the new end are dropped. For a qcow2 image the
+ * host resizes the image file first (qdirty does not); `new_size` must then be the size its
+ * header says. Refused (nothing changes) while any bitmap is busy, frozen or iterated, when a
+ * persistent bitmap is readonly or inconsistent, or when stored bitmaps are not loaded
+ * ("Cannot resize qcow2 with persistent bitmaps that were not loaded into memory").
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `img`; a bitmap busy, frozen or iterated;
+ * stored bitmaps not loaded; a size other than the image's; an inconsistent persistent
+ * bitmap), -EBUSY (a busy persistent bitmap of a qcow2 image: QEMU's check runs first there),
+ * -EPERM (a readonly persistent bitmap of a qcow2 image), -EFBIG (too many granules), -EIO and
+ * other I/O errors.
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `img` is NULL or an open image. `errp` is NULL or points to a `qdirty_error *` that is NULL
+ * (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_image_truncate(qdirty_image *img, uint64_t new_size, qdirty_error **errp);
 
-// Switches a qcow2 image between read-write and read-only (QEMU's qcow2_reopen_bitmaps_ro /
-// _rw). `flags` QDIRTY_OPEN_RDWR: the file is reopened for writing, the persistent bitmaps
-// become writable and are marked in_use on disk. `flags` 0: the persistent bitmaps are stored
-// (consistent: in_use cleared) and become readonly, and nothing is written afterwards; the
-// host stops guest writes first, as for a close. Reopening in the current mode, or reopening a
-// standalone image, does nothing.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `img`, unknown flag bits, a stored bitmap
-// released from memory: "Unexpected bitmap 'NAME'"), -EROFS (a qcow2 v2 image cannot be
-// read-write), -EACCES (the file cannot be written, or the image needs repair), -EIO and other
-// I/O and store errors.
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); a refused switch
-// to read-write leaves the image read-only.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `img` is NULL or an open image. `errp` is NULL or points to a `qdirty_error *` that is NULL
-// (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Switches a qcow2 image between read-write and read-only (QEMU's qcow2_reopen_bitmaps_ro /
+ * _rw). `flags` QDIRTY_OPEN_RDWR: the file is reopened for writing, the persistent bitmaps
+ * become writable and are marked in_use on disk. `flags` 0: the persistent bitmaps are stored
+ * (consistent: in_use cleared) and become readonly, and nothing is written afterwards; the
+ * host stops guest writes first, as for a close. Reopening in the current mode, or reopening a
+ * standalone image, does nothing.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `img`, unknown flag bits, a stored bitmap
+ * released from memory: "Unexpected bitmap 'NAME'"), -EROFS (a qcow2 v2 image cannot be
+ * read-write), -EACCES (the file cannot be written, or the image needs repair), -EIO and other
+ * I/O and store errors.
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); a refused switch
+ * to read-write leaves the image read-only.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `img` is NULL or an open image. `errp` is NULL or points to a `qdirty_error *` that is NULL
+ * (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_image_reopen(qdirty_image *img, uint32_t flags, qdirty_error **errp);
 
-// QEMU's default granularity (`bdrv_get_default_bitmap_granularity`): the cluster size clamped
-// to [4 KiB, 64 KiB]; 64 KiB for standalone images. Granularity 0 in `qdirty_image_add_bitmap`
-// and `qdirty_image_create_bitmap` means this value.
-//
-// Returns: the granularity in bytes; 0 if `img` is NULL or unusable.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `img` is NULL or an open image.
+/**
+ * QEMU's default granularity (`bdrv_get_default_bitmap_granularity`): the cluster size clamped
+ * to [4 KiB, 64 KiB]; 64 KiB for standalone images. Granularity 0 in `qdirty_image_add_bitmap`
+ * and `qdirty_image_create_bitmap` means this value.
+ *
+ * Returns: the granularity in bytes; 0 if `img` is NULL or unusable.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `img` is NULL or an open image.
+ */
 uint32_t qdirty_image_default_granularity(const qdirty_image *img);
 
-// Whether any bitmap of the image is readonly (QEMU's `bdrv_has_readonly_bitmaps`). While it
-// is true, the host must refuse guest writes, write-zeroes and discards with EPERM, as QEMU
-// does, so that image and bitmaps stay consistent.
-//
-// Returns: true or false; false if `img` is NULL or unusable.
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `img` is NULL or an open image.
+/**
+ * Whether any bitmap of the image is readonly (QEMU's `bdrv_has_readonly_bitmaps`). While it
+ * is true, the host must refuse guest writes, write-zeroes and discards with EPERM, as QEMU
+ * does, so that image and bitmaps stay consistent.
+ *
+ * Returns: true or false; false if `img` is NULL or unusable.
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `img` is NULL or an open image.
+ */
 bool qdirty_image_has_readonly_bitmaps(const qdirty_image *img);
 
-// Deletes the stored copy of bitmap `name` from the image file, leaving the in-memory bitmap
-// alone (QEMU's `bdrv_remove_persistent_dirty_bitmap`). A name that is not stored is not an
-// error, nor is a standalone image. A bitmap still persistent in memory is stored again on the
-// next store or close: clear its persistence first (`qdirty_bitmap_set_persistence`) to get
-// rid of it.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL argument), -EROFS (read-only image), -EIO and
-// other I/O errors (the data of the in-memory bitmap of that name is read first).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Thread safety: may be called from any thread; serialized per image.
-//
-// # Safety
-// `img` is NULL or an open image; `name` is NULL or a NUL-terminated string. `errp` is NULL or
-// points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
-// nothing).
+/**
+ * Deletes the stored copy of bitmap `name` from the image file, leaving the in-memory bitmap
+ * alone (QEMU's `bdrv_remove_persistent_dirty_bitmap`). A name that is not stored is not an
+ * error, nor is a standalone image. A bitmap still persistent in memory is stored again on the
+ * next store or close: clear its persistence first (`qdirty_bitmap_set_persistence`) to get
+ * rid of it.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL argument), -EROFS (read-only image), -EIO and
+ * other I/O errors (the data of the in-memory bitmap of that name is read first).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Thread safety: may be called from any thread; serialized per image.
+ *
+ * # Safety
+ * `img` is NULL or an open image; `name` is NULL or a NUL-terminated string. `errp` is NULL or
+ * points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
+ * nothing).
+ */
 int qdirty_image_remove_stored_bitmap(qdirty_image *img, const char *name, qdirty_error **errp);
 
-// A new, empty transaction.
-//
-// Returns: the transaction; never NULL (NULL only if qdirty failed internally).
-// Ownership: the caller owns it; free it with `qdirty_txn_free`.
-// Thread safety: may be called from any thread; see `qdirty_txn`.
+/**
+ * A new, empty transaction.
+ *
+ * Returns: the transaction; never NULL (NULL only if qdirty failed internally).
+ * Ownership: the caller owns it; free it with `qdirty_txn_free`.
+ * Thread safety: may be called from any thread; see `qdirty_txn`.
+ */
 qdirty_txn *qdirty_txn_new(void);
 
-// Action block-dirty-bitmap-add: adds bitmap `name` to `img` now, with the arguments and
-// checks of `qdirty_image_add_bitmap`. Abort releases it.
-//
-// Returns: the new bitmap, or NULL on failure (as `qdirty_image_add_bitmap`; EINVAL for a NULL
-// `txn`).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
-// transaction then.
-// Ownership: the bitmap is borrowed from the image; it is freed if the transaction is aborted.
-// Thread safety: see `qdirty_txn`; locks `img`.
-//
-// # Safety
-// `txn` is NULL or a transaction not yet freed; `img` is NULL or an open image that stays open
-// until the transaction is finished; `name` is NULL or a NUL-terminated string. `errp` is NULL
-// or points to a `qdirty_error *` that is NULL (otherwise the call returns NULL and does
-// nothing).
+/**
+ * Action block-dirty-bitmap-add: adds bitmap `name` to `img` now, with the arguments and
+ * checks of `qdirty_image_add_bitmap`. Abort releases it.
+ *
+ * Returns: the new bitmap, or NULL on failure (as `qdirty_image_add_bitmap`; EINVAL for a NULL
+ * `txn`).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
+ * transaction then.
+ * Ownership: the bitmap is borrowed from the image; it is freed if the transaction is aborted.
+ * Thread safety: see `qdirty_txn`; locks `img`.
+ *
+ * # Safety
+ * `txn` is NULL or a transaction not yet freed; `img` is NULL or an open image that stays open
+ * until the transaction is finished; `name` is NULL or a NUL-terminated string. `errp` is NULL
+ * or points to a `qdirty_error *` that is NULL (otherwise the call returns NULL and does
+ * nothing).
+ */
 qdirty_bitmap *qdirty_txn_add_bitmap(qdirty_txn *txn,
                                      qdirty_image *img,
                                      const char *name,
@@ -1613,81 +1894,89 @@ qdirty_bitmap *qdirty_txn_add_bitmap(qdirty_txn *txn,
                                      uint32_t flags,
                                      qdirty_error **errp);
 
-// Action block-dirty-bitmap-clear: clears bitmap `name` of `img` now (QDIRTY_CHECK_DEFAULT
-// checks), keeping a backup. Abort gives the bits back.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL argument, inconsistent bitmap), -ENOENT (no
-// such bitmap), -EBUSY, -EPERM (readonly bitmap), -EIO (the bitmap's data could not be read:
-// the message names it).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
-// transaction then.
-// Thread safety: see `qdirty_txn`; locks `img`.
-//
-// # Safety
-// `txn` is NULL or a transaction not yet freed; `img` is NULL or an open image that stays open
-// until the transaction is finished; `name` is NULL or a NUL-terminated string. `errp` is NULL
-// or points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
-// nothing).
+/**
+ * Action block-dirty-bitmap-clear: clears bitmap `name` of `img` now (QDIRTY_CHECK_DEFAULT
+ * checks), keeping a backup. Abort gives the bits back.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL argument, inconsistent bitmap), -ENOENT (no
+ * such bitmap), -EBUSY, -EPERM (readonly bitmap), -EIO (the bitmap's data could not be read:
+ * the message names it).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
+ * transaction then.
+ * Thread safety: see `qdirty_txn`; locks `img`.
+ *
+ * # Safety
+ * `txn` is NULL or a transaction not yet freed; `img` is NULL or an open image that stays open
+ * until the transaction is finished; `name` is NULL or a NUL-terminated string. `errp` is NULL
+ * or points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
+ * nothing).
+ */
 int qdirty_txn_clear_bitmap(qdirty_txn *txn,
                             qdirty_image *img,
                             const char *name,
                             qdirty_error **errp);
 
-// Action block-dirty-bitmap-enable: enables bitmap `name` of `img` now (QDIRTY_CHECK_ALLOW_RO
-// checks). Abort restores its previous state.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL argument, inconsistent bitmap), -ENOENT (no
-// such bitmap), -EBUSY.
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
-// transaction then.
-// Thread safety: see `qdirty_txn`; locks `img`.
-//
-// # Safety
-// `txn` is NULL or a transaction not yet freed; `img` is NULL or an open image that stays open
-// until the transaction is finished; `name` is NULL or a NUL-terminated string. `errp` is NULL
-// or points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
-// nothing).
+/**
+ * Action block-dirty-bitmap-enable: enables bitmap `name` of `img` now (QDIRTY_CHECK_ALLOW_RO
+ * checks). Abort restores its previous state.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL argument, inconsistent bitmap), -ENOENT (no
+ * such bitmap), -EBUSY.
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
+ * transaction then.
+ * Thread safety: see `qdirty_txn`; locks `img`.
+ *
+ * # Safety
+ * `txn` is NULL or a transaction not yet freed; `img` is NULL or an open image that stays open
+ * until the transaction is finished; `name` is NULL or a NUL-terminated string. `errp` is NULL
+ * or points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
+ * nothing).
+ */
 int qdirty_txn_enable_bitmap(qdirty_txn *txn,
                              qdirty_image *img,
                              const char *name,
                              qdirty_error **errp);
 
-// Action block-dirty-bitmap-disable: disables bitmap `name` of `img` now
-// (QDIRTY_CHECK_ALLOW_RO checks). Abort restores its previous state.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL argument, inconsistent bitmap), -ENOENT (no
-// such bitmap), -EBUSY.
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
-// transaction then.
-// Thread safety: see `qdirty_txn`; locks `img`.
-//
-// # Safety
-// `txn` is NULL or a transaction not yet freed; `img` is NULL or an open image that stays open
-// until the transaction is finished; `name` is NULL or a NUL-terminated string. `errp` is NULL
-// or points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
-// nothing).
+/**
+ * Action block-dirty-bitmap-disable: disables bitmap `name` of `img` now
+ * (QDIRTY_CHECK_ALLOW_RO checks). Abort restores its previous state.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL argument, inconsistent bitmap), -ENOENT (no
+ * such bitmap), -EBUSY.
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
+ * transaction then.
+ * Thread safety: see `qdirty_txn`; locks `img`.
+ *
+ * # Safety
+ * `txn` is NULL or a transaction not yet freed; `img` is NULL or an open image that stays open
+ * until the transaction is finished; `name` is NULL or a NUL-terminated string. `errp` is NULL
+ * or points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
+ * nothing).
+ */
 int qdirty_txn_disable_bitmap(qdirty_txn *txn,
                               qdirty_image *img,
                               const char *name,
                               qdirty_error **errp);
 
-// Action block-dirty-bitmap-merge: merges bitmap `src_name` into bitmap `target` of `img` now
-// (target |= source, with the checks of `qdirty_image_merge_bitmap`), keeping a backup of the
-// target. The source is a bitmap of `src_img`, or of `img` when `src_img` is NULL or `img`.
-// Abort restores the target.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL argument, different sizes, inconsistent
-// bitmap), -ENOENT (no such bitmap), -EBUSY, -EPERM (readonly target), -EIO (the data of
-// either bitmap could not be read: the message names it).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
-// transaction then.
-// Thread safety: see `qdirty_txn`; locks `img` and `src_img` in address order.
-//
-// # Safety
-// `txn` is NULL or a transaction not yet freed; `img` and `src_img` are NULL or open images
-// that stay open until the transaction is finished; `target` and `src_name` are NULL or
-// NUL-terminated strings. `errp` is NULL or points to a `qdirty_error *` that is NULL
-// (otherwise the call returns -EINVAL and does nothing).
+/**
+ * Action block-dirty-bitmap-merge: merges bitmap `src_name` into bitmap `target` of `img` now
+ * (target |= source, with the checks of `qdirty_image_merge_bitmap`), keeping a backup of the
+ * target. The source is a bitmap of `src_img`, or of `img` when `src_img` is NULL or `img`.
+ * Abort restores the target.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL argument, different sizes, inconsistent
+ * bitmap), -ENOENT (no such bitmap), -EBUSY, -EPERM (readonly target), -EIO (the data of
+ * either bitmap could not be read: the message names it).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
+ * transaction then.
+ * Thread safety: see `qdirty_txn`; locks `img` and `src_img` in address order.
+ *
+ * # Safety
+ * `txn` is NULL or a transaction not yet freed; `img` and `src_img` are NULL or open images
+ * that stay open until the transaction is finished; `target` and `src_name` are NULL or
+ * NUL-terminated strings. `errp` is NULL or points to a `qdirty_error *` that is NULL
+ * (otherwise the call returns -EINVAL and does nothing).
+ */
 int qdirty_txn_merge_bitmap(qdirty_txn *txn,
                             qdirty_image *img,
                             const char *target,
@@ -1695,127 +1984,137 @@ int qdirty_txn_merge_bitmap(qdirty_txn *txn,
                             const char *src_name,
                             qdirty_error **errp);
 
-// Action block-dirty-bitmap-remove: bitmap `name` of `img` is held (busy, not stored) until
-// commit releases it, and its stored copy, if any, is deleted from the image now (as in QEMU,
-// this deletion is not undone by abort, but abort makes the bitmap persistent again, so it is
-// stored again on the next store or close). Refused on busy and readonly bitmaps, and on
-// bitmaps with live iterators or a successor, which commit could not release.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL argument), -ENOENT (no such bitmap), -EBUSY
-// (busy, frozen with a successor, live iterators), -EPERM (readonly bitmap), -EROFS, -EIO and
-// other I/O errors (the bitmap's data is read before its stored copy is deleted). Every
-// refusal comes before the stored copy is deleted.
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
-// transaction then.
-// Ownership: after commit, calls on the bitmap's handle fail with -ENOENT (it stays valid until
-// the image is closed).
-// Thread safety: see `qdirty_txn`; locks `img`.
-//
-// # Safety
-// `txn` is NULL or a transaction not yet freed; `img` is NULL or an open image that stays open
-// until the transaction is finished; `name` is NULL or a NUL-terminated string. `errp` is NULL
-// or points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
-// nothing).
+/**
+ * Action block-dirty-bitmap-remove: bitmap `name` of `img` is held (busy, not stored) until
+ * commit releases it, and its stored copy, if any, is deleted from the image now (as in QEMU,
+ * this deletion is not undone by abort, but abort makes the bitmap persistent again, so it is
+ * stored again on the next store or close). Refused on busy and readonly bitmaps, and on
+ * bitmaps with live iterators or a successor, which commit could not release.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL argument), -ENOENT (no such bitmap), -EBUSY
+ * (busy, frozen with a successor, live iterators), -EPERM (readonly bitmap), -EROFS, -EIO and
+ * other I/O errors (the bitmap's data is read before its stored copy is deleted). Every
+ * refusal comes before the stored copy is deleted.
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL); abort the
+ * transaction then.
+ * Ownership: after commit, calls on the bitmap's handle fail with -ENOENT (it stays valid until
+ * the image is closed).
+ * Thread safety: see `qdirty_txn`; locks `img`.
+ *
+ * # Safety
+ * `txn` is NULL or a transaction not yet freed; `img` is NULL or an open image that stays open
+ * until the transaction is finished; `name` is NULL or a NUL-terminated string. `errp` is NULL
+ * or points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
+ * nothing).
+ */
 int qdirty_txn_remove_bitmap(qdirty_txn *txn,
                              qdirty_image *img,
                              const char *name,
                              qdirty_error **errp);
 
-// Makes every prepared action final: backups are dropped, removed bitmaps are released (their
-// handles stay valid and answer -ENOENT). The transaction is empty afterwards, whatever the result.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `txn`), -EIO (an image of the transaction is
-// unusable), errors of the commit.
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Thread safety: see `qdirty_txn`; locks every image of the transaction, in address order.
-//
-// # Safety
-// `txn` is NULL or a transaction not yet freed, whose images are still open. `errp` is NULL or
-// points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
-// nothing).
+/**
+ * Makes every prepared action final: backups are dropped, removed bitmaps are released (their
+ * handles stay valid and answer -ENOENT). The transaction is empty afterwards, whatever the result.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `txn`), -EIO (an image of the transaction is
+ * unusable), errors of the commit.
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Thread safety: see `qdirty_txn`; locks every image of the transaction, in address order.
+ *
+ * # Safety
+ * `txn` is NULL or a transaction not yet freed, whose images are still open. `errp` is NULL or
+ * points to a `qdirty_error *` that is NULL (otherwise the call returns -EINVAL and does
+ * nothing).
+ */
 int qdirty_txn_commit(qdirty_txn *txn, qdirty_error **errp);
 
-// Undoes every prepared action, in reverse order, exactly (see `qdirty_txn`); added bitmaps
-// are released (their handles stay valid and answer -ENOENT). The transaction is empty afterwards, whatever the
-// result.
-//
-// Returns: 0, or a negative errno: -EINVAL (NULL `txn`), -EIO (an image of the transaction is
-// unusable), errors of the undo.
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Thread safety: see `qdirty_txn`; locks every image of the transaction, in address order.
-//
-// # Safety
-// `txn` is NULL or a transaction not yet freed, whose images are still open. `errp` is NULL or
-// points to a `qdirty_error *` (if that is not NULL, the abort happens all the same and the
-// details of a failure are dropped).
+/**
+ * Undoes every prepared action, in reverse order, exactly (see `qdirty_txn`); added bitmaps
+ * are released (their handles stay valid and answer -ENOENT). The transaction is empty afterwards, whatever the
+ * result.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (NULL `txn`), -EIO (an image of the transaction is
+ * unusable), errors of the undo.
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Thread safety: see `qdirty_txn`; locks every image of the transaction, in address order.
+ *
+ * # Safety
+ * `txn` is NULL or a transaction not yet freed, whose images are still open. `errp` is NULL or
+ * points to a `qdirty_error *` (if that is not NULL, the abort happens all the same and the
+ * details of a failure are dropped).
+ */
 int qdirty_txn_abort(qdirty_txn *txn,
                      qdirty_error **errp);
 
-// Frees a transaction. Actions still prepared (neither committed nor aborted) are aborted
-// first, errors ignored. NULL is a no-op.
-//
-// Ownership: takes `txn`; it is invalid afterwards.
-// Thread safety: see `qdirty_txn`; no other thread may use `txn` during or after the call.
-//
-// # Safety
-// `txn` is NULL or a transaction not yet freed, whose images are still open.
+/**
+ * Frees a transaction. Actions still prepared (neither committed nor aborted) are aborted
+ * first, errors ignored. NULL is a no-op.
+ *
+ * Ownership: takes `txn`; it is invalid afterwards.
+ * Thread safety: see `qdirty_txn`; no other thread may use `txn` during or after the call.
+ *
+ * # Safety
+ * `txn` is NULL or a transaction not yet freed, whose images are still open.
+ */
 void qdirty_txn_free(qdirty_txn *txn);
 
-// Opens a qcow2 image whose file the host (a hypervisor with its own qcow2 driver) owns, and
-// loads its bitmaps, doing all I/O through the host's callbacks in `ops`; with
-// `alloc_clusters`/`free_clusters`, every cluster qdirty uses comes from the host's allocator.
-//
-// `ops` is copied (the caller's structure may go away after the call); `opaque` is passed to
-// every callback and must stay valid until `qdirty_image_close` returns. `name` names the image
-// in messages. `flags`: 0 (read-only: qdirty only reads) or QDIRTY_OPEN_RDWR.
-//
-// The protocol:
-// - Open (load) when the host opens the image, after its own header checks and before the
-//   guest writes anything; on every guest write, call `qdirty_image_set_dirty` (the write
-//   hook). Call `qdirty_image_store_bitmaps` at checkpoints (e.g. before a snapshot of the
-//   file, or inactivation for migration) and `qdirty_image_close` when the host closes the
-//   image, before it releases the file: close stores the bitmaps. Until then the stored
-//   bitmaps are marked in_use, so a crash leaves them inconsistent, as in QEMU.
-// - What qdirty writes, and where: cluster 0 (the header) only to set or clear autoclear bit 0
-//   (bitmaps) and to add, change or drop the bitmaps extension. With host allocation it reads
-//   cluster 0 again through `pread` right before each rewrite and keeps every other field and
-//   extension as read, so header changes the host made between qdirty calls are kept. Without
-//   host allocation it rewrites cluster 0 from the copy it read at open (updated with its own
-//   refcount table moves), so the host must not change the header while the image is open
-//   read-write. A read-write open
-//   rewrites cluster 0 when it must drop unknown autoclear bits or an invalidated bitmaps
-//   extension, and marks loaded bitmaps in_use (header, then the bitmap directory in place,
-//   with flushes). Bitmap data clusters, bitmap tables and the bitmap directory are written
-//   only into clusters qdirty allocated (through `alloc_clusters`, or without it through the
-//   image's refcounts), and the in_use flags into the directory the header names. qdirty never writes guest data,
-//   L1/L2 tables or snapshots, and never truncates or discards.
-// - Order of a store (close, store, removal of a stored bitmap): new data clusters, tables and
-//   directory are written into newly allocated clusters; `flush`; cluster 0 is rewritten to name
-//   the new directory (the commit point); `flush`; only then the old directory, tables and data
-//   clusters are given back through `free_clusters` (or the refcounts), followed by `flush`. A
-//   failure before the commit point frees what was allocated (or leaks it); after it, the old
-//   clusters may leak, nothing more.
-// - The host must not keep a cached copy of cluster 0 across qdirty calls that may write it
-//   (open read-write, store, remove a persistent bitmap, close, reopen): it re-reads the
-//   header afterwards before writing it itself. Without host allocation the same holds for the
-//   refcount table and blocks, which qdirty then writes.
-//
-// Returns: the image, or NULL on failure: NULL `ops` or `name`, a bad `ops.size`, a missing
-// required callback, only one of alloc/free set, unknown flag bits (EINVAL); fields unknown to
-// this version set (ENOTSUP); an image that is not usable qcow2 (EINVAL, ENOTSUP), that needs
-// repair before it can be written (EACCES); errors from the callbacks (their errno).
-// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
-// Ownership: the caller owns the image and must pass it to `qdirty_image_close`; qdirty never
-// frees or closes `opaque`.
-// Thread safety: may be called from any thread. The callbacks run on the thread that calls
-// into qdirty for the image, with the image's lock held, never concurrently for one image, and
-// must not call qdirty functions on the same image.
-//
-// # Safety
-// `ops` is NULL or points to `ops->size` readable bytes starting with a `qdirty_io_ops`, whose
-// callbacks behave as documented on `qdirty_io_ops` for as long as the image is open. `name`
-// is NULL or a NUL-terminated string. `errp` is NULL or points to a `qdirty_error *` that is
-// NULL (otherwise the call returns NULL and does nothing).
+/**
+ * Opens a qcow2 image whose file the host (a hypervisor with its own qcow2 driver) owns, and
+ * loads its bitmaps, doing all I/O through the host's callbacks in `ops`; with
+ * `alloc_clusters`/`free_clusters`, every cluster qdirty uses comes from the host's allocator.
+ *
+ * `ops` is copied (the caller's structure may go away after the call); `opaque` is passed to
+ * every callback and must stay valid until `qdirty_image_close` returns. `name` names the image
+ * in messages. `flags`: 0 (read-only: qdirty only reads) or QDIRTY_OPEN_RDWR.
+ *
+ * The protocol:
+ * - Open (load) when the host opens the image, after its own header checks and before the
+ *   guest writes anything; on every guest write, call `qdirty_image_set_dirty` (the write
+ *   hook). Call `qdirty_image_store_bitmaps` at checkpoints (e.g. before a snapshot of the
+ *   file, or inactivation for migration) and `qdirty_image_close` when the host closes the
+ *   image, before it releases the file: close stores the bitmaps. Until then the stored
+ *   bitmaps are marked in_use, so a crash leaves them inconsistent, as in QEMU.
+ * - What qdirty writes, and where: cluster 0 (the header) only to set or clear autoclear bit 0
+ *   (bitmaps) and to add, change or drop the bitmaps extension. With host allocation it reads
+ *   cluster 0 again through `pread` right before each rewrite and keeps every other field and
+ *   extension as read, so header changes the host made between qdirty calls are kept. Without
+ *   host allocation it rewrites cluster 0 from the copy it read at open (updated with its own
+ *   refcount table moves), so the host must not change the header while the image is open
+ *   read-write. A read-write open
+ *   rewrites cluster 0 when it must drop unknown autoclear bits or an invalidated bitmaps
+ *   extension, and marks loaded bitmaps in_use (header, then the bitmap directory in place,
+ *   with flushes). Bitmap data clusters, bitmap tables and the bitmap directory are written
+ *   only into clusters qdirty allocated (through `alloc_clusters`, or without it through the
+ *   image's refcounts), and the in_use flags into the directory the header names. qdirty never writes guest data,
+ *   L1/L2 tables or snapshots, and never truncates or discards.
+ * - Order of a store (close, store, removal of a stored bitmap): new data clusters, tables and
+ *   directory are written into newly allocated clusters; `flush`; cluster 0 is rewritten to name
+ *   the new directory (the commit point); `flush`; only then the old directory, tables and data
+ *   clusters are given back through `free_clusters` (or the refcounts), followed by `flush`. A
+ *   failure before the commit point frees what was allocated (or leaks it); after it, the old
+ *   clusters may leak, nothing more.
+ * - The host must not keep a cached copy of cluster 0 across qdirty calls that may write it
+ *   (open read-write, store, remove a persistent bitmap, close, reopen): it re-reads the
+ *   header afterwards before writing it itself. Without host allocation the same holds for the
+ *   refcount table and blocks, which qdirty then writes.
+ *
+ * Returns: the image, or NULL on failure: NULL `ops` or `name`, a bad `ops.size`, a missing
+ * required callback, only one of alloc/free set, unknown flag bits (EINVAL); fields unknown to
+ * this version set (ENOTSUP); an image that is not usable qcow2 (EINVAL, ENOTSUP), that needs
+ * repair before it can be written (EACCES); errors from the callbacks (their errno).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Ownership: the caller owns the image and must pass it to `qdirty_image_close`; qdirty never
+ * frees or closes `opaque`.
+ * Thread safety: may be called from any thread. The callbacks run on the thread that calls
+ * into qdirty for the image, with the image's lock held, never concurrently for one image, and
+ * must not call qdirty functions on the same image.
+ *
+ * # Safety
+ * `ops` is NULL or points to `ops->size` readable bytes starting with a `qdirty_io_ops`, whose
+ * callbacks behave as documented on `qdirty_io_ops` for as long as the image is open. `name`
+ * is NULL or a NUL-terminated string. `errp` is NULL or points to a `qdirty_error *` that is
+ * NULL (otherwise the call returns NULL and does nothing).
+ */
 qdirty_image *qdirty_image_open_with_io(const qdirty_io_ops *ops,
                                         void *opaque,
                                         const char *name,
@@ -1823,7 +2122,7 @@ qdirty_image *qdirty_image_open_with_io(const qdirty_io_ops *ops,
                                         qdirty_error **errp);
 
 #ifdef __cplusplus
-}  // extern "C"
-#endif  // __cplusplus
+} /* extern "C" */
+#endif /* __cplusplus */
 
-#endif  /* QDIRTY_H */
+#endif /* QDIRTY_H */

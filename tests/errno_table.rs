@@ -3477,7 +3477,15 @@ fn documented(header: &str) -> BTreeMap<String, BTreeSet<&'static str>> {
     let mut comment: Vec<&str> = Vec::new();
     for line in header.lines() {
         let t = line.trim();
-        if let Some(cm) = t.strip_prefix("//") {
+        // A documentation comment: `/**`, ` * text` lines, ` */`.
+        if t == "/**" {
+            comment.clear();
+            continue;
+        }
+        if t == "*/" {
+            continue;
+        }
+        if let Some(cm) = t.strip_prefix('*') {
             comment.push(cm.trim());
             continue;
         }

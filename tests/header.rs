@@ -100,3 +100,38 @@ fn header_declares_the_contract() {
         }
     }
 }
+
+/// The value of `#define NAME VALUE` in include/qdirty.h.
+fn define(header: &str, name: &str) -> Option<String> {
+    header
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("#define {name} ")))
+        .map(|v| v.trim().to_owned())
+}
+
+#[test]
+fn header_version_macros_follow_cargo_toml() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let header = std::fs::read_to_string(root.join("include/qdirty.h")).unwrap();
+    for (name, cargo) in [
+        ("QDIRTY_VERSION_MAJOR", env!("CARGO_PKG_VERSION_MAJOR")),
+        ("QDIRTY_VERSION_MINOR", env!("CARGO_PKG_VERSION_MINOR")),
+        ("QDIRTY_VERSION_PATCH", env!("CARGO_PKG_VERSION_PATCH")),
+    ] {
+        assert_eq!(
+            define(&header, name).as_deref(),
+            Some(format!("{cargo}u").as_str()),
+            "include/qdirty.h's {name} differs from Cargo.toml's version {}: update \
+             src/ffi/version.rs, then QDIRTY_BLESS=1 cargo test --test header",
+            env!("CARGO_PKG_VERSION")
+        );
+    }
+    assert_eq!(
+        define(&header, "QDIRTY_VERSION_NUMBER").as_deref(),
+        Some(
+            "(((QDIRTY_VERSION_MAJOR * 10000) + (QDIRTY_VERSION_MINOR * 100)) + \
+             QDIRTY_VERSION_PATCH)"
+        )
+    );
+    assert!(header.contains("uint32_t qdirty_version_number(void);"));
+}

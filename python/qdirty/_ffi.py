@@ -102,6 +102,7 @@ OwnedString = c_void_p
 PROTOTYPES: Dict[str, Tuple[object, List[object]]] = {
     # version, strings, warnings
     "qdirty_version": (c_char_p, []),
+    "qdirty_version_number": (c_uint32, []),
     "qdirty_string_free": (None, [c_void_p]),
     "qdirty_set_warning_handler": (None, [WARNING_FN, c_void_p]),
     # errors

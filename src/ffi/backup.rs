@@ -8,6 +8,8 @@ use super::error::{qdirty_error, FfiError};
 use super::handle::{lock_all, qdirty_bitmap, with_bitmap_mut, BitmapHandle};
 use crate::bitmap::Backup;
 
+super::symbol_versions::symbol_versions!("backup");
+
 /// The bits a bitmap had before `qdirty_bitmap_clear_with_backup` or `qdirty_bitmap_merge`
 /// changed them (QEMU's HBitmap backup), for `qdirty_bitmap_restore`.
 ///

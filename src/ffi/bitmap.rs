@@ -9,6 +9,8 @@ use super::handle::{
     qdirty_bitmap, with_bitmap, with_bitmap_mut, with_bitmap_unloaded, BitmapHandle,
 };
 
+super::symbol_versions::symbol_versions!("bitmap");
+
 /// Reads one property of a bitmap, up to date with the hook's writes; `default` when the
 /// handle is NULL, not a bitmap, or its bitmap is gone. A bitmap that is unusable
 /// (inconsistent, or its data unreadable now) answers as `DirtyBitmap`'s readers do: every

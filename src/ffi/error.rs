@@ -5,6 +5,8 @@ use std::os::raw::{c_char, c_int};
 
 use super::boundary::ffi_call;
 
+super::symbol_versions::symbol_versions!("error");
+
 /// The details of a failed call: a message, an optional hint and a positive errno.
 ///
 /// Ownership: owned by the caller. A failing function that takes `qdirty_error **errp` stores

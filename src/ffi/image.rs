@@ -14,6 +14,8 @@ use super::{
 };
 use crate::image::{AddOptions, Image};
 
+super::symbol_versions::symbol_versions!("image");
+
 /// Borrows a C string argument as bytes.
 ///
 /// # Safety

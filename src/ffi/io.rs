@@ -16,6 +16,8 @@ use super::QDIRTY_OPEN_RDWR;
 use crate::image::storage::{ClusterAllocator, Storage};
 use crate::image::Image;
 
+super::symbol_versions::symbol_versions!("io");
+
 /// The I/O of a qcow2 image as its host provides it: a table of callbacks passed to
 /// `qdirty_image_open_with_io`, which qdirty uses instead of opening the file itself.
 ///

@@ -7,6 +7,8 @@ use super::error::{qdirty_error, FfiError};
 use super::handle::{qdirty_bitmap, with_bitmap, with_state, ImageHandle};
 use crate::bitmap::DirtyIter;
 
+super::symbol_versions::symbol_versions!("iter");
+
 /// An iterator over the dirty granules of one bitmap (QEMU's `BdrvDirtyBitmapIter`). While it
 /// lives, its bitmap cannot be released and the image's bitmaps cannot be truncated.
 ///

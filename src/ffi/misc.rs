@@ -5,6 +5,9 @@ use std::os::raw::c_char;
 
 use super::boundary::ffi_call;
 use super::error::cstring_lossy;
+use super::version::QDIRTY_VERSION_NUMBER;
+
+super::symbol_versions::symbol_versions!("misc");
 
 /// The library version with its NUL terminator.
 static VERSION_CSTR: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
@@ -28,6 +31,17 @@ pub type qdirty_warning_fn =
 #[no_mangle]
 pub extern "C" fn qdirty_version() -> *const c_char {
     ffi_call!({ VERSION_CSTR.as_ptr().cast::<c_char>() })
+}
+
+/// The library version as one number, MAJOR * 10000 + MINOR * 100 + PATCH (100 for "0.1.0"):
+/// the `QDIRTY_VERSION_NUMBER` of the library running, to compare with the header's, e.g.
+/// `qdirty_version_number() >= 200` before using what 0.2.0 added.
+///
+/// Returns: the version number; never fails.
+/// Thread safety: may be called from any thread.
+#[no_mangle]
+pub extern "C" fn qdirty_version_number() -> u32 {
+    ffi_call!({ QDIRTY_VERSION_NUMBER })
 }
 
 /// Frees a string returned by qdirty (e.g. by `qdirty_bitmap_sha256`). NULL is a no-op.

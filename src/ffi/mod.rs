@@ -97,6 +97,8 @@
 
 // The declaration order is the order of the header's sections (cbindgen's sort_by = "None").
 pub(crate) mod boundary;
+// The symbol version of each export (src/ffi/qdirty.map).
+mod symbol_versions;
 // Version, strings, warnings.
 mod misc;
 // The error object.
@@ -131,7 +133,7 @@ mod txn;
 mod io;
 // Not part of the C ABI: safe wrappers of OS calls (OFD locks) for the image layer.
 pub(crate) mod sys;
-// The ABI version (the soname's number).
+// The ABI version (the soname's number) and the release version.
 mod version;
 
 /// `qdirty_image_open` flag: open the image read-write. Without it the image is opened
@@ -172,8 +174,14 @@ pub use error::{
     qdirty_error, qdirty_error_errno, qdirty_error_free, qdirty_error_hint, qdirty_error_message,
 };
 pub use handle::{qdirty_bitmap, qdirty_image};
-pub use misc::{qdirty_set_warning_handler, qdirty_string_free, qdirty_version, qdirty_warning_fn};
-pub use version::QDIRTY_ABI_MAJOR;
+pub use misc::{
+    qdirty_set_warning_handler, qdirty_string_free, qdirty_version, qdirty_version_number,
+    qdirty_warning_fn,
+};
+pub use version::{
+    QDIRTY_ABI_MAJOR, QDIRTY_VERSION_MAJOR, QDIRTY_VERSION_MINOR, QDIRTY_VERSION_NUMBER,
+    QDIRTY_VERSION_PATCH,
+};
 
 pub use image::{
     qdirty_image_add_bitmap, qdirty_image_close, qdirty_image_create, qdirty_image_find_bitmap,

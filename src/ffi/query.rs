@@ -7,6 +7,8 @@ use super::boundary::ffi_call;
 use super::error::{cstring_lossy, qdirty_error, FfiError};
 use super::handle::{qdirty_image, ImageHandle};
 
+super::symbol_versions::symbol_versions!("query");
+
 /// One bitmap in the snapshot of `qdirty_image_query_bitmaps` (QEMU's BlockDirtyInfo).
 ///
 /// Ownership: the array and the names belong to it; free them with one

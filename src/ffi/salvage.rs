@@ -11,6 +11,8 @@ use super::boundary::ffi_call;
 use super::error::{cstring_lossy, qdirty_error, FfiError};
 use super::handle::{qdirty_image, ImageHandle};
 
+super::symbol_versions::symbol_versions!("salvage");
+
 /// The number of broken bitmaps of an image opened with QDIRTY_OPEN_SALVAGE: directory entries
 /// or tables that QEMU refuses the whole image for. Always 0 without QDIRTY_OPEN_SALVAGE (such
 /// an image fails to open instead). QEMU refuses the image until every broken bitmap is

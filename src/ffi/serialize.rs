@@ -7,6 +7,8 @@ use super::boundary::ffi_call;
 use super::error::{qdirty_error, FfiError};
 use super::handle::{qdirty_bitmap, with_bitmap, with_bitmap_mut};
 
+super::symbol_versions::symbol_versions!("serialize");
+
 /// The alignment of serialization chunks in bytes of disk: 64 granules (QEMU's
 /// `bdrv_dirty_bitmap_serialization_align`). Chunk starts must be multiples of it, and so must
 /// chunk lengths unless the chunk ends at the end of the bitmap.

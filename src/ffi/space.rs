@@ -6,6 +6,8 @@ use super::boundary::ffi_call;
 use super::error::{qdirty_error, FfiError};
 use super::handle::{qdirty_image, ImageHandle};
 
+super::symbol_versions::symbol_versions!("space");
+
 /// How much space a store (`qdirty_image_store_bitmaps`, close) needs now.
 ///
 /// `*clusters` receives the number of new clusters the store would allocate now: changed

@@ -10,6 +10,8 @@ use super::handle::{qdirty_bitmap, qdirty_image, with_state, ImageHandle, ImageS
 use super::image::arg_bytes;
 use crate::image::BitmapId;
 
+super::symbol_versions::symbol_versions!("successor");
+
 /// The handle of `id`, which must exist.
 fn handle_of(
     state: &mut ImageState,

@@ -10,6 +10,8 @@ use super::image::{arg_bytes, check_flags};
 use super::{QDIRTY_BITMAP_AUTOLOAD, QDIRTY_BITMAP_DISABLED, QDIRTY_BITMAP_PERSISTENT};
 use crate::image::{AddOptions, Transaction};
 
+super::symbol_versions::symbol_versions!("txn");
+
 /// A transaction: bitmap actions on one or several images that take effect together or not at
 /// all (QEMU's `transaction` QMP command). Each `qdirty_txn_*_bitmap` action is prepared (done)
 /// at once and fails on its own; then `qdirty_txn_commit` makes every prepared action final,
