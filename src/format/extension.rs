@@ -5,12 +5,12 @@ use std::borrow::Cow;
 
 use crate::error::{Error, Result};
 use crate::format::be::{get_u32, get_u64, put_u32, put_u64};
-use crate::format::header::{validate_compression_type, Header};
+use crate::format::header::{validate_compression_type, FeatureName, Header};
 use crate::format::{
     round_up, BACKING_FORMAT_BUF_SIZE, BITMAPS_EXT_SIZE, CRYPTO_EXT_SIZE, FEATURE_NAME_ENTRY_SIZE,
-    FEATURE_NAME_LEN, FEAT_TYPE_AUTOCLEAR, FEAT_TYPE_COMPATIBLE, FEAT_TYPE_INCOMPATIBLE,
-    INCOMPAT_DATA_FILE, MAX_BACKING_FILE_NAME, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
-    QCOW2_MAX_BITMAPS, QCOW2_MAX_BITMAP_DIRECTORY_SIZE, QCOW_CRYPT_LUKS, V3_HEADER_LENGTH,
+    FEAT_TYPE_AUTOCLEAR, FEAT_TYPE_COMPATIBLE, FEAT_TYPE_INCOMPATIBLE, INCOMPAT_DATA_FILE,
+    MAX_BACKING_FILE_NAME, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, QCOW2_MAX_BITMAPS,
+    QCOW2_MAX_BITMAP_DIRECTORY_SIZE, QCOW_CRYPT_LUKS, V3_HEADER_LENGTH,
 };
 
 /// Magic of the end-of-extensions marker. QEMU: QCOW2_EXT_MAGIC_END.
@@ -39,17 +39,6 @@ pub struct BitmapsExt {
     pub bitmap_directory_offset: u64,
 }
 
-/// One entry of the feature name table.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FeatureName {
-    /// 0 incompatible, 1 compatible, 2 autoclear.
-    pub kind: u8,
-    /// Bit number.
-    pub bit: u8,
-    /// Name, trailing NULs removed.
-    pub name: Vec<u8>,
-}
-
 /// The feature name table QEMU 10 writes (`qcow2_update_header`), in its order.
 pub const QEMU_FEATURE_TABLE: [(u8, u8, &str); 8] = [
     (FEAT_TYPE_INCOMPATIBLE, 0, "dirty bit"),
@@ -61,35 +50,6 @@ pub const QEMU_FEATURE_TABLE: [(u8, u8, &str); 8] = [
     (FEAT_TYPE_AUTOCLEAR, 0, "bitmaps"),
     (FEAT_TYPE_AUTOCLEAR, 1, "raw external data"),
 ];
-
-/// QEMU's `report_unsupported_feature`: the full error message for the unknown incompatible
-/// bits `mask`, naming each bit from `table` (type 0 entries; like QEMU, the walk stops at the
-/// first entry whose name is empty or starts with NUL, names are cut at the first NUL and at 46
-/// bytes), and the bits left without a name as `Unknown incompatible feature: <hex mask>`.
-/// Example: "Unsupported qcow2 feature(s): my feature, Unknown incompatible feature: 8000000000000000".
-pub fn unsupported_features_message(mask: u64, table: Option<&[FeatureName]>) -> String {
-    let mut mask = mask;
-    let mut parts: Vec<String> = Vec::new();
-    for f in table.unwrap_or(&[]) {
-        if matches!(f.name.first(), None | Some(0)) {
-            break;
-        }
-        if f.kind != FEAT_TYPE_INCOMPATIBLE || f.bit >= 64 {
-            continue;
-        }
-        let bit = 1u64 << f.bit;
-        if mask & bit != 0 {
-            let n = &f.name[..f.name.len().min(FEATURE_NAME_LEN)];
-            let n = n.split(|&c| c == 0).next().unwrap_or(&[]);
-            parts.push(String::from_utf8_lossy(n).into_owned());
-            mask &= !bit;
-        }
-    }
-    if mask != 0 {
-        parts.push(format!("Unknown incompatible feature: {mask:x}"));
-    }
-    format!("Unsupported qcow2 feature(s): {}", parts.join(", "))
-}
 
 /// Everything found in the extension area, by kind. Known extensions appear once (the last
 /// occurrence wins, as in QEMU); unknown ones are kept in file order with their data verbatim.

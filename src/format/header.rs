@@ -1,5 +1,6 @@
 //! The qcow2 header (docs/format.md, 'Header' and 'Feature bits'; QEMU's docs/interop/qcow2.txt):
-//! parse, validate, encode.
+//! parse, validate, encode, and the names of its feature bits ([`FeatureName`]: the entries of
+//! the feature name table extension, which the unknown-feature message quotes).
 //!
 //! [`Header::parse`] runs the open-time checks QEMU's `qcow2_do_open` makes on the header itself,
 //! in QEMU's order and with QEMU's messages, except the unknown-incompatible-feature check: QEMU
@@ -13,14 +14,54 @@
 
 use crate::error::{Error, Result};
 use crate::format::be::{get_u32, get_u64};
-use crate::format::extension::{unsupported_features_message, FeatureName};
 use crate::format::{
-    COMPRESSION_TYPE_OFFSET, COMPRESSION_TYPE_ZLIB, COMPRESSION_TYPE_ZSTD, INCOMPAT_COMPRESSION,
-    INCOMPAT_EXTL2, INCOMPAT_MASK, MAX_BACKING_FILE_NAME, MAX_CLUSTER_BITS, MAX_REFCOUNT_ORDER,
-    MIN_CLUSTER_BITS, QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER, QCOW_MAGIC, QCOW_MAX_L1_SIZE,
-    QCOW_MAX_REFTABLE_SIZE, QCOW_MAX_SNAPSHOTS, SNAPSHOT_HEADER_SIZE, V2_HEADER_LENGTH,
-    V3_HEADER_LENGTH, V3_MIN_HEADER_LENGTH,
+    COMPRESSION_TYPE_OFFSET, COMPRESSION_TYPE_ZLIB, COMPRESSION_TYPE_ZSTD, FEATURE_NAME_LEN,
+    FEAT_TYPE_INCOMPATIBLE, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2, INCOMPAT_MASK,
+    MAX_BACKING_FILE_NAME, MAX_CLUSTER_BITS, MAX_REFCOUNT_ORDER, MIN_CLUSTER_BITS,
+    QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER, QCOW_MAGIC, QCOW_MAX_L1_SIZE, QCOW_MAX_REFTABLE_SIZE,
+    QCOW_MAX_SNAPSHOTS, SNAPSHOT_HEADER_SIZE, V2_HEADER_LENGTH, V3_HEADER_LENGTH,
+    V3_MIN_HEADER_LENGTH,
 };
+
+/// One entry of the feature name table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeatureName {
+    /// 0 incompatible, 1 compatible, 2 autoclear.
+    pub kind: u8,
+    /// Bit number.
+    pub bit: u8,
+    /// Name, trailing NULs removed.
+    pub name: Vec<u8>,
+}
+
+/// QEMU's `report_unsupported_feature`: the full error message for the unknown incompatible
+/// bits `mask`, naming each bit from `table` (type 0 entries; like QEMU, the walk stops at the
+/// first entry whose name is empty or starts with NUL, names are cut at the first NUL and at 46
+/// bytes), and the bits left without a name as `Unknown incompatible feature: <hex mask>`.
+/// Example: "Unsupported qcow2 feature(s): my feature, Unknown incompatible feature: 8000000000000000".
+pub fn unsupported_features_message(mask: u64, table: Option<&[FeatureName]>) -> String {
+    let mut mask = mask;
+    let mut parts: Vec<String> = Vec::new();
+    for f in table.unwrap_or(&[]) {
+        if matches!(f.name.first(), None | Some(0)) {
+            break;
+        }
+        if f.kind != FEAT_TYPE_INCOMPATIBLE || f.bit >= 64 {
+            continue;
+        }
+        let bit = 1u64 << f.bit;
+        if mask & bit != 0 {
+            let n = &f.name[..f.name.len().min(FEATURE_NAME_LEN)];
+            let n = n.split(|&c| c == 0).next().unwrap_or(&[]);
+            parts.push(String::from_utf8_lossy(n).into_owned());
+            mask &= !bit;
+        }
+    }
+    if mask != 0 {
+        parts.push(format!("Unknown incompatible feature: {mask:x}"));
+    }
+    format!("Unsupported qcow2 feature(s): {}", parts.join(", "))
+}
 
 /// Every field of a qcow2 v2/v3 header. For v2 the v3 fields hold QEMU's implied values
 /// (features 0, refcount_order 4, header_length 72).

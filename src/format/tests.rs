@@ -10,10 +10,9 @@ use crate::format::be::{put_u32, put_u64};
 use crate::format::bitmap_dir::{encode_directory, parse_directory, BitmapDirEntry};
 use crate::format::bitmap_table::{decode_table, table_size_for, TableEntry};
 use crate::format::extension::{
-    encode_header_cluster, unsupported_features_message, BitmapsExt, Extensions, FeatureName,
-    EXT_BITMAPS, EXT_FEATURE_TABLE,
+    encode_header_cluster, BitmapsExt, Extensions, EXT_BITMAPS, EXT_FEATURE_TABLE,
 };
-use crate::format::header::Header;
+use crate::format::header::{unsupported_features_message, FeatureName, Header};
 use crate::format::refcount::{
     decode_reftable_entry, get_refcount, refblock_entries, set_refcount,
 };
