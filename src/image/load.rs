@@ -298,11 +298,6 @@ impl Disk {
             .map(|s| format!("bitmap '{}'", s.name()))
     }
 
-    /// log2 of the disk bytes one data cluster of a bitmap with `gbits` covers.
-    pub(super) fn cluster_shift(&self, gbits: u8) -> u32 {
-        self.meta.header.cluster_bits + 3 + u32::from(gbits)
-    }
-
     /// Reads and validates a consistent bitmap's table (QEMU's checks and messages).
     pub(super) fn read_table(&self, e: &BitmapDirEntry) -> Result<Vec<TableEntry>> {
         let name = String::from_utf8_lossy(e.qemu_name()).into_owned();
