@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::lazy::TableSource;
-use super::{alloc, Disk, DiskDir};
+use super::{alloc, Qcow2File, StoredDirectory};
 use crate::bitmap::{BitmapSet, DirtyBitmap};
 use crate::error::{Error, Result};
 use crate::format::bitmap_dir::{
@@ -26,7 +26,7 @@ pub const V2_BITMAPS_WARNING: &str = "This qcow2 v2 image contains bitmaps, but 
      considered inconsistent. Some clusters may be leaked, run 'qemu-img check -r' on the image \
      file to fix.";
 
-impl Disk {
+impl Qcow2File {
     /// Everything open does after the header was read: feature checks for writing, the
     /// autoclear rules, the directory, the bitmaps, and in_use marking.
     pub(super) fn load(&mut self, set: &mut BitmapSet) -> Result<()> {
@@ -51,14 +51,14 @@ impl Disk {
                     .enumerate()
                     .filter_map(|(i, (_, r))| r.clone().map(|r| (i, r)))
                     .collect();
-                self.dir = DiskDir {
+                self.dir = StoredDirectory {
                     ext: Some(ext),
                     entries: entries.into_iter().map(|(e, _)| e).collect(),
                 };
             }
             (Some(ext), true) => {
                 ext.validate(self.cluster_size())?;
-                self.dir = DiskDir {
+                self.dir = StoredDirectory {
                     ext: Some(ext),
                     entries: self.read_directory(&ext)?,
                 };

@@ -9,7 +9,6 @@
 mod alloc;
 pub mod check;
 mod create;
-mod disk;
 pub mod fault;
 pub mod inspect;
 mod lazy;
@@ -17,6 +16,7 @@ mod load;
 pub mod lock;
 mod meta;
 mod overlap;
+mod qcow2_file;
 mod salvage;
 pub mod storage;
 mod store;
@@ -38,8 +38,8 @@ use crate::format::bitmap_table::table_size_for;
 use crate::format::{
     BME_MAX_PHYS_SIZE, BME_MAX_TABLE_SIZE, QCOW2_MAX_BITMAPS, QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
 };
-use disk::{Disk, DiskDir};
 use meta::Meta;
+use qcow2_file::{Qcow2File, StoredDirectory};
 use storage::{FileStorage, Storage};
 
 pub use crate::bitmap::BitmapId;
@@ -71,7 +71,7 @@ pub const AUTOLOAD_WARNING: &str = "Autoload option is deprecated and its value 
 pub struct Image {
     set: BitmapSet,
     /// None for standalone bitmaps.
-    disk: Option<Disk>,
+    file: Option<Qcow2File>,
     name: String,
     /// Unique in the process (transactions refer to images by it).
     uid: u64,
@@ -154,7 +154,7 @@ impl Image {
         let mut attempt = 1;
         loop {
             let meta = Meta::read(storage.lock().as_ref()).map_err(|e| e.context(ctx()))?;
-            let mut disk = Disk {
+            let mut file = Qcow2File {
                 storage: storage.clone(),
                 sources: lazy::Sources::default(),
                 name: name.to_string(),
@@ -164,21 +164,21 @@ impl Image {
                 meta,
                 refcounts: None,
                 overlap: None,
-                dir: DiskDir::default(),
+                dir: StoredDirectory::default(),
                 salvage,
                 broken: Vec::new(),
             };
-            let mut set = BitmapSet::new(disk.size());
-            if let Err(e) = disk.load(&mut set) {
+            let mut set = BitmapSet::new(file.size());
+            if let Err(e) = file.load(&mut set) {
                 // Force-share: what the load read may have been freed and reused meanwhile.
-                if shared && attempt < SHARED_OPEN_ATTEMPTS && disk.header_changed() {
+                if shared && attempt < SHARED_OPEN_ATTEMPTS && file.header_changed() {
                     attempt += 1;
                     continue;
                 }
                 return Err(e.context(ctx()));
             }
             if shared {
-                let changed = disk
+                let changed = file
                     .read_all_shared(&mut set)
                     .map_err(|e| e.context(ctx()))?;
                 if let Some(what) = changed {
@@ -193,7 +193,7 @@ impl Image {
                     )));
                 }
             }
-            return Ok(Image::assemble(set, Some(disk), name));
+            return Ok(Image::assemble(set, Some(file), name));
         }
     }
 
@@ -203,10 +203,10 @@ impl Image {
         Image::assemble(BitmapSet::new(size), None, "(memory)")
     }
 
-    fn assemble(set: BitmapSet, disk: Option<Disk>, name: &str) -> Image {
+    fn assemble(set: BitmapSet, file: Option<Qcow2File>, name: &str) -> Image {
         Image {
             set,
-            disk,
+            file,
             name: name.to_string(),
             uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
             closed: false,
@@ -243,8 +243,8 @@ impl Image {
             return Ok(());
         }
         self.set.fold();
-        let r = match self.disk.as_mut() {
-            Some(Disk {
+        let r = match self.file.as_mut() {
+            Some(Qcow2File {
                 failed: Some(why), ..
             }) => Err(Error::ReadOnlyImage(format!(
                 "Lost persistent bitmaps during close of image '{}': {why}",
@@ -276,7 +276,7 @@ impl Image {
     /// nothing.
     pub fn store_space_needed(&mut self) -> Result<StoreSpace> {
         self.set.fold();
-        match self.disk.as_ref() {
+        match self.file.as_ref() {
             Some(d) => {
                 let mut s = d.space_needed(&self.set)?;
                 if d.read_only {
@@ -304,8 +304,8 @@ impl Image {
             return Ok(());
         }
         self.set.fold();
-        match self.disk.as_mut() {
-            Some(Disk {
+        match self.file.as_mut() {
+            Some(Qcow2File {
                 failed: Some(why), ..
             }) => Err(Error::ReadOnlyImage(format!(
                 "Lost persistent bitmaps during close of image '{}': {why}",
@@ -335,7 +335,7 @@ impl Image {
     pub fn store_bitmaps(&mut self) -> Result<()> {
         self.set.fold();
         let set = &mut self.set;
-        let d = match self.disk.as_mut() {
+        let d = match self.file.as_mut() {
             Some(d) if !d.read_only => d,
             Some(d) => {
                 return Err(Error::ReadOnlyImage(format!(
@@ -382,7 +382,7 @@ impl Image {
     /// reopened for writing, the bitmaps become writable and are marked in_use on disk.
     pub fn reopen(&mut self, read_write: bool) -> Result<()> {
         self.set.fold();
-        let Some(d) = self.disk.as_mut() else {
+        let Some(d) = self.file.as_mut() else {
             return Ok(());
         };
         if read_write != d.read_only {
@@ -451,17 +451,17 @@ impl Image {
 
     /// Cluster size in bytes (0 for standalone bitmaps).
     pub fn cluster_size(&self) -> u64 {
-        self.disk.as_ref().map_or(0, Disk::cluster_size)
+        self.file.as_ref().map_or(0, Qcow2File::cluster_size)
     }
 
     /// qcow2 version (2 or 3; 0 for standalone bitmaps).
     pub fn version(&self) -> u32 {
-        self.disk.as_ref().map_or(0, |d| d.meta.header.version)
+        self.file.as_ref().map_or(0, |d| d.meta.header.version)
     }
 
     /// Whether the image was opened (or could only be opened) read-only.
     pub fn read_only(&self) -> bool {
-        self.disk.as_ref().is_some_and(|d| d.read_only)
+        self.file.as_ref().is_some_and(|d| d.read_only)
     }
 
     /// The name given at open (the path for files).
@@ -593,7 +593,7 @@ impl Image {
             reason,
             errno,
         };
-        let Some(d) = self.disk.as_ref() else {
+        let Some(d) = self.file.as_ref() else {
             return Err(fail(
                 "Can't store persistent bitmaps to standalone bitmaps".into(),
                 libc::ENOTSUP,
@@ -690,11 +690,11 @@ impl Image {
         self.set.absorb();
         // The in-memory bitmap may still read its data from the stored copy: load it first.
         if let Some(id) = self.set.find(name) {
-            if self.disk.as_ref().is_some_and(|d| !d.read_only) {
+            if self.file.as_ref().is_some_and(|d| !d.read_only) {
                 self.set.bitmap_mut(id)?.ensure_loaded()?;
             }
         }
-        match self.disk.as_mut() {
+        match self.file.as_mut() {
             Some(d) => d.remove_from_disk(name),
             None => Ok(()),
         }
@@ -745,7 +745,7 @@ impl Image {
     /// busy, frozen, iterated, readonly or inconsistent, or when stored bitmaps are not loaded.
     pub fn truncate(&mut self, new_size: u64) -> Result<()> {
         self.set.fold();
-        if let Some(d) = self.disk.as_mut() {
+        if let Some(d) = self.file.as_mut() {
             for (_, b) in self.set.iter() {
                 if b.persistent() {
                     b.check(CHECK_DEFAULT)?;

@@ -15,7 +15,7 @@
 //! in the cluster. Stores and removals check what they will free before they write anything,
 //! and allocations are checked before the clusters are written, so a refused operation leaves
 //! the image as it was (a refused allocation from the image's refcounts is undone; one from a
-//! host's allocator is not given back, see [`Disk::alloc_clusters`]).
+//! host's allocator is not given back, see [`Qcow2File::alloc_clusters`]).
 //!
 //! The set covers QEMU's overlap-check set (cluster 0, the active and the snapshots' L1 and L2
 //! tables, the refcount table and blocks, the snapshot table, the bitmap directory), the
@@ -24,7 +24,7 @@
 //! every L2 table). It is built once per read-write session, on the first write, and kept up to
 //! date as qdirty allocates and frees; with a host allocator, which changes the image's
 //! metadata between qdirty's calls, it is built again for every operation
-//! ([`Disk::begin_update`]).
+//! ([`Qcow2File::begin_update`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -32,7 +32,7 @@ use std::sync::Arc;
 use super::alloc::Refcounts;
 use super::meta::Meta;
 use super::storage::Storage;
-use super::Disk;
+use super::Qcow2File;
 use crate::error::{Error, Result};
 use crate::format::bitmap_dir::BitmapDirEntry;
 use crate::format::bitmap_table::TableEntry;
@@ -601,7 +601,7 @@ impl Conflict {
     }
 }
 
-impl Disk {
+impl Qcow2File {
     /// The image's metadata by cluster, built on first use (module documentation).
     pub(super) fn metadata(&mut self) -> Result<&mut MetaClusters> {
         if self.overlap.is_none() {

@@ -27,7 +27,7 @@ use std::path::Path;
 
 use super::meta::Meta;
 use super::storage::{FileStorage, Storage};
-use super::{Disk, Image};
+use super::{Image, Qcow2File};
 use crate::error::{Error, Result};
 use crate::format::AUTOCLEAR_BITMAPS;
 
@@ -109,7 +109,7 @@ fn drop_in(storage: &mut dyn Storage) -> Result<DroppedExtension> {
     })
 }
 
-impl Disk {
+impl Qcow2File {
     /// Whether directory entry `i` is broken (salvage).
     pub(super) fn is_broken(&self, i: usize) -> bool {
         self.broken.iter().any(|b| b.0 == i)
@@ -200,12 +200,12 @@ impl Image {
 
     /// Whether the image was opened in salvage mode.
     pub fn salvage(&self) -> bool {
-        self.disk.as_ref().is_some_and(|d| d.salvage)
+        self.file.as_ref().is_some_and(|d| d.salvage)
     }
 
     /// The broken bitmaps, in directory order (always empty unless opened in salvage mode).
     pub fn broken_bitmaps(&self) -> Vec<BrokenBitmap> {
-        let Some(d) = self.disk.as_ref() else {
+        let Some(d) = self.file.as_ref() else {
             return Vec::new();
         };
         d.broken
@@ -220,7 +220,7 @@ impl Image {
 
     /// The directory index of the first broken bitmap named `name`.
     pub(super) fn broken_index_by_name(&self, name: &[u8]) -> Option<usize> {
-        let d = self.disk.as_ref()?;
+        let d = self.file.as_ref()?;
         d.broken
             .iter()
             .map(|b| b.0)
@@ -231,7 +231,7 @@ impl Image {
     /// [`Image::broken_bitmaps`]); the positions of later entries go down by one. Its clusters
     /// are leaked. Needs a read-write salvage open.
     pub fn remove_broken_bitmap(&mut self, index: usize) -> Result<()> {
-        let Some(d) = self.disk.as_mut() else {
+        let Some(d) = self.file.as_mut() else {
             return Err(Error::InvalidArgument(format!(
                 "No broken bitmap at index {index}: standalone bitmaps"
             )));
@@ -250,7 +250,7 @@ impl Image {
     /// Afterwards QEMU opens the image again.
     pub fn remove_broken_bitmaps(&mut self) -> Result<Vec<BrokenBitmap>> {
         let list = self.broken_bitmaps();
-        if let Some(d) = self.disk.as_mut() {
+        if let Some(d) = self.file.as_mut() {
             let positions: Vec<usize> = list.iter().map(|b| b.index).collect();
             d.remove_broken(&positions)?;
         }

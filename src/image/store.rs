@@ -40,7 +40,7 @@ use std::sync::Arc;
 use super::lazy::MAX_IO_BYTES;
 use super::overlap::Structure;
 use super::storage::Storage;
-use super::{alloc, Disk, DiskDir};
+use super::{alloc, Qcow2File, StoredDirectory};
 use crate::bitmap::{BitmapId, BitmapSet, DirtyBitmap};
 use crate::error::{Error, Result};
 use crate::format::bitmap_dir::{encode_directory, BitmapDirEntry};
@@ -160,7 +160,7 @@ struct Job {
     plan: Plan,
 }
 
-/// What a store would do now (see [`Disk::plan_store`]).
+/// What a store would do now (see [`Qcow2File::plan_store`]).
 #[derive(Debug)]
 struct StorePlan {
     entries: Vec<BitmapDirEntry>,
@@ -186,7 +186,7 @@ pub struct StoreSpace {
     pub measure_bytes: u64,
 }
 
-impl Disk {
+impl Qcow2File {
     /// Decides what a store writes: which in-memory bitmaps are stored, where their entries go,
     /// and whether each is kept, partly or fully rewritten.
     fn plan_store(&self, set: &BitmapSet, mode: StoreMode) -> Result<StorePlan> {
@@ -658,7 +658,7 @@ impl Disk {
         allocated.clear();
         let old = std::mem::replace(
             &mut self.dir,
-            DiskDir {
+            StoredDirectory {
                 ext: new_ext,
                 entries,
             },

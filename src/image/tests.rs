@@ -379,7 +379,7 @@ impl Storage for Racy {
 /// one-cluster table: 64 KiB clusters and granularity).
 fn bitmap_clusters(bytes: &[u8], name: &str) -> [u64; 3] {
     let img = open(&Shared::new(bytes.to_vec()), false);
-    let d = img.disk.as_ref().unwrap();
+    let d = img.file.as_ref().unwrap();
     let e = d
         .dir
         .entries

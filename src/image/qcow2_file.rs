@@ -15,7 +15,7 @@ use crate::format::MAX_HOST_OFFSET;
 
 /// The bitmap directory as it is on disk now.
 #[derive(Clone, Debug, Default)]
-pub(super) struct DiskDir {
+pub(super) struct StoredDirectory {
     /// The extension (None: the image has no bitmaps extension in use).
     pub(super) ext: Option<BitmapsExt>,
     /// The entries, in directory order.
@@ -24,7 +24,7 @@ pub(super) struct DiskDir {
 
 /// The qcow2 file behind an image and what qdirty knows of it (QEMU: the qcow2 driver's
 /// bitmap state, block/qcow2-bitmap.c).
-pub(super) struct Disk {
+pub(super) struct Qcow2File {
     /// Shared with the sources of lazily loaded bitmaps (lazy.rs).
     pub(super) storage: lazy::SharedStorage,
     /// The sources handed out, invalidated when their tables are freed.
@@ -44,7 +44,7 @@ pub(super) struct Disk {
     /// The image's metadata by cluster, for the overlap check of writes and frees (read-write,
     /// built on the first write; see `overlap.rs`).
     pub(super) overlap: Option<MetaClusters>,
-    pub(super) dir: DiskDir,
+    pub(super) dir: StoredDirectory,
     /// Opened in salvage mode ([`Image::open_salvage`](super::Image::open_salvage)).
     pub(super) salvage: bool,
     /// Salvage: the directory entries (positions in `dir.entries`, ascending) that QEMU would
@@ -53,7 +53,7 @@ pub(super) struct Disk {
     pub(super) broken: Vec<(usize, String)>,
 }
 
-impl Disk {
+impl Qcow2File {
     /// Virtual disk size in bytes, as QEMU sees it (rounded down to 512).
     pub(super) fn size(&self) -> u64 {
         self.meta.header.size & !511
