@@ -23,8 +23,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use super::alloc::{self, Refcounts};
-use super::inspect::{open_meta, read_directory, StoredBitmapInfo};
-use super::meta::Meta;
+use super::header_cluster::HeaderCluster;
+use super::inspect::{open_header_cluster, read_directory, StoredBitmapInfo};
 use super::storage::{FileStorage, Storage};
 use crate::error::{Error, Result};
 use crate::format::bitmap_dir::{parse_directory, BitmapDirEntry};
@@ -429,8 +429,10 @@ impl Checker<'_> {
     }
 
     /// The clusters of an invalidated extension's structures, as far as they can be read.
-    fn stale_bitmaps(&mut self, meta: &Meta) {
-        let Some(ext) = meta.exts.bitmaps else { return };
+    fn stale_bitmaps(&mut self, header_cluster: &HeaderCluster) {
+        let Some(ext) = header_cluster.exts.bitmaps else {
+            return;
+        };
         let size = ext.bitmap_directory_size;
         if size == 0 || size > crate::format::QCOW2_MAX_BITMAP_DIRECTORY_SIZE {
             return;
@@ -439,8 +441,12 @@ impl Checker<'_> {
         let Ok(buf) = read_padded(self.storage, ext.bitmap_directory_offset, size as usize) else {
             return;
         };
-        let Ok(entries) = parse_directory(&buf, ext.nb_bitmaps, self.cs, meta.header.size & !511)
-        else {
+        let Ok(entries) = parse_directory(
+            &buf,
+            ext.nb_bitmaps,
+            self.cs,
+            header_cluster.header.size & !511,
+        ) else {
             return;
         };
         for e in entries {
@@ -499,10 +505,10 @@ impl DiskRefcounts<'_> {
 
 fn run_check(
     storage: &dyn Storage,
-    meta: &Meta,
+    header_cluster: &HeaderCluster,
     entries: Option<&[BitmapDirEntry]>,
 ) -> Result<CheckReport> {
-    let h = &meta.header;
+    let h = &header_cluster.header;
     let cs = h.cluster_size();
     let file_len = storage
         .size()
@@ -531,12 +537,12 @@ fn run_check(
     c.snapshots(h.snapshots_offset, h.nb_snapshots);
     let reft_bytes = u64::from(h.refcount_table_clusters) * cs;
     c.inc(h.refcount_table_offset, reft_bytes);
-    if let Some(crypto) = &meta.exts.crypto {
+    if let Some(crypto) = &header_cluster.exts.crypto {
         if crypto.len() >= 16 {
             c.inc(be::get_u64(crypto, 0), be::get_u64(crypto, 8));
         }
     }
-    match (entries, meta.exts.bitmaps) {
+    match (entries, header_cluster.exts.bitmaps) {
         (Some(entries), Some(ext)) if !entries.is_empty() => {
             c.bitmaps(
                 ext.bitmap_directory_offset,
@@ -547,8 +553,8 @@ fn run_check(
         _ => {}
     }
     if h.version >= 3 && h.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
-        c.stale_bitmaps(meta);
-        c.report.stale_extension = meta.exts.bitmaps.is_some();
+        c.stale_bitmaps(header_cluster);
+        c.report.stale_extension = header_cluster.exts.bitmaps.is_some();
     }
     // check_refblocks.
     let raw = read_padded(storage, h.refcount_table_offset, reft_bytes as usize)
@@ -729,9 +735,9 @@ pub fn check_bitmaps_with(
 fn check_locked(path: &Path, repair: bool) -> Result<CheckReport> {
     let name = path.display().to_string();
     let ctx = || format!("Could not open '{name}'");
-    let (storage, meta) = open_meta(path, true)?;
-    let entries = read_directory(&storage, &meta).map_err(|e| e.context(ctx()))?;
-    let mut report = run_check(&storage, &meta, entries.as_deref())?;
+    let (storage, header_cluster) = open_header_cluster(path, true)?;
+    let entries = read_directory(&storage, &header_cluster).map_err(|e| e.context(ctx()))?;
+    let mut report = run_check(&storage, &header_cluster, entries.as_deref())?;
     report.bitmaps = entries
         .as_deref()
         .unwrap_or_default()
@@ -752,16 +758,16 @@ fn check_locked(path: &Path, repair: bool) -> Result<CheckReport> {
         return Ok(report);
     }
     let mut storage = FileStorage::open(path, true).map_err(|e| Error::io(ctx(), e))?;
-    let mut meta = Meta::read(&storage).map_err(|e| e.context(ctx()))?;
+    let mut header_cluster = HeaderCluster::read(&storage).map_err(|e| e.context(ctx()))?;
     let mut dropped = false;
     if report.stale_extension {
         // As QEMU's read-write open does: the invalidated extension goes first.
-        meta.exts.bitmaps = None;
-        meta.write(&mut storage)?;
+        header_cluster.exts.bitmaps = None;
+        header_cluster.write(&mut storage)?;
         alloc::flush(&mut storage)?;
         dropped = true;
     }
-    let h = &meta.header;
+    let h = &header_cluster.header;
     let mut rc = Refcounts::load(
         &storage,
         h.cluster_bits,
@@ -863,10 +869,10 @@ mod tests {
         let info = Image::inspect(&p).unwrap();
         let table = info.bitmaps[0].table_offset;
         // Zero the table cluster's refcount (16-bit refcounts, block at the reftable's entry 0).
-        let (storage, meta) = open_meta(&p, false).unwrap();
+        let (storage, header_cluster) = open_header_cluster(&p, false).unwrap();
         let mut e = [0u8; 8];
         storage
-            .read_exact_at(&mut e, meta.header.refcount_table_offset)
+            .read_exact_at(&mut e, header_cluster.header.refcount_table_offset)
             .unwrap();
         let block = u64::from_be_bytes(e);
         drop(storage);

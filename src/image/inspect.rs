@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use super::meta::Meta;
+use super::header_cluster::HeaderCluster;
 use super::storage::{FileStorage, Storage};
 use super::Image;
 use crate::error::{Error, Result};
@@ -116,10 +116,10 @@ impl ImageInfo {
 /// Reads the directory the extension points at, validated as QEMU's open does.
 pub(crate) fn read_directory(
     storage: &dyn Storage,
-    meta: &Meta,
+    header_cluster: &HeaderCluster,
 ) -> Result<Option<Vec<BitmapDirEntry>>> {
-    let h = &meta.header;
-    let Some(ext) = meta.exts.bitmaps else {
+    let h = &header_cluster.header;
+    let Some(ext) = header_cluster.exts.bitmaps else {
         return Ok(None);
     };
     if h.version < 3 || h.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
@@ -141,12 +141,15 @@ pub(crate) fn read_directory(
 }
 
 /// Opens `path` read-only with QEMU's read locks (none with `force_share`) and reads cluster 0.
-pub(crate) fn open_meta(path: &Path, force_share: bool) -> Result<(FileStorage, Meta)> {
+pub(crate) fn open_header_cluster(
+    path: &Path,
+    force_share: bool,
+) -> Result<(FileStorage, HeaderCluster)> {
     let name = path.display().to_string();
     let ctx = || format!("Could not open '{name}'");
     let storage = FileStorage::open_locked(path, false, force_share)?;
-    let meta = Meta::read(&storage).map_err(|e| e.context(ctx()))?;
-    Ok((storage, meta))
+    let header_cluster = HeaderCluster::read(&storage).map_err(|e| e.context(ctx()))?;
+    Ok((storage, header_cluster))
 }
 
 impl ImageInfo {
@@ -178,10 +181,10 @@ impl Image {
     pub fn inspect_with(path: impl AsRef<Path>, force_share: bool) -> Result<ImageInfo> {
         let path = path.as_ref();
         let name = path.display().to_string();
-        let (storage, meta) = open_meta(path, force_share)?;
-        let entries = read_directory(&storage, &meta)
+        let (storage, header_cluster) = open_header_cluster(path, force_share)?;
+        let entries = read_directory(&storage, &header_cluster)
             .map_err(|e| e.context(format!("Could not open '{name}'")))?;
-        let h = &meta.header;
+        let h = &header_cluster.header;
         let file_length = storage
             .size()
             .map_err(|e| Error::io("Could not get the image length", e))?;
@@ -202,16 +205,16 @@ impl Image {
             } else {
                 "zlib"
             },
-            backing_file: lossy(&meta.backing_name),
+            backing_file: lossy(&header_cluster.backing_name),
             data_file: if h.incompatible_features & INCOMPAT_DATA_FILE != 0 {
-                lossy(&meta.exts.data_file)
+                lossy(&header_cluster.exts.data_file)
             } else {
                 None
             },
             encrypted: h.crypt_method != 0,
             nb_snapshots: h.nb_snapshots,
             stale_bitmaps_extension: h.version >= 3
-                && meta.exts.bitmaps.is_some()
+                && header_cluster.exts.bitmaps.is_some()
                 && h.autoclear_features & AUTOCLEAR_BITMAPS == 0,
             bitmaps: entries
                 .unwrap_or_default()

@@ -30,16 +30,16 @@ impl Qcow2File {
     /// Everything open does after the header was read: feature checks for writing, the
     /// autoclear rules, the directory, the bitmaps, and in_use marking.
     pub(super) fn load(&mut self, set: &mut BitmapSet) -> Result<()> {
-        if self.meta.header.version < 3 {
+        if self.header_cluster.header.version < 3 {
             // v2 images are only read, and any bitmaps extension in them is ignored.
             self.read_only = true;
-            if self.meta.exts.bitmaps.is_some() {
+            if self.header_cluster.exts.bitmaps.is_some() {
                 crate::warning::warn(V2_BITMAPS_WARNING);
             }
             return Ok(());
         }
-        let bitmaps_bit = self.meta.header.autoclear_features & AUTOCLEAR_BITMAPS != 0;
-        match (self.meta.exts.bitmaps, bitmaps_bit) {
+        let bitmaps_bit = self.header_cluster.header.autoclear_features & AUTOCLEAR_BITMAPS != 0;
+        match (self.header_cluster.exts.bitmaps, bitmaps_bit) {
             (Some(_), false) => crate::warning::warn(BITMAPS_DROPPED_WARNING),
             (Some(ext), true) if self.salvage => {
                 let entries = ext
@@ -79,7 +79,7 @@ impl Qcow2File {
     /// images; drop an extension that a bitmap-unaware program invalidated, a bitmaps bit
     /// without extension, and unknown autoclear bits, in one header write.
     pub(super) fn prepare_writes(&mut self) -> Result<()> {
-        let h = &mut self.meta.header;
+        let h = &mut self.header_cluster.header;
         if h.incompatible_features & INCOMPAT_CORRUPT != 0 {
             return Err(Error::NeedsRepair(
                 "qcow2: Image is corrupt; cannot be opened read/write (repair it with 'qemu-img \
@@ -96,11 +96,11 @@ impl Qcow2File {
         }
         let mut changed = false;
         let bit = h.autoclear_features & AUTOCLEAR_BITMAPS != 0;
-        if self.meta.exts.bitmaps.is_some() && !bit {
-            self.meta.exts.bitmaps = None;
+        if self.header_cluster.exts.bitmaps.is_some() && !bit {
+            self.header_cluster.exts.bitmaps = None;
             changed = true;
         }
-        if self.meta.exts.bitmaps.is_none() && bit {
+        if self.header_cluster.exts.bitmaps.is_none() && bit {
             h.autoclear_features &= !AUTOCLEAR_BITMAPS;
             changed = true;
         }
@@ -239,13 +239,13 @@ impl Qcow2File {
     /// Whether the header's bitmaps state (extension, autoclear bit 0, disk size) differs from
     /// what the open read (a header that cannot be read any more has changed).
     pub(super) fn header_changed(&self) -> bool {
-        match super::meta::Meta::read(self.storage.lock().as_ref()) {
+        match super::header_cluster::HeaderCluster::read(self.storage.lock().as_ref()) {
             Ok(fresh) => {
                 let bit =
                     |h: &crate::format::header::Header| h.autoclear_features & AUTOCLEAR_BITMAPS;
-                fresh.exts.bitmaps != self.meta.exts.bitmaps
-                    || bit(&fresh.header) != bit(&self.meta.header)
-                    || fresh.header.size != self.meta.header.size
+                fresh.exts.bitmaps != self.header_cluster.exts.bitmaps
+                    || bit(&fresh.header) != bit(&self.header_cluster.header)
+                    || fresh.header.size != self.header_cluster.header.size
             }
             Err(_) => true,
         }
@@ -257,12 +257,13 @@ impl Qcow2File {
     /// opened the image, without touching any data), or a table read at open differs now.
     /// None: the directory and every table read are still those of the open.
     fn changed_on_disk(&self, sources: &[Arc<TableSource>]) -> Option<String> {
-        let Ok(fresh) = super::meta::Meta::read(self.storage.lock().as_ref()) else {
+        let Ok(fresh) = super::header_cluster::HeaderCluster::read(self.storage.lock().as_ref())
+        else {
             return Some("the image header".into());
         };
         let bit = fresh.header.autoclear_features & AUTOCLEAR_BITMAPS != 0;
         let now = match fresh.exts.bitmaps {
-            Some(ext) if bit && fresh.header.size == self.meta.header.size => ext
+            Some(ext) if bit && fresh.header.size == self.header_cluster.header.size => ext
                 .validate(self.cluster_size())
                 .and_then(|()| self.read_directory_bytes(&ext))
                 .and_then(|buf| {
@@ -404,7 +405,7 @@ impl Qcow2File {
         let mut cleared = false;
         let mut wrote_dir = false;
         let result = (|| {
-            self.meta.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
+            self.header_cluster.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
             cleared = true;
             self.write_header_sync()?;
             wrote_dir = true;
@@ -413,7 +414,7 @@ impl Qcow2File {
                 .write_all_at(&dir, ext.bitmap_directory_offset)
                 .map_err(|e| Error::io("Can't update bitmap directory", e))?;
             alloc::flush(self.storage.lock().as_mut())?;
-            self.meta.header.autoclear_features |= AUTOCLEAR_BITMAPS;
+            self.header_cluster.header.autoclear_features |= AUTOCLEAR_BITMAPS;
             self.write_header_sync()
         })();
         match result {
@@ -432,7 +433,7 @@ impl Qcow2File {
                     let _ = alloc::flush(self.storage.lock().as_mut());
                 }
                 if cleared {
-                    self.meta.header.autoclear_features |= AUTOCLEAR_BITMAPS;
+                    self.header_cluster.header.autoclear_features |= AUTOCLEAR_BITMAPS;
                     if self.write_header_sync().is_err() {
                         crate::warning::warn(
                             "The bitmaps bit could not be set again: the image's bitmaps will \

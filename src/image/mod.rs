@@ -10,11 +10,11 @@ mod alloc;
 pub mod check;
 mod create;
 pub mod fault;
+mod header_cluster;
 pub mod inspect;
 mod lazy;
 mod load;
 pub mod lock;
-mod meta;
 mod overlap;
 mod qcow2_file;
 mod salvage;
@@ -38,7 +38,7 @@ use crate::format::bitmap_table::table_size_for;
 use crate::format::{
     BME_MAX_PHYS_SIZE, BME_MAX_TABLE_SIZE, QCOW2_MAX_BITMAPS, QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
 };
-use meta::Meta;
+use header_cluster::HeaderCluster;
 use qcow2_file::{Qcow2File, StoredDirectory};
 use storage::{FileStorage, Storage};
 
@@ -153,7 +153,8 @@ impl Image {
         let shared = shared && !read_write;
         let mut attempt = 1;
         loop {
-            let meta = Meta::read(storage.lock().as_ref()).map_err(|e| e.context(ctx()))?;
+            let header_cluster =
+                HeaderCluster::read(storage.lock().as_ref()).map_err(|e| e.context(ctx()))?;
             let mut file = Qcow2File {
                 storage: storage.clone(),
                 sources: lazy::Sources::default(),
@@ -161,7 +162,7 @@ impl Image {
                 read_only: !read_write,
                 failed: None,
                 frozen: Vec::new(),
-                meta,
+                header_cluster,
                 refcounts: None,
                 overlap: None,
                 dir: StoredDirectory::default(),
@@ -389,7 +390,7 @@ impl Image {
             return Ok(());
         }
         if read_write {
-            if d.meta.header.version < 3 {
+            if d.header_cluster.header.version < 3 {
                 return Err(Error::ReadOnlyImage(format!(
                     "Image '{}' is a qcow2 v2 image and can only be read",
                     d.name
@@ -456,7 +457,9 @@ impl Image {
 
     /// qcow2 version (2 or 3; 0 for standalone bitmaps).
     pub fn version(&self) -> u32 {
-        self.file.as_ref().map_or(0, |d| d.meta.header.version)
+        self.file
+            .as_ref()
+            .map_or(0, |d| d.header_cluster.header.version)
     }
 
     /// Whether the image was opened (or could only be opened) read-only.
@@ -599,7 +602,7 @@ impl Image {
                 libc::ENOTSUP,
             ));
         };
-        if d.meta.header.version < 3 {
+        if d.header_cluster.header.version < 3 {
             return Err(fail(
                 "Cannot store dirty bitmaps in qcow2 v2 files".into(),
                 libc::ENOTSUP,

@@ -30,7 +30,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::alloc::Refcounts;
-use super::meta::Meta;
+use super::header_cluster::HeaderCluster;
 use super::storage::Storage;
 use super::Qcow2File;
 use crate::error::{Error, Result};
@@ -217,15 +217,15 @@ fn read_padded(storage: &dyn Storage, file_len: u64, offset: u64, len: usize) ->
 }
 
 impl MetaClusters {
-    /// Reads the image's metadata: the header fields in `meta`, the structures they point to,
+    /// Reads the image's metadata: the header fields in `header_cluster`, the structures they point to,
     /// and the bitmap directory `dir` with `entries`.
     pub(super) fn build(
         storage: &dyn Storage,
-        meta: &Meta,
+        header_cluster: &HeaderCluster,
         dir: Option<&BitmapsExt>,
         entries: &[BitmapDirEntry],
     ) -> Result<MetaClusters> {
-        let h = &meta.header;
+        let h = &header_cluster.header;
         let bits = h.cluster_bits;
         let cs = 1u64 << bits;
         let file_len = storage
@@ -335,7 +335,12 @@ impl MetaClusters {
         m.l2 = l2;
 
         // Encryption header.
-        if let Some(c) = meta.exts.crypto.as_deref().filter(|c| c.len() >= 16) {
+        if let Some(c) = header_cluster
+            .exts
+            .crypto
+            .as_deref()
+            .filter(|c| c.len() >= 16)
+        {
             let (first, n) = clusters(be::get_u64(c, 0), be::get_u64(c, 8));
             m.fixed.push(first, n, Structure::CryptoHeader);
         }
@@ -608,7 +613,7 @@ impl Qcow2File {
             let mut guard = self.storage.lock();
             let built = if guard.allocator().is_some() {
                 // The host changes its metadata between calls: take the header as it is now.
-                let fresh = Meta::read(guard.as_ref())?;
+                let fresh = HeaderCluster::read(guard.as_ref())?;
                 MetaClusters::build(
                     guard.as_ref(),
                     &fresh,
@@ -618,7 +623,7 @@ impl Qcow2File {
             } else {
                 MetaClusters::build(
                     guard.as_ref(),
-                    &self.meta,
+                    &self.header_cluster,
                     self.dir.ext.as_ref(),
                     &self.dir.entries,
                 )

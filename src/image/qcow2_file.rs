@@ -4,8 +4,8 @@
 //! check).
 
 use super::alloc::{self, Refcounts};
+use super::header_cluster::HeaderCluster;
 use super::lazy;
-use super::meta::Meta;
 use super::overlap::{self, MetaClusters, Structure};
 use crate::bitmap::BitmapId;
 use crate::error::{Error, Result};
@@ -38,7 +38,7 @@ pub(super) struct Qcow2File {
     /// Bitmaps made readonly because they could not be marked in_use again after a store
     /// (their stored copies are consistent): writable again after a successful store.
     pub(super) frozen: Vec<BitmapId>,
-    pub(super) meta: Meta,
+    pub(super) header_cluster: HeaderCluster,
     /// Refcounts, loaded on the first allocation (read-write, built-in allocator only).
     pub(super) refcounts: Option<Refcounts>,
     /// The image's metadata by cluster, for the overlap check of writes and frees (read-write,
@@ -56,16 +56,16 @@ pub(super) struct Qcow2File {
 impl Qcow2File {
     /// Virtual disk size in bytes, as QEMU sees it (rounded down to 512).
     pub(super) fn size(&self) -> u64 {
-        self.meta.header.size & !511
+        self.header_cluster.header.size & !511
     }
 
     pub(super) fn cluster_size(&self) -> u64 {
-        self.meta.header.cluster_size()
+        self.header_cluster.header.cluster_size()
     }
 
     /// log2 of the disk bytes one data cluster of a bitmap with `gbits` covers.
     pub(super) fn cluster_shift(&self, gbits: u8) -> u32 {
-        self.meta.header.cluster_bits + 3 + u32::from(gbits)
+        self.header_cluster.header.cluster_bits + 3 + u32::from(gbits)
     }
 
     /// Allocates `n` contiguous clusters (refcount 1) for `what(k)` (the k-th cluster): through
@@ -118,8 +118,8 @@ impl Qcow2File {
         };
         let off = rc.alloc(storage, n, check);
         let (t_off, t_clusters) = rc.reftable_location();
-        self.meta.header.refcount_table_offset = t_off;
-        self.meta.header.refcount_table_clusters = t_clusters;
+        self.header_cluster.header.refcount_table_offset = t_off;
+        self.header_cluster.header.refcount_table_clusters = t_clusters;
         let off = off?;
         map.sync_refcounts(rc);
         if let Err(c) = map.check_new(off, n, what) {
@@ -135,7 +135,7 @@ impl Qcow2File {
     /// place, so their clusters must pass the overlap check (hold nothing else).
     pub(super) fn refcounts(&mut self) -> Result<&mut Refcounts> {
         if self.refcounts.is_none() {
-            let h = &self.meta.header;
+            let h = &self.header_cluster.header;
             let rc = Refcounts::load(
                 self.storage.lock().as_ref(),
                 h.cluster_bits,
@@ -166,25 +166,25 @@ impl Qcow2File {
     pub(super) fn write_header_sync(&mut self) -> Result<()> {
         let mut guard = self.storage.lock();
         if guard.allocator().is_some() {
-            let fresh = Meta::read(guard.as_ref())?;
-            let autoclear = self.meta.header.autoclear_features;
-            let bitmaps = self.meta.exts.bitmaps;
-            self.meta = fresh;
-            self.meta.header.autoclear_features = autoclear;
-            self.meta.exts.bitmaps = bitmaps;
+            let fresh = HeaderCluster::read(guard.as_ref())?;
+            let autoclear = self.header_cluster.header.autoclear_features;
+            let bitmaps = self.header_cluster.exts.bitmaps;
+            self.header_cluster = fresh;
+            self.header_cluster.header.autoclear_features = autoclear;
+            self.header_cluster.exts.bitmaps = bitmaps;
         }
-        self.meta.write(guard.as_mut())?;
+        self.header_cluster.write(guard.as_mut())?;
         alloc::flush(guard.as_mut())
     }
 
     /// Reads the virtual size from the header on storage again (after a host resize).
     pub(super) fn refresh_size(&mut self) -> Result<()> {
-        let fresh = Meta::read(self.storage.lock().as_ref())?;
+        let fresh = HeaderCluster::read(self.storage.lock().as_ref())?;
         // The L1 table may have moved.
         self.overlap = None;
-        self.meta.header.size = fresh.header.size;
-        self.meta.header.l1_size = fresh.header.l1_size;
-        self.meta.header.l1_table_offset = fresh.header.l1_table_offset;
+        self.header_cluster.header.size = fresh.header.size;
+        self.header_cluster.header.l1_size = fresh.header.l1_size;
+        self.header_cluster.header.l1_table_offset = fresh.header.l1_table_offset;
         Ok(())
     }
 }

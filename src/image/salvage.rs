@@ -25,7 +25,7 @@
 
 use std::path::Path;
 
-use super::meta::Meta;
+use super::header_cluster::HeaderCluster;
 use super::storage::{FileStorage, Storage};
 use super::{Image, Qcow2File};
 use crate::error::{Error, Result};
@@ -87,21 +87,21 @@ pub fn drop_bitmaps_extension(path: impl AsRef<Path>) -> Result<DroppedExtension
 }
 
 fn drop_in(storage: &mut dyn Storage) -> Result<DroppedExtension> {
-    let mut meta = Meta::read(storage)?;
-    if meta.header.version < 3 {
+    let mut header_cluster = HeaderCluster::read(storage)?;
+    if header_cluster.header.version < 3 {
         return Err(Error::Unsupported(
             "qcow2 v2 images have no bitmaps that QEMU would use (their bitmaps extension is \
              always ignored)"
                 .into(),
         ));
     }
-    let bit = meta.header.autoclear_features & AUTOCLEAR_BITMAPS != 0;
-    let ext = meta.exts.bitmaps.take();
+    let bit = header_cluster.header.autoclear_features & AUTOCLEAR_BITMAPS != 0;
+    let ext = header_cluster.exts.bitmaps.take();
     if ext.is_none() && !bit {
         return Ok(DroppedExtension::default());
     }
-    meta.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
-    meta.write(storage)?;
+    header_cluster.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
+    header_cluster.write(storage)?;
     super::alloc::flush(storage)?;
     Ok(DroppedExtension {
         dropped: true,

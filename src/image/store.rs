@@ -337,7 +337,7 @@ impl Qcow2File {
         }
         // A first bitmaps extension must fit in cluster 0 (QEMU's ENOSPC), before anything is
         // written.
-        self.meta.check_room_for_bitmaps()?;
+        self.header_cluster.check_room_for_bitmaps()?;
         // What the commit will free: checked now, before anything is written. The whole old
         // table of a rewritten bitmap is checked, the entries taken over too (the new table
         // would go on naming them).
@@ -613,7 +613,7 @@ impl Qcow2File {
         let new_ext = if entries.is_empty() {
             None
         } else {
-            self.meta.check_room_for_bitmaps()?;
+            self.header_cluster.check_room_for_bitmaps()?;
             let raw = encode_directory(&entries);
             let clusters = (raw.len() as u64).div_ceil(cs);
             let off = self.alloc_clusters(clusters, &|_| Structure::BitmapDirectory)?;
@@ -632,12 +632,12 @@ impl Qcow2File {
         self.write_refcounts()?;
         alloc::flush(self.storage.lock().as_mut())?;
         // Commit point.
-        let old_header = self.meta.clone();
-        self.meta.exts.bitmaps = new_ext;
+        let old_header = self.header_cluster.clone();
+        self.header_cluster.exts.bitmaps = new_ext;
         if new_ext.is_some() {
-            self.meta.header.autoclear_features |= AUTOCLEAR_BITMAPS;
+            self.header_cluster.header.autoclear_features |= AUTOCLEAR_BITMAPS;
         } else {
-            self.meta.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
+            self.header_cluster.header.autoclear_features &= !AUTOCLEAR_BITMAPS;
         }
         if let Err(e) = self.write_header_sync() {
             // The header write or its flush failed: the new header may or may not be on disk.

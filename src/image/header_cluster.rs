@@ -1,4 +1,5 @@
-//! The image's first cluster: reading the header and its extensions, and rewriting them.
+//! The header cluster (cluster 0 of the image): reading the header, its extensions and the
+//! backing file name, and rewriting them.
 //!
 //! # Rewriting cluster 0 without ever exposing a broken header
 //!
@@ -16,12 +17,12 @@
 //! writes, so a torn write can also leave `backing_file_offset` (sector 0) naming bytes that are
 //! not (yet, or any more) the name.
 //!
-//! [`Meta::write`] therefore does not write the cluster blindly. It keeps the bytes of cluster
-//! 0 as last read or written (`disk`, shared by clones so that a rollback of the in-memory
-//! header cannot make it stale; forgotten after any failed write), builds the new cluster and
-//! chooses a *plan*: a sequence of intermediate cluster images, each written as one write of
-//! the sectors that differ from the previous one, with a flush between them. A plan is taken
-//! only after every state a crash can leave is checked by parsing it the way QEMU does
+//! [`HeaderCluster::write`] therefore does not write the cluster blindly. It keeps the bytes of
+//! cluster 0 as last read or written (`on_disk`, shared by clones so that a rollback of the
+//! in-memory header cannot make it stale; forgotten after any failed write), builds the new
+//! cluster and chooses a *plan*: a sequence of intermediate cluster images, each written as one
+//! write of the sectors that differ from the previous one, with a flush between them. A plan is
+//! taken only after every state a crash can leave is checked by parsing it the way QEMU does
 //! ([`meaning`]): for a step that changes one sector, just its result; for up to 10 changed
 //! sectors, every subset of them; beyond that, every prefix and suffix. A state is acceptable
 //! when it parses, names the same backing file, has the old or the new header fields, and its
@@ -74,9 +75,9 @@ use crate::format::{
 /// Sector size: the unit a write is torn at.
 const SECTOR: usize = 512;
 
-/// Header, extensions and backing file name as held in memory.
+/// The header cluster as held in memory: header, extensions and backing file name.
 #[derive(Clone, Debug)]
-pub struct Meta {
+pub struct HeaderCluster {
     /// The header fields.
     pub header: Header,
     /// The extensions.
@@ -84,12 +85,12 @@ pub struct Meta {
     /// The backing file name, if any.
     pub backing_name: Option<Vec<u8>>,
     /// Cluster 0 as last read or written (None: unknown, read it again before writing).
-    disk: Arc<Mutex<Option<Vec<u8>>>>,
+    on_disk: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
-impl Meta {
+impl HeaderCluster {
     /// Reads and validates cluster 0: header, extensions, unknown incompatible features.
-    pub fn read(storage: &dyn Storage) -> Result<Meta> {
+    pub fn read(storage: &dyn Storage) -> Result<HeaderCluster> {
         let len = storage
             .size()
             .map_err(|e| Error::io("Could not get the image length", e))?;
@@ -115,11 +116,11 @@ impl Meta {
         let exts = Extensions::parse(&buf, &header)?;
         header.check_incompatible(exts.feature_table.as_deref())?;
         let backing_name = Extensions::backing_file_name(&buf, &header)?;
-        Ok(Meta {
+        Ok(HeaderCluster {
             header,
             exts,
             backing_name,
-            disk: Arc::new(Mutex::new(Some(buf))),
+            on_disk: Arc::new(Mutex::new(Some(buf))),
         })
     }
 
@@ -157,7 +158,11 @@ impl Meta {
     pub fn write(&mut self, storage: &mut dyn Storage) -> Result<()> {
         let new = encode_header_cluster(&self.header, &self.exts, self.backing_name.as_deref())?;
         let cs = new.len();
-        let known = self.disk.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let known = self
+            .on_disk
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let old = match known {
             Some(o) if o.len() == cs => Some(o),
             _ => read_cluster0(storage, cs),
@@ -189,7 +194,7 @@ impl Meta {
             self.header.backing_file_offset = be::get_u64(&cur, 8);
             self.header.backing_file_size = be::get_u32(&cur, 16);
         }
-        *self.disk.lock().unwrap_or_else(|p| p.into_inner()) = Some(cur);
+        *self.on_disk.lock().unwrap_or_else(|p| p.into_inner()) = Some(cur);
         Ok(())
     }
 }
@@ -467,12 +472,13 @@ mod tests {
 
     fn header_64k() -> (Header, Vec<u8>) {
         let mut s = MemStorage::default();
-        let dir = std::env::temp_dir().join(format!("qdirty-meta-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("qdirty-header-cluster-{}", std::process::id()));
         let _ = std::fs::remove_file(&dir);
         crate::image::create::create(&dir, 1 << 30, 65536).unwrap();
         s.data = std::fs::read(&dir).unwrap();
         let _ = std::fs::remove_file(&dir);
-        let m = Meta::read(&s).unwrap();
+        let m = HeaderCluster::read(&s).unwrap();
         (m.header, s.data)
     }
 
