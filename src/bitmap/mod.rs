@@ -11,13 +11,15 @@ pub mod log;
 pub mod set;
 pub mod sha256;
 
+pub use bits::LazySource;
 pub use hbitmap::HBitmap;
-pub use lazy::LazySource;
 
-mod lazy;
-use lazy::{Bits, Touched};
+mod bits;
+mod touched;
+use bits::Bits;
 pub use log::WriteLog;
 pub use set::{BitmapId, BitmapInfo, BitmapSet, DirtyIter};
+use touched::Touched;
 pub use view::StateView;
 
 mod view;
@@ -78,7 +80,7 @@ pub fn validate_granularity(granularity: u64) -> Result<u32> {
 /// A dirty bitmap with QEMU's state flags.
 ///
 /// Its bits are either in memory or, for a bitmap opened from an image and not touched yet,
-/// still on disk (lazy loading, see `lazy.rs`): every access to the bits goes through
+/// still on disk (lazy loading, see `bits.rs`): every access to the bits goes through
 /// [`DirtyBitmap::bits`] (readers, loads on first use) or an internal `&mut` accessor
 /// (changers, loads first and records which data clusters change), so stale bits cannot be
 /// read. A clone is always loaded.

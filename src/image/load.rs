@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::lazy::TableSource;
+use super::table_source::TableSource;
 use super::{alloc, Qcow2File, StoredDirectory};
 use crate::bitmap::{BitmapSet, DirtyBitmap};
 use crate::error::{Error, Result};
@@ -170,7 +170,7 @@ impl Qcow2File {
     /// Creates the in-memory bitmaps from the directory, in directory order, each at the head
     /// of the list (so the last entry is listed first, as in QEMU). The table of every
     /// consistent bitmap is read and validated now, as QEMU does; its data is read when first
-    /// needed (lazy loading, see `lazy.rs`).
+    /// needed (lazy loading, see `table_source.rs`).
     fn load_bitmaps(&mut self, set: &mut BitmapSet) -> Result<()> {
         let entries = self.dir.entries.clone();
         for (i, e) in entries.iter().enumerate() {

@@ -12,7 +12,6 @@ mod create;
 pub mod fault;
 mod header_cluster;
 pub mod inspect;
-mod lazy;
 mod load;
 pub mod lock;
 mod overlap;
@@ -20,6 +19,7 @@ mod qcow2_file;
 mod salvage;
 pub mod storage;
 mod store;
+mod table_source;
 #[cfg(test)]
 mod tests;
 mod txn;
@@ -149,7 +149,7 @@ impl Image {
         shared: bool,
     ) -> Result<Image> {
         let ctx = || format!("Could not open '{name}'");
-        let storage = lazy::SharedStorage::new(storage);
+        let storage = table_source::SharedStorage::new(storage);
         let shared = shared && !read_write;
         let mut attempt = 1;
         loop {
@@ -157,7 +157,7 @@ impl Image {
                 HeaderCluster::read(storage.lock().as_ref()).map_err(|e| e.context(ctx()))?;
             let mut file = Qcow2File {
                 storage: storage.clone(),
-                sources: lazy::Sources::default(),
+                sources: table_source::Sources::default(),
                 name: name.to_string(),
                 read_only: !read_write,
                 failed: None,

@@ -5,8 +5,8 @@
 
 use super::alloc::{self, Refcounts};
 use super::header_cluster::HeaderCluster;
-use super::lazy;
 use super::overlap::{self, MetaClusters, Structure};
+use super::table_source;
 use crate::bitmap::BitmapId;
 use crate::error::{Error, Result};
 use crate::format::bitmap_dir::BitmapDirEntry;
@@ -25,10 +25,10 @@ pub(super) struct StoredDirectory {
 /// The qcow2 file behind an image and what qdirty knows of it (QEMU: the qcow2 driver's
 /// bitmap state, block/qcow2-bitmap.c).
 pub(super) struct Qcow2File {
-    /// Shared with the sources of lazily loaded bitmaps (lazy.rs).
-    pub(super) storage: lazy::SharedStorage,
+    /// Shared with the sources of lazily loaded bitmaps (table_source.rs).
+    pub(super) storage: table_source::SharedStorage,
     /// The sources handed out, invalidated when their tables are freed.
-    pub(super) sources: lazy::Sources,
+    pub(super) sources: table_source::Sources,
     /// For messages.
     pub(super) name: String,
     pub(super) read_only: bool,

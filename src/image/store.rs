@@ -37,9 +37,9 @@
 use std::io;
 use std::sync::Arc;
 
-use super::lazy::MAX_IO_BYTES;
 use super::overlap::Structure;
 use super::storage::Storage;
+use super::table_source::MAX_IO_BYTES;
 use super::{alloc, Qcow2File, StoredDirectory};
 use crate::bitmap::{BitmapId, BitmapSet, DirtyBitmap};
 use crate::error::{Error, Result};

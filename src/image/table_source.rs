@@ -1,6 +1,6 @@
 //! Lazy loading on the image side: the storage handle shared with bitmaps whose data is still
 //! on disk, and the [`LazySource`] that reads one bitmap's data clusters (large sequential
-//! reads of contiguous runs). See `bitmap/lazy.rs` for the bitmap side.
+//! reads of contiguous runs). See `bitmap/bits.rs` for the bitmap side.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
