@@ -329,16 +329,19 @@ fn check_order_messages_and_hint() {
 fn flag_setters_and_persistence() {
     let mut b = DirtyBitmap::new(Some(b"f"), 10 * MIB, 65536).unwrap();
     assert!(b.enabled() && !b.busy() && !b.readonly() && !b.persistent() && !b.skip_store());
-    assert!(!b.persistence());
+    assert!(!b.will_be_stored());
     b.set_persistence(true);
-    assert!(b.persistent() && b.persistence());
+    assert!(b.persistent() && b.will_be_stored());
     b.set_skip_store(true);
     assert!(b.persistent(), "raw flag unchanged by skip_store");
-    assert!(!b.persistence(), "persistence = persistent && !skip_store");
+    assert!(
+        !b.will_be_stored(),
+        "will_be_stored = persistent && !skip_store"
+    );
     b.set_skip_store(false);
-    assert!(b.persistence());
+    assert!(b.will_be_stored());
     b.set_persistence(false);
-    assert!(!b.persistence());
+    assert!(!b.will_be_stored());
     b.set_busy(true);
     assert!(b.busy());
     // Busy refuses enable/disable (ALLOW_RO) and clear (DEFAULT).
@@ -1494,10 +1497,10 @@ fn transaction_remove_and_add_on_a_real_file() {
         t.add(&mut img, b"q", 65536, popts).unwrap();
         let p = img.find_bitmap(b"p").unwrap();
         assert!(img.bitmap_current(p).unwrap().busy());
-        assert!(!img.bitmap_current(p).unwrap().persistence());
+        assert!(!img.bitmap_current(p).unwrap().will_be_stored());
         t.abort(&mut [&mut img]).unwrap();
         let b = img.bitmap_current(p).unwrap();
-        assert!(!b.busy() && !b.skip_store() && b.persistent() && b.persistence());
+        assert!(!b.busy() && !b.skip_store() && b.persistent() && b.will_be_stored());
         assert_eq!(b.sha256().unwrap(), sha_p);
         assert!(img.find_bitmap(b"q").is_none(), "abort of add");
         img.close().unwrap();

@@ -226,13 +226,14 @@ impl DirtyBitmap {
         self.skip_store
     }
 
-    /// The raw persistent flag.
+    /// The raw persistent flag (QEMU: `BdrvDirtyBitmap.persistent`), whatever skip_store says.
     pub fn persistent(&self) -> bool {
         self.persistent
     }
 
-    /// persistent && !skip_store: whether the bitmap is written back on store.
-    pub fn persistence(&self) -> bool {
+    /// Whether the next store (close, checkpoint, reopen read-only) writes the bitmap to the
+    /// image: persistent && !skip_store (QEMU: bdrv_dirty_bitmap_get_persistence).
+    pub fn will_be_stored(&self) -> bool {
         self.persistent && !self.skip_store
     }
 

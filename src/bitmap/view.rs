@@ -45,14 +45,15 @@ impl<'a> StateView<'a> {
         self.0.enabled()
     }
 
-    /// The raw persistent flag.
+    /// The raw persistent flag (QEMU: `BdrvDirtyBitmap.persistent`), whatever skip_store says.
     pub fn persistent(&self) -> bool {
         self.0.persistent()
     }
 
-    /// persistent && !skip_store: whether the bitmap is written back on store.
-    pub fn persistence(&self) -> bool {
-        self.0.persistence()
+    /// Whether the next store (close, checkpoint, reopen read-only) writes the bitmap to the
+    /// image: persistent && !skip_store (QEMU: bdrv_dirty_bitmap_get_persistence).
+    pub fn will_be_stored(&self) -> bool {
+        self.0.will_be_stored()
     }
 
     /// The skip_store flag.

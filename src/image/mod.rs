@@ -358,7 +358,7 @@ impl Image {
             // stale while they claim to be consistent.
             for id in set.ids() {
                 if let Some(b) = set.get_mut(id) {
-                    if b.persistence() && !b.inconsistent() && !b.readonly() {
+                    if b.will_be_stored() && !b.inconsistent() && !b.readonly() {
                         b.set_readonly(true);
                         d.frozen.push(id);
                     }
@@ -680,7 +680,7 @@ impl Image {
         bm.check(CHECK_BUSY | CHECK_RO)?;
         // Every refusal comes before the stored copy is deleted: a failed call changes nothing.
         self.set.check_release(id)?;
-        if self.set.bitmap(id)?.persistence() {
+        if self.set.bitmap(id)?.will_be_stored() {
             self.remove_stored_bitmap(name)?;
         }
         self.set.release(id)?;

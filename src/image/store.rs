@@ -194,7 +194,7 @@ impl Qcow2File {
         let mut jobs: Vec<Job> = Vec::new();
         let cs = self.cluster_size();
         for (id, bm) in set.iter_unfolded() {
-            if !bm.persistence() || bm.inconsistent() || bm.readonly() {
+            if !bm.will_be_stored() || bm.inconsistent() || bm.readonly() {
                 continue;
             }
             let name = bm.name().unwrap_or_default().to_vec();

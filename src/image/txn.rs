@@ -147,7 +147,7 @@ impl Transaction {
         bm.check(CHECK_BUSY | CHECK_RO)?;
         img.set.check_release(id)?;
         let bm = img.set.bitmap(id)?;
-        if bm.persistence() {
+        if bm.will_be_stored() {
             img.remove_stored_bitmap(name)?;
         }
         let bm = img.set.bitmap_mut(id)?;
