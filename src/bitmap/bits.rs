@@ -65,8 +65,8 @@ impl Bits {
     }
 
     /// Reads the data and OR-s the pending writes in.
-    fn load(l: &Lazy, size: u64, gbits: u32) -> Result<HBitmap> {
-        let mut h = HBitmap::new(size, gbits);
+    fn load(l: &Lazy, size: u64, granularity_bits: u32) -> Result<HBitmap> {
+        let mut h = HBitmap::new(size, granularity_bits);
         l.source.load(&mut h)?;
         if let Some(d) = &l.delta {
             h.merge_from(d);
@@ -76,14 +76,14 @@ impl Bits {
 
     /// The bits for readers: loads through `&self` if still on disk (the data is kept on
     /// success; a failure is returned and not remembered, so the next call tries again).
-    pub(crate) fn try_get(&self, size: u64, gbits: u32) -> Result<&HBitmap> {
+    pub(crate) fn try_get(&self, size: u64, granularity_bits: u32) -> Result<&HBitmap> {
         match self {
             Bits::Loaded(h) => Ok(h),
             Bits::Lazy(l) => {
                 if let Some(h) = l.cell.get() {
                     return Ok(h);
                 }
-                let h = Self::load(l, size, gbits)?;
+                let h = Self::load(l, size, granularity_bits)?;
                 // A concurrent reader cannot exist (`&self` of a bitmap behind the image's
                 // exclusive access), but if one won, its copy is as good as ours.
                 let _ = l.cell.set(h);
@@ -93,10 +93,10 @@ impl Bits {
     }
 
     /// The bits for changers: loads if needed (the error names the bitmap; nothing changes).
-    pub(crate) fn load_mut(&mut self, size: u64, gbits: u32) -> Result<&mut HBitmap> {
+    pub(crate) fn load_mut(&mut self, size: u64, granularity_bits: u32) -> Result<&mut HBitmap> {
         self.settle();
         if let Bits::Lazy(l) = self {
-            let h = Self::load(l, size, gbits)?;
+            let h = Self::load(l, size, granularity_bits)?;
             *self = Bits::Loaded(h);
         }
         match self {
@@ -130,23 +130,23 @@ impl Bits {
 
     /// Guest writes in bulk (call after settle): OR-ed into the loaded bits or the pending
     /// writes.
-    pub(crate) fn mark_bits(&mut self, src: &HBitmap, size: u64, gbits: u32) {
+    pub(crate) fn mark_bits(&mut self, src: &HBitmap, size: u64, granularity_bits: u32) {
         match self {
             Bits::Loaded(h) => h.merge_from(src),
             Bits::Lazy(l) => l
                 .delta
-                .get_or_insert_with(|| HBitmap::new(size, gbits))
+                .get_or_insert_with(|| HBitmap::new(size, granularity_bits))
                 .merge_from(src),
         }
     }
 
     /// A guest write (call after settle).
-    pub(crate) fn mark(&mut self, offset: u64, bytes: u64, size: u64, gbits: u32) {
+    pub(crate) fn mark(&mut self, offset: u64, bytes: u64, size: u64, granularity_bits: u32) {
         match self {
             Bits::Loaded(h) => h.set(offset, bytes),
             Bits::Lazy(l) => l
                 .delta
-                .get_or_insert_with(|| HBitmap::new(size, gbits))
+                .get_or_insert_with(|| HBitmap::new(size, granularity_bits))
                 .set(offset, bytes),
         }
     }

@@ -52,8 +52,8 @@ pub(crate) struct Epochs {
 }
 
 impl Epochs {
-    /// The open epoch's bitmap at granularity `2^gbits` over `size` bytes, created on demand.
-    pub(crate) fn open_layer(&mut self, size: u64, gbits: u32) -> &mut HBitmap {
+    /// The open epoch's bitmap at granularity `2^granularity_bits` over `size` bytes, created on demand.
+    pub(crate) fn open_layer(&mut self, size: u64, granularity_bits: u32) -> &mut HBitmap {
         if self.list.last().is_none_or(|e| e.seq != self.next_seq) {
             self.list.push(Epoch {
                 seq: self.next_seq,
@@ -61,10 +61,14 @@ impl Epochs {
             });
         }
         let e = self.list.last_mut().expect("pushed above");
-        match e.layers.iter().position(|l| l.granularity_bits() == gbits) {
+        match e
+            .layers
+            .iter()
+            .position(|l| l.granularity_bits() == granularity_bits)
+        {
             Some(i) => &mut e.layers[i],
             None => {
-                e.layers.push(HBitmap::new(size, gbits));
+                e.layers.push(HBitmap::new(size, granularity_bits));
                 e.layers.last_mut().expect("pushed above")
             }
         }

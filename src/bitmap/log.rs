@@ -12,14 +12,14 @@
 //!
 //! # Layout
 //!
-//! The log records writes at a base granularity `G0`: the smallest granularity among the
-//! set's bitmaps (inconsistent ones excepted), kept up to date by the set whenever a bitmap
-//! appears or goes away. A log bit at `G0` maps exactly onto the granules of any bitmap with a
-//! granularity `>= G0` (powers of two, aligned), so the absorb rounds outward exactly as
-//! QEMU's hook does. A writer may still hold an older `G0` while the set changes it; the log
-//! therefore keeps one *layer* per granularity (512 B .. 2 GiB) and drains them all. Bits of a
-//! layer coarser than a bitmap can only come from a write that read `G0` before that bitmap
-//! existed, i.e. a write concurrent with its creation: the set skips that bitmap for them,
+//! The log records writes at its *base granularity*: the smallest granularity among the set's
+//! bitmaps (inconsistent ones excepted), kept up to date by the set whenever a bitmap appears
+//! or goes away. A log bit at the base granularity maps exactly onto the granules of any bitmap
+//! with a granularity at least as coarse (powers of two, aligned), so the absorb rounds outward
+//! exactly as QEMU's hook does. A writer may still hold an older base granularity while the set
+//! changes it; the log therefore keeps one *layer* per granularity (512 B .. 2 GiB) and drains
+//! them all. Bits of a layer coarser than a bitmap can only come from a write that read the
+//! base granularity before that bitmap existed, i.e. a write concurrent with its creation: the set skips that bitmap for them,
 //! which is one of the two outcomes QEMU allows for a concurrent write.
 //!
 //! A layer addresses up to 2^41 bits (QEMU's maximum number of granules) through a radix tree
@@ -116,11 +116,11 @@ const LAYER_WORDS_BITS: u32 = 41 - 6;
 /// Tops per layer.
 const LAYER_TOPS: usize = 1 << (LAYER_WORDS_BITS - TOP_WORDS_BITS);
 /// Smallest layer granularity (log2 of 512 B).
-const MIN_GBITS: u32 = 9;
+const MIN_GRANULARITY_BITS: u32 = 9;
 /// Layers: granularities 2^9 .. 2^31.
 const LAYERS: usize = 23;
-/// `G0` when the set has no bitmap: the hook returns at once.
-const NO_GBITS: u32 = u32::MAX;
+/// The base granularity when the set has no bitmap: the hook returns at once.
+const NO_BASE_GRANULARITY: u32 = u32::MAX;
 /// In [`WriteLog::pending`], bit `l` is layer `l`'s near mid, bit `FAR_BIT + l` its tops.
 const FAR_BIT: usize = 32;
 /// Bytes of pieces a drain leaves in place (it unlinks and frees them all above this): so a
@@ -313,7 +313,10 @@ fn tag(layer: usize, index: usize) -> u64 {
 
 /// The granularity (log2) and first word of a retired top or mid from its tag.
 fn untag(tag: u64, words_bits: u32) -> (u32, u64) {
-    ((tag & 0xff) as u32 + MIN_GBITS, (tag >> 8) << words_bits)
+    (
+        (tag & 0xff) as u32 + MIN_GRANULARITY_BITS,
+        (tag >> 8) << words_bits,
+    )
 }
 
 impl Layer {
@@ -328,7 +331,7 @@ impl Layer {
     /// word[w] |= mask, then the pending bits bottom-up up to the layer's own; returns the
     /// log's pending bit for the part of the layer written (relative to the layer: 0 near,
     /// [`FAR_BIT`] far), None if nothing was. Indices past 2^41 bits are dropped (only a
-    /// writer holding a stale, finer `G0` can produce them).
+    /// writer holding a stale, finer base granularity can produce them).
     fn or_word(&self, guard: &Guard, w: u64, mask: u64, bytes: &AtomicUsize) -> Option<usize> {
         if w >> LAYER_WORDS_BITS != 0 {
             return None;
@@ -388,8 +391,8 @@ impl Retired {
 /// [`BitmapSet`](super::BitmapSet) drains it.
 #[repr(C)]
 pub struct WriteLog {
-    /// Current base granularity (log2), or NO_GBITS.
-    gbits: AtomicU32,
+    /// Current base granularity (log2), or [`NO_BASE_GRANULARITY`].
+    base_granularity_bits: AtomicU32,
     /// Disk size for clamping.
     size: AtomicU64,
     /// Bit l: layer l's near mid may hold bits; bit [`FAR_BIT`] + l: its tops may.
@@ -436,7 +439,7 @@ impl WriteLog {
     /// An empty log over `size` bytes that records nothing until a base granularity is set.
     pub fn new(size: u64) -> Self {
         WriteLog {
-            gbits: AtomicU32::new(NO_GBITS),
+            base_granularity_bits: AtomicU32::new(NO_BASE_GRANULARITY),
             size: AtomicU64::new(size),
             pending: AtomicU64::new(0),
             layers: std::array::from_fn(|_| Layer::new()),
@@ -460,13 +463,13 @@ impl WriteLog {
     /// has no bitmap.
     #[inline]
     pub fn set(&self, offset: u64, bytes: u64) {
-        let g = self.gbits.load(SeqCst);
+        let g = self.base_granularity_bits.load(SeqCst);
         let size = self.size.load(SeqCst);
-        if g == NO_GBITS || bytes == 0 || offset >= size {
+        if g == NO_BASE_GRANULARITY || bytes == 0 || offset >= size {
             return;
         }
         let last = offset.saturating_add(bytes - 1).min(size - 1);
-        let li = (g - MIN_GBITS) as usize;
+        let li = (g - MIN_GRANULARITY_BITS) as usize;
         let Some(layer) = self.layers.get(li) else {
             return;
         };
@@ -551,7 +554,7 @@ impl WriteLog {
             while layers != 0 {
                 let li = layers.trailing_zeros() as usize;
                 layers &= layers - 1;
-                let g = li as u32 + MIN_GBITS;
+                let g = li as u32 + MIN_GRANULARITY_BITS;
                 let layer = &self.layers[li];
                 if parts & 1 << li != 0 {
                     layer.drain_near(&guard, &mut |w, bits| f(g, w, bits));
@@ -609,17 +612,20 @@ impl WriteLog {
 
     /// The base granularity (log2) writers use now; None while nothing is recorded.
     pub fn granularity_bits(&self) -> Option<u32> {
-        let g = self.gbits.load(SeqCst);
-        (g != NO_GBITS).then_some(g)
+        let g = self.base_granularity_bits.load(SeqCst);
+        (g != NO_BASE_GRANULARITY).then_some(g)
     }
 
     /// Sets the base granularity (log2, clamped to 9..=31); None stops recording. Called by
     /// the set under exclusive access.
     pub(crate) fn set_granularity_bits(&self, g: Option<u32>) {
-        let v = g.map_or(NO_GBITS, |g| {
-            g.clamp(MIN_GBITS, MIN_GBITS + LAYERS as u32 - 1)
+        let v = g.map_or(NO_BASE_GRANULARITY, |g| {
+            g.clamp(
+                MIN_GRANULARITY_BITS,
+                MIN_GRANULARITY_BITS + LAYERS as u32 - 1,
+            )
         });
-        self.gbits.store(v, SeqCst);
+        self.base_granularity_bits.store(v, SeqCst);
     }
 
     /// The disk size writes are clamped to.

@@ -91,7 +91,7 @@ pub struct DirtyBitmap {
     /// whose engine is left empty so that they cost no memory).
     size: u64,
     /// log2 of the granularity.
-    gbits: u32,
+    granularity_bits: u32,
     bits: Bits,
     /// Which data clusters of the stored copy changed since it was loaded or stored (None: no
     /// stored copy known; the next store writes everything).
@@ -120,7 +120,7 @@ impl DirtyBitmap {
         if let Some(n) = name {
             validate_name(n)?;
         }
-        let gbits = validate_granularity(granularity)?;
+        let granularity_bits = validate_granularity(granularity)?;
         let granules = size.div_ceil(granularity);
         if granules > hbitmap::MAX_GRANULES {
             return Err(Error::TooBig(format!(
@@ -132,8 +132,8 @@ impl DirtyBitmap {
         Ok(DirtyBitmap {
             name: name.map(<[u8]>::to_vec),
             size,
-            gbits,
-            bits: Bits::Loaded(HBitmap::new(size, gbits)),
+            granularity_bits,
+            bits: Bits::Loaded(HBitmap::new(size, granularity_bits)),
             touched: None,
             disabled: false,
             busy: false,
@@ -180,12 +180,12 @@ impl DirtyBitmap {
 
     /// Granularity in bytes.
     pub fn granularity(&self) -> u64 {
-        1u64 << self.gbits
+        1u64 << self.granularity_bits
     }
 
     /// log2 of the granularity.
     pub fn granularity_bits(&self) -> u32 {
-        self.gbits
+        self.granularity_bits
     }
 
     /// Covered length in bytes.
@@ -383,7 +383,7 @@ impl DirtyBitmap {
         if self.inconsistent {
             return None;
         }
-        match self.bits.try_get(self.size, self.gbits) {
+        match self.bits.try_get(self.size, self.granularity_bits) {
             Ok(h) => Some(h),
             Err(e) => {
                 crate::warning::warn(&format!(
@@ -403,7 +403,7 @@ impl DirtyBitmap {
                 name: self.display_name(),
             });
         }
-        self.bits.try_get(self.size, self.gbits)
+        self.bits.try_get(self.size, self.granularity_bits)
     }
 
     /// Whether the granule containing `offset` is dirty (false beyond the end). An unusable
@@ -420,7 +420,7 @@ impl DirtyBitmap {
     pub fn count(&self) -> u64 {
         match self.readable() {
             Some(h) => h.count(),
-            None => self.size.div_ceil(self.granularity()) << self.gbits,
+            None => self.size.div_ceil(self.granularity()) << self.granularity_bits,
         }
     }
 
@@ -535,7 +535,7 @@ impl DirtyBitmap {
             return None;
         }
         // Words per data cluster: 2^(shift - granularity bits - 6).
-        let wshift = t.shift.checked_sub(self.gbits + 6)?;
+        let wshift = t.shift.checked_sub(self.granularity_bits + 6)?;
         let step = 1u64 << t.shift;
         let size = self.size;
         let mut out = Vec::new();
@@ -574,7 +574,7 @@ impl DirtyBitmap {
     /// (QEMU: bdrv_dirty_bitmap_serialization_align).
     pub fn serialization_align(&self) -> u64 {
         // 64 granules (QEMU: bdrv_dirty_bitmap_serialization_align).
-        64u64 << self.gbits
+        64u64 << self.granularity_bits
     }
 
     /// Checks QEMU's chunk rules: start aligned to serialization_align, range inside the bitmap,
@@ -723,7 +723,7 @@ impl DirtyBitmap {
         self.check(CHECK_RO)?;
         // An inconsistent bitmap has no bits to restore into.
         let size = if self.inconsistent { 0 } else { self.size };
-        if backup.0.size() != size || backup.0.granularity_bits() != self.gbits {
+        if backup.0.size() != size || backup.0.granularity_bits() != self.granularity_bits {
             return Err(Error::Precondition(format!(
                 "Bitmap '{}': the backup has another size or granularity",
                 self.display_name()
@@ -764,7 +764,7 @@ impl DirtyBitmap {
     /// empty. Reading a bitmap still on disk through here is a bug in qdirty: it loads the data,
     /// and panics if that fails rather than answer with bits it does not have.
     pub(crate) fn bits(&self) -> &HBitmap {
-        match self.bits.try_get(self.size, self.gbits) {
+        match self.bits.try_get(self.size, self.granularity_bits) {
             Ok(h) => h,
             Err(e) => panic!(
                 "bitmap '{}' was read before its data was loaded: {e}",
@@ -776,7 +776,7 @@ impl DirtyBitmap {
     /// The loaded engine, for changes: loads the data if still on disk. The caller records
     /// what it changes (touch*).
     fn data_mut(&mut self) -> Result<&mut HBitmap> {
-        self.bits.load_mut(self.size, self.gbits)
+        self.bits.load_mut(self.size, self.granularity_bits)
     }
 
     /// Loads the data now if it is still on disk (the error names the bitmap and the offset;
@@ -797,7 +797,8 @@ impl DirtyBitmap {
     /// pending writes of a bitmap still on disk, which are OR-ed in when it is loaded.
     pub(crate) fn mark_write(&mut self, offset: u64, bytes: u64) {
         self.bits.settle();
-        self.bits.mark(offset, bytes, self.size, self.gbits);
+        self.bits
+            .mark(offset, bytes, self.size, self.granularity_bits);
         self.touch(offset, bytes);
     }
 
@@ -817,7 +818,7 @@ impl DirtyBitmap {
             }
             self.touch_merged(changing, src);
         } else {
-            self.bits.mark_bits(src, self.size, self.gbits);
+            self.bits.mark_bits(src, self.size, self.granularity_bits);
             self.touch_dirty_of(src);
         }
     }
@@ -891,14 +892,14 @@ impl Clone for DirtyBitmap {
     /// A clone is always loaded (it does not depend on the image's storage). Cloning a bitmap
     /// whose data cannot be read gives an inconsistent clone (unusable, never "clean").
     fn clone(&self) -> Self {
-        let (loaded, failed) = match self.bits.try_get(self.size, self.gbits) {
+        let (loaded, failed) = match self.bits.try_get(self.size, self.granularity_bits) {
             Ok(h) => (h.clone(), false),
-            Err(_) => (HBitmap::new(0, self.gbits), true),
+            Err(_) => (HBitmap::new(0, self.granularity_bits), true),
         };
         DirtyBitmap {
             name: self.name.clone(),
             size: self.size,
-            gbits: self.gbits,
+            granularity_bits: self.granularity_bits,
             bits: Bits::Loaded(loaded),
             touched: None,
             disabled: self.disabled || failed,

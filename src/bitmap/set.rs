@@ -167,9 +167,9 @@ impl BitmapSet {
             return false;
         }
         if records(&s.bm) {
-            let bg = s.bm.granularity_bits();
+            let bitmap_granularity_bits = s.bm.granularity_bits();
             for h in epochs.since(s.cursor) {
-                if h.granularity_bits() <= bg {
+                if h.granularity_bits() <= bitmap_granularity_bits {
                     s.bm.mark_writes(h);
                 }
             }

@@ -618,7 +618,7 @@ impl Image {
             ));
         }
         bitmap::validate_granularity(granularity).map_err(|e| fail(e.to_string(), libc::EINVAL))?;
-        let gbits = granularity.trailing_zeros();
+        let granularity_bits = granularity.trailing_zeros();
         let bytes = self.size().div_ceil(granularity).div_ceil(8);
         if bytes > BME_MAX_PHYS_SIZE {
             return Err(fail(
@@ -629,7 +629,7 @@ impl Image {
                 libc::EFBIG,
             ));
         }
-        let table = table_size_for(self.size(), gbits, d.cluster_size());
+        let table = table_size_for(self.size(), granularity_bits, d.cluster_size());
         if table > BME_MAX_TABLE_SIZE {
             return Err(fail(
                 format!("Bitmap table of {table} entries exceeds the maximum {BME_MAX_TABLE_SIZE}"),

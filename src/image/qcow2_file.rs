@@ -63,9 +63,9 @@ impl Qcow2File {
         self.header_cluster.header.cluster_size()
     }
 
-    /// log2 of the disk bytes one data cluster of a bitmap with `gbits` covers.
-    pub(super) fn cluster_shift(&self, gbits: u8) -> u32 {
-        self.header_cluster.header.cluster_bits + 3 + u32::from(gbits)
+    /// log2 of the disk bytes one data cluster of a bitmap with `granularity_bits` covers.
+    pub(super) fn cluster_shift(&self, granularity_bits: u8) -> u32 {
+        self.header_cluster.header.cluster_bits + 3 + u32::from(granularity_bits)
     }
 
     /// Allocates `n` contiguous clusters (refcount 1) for `what(k)` (the k-th cluster): through

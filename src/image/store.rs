@@ -154,7 +154,7 @@ enum Plan {
 struct Job {
     id: BitmapId,
     /// Its index in the new directory.
-    ei: usize,
+    entry_index: usize,
     /// Its current entry on disk, if any (in_use, ours).
     old: Option<BitmapDirEntry>,
     plan: Plan,
@@ -215,8 +215,8 @@ impl Qcow2File {
             let found =
                 (0..entries.len()).find(|&i| entries[i].qemu_name() == name && !self.is_broken(i));
             match found {
-                Some(ei) if entries[ei].in_use() => {
-                    let old = entries[ei].clone();
+                Some(entry_index) if entries[entry_index].in_use() => {
+                    let old = entries[entry_index].clone();
                     let n = table_size_for(self.size(), bm.granularity_bits(), cs);
                     let usable = bm.touched().filter(|t| {
                         t.base == old.table_offset
@@ -234,13 +234,13 @@ impl Qcow2File {
                         None => Plan::Full,
                     };
                     if matches!(plan, Plan::Keep) {
-                        entries[ei].flags = flags;
+                        entries[entry_index].flags = flags;
                     } else {
-                        entries[ei] = fresh;
+                        entries[entry_index] = fresh;
                     }
                     jobs.push(Job {
                         id,
-                        ei,
+                        entry_index,
                         old: Some(old),
                         plan,
                     });
@@ -256,7 +256,7 @@ impl Qcow2File {
                     entries.push(fresh);
                     jobs.push(Job {
                         id,
-                        ei: entries.len() - 1,
+                        entry_index: entries.len() - 1,
                         old: None,
                         plan: Plan::Full,
                     });
@@ -308,7 +308,7 @@ impl Qcow2File {
             let j = jobs.remove(k);
             let old = j.old.expect("checked above");
             let name = String::from_utf8_lossy(old.qemu_name()).into_owned();
-            entries[j.ei] = old;
+            entries[j.entry_index] = old;
             unstored.0.insert(0, (name, e));
         }
         if jobs.is_empty() {
@@ -357,7 +357,7 @@ impl Qcow2File {
         }
         // Tables and data, in directory order.
         let mut order: Vec<usize> = (0..jobs.len()).collect();
-        order.sort_by_key(|&k| jobs[k].ei);
+        order.sort_by_key(|&k| jobs[k].entry_index);
         let mut allocated: FreeList = Vec::new();
         let mut to_free: FreeList = Vec::new();
         let mut freed_tables: Vec<u64> = Vec::new();
@@ -373,8 +373,8 @@ impl Qcow2File {
                     .get_unfolded(j.id)
                     .ok_or_else(|| Error::Precondition(format!("Bitmap #{} is gone", j.id.0)))?;
                 let (off, size) = self.write_bitmap(bm, old_table, &mut allocated, &mut to_free)?;
-                entries[j.ei].table_offset = off;
-                entries[j.ei].table_size = size;
+                entries[j.entry_index].table_offset = off;
+                entries[j.entry_index].table_size = size;
                 if let Some(old) = &j.old {
                     freed_tables.push(old.table_offset);
                     if old_table.is_some() {
@@ -409,7 +409,7 @@ impl Qcow2File {
             if matches!(j.plan, Plan::Keep) {
                 continue;
             }
-            let e = &entries[j.ei];
+            let e = &entries[j.entry_index];
             let shift = self.cluster_shift(e.granularity_bits);
             // Without folding: hook writes logged while this store did its I/O are not in what
             // it wrote; they must stay in the log, to be tracked (and stored) at the next fold.
@@ -498,8 +498,8 @@ impl Qcow2File {
         let size = self.size();
         let name = bm.display_name();
         let id: Arc<[u8]> = Arc::from(bm.name().unwrap_or_default());
-        let gbits = bm.granularity_bits();
-        let n = table_size_for(size, gbits, cs);
+        let granularity_bits = bm.granularity_bits();
+        let n = table_size_for(size, granularity_bits, cs);
         let per_cluster = (8 * cs) << bm.granularity_bits();
         let bits = bm.bits();
         let touched = bm.touched();
@@ -674,7 +674,7 @@ impl Qcow2File {
 
     /// Removes the stored copy of a bitmap (nothing to do when it is not on disk).
     pub(super) fn remove_from_disk(&mut self, name: &[u8]) -> Result<()> {
-        let Some(ei) = (0..self.dir.entries.len())
+        let Some(entry_index) = (0..self.dir.entries.len())
             .find(|&i| self.dir.entries[i].qemu_name() == name && !self.is_broken(i))
         else {
             return Ok(());
@@ -683,7 +683,7 @@ impl Qcow2File {
             return Err(Error::ReadOnlyImage("No write access".into()));
         }
         let mut entries = self.dir.entries.clone();
-        let removed = entries.remove(ei);
+        let removed = entries.remove(entry_index);
         // What the commit will free: checked before anything is written.
         self.begin_update();
         self.check_directory_owned("free")?;
@@ -698,7 +698,7 @@ impl Qcow2File {
                 return Err(e);
             }
         };
-        self.forget_entries(&[ei]);
+        self.forget_entries(&[entry_index]);
         to_free.extend(self.bitmap_clusters(&removed));
         self.sources.invalidate(removed.table_offset);
         self.free_after_commit(&to_free);

@@ -13,7 +13,7 @@ impl HBitmap {
         if other.dirty == 0 {
             return;
         }
-        if other.gbits == self.gbits && other.granules == self.granules {
+        if other.granularity_bits == self.granularity_bits && other.granules == self.granules {
             let mut c = 0;
             while let Some(n) = other.nonempty.find(c) {
                 match other.chunks.get(n) {
@@ -46,7 +46,7 @@ impl HBitmap {
     /// and granule count): otherwise false (unknown). Works chunk by chunk: clean chunks of
     /// `other` and full chunks of `self` cost one lookup; partial ones compare words.
     pub fn contains_words(&self, other: &HBitmap, w0: u64, w1: u64) -> bool {
-        if other.gbits != self.gbits || other.granules != self.granules {
+        if other.granularity_bits != self.granularity_bits || other.granules != self.granules {
             return false;
         }
         let w1 = w1.min(words_for(self.granules));

@@ -98,7 +98,7 @@ pub struct HBitmap {
     /// Covered length in bytes.
     size: u64,
     /// log2 of the granularity (clamped to 63).
-    gbits: u32,
+    granularity_bits: u32,
     /// ceil(size / granularity).
     granules: u64,
     /// Number of dirty granules.
@@ -125,7 +125,7 @@ impl fmt::Debug for HBitmap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HBitmap")
             .field("size", &self.size)
-            .field("granularity_bits", &self.gbits)
+            .field("granularity_bits", &self.granularity_bits)
             .field("granules", &self.granules)
             .field("dirty_granules", &self.dirty)
             .field("chunks", &self.chunks.len())
@@ -148,12 +148,12 @@ impl HBitmap {
     /// `granularity_bits` < 64 and ceil(size / granule) <= MAX_GRANULES (checked by the caller).
     /// (A `granularity_bits` >= 64 is clamped to 63 rather than panicking.)
     pub fn new(size: u64, granularity_bits: u32) -> Self {
-        let gbits = granularity_bits.min(63);
-        let granules = size.div_ceil(1u64 << gbits);
+        let granularity_bits = granularity_bits.min(63);
+        let granules = size.div_ceil(1u64 << granularity_bits);
         let n = chunk_count(granules);
         HBitmap {
             size,
-            gbits,
+            granularity_bits,
             granules,
             dirty: 0,
             deser_delta: 0,
@@ -170,7 +170,7 @@ impl HBitmap {
     }
     /// log2 of the granularity.
     pub fn granularity_bits(&self) -> u32 {
-        self.gbits
+        self.granularity_bits
     }
     /// Number of granules: ceil(size / granularity).
     pub fn granules(&self) -> u64 {
@@ -185,10 +185,10 @@ impl HBitmap {
     /// (Saturates at u64::MAX, only reachable for sizes within a granule of u64::MAX.)
     pub fn count(&self) -> u64 {
         let dirty = self.dirty_granules();
-        if dirty > (u64::MAX >> self.gbits) {
+        if dirty > (u64::MAX >> self.granularity_bits) {
             u64::MAX
         } else {
-            dirty << self.gbits
+            dirty << self.granularity_bits
         }
     }
     /// True when no bit is set.
@@ -229,8 +229,9 @@ impl HBitmap {
         if bytes == 0 || start >= self.size {
             return None;
         }
-        let first = start >> self.gbits;
-        let last = (start.saturating_add(bytes - 1) >> self.gbits).min(self.granules - 1);
+        let first = start >> self.granularity_bits;
+        let last =
+            (start.saturating_add(bytes - 1) >> self.granularity_bits).min(self.granules - 1);
         Some((first, last))
     }
 
@@ -277,7 +278,7 @@ impl HBitmap {
         if offset >= self.size {
             return false;
         }
-        let k = offset >> self.gbits;
+        let k = offset >> self.granularity_bits;
         let c = (k >> CHUNK_BITS) as usize;
         match self.chunks.get(c) {
             Some(Some(p)) => (p.words[((k & CHUNK_MASK) >> 6) as usize] >> (k & 63)) & 1 != 0,
@@ -292,7 +293,7 @@ impl HBitmap {
     /// Resizes to `new_size` bytes: new granules are clean; granules entirely beyond the new end
     /// are dropped (their storage freed). O(chunks).
     pub fn truncate(&mut self, new_size: u64) {
-        let new_granules = new_size.div_ceil(1u64 << self.gbits);
+        let new_granules = new_size.div_ceil(1u64 << self.granularity_bits);
         self.size = new_size;
         if new_granules == self.granules {
             return;

@@ -8,7 +8,10 @@ impl HBitmap {
     pub fn dirty_runs(&self, start: u64, end: u64) -> DirtyRuns<'_> {
         let end = end.min(self.size);
         let (first, end_g) = if start < end {
-            (start >> self.gbits, ((end - 1) >> self.gbits) + 1)
+            (
+                start >> self.granularity_bits,
+                ((end - 1) >> self.granularity_bits) + 1,
+            )
         } else {
             (0, 0)
         };
@@ -147,7 +150,7 @@ impl Iterator for DirtyRuns<'_> {
         loop {
             if let Some(&(s, e)) = self.out.get(self.next_out) {
                 self.next_out += 1;
-                let g = self.bitmap.gbits;
+                let g = self.bitmap.granularity_bits;
                 let sb = self.start.max(s << g);
                 let eb = self.end.min(e.checked_shl(g).unwrap_or(u64::MAX));
                 return Some((sb, eb - sb));

@@ -48,20 +48,23 @@ impl HBitmap {
             return None;
         }
         let end = start.saturating_add(bytes).min(self.size);
-        Some((start >> self.gbits, ((end - 1) >> self.gbits) + 1))
+        Some((
+            start >> self.granularity_bits,
+            ((end - 1) >> self.granularity_bits) + 1,
+        ))
     }
 
     /// First dirty byte offset in [start, min(start + bytes, size)), as max(start, granule start).
     pub fn next_dirty(&self, start: u64, bytes: u64) -> Option<u64> {
         let (first, end) = self.search_bounds(start, bytes)?;
         let k = self.find(first, false)?;
-        (k < end).then(|| start.max(k << self.gbits))
+        (k < end).then(|| start.max(k << self.granularity_bits))
     }
     /// First clean byte offset in [start, min(start + bytes, size)), as max(start, granule start).
     pub fn next_zero(&self, start: u64, bytes: u64) -> Option<u64> {
         let (first, end) = self.search_bounds(start, bytes)?;
         let k = self.find(first, true)?;
-        (k < end).then(|| start.max(k << self.gbits))
+        (k < end).then(|| start.max(k << self.granularity_bits))
     }
     /// QEMU's next_dirty_area: the first dirty run in [start, min(end, size)), at most
     /// `max_bytes` long, as (offset, length).

@@ -16,7 +16,8 @@ impl HBitmap {
     /// (Saturates at u64::MAX for granularities of 2^58 bytes and more, which QEMU cannot
     /// serialize either.)
     pub fn serialization_align(&self) -> u64 {
-        1u64.checked_shl(self.gbits + 6).unwrap_or(u64::MAX)
+        1u64.checked_shl(self.granularity_bits + 6)
+            .unwrap_or(u64::MAX)
     }
 
     /// Bottom words [first, last] spanned by [start, start + bytes), not clamped to the size.
@@ -24,8 +25,8 @@ impl HBitmap {
         if bytes == 0 {
             return None;
         }
-        let first = (start >> self.gbits) >> 6;
-        let last = (start.saturating_add(bytes - 1) >> self.gbits) >> 6;
+        let first = (start >> self.granularity_bits) >> 6;
+        let last = (start.saturating_add(bytes - 1) >> self.granularity_bits) >> 6;
         Some((first, last))
     }
 

@@ -143,7 +143,7 @@ impl Model {
 /// Structural invariants: canonical chunk states, exact chunk summaries and counts, towers
 /// equal to a fresh build, zero bits past the end.
 fn check_invariants(hb: &HBitmap) {
-    assert_eq!(hb.granules, hb.size.div_ceil(1 << hb.gbits));
+    assert_eq!(hb.granules, hb.size.div_ceil(1 << hb.granularity_bits));
     let n = chunk_count(hb.granules);
     assert_eq!(hb.chunks.len(), n, "chunk table");
     assert!(hb.sparse.is_empty() || hb.sparse.len() == n, "sparse table");
