@@ -15,7 +15,7 @@
 //!   pending writes OR-ed in; a read error is returned and nothing is remembered of it. The
 //!   bitmap's infallible readers turn such an error into their "unusable" answer (every granule
 //!   dirty), never into a clean one;
-//! * guest writes (write-log fold, `set_dirty`) on a bitmap still on disk go to `delta`, a
+//! * guest writes (a catch-up, `set_dirty`) on a bitmap still on disk go to `delta`, a
 //!   sparse bitmap of pending writes, OR-ed in when the data arrives: a disabled bitmap nobody
 //!   reads is never loaded, and an enabled one is only loaded if something reads it (or the
 //!   store needs it because it changed).

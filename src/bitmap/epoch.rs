@@ -1,8 +1,8 @@
 //! Guest writes taken out of the write log but not yet OR-ed into every bitmap that records
 //! them: the lazy half of the hook's fan-out.
 //!
-//! Folding the [`WriteLog`](super::log::WriteLog) into every enabled bitmap would cost one set
-//! per write *per enabled bitmap* (QEMU's cost, moved from the hook to the fold). Instead, the
+//! Draining the [`WriteLog`](super::log::WriteLog) into every enabled bitmap would cost one set
+//! per write *per enabled bitmap* (QEMU's cost, moved from the hook to the drain). Instead, the
 //! set *absorbs* the log into one shared bitmap per granularity (an *epoch*: one set per
 //! write, whatever the number of bitmaps), and each bitmap takes the epochs it has not seen
 //! when it is itself read or changed (its *catch-up*). A bitmap's *cursor* is the sequence

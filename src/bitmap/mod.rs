@@ -793,7 +793,7 @@ impl DirtyBitmap {
         self.bits.is_loaded()
     }
 
-    /// A guest write (fold of the write log, set_dirty): goes to the loaded bits, or to the
+    /// A guest write (`set_dirty`, direct or through the set): goes to the loaded bits, or to the
     /// pending writes of a bitmap still on disk, which are OR-ed in when it is loaded.
     pub(crate) fn mark_write(&mut self, offset: u64, bytes: u64) {
         self.bits.settle();

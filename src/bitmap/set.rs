@@ -115,7 +115,8 @@ impl BitmapSet {
 
     /// The lock-free write hook: a handle on the set's [`WriteLog`] that any thread may call
     /// [`WriteLog::set`] on (QEMU's `bdrv_set_dirty`) while the set is used elsewhere. Its
-    /// writes reach the bitmaps at the set's next fold (see the module documentation).
+    /// writes reach the set at its next absorb, and each bitmap at its next catch-up (see the
+    /// module documentation).
     pub fn write_hook(&self) -> Arc<WriteLog> {
         Arc::clone(&self.log)
     }
@@ -156,11 +157,11 @@ impl BitmapSet {
         });
     }
 
-    /// Gives slot `i` the epochs it has not seen (if it records writes: each epoch rounded
-    /// outward to its granularity; a layer coarser than the bitmap holds only writes that raced
-    /// with its creation, see log.rs, and is skipped) and moves its cursor past them. Returns
-    /// false when there was nothing to do.
-    fn take_epochs(&mut self, i: usize) -> bool {
+    /// Catches slot `i` up: gives it the epochs from its cursor on (if it records writes: each
+    /// epoch rounded outward to its granularity; a layer coarser than the bitmap holds only
+    /// writes that raced with its creation, see log.rs, and is skipped), seals the open epoch
+    /// and moves its cursor past it. Returns false when there was nothing to do.
+    fn catch_up(&mut self, i: usize) -> bool {
         let (slots, epochs) = (&mut self.slots, &mut self.epochs);
         let s = &mut slots[i];
         if epochs.caught_up(s.cursor) {
@@ -194,10 +195,10 @@ impl BitmapSet {
         self.epochs.compact(&cursors);
     }
 
-    /// Absorbs the log and brings slot `i` up to date.
-    fn catch_up(&mut self, i: usize) {
+    /// Absorbs the log, catches slot `i` up and compacts the epochs.
+    fn absorb_and_catch_up(&mut self, i: usize) {
         self.absorb();
-        if self.take_epochs(i) {
+        if self.catch_up(i) {
             self.compact();
         }
     }
@@ -214,7 +215,7 @@ impl BitmapSet {
         }
         let mut any = false;
         for i in 0..self.slots.len() {
-            any |= self.take_epochs(i);
+            any |= self.catch_up(i);
         }
         if any {
             self.compact();
@@ -229,7 +230,7 @@ impl BitmapSet {
     /// [`DirtyBitmap::dirty_runs`]).
     pub fn current(&mut self, id: BitmapId) -> Result<&DirtyBitmap> {
         let i = self.index(id)?;
-        self.catch_up(i);
+        self.absorb_and_catch_up(i);
         self.slots[i].bm.ensure_loaded()?;
         Ok(&self.slots[i].bm)
     }
@@ -297,7 +298,7 @@ impl BitmapSet {
     /// A bitmap by id, for changes (up to date with the hook's writes first).
     pub fn get_mut(&mut self, id: BitmapId) -> Option<&mut DirtyBitmap> {
         let i = self.slots.iter().position(|s| s.id == id)?;
-        self.catch_up(i);
+        self.absorb_and_catch_up(i);
         Some(&mut self.slots[i].bm)
     }
 
@@ -315,7 +316,7 @@ impl BitmapSet {
     /// A bitmap by id for changes, or an error naming the id.
     pub fn bitmap_mut(&mut self, id: BitmapId) -> Result<&mut DirtyBitmap> {
         let i = self.index(id)?;
-        self.catch_up(i);
+        self.absorb_and_catch_up(i);
         Ok(&mut self.slots[i].bm)
     }
 
@@ -376,7 +377,7 @@ impl BitmapSet {
         self.absorb();
         self.check_release(id)?;
         let i = self.index(id)?;
-        self.catch_up(i);
+        self.absorb_and_catch_up(i);
         let bm = self.slots.remove(i).bm;
         self.refresh_log();
         self.compact();
@@ -411,7 +412,7 @@ impl BitmapSet {
     /// Removes a bitmap whatever its state (internal: removal of stored bitmaps, close).
     pub(crate) fn remove_unchecked(&mut self, id: BitmapId) -> Option<DirtyBitmap> {
         let i = self.slots.iter().position(|s| s.id == id)?;
-        self.catch_up(i);
+        self.absorb_and_catch_up(i);
         let bm = self.slots.remove(i).bm;
         self.refresh_log();
         self.compact();

@@ -411,8 +411,9 @@ impl Qcow2File {
             }
             let e = &entries[j.entry_index];
             let shift = self.cluster_shift(e.granularity_bits);
-            // Without folding: hook writes logged while this store did its I/O are not in what
-            // it wrote; they must stay in the log, to be tracked (and stored) at the next fold.
+            // Without absorbing or catching up: hook writes logged while this store did its I/O
+            // are not in what it wrote; they must stay in the log, to be tracked (and stored)
+            // after the next absorb and catch-up.
             if let Some(bm) = set.get_mut_unfolded(j.id) {
                 bm.track_changes(shift, e.table_offset);
             }
