@@ -8,6 +8,10 @@
 //! - [`image`]: qcow2 images over a [`image::storage::Storage`]: open, load, store, add, remove,
 //!   merge, with QEMU's semantics and write order.
 //! - `ffi`: the C ABI (`include/qdirty.h`).
+//!
+//! `format`, `bitmap` and `image` deny `unsafe` code: it lives only in the C ABI (`ffi`), in the
+//! operating-system calls (`sys`: OFD locks, membarrier) and in the write log's memory
+//! reclamation (`qsbr`).
 
 // `cbindgen:ignore` keeps the internals' constants out of include/qdirty.h: only `ffi` is C ABI.
 /// cbindgen:ignore
@@ -23,7 +27,7 @@ pub mod image;
 pub mod warning;
 
 mod qsbr;
-mod sys_membarrier;
+mod sys;
 
 pub use bitmap::DirtyBitmap;
 pub use error::{Error, Result};

@@ -131,8 +131,6 @@ mod image_ops;
 mod txn;
 // The embedding interface: qdirty_io_ops, qdirty_image_open_with_io.
 mod io;
-// Not part of the C ABI: safe wrappers of OS calls (OFD locks) for the image layer.
-pub(crate) mod sys;
 // The ABI version (the soname's number) and the release version.
 mod version;
 

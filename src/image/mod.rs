@@ -5,6 +5,7 @@
 //! the bitmap directory as it is on disk, and the in-memory bitmaps (newest first, as QEMU lists
 //! them). Loading follows `qcow2_load_dirty_bitmaps`, storing `qcow2_store_persistent_dirty_bitmaps`,
 //! removal `qcow2_co_remove_persistent_dirty_bitmap`; see `load.rs` and `store.rs`.
+#![deny(unsafe_code)]
 
 mod alloc;
 pub mod check;
