@@ -160,10 +160,8 @@ pub unsafe extern "C" fn qdirty_image_close(
     ffi_call!(
         errp = errp,
         release = {
-            // SAFETY: see the function's Safety section.
-            unsafe { ImageHandle::from_ptr(img, "img") }?;
-            // SAFETY: validated above; C gives up ownership.
-            let handle = unsafe { ImageHandle::take(img) };
+            // SAFETY: see the function's Safety section; C gives up ownership.
+            let handle = unsafe { ImageHandle::take(img) }?;
             let (state, poisoned) = handle.into_state();
             if poisoned {
                 // A panic left the image half-updated: storing it could corrupt the file, and
@@ -269,7 +267,7 @@ pub unsafe extern "C" fn qdirty_image_first_bitmap(img: *mut qdirty_image) -> *m
             let h = unsafe { ImageHandle::from_ptr(img, "img") }?;
             let mut state = h.lock()?;
             Ok(match state.image.bitmap_ids().first() {
-                Some(&id) => state.handle_for(h, id),
+                Some(&id) => state.handle_for(img, id),
                 None => std::ptr::null_mut(),
             })
         };
@@ -299,7 +297,7 @@ pub unsafe extern "C" fn qdirty_image_find_bitmap(
             let name = unsafe { arg_bytes(name, "name") }?;
             let mut state = h.lock()?;
             Ok(match state.image.find_bitmap(name) {
-                Some(id) => state.handle_for(h, id),
+                Some(id) => state.handle_for(img, id),
                 None => std::ptr::null_mut(),
             })
         };
@@ -354,7 +352,7 @@ pub unsafe extern "C" fn qdirty_image_add_bitmap(
         };
         let mut state = h.lock()?;
         let id = state.image.add_bitmap(name, u64::from(granularity), opts)?;
-        let p = state.handle_for(h, id);
+        let p = state.handle_for(img, id);
         if p.is_null() {
             return Err(FfiError::new(
                 libc::EIO,

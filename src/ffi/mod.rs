@@ -103,7 +103,9 @@ mod symbol_versions;
 mod misc;
 // The error object.
 mod error;
-// The handle types.
+// The casts between C pointers and Rust objects, for every object type.
+mod castable;
+// The image and bitmap handles.
 mod handle;
 // qdirty_image_*.
 mod image;
