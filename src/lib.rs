@@ -31,7 +31,7 @@ mod sys;
 
 pub use bitmap::DirtyBitmap;
 pub use error::{Error, Result};
-pub use image::{AddOptions, BitmapId, Image};
+pub use image::{AddOptions, BitmapId, Image, OpenOptions};
 
 /// The library version (Cargo package version).
 ///

@@ -12,7 +12,7 @@ use super::{
     QDIRTY_BITMAP_AUTOLOAD, QDIRTY_BITMAP_DISABLED, QDIRTY_BITMAP_PERSISTENT,
     QDIRTY_OPEN_FORCE_SHARE, QDIRTY_OPEN_RDWR, QDIRTY_OPEN_SALVAGE,
 };
-use crate::image::{AddOptions, Image};
+use crate::image::{AddOptions, Image, OpenOptions};
 
 super::symbol_versions::symbol_versions!("image");
 
@@ -118,12 +118,11 @@ pub unsafe extern "C" fn qdirty_image_open(
         )?;
         // SAFETY: see the function's Safety section.
         let path = unsafe { arg_path(path) }?;
-        let image = Image::open_opts(
-            path,
-            flags & QDIRTY_OPEN_RDWR != 0,
-            flags & QDIRTY_OPEN_FORCE_SHARE != 0,
-            flags & QDIRTY_OPEN_SALVAGE != 0,
-        )?;
+        let image = OpenOptions::new()
+            .read_write(flags & QDIRTY_OPEN_RDWR != 0)
+            .force_share(flags & QDIRTY_OPEN_FORCE_SHARE != 0)
+            .salvage(flags & QDIRTY_OPEN_SALVAGE != 0)
+            .open(path)?;
         Ok(ImageHandle::into_raw(image))
     })
 }
