@@ -126,7 +126,7 @@ const FAR_BIT: usize = 32;
 /// Bytes of pieces a drain leaves in place (it unlinks and frees them all above this): so a
 /// log written a little between absorbs keeps its pieces, and one written much gives them
 /// back.
-pub const RETAIN_BYTES: usize = 256 << 10;
+pub(crate) const RETAIN_BYTES: usize = 256 << 10;
 
 /// A leaf: 64 words of log bits.
 type Leaf = [AtomicU64; LEAF_WORDS];
@@ -520,14 +520,14 @@ impl WriteLog {
     }
 
     /// Whether some write may be waiting to be drained (one load).
-    pub fn has_pending(&self) -> bool {
+    pub(crate) fn has_pending(&self) -> bool {
         self.pending.load(SeqCst) != 0
     }
 
     /// Whether a drain has something to do: writes, or retired pieces still to free (two
     /// loads). A write into a retired piece sets the log's pending bits as any other, so
     /// the retired pieces matter here only for the memory.
-    pub fn wants_drain(&self) -> bool {
+    pub(crate) fn wants_drain(&self) -> bool {
         self.has_pending() || self.books.waiting.load(Relaxed)
     }
 

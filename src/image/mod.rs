@@ -10,11 +10,12 @@
 mod alloc;
 pub mod check;
 mod create;
+#[cfg(any(test, feature = "fault-injection"))]
 pub mod fault;
 pub mod inspect;
 mod lazy;
 mod load;
-pub mod lock;
+mod lock;
 mod meta;
 mod open;
 mod overlap;
@@ -65,7 +66,7 @@ pub struct AddOptions {
 }
 
 /// The warning given for the deprecated autoload option.
-pub const AUTOLOAD_WARNING: &str = "Autoload option is deprecated and its value is ignored";
+pub(crate) const AUTOLOAD_WARNING: &str = "Autoload option is deprecated and its value is ignored";
 
 /// The bitmap directory as it is on disk now.
 #[derive(Clone, Debug, Default)]
@@ -598,7 +599,7 @@ impl Image {
 
     /// Whether a new persistent bitmap can be stored (QEMU: qcow2_co_can_store_new_dirty_bitmap,
     /// with its messages prefixed "Can't make bitmap 'NAME' persistent in 'IMAGE': ").
-    pub fn can_store_new_bitmap(&self, name: &[u8], granularity: u64) -> Result<()> {
+    pub(crate) fn can_store_new_bitmap(&self, name: &[u8], granularity: u64) -> Result<()> {
         let fail = |reason: String, errno: i32| Error::CannotStore {
             name: String::from_utf8_lossy(name).into_owned(),
             image: self.name.clone(),
