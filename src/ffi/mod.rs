@@ -1,6 +1,6 @@
 //! The C ABI of qdirty, declared in `include/qdirty.h` (generated from these sources by
-//! cbindgen: `cbindgen --quiet --output include/qdirty.h`, or `QDIRTY_BLESS=1 cargo test --test
-//! header`).
+//! cbindgen: `cbindgen --quiet --config cbindgen.toml --output include/qdirty.h src/ffi/mod.rs`,
+//! or `QDIRTY_BLESS=1 cargo test --test header`).
 //!
 //! This module is the only place with `#[no_mangle]` and `unsafe`. Each exported function is a
 //! few lines of marshalling around the safe Rust API ([`crate::image::Image`],
