@@ -434,7 +434,7 @@ impl Default for WriteLog {
 
 impl WriteLog {
     /// An empty log over `size` bytes that records nothing until a base granularity is set.
-    pub fn new(size: u64) -> Self {
+    pub(crate) fn new(size: u64) -> Self {
         WriteLog {
             gbits: AtomicU32::new(NO_GBITS),
             size: AtomicU64::new(size),
@@ -632,8 +632,9 @@ impl WriteLog {
         self.size.store(size, SeqCst);
     }
 
-    /// How many times a drain freed pieces after a grace period (diagnostics).
-    pub fn reclaims(&self) -> u64 {
+    /// How many times a drain freed pieces after a grace period.
+    #[cfg(test)]
+    pub(crate) fn reclaims(&self) -> u64 {
         self.books.reclaims.load(Relaxed)
     }
 
