@@ -7,8 +7,8 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use qdirty::bitmap::hbitmap::HBitmap;
 use qdirty::bitmap::sha256::Sha256;
+use qdirty::bitmap::HBitmap;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;

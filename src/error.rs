@@ -7,7 +7,8 @@
 use std::io;
 
 /// The hint QEMU appends to every "inconsistent bitmap" error.
-pub const INCONSISTENT_HINT: &str = "Try block-dirty-bitmap-remove to delete this bitmap from disk";
+pub(crate) const INCONSISTENT_HINT: &str =
+    "Try block-dirty-bitmap-remove to delete this bitmap from disk";
 
 /// Errors returned by qdirty.
 #[derive(Debug, thiserror::Error)]

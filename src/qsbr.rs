@@ -20,7 +20,7 @@
 //! The owner unlinks a piece by swapping its pointer to null (`SeqCst`) and keeps it in a
 //! [`Limbo`], where the piece stays valid: readers that loaded the pointer before the swap may
 //! still use it. [`synchronize`] then calls membarrier(2) (MEMBARRIER_CMD_PRIVATE_EXPEDITED,
-//! src/sys_membarrier.rs): every thread of the process executes a full memory barrier at some
+//! src/sys.rs): every thread of the process executes a full memory barrier at some
 //! point `M` of its program order during the call (or passes one when it is next scheduled),
 //! which turns that thread's compiler fences into full fences with respect to the caller. Then
 //! it reads every slot (acquire) and waits until each slot that was odd has changed. For a
@@ -62,7 +62,7 @@ use std::time::{Duration, Instant};
 
 use once_cell::race::OnceBox;
 
-use crate::sys_membarrier::{membarrier_available, membarrier_private_expedited};
+use crate::sys::{membarrier_available, membarrier_private_expedited};
 
 /// How long [`synchronize`] waits for readers inside a guard before it gives up (their pieces
 /// stay in limbo for the next attempt).

@@ -13,7 +13,7 @@ pub fn set_warning_handler(handler: Option<Handler>) {
 }
 
 /// Delivers a warning to the handler, or prints "qdirty: warning: MSG" on stderr.
-pub fn warn(msg: &str) {
+pub(crate) fn warn(msg: &str) {
     let h = HANDLER.read().unwrap_or_else(|e| e.into_inner());
     match h.as_ref() {
         Some(f) => f(msg),

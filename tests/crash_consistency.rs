@@ -17,7 +17,7 @@ use common::*;
 use qdirty::image::check::check_bitmaps;
 use qdirty::image::fault::{Fault, FaultyStorage, Op, Unflushed, SECTOR};
 use qdirty::image::storage::MemStorage;
-use qdirty::{AddOptions, Image};
+use qdirty::{AddOptions, Image, OpenOptions};
 
 const MIB: u64 = 1 << 20;
 
@@ -99,21 +99,23 @@ struct Scenario {
 }
 
 fn run_op(s: &Scenario, storage: FaultyStorage) -> qdirty::Result<()> {
-    let mut img = Image::open_storage(Box::new(storage), "crash", true)?;
+    let mut img = OpenOptions::new()
+        .read_write(true)
+        .open_storage(Box::new(storage), "crash")?;
     (s.op)(&mut img)?;
     img.close()
 }
 
 /// The bitmaps of an image as qdirty sees them (read-only open).
 fn observe(bytes: &[u8]) -> Result<Expect, String> {
-    let mut img = Image::open_storage(
-        Box::new(MemStorage {
-            data: bytes.to_vec(),
-        }),
-        "observe",
-        false,
-    )
-    .map_err(|e| format!("read-only open failed: {e}"))?;
+    let mut img = OpenOptions::new()
+        .open_storage(
+            Box::new(MemStorage {
+                data: bytes.to_vec(),
+            }),
+            "observe",
+        )
+        .map_err(|e| format!("read-only open failed: {e}"))?;
     Ok(img
         .bitmap_ids()
         .into_iter()
@@ -281,9 +283,10 @@ fn validate(
     }
     // (a) reopen read-write, change nothing, close: must work and stay consistent.
     if s.heavy {
-        let mut rw =
-            Image::open_storage(Box::new(MemStorage { data: img.to_vec() }), "reopen", true)
-                .map_err(|e| format!("read-write open failed: {e}"))?;
+        let mut rw = OpenOptions::new()
+            .read_write(true)
+            .open_storage(Box::new(MemStorage { data: img.to_vec() }), "reopen")
+            .map_err(|e| format!("read-write open failed: {e}"))?;
         rw.fold_writes();
         rw.close()
             .map_err(|e| format!("close after read-write open: {e}"))?;
@@ -453,7 +456,10 @@ fn blank_with_backing(dir: &TempDir, size: u64, opts: &str) -> Option<Vec<u8>> {
 /// stored copies stay marked) and the close stores the others.
 fn populate(base: Vec<u8>, models: &[Model], in_use: &[&str]) -> Vec<u8> {
     let (st, h) = FaultyStorage::new(base);
-    let mut img = Image::open_storage(Box::new(st), "base", true).unwrap();
+    let mut img = OpenOptions::new()
+        .read_write(true)
+        .open_storage(Box::new(st), "base")
+        .unwrap();
     for n in in_use {
         let id = qd_add(&mut img, n, 0, false);
         img.bitmap_mut(id).unwrap().set_dirty(0, 512).unwrap();
@@ -471,7 +477,10 @@ fn populate(base: Vec<u8>, models: &[Model], in_use: &[&str]) -> Vec<u8> {
         return data;
     }
     let (st, h) = FaultyStorage::new(data);
-    let mut img = Image::open_storage(Box::new(st), "base", true).unwrap();
+    let mut img = OpenOptions::new()
+        .read_write(true)
+        .open_storage(Box::new(st), "base")
+        .unwrap();
     for n in in_use {
         let id = img.find_bitmap(n.as_bytes()).unwrap();
         img.release_bitmap(id).unwrap();

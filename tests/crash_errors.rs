@@ -10,7 +10,7 @@ use common::*;
 use qdirty::image::check::check_bitmaps;
 use qdirty::image::fault::{Fault, FaultHandle, FaultyStorage};
 use qdirty::image::storage::MemStorage;
-use qdirty::{AddOptions, Image};
+use qdirty::{AddOptions, Image, OpenOptions};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
@@ -24,7 +24,10 @@ fn base(dir: &TempDir) -> Vec<u8> {
     let p = dir.join("base.qcow2");
     Image::create(&p, SIZE, 65536).unwrap();
     let (st, h) = FaultyStorage::new(std::fs::read(&p).unwrap());
-    let mut img = Image::open_storage(Box::new(st), "base", true).unwrap();
+    let mut img = OpenOptions::new()
+        .read_write(true)
+        .open_storage(Box::new(st), "base")
+        .unwrap();
     let a = qd_add(&mut img, "on", 65536, false);
     img.bitmap_mut(a).unwrap().set_dirty(0, MIB).unwrap();
     let b = qd_add(&mut img, "off", 65536, true);
@@ -36,14 +39,14 @@ fn base(dir: &TempDir) -> Vec<u8> {
 /// The image as the process leaves it after the error must open in qdirty and pass qdirty's
 /// check (and QEMU's when asked) without corruption.
 fn assert_valid(dir: &TempDir, bytes: &[u8], qemu: bool, what: &str) {
-    Image::open_storage(
-        Box::new(MemStorage {
-            data: bytes.to_vec(),
-        }),
-        "after-error",
-        false,
-    )
-    .unwrap_or_else(|e| panic!("{what}: image does not open after the error: {e}"));
+    OpenOptions::new()
+        .open_storage(
+            Box::new(MemStorage {
+                data: bytes.to_vec(),
+            }),
+            "after-error",
+        )
+        .unwrap_or_else(|e| panic!("{what}: image does not open after the error: {e}"));
     let p = dir.join("err.qcow2");
     std::fs::write(&p, bytes).unwrap();
     let r = check_bitmaps(&p, false).unwrap_or_else(|e| panic!("{what}: check: {e}"));
@@ -73,7 +76,10 @@ fn faults(at: u64) -> Vec<Fault> {
 
 fn open(h_base: &[u8]) -> (Image, FaultHandle) {
     let (st, h) = FaultyStorage::new(h_base.to_vec());
-    let img = Image::open_storage(Box::new(st), "img", true).unwrap();
+    let img = OpenOptions::new()
+        .read_write(true)
+        .open_storage(Box::new(st), "img")
+        .unwrap();
     (img, h)
 }
 
@@ -140,8 +146,9 @@ fn errors_during_store_bitmaps() {
                 assert!(img.close().is_err(), "{what}: close reports the lost store");
                 let live = h.live_image();
                 assert_valid(&dir, &live, qemu && j % 3 == 0, &what);
-                let mut back =
-                    Image::open_storage(Box::new(MemStorage { data: live }), "r", false).unwrap();
+                let mut back = OpenOptions::new()
+                    .open_storage(Box::new(MemStorage { data: live }), "r")
+                    .unwrap();
                 for (name, want) in [("on", &want_on), ("off", &want_off)] {
                     let id = back.find_bitmap(name.as_bytes()).expect(name);
                     let b = back.bitmap_current(id).unwrap();
@@ -166,8 +173,9 @@ fn errors_during_store_bitmaps() {
                 .unwrap_or_else(|e| panic!("{what}: close after the fault: {e}"));
             let live = h.live_image();
             assert_valid(&dir, &live, qemu && j % 3 == 0, &what);
-            let mut back =
-                Image::open_storage(Box::new(MemStorage { data: live }), "r", false).unwrap();
+            let mut back = OpenOptions::new()
+                .open_storage(Box::new(MemStorage { data: live }), "r")
+                .unwrap();
             assert_eq!(sha(&mut back, "on"), want_on, "{what}: stored content");
             assert_eq!(sha(&mut back, "off"), want_off, "{what}: stored content");
         }
@@ -183,7 +191,9 @@ fn errors_during_open_add_remove_close() {
     let qemu = have_tool("qemu-img") && require_qemu("errors_during_open_add_remove_close");
     let base = base(&dir);
     let cycle = |st: FaultyStorage| -> qdirty::Result<()> {
-        let mut img = Image::open_storage(Box::new(st), "img", true)?;
+        let mut img = OpenOptions::new()
+            .read_write(true)
+            .open_storage(Box::new(st), "img")?;
         img.remove_bitmap(b"off")?;
         let id = img.add_bitmap(
             b"new",
@@ -229,7 +239,9 @@ fn read_errors() {
     let dir = TempDir::new("err_read");
     let base = base(&dir);
     let cycle = |st: FaultyStorage| -> qdirty::Result<()> {
-        let mut img = Image::open_storage(Box::new(st), "img", true)?;
+        let mut img = OpenOptions::new()
+            .read_write(true)
+            .open_storage(Box::new(st), "img")?;
         img.load_all_bitmaps()?;
         img.set_dirty(3 * MIB, MIB);
         img.store_bitmaps()?;
@@ -277,13 +289,13 @@ fn enospc_file_system_full() {
     h.set_size_limit(None);
     img.store_bitmaps().unwrap();
     img.close().unwrap();
-    let mut back = Image::open_storage(
-        Box::new(MemStorage {
-            data: h.live_image(),
-        }),
-        "r",
-        false,
-    )
-    .unwrap();
+    let mut back = OpenOptions::new()
+        .open_storage(
+            Box::new(MemStorage {
+                data: h.live_image(),
+            }),
+            "r",
+        )
+        .unwrap();
     assert_eq!(sha(&mut back, "on"), want);
 }

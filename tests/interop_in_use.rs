@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use qdirty::{Error, Image};
+use qdirty::{Error, Image, OpenOptions};
 
 const MIB: u64 = 1 << 20;
 
@@ -333,7 +333,10 @@ fn c_qdirty_crash_leaves_in_use_like_qemu() {
     // leaked: no close, no Drop). A real crash also drops the process's image locks, which a
     // leaked image in this process would keep: open it without locks.
     let storage = qdirty::image::storage::FileStorage::open(&img, true).expect("open");
-    let mut image = Image::open_storage(Box::new(storage), "a.qcow2", true).expect("open");
+    let mut image = OpenOptions::new()
+        .read_write(true)
+        .open_storage(Box::new(storage), "a.qcow2")
+        .expect("open");
     qd_add(&mut image, "stored", 4096, false);
     image
         .add_bitmap(

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use qdirty::{Error, Image};
+use qdirty::{Error, Image, OpenOptions};
 
 const MIB: u64 = 1 << 20;
 
@@ -78,7 +78,10 @@ fn qemu_refuses_an_image_qdirty_holds() {
         Image::open(&img, false),
         "qdirty read-only while qdirty writes",
     );
-    let peek = Image::open_with(&img, false, true).expect("force-share");
+    let peek = OpenOptions::new()
+        .force_share(true)
+        .open(&img)
+        .expect("force-share");
     assert!(peek
         .bitmap(peek.find_bitmap(b"b1").unwrap())
         .unwrap()
@@ -128,7 +131,10 @@ fn qdirty_refuses_an_image_qemu_holds() {
         Image::open(&img, false),
         "qdirty read-only next to QEMU read-write",
     );
-    let peek = Image::open_with(&img, false, true).expect("force-share next to QEMU");
+    let peek = OpenOptions::new()
+        .force_share(true)
+        .open(&img)
+        .expect("force-share next to QEMU");
     let b1 = peek.find_bitmap(b"b1").expect("listed");
     assert!(
         peek.bitmap(b1).unwrap().inconsistent(),
@@ -183,7 +189,10 @@ fn force_share_reads_the_bitmaps_as_they_were_at_open() {
     for step in 0..4 {
         let copy = tmp.join(&format!("step{step}.qcow2"));
         std::fs::copy(&img, &copy).unwrap();
-        let mut peek = Image::open_with(&copy, false, true).expect("force-share open");
+        let mut peek = OpenOptions::new()
+            .force_share(true)
+            .open(&copy)
+            .expect("force-share open");
         // The second writer, after the open.
         match step {
             0 => qemu_img_bitmap(&copy, &["--clear"], "b"),

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use qdirty::image::storage::{FileStorage, Storage};
-use qdirty::{AddOptions, Image};
+use qdirty::{AddOptions, Image, OpenOptions};
 
 const MIB: u64 = 1 << 20;
 
@@ -58,7 +58,10 @@ fn open_probe(img: &Path) -> (Image, Arc<Mutex<ProbeState>>) {
         inner: FileStorage::open(img, true).unwrap(),
         log: Arc::clone(&log),
     };
-    let image = Image::open_storage(Box::new(st), &img.display().to_string(), true).unwrap();
+    let image = OpenOptions::new()
+        .read_write(true)
+        .open_storage(Box::new(st), &img.display().to_string())
+        .unwrap();
     (image, log)
 }
 

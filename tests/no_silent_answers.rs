@@ -12,7 +12,7 @@ use std::ptr;
 use common::*;
 use qdirty::ffi::*;
 use qdirty::image::fault::FaultyStorage;
-use qdirty::{AddOptions, Error, Image};
+use qdirty::{AddOptions, Error, Image, OpenOptions};
 
 const MIB: u64 = 1 << 20;
 const G: u64 = 65536;
@@ -283,7 +283,9 @@ fn a_transient_read_error_fails_the_call_and_is_retried() {
     let dirty = [(MIB, 4096), (10 * MIB, 3 * G)];
     let p = image_with_bitmap(tmp.path(), "img.qcow2", &dirty);
     let (st, h) = FaultyStorage::new(std::fs::read(&p).unwrap());
-    let mut img = Image::open_storage(Box::new(st), "img.qcow2", false).unwrap();
+    let mut img = OpenOptions::new()
+        .open_storage(Box::new(st), "img.qcow2")
+        .unwrap();
     let id = img.find_bitmap(b"b").unwrap();
     h.set_read_fault(Some((h.reads(), false)));
     let e = img.bitmap_current(id).unwrap_err();
@@ -309,7 +311,10 @@ fn unreadable_data_is_never_clean_and_close_reports_what_it_lost() {
     let tmp = TempDir::new("no-silent-close");
     let p = image_with_bitmap(tmp.path(), "img.qcow2", &[(MIB, 4096)]);
     let (st, h) = FaultyStorage::new(std::fs::read(&p).unwrap());
-    let mut image = Image::open_storage(Box::new(st), "img.qcow2", true).unwrap();
+    let mut image = OpenOptions::new()
+        .read_write(true)
+        .open_storage(Box::new(st), "img.qcow2")
+        .unwrap();
     let opts = AddOptions {
         persistent: true,
         ..AddOptions::default()
@@ -325,8 +330,9 @@ fn unreadable_data_is_never_clean_and_close_reports_what_it_lost() {
     assert_eq!(e.errno(), libc::EIO, "{msg}");
     assert!(msg.contains("'b'") && !msg.contains("'other'"), "{msg}");
     // On disk: "other" stored and consistent, "b" still in_use (its copy misses a write).
-    let mut again =
-        Image::open_storage(Box::new(FaultyStorage::new(h.live_image()).0), "x", false).unwrap();
+    let mut again = OpenOptions::new()
+        .open_storage(Box::new(FaultyStorage::new(h.live_image()).0), "x")
+        .unwrap();
     let b = again.find_bitmap(b"b").unwrap();
     assert!(again.bitmap(b).unwrap().inconsistent(), "b left in_use");
     let o = again.find_bitmap(b"other").unwrap();
@@ -351,7 +357,10 @@ fn try_close_ok_means_stored() {
     let mut failed_stores = 0;
     for k in 0..60 {
         let (st, h) = FaultyStorage::new(base.clone());
-        let mut image = Image::open_storage(Box::new(st), "img.qcow2", true).unwrap();
+        let mut image = OpenOptions::new()
+            .read_write(true)
+            .open_storage(Box::new(st), "img.qcow2")
+            .unwrap();
         image.set_dirty(30 * MIB, 1);
         h.set_fault(Some(Fault::Error {
             at: h.ops() + k,
@@ -366,7 +375,9 @@ fn try_close_ok_means_stored() {
         match image.try_close() {
             Ok(()) => {
                 let st = FaultyStorage::new(h.live_image()).0;
-                let mut again = Image::open_storage(Box::new(st), "again", false).unwrap();
+                let mut again = OpenOptions::new()
+                    .open_storage(Box::new(st), "again")
+                    .unwrap();
                 let id = again.find_bitmap(b"b").unwrap();
                 let bm = again.bitmap_current(id).unwrap();
                 assert!(!bm.inconsistent(), "k={k}: try_close said Ok, b is in_use");
@@ -502,7 +513,7 @@ fn a_forked_child_leaves_the_image_to_its_parent() {
     let mut img = Image::open(&p, true).unwrap();
     img.set_dirty(5 * MIB, 1);
     let in_use_flag = |p: &Path| -> bool {
-        let mut ro = Image::open_with(p, false, true).unwrap();
+        let mut ro = OpenOptions::new().force_share(true).open(p).unwrap();
         let id = ro.find_bitmap(b"b").unwrap();
         ro.bitmap_current(id).unwrap().inconsistent()
     };
@@ -537,13 +548,18 @@ fn a_checkpoint_never_marks_a_recording_bitmap_consistent() {
     let base = std::fs::read(&p).unwrap();
     let in_use = |bytes: Vec<u8>| -> bool {
         let st = FaultyStorage::new(bytes).0;
-        let mut ro = Image::open_storage(Box::new(st), "crashed", false).unwrap();
+        let mut ro = OpenOptions::new()
+            .open_storage(Box::new(st), "crashed")
+            .unwrap();
         let id = ro.find_bitmap(b"b").unwrap();
         ro.bitmap_current(id).unwrap().inconsistent()
     };
     // The clean run: how many ops the checkpoint does.
     let (st, h) = FaultyStorage::new(base.clone());
-    let mut img = Image::open_storage(Box::new(st), "img", true).unwrap();
+    let mut img = OpenOptions::new()
+        .read_write(true)
+        .open_storage(Box::new(st), "img")
+        .unwrap();
     img.set_dirty(40 * MIB, 1);
     let start = h.ops();
     img.store_bitmaps().unwrap();
@@ -554,7 +570,10 @@ fn a_checkpoint_never_marks_a_recording_bitmap_consistent() {
     for k in 0..=n {
         for unflushed in [Unflushed::Kept, Unflushed::Lost] {
             let (st, h) = FaultyStorage::new(base.clone());
-            let mut img = Image::open_storage(Box::new(st), "img", true).unwrap();
+            let mut img = OpenOptions::new()
+                .read_write(true)
+                .open_storage(Box::new(st), "img")
+                .unwrap();
             img.set_dirty(40 * MIB, 1);
             h.set_fault(Some(Fault::Crash {
                 at: h.ops() + k,

@@ -11,7 +11,7 @@ mod salvage_cases;
 
 use common::*;
 use qdirty::image::drop_bitmaps_extension;
-use qdirty::Image;
+use qdirty::{Image, OpenOptions};
 use salvage_cases::*;
 
 fn run_case(case: &Case) {
@@ -39,7 +39,10 @@ fn run_case(case: &Case) {
     let strict = Image::open(&img, false)
         .expect_err("normal open must refuse")
         .to_string();
-    let mut salv = Image::open_salvage(&img, false).expect("salvage open");
+    let mut salv = OpenOptions::new()
+        .salvage(true)
+        .open(&img)
+        .expect("salvage open");
     let broken = salv.broken_bitmaps();
     assert_eq!(
         broken.iter().map(|b| b.name.clone()).collect::<Vec<_>>(),
@@ -96,7 +99,11 @@ fn run_case(case: &Case) {
         assert_eq!(qdirty_runs(bm), reference[*n], "{ctx}: bits of {n}");
     }
     drop(salv);
-    let mut rw = Image::open_salvage(&img, true).expect("salvage rw open");
+    let mut rw = OpenOptions::new()
+        .read_write(true)
+        .salvage(true)
+        .open(&img)
+        .expect("salvage rw open");
     assert_eq!(rw.broken_bitmaps(), broken, "{ctx}");
     let removed = rw.remove_broken_bitmaps().expect("remove broken");
     assert_eq!(removed, broken);
@@ -152,14 +159,18 @@ fn salvage_rules() {
     edit_flags(&img);
 
     // Read-only salvage: removal refused.
-    let mut ro = Image::open_salvage(&img, false).unwrap();
+    let mut ro = OpenOptions::new().salvage(true).open(&img).unwrap();
     assert!(ro.remove_broken_bitmap(1).is_err());
     assert!(ro.remove_broken_bitmap(0).is_err(), "b1 is not broken");
     drop(ro);
 
     // A store keeps the broken entry as it is (QEMU still refuses), and a new bitmap cannot
     // take the broken one's name.
-    let mut rw = Image::open_salvage(&img, true).unwrap();
+    let mut rw = OpenOptions::new()
+        .read_write(true)
+        .salvage(true)
+        .open(&img)
+        .unwrap();
     assert!(rw
         .add_bitmap(
             b"b2",
@@ -184,7 +195,11 @@ fn salvage_rules() {
         "the broken entry was written back as it was"
     );
     // The valid bitmaps stored the new write.
-    let mut rw = Image::open_salvage(&img, true).unwrap();
+    let mut rw = OpenOptions::new()
+        .read_write(true)
+        .salvage(true)
+        .open(&img)
+        .unwrap();
     assert_eq!(rw.broken_bitmaps().len(), 1);
     let b1 = qdirty_runs(qd_bm(&mut rw, "b1"));
     assert!(b1.iter().any(|&(o, _)| o == 30 << 20), "{b1:?}");
@@ -266,7 +281,10 @@ fn directory_broken_as_a_whole() {
         damage(&img);
         let (code, _) = qemu_info_refusal(&img);
         assert_ne!(code, 0, "{name}: QEMU accepted it");
-        let err = Image::open_salvage(&img, true)
+        let err = OpenOptions::new()
+            .read_write(true)
+            .salvage(true)
+            .open(&img)
             .expect_err("salvage refuses")
             .to_string();
         assert!(err.contains("--drop-bitmaps"), "{name}: {err}");

@@ -4,7 +4,7 @@ use std::ffi::OsString;
 use std::path::Path;
 
 use qdirty::image::check::{check_bitmaps_with, CheckReport};
-use qdirty::Image;
+use qdirty::{Image, OpenOptions};
 use serde_json::{json, Value};
 
 use crate::common::*;
@@ -93,7 +93,11 @@ pub fn run(argv: &[OsString]) -> Res<u8> {
         let rw = p.has("remove-broken");
         let mut img = {
             let _p = Progress::start(format!("loading the bitmaps of '{}'", path.display()));
-            Image::open_salvage(path, rw).map_err(|e| img_err(path, &e))?
+            OpenOptions::new()
+                .read_write(rw)
+                .salvage(true)
+                .open(path)
+                .map_err(|e| img_err(path, &e))?
         };
         salvage.broken = img.broken_bitmaps();
         let mut r = Ok(());

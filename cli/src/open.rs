@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use qdirty::image::storage::{FileStorage, Storage};
-use qdirty::Image;
+use qdirty::{Image, OpenOptions};
 
 use crate::imgspec::{Format, ImageSpec};
 use crate::util::Progress;
@@ -94,7 +94,10 @@ pub fn open(spec: &ImageSpec, write: bool) -> Result<Opened, String> {
         return Ok(Opened::Raw(storage));
     }
     let _p = Progress::start(format!("loading the bitmaps of '{}'", spec.filename));
-    Image::open_storage_with(Box::new(storage), &spec.arg, write, shared)
+    OpenOptions::new()
+        .read_write(write)
+        .force_share(shared)
+        .open_storage(Box::new(storage), &spec.arg)
         .map(|i| Opened::Qcow2(Box::new(i)))
         .map_err(|e| qemu_text(&e))
 }

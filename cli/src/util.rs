@@ -1,6 +1,6 @@
 //! Small helpers: sizes as qemu-img parses them, JSON output as qemu-img prints it, progress.
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -136,8 +136,7 @@ pub fn print_json(v: &serde_json::Value) {
 
 /// Whether stderr is a terminal.
 pub fn stderr_is_tty() -> bool {
-    // SAFETY: isatty only inspects the descriptor.
-    unsafe { libc::isatty(2) == 1 }
+    std::io::stderr().is_terminal()
 }
 
 /// Progress on stderr while a long load or store runs, only on a terminal, after half a second:

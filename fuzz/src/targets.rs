@@ -9,7 +9,7 @@ use qdirty::format::extension::{encode_header_cluster, Extensions};
 use qdirty::format::header::Header;
 use qdirty::image::fault::FaultyStorage;
 use qdirty::image::storage::MemStorage;
-use qdirty::{AddOptions, Image};
+use qdirty::{AddOptions, Image, OpenOptions};
 
 /// Largest file the read-write storage grows to: writes beyond it fail with ENOSPC (a hostile
 /// refcount structure must not make qdirty write gigabytes).
@@ -111,14 +111,11 @@ pub fn bitmap_table(data: &[u8]) {
 /// store, close. An image that qdirty opened read-write and stored must open again (qdirty never
 /// makes a valid image invalid), with the new bitmap's bits.
 pub fn open_cycle(data: &[u8]) {
-    if let Ok(mut img) = Image::open_storage(
-        // Read-only: nothing is written, so no size cap is needed.
-        Box::new(MemStorage {
-            data: data.to_vec(),
-        }),
-        "ro",
-        false,
-    ) {
+    // Read-only: nothing is written, so no size cap is needed.
+    let storage = MemStorage {
+        data: data.to_vec(),
+    };
+    if let Ok(mut img) = OpenOptions::new().open_storage(Box::new(storage), "ro") {
         for id in img.bitmap_ids() {
             let _ = img.bitmap_current(id).map(|b| b.count());
         }
@@ -129,7 +126,10 @@ pub fn open_cycle(data: &[u8]) {
     // ending past MAX_FILE fail with ENOSPC.
     let (storage, bytes) = FaultyStorage::new(data.to_vec());
     bytes.set_size_limit(Some(MAX_FILE as u64));
-    let Ok(mut img) = Image::open_storage(Box::new(storage), "rw", true) else {
+    let Ok(mut img) = OpenOptions::new()
+        .read_write(true)
+        .open_storage(Box::new(storage), "rw")
+    else {
         return;
     };
     let size = img.size();
@@ -161,7 +161,8 @@ pub fn open_cycle(data: &[u8]) {
     let closed = img.close().is_ok();
     if stored && closed && refcounts_consistent(data) {
         let data = bytes.live_image();
-        let mut again = Image::open_storage(Box::new(MemStorage { data }), "reopen", false)
+        let mut again = OpenOptions::new()
+            .open_storage(Box::new(MemStorage { data }), "reopen")
             .unwrap_or_else(|e| panic!("an image qdirty stored no longer opens: {e}"));
         if added {
             let id = again

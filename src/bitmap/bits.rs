@@ -34,8 +34,6 @@ pub trait LazySource: Send + Sync + fmt::Debug {
     /// Fills `into` (a clean bitmap of the right size and granularity) from storage. The
     /// error names the bitmap.
     fn load(&self, into: &mut HBitmap) -> Result<()>;
-    /// The offset of the table this source reads (identifies the stored copy).
-    fn table_offset(&self) -> u64;
 }
 
 /// The state of a lazily loaded bitmap.

@@ -129,7 +129,8 @@ impl Epochs {
     }
 
     /// Bytes of heap the epochs hold.
-    pub(crate) fn heap_bytes(&self) -> usize {
+    #[cfg(test)]
+    fn heap_bytes(&self) -> usize {
         self.list
             .iter()
             .flat_map(|e| e.layers.iter())

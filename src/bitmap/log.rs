@@ -126,7 +126,7 @@ const FAR_BIT: usize = 32;
 /// Bytes of pieces a drain leaves in place (it unlinks and frees them all above this): so a
 /// log written a little between absorbs keeps its pieces, and one written much gives them
 /// back.
-pub const RETAIN_BYTES: usize = 256 << 10;
+pub(crate) const RETAIN_BYTES: usize = 256 << 10;
 
 /// A leaf: 64 words of log bits.
 type Leaf = [AtomicU64; LEAF_WORDS];
@@ -437,7 +437,7 @@ impl Default for WriteLog {
 
 impl WriteLog {
     /// An empty log over `size` bytes that records nothing until a base granularity is set.
-    pub fn new(size: u64) -> Self {
+    pub(crate) fn new(size: u64) -> Self {
         WriteLog {
             base_granularity_bits: AtomicU32::new(NO_BASE_GRANULARITY),
             size: AtomicU64::new(size),
@@ -523,14 +523,14 @@ impl WriteLog {
     }
 
     /// Whether some write may be waiting to be drained (one load).
-    pub fn has_pending(&self) -> bool {
+    pub(crate) fn has_pending(&self) -> bool {
         self.pending.load(SeqCst) != 0
     }
 
     /// Whether a drain has something to do: writes, or retired pieces still to free (two
     /// loads). A write into a retired piece sets the log's pending bits as any other, so
     /// the retired pieces matter here only for the memory.
-    pub fn wants_drain(&self) -> bool {
+    pub(crate) fn wants_drain(&self) -> bool {
         self.has_pending() || self.books.waiting.load(Relaxed)
     }
 
@@ -638,8 +638,9 @@ impl WriteLog {
         self.size.store(size, SeqCst);
     }
 
-    /// How many times a drain freed pieces after a grace period (diagnostics).
-    pub fn reclaims(&self) -> u64 {
+    /// How many times a drain freed pieces after a grace period.
+    #[cfg(test)]
+    pub(crate) fn reclaims(&self) -> u64 {
         self.books.reclaims.load(Relaxed)
     }
 

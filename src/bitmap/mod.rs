@@ -1,4 +1,5 @@
-//! The in-memory dirty bitmap: QEMU's `BdrvDirtyBitmap` state model over the [`HBitmap`] engine.
+//! The in-memory dirty bitmap: QEMU's `BdrvDirtyBitmap` state model over a hierarchical bitmap
+//! engine.
 //!
 //! No I/O here. A [`DirtyBitmap`] knows its name, granularity, covered size and QEMU's state flags
 //! (disabled, busy, readonly, persistent, inconsistent, skip_store); the checks and messages are
@@ -6,12 +7,17 @@
 #![deny(unsafe_code)]
 
 mod epoch;
-pub mod hbitmap;
-pub mod log;
-pub mod set;
+mod hbitmap;
+mod log;
+mod set;
+// The hash is public for the benchmarks (benches/engine.rs) only.
+#[doc(hidden)]
 pub mod sha256;
 
-pub use bits::LazySource;
+pub(crate) use bits::LazySource;
+pub use hbitmap::DirtyRuns;
+// The engine is public for the benchmarks (benches/engine.rs) only.
+#[doc(hidden)]
 pub use hbitmap::HBitmap;
 
 mod bits;
@@ -44,7 +50,7 @@ pub const MIN_GRANULARITY: u64 = 1 << BME_MIN_GRANULARITY_BITS;
 pub const MAX_GRANULARITY: u64 = 1 << BME_MAX_GRANULARITY_BITS;
 
 /// Checks a bitmap name the way `block-dirty-bitmap-add` does (1..=1023 bytes, no NUL).
-pub fn validate_name(name: &[u8]) -> Result<()> {
+pub(crate) fn validate_name(name: &[u8]) -> Result<()> {
     if name.is_empty() {
         return Err(Error::InvalidArgument("Bitmap name cannot be empty".into()));
     }
@@ -63,7 +69,7 @@ pub fn validate_name(name: &[u8]) -> Result<()> {
 }
 
 /// Checks a granularity: a power of two from 512 B to 2 GiB. Returns its log2.
-pub fn validate_granularity(granularity: u64) -> Result<u32> {
+pub(crate) fn validate_granularity(granularity: u64) -> Result<u32> {
     if !granularity.is_power_of_two() || granularity < MIN_GRANULARITY {
         return Err(Error::InvalidArgument(format!(
             "Granularity must be power of 2 and at least 512 (got {granularity})"
@@ -81,7 +87,7 @@ pub fn validate_granularity(granularity: u64) -> Result<u32> {
 ///
 /// Its bits are either in memory or, for a bitmap opened from an image and not touched yet,
 /// still on disk (lazy loading, see `bits.rs`): every access to the bits goes through
-/// [`DirtyBitmap::bits`] (readers, loads on first use) or an internal `&mut` accessor
+/// an internal reader (`bits`, loads on first use) or an internal `&mut` accessor
 /// (changers, loads first and records which data clusters change), so stale bits cannot be
 /// read. A clone is always loaded.
 #[derive(Debug)]
@@ -148,7 +154,7 @@ impl DirtyBitmap {
 
     /// A bitmap whose name comes from an image's directory: QEMU accepts any bytes there on load
     /// (even an empty name), so only the granularity and size are checked.
-    pub fn with_unchecked_name(name: Vec<u8>, size: u64, granularity: u64) -> Result<Self> {
+    pub(crate) fn with_unchecked_name(name: Vec<u8>, size: u64, granularity: u64) -> Result<Self> {
         let mut bm = Self::new(None, size, granularity)?;
         bm.name = Some(name);
         Ok(bm)
@@ -156,7 +162,7 @@ impl DirtyBitmap {
 
     /// A bitmap found in_use in an image: persistent, disabled, inconsistent, with no content.
     /// Its bits are never allocated (they cannot be used), whatever the size.
-    pub fn new_inconsistent(name: Vec<u8>, size: u64, granularity: u64) -> Result<Self> {
+    pub(crate) fn new_inconsistent(name: Vec<u8>, size: u64, granularity: u64) -> Result<Self> {
         let mut bm = Self::with_unchecked_name(name, 0, granularity)?;
         bm.size = size;
         bm.persistent = true;
@@ -318,7 +324,7 @@ impl DirtyBitmap {
     }
 
     /// Sets the enabled state without checks (QEMU: bdrv_enable/disable_dirty_bitmap).
-    pub fn set_enabled_unchecked(&mut self, enabled: bool) {
+    pub(crate) fn set_enabled_unchecked(&mut self, enabled: bool) {
         self.disabled = !enabled;
     }
 
@@ -719,7 +725,7 @@ impl DirtyBitmap {
 
     /// Whether [`DirtyBitmap::restore`] would accept `backup` (writable bitmap, same size and
     /// granularity).
-    pub fn check_restore(&self, backup: &Backup) -> Result<()> {
+    pub(crate) fn check_restore(&self, backup: &Backup) -> Result<()> {
         self.check(CHECK_RO)?;
         // An inconsistent bitmap has no bits to restore into.
         let size = if self.inconsistent { 0 } else { self.size };
@@ -781,7 +787,7 @@ impl DirtyBitmap {
 
     /// Loads the data now if it is still on disk (the error names the bitmap and the offset;
     /// the bitmap then stays on disk, unchanged, and the next use tries again).
-    pub fn ensure_loaded(&mut self) -> Result<()> {
+    pub(crate) fn ensure_loaded(&mut self) -> Result<()> {
         if self.inconsistent() {
             return Ok(());
         }

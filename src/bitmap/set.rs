@@ -126,7 +126,7 @@ impl BitmapSet {
     /// clamped to the disk. Two loads when nothing is pending. Every `&mut self` method calls it
     /// first. The log then gives back the memory the writes took (log.rs: above
     /// `RETAIN_BYTES`, after a grace period).
-    pub fn absorb(&mut self) {
+    pub(crate) fn absorb(&mut self) {
         if !self.log.wants_drain() {
             return;
         }
@@ -233,11 +233,6 @@ impl BitmapSet {
         self.absorb_and_catch_up(i);
         self.slots[i].bm.ensure_loaded()?;
         Ok(&self.slots[i].bm)
-    }
-
-    /// Bytes of heap held by writes not yet taken by every bitmap (diagnostics).
-    pub fn pending_heap_bytes(&self) -> usize {
-        self.epochs.heap_bytes()
     }
 
     /// Gives the log the base granularity: the finest among the bitmaps that can ever record
@@ -386,7 +381,7 @@ impl BitmapSet {
 
     /// Whether [`BitmapSet::release`] would accept `id`: refused (EBUSY) while the bitmap is
     /// busy, has a successor, has live iterators, or is itself a successor.
-    pub fn check_release(&self, id: BitmapId) -> Result<()> {
+    pub(crate) fn check_release(&self, id: BitmapId) -> Result<()> {
         let bm = &self.slots[self.index(id)?].bm;
         let held = |why| {
             Err(Error::Held {

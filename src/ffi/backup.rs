@@ -4,6 +4,7 @@
 use std::os::raw::c_int;
 
 use super::boundary::ffi_call;
+use super::castable::{self, Castable, OwnedByCaller};
 use super::error::{qdirty_error, FfiError};
 use super::handle::{lock_all, qdirty_bitmap, with_bitmap_mut, BitmapHandle};
 use crate::bitmap::Backup;
@@ -22,39 +23,22 @@ pub struct qdirty_backup {
     _private: [u8; 0],
 }
 
-const BACKUP_MAGIC: u64 = 0x7164_6972_7479_424b; // "qdirtyBK"
+impl Castable for qdirty_backup {
+    type RustType = BackupObj;
+    type Ownership = OwnedByCaller;
+    const MAGIC: u64 = 0x7164_6972_7479_424b; // "qdirtyBK"
+    const NOT_LIVE: &'static str = "is not a valid qdirty_backup";
+}
 
 /// What `qdirty_backup *` points to.
-/// `repr(C)` with the magic first: a pointer that is not one of ours is recognized by reading
-/// only its first 8 bytes, whatever the size of the rest.
-#[repr(C)]
-struct BackupObj {
-    magic: u64,
+pub(crate) struct BackupObj {
     /// None once restored.
     bits: Option<Backup>,
 }
 
 /// Hands a backup to C.
 fn into_raw(b: Backup) -> *mut qdirty_backup {
-    Box::into_raw(Box::new(BackupObj {
-        magic: BACKUP_MAGIC,
-        bits: Some(b),
-    }))
-    .cast()
-}
-
-/// Borrows the backup behind a C pointer.
-///
-/// # Safety
-/// `p` is NULL or a live backup.
-unsafe fn backup_mut<'a>(p: *mut qdirty_backup) -> Result<&'a mut BackupObj, FfiError> {
-    // SAFETY: caller's contract.
-    let b =
-        unsafe { p.cast::<BackupObj>().as_mut() }.ok_or_else(|| FfiError::null_arg("backup"))?;
-    if b.magic != BACKUP_MAGIC {
-        return Err(FfiError::invalid("backup is not a valid qdirty_backup"));
-    }
-    Ok(b)
+    castable::to_raw(BackupObj { bits: Some(b) })
 }
 
 /// Clears every bit and hands the old bits back as a backup (QEMU's `bdrv_clear_dirty_bitmap`
@@ -118,7 +102,7 @@ pub unsafe extern "C" fn qdirty_bitmap_restore(
 ) -> c_int {
     ffi_call!(errp = errp, {
         // SAFETY: see the function's Safety section.
-        let obj = unsafe { backup_mut(backup) }?;
+        let obj = unsafe { castable::try_mut(backup, "backup") }?;
         if obj.bits.is_none() {
             return Err(FfiError::invalid(
                 "the backup is empty (it was already restored)",
@@ -146,12 +130,7 @@ pub unsafe extern "C" fn qdirty_bitmap_restore(
 pub unsafe extern "C" fn qdirty_backup_free(backup: *mut qdirty_backup) {
     ffi_call!({
         // SAFETY: see the function's Safety section.
-        if unsafe { backup_mut(backup) }.is_ok() {
-            // SAFETY: the pointer came from Box::into_raw and is freed once.
-            let mut b = unsafe { Box::from_raw(backup.cast::<BackupObj>()) };
-            // SAFETY: writing a field of a live box (best effort against double free).
-            unsafe { std::ptr::write_volatile(&mut b.magic, 0) };
-        }
+        let _ = unsafe { castable::take(backup, "backup") };
     })
 }
 

@@ -4,6 +4,7 @@ use std::ffi::CString;
 use std::os::raw::{c_char, c_int};
 
 use super::boundary::ffi_call;
+use super::castable::{self, Castable, OwnedByCaller};
 
 super::symbol_versions::symbol_versions!("error");
 
@@ -19,8 +20,15 @@ pub struct qdirty_error {
     _private: [u8; 0],
 }
 
+impl Castable for qdirty_error {
+    type RustType = ErrorObj;
+    type Ownership = OwnedByCaller;
+    const MAGIC: u64 = 0x7164_6972_7479_4552; // "qdirtyER"
+    const NOT_LIVE: &'static str = "is not a valid qdirty_error";
+}
+
 /// What a `*mut qdirty_error` really points to.
-struct ErrorObj {
+pub(crate) struct ErrorObj {
     message: CString,
     hint: Option<CString>,
     errno: c_int,
@@ -103,13 +111,13 @@ pub(crate) unsafe fn set_error(errp: *mut *mut qdirty_error, err: FfiError) {
     if errp.is_null() {
         return;
     }
-    let obj = Box::new(ErrorObj {
+    let obj = castable::to_raw::<qdirty_error>(ErrorObj {
         message: cstring_lossy(err.message.as_bytes()),
         hint: err.hint.map(|h| cstring_lossy(h.as_bytes())),
         errno: err.errno,
     });
     // SAFETY: errp is valid for writes (caller's contract).
-    unsafe { *errp = Box::into_raw(obj).cast() };
+    unsafe { *errp = obj };
 }
 
 /// Borrows the error object behind a non-NULL pointer.
@@ -117,8 +125,8 @@ pub(crate) unsafe fn set_error(errp: *mut *mut qdirty_error, err: FfiError) {
 /// # Safety
 /// `err` is NULL or a live pointer returned through an `errp`.
 unsafe fn error_ref<'a>(err: *const qdirty_error) -> Option<&'a ErrorObj> {
-    // SAFETY: caller's contract; the pointer came from Box::<ErrorObj>::into_raw.
-    unsafe { err.cast::<ErrorObj>().as_ref() }
+    // SAFETY: caller's contract.
+    unsafe { castable::peek(err) }
 }
 
 /// The error message, a NUL-terminated UTF-8 string (QEMU's wording where QEMU has one).
@@ -190,9 +198,7 @@ pub unsafe extern "C" fn qdirty_error_errno(err: *const qdirty_error) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn qdirty_error_free(err: *mut qdirty_error) {
     ffi_call!({
-        if !err.is_null() {
-            // SAFETY: the pointer came from Box::<ErrorObj>::into_raw and is freed once.
-            drop(unsafe { Box::from_raw(err.cast::<ErrorObj>()) });
-        }
+        // SAFETY: see the function's Safety section.
+        let _ = unsafe { castable::take(err, "err") };
     })
 }

@@ -1,24 +1,25 @@
 //! What the opaque `qdirty_image` / `qdirty_bitmap` pointers really are, and the only casts
 //! between the two worlds.
 //!
-//! - `qdirty_image *` is a `Box<ImageHandle>`: the [`Image`] and the bitmap handles handed out so
+//! - `qdirty_image *` is an [`ImageHandle`] that C owns ([`OwnedByCaller`]): the [`Image`] and the bitmap handles handed out so
 //!   far, both behind one mutex, and outside it the image's lock-free write hook
 //!   ([`WriteLog`]), which `qdirty_image_set_dirty` uses without locking. Taking the lock folds
 //!   the log into the bitmaps first, so every locked call sees the writes that completed before
 //!   it.
-//! - `qdirty_bitmap *` is a `Box<BitmapHandle>` owned by its image handle: created the first
-//!   time a bitmap is handed out (first/next/find/add), freed only when the image is closed. It
-//!   names the bitmap by [`BitmapId`], which an image never reuses; every call locks the image
-//!   and looks the bitmap up, so a call on the handle of a bitmap that is gone (removed,
-//!   released, abdicated, removed by a transaction) fails with ENOENT and can never reach
-//!   another bitmap: the handle's memory is not freed, so it cannot be reused for another
-//!   handle while the image is open.
+//! - `qdirty_bitmap *` is a [`BitmapHandle`] owned by its image handle ([`OwnedByParent`]):
+//!   created the first time a bitmap is handed out (first/next/find/add), freed only when the
+//!   image is closed. It names the bitmap by [`BitmapId`], which an image never reuses; every
+//!   call locks the image and looks the bitmap up, so a call on the handle of a bitmap that is
+//!   gone (removed, released, abdicated, removed by a transaction) fails with ENOENT and can
+//!   never reach another bitmap: the handle's memory is not freed, so it cannot be reused for
+//!   another handle while the image is open.
+//!
+//! Both go through the casts of `castable.rs`.
 
-use std::collections::HashMap;
 use std::ffi::CString;
-use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+use super::castable::{self, Castable, Children, OwnedByCaller, OwnedByParent};
 use super::error::{cstring_lossy, FfiError};
 use crate::bitmap::{DirtyBitmap, WriteLog};
 use crate::image::{BitmapId, Image};
@@ -62,8 +63,19 @@ pub struct qdirty_bitmap {
     _private: [u8; 0],
 }
 
-const IMAGE_MAGIC: u64 = 0x7164_6972_7479_494d; // "qdirtyIM"
-const BITMAP_MAGIC: u64 = 0x7164_6972_7479_424d; // "qdirtyBM"
+impl Castable for qdirty_image {
+    type RustType = ImageHandle;
+    type Ownership = OwnedByCaller;
+    const MAGIC: u64 = 0x7164_6972_7479_494d; // "qdirtyIM"
+    const NOT_LIVE: &'static str = "is not an open qdirty_image";
+}
+
+impl Castable for qdirty_bitmap {
+    type RustType = BitmapHandle;
+    type Ownership = OwnedByParent;
+    const MAGIC: u64 = 0x7164_6972_7479_424d; // "qdirtyBM"
+    const NOT_LIVE: &'static str = "is not a valid qdirty_bitmap (removed, or its image closed?)";
+}
 
 /// The image crosses threads inside its mutex: it must be Send.
 const _: fn() = || {
@@ -72,11 +84,7 @@ const _: fn() = || {
 };
 
 /// What `qdirty_image *` points to.
-/// `repr(C)` with the magic first: a pointer that is not one of ours is recognized by reading
-/// only its first 8 bytes, whatever the size of the rest.
-#[repr(C)]
 pub(crate) struct ImageHandle {
-    magic: u64,
     /// The image's write log, shared with its bitmap set: the hook writes here without the lock.
     log: Arc<WriteLog>,
     state: Mutex<ImageState>,
@@ -85,38 +93,13 @@ pub(crate) struct ImageHandle {
 /// Everything behind the image lock.
 pub(crate) struct ImageState {
     pub(crate) image: Image,
-    handles: BitmapHandles,
-}
-
-/// Bitmap handles by id. Raw pointers (from `Box::into_raw`) so that moving the map never
-/// invalidates the pointers C holds.
-#[derive(Default)]
-struct BitmapHandles(HashMap<BitmapId, NonNull<BitmapHandle>>);
-
-impl Drop for BitmapHandles {
-    fn drop(&mut self) {
-        for (_, p) in self.0.drain() {
-            free_bitmap_handle(p);
-        }
-    }
-}
-
-fn free_bitmap_handle(p: NonNull<BitmapHandle>) {
-    // SAFETY: every pointer in the map came from Box::into_raw and is removed from the map
-    // before it is freed, so it is freed exactly once.
-    let mut b = unsafe { Box::from_raw(p.as_ptr()) };
-    // Best effort against use after free: a stale pointer no longer carries the magic.
-    // SAFETY: writing a field of a live box.
-    unsafe { std::ptr::write_volatile(&mut b.magic, 0) };
+    /// The bitmap handles handed out so far, freed with the image.
+    handles: Children<BitmapId, qdirty_bitmap>,
 }
 
 /// What `qdirty_bitmap *` points to.
-/// `repr(C)` with the magic first: a pointer that is not one of ours is recognized by reading
-/// only its first 8 bytes, whatever the size of the rest.
-#[repr(C)]
 pub(crate) struct BitmapHandle {
-    magic: u64,
-    image: *const ImageHandle,
+    image: *const qdirty_image,
     pub(crate) id: BitmapId,
     /// The name, truncated at its first NUL byte; unset while the bitmap is anonymous (a
     /// successor gets its parent's name when the parent abdicates).
@@ -125,16 +108,14 @@ pub(crate) struct BitmapHandle {
 
 impl ImageHandle {
     /// A new handle, as the pointer C gets.
-    pub(crate) fn into_raw(image: Image) -> *mut super::qdirty_image {
-        let h = Box::new(ImageHandle {
-            magic: IMAGE_MAGIC,
+    pub(crate) fn into_raw(image: Image) -> *mut qdirty_image {
+        castable::to_raw(ImageHandle {
             log: image.write_hook(),
             state: Mutex::new(ImageState {
                 image,
-                handles: BitmapHandles::default(),
+                handles: Children::default(),
             }),
-        });
-        Box::into_raw(h).cast()
+        })
     }
 
     /// Borrows the handle behind a C pointer.
@@ -142,18 +123,11 @@ impl ImageHandle {
     /// # Safety
     /// `img` is NULL or a pointer from `qdirty_image_open` not yet closed.
     pub(crate) unsafe fn from_ptr<'a>(
-        img: *const super::qdirty_image,
+        img: *const qdirty_image,
         what: &str,
     ) -> Result<&'a ImageHandle, FfiError> {
         // SAFETY: caller's contract.
-        let h = unsafe { img.cast::<ImageHandle>().as_ref() }
-            .ok_or_else(|| FfiError::null_arg(what))?;
-        if h.magic != IMAGE_MAGIC {
-            return Err(FfiError::invalid(format!(
-                "{what} is not an open qdirty_image"
-            )));
-        }
-        Ok(h)
+        unsafe { castable::try_ref(img, what) }
     }
 
     /// The write log behind a C pointer, for the guest write hook: None for NULL or a pointer
@@ -163,22 +137,19 @@ impl ImageHandle {
     /// # Safety
     /// As [`ImageHandle::from_ptr`].
     #[inline(always)]
-    pub(crate) unsafe fn log_of<'a>(img: *const super::qdirty_image) -> Option<&'a WriteLog> {
+    pub(crate) unsafe fn log_of<'a>(img: *const qdirty_image) -> Option<&'a WriteLog> {
         // SAFETY: caller's contract.
-        let h = unsafe { img.cast::<ImageHandle>().as_ref() }?;
-        (h.magic == IMAGE_MAGIC).then(|| &*h.log)
+        unsafe { castable::peek(img) }.map(|h: &ImageHandle| &*h.log)
     }
 
-    /// Takes the handle back from C for closing.
+    /// Takes the handle back from C for closing (EINVAL, and nothing freed, for NULL or a
+    /// pointer that is not an open image).
     ///
     /// # Safety
-    /// `img` is a pointer accepted by [`ImageHandle::from_ptr`]; C gives up ownership.
-    pub(crate) unsafe fn take(img: *mut super::qdirty_image) -> Box<ImageHandle> {
-        // SAFETY: caller's contract; the pointer came from Box::into_raw.
-        let mut b = unsafe { Box::from_raw(img.cast::<ImageHandle>()) };
-        // SAFETY: writing a field of a live box.
-        unsafe { std::ptr::write_volatile(&mut b.magic, 0) };
-        b
+    /// As [`ImageHandle::from_ptr`]; C gives up ownership.
+    pub(crate) unsafe fn take(img: *mut qdirty_image) -> Result<ImageHandle, FfiError> {
+        // SAFETY: caller's contract.
+        unsafe { castable::take(img, "img") }
     }
 
     /// Locks the image and absorbs the write log (two loads when none is pending; else one set
@@ -216,40 +187,33 @@ impl ImageState {
 
     /// The C pointer of the bitmap `id`, creating its handle on first use. NULL if the bitmap
     /// does not exist.
+    /// `owner` is the image's C pointer, kept by the handle.
     pub(crate) fn handle_for(
         &mut self,
-        owner: &ImageHandle,
+        owner: *const qdirty_image,
         id: BitmapId,
-    ) -> *mut super::qdirty_bitmap {
-        if let Some(p) = self.handles.0.get(&id) {
-            return p.as_ptr().cast();
-        }
-        let Some(bm) = self.image.bitmap(id) else {
-            return std::ptr::null_mut();
-        };
-        let name = OnceLock::new();
-        if let Some(n) = bm.name() {
-            let _ = name.set(c_name(n));
-        }
-        let h = Box::new(BitmapHandle {
-            magic: BITMAP_MAGIC,
-            image: owner,
-            id,
-            name,
-        });
-        let p = NonNull::from(Box::leak(h));
-        self.handles.0.insert(id, p);
-        p.as_ptr().cast()
+    ) -> *mut qdirty_bitmap {
+        let image = &self.image;
+        self.handles.get_or_insert_with(id, || {
+            let bm = image.bitmap(id)?;
+            let name = OnceLock::new();
+            if let Some(n) = bm.name() {
+                let _ = name.set(c_name(n));
+            }
+            Some(BitmapHandle {
+                image: owner,
+                id,
+                name,
+            })
+        })
     }
 
     /// Gives the handle of `id` (if one was handed out) the bitmap's name when it has none yet
     /// (a successor that took its parent's name by abdication).
     pub(crate) fn refresh_name(&mut self, id: BitmapId) {
-        let Some(p) = self.handles.0.get(&id) else {
+        let Some(h) = self.handles.get(&id) else {
             return;
         };
-        // SAFETY: handles in the map are live (freed only after leaving the map).
-        let h = unsafe { p.as_ref() };
         if let Some(n) = self.image.bitmap(id).and_then(|b| b.name()) {
             let _ = h.name.set(c_name(n));
         }
@@ -262,24 +226,22 @@ impl BitmapHandle {
     /// # Safety
     /// `bm` is NULL or a bitmap pointer still owned by an open image.
     pub(crate) unsafe fn from_ptr<'a>(
-        bm: *const super::qdirty_bitmap,
+        bm: *const qdirty_bitmap,
     ) -> Result<&'a BitmapHandle, FfiError> {
         // SAFETY: caller's contract.
-        let h = unsafe { bm.cast::<BitmapHandle>().as_ref() }
-            .ok_or_else(|| FfiError::null_arg("bitmap"))?;
-        if h.magic != BITMAP_MAGIC {
-            return Err(FfiError::invalid(
-                "bitmap is not a valid qdirty_bitmap (removed, or its image closed?)",
-            ));
-        }
-        Ok(h)
+        unsafe { castable::try_ref(bm, "bitmap") }
+    }
+
+    /// The C pointer of the image this bitmap belongs to.
+    pub(crate) fn image_ptr(&self) -> *const qdirty_image {
+        self.image
     }
 
     /// The image this bitmap belongs to.
     pub(crate) fn image(&self) -> Result<&ImageHandle, FfiError> {
         // SAFETY: the image owns this handle and frees it before itself, so while the handle is
         // valid (caller's contract) the image is too.
-        unsafe { ImageHandle::from_ptr(self.image.cast(), "the bitmap's image") }
+        unsafe { ImageHandle::from_ptr(self.image, "the bitmap's image") }
     }
 
     /// The error for a bitmap that no longer exists in its image.
@@ -303,22 +265,21 @@ fn c_name(name: &[u8]) -> CString {
 }
 
 /// Runs `f` with the bitmap's image locked, after checking that the bitmap still exists. `f`
-/// gets the locked state, the image handle and the bitmap's id.
+/// gets the locked state, the image's C pointer and the bitmap's id.
 ///
 /// # Safety
 /// `bm` is NULL or a bitmap pointer still owned by an open image.
 pub(crate) unsafe fn with_state<R>(
-    bm: *const super::qdirty_bitmap,
-    f: impl FnOnce(&mut ImageState, &ImageHandle, BitmapId) -> Result<R, FfiError>,
+    bm: *const qdirty_bitmap,
+    f: impl FnOnce(&mut ImageState, *const qdirty_image, BitmapId) -> Result<R, FfiError>,
 ) -> Result<R, FfiError> {
     // SAFETY: caller's contract.
     let h = unsafe { BitmapHandle::from_ptr(bm) }?;
-    let (id, image) = (h.id, h.image()?);
-    let mut state = image.lock()?;
-    if state.image.bitmap(id).is_none() {
+    let mut state = h.image()?.lock()?;
+    if state.image.bitmap(h.id).is_none() {
         return Err(h.gone());
     }
-    f(&mut state, image, id)
+    f(&mut state, h.image_ptr(), h.id)
 }
 
 /// Locks the given images, each once, in address order (so that calls locking several images
@@ -344,7 +305,7 @@ pub(crate) fn lock_all<'a>(
 /// # Safety
 /// `bm` is NULL or a bitmap pointer still owned by an open image.
 pub(crate) unsafe fn with_bitmap<R>(
-    bm: *const super::qdirty_bitmap,
+    bm: *const qdirty_bitmap,
     f: impl FnOnce(&DirtyBitmap, &BitmapHandle) -> Result<R, FfiError>,
 ) -> Result<R, FfiError> {
     // SAFETY: caller's contract.
@@ -365,7 +326,7 @@ pub(crate) unsafe fn with_bitmap<R>(
 /// # Safety
 /// `bm` is NULL or a bitmap pointer still owned by an open image.
 pub(crate) unsafe fn with_bitmap_unloaded<R>(
-    bm: *const super::qdirty_bitmap,
+    bm: *const qdirty_bitmap,
     f: impl FnOnce(&DirtyBitmap) -> R,
 ) -> Result<R, FfiError> {
     // SAFETY: caller's contract.
@@ -380,7 +341,7 @@ pub(crate) unsafe fn with_bitmap_unloaded<R>(
 /// # Safety
 /// `bm` is NULL or a bitmap pointer still owned by an open image.
 pub(crate) unsafe fn with_bitmap_mut<R>(
-    bm: *mut super::qdirty_bitmap,
+    bm: *mut qdirty_bitmap,
     f: impl FnOnce(&mut DirtyBitmap) -> Result<R, crate::Error>,
 ) -> Result<R, FfiError> {
     // SAFETY: caller's contract.

@@ -12,7 +12,7 @@ use super::{
     QDIRTY_BITMAP_AUTOLOAD, QDIRTY_BITMAP_DISABLED, QDIRTY_BITMAP_PERSISTENT,
     QDIRTY_OPEN_FORCE_SHARE, QDIRTY_OPEN_RDWR, QDIRTY_OPEN_SALVAGE,
 };
-use crate::image::{AddOptions, Image};
+use crate::image::{AddOptions, Image, OpenOptions};
 
 super::symbol_versions::symbol_versions!("image");
 
@@ -118,12 +118,11 @@ pub unsafe extern "C" fn qdirty_image_open(
         )?;
         // SAFETY: see the function's Safety section.
         let path = unsafe { arg_path(path) }?;
-        let image = Image::open_opts(
-            path,
-            flags & QDIRTY_OPEN_RDWR != 0,
-            flags & QDIRTY_OPEN_FORCE_SHARE != 0,
-            flags & QDIRTY_OPEN_SALVAGE != 0,
-        )?;
+        let image = OpenOptions::new()
+            .read_write(flags & QDIRTY_OPEN_RDWR != 0)
+            .force_share(flags & QDIRTY_OPEN_FORCE_SHARE != 0)
+            .salvage(flags & QDIRTY_OPEN_SALVAGE != 0)
+            .open(path)?;
         Ok(ImageHandle::into_raw(image))
     })
 }
@@ -160,10 +159,8 @@ pub unsafe extern "C" fn qdirty_image_close(
     ffi_call!(
         errp = errp,
         release = {
-            // SAFETY: see the function's Safety section.
-            unsafe { ImageHandle::from_ptr(img, "img") }?;
-            // SAFETY: validated above; C gives up ownership.
-            let handle = unsafe { ImageHandle::take(img) };
+            // SAFETY: see the function's Safety section; C gives up ownership.
+            let handle = unsafe { ImageHandle::take(img) }?;
             let (state, poisoned) = handle.into_state();
             if poisoned {
                 // A panic left the image half-updated: storing it could corrupt the file, and
@@ -269,7 +266,7 @@ pub unsafe extern "C" fn qdirty_image_first_bitmap(img: *mut qdirty_image) -> *m
             let h = unsafe { ImageHandle::from_ptr(img, "img") }?;
             let mut state = h.lock()?;
             Ok(match state.image.bitmap_ids().first() {
-                Some(&id) => state.handle_for(h, id),
+                Some(&id) => state.handle_for(img, id),
                 None => std::ptr::null_mut(),
             })
         };
@@ -299,7 +296,7 @@ pub unsafe extern "C" fn qdirty_image_find_bitmap(
             let name = unsafe { arg_bytes(name, "name") }?;
             let mut state = h.lock()?;
             Ok(match state.image.find_bitmap(name) {
-                Some(id) => state.handle_for(h, id),
+                Some(id) => state.handle_for(img, id),
                 None => std::ptr::null_mut(),
             })
         };
@@ -354,7 +351,7 @@ pub unsafe extern "C" fn qdirty_image_add_bitmap(
         };
         let mut state = h.lock()?;
         let id = state.image.add_bitmap(name, u64::from(granularity), opts)?;
-        let p = state.handle_for(h, id);
+        let p = state.handle_for(img, id);
         if p.is_null() {
             return Err(FfiError::new(
                 libc::EIO,

@@ -14,7 +14,7 @@ use super::handle::{qdirty_image, ImageHandle};
 use super::image::arg_bytes;
 use super::QDIRTY_OPEN_RDWR;
 use crate::image::storage::{ClusterAllocator, Storage};
-use crate::image::Image;
+use crate::image::OpenOptions;
 
 super::symbol_versions::symbol_versions!("io");
 
@@ -412,7 +412,9 @@ pub unsafe extern "C" fn qdirty_image_open_with_io(
         let name = String::from_utf8_lossy(name).into_owned();
         let read_write = flags & QDIRTY_OPEN_RDWR != 0;
         let storage = CallbackStorage::new(ops, opaque, read_write)?;
-        let image = Image::open_storage(Box::new(storage), &name, read_write)?;
+        let image = OpenOptions::new()
+            .read_write(read_write)
+            .open_storage(Box::new(storage), &name)?;
         Ok(ImageHandle::into_raw(image))
     })
 }

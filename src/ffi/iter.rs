@@ -3,8 +3,9 @@
 use std::os::raw::c_int;
 
 use super::boundary::ffi_call;
+use super::castable::{self, Castable, OwnedByCaller};
 use super::error::{qdirty_error, FfiError};
-use super::handle::{qdirty_bitmap, with_bitmap, with_state, ImageHandle};
+use super::handle::{qdirty_bitmap, qdirty_image, with_bitmap, with_state, ImageHandle};
 use crate::bitmap::DirtyIter;
 
 super::symbol_versions::symbol_versions!("iter");
@@ -24,15 +25,16 @@ pub struct qdirty_iter {
     _private: [u8; 0],
 }
 
-const ITER_MAGIC: u64 = 0x7164_6972_7479_4954; // "qdirtyIT"
+impl Castable for qdirty_iter {
+    type RustType = IterObj;
+    type Ownership = OwnedByCaller;
+    const MAGIC: u64 = 0x7164_6972_7479_4954; // "qdirtyIT"
+    const NOT_LIVE: &'static str = "is not a valid qdirty_iter";
+}
 
 /// What `qdirty_iter *` points to.
-/// `repr(C)` with the magic first: a pointer that is not one of ours is recognized by reading
-/// only its first 8 bytes, whatever the size of the rest.
-#[repr(C)]
-struct IterObj {
-    magic: u64,
-    image: *const ImageHandle,
+pub(crate) struct IterObj {
+    image: *const qdirty_image,
     it: Option<DirtyIter>,
 }
 
@@ -44,13 +46,19 @@ unsafe fn iter_mut<'a>(
     p: *mut qdirty_iter,
 ) -> Result<(&'a mut IterObj, &'a ImageHandle), FfiError> {
     // SAFETY: caller's contract.
-    let o = unsafe { p.cast::<IterObj>().as_mut() }.ok_or_else(|| FfiError::null_arg("iter"))?;
-    if o.magic != ITER_MAGIC {
-        return Err(FfiError::invalid("iter is not a valid qdirty_iter"));
-    }
+    let o = unsafe { castable::try_mut(p, "iter") }?;
     // SAFETY: the image outlives its iterators (caller's contract).
-    let img = unsafe { ImageHandle::from_ptr(o.image.cast(), "the iterator's image") }?;
+    let img = unsafe { iter_image(o) }?;
     Ok((o, img))
+}
+
+/// The image of an iterator.
+///
+/// # Safety
+/// The iterator's image is open (it outlives its iterators: caller's contract).
+unsafe fn iter_image<'a>(o: &IterObj) -> Result<&'a ImageHandle, FfiError> {
+    // SAFETY: caller's contract.
+    unsafe { ImageHandle::from_ptr(o.image, "the iterator's image") }
 }
 
 /// A new iterator over the bitmap's dirty granules, positioned at offset 0 (QEMU's
@@ -77,12 +85,10 @@ pub unsafe extern "C" fn qdirty_bitmap_iter_new(
         unsafe {
             with_state(bm, |state, owner, id| {
                 let it = state.image.bitmaps_mut().iter_new(id)?;
-                let o = Box::new(IterObj {
-                    magic: ITER_MAGIC,
+                Ok(castable::to_raw::<qdirty_iter>(IterObj {
                     image: owner,
                     it: Some(it),
-                });
-                Ok(Box::into_raw(o).cast::<qdirty_iter>())
+                }))
             })
         }
     })
@@ -173,16 +179,14 @@ pub unsafe extern "C" fn qdirty_iter_seek(
 pub unsafe extern "C" fn qdirty_iter_free(iter: *mut qdirty_iter) {
     ffi_call!({
         // SAFETY: see the function's Safety section.
-        let Ok((o, img)) = (unsafe { iter_mut(iter) }) else {
+        let Ok(mut o) = (unsafe { castable::take(iter, "iter") }) else {
             return;
         };
-        if let (Some(it), Ok(mut state)) = (o.it.take(), img.lock()) {
+        // SAFETY: as above (its image is open).
+        let img = unsafe { iter_image(&o) };
+        if let (Some(it), Ok(mut state)) = (o.it.take(), img.and_then(|i| i.lock())) {
             state.image.bitmaps_mut().iter_free(it);
         }
-        // SAFETY: the pointer came from Box::into_raw and is freed once.
-        let mut b = unsafe { Box::from_raw(iter.cast::<IterObj>()) };
-        // SAFETY: writing a field of a live box (best effort against double free).
-        unsafe { std::ptr::write_volatile(&mut b.magic, 0) };
     })
 }
 

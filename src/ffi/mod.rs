@@ -1,6 +1,6 @@
 //! The C ABI of qdirty, declared in `include/qdirty.h` (generated from these sources by
-//! cbindgen: `cbindgen --quiet --output include/qdirty.h`, or `QDIRTY_BLESS=1 cargo test --test
-//! header`).
+//! cbindgen: `cbindgen --quiet --config cbindgen.toml --output include/qdirty.h src/ffi/mod.rs`,
+//! or `QDIRTY_BLESS=1 cargo test --test header`).
 //!
 //! This module is the only place with `#[no_mangle]` and `unsafe`. Each exported function is a
 //! few lines of marshalling around the safe Rust API ([`crate::image::Image`],
@@ -103,7 +103,9 @@ mod symbol_versions;
 mod misc;
 // The error object.
 mod error;
-// The handle types.
+// The casts between C pointers and Rust objects, for every object type.
+mod castable;
+// The image and bitmap handles.
 mod handle;
 // qdirty_image_*.
 mod image;
@@ -131,8 +133,6 @@ mod image_ops;
 mod txn;
 // The embedding interface: qdirty_io_ops, qdirty_image_open_with_io.
 mod io;
-// Not part of the C ABI: safe wrappers of OS calls (OFD locks) for the image layer.
-pub(crate) mod sys;
 // The ABI version (the soname's number) and the release version.
 mod version;
 

@@ -15,7 +15,7 @@ super::symbol_versions::symbol_versions!("successor");
 /// The handle of `id`, which must exist.
 fn handle_of(
     state: &mut ImageState,
-    owner: &ImageHandle,
+    owner: *const qdirty_image,
     id: BitmapId,
 ) -> Result<*mut qdirty_bitmap, FfiError> {
     let p = state.handle_for(owner, id);
@@ -70,7 +70,7 @@ pub unsafe extern "C" fn qdirty_image_create_bitmap(
             g => u64::from(g),
         };
         let id = state.image.bitmaps_mut().create(name, g)?;
-        handle_of(&mut state, h, id)
+        handle_of(&mut state, img, id)
     })
 }
 

@@ -4,6 +4,7 @@
 use std::os::raw::{c_char, c_int};
 
 use super::boundary::ffi_call;
+use super::castable::{self, Castable, OwnedByCaller};
 use super::error::{qdirty_error, FfiError};
 use super::handle::{lock_all, qdirty_bitmap, qdirty_image, ImageHandle};
 use super::image::{arg_bytes, check_flags};
@@ -35,24 +36,24 @@ pub struct qdirty_txn {
     _private: [u8; 0],
 }
 
-const TXN_MAGIC: u64 = 0x7164_6972_7479_5458; // "qdirtyTX"
+impl Castable for qdirty_txn {
+    type RustType = TxnObj;
+    type Ownership = OwnedByCaller;
+    const MAGIC: u64 = 0x7164_6972_7479_5458; // "qdirtyTX"
+    const NOT_LIVE: &'static str = "is not a valid qdirty_txn";
+}
 
 /// What `qdirty_txn *` points to.
-/// `repr(C)` with the magic first: a pointer that is not one of ours is recognized by reading
-/// only its first 8 bytes, whatever the size of the rest.
-#[repr(C)]
-struct TxnObj {
-    magic: u64,
+pub(crate) struct TxnObj {
     txn: Transaction,
     /// Every image an action touched, each once.
-    images: Vec<*const ImageHandle>,
+    images: Vec<*const qdirty_image>,
 }
 
 impl TxnObj {
-    fn note(&mut self, h: &ImageHandle) {
-        let p: *const ImageHandle = h;
-        if !self.images.contains(&p) {
-            self.images.push(p);
+    fn note(&mut self, img: *const qdirty_image) {
+        if !self.images.contains(&img) {
+            self.images.push(img);
         }
     }
 
@@ -62,8 +63,7 @@ impl TxnObj {
         let mut handles = Vec::with_capacity(self.images.len());
         for &p in &self.images {
             // SAFETY: the images of a transaction stay open until it is finished (documented).
-            handles
-                .push(unsafe { ImageHandle::from_ptr(p.cast(), "an image of the transaction") }?);
+            handles.push(unsafe { ImageHandle::from_ptr(p, "an image of the transaction") }?);
         }
         let mut guards = lock_all(&handles)?;
         let result = {
@@ -88,11 +88,7 @@ impl TxnObj {
 /// `p` is NULL or a live transaction.
 unsafe fn txn_mut<'a>(p: *mut qdirty_txn) -> Result<&'a mut TxnObj, FfiError> {
     // SAFETY: caller's contract.
-    let t = unsafe { p.cast::<TxnObj>().as_mut() }.ok_or_else(|| FfiError::null_arg("txn"))?;
-    if t.magic != TXN_MAGIC {
-        return Err(FfiError::invalid("txn is not a valid qdirty_txn"));
-    }
-    Ok(t)
+    unsafe { castable::try_mut(p, "txn") }
 }
 
 /// Checks the common arguments of an action.
@@ -121,12 +117,10 @@ unsafe fn action_args<'a>(
 #[no_mangle]
 pub extern "C" fn qdirty_txn_new() -> *mut qdirty_txn {
     ffi_call!({
-        Box::into_raw(Box::new(TxnObj {
-            magic: TXN_MAGIC,
+        castable::to_raw::<qdirty_txn>(TxnObj {
             txn: Transaction::new(),
             images: Vec::new(),
-        }))
-        .cast::<qdirty_txn>()
+        })
     })
 }
 
@@ -168,11 +162,11 @@ pub unsafe extern "C" fn qdirty_txn_add_bitmap(
             autoload: (flags & QDIRTY_BITMAP_AUTOLOAD != 0).then_some(true),
         };
         let mut state = h.lock()?;
-        t.note(h);
+        t.note(img);
         let id = t
             .txn
             .add(&mut state.image, name, u64::from(granularity), opts)?;
-        let p = state.handle_for(h, id);
+        let p = state.handle_for(img, id);
         if p.is_null() {
             return Err(FfiError::new(
                 libc::EIO,
@@ -196,7 +190,7 @@ unsafe fn simple_action(
     // SAFETY: caller's contract.
     let (t, h, name) = unsafe { action_args(txn, img, name) }?;
     let mut state = h.lock()?;
-    t.note(h);
+    t.note(img);
     Ok(f(&mut t.txn, &mut state.image, name)?)
 }
 
@@ -320,7 +314,7 @@ pub unsafe extern "C" fn qdirty_txn_merge_bitmap(
             unsafe { ImageHandle::from_ptr(src_img, "src_img") }?
         };
         let mut guards = lock_all(&[h, src])?;
-        t.note(h);
+        t.note(img);
         if src.same(h) {
             let g = &mut guards[0].1;
             return Ok(t.txn.merge(&mut g.image, target, None, src_name)?);
@@ -432,15 +426,11 @@ pub unsafe extern "C" fn qdirty_txn_abort(
 pub unsafe extern "C" fn qdirty_txn_free(txn: *mut qdirty_txn) {
     ffi_call!({
         // SAFETY: see the function's Safety section.
-        let Ok(t) = (unsafe { txn_mut(txn) }) else {
+        let Ok(mut t) = (unsafe { castable::take(txn, "txn") }) else {
             return;
         };
         if !t.images.is_empty() {
             let _ = t.finish(false);
         }
-        // SAFETY: the pointer came from Box::into_raw and is freed once.
-        let mut b = unsafe { Box::from_raw(txn.cast::<TxnObj>()) };
-        // SAFETY: writing a field of a live box (best effort against double free).
-        unsafe { std::ptr::write_volatile(&mut b.magic, 0) };
     })
 }

@@ -266,11 +266,6 @@ impl FaultHandle {
     pub fn live_image(&self) -> Vec<u8> {
         self.lock().live.clone()
     }
-
-    /// The content made durable by the last successful flush.
-    pub fn durable_image(&self) -> Vec<u8> {
-        self.lock().durable.clone()
-    }
 }
 
 impl Storage for FaultyStorage {

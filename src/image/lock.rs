@@ -15,7 +15,7 @@ use std::fs::File;
 use std::io;
 
 use crate::error::{Error, Result};
-use crate::ffi::sys::{ofd_lock_shared, ofd_probe_locked, ofd_unlock};
+use crate::sys::{ofd_lock_shared, ofd_probe_locked, ofd_unlock};
 
 /// First byte of the "holds permission" range. QEMU: RAW_LOCK_PERM_BASE.
 pub const LOCK_PERM_BASE: u64 = 100;

@@ -5,15 +5,18 @@
 //! the bitmap directory as it is on disk, and the in-memory bitmaps (newest first, as QEMU lists
 //! them). Loading follows `qcow2_load_dirty_bitmaps`, storing `qcow2_store_persistent_dirty_bitmaps`,
 //! removal `qcow2_co_remove_persistent_dirty_bitmap`; see `load.rs` and `store.rs`.
+#![deny(unsafe_code)]
 
 mod alloc;
 pub mod check;
 mod create;
+#[cfg(any(test, feature = "fault-injection"))]
 pub mod fault;
 mod header_cluster;
 pub mod inspect;
 mod load;
-pub mod lock;
+mod lock;
+mod open;
 mod overlap;
 mod qcow2_file;
 mod salvage;
@@ -40,9 +43,10 @@ use crate::format::{
 };
 use header_cluster::HeaderCluster;
 use qcow2_file::{Qcow2File, StoredDirectory};
-use storage::{FileStorage, Storage};
+use storage::Storage;
 
 pub use crate::bitmap::BitmapId;
+pub use open::{OpenOptions, SHARED_OPEN_ATTEMPTS};
 pub use salvage::{drop_bitmaps_extension, BrokenBitmap, DroppedExtension};
 use store::StoreMode;
 pub use store::StoreSpace;
@@ -59,12 +63,8 @@ pub struct AddOptions {
     pub autoload: Option<bool>,
 }
 
-/// How many times a force-share open reads the bitmaps before it gives up on an image whose
-/// bitmaps keep changing under it ([`Image::open_with`]).
-pub const SHARED_OPEN_ATTEMPTS: u32 = 3;
-
 /// The warning given for the deprecated autoload option.
-pub const AUTOLOAD_WARNING: &str = "Autoload option is deprecated and its value is ignored";
+pub(crate) const AUTOLOAD_WARNING: &str = "Autoload option is deprecated and its value is ignored";
 
 /// An open qcow2 image with its dirty bitmaps, or a standalone set of bitmaps with no image
 /// behind them ([`Image::new_memory`]).
@@ -104,43 +104,14 @@ impl Image {
 
     /// Opens an image file; `read_write` opens it for writing and marks loaded bitmaps in_use.
     /// A v2 image opens read-only whatever is asked. Takes QEMU's image locks (fails with
-    /// [`Error::InUse`] while QEMU uses the image in a conflicting way).
+    /// [`Error::InUse`] while QEMU uses the image in a conflicting way). The other ways to open
+    /// (force-share, salvage, any [`Storage`]) are [`OpenOptions`]'.
     pub fn open(path: impl AsRef<Path>, read_write: bool) -> Result<Image> {
-        Self::open_with(path, read_write, false)
+        OpenOptions::new().read_write(read_write).open(path)
     }
 
-    /// [`Image::open`] with QEMU's force-share option (`qemu-img -U`): a read-only open that
-    /// takes no locks, to look at an image another process is using. Such an open reads the
-    /// data of every bitmap at once and checks that the directory and tables did not change
-    /// meanwhile (read again up to [`SHARED_OPEN_ATTEMPTS`] times, then [`Error::InUse`] naming
-    /// what kept changing): the bitmaps are the ones on disk at open, never a mix of versions.
-    pub fn open_with(path: impl AsRef<Path>, read_write: bool, force_share: bool) -> Result<Image> {
-        let path = path.as_ref();
-        let name = path.display().to_string();
-        let storage = FileStorage::open_locked(path, read_write, force_share)?;
-        Self::open_storage_opts(Box::new(storage), &name, read_write, false, force_share)
-    }
-
-    /// Opens an image held by any storage. `name` is used in messages.
-    pub fn open_storage(storage: Box<dyn Storage>, name: &str, read_write: bool) -> Result<Image> {
-        Self::open_storage_opts(storage, name, read_write, false, false)
-    }
-
-    /// [`Image::open_storage`] with QEMU's force-share option: `force_share` on a read-only
-    /// open means another process may be writing the image, so the bitmaps are read as
-    /// [`Image::open_with`] reads them then (all at once, checked for changes meanwhile). The
-    /// storage's locks, if any, are the caller's business.
-    pub fn open_storage_with(
-        storage: Box<dyn Storage>,
-        name: &str,
-        read_write: bool,
-        force_share: bool,
-    ) -> Result<Image> {
-        Self::open_storage_opts(storage, name, read_write, false, force_share)
-    }
-
-    /// Opens an image; `shared`: another process may write it (force-share, see
-    /// [`Image::open_with`]).
+    /// Opens an image (see [`OpenOptions`]); `shared`: another process may write it
+    /// (force-share).
     fn open_storage_opts(
         storage: Box<dyn Storage>,
         name: &str,
@@ -589,7 +560,7 @@ impl Image {
 
     /// Whether a new persistent bitmap can be stored (QEMU: qcow2_co_can_store_new_dirty_bitmap,
     /// with its messages prefixed "Can't make bitmap 'NAME' persistent in 'IMAGE': ").
-    pub fn can_store_new_bitmap(&self, name: &[u8], granularity: u64) -> Result<()> {
+    pub(crate) fn can_store_new_bitmap(&self, name: &[u8], granularity: u64) -> Result<()> {
         let fail = |reason: String, errno: i32| Error::CannotStore {
             name: String::from_utf8_lossy(name).into_owned(),
             image: self.name.clone(),

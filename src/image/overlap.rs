@@ -712,7 +712,7 @@ mod tests {
     use super::super::create::blank_image;
     use super::super::storage::{ClusterAllocator, Storage};
     use super::super::tests::Shared;
-    use super::super::{AddOptions, Image};
+    use super::super::{AddOptions, OpenOptions};
     use crate::error::Error;
     use crate::format::be;
 
@@ -770,7 +770,10 @@ mod tests {
     /// (first table entry).
     fn base() -> Shared {
         let s = Shared::new(blank_image(64 * MIB, 65536).unwrap());
-        let mut img = Image::open_storage(Box::new(s.clone()), "mem", true).unwrap();
+        let mut img = OpenOptions::new()
+            .read_write(true)
+            .open_storage(Box::new(s.clone()), "mem")
+            .unwrap();
         for name in ["b", "c"] {
             let id = img.add_bitmap(name.as_bytes(), 65536, P).unwrap();
             img.bitmap_mut(id).unwrap().set_dirty(0, MIB).unwrap();
@@ -787,7 +790,10 @@ mod tests {
     /// Opens read-write, changes bitmap "b" (`partial`: one more bit, else cleared), closes:
     /// the close must fail naming `want`, and leave the bytes as the open left them.
     fn refused(s: &Shared, partial: bool, want: &[&str]) {
-        let mut img = Image::open_storage(Box::new(s.clone()), "mem", true).unwrap();
+        let mut img = OpenOptions::new()
+            .read_write(true)
+            .open_storage(Box::new(s.clone()), "mem")
+            .unwrap();
         let opened = s.bytes();
         let id = img.find_bitmap(b"b").unwrap();
         if partial {
@@ -857,7 +863,10 @@ mod tests {
             }
             let s = base();
             set_entry(&s, dir_off, target);
-            let mut img = Image::open_storage(Box::new(s.clone()), "mem", true).unwrap();
+            let mut img = OpenOptions::new()
+                .read_write(true)
+                .open_storage(Box::new(s.clone()), "mem")
+                .unwrap();
             let opened = s.bytes();
             let msg = img.remove_bitmap(b"b").unwrap_err().to_string();
             assert!(
@@ -879,7 +888,10 @@ mod tests {
         let mut st = s.clone();
         st.write_all_at(&[0, 0], l.refblock0 + 2 * (l.l1 / 65536))
             .unwrap();
-        let mut img = Image::open_storage(Box::new(s.clone()), "mem", true).unwrap();
+        let mut img = OpenOptions::new()
+            .read_write(true)
+            .open_storage(Box::new(s.clone()), "mem")
+            .unwrap();
         let opened = s.bytes();
         let id = img.add_bitmap(b"n", 65536, P).unwrap();
         img.bitmap_mut(id).unwrap().set_dirty(0, 1).unwrap();
@@ -966,7 +978,10 @@ mod tests {
                 answers: answers.clone(),
                 freed: Vec::new(),
             };
-            let mut img = Image::open_storage(Box::new(host), "host", true).unwrap();
+            let mut img = OpenOptions::new()
+                .read_write(true)
+                .open_storage(Box::new(host), "host")
+                .unwrap();
             let opened = mem.bytes();
             let id = img.add_bitmap(b"n", 65536, P).unwrap();
             // One data cluster (it covers 32 GiB of disk), then the table.

@@ -45,7 +45,7 @@ pub(super) struct Qcow2File {
     /// built on the first write; see `overlap.rs`).
     pub(super) overlap: Option<MetaClusters>,
     pub(super) dir: StoredDirectory,
-    /// Opened in salvage mode ([`Image::open_salvage`](super::Image::open_salvage)).
+    /// Opened in salvage mode ([`OpenOptions::salvage`](super::OpenOptions::salvage)).
     pub(super) salvage: bool,
     /// Salvage: the directory entries (positions in `dir.entries`, ascending) that QEMU would
     /// refuse the image for, with the reason. They are kept in the directory (written back as

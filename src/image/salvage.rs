@@ -1,7 +1,7 @@
 //! Salvage: images whose bitmap directory entries or tables break QEMU's checks (docs/format.md,
 //! 'Checks when loading'), which QEMU refuses to open at all.
 //!
-//! * [`Image::open_salvage`]: an entry that fails QEMU's per-entry checks (extra data, the
+//! * [`OpenOptions::salvage`](super::OpenOptions::salvage): an entry that fails QEMU's per-entry checks (extra data, the
 //!   constraints, a duplicate name) or whose table fails validation or cannot be read does not
 //!   fail the open. It is kept as a *broken bitmap*: listed by [`Image::broken_bitmaps`] with the
 //!   reason QEMU refuses the image for, never loaded, and the only operation on it is removal
@@ -167,37 +167,6 @@ impl Qcow2File {
 }
 
 impl Image {
-    /// Opens an image in salvage mode (module `salvage` documentation): bitmap directory
-    /// entries and tables that QEMU refuses do not fail the open but become broken bitmaps
-    /// ([`Image::broken_bitmaps`]); the valid bitmaps load as with [`Image::open`]. A directory
-    /// that is broken as a whole still fails the open, with [`DROP_HINT`]. Read-write: the
-    /// broken bitmaps can be removed, after which QEMU opens the image again.
-    pub fn open_salvage(path: impl AsRef<Path>, read_write: bool) -> Result<Image> {
-        Self::open_opts(path, read_write, false, true)
-    }
-
-    /// [`Image::open_with`] with the salvage option as well.
-    pub fn open_opts(
-        path: impl AsRef<Path>,
-        read_write: bool,
-        force_share: bool,
-        salvage: bool,
-    ) -> Result<Image> {
-        let path = path.as_ref();
-        let name = path.display().to_string();
-        let storage = FileStorage::open_locked(path, read_write, force_share)?;
-        Self::open_storage_opts(Box::new(storage), &name, read_write, salvage, force_share)
-    }
-
-    /// [`Image::open_storage`] in salvage mode.
-    pub fn open_storage_salvage(
-        storage: Box<dyn Storage>,
-        name: &str,
-        read_write: bool,
-    ) -> Result<Image> {
-        Self::open_storage_opts(storage, name, read_write, true, false)
-    }
-
     /// Whether the image was opened in salvage mode.
     pub fn salvage(&self) -> bool {
         self.file.as_ref().is_some_and(|d| d.salvage)

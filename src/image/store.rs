@@ -804,7 +804,7 @@ mod tests {
     use super::super::create::blank_image;
     use super::super::storage::Storage;
     use super::super::tests::{runs, Shared};
-    use super::super::{AddOptions, Image};
+    use super::super::{AddOptions, Image, OpenOptions};
     use std::io;
 
     const MIB: u64 = 1 << 20;
@@ -894,11 +894,16 @@ mod tests {
         let size = 4000 * 2 * MIB + MIB;
         // Shared keeps the trait's default vectored write (one write per slice).
         let mem = Shared::new(blank_image(size, 512).unwrap());
-        let mut img = Image::open_storage(Box::new(mem.clone()), "mem", true).unwrap();
+        let mut img = OpenOptions::new()
+            .read_write(true)
+            .open_storage(Box::new(mem.clone()), "mem")
+            .unwrap();
         fill(&mut img, size);
         let want = runs(&mut img, "mix");
         img.close().unwrap();
-        let mut img = Image::open_storage(Box::new(mem), "mem", false).unwrap();
+        let mut img = OpenOptions::new()
+            .open_storage(Box::new(mem), "mem")
+            .unwrap();
         assert_eq!(runs(&mut img, "mix"), want, "memory storage");
 
         // A file: FileStorage's writev path.

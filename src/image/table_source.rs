@@ -181,10 +181,6 @@ impl LazySource for TableSource {
     fn load(&self, into: &mut HBitmap) -> Result<()> {
         self.load_into(into, u64::MAX)
     }
-
-    fn table_offset(&self) -> u64 {
-        self.table_offset
-    }
 }
 
 /// The sources handed out, to invalidate those whose tables get freed.

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use super::alloc::Refcounts;
 use super::create::blank_image;
 use super::storage::Storage;
-use super::{AddOptions, Image};
+use super::{AddOptions, Image, OpenOptions};
 use crate::error::Error;
 use crate::format::{be, AUTOCLEAR_BITMAPS};
 
@@ -63,7 +63,10 @@ const P: AddOptions = AddOptions {
 };
 
 fn open(s: &Shared, rw: bool) -> Image {
-    Image::open_storage(Box::new(s.clone()), "mem", rw).unwrap()
+    OpenOptions::new()
+        .read_write(rw)
+        .open_storage(Box::new(s.clone()), "mem")
+        .unwrap()
 }
 
 /// Dirty runs of `name`, as (offset, length).
@@ -270,7 +273,10 @@ fn corrupt_and_dirty_images_open_read_only_only() {
         let s = Shared::new(blank_image(64 * MIB, 65536).unwrap());
         set_header_u64(&s, 72, |v| v | bit);
         let before = s.bytes();
-        let err = Image::open_storage(Box::new(s.clone()), "mem", true).unwrap_err();
+        let err = OpenOptions::new()
+            .read_write(true)
+            .open_storage(Box::new(s.clone()), "mem")
+            .unwrap_err();
         assert!(matches!(err, Error::NeedsRepair(_)), "{err}");
         assert!(err.to_string().contains("qemu-img check -r all"), "{err}");
         assert_eq!(err.errno(), libc::EACCES);
@@ -288,7 +294,10 @@ fn unknown_incompatible_features_are_refused() {
     let s = Shared::new(blank_image(64 * MIB, 65536).unwrap());
     set_header_u64(&s, 72, |v| v | 1 << 63);
     for rw in [false, true] {
-        let err = Image::open_storage(Box::new(s.clone()), "mem", rw).unwrap_err();
+        let err = OpenOptions::new()
+            .read_write(rw)
+            .open_storage(Box::new(s.clone()), "mem")
+            .unwrap_err();
         assert!(matches!(err, Error::Unsupported(_)), "{err}");
         assert!(err.to_string().contains("8000000000000000"), "{err}");
     }

@@ -29,7 +29,8 @@ impl HBitmap {
     }
 }
 
-/// Iterator over the maximal dirty runs of a range (see [`HBitmap::dirty_runs`]).
+/// Iterator over the maximal dirty runs of a range, as (offset, length) in bytes (see
+/// [`DirtyBitmap::dirty_runs`](crate::bitmap::DirtyBitmap::dirty_runs)).
 ///
 /// Works a chunk at a time: the non-zero words of a partial chunk are visited through its
 /// summaries (their addresses do not depend on the words' contents, so the memory loads

@@ -1,12 +1,68 @@
-//! The one operating-system call of the write log's memory reclamation: Linux's membarrier(2)
-//! (Linux >= 4.14), which issues a full memory barrier on every running thread of the process.
+//! The operating-system calls qdirty makes beyond std, each behind a safe function (the other
+//! direction of the foreign function interface). With the C ABI (src/ffi) and the write log's
+//! memory reclamation (src/qsbr.rs), this is the only place with `unsafe` code.
 //!
-//! It lets the write hook order its accesses with plain stores and a compiler fence (no locked
-//! instruction) while the one thread that frees memory pays for the barrier
-//! (src/qsbr.rs explains the protocol).
+//! - Open-file-description byte-range locks (Linux `F_OFD_SETLK` / `F_OFD_GETLK`), as QEMU's
+//!   file-posix driver takes them (docs/format.md, 'Image locking'), for the image layer's
+//!   locking (src/image/lock.rs).
+//! - membarrier(2) (Linux >= 4.14), which issues a full memory barrier on every running thread
+//!   of the process: it lets the write hook order its accesses with plain stores and a
+//!   compiler fence (no locked instruction) while the one thread that frees memory pays for
+//!   the barrier (src/qsbr.rs explains the protocol).
 
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
 #[cfg(target_os = "linux")]
 use std::sync::OnceLock;
+
+// Open-file-description locks.
+
+fn flock_for(kind: libc::c_short, byte: u64) -> io::Result<libc::flock> {
+    // SAFETY: flock is a plain C struct for which all-zero bytes are a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start =
+        libc::off_t::try_from(byte).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    fl.l_len = 1;
+    fl.l_pid = 0; // required by OFD locks
+    Ok(fl)
+}
+
+fn fcntl_lock(file: &File, cmd: libc::c_int, fl: &mut libc::flock) -> io::Result<()> {
+    // SAFETY: the descriptor is open for as long as `file` lives, and `fl` is a valid flock
+    // that the kernel may write to (F_OFD_GETLK).
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), cmd, fl as *mut libc::flock) };
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Takes a shared (read) OFD lock on one byte of `file`. Fails with EAGAIN when another open
+/// file description holds a write lock on it.
+pub(crate) fn ofd_lock_shared(file: &File, byte: u64) -> io::Result<()> {
+    let mut fl = flock_for(libc::F_RDLCK as libc::c_short, byte)?;
+    fcntl_lock(file, libc::F_OFD_SETLK, &mut fl)
+}
+
+/// Releases this open file description's OFD lock on one byte of `file`.
+pub(crate) fn ofd_unlock(file: &File, byte: u64) -> io::Result<()> {
+    let mut fl = flock_for(libc::F_UNLCK as libc::c_short, byte)?;
+    fcntl_lock(file, libc::F_OFD_SETLK, &mut fl)
+}
+
+/// Whether another open file description holds any lock on one byte of `file` (a write-lock
+/// probe with F_OFD_GETLK, as QEMU tests for conflicts).
+pub(crate) fn ofd_probe_locked(file: &File, byte: u64) -> io::Result<bool> {
+    let mut fl = flock_for(libc::F_WRLCK as libc::c_short, byte)?;
+    fcntl_lock(file, libc::F_OFD_GETLK, &mut fl)?;
+    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+// membarrier(2).
 
 /// Asks which commands the kernel supports (a bit mask of them). Linux: MEMBARRIER_CMD_QUERY.
 #[cfg(target_os = "linux")]
