@@ -3,9 +3,9 @@
 //!
 //! - `qdirty_image *` is an [`ImageHandle`] that C owns ([`OwnedByCaller`]): the [`Image`] and the bitmap handles handed out so
 //!   far, both behind one mutex, and outside it the image's lock-free write hook
-//!   ([`WriteLog`]), which `qdirty_image_set_dirty` uses without locking. Taking the lock folds
-//!   the log into the bitmaps first, so every locked call sees the writes that completed before
-//!   it.
+//!   ([`WriteLog`]), which `qdirty_image_set_dirty` uses without locking. Taking the lock absorbs
+//!   the log (each bitmap then catches up when it is read: docs/design.md, 'Freshness'), so
+//!   every locked call sees the writes that completed before it.
 //! - `qdirty_bitmap *` is a [`BitmapHandle`] owned by its image handle ([`OwnedByParent`]):
 //!   created the first time a bitmap is handed out (first/next/find/add), freed only when the
 //!   image is closed. It names the bitmap by [`BitmapId`], which an image never reuses; every
@@ -87,11 +87,11 @@ const _: fn() = || {
 pub(crate) struct ImageHandle {
     /// The image's write log, shared with its bitmap set: the hook writes here without the lock.
     log: Arc<WriteLog>,
-    state: Mutex<ImageState>,
+    state: Mutex<LockedImage>,
 }
 
 /// Everything behind the image lock.
-pub(crate) struct ImageState {
+pub(crate) struct LockedImage {
     pub(crate) image: Image,
     /// The bitmap handles handed out so far, freed with the image.
     handles: Children<BitmapId, qdirty_bitmap>,
@@ -111,7 +111,7 @@ impl ImageHandle {
     pub(crate) fn into_raw(image: Image) -> *mut qdirty_image {
         castable::to_raw(ImageHandle {
             log: image.write_hook(),
-            state: Mutex::new(ImageState {
+            state: Mutex::new(LockedImage {
                 image,
                 handles: Children::default(),
             }),
@@ -157,14 +157,14 @@ impl ImageHandle {
     /// that completed before it: each bitmap takes the absorbed writes when the call reads or
     /// changes it ([`with_bitmap`], the image's `&mut` methods), or all of them at a
     /// [`Image::fold_writes`](crate::Image::fold_writes) (query, store).
-    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, ImageState>, FfiError> {
+    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, LockedImage>, FfiError> {
         let mut state = self.state.lock().map_err(|_| FfiError::poisoned())?;
         state.image.absorb_writes();
         Ok(state)
     }
 
     /// The state, for closing, and whether an earlier panic poisoned the lock.
-    pub(crate) fn into_state(self) -> (ImageState, bool) {
+    pub(crate) fn into_state(self) -> (LockedImage, bool) {
         match self.state.into_inner() {
             Ok(state) => (state, false),
             Err(poisoned) => (poisoned.into_inner(), true),
@@ -177,10 +177,10 @@ impl ImageHandle {
     }
 }
 
-impl ImageState {
+impl LockedImage {
     /// The image, for closing (bitmap handles are freed when `self` drops).
     pub(crate) fn into_image(self) -> Image {
-        let ImageState { image, handles } = self;
+        let LockedImage { image, handles } = self;
         drop(handles);
         image
     }
@@ -271,7 +271,7 @@ fn c_name(name: &[u8]) -> CString {
 /// `bm` is NULL or a bitmap pointer still owned by an open image.
 pub(crate) unsafe fn with_state<R>(
     bm: *const qdirty_bitmap,
-    f: impl FnOnce(&mut ImageState, *const qdirty_image, BitmapId) -> Result<R, FfiError>,
+    f: impl FnOnce(&mut LockedImage, *const qdirty_image, BitmapId) -> Result<R, FfiError>,
 ) -> Result<R, FfiError> {
     // SAFETY: caller's contract.
     let h = unsafe { BitmapHandle::from_ptr(bm) }?;
@@ -286,7 +286,7 @@ pub(crate) unsafe fn with_state<R>(
 /// cannot deadlock each other). The guards come back in address order.
 pub(crate) fn lock_all<'a>(
     images: &[&'a ImageHandle],
-) -> Result<Vec<(&'a ImageHandle, MutexGuard<'a, ImageState>)>, FfiError> {
+) -> Result<Vec<(&'a ImageHandle, MutexGuard<'a, LockedImage>)>, FfiError> {
     let mut sorted: Vec<&'a ImageHandle> = images.to_vec();
     sorted.sort_by_key(|h| *h as *const ImageHandle as usize);
     sorted.dedup_by(|a, b| a.same(b));

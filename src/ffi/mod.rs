@@ -99,8 +99,8 @@
 pub(crate) mod boundary;
 // The symbol version of each export (src/ffi/qdirty.map).
 mod symbol_versions;
-// Version, strings, warnings.
-mod misc;
+// Process-wide: the version, strings returned by qdirty, the warning handler.
+mod global;
 // The error object.
 mod error;
 // The casts between C pointers and Rust objects, for every object type.
@@ -112,7 +112,7 @@ mod image;
 // qdirty_bitmap_*.
 mod bitmap;
 // The mirror of QEMU's dirty-bitmap API: state flags and check.
-mod state;
+mod bitmap_state;
 // Low-level create/release and successors.
 mod successor;
 // Clear/merge with a backup, restore, merge of any two bitmaps.
@@ -124,11 +124,12 @@ mod serialize;
 // Query snapshot.
 mod query;
 // Space a store needs.
-mod space;
+mod store_space;
 // Salvage: broken bitmaps, dropping the bitmaps extension.
 mod salvage;
-// Standalone images, reopen, truncate, default granularity.
-mod image_ops;
+// Operations on the image as a block node (QEMU: bdrv_*): standalone images, reopen, truncate,
+// default granularity, readonly bitmaps, removal of a stored copy.
+mod node;
 // Transactions.
 mod txn;
 // The embedding interface: qdirty_io_ops, qdirty_image_open_with_io.
@@ -173,11 +174,11 @@ pub const QDIRTY_BITMAP_AUTOLOAD: u32 = 4u32;
 pub use error::{
     qdirty_error, qdirty_error_errno, qdirty_error_free, qdirty_error_hint, qdirty_error_message,
 };
-pub use handle::{qdirty_bitmap, qdirty_image};
-pub use misc::{
+pub use global::{
     qdirty_set_warning_handler, qdirty_string_free, qdirty_version, qdirty_version_number,
     qdirty_warning_fn,
 };
+pub use handle::{qdirty_bitmap, qdirty_image};
 pub use version::{
     QDIRTY_ABI_MAJOR, QDIRTY_VERSION_MAJOR, QDIRTY_VERSION_MINOR, QDIRTY_VERSION_NUMBER,
     QDIRTY_VERSION_PATCH,
@@ -200,7 +201,7 @@ pub use bitmap::{
 };
 pub use bitmap::{qdirty_bitmap_dirty_extents, qdirty_extent};
 
-pub use state::{
+pub use bitmap_state::{
     qdirty_bitmap_busy, qdirty_bitmap_check, qdirty_bitmap_has_successor, qdirty_bitmap_recording,
     qdirty_bitmap_set_busy, qdirty_bitmap_set_inconsistent, qdirty_bitmap_set_persistence,
     qdirty_bitmap_set_readonly, qdirty_bitmap_set_skip_store, qdirty_bitmap_skip_store,
@@ -232,14 +233,14 @@ pub use serialize::{
 
 pub use query::{qdirty_bitmap_info, qdirty_bitmap_info_free, qdirty_image_query_bitmaps};
 
-pub use space::qdirty_image_store_space;
+pub use store_space::qdirty_image_store_space;
 
 pub use salvage::{
     qdirty_image_broken_bitmap, qdirty_image_broken_bitmap_count,
     qdirty_image_drop_bitmaps_extension, qdirty_image_remove_broken_bitmap,
 };
 
-pub use image_ops::{
+pub use node::{
     qdirty_image_default_granularity, qdirty_image_has_readonly_bitmaps, qdirty_image_new_memory,
     qdirty_image_remove_stored_bitmap, qdirty_image_reopen, qdirty_image_truncate,
 };

@@ -6,7 +6,7 @@ use std::os::raw::{c_char, c_int};
 
 use super::boundary::ffi_call;
 use super::error::{qdirty_error, FfiError};
-use super::handle::{qdirty_bitmap, qdirty_image, with_state, ImageHandle, ImageState};
+use super::handle::{qdirty_bitmap, qdirty_image, with_state, ImageHandle, LockedImage};
 use super::image::arg_bytes;
 use crate::image::BitmapId;
 
@@ -14,7 +14,7 @@ super::symbol_versions::symbol_versions!("successor");
 
 /// The handle of `id`, which must exist.
 fn handle_of(
-    state: &mut ImageState,
+    state: &mut LockedImage,
     owner: *const qdirty_image,
     id: BitmapId,
 ) -> Result<*mut qdirty_bitmap, FfiError> {

@@ -6,7 +6,7 @@ use super::boundary::ffi_call;
 use super::error::{qdirty_error, FfiError};
 use super::handle::{qdirty_image, ImageHandle};
 
-super::symbol_versions::symbol_versions!("space");
+super::symbol_versions::symbol_versions!("store_space");
 
 /// How much space a store (`qdirty_image_store_bitmaps`, close) needs now.
 ///

@@ -10,7 +10,7 @@ use super::handle::{
 };
 use crate::bitmap::{CHECK_BUSY, CHECK_INCONSISTENT, CHECK_RO};
 
-super::symbol_versions::symbol_versions!("state");
+super::symbol_versions::symbol_versions!("bitmap_state");
 
 /// `qdirty_bitmap_check` flag (QEMU's BDRV_BITMAP_BUSY): fail if the bitmap is busy.
 pub const QDIRTY_CHECK_BUSY: u32 = 1u32;

@@ -10,7 +10,7 @@ use super::image::{arg_bytes, check_flags};
 use super::QDIRTY_OPEN_RDWR;
 use crate::image::Image;
 
-super::symbol_versions::symbol_versions!("image_ops");
+super::symbol_versions::symbol_versions!("node");
 
 /// Creates a standalone image: bitmaps over `size` bytes with no qcow2 file behind them (for raw
 /// disks, guest RAM, tests). Every in-memory operation works as on a qcow2 image (add, create,

@@ -7,7 +7,7 @@ use super::boundary::ffi_call;
 use super::error::cstring_lossy;
 use super::version::QDIRTY_VERSION_NUMBER;
 
-super::symbol_versions::symbol_versions!("misc");
+super::symbol_versions::symbol_versions!("global");
 
 /// The library version with its NUL terminator.
 static VERSION_CSTR: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
