@@ -21,9 +21,8 @@
 //! QDIRTY_BENCH_WRITES_1000 (default 100000), QDIRTY_BENCH_ROUNDS (C rounds, default 7),
 //! QDIRTY_BENCH_QEMU_WRITES (default 20000), QDIRTY_BENCH_NO_QEMU=1 skips QEMU.
 
-#[path = "../tests/support/clib.rs"]
-mod clib;
 use clib::{lib_dir, root};
+use qdirty_testkit::clib;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;

@@ -9,11 +9,8 @@
 //!
 //! The QEMU parts print `SKIP ...` when the tools are missing (fail with QDIRTY_REQUIRE_QEMU=1).
 
-mod common;
-
-#[path = "support/clib.rs"]
-mod clib;
 use clib::{lib_dir, link_soname, root};
+use qdirty_testkit::clib;
 use std::ffi::{c_void, CStr, CString};
 use std::fs::File;
 use std::os::raw::c_int;
@@ -22,8 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::ptr;
 
-use common::*;
 use qdirty::ffi::*;
+use qdirty_testkit::*;
 
 const MIB: u64 = 1 << 20;
 

@@ -4,10 +4,7 @@
 //! extension, splices of big-endian fields) runs each target for a fixed number of inputs.
 //! A panic anywhere is a finding. `QDIRTY_FUZZ_ITERS` scales the loop (default 1500, times 5 for the parsers).
 
-#[path = "../fuzz/src/targets.rs"]
-mod targets;
-
-mod common;
+use qdirty_testkit::fuzz_targets as targets;
 
 use std::path::Path;
 
@@ -155,7 +152,7 @@ fn iters() -> usize {
 }
 
 fn run(target: &str, f: fn(&[u8]), seed: u64, iters: usize) {
-    let tmp = common::TempDir::new(&format!("fuzz-{target}"));
+    let tmp = qdirty_testkit::TempDir::new(&format!("fuzz-{target}"));
     let mut inputs: Vec<Vec<u8>> = targets::seeds(tmp.path())
         .into_iter()
         .filter(|(t, _)| *t == target)
@@ -217,7 +214,7 @@ fn fuzz_write_seeds() {
     if std::env::var("QDIRTY_FUZZ_WRITE_SEEDS").as_deref() != Ok("1") {
         return;
     }
-    let tmp = common::TempDir::new("fuzz-seeds");
+    let tmp = qdirty_testkit::TempDir::new("fuzz-seeds");
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
     let map = |t: &str| match t {
         "header" => "header_and_extensions",

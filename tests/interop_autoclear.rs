@@ -6,11 +6,9 @@
 //! read-write open and kept by a read-only one. Removing the last bitmap drops the extension and
 //! bit 0 together.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use qdirty_testkit::*;
 
 const MIB: u64 = 1 << 20;
 

@@ -1,9 +1,7 @@
-//! Self-tests of the interop harness (tests/common): the JSON parser, the run models, and the
-//! QEMU-only helpers checked against what was written. These do not call the library.
+//! Self-tests of the interop harness (the test kit, qdirty_testkit): the JSON parser, the run
+//! models, and the QEMU-only helpers checked against what was written. These do not call the library.
 
-mod common;
-
-use common::*;
+use qdirty_testkit::*;
 
 #[test]
 fn json_parser_handles_qemu_shapes() {

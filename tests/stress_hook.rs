@@ -18,8 +18,6 @@
 //!
 //! `QDIRTY_STRESS_ITERS` sets the writes per writer thread (default 20000).
 
-mod common;
-
 use std::ffi::{CStr, CString};
 use std::io::Write as _;
 use std::ptr;
@@ -27,8 +25,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Barrier;
 use std::time::Instant;
 
-use common::{have_tool, qemu_img_check, TempDir};
 use qdirty::ffi::*;
+use qdirty_testkit::{have_tool, qemu_img_check, TempDir};
 
 const SIZE: u64 = 256 << 20;
 const WRITERS: usize = 3;

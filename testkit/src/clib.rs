@@ -1,13 +1,14 @@
-//! Finding and using the C library that cargo built for this test (or bench) run. Included by
-//! the tests that build C programs or load libqdirty.so (`#[path = "support/clib.rs"] mod clib;`).
-#![allow(dead_code)]
+//! Finding and using the C library that cargo built for this test (or bench) run: for the tests
+//! that build C programs or load libqdirty.so.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The repository root.
+/// The repository root (the parent of this crate's directory).
 pub fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the test kit lives in the repository")
 }
 
 /// The host triple, for the cc crate (integration tests have no TARGET/HOST variables).
