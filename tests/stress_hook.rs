@@ -26,7 +26,7 @@ use std::sync::Barrier;
 use std::time::Instant;
 
 use qdirty::ffi::*;
-use qdirty_testkit::{have_tool, qemu_img_check, TempDir};
+use qdirty_testkit::{have_tool, qemu_img_check, Prng, TempDir};
 
 const SIZE: u64 = 256 << 20;
 const WRITERS: usize = 3;
@@ -48,21 +48,6 @@ unsafe impl<T> Sync for P<T> {}
 impl<T> P<T> {
     fn get(self) -> *mut T {
         self.0
-    }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 
@@ -314,7 +299,7 @@ fn stress_write_hook_with_management_on_a_file() {
             let (start, toggle_seq, ready) = (&start, &toggle_seq, &ready);
             writers.push(s.spawn(move || {
                 let img = imgp.get();
-                let mut rng = Rng(0x5eed + t as u64);
+                let mut rng = Prng::new(0x5eed + t as u64);
                 let mut all = Vec::with_capacity(n_iters);
                 let mut while_enabled = Vec::new();
                 start.wait();
@@ -350,7 +335,7 @@ fn stress_write_hook_with_management_on_a_file() {
         s.spawn(|| {
             let img = imgp.get();
             let always = find(img, "always");
-            let mut rng = Rng(1);
+            let mut rng = Prng::new(1);
             start.wait();
             let mut rounds = 0u64;
             while !done.load(SeqCst) || rounds < MIN_ROUNDS {
@@ -425,7 +410,7 @@ fn stress_write_hook_with_management_on_a_file() {
             let img = imgp.get();
             let always = find(img, "always");
             let coarse = find(img, "coarse");
-            let mut rng = Rng(2);
+            let mut rng = Prng::new(2);
             start.wait();
             let mut last_count = 0;
             let mut rounds = 0u64;

@@ -26,4 +26,8 @@ impl Prng {
             self.next_u64() % n
         }
     }
+    /// Uniform-ish index into a slice of `len` elements: [0, len), 0 for an empty one.
+    pub fn index(&mut self, len: usize) -> usize {
+        self.below(len as u64) as usize
+    }
 }
