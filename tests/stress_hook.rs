@@ -26,7 +26,7 @@ use std::sync::Barrier;
 use std::time::Instant;
 
 use qdirty::ffi::*;
-use qdirty_testkit::{have_tool, qemu_img_check, Prng, TempDir};
+use qdirty_testkit::{expected_runs, have_tool, qemu_img_check, Prng, TempDir};
 
 const SIZE: u64 = 256 << 20;
 const WRITERS: usize = 3;
@@ -129,30 +129,6 @@ fn extents(bm: *const qdirty_bitmap) -> Vec<(u64, u64)> {
     out
 }
 
-/// The union of `ranges` rounded outward to `gran`, clamped to SIZE, as maximal runs.
-fn union(ranges: &[(u64, u64)], gran: u64) -> Vec<(u64, u64)> {
-    let mut iv: Vec<(u64, u64)> = ranges
-        .iter()
-        .filter(|r| r.1 > 0 && r.0 < SIZE)
-        .map(|&(o, l)| {
-            let end = (o + l).min(SIZE).div_ceil(gran) * gran;
-            (o / gran * gran, end.min(SIZE))
-        })
-        .collect();
-    iv.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (s, e) in iv {
-        match out.last_mut() {
-            Some(last) if s <= last.0 + last.1 => {
-                let end = (last.0 + last.1).max(e);
-                last.1 = end - last.0;
-            }
-            _ => out.push((s, e - s)),
-        }
-    }
-    out
-}
-
 /// Whether every run of `inner` lies inside some run of `outer` (both sorted, maximal).
 fn covered(inner: &[(u64, u64)], outer: &[(u64, u64)]) -> Result<(), (u64, u64)> {
     for &(s, c) in inner {
@@ -191,7 +167,7 @@ fn check_bitmaps(img: *mut qdirty_image, w: &Written, when: &str) -> Result<(), 
         assert!(!unsafe { qdirty_bitmap_inconsistent(bm) }, "{when}");
     }
 
-    let want4k = union(&w.all, 4096);
+    let want4k = expected_runs(&w.all, 4096, SIZE);
     let got = extents(always);
     if got != want4k {
         return Err(format!(
@@ -206,7 +182,7 @@ fn check_bitmaps(img: *mut qdirty_image, w: &Written, when: &str) -> Result<(), 
     assert_eq!(unsafe { qdirty_bitmap_count(always) }, bytes, "{when}");
     all_dirty(always, &w.all, when);
 
-    let want64k = union(&w.all, 65536);
+    let want64k = expected_runs(&w.all, 65536, SIZE);
     if extents(coarse) != want64k {
         return Err(format!("{when}: 'coarse' differs from the written ranges"));
     }

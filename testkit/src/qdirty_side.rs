@@ -8,27 +8,17 @@ use qdirty::{DirtyBitmap, Image};
 
 use crate::qemu::{nbd_dirty_extents, qemu_img_info_bitmaps};
 use crate::qmp::qemu_sha256s;
-use crate::runs::{diff_runs, merge_runs};
+use crate::runs::diff_runs;
 use crate::tempdir::TempDir;
 use crate::tools::short;
 
-/// The dirty runs of a qdirty bitmap, from next_dirty_area, adjacent runs merged.
+/// The dirty runs of a qdirty bitmap over the whole disk ([`DirtyBitmap::dirty_runs`]: maximal
+/// runs, in order). Panics with the error when the bitmap is unusable (inconsistent, or its data
+/// unreadable): no run list stands for an unknown bitmap.
 pub fn qdirty_runs(bm: &DirtyBitmap) -> Vec<(u64, u64)> {
-    let size = bm.size();
-    let mut runs = Vec::new();
-    let mut pos = 0u64;
-    while pos < size {
-        let Some((start, len)) = bm.next_dirty_area(pos, size, u64::MAX) else {
-            break;
-        };
-        assert!(
-            len > 0 && start >= pos,
-            "next_dirty_area({pos}, {size}) returned ({start}, {len})"
-        );
-        runs.push((start, len));
-        pos = start + len;
-    }
-    merge_runs(runs)
+    bm.dirty_runs(0, bm.size())
+        .unwrap_or_else(|e| panic!("dirty runs of qdirty bitmap '{}': {e}", bm_name(bm)))
+        .collect()
 }
 
 /// Name (lossy UTF-8) of a qdirty bitmap.
