@@ -9,13 +9,15 @@
 //! `qemu-img check` runs on every state when QDIRTY_CRASH_FULL=1 (CI) and on a deterministic
 //! subset (every 7th state, first and last) otherwise; qdirty's own checks run on all states.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
+use common::*;
 use qdirty::image::check::check_bitmaps;
 use qdirty::image::fault::{Fault, FaultyStorage, Op, Unflushed, SECTOR};
 use qdirty::image::storage::MemStorage;
 use qdirty::{AddOptions, Image};
-use qdirty_testkit::*;
 
 const MIB: u64 = 1 << 20;
 

@@ -4,11 +4,13 @@
 //! (store_bitmaps) leaves the in-memory bitmaps usable: after the fault is gone, the same image
 //! object stores them.
 
+mod common;
+
+use common::*;
 use qdirty::image::check::check_bitmaps;
 use qdirty::image::fault::{Fault, FaultHandle, FaultyStorage};
 use qdirty::image::storage::MemStorage;
 use qdirty::{AddOptions, Image};
-use qdirty_testkit::*;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;

@@ -9,6 +9,8 @@
 //!
 //! The QEMU parts print `SKIP ...` when the tools are missing (fail with QDIRTY_REQUIRE_QEMU=1).
 
+mod common;
+
 use clib::{lib_dir, link_soname, root};
 use qdirty_testkit::clib;
 use std::ffi::{c_void, CStr, CString};
@@ -19,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::ptr;
 
+use common::*;
 use qdirty::ffi::*;
-use qdirty_testkit::*;
 
 const MIB: u64 = 1 << 20;
 

@@ -20,6 +20,8 @@
 //!
 //! Expected errnos come from the header (the contract), not from qdirty's behaviour.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{c_void, CStr, CString};
 use std::os::raw::c_int;
@@ -28,9 +30,9 @@ use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
+use common::TempDir;
 use qdirty::ffi::*;
 use qdirty::{AddOptions, Image};
-use qdirty_testkit::TempDir;
 
 const MIB: u64 = 1 << 20;
 const G: u64 = 65536;

@@ -4,8 +4,10 @@
 //! extension, splices of big-endian fields) runs each target for a fixed number of inputs.
 //! A panic anywhere is a finding. `QDIRTY_FUZZ_ITERS` scales the loop (default 1500, times 5 for the parsers).
 
-use qdirty_testkit::fuzz_targets as targets;
-use qdirty_testkit::{Prng, TempDir};
+mod common;
+
+use common::{Prng, TempDir};
+use qdirty_fuzz_targets as targets;
 
 use std::path::Path;
 

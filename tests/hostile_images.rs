@@ -20,11 +20,13 @@
 //! bitmaps, unknown autoclear bits, a bitmaps extension invalidated by an old writer) and runs
 //! qdirty read-write sessions on them; `qemu-img check` must find nothing it did not find before.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::*;
 use qdirty::{AddOptions, Image};
-use qdirty_testkit::*;
 
 /// Peak resident memory allowed for one open of a hostile image, in KiB. Every image of the
 /// corpus is a few hundred KiB; QEMU's own caps would let a reader allocate up to 64 MiB for a

@@ -6,9 +6,11 @@
 //! read-write open and kept by a read-only one. Removing the last bitmap drops the extension and
 //! bit 0 together.
 
+mod common;
+
 use std::path::Path;
 
-use qdirty_testkit::*;
+use common::*;
 
 const MIB: u64 = 1 << 20;
 

@@ -1,7 +1,9 @@
 //! Interop F: qcow2 v2 images, and unknown header extensions / header fields.
 
+mod common;
+
+use common::*;
 use qdirty::{AddOptions, Image};
-use qdirty_testkit::*;
 
 const MIB: u64 = 1 << 20;
 

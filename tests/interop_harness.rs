@@ -1,7 +1,9 @@
 //! Self-tests of the interop harness (the test kit, qdirty_testkit): the JSON parser, the run
 //! models, and the QEMU-only helpers checked against what was written. These do not call the library.
 
-use qdirty_testkit::*;
+mod common;
+
+use common::*;
 
 #[test]
 fn json_parser_handles_qemu_shapes() {

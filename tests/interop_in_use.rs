@@ -5,10 +5,12 @@
 //! QEMU (qemu-io abort, SIGKILLed qemu-storage-daemon) are inconsistent in qdirty: listed, every
 //! operation but remove fails with QEMU's message and hint, remove works and leaves a clean image.
 
+mod common;
+
 use std::path::Path;
 
+use common::*;
 use qdirty::{Error, Image};
-use qdirty_testkit::*;
 
 const MIB: u64 = 1 << 20;
 

@@ -3,8 +3,10 @@
 //! the same shared OFD locks and conflict probes as QEMU, so neither writes an image the other
 //! is using.
 
+mod common;
+
+use common::*;
 use qdirty::{Error, Image};
-use qdirty_testkit::*;
 
 const MIB: u64 = 1 << 20;
 

@@ -1,9 +1,11 @@
 //! Interop E: merge, enable, disable, clear and remove, done by `qemu-img bitmap` on one copy of
 //! an image and by qdirty on another: QEMU must then see identical bitmaps in both copies.
 
+mod common;
+
 use std::path::Path;
 
-use qdirty_testkit::*;
+use common::*;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 24 * MIB + 512;

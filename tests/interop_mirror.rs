@@ -6,11 +6,13 @@
 //! must equal qdirty's. At the end both store their bitmaps and QEMU's tools must see identical
 //! images. A second test covers reopen read-write -> read-only -> read-write.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::*;
 use qdirty::image::Transaction;
 use qdirty::{AddOptions, Error, Image};
-use qdirty_testkit::*;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 40 * MIB + 512;

@@ -5,10 +5,12 @@
 //! export over NBD exactly the ranges that were set (rounded outward to granules, computed here
 //! independently), and leave guest data untouched (`qemu-img compare`).
 
+mod common;
+
 use std::path::Path;
 
+use common::*;
 use qdirty::Image;
-use qdirty_testkit::*;
 
 const MIB: u64 = 1 << 20;
 

@@ -4,9 +4,11 @@
 //! must see exactly what QEMU sees: the same names, granularities, enabled == "auto", the dirty
 //! runs QEMU exports over NBD, and the SHA-256 QEMU computes (x-debug-block-dirty-bitmap-sha256).
 
+mod common;
+
 use std::path::Path;
 
-use qdirty_testkit::*;
+use common::*;
 
 const MIB: u64 = 1 << 20;
 

@@ -4,14 +4,16 @@
 //! a small tmpfs) during store leaves the old bitmaps readable by QEMU and the in-memory ones
 //! intact.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use common::*;
 use qdirty::image::storage::{FileStorage, Storage};
 use qdirty::{AddOptions, Image};
-use qdirty_testkit::*;
 
 const MIB: u64 = 1 << 20;
 

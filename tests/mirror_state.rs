@@ -5,12 +5,14 @@
 //! (successor protocol, busy/readonly/inconsistent checks, recording), transactions and
 //! serialization in QEMU's byte layout. Random operation sequences use a deterministic PRNG.
 
+mod common;
+
+use common::{qdirty_runs, Prng, TempDir};
 use qdirty::bitmap::{
     BitmapSet, DirtyBitmap, CHECK_ALLOW_RO, CHECK_BUSY, CHECK_DEFAULT, CHECK_INCONSISTENT, CHECK_RO,
 };
 use qdirty::image::Transaction;
 use qdirty::{AddOptions, BitmapId, Error, Image};
-use qdirty_testkit::{qdirty_runs, Prng, TempDir};
 
 const MIB: u64 = 1 << 20;
 

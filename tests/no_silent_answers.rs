@@ -3,14 +3,16 @@
 //! values come from the written ranges (arithmetic) and from the state on disk, not from
 //! qdirty's own readers.
 
+mod common;
+
 use std::ffi::{CStr, CString};
 use std::path::Path;
 use std::ptr;
 
+use common::*;
 use qdirty::ffi::*;
 use qdirty::image::fault::FaultyStorage;
 use qdirty::{AddOptions, Error, Image};
-use qdirty_testkit::*;
 
 const MIB: u64 = 1 << 20;
 const G: u64 = 65536;

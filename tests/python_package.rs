@@ -11,9 +11,11 @@
 //! shared with `cargo build --release` instead of starting from scratch. The time of each step
 //! is printed.
 
+mod common;
+
 use qdirty_testkit::clib;
 
-use qdirty_testkit::{qemu_img_bitmap_add, qemu_img_create, qemu_img_info_bitmaps, Json, TempDir};
+use common::{qemu_img_bitmap_add, qemu_img_create, qemu_img_info_bitmaps, Json, TempDir};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
@@ -200,7 +202,7 @@ fn mapped(listed: &Json) -> Vec<String> {
 
 #[test]
 fn pip_install_then_list_bitmaps_from_outside_the_repository() {
-    if !qdirty_testkit::require_qemu("pip_install_then_list_bitmaps_from_outside_the_repository") {
+    if !common::require_qemu("pip_install_then_list_bitmaps_from_outside_the_repository") {
         return;
     }
     let _pip = PIP.lock().unwrap_or_else(|e| e.into_inner());
@@ -264,7 +266,7 @@ fn pip_install_then_list_bitmaps_from_outside_the_repository() {
 
 #[test]
 fn sdist_builds_on_its_own() {
-    if !qdirty_testkit::require_qemu("sdist_builds_on_its_own") {
+    if !common::require_qemu("sdist_builds_on_its_own") {
         return;
     }
     let _pip = PIP.lock().unwrap_or_else(|e| e.into_inner());
@@ -310,7 +312,7 @@ fn sdist_builds_on_its_own() {
 
 #[test]
 fn built_without_the_library_loads_the_installed_one() {
-    if !qdirty_testkit::require_qemu("built_without_the_library_loads_the_installed_one") {
+    if !common::require_qemu("built_without_the_library_loads_the_installed_one") {
         return;
     }
     let _pip = PIP.lock().unwrap_or_else(|e| e.into_inner());

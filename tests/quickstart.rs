@@ -1,6 +1,8 @@
 //! Runs the README's first command (`examples/quickstart.rs`, built by `cargo test`) and checks
 //! that it shows QEMU's semantics happening, with QEMU's own tools when they are installed.
 
+mod common;
+
 use std::process::Command;
 
 #[test]
@@ -13,7 +15,7 @@ fn quickstart_runs_and_shows_the_semantics() {
         "cargo test builds the examples: {}",
         example.display()
     );
-    let tmp = qdirty_testkit::TempDir::new("quickstart");
+    let tmp = common::TempDir::new("quickstart");
     let out = Command::new(&example)
         .arg(tmp.path())
         .output()
@@ -34,7 +36,7 @@ fn quickstart_runs_and_shows_the_semantics() {
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
-    if qdirty_testkit::require_qemu("quickstart_runs_and_shows_the_semantics") {
+    if common::require_qemu("quickstart_runs_and_shows_the_semantics") {
         // QEMU's view, printed by the example: in-use while open, clean and auto at the end.
         assert!(text.contains("[0]: in-use"), "{text}");
         assert!(

@@ -5,11 +5,13 @@
 //! again (only leaks, same guest data, same extents). A directory broken as a whole is refused
 //! with a hint, and dropping the whole extension makes QEMU open the image.
 
+mod common;
+
 use qdirty_testkit::salvage_cases;
 
+use common::*;
 use qdirty::image::drop_bitmaps_extension;
 use qdirty::Image;
-use qdirty_testkit::*;
 use salvage_cases::*;
 
 fn run_case(case: &Case) {

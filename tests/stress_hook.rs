@@ -18,6 +18,8 @@
 //!
 //! `QDIRTY_STRESS_ITERS` sets the writes per writer thread (default 20000).
 
+mod common;
+
 use std::ffi::{CStr, CString};
 use std::io::Write as _;
 use std::ptr;
@@ -25,8 +27,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Barrier;
 use std::time::Instant;
 
+use common::{expected_runs, have_tool, qemu_img_check, Prng, TempDir};
 use qdirty::ffi::*;
-use qdirty_testkit::{expected_runs, have_tool, qemu_img_check, Prng, TempDir};
 
 const SIZE: u64 = 256 << 20;
 const WRITERS: usize = 3;

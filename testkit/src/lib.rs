@@ -1,5 +1,5 @@
-//! Test support shared by qdirty's tests (`tests/`), the command's tests (`cli/tests/`), the
-//! benchmarks and the fuzz targets. Not published.
+//! Test support shared by qdirty's tests (`tests/`, through `tests/common`), the command's tests
+//! (`cli/tests/`) and the benchmarks. Not published.
 //!
 //! Everything QEMU says about an image is asked from QEMU's own tools: `qemu-img`, `qemu-io`,
 //! `qemu-nbd` + `nbdinfo` (exact dirty extents), and `qemu-storage-daemon` over QMP (bitmap
@@ -9,20 +9,19 @@
 //! The modules by subject, their items also at the crate root for `use qdirty_testkit::*`:
 //! [`tools`] (the gate and running programs), [`qemu`] (qemu-img, qemu-io, NBD), [`qmp`]
 //! (qemu-storage-daemon), [`json`], [`raw_header`] (files and cluster 0 read without qdirty),
-//! [`runs`] (run-list models), [`prng`], [`tempdir`], [`qdirty_side`] (the qdirty side of the interop
-//! tests). Used by a few tests only, and so not at the root: [`clib`] (the C library and
-//! compiler), [`salvage_cases`] (broken QEMU-made images), [`fuzz_targets`] (the bodies of the
-//! cargo-fuzz targets) and [`storage`] (the conformance suite of `Storage` implementations).
+//! [`runs`] (run-list models), [`prng`], [`tempdir`]. Used by a few tests only, and so not at
+//! the root: [`clib`] (the C library and compiler) and [`salvage_cases`] (broken QEMU-made
+//! images).
 //!
-//! qdirty dev-depends on this crate, which depends on qdirty: integration tests and benchmarks
-//! link one qdirty, so the types here are theirs. qdirty's own unit tests are another build of
-//! the crate: they can use what does not involve qdirty's types (e.g. [`Prng`]), nothing else.
+//! The kit does not depend on qdirty. A crate that did would link a second qdirty (the one built
+//! for integration tests) into qdirty's own unit tests, and the C exports of the two collide at
+//! link time; without it, unit tests can use the kit too (its [`Prng`]). What
+//! needs qdirty's types lives in `tests/common` (the qdirty side of the harness) and in
+//! `fuzz/targets` (the fuzz targets' bodies).
 
 pub mod clib;
-pub mod fuzz_targets;
 pub mod json;
 pub mod prng;
-pub mod qdirty_side;
 pub mod qemu;
 pub mod qmp;
 pub mod raw_header;
@@ -33,7 +32,6 @@ pub mod tools;
 
 pub use json::*;
 pub use prng::*;
-pub use qdirty_side::*;
 pub use qemu::*;
 pub use qmp::*;
 pub use raw_header::*;

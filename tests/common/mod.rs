@@ -1,16 +1,15 @@
-//! The qdirty side of the interop tests: opening images, finding bitmaps, reading their runs,
-//! and comparing every bitmap with what QEMU's tools say.
+//! The harness of the integration tests: the test kit (`qdirty_testkit`, re-exported here so that
+//! a test imports `common::*` alone) and its qdirty side, which the kit cannot hold (it does not
+//! depend on qdirty, so that qdirty's own unit tests can use it): opening images, finding
+//! bitmaps, reading their runs, and comparing every bitmap with what QEMU's tools say.
+#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use qdirty::{DirtyBitmap, Image};
 
-use crate::qemu::{nbd_dirty_extents, qemu_img_info_bitmaps};
-use crate::qmp::qemu_sha256s;
-use crate::runs::diff_runs;
-use crate::tempdir::TempDir;
-use crate::tools::short;
+pub use qdirty_testkit::*;
 
 /// The dirty runs of a qdirty bitmap over the whole disk ([`DirtyBitmap::dirty_runs`]: maximal
 /// runs, in order). Panics with the error when the bitmap is unusable (inconsistent, or its data

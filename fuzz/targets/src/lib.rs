@@ -1,6 +1,5 @@
-//! The fuzz targets' bodies, shared by the cargo-fuzz binaries (fuzz/fuzz_targets/*.rs, through
-//! the fuzz crate's `targets` module) and by the plain `cargo test` replay and mutation loop
-//! (tests/hostile_fuzz.rs). Each function must never panic, whatever the bytes; every
+//! The fuzz targets' bodies, shared by the cargo-fuzz binaries (fuzz/fuzz_targets/*.rs) and by
+//! the plain `cargo test` replay and mutation loop (tests/hostile_fuzz.rs). Each function must never panic, whatever the bytes; every
 //! invariant it checks is an `assert!` (a finding).
 
 use qdirty::format::bitmap_dir::{encode_directory, parse_directory};
