@@ -10,12 +10,12 @@
 //! [`tools`] (the gate and running programs), [`qemu`] (qemu-img, qemu-io, NBD), [`qmp`]
 //! (qemu-storage-daemon), [`json`], [`raw_header`] (files and cluster 0 read without qdirty),
 //! [`runs`] (run-list models), [`prng`], [`tempdir`]. Used by a few tests only, and so not at
-//! the root: [`clib`] (the C library and compiler) and [`salvage_cases`] (broken QEMU-made
-//! images).
+//! the root: [`clib`] (the C library and compiler), [`salvage_cases`] (broken QEMU-made images)
+//! and [`storage`] (the conformance suite of `Storage` implementations).
 //!
 //! The kit does not depend on qdirty. A crate that did would link a second qdirty (the one built
 //! for integration tests) into qdirty's own unit tests, and the C exports of the two collide at
-//! link time; without it, unit tests can use the kit too (its [`Prng`]). What
+//! link time; without it, unit tests can use the kit too (its [`Prng`], its storage suite). What
 //! needs qdirty's types lives in `tests/common` (the qdirty side of the harness) and in
 //! `fuzz/targets` (the fuzz targets' bodies).
 
@@ -27,6 +27,7 @@ pub mod qmp;
 pub mod raw_header;
 pub mod runs;
 pub mod salvage_cases;
+pub mod storage;
 pub mod tempdir;
 pub mod tools;
 

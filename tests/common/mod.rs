@@ -1,15 +1,20 @@
 //! The harness of the integration tests: the test kit (`qdirty_testkit`, re-exported here so that
 //! a test imports `common::*` alone) and its qdirty side, which the kit cannot hold (it does not
 //! depend on qdirty, so that qdirty's own unit tests can use it): opening images, finding
-//! bitmaps, reading their runs, and comparing every bitmap with what QEMU's tools say.
+//! bitmaps, reading their runs, comparing every bitmap with what QEMU's tools say, and qdirty's
+//! `Storage` as the kit's conformance suite sees it.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::io;
 use std::path::Path;
 
+use qdirty::image::storage::Storage;
 use qdirty::{DirtyBitmap, Image};
 
 pub use qdirty_testkit::*;
+
+use qdirty_testkit::storage::StorageUnderTest;
 
 /// The dirty runs of a qdirty bitmap over the whole disk ([`DirtyBitmap::dirty_runs`]: maximal
 /// runs, in order). Panics with the error when the bitmap is unusable (inconsistent, or its data
@@ -153,5 +158,26 @@ pub fn assert_sha256_match(img: &Path, tmp: &TempDir, context: &str) {
             "{context}: sha256 of '{}' (QEMU left, qdirty right)",
             short(n)
         );
+    }
+}
+
+/// A qdirty [`Storage`] for the test kit's conformance suite (`storage::check_storage`).
+pub struct Conformance<S>(pub S);
+
+impl<S: Storage> StorageUnderTest for Conformance<S> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_exact_at(buf, offset)
+    }
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_all_at(buf, offset)
+    }
+    fn write_all_vectored_at(&mut self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        self.0.write_all_vectored_at(bufs, offset)
+    }
+    fn size(&self) -> io::Result<u64> {
+        self.0.size()
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
     }
 }
