@@ -9,26 +9,12 @@ use std::time::{Duration, Instant};
 
 use qdirty::bitmap::sha256::Sha256;
 use qdirty::bitmap::HBitmap;
+use qdirty_testkit::Prng;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 const TIB: u64 = 1 << 40;
-
-/// Deterministic xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// Median wall time of `runs` calls of `f` (each call gets its run index).
 fn median(runs: usize, mut f: impl FnMut(usize)) -> Duration {
@@ -213,7 +199,7 @@ fn main() {
     if want("set") {
         let size = TIB;
         let ops = 1u64 << 20;
-        let mut rng = Rng(1);
+        let mut rng = Prng::new(1);
         let offs: Vec<u64> = (0..ops).map(|_| rng.below(size / 4096) * 4096).collect();
         let mut hb = HBitmap::new(size, 16);
         let mut flat = Flat::new(size, 16);
@@ -279,7 +265,7 @@ fn main() {
             "≤ 64 KiB",
         );
         let mut hb = HBitmap::new(size16, 16);
-        let mut rng = Rng(2);
+        let mut rng = Prng::new(2);
         for _ in 0..1_000_000 {
             hb.set(rng.below(100 * GIB / 4096) * 4096, 4096);
         }
@@ -304,7 +290,7 @@ fn main() {
         let granules = size16 >> 16;
         let mut hb = HBitmap::new(size16, 16);
         let mut flat = Flat::new(size16, 16);
-        let mut rng = Rng(3);
+        let mut rng = Prng::new(3);
         for _ in 0..granules / 1000 {
             let k = rng.below(granules);
             hb.set(k << 16, 1);
@@ -399,14 +385,14 @@ fn main() {
     // 5. Merge and SHA-256 of 512 MiB bitmaps (2 TiB at 512 B), random dense contents.
     if want("merge") {
         let size = 2 * TIB;
-        let mut rng = Rng(4);
+        let mut rng = Prng::new(4);
         let mut fdst = Flat::new(size, 9);
         let mut fsrc = Flat::new(size, 9);
         for w in fdst.words.iter_mut() {
-            *w = rng.next() & rng.next();
+            *w = rng.next_u64() & rng.next_u64();
         }
         for w in fsrc.words.iter_mut() {
-            *w = rng.next() & rng.next();
+            *w = rng.next_u64() & rng.next_u64();
         }
         let to_bytes =
             |f: &Flat| -> Vec<u8> { f.words.iter().flat_map(|w| w.to_le_bytes()).collect() };

@@ -33,6 +33,7 @@ use std::time::Instant;
 
 use qdirty::image::AddOptions;
 use qdirty::Image;
+use qdirty_testkit::Prng;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -57,33 +58,22 @@ fn parse_size(s: &str) -> Option<u64> {
     num.parse::<u64>().ok().map(|n| n * mult)
 }
 
-/// xorshift64*: deterministic extents for both sides.
-struct Rng(u64);
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
 /// Random 1 MiB extents (MiB-aligned offsets) covering `ppm` parts per million of the disk,
 /// inside `[window_start, window_start + window)`.
 fn extents(disk: u64, ppm: u64, window_ppm: u64, seed: u64) -> Vec<u64> {
-    let mut r = Rng::new(seed);
+    // Deterministic: both sides get the same extents.
+    let mut r = Prng::new(seed);
     let slots = disk / MIB;
     let wslots = (slots * window_ppm / 1_000_000).max(1);
     let wstart = if wslots < slots {
-        r.next() % (slots - wslots)
+        r.next_u64() % (slots - wslots)
     } else {
         0
     };
     let n = (slots * ppm / 1_000_000).max(1);
-    (0..n).map(|_| (wstart + r.next() % wslots) * MIB).collect()
+    (0..n)
+        .map(|_| (wstart + r.next_u64() % wslots) * MIB)
+        .collect()
 }
 
 // ------------------------------------------------------------------------------------------

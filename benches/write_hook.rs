@@ -21,9 +21,8 @@
 //! QDIRTY_BENCH_WRITES_1000 (default 100000), QDIRTY_BENCH_ROUNDS (C rounds, default 7),
 //! QDIRTY_BENCH_QEMU_WRITES (default 20000), QDIRTY_BENCH_NO_QEMU=1 skips QEMU.
 
-#[path = "../tests/support/clib.rs"]
-mod clib;
 use clib::{lib_dir, root};
+use qdirty_testkit::clib;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -43,6 +42,8 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// `n` random 4 KiB-aligned write offsets: the generator of benches/c/write_hook.c, so that the C
+/// and the Rust measurements write the same offsets for the same seed.
 fn offsets(n: u64, seed: u64) -> Vec<u64> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)

@@ -27,10 +27,11 @@ HERE = Path(__file__).resolve().parent
 #: The copy of the Cargo workspace inside an sdist.
 SDIST_CRATE = "crate"
 #: What of the Cargo workspace an sdist needs to build the library: the workspace manifest names
-#: cli/ as a member and benches/ as explicit targets, so cargo reads those too.
+#: cli/ and testkit/ as members, fuzz/targets as a dev-dependency and benches/ as explicit
+#: targets, so cargo reads those too.
 WORKSPACE_FILES = ["Cargo.toml", "Cargo.lock", "build.rs", "README.md"]
-WORKSPACE_DIRS = ["src", "cli/src", "benches"]
-WORKSPACE_MEMBER_FILES = ["cli/Cargo.toml"]
+WORKSPACE_DIRS = ["src", "cli/src", "testkit/src", "fuzz/targets/src", "benches"]
+WORKSPACE_MEMBER_FILES = ["cli/Cargo.toml", "testkit/Cargo.toml", "fuzz/targets/Cargo.toml"]
 
 
 def workspace() -> Path:

@@ -2,9 +2,8 @@
 //! runs them. With QDIRTY_VALGRIND=1 they run under
 //! `valgrind --error-exitcode=99 --leak-check=full`.
 
-#[path = "support/clib.rs"]
-mod clib;
 use clib::{lib_dir, link_soname, root};
+use qdirty_testkit::clib;
 use std::path::PathBuf;
 use std::process::Command;
 

@@ -11,9 +11,8 @@
 
 mod common;
 
-#[path = "support/clib.rs"]
-mod clib;
 use clib::{lib_dir, link_soname, root};
+use qdirty_testkit::clib;
 use std::ffi::{c_void, CStr, CString};
 use std::fs::File;
 use std::os::raw::c_int;
@@ -98,21 +97,6 @@ fn run_host(exe: &Path, img: &Path, args: &[String]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// Ranges rounded out to `granularity` and clamped to `size`, merged.
-fn rounded(ranges: &[(u64, u64)], granularity: u64, size: u64) -> Vec<(u64, u64)> {
-    merge_runs(
-        ranges
-            .iter()
-            .filter(|r| r.1 > 0 && r.0 < size)
-            .map(|&(o, l)| {
-                let s = o / granularity * granularity;
-                let e = (o + l).min(size).next_multiple_of(granularity).min(size);
-                (s, e - s)
-            })
-            .collect(),
-    )
-}
-
 /// One host run: an image with `cluster_size`, optionally an existing QEMU bitmap "old" with
 /// data written by qemu-io, the host adding "new" and marking `before` then (after a store)
 /// `after`; QEMU's tools then judge the file.
@@ -170,14 +154,14 @@ fn host_scenario(test: &str, cluster_size: u64, existing: bool) {
     let marked: Vec<(u64, u64)> = before.iter().chain(after.iter()).copied().collect();
     assert_eq!(
         nbd_dirty_extents(&img, "new"),
-        rounded(&marked, granularity, size),
+        expected_runs(&marked, granularity, size),
         "{test}: extents of 'new'"
     );
     if existing {
         let all: Vec<(u64, u64)> = marked.iter().chain(qemu_writes.iter()).copied().collect();
         assert_eq!(
             nbd_dirty_extents(&img, "old"),
-            rounded(&all, granularity, size),
+            expected_runs(&all, granularity, size),
             "{test}: extents of 'old'"
         );
     }

@@ -4,9 +4,8 @@
 //! src/ffi/qdirty.map gives it, and a program that needs a newer version than the library has
 //! refuses to load.
 
-#[path = "support/clib.rs"]
-mod clib;
 use clib::{cdylib, compiler, lib_dir, link_soname, root};
+use qdirty_testkit::clib;
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -4,26 +4,12 @@
 //! extension, splices of big-endian fields) runs each target for a fixed number of inputs.
 //! A panic anywhere is a finding. `QDIRTY_FUZZ_ITERS` scales the loop (default 1500, times 5 for the parsers).
 
-#[path = "../fuzz/src/targets.rs"]
-mod targets;
-
 mod common;
 
+use common::{Prng, TempDir};
+use qdirty_fuzz_targets as targets;
+
 use std::path::Path;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 const INTERESTING: &[u64] = &[
     0,
@@ -59,25 +45,25 @@ const INTERESTING: &[u64] = &[
     u64::MAX,
 ];
 
-fn mutate(rng: &mut Rng, seed: &[u8], hot: &[usize]) -> Vec<u8> {
+fn mutate(rng: &mut Prng, seed: &[u8], hot: &[usize]) -> Vec<u8> {
     let mut b = seed.to_vec();
-    for _ in 0..1 + rng.below(4) {
+    for _ in 0..1 + rng.index(4) {
         if b.is_empty() {
-            b.push(rng.next() as u8);
+            b.push(rng.next_u64() as u8);
             continue;
         }
         // Half of the mutations hit the structures (header, directory, tables), half anywhere.
-        let pos = if !hot.is_empty() && rng.below(2) == 0 {
-            (hot[rng.below(hot.len())] + rng.below(64)).min(b.len() - 1)
+        let pos = if !hot.is_empty() && rng.index(2) == 0 {
+            (hot[rng.index(hot.len())] + rng.index(64)).min(b.len() - 1)
         } else {
-            rng.below(b.len())
+            rng.index(b.len())
         };
-        match rng.below(7) {
-            0 => b[pos] ^= 1 << rng.below(8),
-            1 => b[pos] = rng.next() as u8,
+        match rng.index(7) {
+            0 => b[pos] ^= 1 << rng.index(8),
+            1 => b[pos] = rng.next_u64() as u8,
             2 | 3 => {
-                let v = INTERESTING[rng.below(INTERESTING.len())];
-                let width = [1usize, 2, 4, 8][rng.below(4)];
+                let v = INTERESTING[rng.index(INTERESTING.len())];
+                let width = [1usize, 2, 4, 8][rng.index(4)];
                 let bytes = v.to_be_bytes();
                 let start = pos & !(width - 1);
                 for i in 0..width {
@@ -87,11 +73,11 @@ fn mutate(rng: &mut Rng, seed: &[u8], hot: &[usize]) -> Vec<u8> {
                 }
             }
             4 => b.truncate(pos),
-            5 => b.extend((0..rng.below(600)).map(|_| 0u8)),
+            5 => b.extend((0..rng.index(600)).map(|_| 0u8)),
             _ => {
                 // Copy an 8-byte field somewhere else (offsets into other fields).
-                let src = rng.below(b.len());
-                let dst = rng.below(b.len());
+                let src = rng.index(b.len());
+                let dst = rng.index(b.len());
                 for i in 0..8 {
                     if src + i < b.len() && dst + i < b.len() {
                         b[dst + i] = b[src + i];
@@ -155,7 +141,7 @@ fn iters() -> usize {
 }
 
 fn run(target: &str, f: fn(&[u8]), seed: u64, iters: usize) {
-    let tmp = common::TempDir::new(&format!("fuzz-{target}"));
+    let tmp = TempDir::new(&format!("fuzz-{target}"));
     let mut inputs: Vec<Vec<u8>> = targets::seeds(tmp.path())
         .into_iter()
         .filter(|(t, _)| *t == target)
@@ -166,10 +152,10 @@ fn run(target: &str, f: fn(&[u8]), seed: u64, iters: usize) {
     for i in &inputs {
         f(i);
     }
-    let mut rng = Rng(seed);
+    let mut rng = Prng::new(seed);
     let hot: Vec<Vec<usize>> = inputs.iter().map(|b| hot_spots(b)).collect();
     for _ in 0..iters {
-        let k = rng.below(inputs.len());
+        let k = rng.index(inputs.len());
         let m = mutate(&mut rng, &inputs[k], &hot[k]);
         f(&m);
     }
@@ -217,7 +203,7 @@ fn fuzz_write_seeds() {
     if std::env::var("QDIRTY_FUZZ_WRITE_SEEDS").as_deref() != Ok("1") {
         return;
     }
-    let tmp = common::TempDir::new("fuzz-seeds");
+    let tmp = TempDir::new("fuzz-seeds");
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
     let map = |t: &str| match t {
         "header" => "header_and_extensions",

@@ -11,9 +11,8 @@
 //! command is target/<profile>/qdirty, which `cargo test` builds for cli/tests; a lone
 //! `cargo test --test install` needs `cargo build -p qdirty-cli` first.
 
-#[path = "support/clib.rs"]
-mod clib;
 use clib::{cdylib, root};
+use qdirty_testkit::clib;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -622,7 +621,7 @@ fn registry_package_has_the_library_and_no_test_data() {
     for f in &files {
         let top = f.split('/').next().unwrap();
         assert!(
-            !["tests", "c-tests", "python", "fuzz", "benches", "target", "cli", ".ci"]
+            !["tests", "c-tests", "python", "fuzz", "benches", "target", "cli", "testkit", ".ci"]
                 .contains(&top),
             "the package carries {f}"
         );

@@ -1,5 +1,5 @@
-//! Self-tests of the interop harness (tests/common): the JSON parser, the run models, and the
-//! QEMU-only helpers checked against what was written. These do not call the library.
+//! Self-tests of the interop harness (the test kit, qdirty_testkit): the JSON parser, the run
+//! models, and the QEMU-only helpers checked against what was written. These do not call the library.
 
 mod common;
 

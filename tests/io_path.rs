@@ -11,6 +11,7 @@ use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use common::storage::{check_storage, Subject};
 use common::*;
 use qdirty::image::storage::{FileStorage, Storage};
 use qdirty::{AddOptions, Image, OpenOptions};
@@ -50,6 +51,24 @@ impl Storage for Probe {
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
+}
+
+/// The probe keeps the storage contract (the test kit's conformance suite), so that what the
+/// tests below see through it is what the file backend does.
+#[test]
+fn probe_storage_conforms() {
+    let dir = TempDir::new("io-probe-storage");
+    check_storage("io_path's Probe", |bytes| {
+        let p = dir.join(&format!("probe{}", unique_number()));
+        std::fs::write(&p, bytes).expect("write the file");
+        let st = Probe {
+            inner: FileStorage::open(&p, true).expect("open"),
+            log: Arc::default(),
+        };
+        Subject::with_durable(Conformance(st), move || {
+            std::fs::read(&p).expect("read the file")
+        })
+    });
 }
 
 fn open_probe(img: &Path) -> (Image, Arc<Mutex<ProbeState>>) {

@@ -2,9 +2,8 @@
 //! `python3 -m unittest discover -s python/tests -v` with QDIRTY_LIB set; and mypy: `--strict` on
 //! the package and examples/incremental_backup.py, its default checks on python/tests.
 
-#[path = "support/clib.rs"]
-mod clib;
 use clib::cdylib;
+use qdirty_testkit::clib;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

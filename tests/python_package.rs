@@ -11,9 +11,9 @@
 //! shared with `cargo build --release` instead of starting from scratch. The time of each step
 //! is printed.
 
-#[path = "support/clib.rs"]
-mod clib;
 mod common;
+
+use qdirty_testkit::clib;
 
 use common::{qemu_img_bitmap_add, qemu_img_create, qemu_img_info_bitmaps, Json, TempDir};
 use std::path::{Path, PathBuf};

@@ -6,8 +6,8 @@
 //! with a hint, and dropping the whole extension makes QEMU open the image.
 
 mod common;
-#[path = "support/salvage_cases.rs"]
-mod salvage_cases;
+
+use qdirty_testkit::salvage_cases;
 
 use common::*;
 use qdirty::image::drop_bitmaps_extension;

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Barrier;
 use std::time::Instant;
 
-use common::{have_tool, qemu_img_check, TempDir};
+use common::{expected_runs, have_tool, qemu_img_check, Prng, TempDir};
 use qdirty::ffi::*;
 
 const SIZE: u64 = 256 << 20;
@@ -50,21 +50,6 @@ unsafe impl<T> Sync for P<T> {}
 impl<T> P<T> {
     fn get(self) -> *mut T {
         self.0
-    }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 
@@ -146,30 +131,6 @@ fn extents(bm: *const qdirty_bitmap) -> Vec<(u64, u64)> {
     out
 }
 
-/// The union of `ranges` rounded outward to `gran`, clamped to SIZE, as maximal runs.
-fn union(ranges: &[(u64, u64)], gran: u64) -> Vec<(u64, u64)> {
-    let mut iv: Vec<(u64, u64)> = ranges
-        .iter()
-        .filter(|r| r.1 > 0 && r.0 < SIZE)
-        .map(|&(o, l)| {
-            let end = (o + l).min(SIZE).div_ceil(gran) * gran;
-            (o / gran * gran, end.min(SIZE))
-        })
-        .collect();
-    iv.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (s, e) in iv {
-        match out.last_mut() {
-            Some(last) if s <= last.0 + last.1 => {
-                let end = (last.0 + last.1).max(e);
-                last.1 = end - last.0;
-            }
-            _ => out.push((s, e - s)),
-        }
-    }
-    out
-}
-
 /// Whether every run of `inner` lies inside some run of `outer` (both sorted, maximal).
 fn covered(inner: &[(u64, u64)], outer: &[(u64, u64)]) -> Result<(), (u64, u64)> {
     for &(s, c) in inner {
@@ -208,7 +169,7 @@ fn check_bitmaps(img: *mut qdirty_image, w: &Written, when: &str) -> Result<(), 
         assert!(!unsafe { qdirty_bitmap_inconsistent(bm) }, "{when}");
     }
 
-    let want4k = union(&w.all, 4096);
+    let want4k = expected_runs(&w.all, 4096, SIZE);
     let got = extents(always);
     if got != want4k {
         return Err(format!(
@@ -223,7 +184,7 @@ fn check_bitmaps(img: *mut qdirty_image, w: &Written, when: &str) -> Result<(), 
     assert_eq!(unsafe { qdirty_bitmap_count(always) }, bytes, "{when}");
     all_dirty(always, &w.all, when);
 
-    let want64k = union(&w.all, 65536);
+    let want64k = expected_runs(&w.all, 65536, SIZE);
     if extents(coarse) != want64k {
         return Err(format!("{when}: 'coarse' differs from the written ranges"));
     }
@@ -316,7 +277,7 @@ fn stress_write_hook_with_management_on_a_file() {
             let (start, toggle_seq, ready) = (&start, &toggle_seq, &ready);
             writers.push(s.spawn(move || {
                 let img = imgp.get();
-                let mut rng = Rng(0x5eed + t as u64);
+                let mut rng = Prng::new(0x5eed + t as u64);
                 let mut all = Vec::with_capacity(n_iters);
                 let mut while_enabled = Vec::new();
                 start.wait();
@@ -352,7 +313,7 @@ fn stress_write_hook_with_management_on_a_file() {
         s.spawn(|| {
             let img = imgp.get();
             let always = find(img, "always");
-            let mut rng = Rng(1);
+            let mut rng = Prng::new(1);
             start.wait();
             let mut rounds = 0u64;
             while !done.load(SeqCst) || rounds < MIN_ROUNDS {
@@ -427,7 +388,7 @@ fn stress_write_hook_with_management_on_a_file() {
             let img = imgp.get();
             let always = find(img, "always");
             let coarse = find(img, "coarse");
-            let mut rng = Rng(2);
+            let mut rng = Prng::new(2);
             start.wait();
             let mut last_count = 0;
             let mut rounds = 0u64;

@@ -6,14 +6,11 @@
 //! the program name, and QEMU's automatic node name `#blockNNN`, which qdirty shows as the
 //! file's name) and the bitmaps of every image afterwards (qemu-img info).
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use qdirty_testkit::*;
 
 const QDIRTY: &str = env!("CARGO_BIN_EXE_qdirty");
 

@@ -1,14 +1,11 @@
 //! The `qdirty` command, run as a process against images made by QEMU, judged by qemu-img
 //! info/check/bitmap and qemu-nbd + nbdinfo on the same images.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
-
 use std::io::Write as _;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::*;
+use qdirty_testkit::*;
 
 const QDIRTY: &str = env!("CARGO_BIN_EXE_qdirty");
 

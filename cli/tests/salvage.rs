@@ -1,15 +1,12 @@
 //! `qdirty check --salvage [--remove-broken]` and `--drop-bitmaps` on QEMU-made images with a
-//! broken bitmap directory entry or table (tests/support/salvage_cases.rs), judged by QEMU.
+//! broken bitmap directory entry or table (qdirty_testkit::salvage_cases), judged by QEMU.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
-#[path = "../../tests/support/salvage_cases.rs"]
-mod salvage_cases;
+use qdirty_testkit::salvage_cases;
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::*;
+use qdirty_testkit::*;
 use salvage_cases::*;
 
 const QDIRTY: &str = env!("CARGO_BIN_EXE_qdirty");

@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| qdirty_fuzz::targets::header_and_extensions(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| qdirty_fuzz_targets::header_and_extensions(data));

@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| qdirty_fuzz::targets::open_cycle(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| qdirty_fuzz_targets::open_cycle(data));

@@ -266,6 +266,11 @@ impl FaultHandle {
     pub fn live_image(&self) -> Vec<u8> {
         self.lock().live.clone()
     }
+
+    /// The content made durable by the last successful flush.
+    pub fn durable_image(&self) -> Vec<u8> {
+        self.lock().durable.clone()
+    }
 }
 
 impl Storage for FaultyStorage {
@@ -282,6 +287,9 @@ impl Storage for FaultyStorage {
                 return Err(io::Error::from_raw_os_error(libc::EIO));
             }
         }
+        if buf.is_empty() {
+            return Ok(());
+        }
         let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
         let end = start
             .checked_add(buf.len())
@@ -295,6 +303,10 @@ impl Storage for FaultyStorage {
 
     fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut g = self.lock();
+        if buf.is_empty() {
+            // An op like any other (a fault may fire on it) that writes nothing, anywhere.
+            return g.gate(Some((offset, buf)));
+        }
         let end = offset
             .checked_add(buf.len() as u64)
             .filter(|&e| e <= 1 << 40)

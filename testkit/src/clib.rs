@@ -1,13 +1,14 @@
-//! Finding and using the C library that cargo built for this test (or bench) run. Included by
-//! the tests that build C programs or load libqdirty.so (`#[path = "support/clib.rs"] mod clib;`).
-#![allow(dead_code)]
+//! Finding and using the C library that cargo built for this test (or bench) run: for the tests
+//! that build C programs or load libqdirty.so.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The repository root.
+/// The repository root (the parent of this crate's directory).
 pub fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the test kit lives in the repository")
 }
 
 /// The host triple, for the cc crate (integration tests have no TARGET/HOST variables).
@@ -42,9 +43,9 @@ pub fn compiler_with(cpp: bool, opt_level: u32) -> cc::Tool {
         .get_compiler()
 }
 
-/// The directory holding the libqdirty.so built for this run: target/<profile>/deps (next to
-/// the test executable; target/<profile>/ may hold an older copy from `cargo build`), else
-/// target/<profile>.
+/// The directory holding the libqdirty.so built for this run: `target/PROFILE/deps` (next to
+/// the test executable; `target/PROFILE/` may hold an older copy from `cargo build`), else
+/// `target/PROFILE`.
 pub fn lib_dir() -> PathBuf {
     let deps = std::env::current_exe()
         .unwrap()

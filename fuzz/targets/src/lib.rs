@@ -1,7 +1,6 @@
-//! The fuzz targets' bodies, shared by the cargo-fuzz binaries (fuzz/fuzz_targets/*.rs) and
-//! by the plain `cargo test` replay and mutation loop (tests/hostile_fuzz.rs includes this file
-//! with `#[path]`). Each function must never panic, whatever the bytes; every invariant it checks
-//! is an `assert!` (a finding).
+//! The fuzz targets' bodies, shared by the cargo-fuzz binaries (fuzz/fuzz_targets/*.rs) and by
+//! the plain `cargo test` replay and mutation loop (tests/hostile_fuzz.rs). Each function must never panic, whatever the bytes; every
+//! invariant it checks is an `assert!` (a finding).
 
 use qdirty::format::bitmap_dir::{encode_directory, parse_directory};
 use qdirty::format::bitmap_table::{decode_table, encode_table};

@@ -1,12 +1,13 @@
 //! Broken QEMU-made images for the salvage tests (tests/salvage.rs, cli/tests/salvage.rs):
 //! QEMU makes the image and its bitmaps, then one directory entry or table is damaged in a way
 //! that makes QEMU refuse the whole image. Independent of qdirty's codecs.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::common::*;
+use crate::qemu::*;
+use crate::raw_header::*;
+use crate::tools::*;
 
 pub const SIZE: u64 = 64 << 20;
 
