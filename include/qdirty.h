@@ -311,7 +311,9 @@ typedef struct {
  * returns 0 on success or a negative errno (-EIO, -ENOSPC, ...), which qdirty reports in its own
  * error (a positive value from `pread`/`pwrite` is accepted as a byte count: `len` means
  * success, less is a short transfer, reported as EIO). A read or write must transfer all `len`
- * bytes: there are no partial successes. Reading past the end of the file is an error.
+ * bytes: there are no partial successes. qdirty never asks for bytes past the end of the file
+ * (it checks `get_length` first and fails such a read itself), so a `pread` that passes POSIX
+ * pread's count through (0 only at the end of the file) is safe.
  *
  * Callbacks are called synchronously, with the image's lock held, from the thread that called
  * into qdirty (any thread that uses the image); calls for one image never overlap. They must

@@ -33,7 +33,9 @@ super::symbol_versions::symbol_versions!("io");
 /// returns 0 on success or a negative errno (-EIO, -ENOSPC, ...), which qdirty reports in its own
 /// error (a positive value from `pread`/`pwrite` is accepted as a byte count: `len` means
 /// success, less is a short transfer, reported as EIO). A read or write must transfer all `len`
-/// bytes: there are no partial successes. Reading past the end of the file is an error.
+/// bytes: there are no partial successes. qdirty never asks for bytes past the end of the file
+/// (it checks `get_length` first and fails such a read itself), so a `pread` that passes POSIX
+/// pread's count through (0 only at the end of the file) is safe.
 ///
 /// Callbacks are called synchronously, with the image's lock held, from the thread that called
 /// into qdirty (any thread that uses the image); calls for one image never overlap. They must
@@ -180,6 +182,11 @@ unsafe fn copy_versioned<T>(p: *const T, size: u32, first: usize) -> Result<T, F
 pub(crate) struct CallbackStorage {
     ops: qdirty_io_ops,
     opaque: *mut c_void,
+    /// The file length last reported by `get_length` (refreshed when a read goes past it): a
+    /// read past the end is refused before `pread` runs, so that a host returning POSIX
+    /// pread's 0 at the end of the file (which the protocol would take for success) can never
+    /// leave a buffer unfilled.
+    known_len: std::sync::atomic::AtomicU64,
 }
 
 // SAFETY: the host's contract (documented on `qdirty_image_open_with_io`): the callbacks and
@@ -230,7 +237,11 @@ impl CallbackStorage {
                 "qdirty_io_ops.alloc_clusters and free_clusters must both be set or both be NULL",
             ));
         }
-        Ok(CallbackStorage { ops, opaque })
+        Ok(CallbackStorage {
+            ops,
+            opaque,
+            known_len: std::sync::atomic::AtomicU64::new(0),
+        })
     }
 
     /// Checks a pread/pwrite return value.
@@ -250,6 +261,24 @@ impl Storage for CallbackStorage {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if buf.is_empty() {
             return Ok(());
+        }
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        if end > self.known_len.load(std::sync::atomic::Ordering::Relaxed) {
+            let len = self.size()?;
+            self.known_len
+                .store(len, std::sync::atomic::Ordering::Relaxed);
+            if end > len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "read of {} bytes at offset {offset} past the end of the file ({len} \
+                         bytes)",
+                        buf.len()
+                    ),
+                ));
+            }
         }
         let f = self.ops.pread.expect("checked at open");
         // SAFETY: the host's contract: pread writes at most `len` bytes into `buf`.
@@ -482,5 +511,52 @@ mod tests {
             panic!("accepted")
         };
         assert_eq!(e.errno, libc::ENOTSUP);
+    }
+
+    /// A host that passes POSIX pread's result through: the bytes read, 0 at the end of the
+    /// file. The protocol takes 0 for success, so a read past the end must never reach it.
+    unsafe extern "C" fn posix_pread(
+        opaque: *mut c_void,
+        buf: *mut c_void,
+        len: u64,
+        offset: u64,
+    ) -> c_int {
+        // SAFETY: `opaque` is the test's Vec<u8>; `buf` holds `len` bytes.
+        let data = unsafe { &*opaque.cast::<Vec<u8>>() };
+        let start = (offset as usize).min(data.len());
+        let n = (len as usize).min(data.len() - start);
+        // SAFETY: as above.
+        unsafe { std::ptr::copy_nonoverlapping(data[start..].as_ptr(), buf.cast::<u8>(), n) };
+        n as c_int
+    }
+
+    unsafe extern "C" fn length(opaque: *mut c_void) -> i64 {
+        // SAFETY: `opaque` is the test's Vec<u8>.
+        unsafe { &*opaque.cast::<Vec<u8>>() }.len() as i64
+    }
+
+    #[test]
+    fn a_read_past_the_end_never_reaches_a_posix_style_pread() {
+        let mut data: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+        // SAFETY: all-zero is a valid qdirty_io_ops.
+        let mut ops: qdirty_io_ops = unsafe { std::mem::zeroed() };
+        ops.size = IO_OPS_FIRST_SIZE as u32;
+        ops.pread = Some(posix_pread);
+        ops.get_length = Some(length);
+        let opaque = (&mut data as *mut Vec<u8>).cast::<c_void>();
+        let Ok(st) = CallbackStorage::new(ops, opaque, false) else {
+            panic!("refused")
+        };
+        let mut buf = [0xAAu8; 512];
+        st.read_exact_at(&mut buf, 1024).unwrap();
+        assert_eq!(buf[0], 0);
+        assert_eq!(buf[1], 1);
+        // Past the end: POSIX pread would return 0, the protocol's "success", leaving the
+        // buffer as it was. qdirty refuses the read first.
+        let mut buf = [0xAAu8; 512];
+        let e = st.read_exact_at(&mut buf, 4096).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+        let e = st.read_exact_at(&mut buf, 4000).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
     }
 }
