@@ -10,6 +10,7 @@ mod epoch;
 mod hbitmap;
 mod log;
 mod set;
+mod slots;
 // The hash is public for the benchmarks (benches/engine.rs) only.
 #[doc(hidden)]
 pub mod sha256;
