@@ -9,10 +9,14 @@
 //!   of the process: it lets the write hook order its accesses with plain stores and a
 //!   compiler fence (no locked instruction) while the one thread that frees memory pays for
 //!   the barrier (src/qsbr.rs explains the protocol).
+//! - malloc_trim(3) (glibc), which gives the free pages the C allocator keeps back to the
+//!   system: after large frees (a bitmap cleared, the write log's pieces reclaimed), so that
+//!   resident memory follows what qdirty holds.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 #[cfg(target_os = "linux")]
 use std::sync::OnceLock;
 
@@ -132,6 +136,45 @@ pub(crate) fn membarrier_private_expedited() -> bool {
         false
     }
 }
+
+// Giving freed memory back.
+
+/// Bytes of heap freed since free memory was last given back.
+static FREED_SINCE_TRIM: AtomicUsize = AtomicUsize::new(0);
+
+/// Freed bytes after which the C allocator is asked to give its free pages back. glibc keeps
+/// freed memory for reuse and returns it only from the top of its heap, so a heap where
+/// short-lived blocks (the write log's pieces, epochs) alternate with long-lived ones (the
+/// bitmaps' chunks) stays as large as it ever was. Asking costs a walk of the allocator's free
+/// lists (about 50 µs when little is free, 15 ms for 500 MiB of scattered free pages), paid
+/// at most once per this many bytes freed.
+pub(crate) const TRIM_AFTER_BYTES: usize = 16 << 20;
+
+/// Notes that `bytes` of heap were freed; once [`TRIM_AFTER_BYTES`] have added up, gives the
+/// free pages of the C allocator back to the system (glibc's malloc_trim; nothing elsewhere).
+pub(crate) fn freed(bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
+    let total = FREED_SINCE_TRIM.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    if total < TRIM_AFTER_BYTES {
+        return;
+    }
+    FREED_SINCE_TRIM.store(0, Ordering::Relaxed);
+    trim();
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim() {
+    // SAFETY: malloc_trim only walks and releases the allocator's free memory; it takes the
+    // allocator's own locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim() {}
 
 #[cfg(test)]
 mod tests {

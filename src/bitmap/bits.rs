@@ -112,6 +112,18 @@ impl Bits {
         }
     }
 
+    /// Bytes of heap held: the bits in memory, or the pending writes (and bits read through
+    /// `&self`) of a bitmap still on disk.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        match self {
+            Bits::Loaded(h) => h.heap_bytes(),
+            Bits::Lazy(l) => {
+                l.delta.as_ref().map_or(0, HBitmap::heap_bytes)
+                    + l.cell.get().map_or(0, HBitmap::heap_bytes)
+            }
+        }
+    }
+
     pub(crate) fn is_loaded(&self) -> bool {
         match self {
             Bits::Loaded(_) => true,

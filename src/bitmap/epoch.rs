@@ -16,6 +16,8 @@
 //! cursors, and together they hold at most the union of the writes not yet seen by the
 //! bitmap that is furthest behind: memory is bounded by one bitmap's worth per granularity.
 
+use std::collections::BTreeMap;
+
 use super::hbitmap::HBitmap;
 
 /// The writes between two seals, one bitmap per log granularity in use.
@@ -97,9 +99,10 @@ impl Epochs {
     }
 
     /// Drops the epochs older than every cursor in `cursors` (the cursors of the bitmaps that
-    /// record writes, sorted, deduplicated) and merges neighbours no cursor separates.
-    pub(crate) fn compact(&mut self, cursors: &[u64]) {
-        let Some(&min) = cursors.first() else {
+    /// record writes, as keys) and merges neighbours no cursor separates. O(epochs · log
+    /// cursors).
+    pub(crate) fn compact<V>(&mut self, cursors: &BTreeMap<u64, V>) {
+        let Some(&min) = cursors.keys().next() else {
             self.list.clear();
             return;
         };
@@ -109,18 +112,18 @@ impl Epochs {
             match out.last_mut() {
                 // Unless some cursor c has prev.seq < c <= e.seq (a bitmap needs e but not
                 // prev), nobody needs them apart.
-                Some(prev)
-                    if {
-                        let k = cursors.partition_point(|&c| c <= prev.seq);
-                        cursors.get(k).is_none_or(|&c| c > e.seq)
-                    } =>
-                {
+                Some(prev) if cursors.range(prev.seq + 1..=e.seq).next().is_none() => {
                     e.merge_into(prev);
                 }
                 _ => out.push(e),
             }
         }
         self.list = out;
+    }
+
+    /// Drops every epoch.
+    pub(crate) fn clear(&mut self) {
+        self.list.clear();
     }
 
     /// Number of epochs held.
@@ -143,6 +146,10 @@ impl Epochs {
 mod tests {
     use super::*;
 
+    fn cursors(list: &[u64]) -> BTreeMap<u64, usize> {
+        list.iter().map(|&c| (c, 1)).collect()
+    }
+
     #[test]
     fn cursors_see_exactly_the_writes_after_them() {
         let mut e = Epochs::default();
@@ -159,13 +166,13 @@ mod tests {
         assert!(e.caught_up(c));
         assert!(!e.caught_up(b));
         // No cursor between the two epochs once b is gone: they merge into one.
-        e.compact(&[a]);
+        e.compact(&cursors(&[a]));
         assert_eq!(e.len(), 1);
         assert_eq!(got(&e, a), 2);
         // Nobody needs anything: everything goes.
-        e.compact(&[c]);
+        e.compact(&cursors(&[c]));
         assert_eq!(e.len(), 0);
-        e.compact(&[]);
+        e.compact(&cursors(&[]));
         assert_eq!(e.heap_bytes(), 0);
     }
 
@@ -178,7 +185,7 @@ mod tests {
         let b = e.seal();
         e.open_layer(size, 9).set(4096, 512);
         e.open_layer(size, 16).set(1 << 20, 1);
-        e.compact(&[a, b]);
+        e.compact(&cursors(&[a, b]));
         assert_eq!(e.len(), 2);
         assert_eq!(e.since(b).count(), 2);
         // count() is in bytes: two 64 KiB granules and one of 512 B.

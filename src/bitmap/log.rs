@@ -600,6 +600,7 @@ impl WriteLog {
                 if freed > 0 {
                     self.books.bytes.fetch_sub(freed, Relaxed);
                     self.books.reclaims.fetch_add(1, Relaxed);
+                    crate::sys::freed(freed);
                 }
             }
         }

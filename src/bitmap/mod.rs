@@ -10,6 +10,7 @@ mod epoch;
 mod hbitmap;
 mod log;
 mod set;
+mod slots;
 // The hash is public for the benchmarks (benches/engine.rs) only.
 #[doc(hidden)]
 pub mod sha256;
@@ -169,6 +170,13 @@ impl DirtyBitmap {
         bm.inconsistent = true;
         bm.disabled = true;
         Ok(bm)
+    }
+
+    /// Bytes of heap the bits hold: the engine's chunks, summaries and tables, or for a bitmap
+    /// whose data is still on disk the writes waiting for it. Follows the dirt: a clean or fully
+    /// dirty bitmap of any size holds a few KiB. O(chunks in use).
+    pub fn memory(&self) -> usize {
+        self.bits.heap_bytes()
     }
 
     /// The name (None for anonymous bitmaps).
@@ -368,7 +376,15 @@ impl DirtyBitmap {
                 self.display_name()
             )));
         }
-        self.data_mut()?.reset(offset, bytes);
+        // A reset of whole chunks frees their storage: count what it gives back (a smaller
+        // one frees little, and is not worth the count).
+        let large = bytes >> self.granularity_bits >= hbitmap::CHUNK_GRANULES;
+        let bits = self.data_mut()?;
+        let before = if large { bits.heap_bytes() } else { 0 };
+        bits.reset(offset, bytes);
+        if large {
+            crate::sys::freed(before.saturating_sub(bits.heap_bytes()));
+        }
         self.touch(offset, bytes);
         Ok(())
     }
@@ -376,7 +392,10 @@ impl DirtyBitmap {
     /// Clears every bit with QMP's checks (DEFAULT) (QEMU: block-dirty-bitmap-clear).
     pub fn clear(&mut self) -> Result<()> {
         self.check(CHECK_DEFAULT)?;
-        self.data_mut()?.reset_all();
+        let bits = self.data_mut()?;
+        let before = bits.heap_bytes();
+        bits.reset_all();
+        crate::sys::freed(before.saturating_sub(bits.heap_bytes()));
         self.touch_all();
         Ok(())
     }

@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use super::epoch::Epochs;
 use super::log::WriteLog;
+use super::slots::{records, Slots, Totals};
 use super::view::StateView;
 use super::{validate_granularity, DirtyBitmap, CHECK_ALLOW_RO, CHECK_BUSY, CHECK_DEFAULT};
 use crate::error::{Error, Result};
@@ -69,27 +70,12 @@ impl DirtyIter {
     }
 }
 
-#[derive(Debug)]
-struct Slot {
-    id: BitmapId,
-    bm: DirtyBitmap,
-    /// The first epoch whose writes this bitmap has not taken yet (epoch.rs). Its recording
-    /// state cannot change without a catch-up, so between two catch-ups it either records
-    /// all the writes of the epochs in between or none.
-    cursor: u64,
-}
-
-/// Whether the hook's writes go to `bm` (QEMU's bdrv_set_dirty: enabled bitmaps; readonly and
-/// inconsistent ones are never written).
-fn records(bm: &DirtyBitmap) -> bool {
-    bm.enabled() && !bm.readonly() && !bm.inconsistent()
-}
-
 /// The bitmaps of one disk of `size` bytes, newest first.
 #[derive(Debug, Default)]
 pub struct BitmapSet {
     size: u64,
-    slots: Vec<Slot>,
+    /// The bitmaps, by id and by name, with the running totals (slots.rs).
+    slots: Slots,
     next_id: u64,
     /// Writes logged by the lock-free hook, not yet absorbed.
     log: Arc<WriteLog>,
@@ -101,12 +87,16 @@ fn lossy(name: &[u8]) -> String {
     String::from_utf8_lossy(name).into_owned()
 }
 
+fn no_such(id: BitmapId) -> Error {
+    Error::InvalidArgument(format!("Dirty bitmap #{} does not exist (any more)", id.0))
+}
+
 impl BitmapSet {
     /// An empty set for a disk of `size` bytes.
     pub fn new(size: u64) -> Self {
         BitmapSet {
             size,
-            slots: Vec::new(),
+            slots: Slots::default(),
             next_id: 1,
             log: Arc::new(WriteLog::new(size)),
             epochs: Epochs::default(),
@@ -127,10 +117,11 @@ impl BitmapSet {
     /// first. The log then gives back the memory the writes took (log.rs: above
     /// `RETAIN_BYTES`, after a grace period).
     pub(crate) fn absorb(&mut self) {
+        self.slots.reconcile();
         if !self.log.wants_drain() {
             return;
         }
-        let wanted = self.slots.iter().any(|s| records(&s.bm));
+        let wanted = !self.slots.recording_cursors().is_empty();
         let size = self.size;
         let epochs = &mut self.epochs;
         self.log.drain(|g, w, mut bits| {
@@ -157,25 +148,30 @@ impl BitmapSet {
         });
     }
 
-    /// Catches slot `i` up: gives it the epochs from its cursor on (if it records writes: each
-    /// epoch rounded outward to its granularity; a layer coarser than the bitmap holds only
-    /// writes that raced with its creation, see log.rs, and is skipped), seals the open epoch
-    /// and moves its cursor past it. Returns false when there was nothing to do.
-    fn catch_up(&mut self, i: usize) -> bool {
-        let (slots, epochs) = (&mut self.slots, &mut self.epochs);
-        let s = &mut slots[i];
-        if epochs.caught_up(s.cursor) {
+    /// Catches bitmap `id` up: gives it the epochs from its cursor on (if it records writes:
+    /// each epoch rounded outward to its granularity; a layer coarser than the bitmap holds
+    /// only writes that raced with its creation, see log.rs, and is skipped), seals the open
+    /// epoch and moves its cursor past it. Returns false when there was nothing to do.
+    fn catch_up(&mut self, id: BitmapId) -> bool {
+        self.slots.reconcile();
+        let Some(slot) = self.slots.get(id) else {
+            return false;
+        };
+        let (cursor, recording) = (slot.cursor(), records(&slot.bm));
+        if self.epochs.caught_up(cursor) {
             return false;
         }
-        if records(&s.bm) {
-            let bitmap_granularity_bits = s.bm.granularity_bits();
-            for h in epochs.since(s.cursor) {
+        if recording {
+            let bm = self.slots.bitmap_mut(id).expect("looked up above");
+            let bitmap_granularity_bits = bm.granularity_bits();
+            for h in self.epochs.since(cursor) {
                 if h.granularity_bits() <= bitmap_granularity_bits {
-                    s.bm.mark_writes(h);
+                    bm.mark_writes(h);
                 }
             }
         }
-        s.cursor = epochs.seal();
+        let sealed = self.epochs.seal();
+        self.slots.set_cursor(id, sealed);
         true
     }
 
@@ -184,21 +180,13 @@ impl BitmapSet {
         if self.epochs.len() == 0 {
             return;
         }
-        let mut cursors: Vec<u64> = self
-            .slots
-            .iter()
-            .filter(|s| records(&s.bm))
-            .map(|s| s.cursor)
-            .collect();
-        cursors.sort_unstable();
-        cursors.dedup();
-        self.epochs.compact(&cursors);
+        self.epochs.compact(self.slots.recording_cursors());
     }
 
-    /// Absorbs the log, catches slot `i` up and compacts the epochs.
-    fn absorb_and_catch_up(&mut self, i: usize) {
+    /// Absorbs the log, catches bitmap `id` up and compacts the epochs.
+    fn absorb_and_catch_up(&mut self, id: BitmapId) {
         self.absorb();
-        if self.catch_up(i) {
+        if self.catch_up(id) {
             self.compact();
         }
     }
@@ -214,8 +202,9 @@ impl BitmapSet {
             return;
         }
         let mut any = false;
-        for i in 0..self.slots.len() {
-            any |= self.catch_up(i);
+        let ids: Vec<BitmapId> = self.slots.ids().collect();
+        for id in ids {
+            any |= self.catch_up(id);
         }
         if any {
             self.compact();
@@ -229,22 +218,16 @@ impl BitmapSet {
     /// inconsistent bitmap is returned as it is (its readers answer "unusable", see
     /// [`DirtyBitmap::dirty_runs`]).
     pub fn current(&mut self, id: BitmapId) -> Result<&DirtyBitmap> {
-        let i = self.index(id)?;
-        self.absorb_and_catch_up(i);
-        self.slots[i].bm.ensure_loaded()?;
-        Ok(&self.slots[i].bm)
+        let bm = self.bitmap_mut(id)?;
+        bm.ensure_loaded()?;
+        Ok(bm)
     }
 
     /// Gives the log the base granularity: the finest among the bitmaps that can ever record
     /// (inconsistent ones never do), or none when there is none. Called after every change of
     /// the list.
-    fn refresh_log(&self) {
-        let g = self
-            .slots
-            .iter()
-            .filter(|s| !s.bm.inconsistent())
-            .map(|s| s.bm.granularity_bits())
-            .min();
+    fn refresh_log(&mut self) {
+        let g = self.slots.min_granularity_bits();
         self.log.set_granularity_bits(g);
     }
 
@@ -255,7 +238,21 @@ impl BitmapSet {
 
     /// Every bitmap, newest first (QEMU's list order), anonymous successors included.
     pub fn ids(&self) -> Vec<BitmapId> {
-        self.slots.iter().map(|s| s.id).collect()
+        self.slots.ids().collect()
+    }
+
+    /// The first bitmap of the list (the newest), in O(log n).
+    pub fn first(&self) -> Option<BitmapId> {
+        self.slots.first()
+    }
+
+    /// The bitmap that follows `id` in the list (the next older one), in O(log n); None at
+    /// the end of the list or when `id` does not exist.
+    pub fn next_after(&self, id: BitmapId) -> Option<BitmapId> {
+        if !self.slots.contains(id) {
+            return None;
+        }
+        self.slots.after(id)
     }
 
     /// Number of bitmaps.
@@ -265,12 +262,12 @@ impl BitmapSet {
 
     /// Whether the set holds no bitmap.
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.slots.len() == 0
     }
 
     /// The bitmaps' states, newest first (no bits: see the module documentation).
     pub fn iter(&self) -> impl Iterator<Item = (BitmapId, StateView<'_>)> {
-        self.slots.iter().map(|s| (s.id, StateView(&s.bm)))
+        self.slots.iter().map(|(id, bm)| (id, StateView(bm)))
     }
 
     /// A bitmap's state by id (no bits: read them through [`BitmapSet::current`]).
@@ -282,37 +279,31 @@ impl BitmapSet {
     /// for the set's and the image's own bookkeeping (states, change tracking, sources), never
     /// for reading bits.
     pub(crate) fn get_unfolded(&self, id: BitmapId) -> Option<&DirtyBitmap> {
-        self.slots.iter().find(|s| s.id == id).map(|s| &s.bm)
+        self.slots.get(id).map(|s| &s.bm)
     }
 
     /// Every bitmap as it is (see [`BitmapSet::get_unfolded`]), newest first.
     pub(crate) fn iter_unfolded(&self) -> impl Iterator<Item = (BitmapId, &DirtyBitmap)> {
-        self.slots.iter().map(|s| (s.id, &s.bm))
+        self.slots.iter()
     }
 
     /// A bitmap by id, for changes (up to date with the hook's writes first).
     pub fn get_mut(&mut self, id: BitmapId) -> Option<&mut DirtyBitmap> {
-        let i = self.slots.iter().position(|s| s.id == id)?;
-        self.absorb_and_catch_up(i);
-        Some(&mut self.slots[i].bm)
-    }
-
-    fn index(&self, id: BitmapId) -> Result<usize> {
-        self.slots.iter().position(|s| s.id == id).ok_or_else(|| {
-            Error::InvalidArgument(format!("Dirty bitmap #{} does not exist (any more)", id.0))
-        })
+        if !self.slots.contains(id) {
+            return None;
+        }
+        self.absorb_and_catch_up(id);
+        self.slots.bitmap_mut(id)
     }
 
     /// A bitmap's state by id, or an error naming the id.
     pub fn bitmap(&self, id: BitmapId) -> Result<StateView<'_>> {
-        Ok(StateView(&self.slots[self.index(id)?].bm))
+        self.get(id).ok_or_else(|| no_such(id))
     }
 
     /// A bitmap by id for changes, or an error naming the id.
     pub fn bitmap_mut(&mut self, id: BitmapId) -> Result<&mut DirtyBitmap> {
-        let i = self.index(id)?;
-        self.absorb_and_catch_up(i);
-        Ok(&mut self.slots[i].bm)
+        self.get_mut(id).ok_or_else(|| no_such(id))
     }
 
     /// A bitmap by id for changes WITHOUT taking the hook's writes first: for bookkeeping that
@@ -320,18 +311,28 @@ impl BitmapSet {
     /// writes logged during the store stay pending and are tracked when the bitmap takes them).
     /// Must not change whether the bitmap records writes.
     pub(crate) fn get_mut_unfolded(&mut self, id: BitmapId) -> Option<&mut DirtyBitmap> {
-        self.slots
-            .iter_mut()
-            .find(|s| s.id == id)
-            .map(|s| &mut s.bm)
+        self.slots.bitmap_mut(id)
     }
 
-    /// A named bitmap (QEMU: bdrv_find_dirty_bitmap). Anonymous bitmaps never match.
+    /// A named bitmap (QEMU: bdrv_find_dirty_bitmap): the newest of that name, in O(1).
+    /// Anonymous bitmaps never match.
     pub fn find(&self, name: &[u8]) -> Option<BitmapId> {
-        self.slots
-            .iter()
-            .find(|s| s.bm.name() == Some(name))
-            .map(|s| s.id)
+        self.slots.find_matching(name, |_| true)
+    }
+
+    /// The newest bitmap named `name` that passes `pred`.
+    pub(crate) fn find_matching(
+        &self,
+        name: &[u8],
+        pred: impl Fn(&DirtyBitmap) -> bool,
+    ) -> Option<BitmapId> {
+        self.slots.find_matching(name, pred)
+    }
+
+    /// Counts over every bitmap (readonly, named, persistent, and the directory bytes the
+    /// persistent ones take), in O(1).
+    pub(crate) fn totals(&self) -> Totals {
+        self.slots.totals()
     }
 
     /// A named bitmap or QEMU's "Dirty bitmap 'X' not found".
@@ -347,7 +348,7 @@ impl BitmapSet {
         self.next_id += 1;
         // Writes logged before it are not its own.
         let cursor = self.epochs.seal();
-        self.slots.insert(0, Slot { id, bm, cursor });
+        self.slots.insert(id, bm, cursor);
         self.refresh_log();
         id
     }
@@ -371,18 +372,13 @@ impl BitmapSet {
     pub fn release(&mut self, id: BitmapId) -> Result<DirtyBitmap> {
         self.absorb();
         self.check_release(id)?;
-        let i = self.index(id)?;
-        self.absorb_and_catch_up(i);
-        let bm = self.slots.remove(i).bm;
-        self.refresh_log();
-        self.compact();
-        Ok(bm)
+        self.remove_unchecked(id).ok_or_else(|| no_such(id))
     }
 
     /// Whether [`BitmapSet::release`] would accept `id`: refused (EBUSY) while the bitmap is
     /// busy, has a successor, has live iterators, or is itself a successor.
     pub(crate) fn check_release(&self, id: BitmapId) -> Result<()> {
-        let bm = &self.slots[self.index(id)?].bm;
+        let bm = self.bitmap(id)?;
         let held = |why| {
             Err(Error::Held {
                 name: bm.display_name(),
@@ -398,7 +394,7 @@ impl BitmapSet {
         if bm.active_iterators() > 0 {
             return held("iterators on it are alive");
         }
-        if self.slots.iter().any(|s| s.bm.successor() == Some(id)) {
+        if self.slots.is_successor(id) {
             return held("it is a successor (it goes away through abdicate or reclaim)");
         }
         Ok(())
@@ -406,9 +402,11 @@ impl BitmapSet {
 
     /// Removes a bitmap whatever its state (internal: removal of stored bitmaps, close).
     pub(crate) fn remove_unchecked(&mut self, id: BitmapId) -> Option<DirtyBitmap> {
-        let i = self.slots.iter().position(|s| s.id == id)?;
-        self.absorb_and_catch_up(i);
-        let bm = self.slots.remove(i).bm;
+        if !self.slots.contains(id) {
+            return None;
+        }
+        self.absorb_and_catch_up(id);
+        let bm = self.slots.remove(id)?;
         self.refresh_log();
         self.compact();
         Some(bm)
@@ -433,22 +431,23 @@ impl BitmapSet {
             return;
         }
         let bytes = bytes.min(self.size - offset);
-        for s in &mut self.slots {
-            if s.bm.enabled() && !s.bm.readonly() && !s.bm.inconsistent() {
-                s.bm.mark_write(offset, bytes);
+        let _ = self.slots.update_all(|_, bm| {
+            if records(bm) {
+                bm.mark_write(offset, bytes);
             }
-        }
+            Ok::<(), ()>(())
+        });
     }
 
     /// Whether any bitmap is readonly: the host must then refuse guest writes (QEMU:
-    /// bdrv_has_readonly_bitmaps, which makes writes fail with EPERM).
+    /// bdrv_has_readonly_bitmaps, which makes writes fail with EPERM). O(1).
     pub fn has_readonly(&self) -> bool {
-        self.slots.iter().any(|s| s.bm.readonly())
+        self.slots.totals().readonly > 0
     }
 
-    /// Whether any bitmap has a name (QEMU: bdrv_has_named_bitmaps).
+    /// Whether any bitmap has a name (QEMU: bdrv_has_named_bitmaps). O(1).
     pub fn has_named(&self) -> bool {
-        self.slots.iter().any(|s| s.bm.name().is_some())
+        self.slots.totals().named > 0
     }
 
     /// Freezes a bitmap for an operation (QEMU: bdrv_dirty_bitmap_create_successor): a new
@@ -489,22 +488,21 @@ impl BitmapSet {
             id,
             "Cannot relinquish control if there's no successor present",
         )?;
-        if self.slots[self.index(id)?].bm.active_iterators() > 0 {
+        let parent = self.bitmap(id)?;
+        if parent.active_iterators() > 0 {
             return Err(Error::Held {
-                name: self.slots[self.index(id)?].bm.display_name(),
+                name: parent.display_name(),
                 why: "iterators on it are alive",
             });
         }
         // The successor must still exist before anything changes: a failed call changes
         // nothing (the parent, and its stored copy, stay).
-        self.index(child).map_err(|_| {
-            Error::Precondition(format!(
+        if !self.slots.contains(child) {
+            return Err(Error::Precondition(format!(
                 "Cannot relinquish control of bitmap '{}': its successor no longer exists",
-                self.slots[self.index(id).expect("looked up above")]
-                    .bm
-                    .display_name()
-            ))
-        })?;
+                parent.display_name()
+            )));
+        }
         let parent = self.remove_unchecked(id).expect("checked above");
         let s = self.bitmap_mut(child)?;
         s.set_name(parent.name().map(<[u8]>::to_vec));
@@ -518,8 +516,8 @@ impl BitmapSet {
     pub fn reclaim(&mut self, id: BitmapId) -> Result<BitmapId> {
         self.absorb();
         let child = self.successor_of(id, "Cannot reclaim a successor when none is present")?;
-        if let Ok(c) = self.index(child) {
-            if self.slots[c].bm.active_iterators() > 0 {
+        if let Some(c) = self.get(child) {
+            if c.active_iterators() > 0 {
                 return Err(Error::Held {
                     name: "(successor)".into(),
                     why: "iterators on it are alive",
@@ -551,8 +549,7 @@ impl BitmapSet {
     /// any bitmap is busy, frozen or iterated.
     pub fn truncate(&mut self, new_size: u64) -> Result<()> {
         self.fold();
-        for s in &self.slots {
-            let b = &s.bm;
+        for (_, b) in self.slots.iter() {
             if b.busy() || b.has_successor() || b.active_iterators() > 0 {
                 return Err(Error::Precondition(format!(
                     "Cannot resize the bitmaps: bitmap '{}' is busy, frozen or iterated",
@@ -568,16 +565,12 @@ impl BitmapSet {
             }
         }
         // Load bitmaps still on disk first, so that a read error changes nothing.
-        for s in &mut self.slots {
-            s.bm.ensure_loaded()?;
-        }
-        for s in &mut self.slots {
-            s.bm.truncate(new_size)?;
-        }
+        self.slots.update_all(|_, bm| bm.ensure_loaded())?;
+        self.slots.update_all(|_, bm| bm.truncate(new_size))?;
         self.size = new_size;
         // Every bitmap took every epoch above (fold), so none is left at the old size.
         debug_assert_eq!(self.epochs.len(), 0);
-        self.epochs.compact(&[]);
+        self.epochs.clear();
         self.log.set_size(new_size);
         Ok(())
     }
@@ -588,25 +581,23 @@ impl BitmapSet {
     /// QEMU reports it, beside `inconsistent: true`.
     pub fn query(&mut self) -> Result<Vec<BitmapInfo>> {
         self.fold();
-        for s in &mut self.slots {
-            s.bm.ensure_loaded()?;
-        }
+        self.slots.update_all(|_, bm| bm.ensure_loaded())?;
         Ok(self
             .slots
             .iter()
-            .map(|s| BitmapInfo {
-                id: s.id,
-                name: s.bm.name().map(<[u8]>::to_vec),
-                count: if s.bm.inconsistent() {
+            .map(|(id, bm)| BitmapInfo {
+                id,
+                name: bm.name().map(<[u8]>::to_vec),
+                count: if bm.inconsistent() {
                     0
                 } else {
-                    s.bm.bits().count()
+                    bm.bits().count()
                 },
-                granularity: s.bm.granularity(),
-                recording: self.recording(s.id),
-                busy: s.bm.busy(),
-                persistent: s.bm.persistent(),
-                inconsistent: s.bm.inconsistent(),
+                granularity: bm.granularity(),
+                recording: self.recording(id),
+                busy: bm.busy(),
+                persistent: bm.persistent(),
+                inconsistent: bm.inconsistent(),
             })
             .collect())
     }
@@ -817,7 +808,8 @@ mod tests {
                 }
             }
             // Epochs never outnumber the distinct cursors of recording bitmaps (+ the open one).
-            let recording = a.slots.iter().filter(|s| records(&s.bm)).count();
+            let recording = a.slots.iter().filter(|(_, b)| records(b)).count();
+            a.slots.check();
             assert!(
                 a.epochs.len() <= recording + 1,
                 "{ctx}: {} epochs",
@@ -845,6 +837,175 @@ mod tests {
     fn lazy_catch_up_matches_direct_marking() {
         for seed in 1..=120 {
             catch_up_sequence(seed);
+        }
+    }
+
+    /// What the indexes answer (find, the totals, successors, the list walk, the log's base
+    /// granularity) equals a scan of the list, whatever changes the bitmaps go through,
+    /// including flag and name changes made through the `&mut` accessors.
+    #[test]
+    fn indexes_match_a_scan_of_the_list() {
+        let mut rng = Rng(0x51075);
+        let size = 1 << 24;
+        let mut set = BitmapSet::new(size);
+        let names: Vec<Vec<u8>> = (0..6).map(|i| format!("n{i}").into_bytes()).collect();
+        for step in 0..3000 {
+            let ids = set.ids();
+            let pick = |rng: &mut Rng| {
+                (!ids.is_empty()).then(|| ids[rng.below(ids.len() as u64) as usize])
+            };
+            match rng.below(16) {
+                0..=2 => {
+                    let name = &names[rng.below(6) as usize];
+                    let g = 1u64 << (9 + rng.below(8));
+                    let _ = set.create((rng.below(4) != 0).then_some(&name[..]), g);
+                }
+                3 => {
+                    // Duplicate names only come through insert: find gives the newest.
+                    let name = &names[rng.below(6) as usize];
+                    set.insert(DirtyBitmap::new(Some(name), size, 4096).unwrap());
+                }
+                4 => {
+                    if let Some(id) = pick(&mut rng) {
+                        let _ = set.release(id);
+                    }
+                }
+                5 => {
+                    if let Some(id) = pick(&mut rng) {
+                        set.remove_unchecked(id);
+                    }
+                }
+                6 => {
+                    if let Some(id) = pick(&mut rng) {
+                        let ro = rng.below(2) == 0;
+                        set.get_mut(id).unwrap().set_readonly(ro);
+                    }
+                }
+                7 => {
+                    if let Some(id) = pick(&mut rng) {
+                        let p = rng.below(2) == 0;
+                        set.get_mut(id).unwrap().set_persistence(p);
+                    }
+                }
+                8 => {
+                    if let Some(id) = pick(&mut rng) {
+                        let bm = set.get_mut(id).unwrap();
+                        let _ = if rng.below(2) == 0 {
+                            bm.enable()
+                        } else {
+                            bm.disable()
+                        };
+                    }
+                }
+                9 => {
+                    if let Some(id) = pick(&mut rng) {
+                        let _ = set.get_mut(id).unwrap().set_inconsistent();
+                    }
+                }
+                10 => {
+                    if let Some(id) = pick(&mut rng) {
+                        let _ = set.create_successor(id);
+                    }
+                }
+                11 => {
+                    if let Some(id) = pick(&mut rng) {
+                        let _ = set.abdicate(id);
+                    }
+                }
+                12 => {
+                    if let Some(id) = pick(&mut rng) {
+                        let _ = set.reclaim(id);
+                    }
+                }
+                13 => {
+                    // A change through the accessor, then queries before any other `&mut` call.
+                    if let Some(id) = pick(&mut rng) {
+                        let bm = set.get_mut(id).unwrap();
+                        bm.set_readonly(!bm.readonly());
+                        bm.set_persistence(!bm.persistent());
+                    }
+                }
+                14 => {
+                    let off = rng.below(size);
+                    set.write_hook().set(off, 1 + rng.below(1 << 20));
+                }
+                _ => {
+                    if let Some(id) = pick(&mut rng) {
+                        let _ = set.current(id);
+                    }
+                }
+            }
+            let ctx = format!("step {step}");
+            let list: Vec<(BitmapId, &DirtyBitmap)> = set.iter_unfolded().collect();
+            for name in &names {
+                let newest = list
+                    .iter()
+                    .find(|(_, b)| b.name() == Some(&name[..]))
+                    .map(|(id, _)| *id);
+                assert_eq!(set.find(name), newest, "{ctx}");
+                let consistent = list
+                    .iter()
+                    .find(|(_, b)| b.name() == Some(&name[..]) && !b.inconsistent())
+                    .map(|(id, _)| *id);
+                assert_eq!(
+                    set.find_matching(name, |b| !b.inconsistent()),
+                    consistent,
+                    "{ctx}"
+                );
+            }
+            let persistent: Vec<&&DirtyBitmap> = list
+                .iter()
+                .map(|(_, b)| b)
+                .filter(|b| b.persistent())
+                .collect();
+            let totals = set.totals();
+            assert_eq!(totals.persistent, persistent.len(), "{ctx}");
+            let bytes: u64 = persistent
+                .iter()
+                .map(|b| {
+                    crate::format::bitmap_dir::BitmapDirEntry::size_for_name(
+                        b.name().map_or(0, <[u8]>::len),
+                    )
+                })
+                .sum();
+            assert_eq!(totals.persistent_entry_bytes, bytes, "{ctx}");
+            assert_eq!(
+                set.has_readonly(),
+                list.iter().any(|(_, b)| b.readonly()),
+                "{ctx}"
+            );
+            assert_eq!(
+                set.has_named(),
+                list.iter().any(|(_, b)| b.name().is_some()),
+                "{ctx}"
+            );
+            for &(id, _) in &list {
+                let is_successor = list.iter().any(|(_, b)| b.successor() == Some(id));
+                assert_eq!(set.slots.is_successor(id), is_successor, "{ctx}");
+            }
+            let mut walked = Vec::new();
+            let mut at = set.first();
+            while let Some(id) = at {
+                walked.push(id);
+                at = set.next_after(id);
+            }
+            assert_eq!(walked, set.ids(), "{ctx}");
+            let finest = list
+                .iter()
+                .filter(|(_, b)| !b.inconsistent())
+                .map(|(_, b)| b.granularity_bits())
+                .min();
+            // Never coarser than the finest bitmap that records (the base granularity is
+            // refreshed when the list changes; a bitmap turning inconsistent leaves it finer).
+            let base = set.write_hook().granularity_bits();
+            if let Some(g) = finest {
+                assert!(base.is_some_and(|b| b <= g), "{ctx}: {base:?} > {g}");
+            }
+            if matches!(step % 16, 0..=5) {
+                set.refresh_log();
+                assert_eq!(set.write_hook().granularity_bits(), finest, "{ctx}");
+            }
+            set.slots.check();
         }
     }
 

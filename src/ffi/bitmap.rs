@@ -42,13 +42,11 @@ pub unsafe extern "C" fn qdirty_bitmap_next(bm: *mut qdirty_bitmap) -> *mut qdir
             // SAFETY: see the function's Safety section.
             let h = unsafe { BitmapHandle::from_ptr(bm) }?;
             let mut state = h.image()?.lock()?;
-            let ids = state.image.bitmap_ids();
-            let pos = ids
-                .iter()
-                .position(|&id| id == h.id)
-                .ok_or_else(|| h.gone())?;
-            Ok(match ids.get(pos + 1) {
-                Some(&id) => state.handle_for(h.image_ptr(), id),
+            if state.image.bitmap(h.id).is_none() {
+                return Err(h.gone());
+            }
+            Ok(match state.image.bitmaps().next_after(h.id) {
+                Some(id) => state.handle_for(h.image_ptr(), id),
                 None => std::ptr::null_mut(),
             })
         };

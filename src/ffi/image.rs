@@ -265,8 +265,8 @@ pub unsafe extern "C" fn qdirty_image_first_bitmap(img: *mut qdirty_image) -> *m
             // SAFETY: see the function's Safety section.
             let h = unsafe { ImageHandle::from_ptr(img, "img") }?;
             let mut state = h.lock()?;
-            Ok(match state.image.bitmap_ids().first() {
-                Some(&id) => state.handle_for(img, id),
+            Ok(match state.image.bitmaps().first() {
+                Some(id) => state.handle_for(img, id),
                 None => std::ptr::null_mut(),
             })
         };

@@ -48,6 +48,11 @@ impl BitmapDirEntry {
     pub fn auto(&self) -> bool {
         self.flags & crate::format::BME_FLAG_AUTO != 0
     }
+    /// Encoded size of an entry with a name of `name_len` bytes and no extra data (what a new
+    /// bitmap takes in the directory), padded to 8.
+    pub fn size_for_name(name_len: usize) -> u64 {
+        (Self::FIXED_SIZE as u64 + name_len as u64).next_multiple_of(8)
+    }
     /// Encoded size, padded to 8.
     pub fn encoded_len(&self) -> usize {
         (Self::FIXED_SIZE + self.extra_data.len() + self.name.len()).div_ceil(8) * 8

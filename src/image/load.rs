@@ -51,17 +51,12 @@ impl Qcow2File {
                     .enumerate()
                     .filter_map(|(i, (_, r))| r.clone().map(|r| (i, r)))
                     .collect();
-                self.dir = StoredDirectory {
-                    ext: Some(ext),
-                    entries: entries.into_iter().map(|(e, _)| e).collect(),
-                };
+                self.dir =
+                    StoredDirectory::new(Some(ext), entries.into_iter().map(|(e, _)| e).collect());
             }
             (Some(ext), true) => {
                 ext.validate(self.cluster_size())?;
-                self.dir = StoredDirectory {
-                    ext: Some(ext),
-                    entries: self.read_directory(&ext)?,
-                };
+                self.dir = StoredDirectory::new(Some(ext), self.read_directory(&ext)?);
             }
             _ => {}
         }
@@ -117,7 +112,7 @@ impl Qcow2File {
     /// QEMU's qcow2_reopen_bitmaps_rw consistency rule: every stored bitmap has an in-memory
     /// counterpart.
     pub(super) fn reopen_checks(&self, set: &BitmapSet) -> Result<()> {
-        for (i, e) in self.dir.entries.iter().enumerate() {
+        for (i, e) in self.dir.entries().iter().enumerate() {
             if !self.is_broken(i) && set.find(e.qemu_name()).is_none() {
                 return Err(Error::InvalidImage(format!(
                     "Unexpected bitmap '{}' in image '{}'",
@@ -172,7 +167,7 @@ impl Qcow2File {
     /// consistent bitmap is read and validated now, as QEMU does; its data is read when first
     /// needed (lazy loading, see `table_source.rs`).
     fn load_bitmaps(&mut self, set: &mut BitmapSet) -> Result<()> {
-        let entries = self.dir.entries.clone();
+        let entries = self.dir.entries().to_vec();
         for (i, e) in entries.iter().enumerate() {
             if self.is_broken(i) {
                 // Salvage: listed by broken_bitmaps(), never loaded.
@@ -283,7 +278,7 @@ impl Qcow2File {
                 e.extra_data.clone(),
             )
         };
-        let old = &self.dir.entries;
+        let old = self.dir.entries();
         let differs =
             (0..old.len().max(now.len())).find(|&i| old.get(i).map(key) != now.get(i).map(key));
         if let Some(i) = differs {
@@ -363,15 +358,15 @@ impl Qcow2File {
         if self.dir.ext.is_none() {
             return Ok(());
         }
-        let mut entries = self.dir.entries.clone();
+        let mut entries = self.dir.entries().to_vec();
         let mut changed = false;
         for (i, e) in entries.iter_mut().enumerate() {
             if e.in_use() || self.is_broken(i) {
                 continue;
             }
             let loaded = set
-                .iter()
-                .any(|(_, b)| b.name() == Some(e.qemu_name()) && !b.inconsistent());
+                .find_matching(e.qemu_name(), |b| !b.inconsistent())
+                .is_some();
             if loaded {
                 e.flags |= BME_FLAG_IN_USE;
                 changed = true;
@@ -419,13 +414,13 @@ impl Qcow2File {
         })();
         match result {
             Ok(()) => {
-                self.dir.entries = entries;
+                self.dir.set_entries(entries);
                 Ok(())
             }
             Err(e) => {
                 // Best effort: the old directory, then the bit back.
                 if wrote_dir {
-                    let old = encode_directory(&self.dir.entries);
+                    let old = encode_directory(self.dir.entries());
                     let _ = self
                         .storage
                         .lock()

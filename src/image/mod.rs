@@ -582,7 +582,7 @@ impl Image {
         if d.read_only {
             return Err(fail("the image is opened read-only".into(), libc::EROFS));
         }
-        if self.set.find(name).is_some() || d.dir.entries.iter().any(|e| e.qemu_name() == name) {
+        if self.set.find(name).is_some() || d.dir.position(name, |_| true).is_some() {
             return Err(fail(
                 format!("Bitmap already exists: {}", String::from_utf8_lossy(name)),
                 libc::EEXIST,
@@ -607,23 +607,15 @@ impl Image {
                 libc::EFBIG,
             ));
         }
-        let persistent: Vec<StateView<'_>> = self
-            .set
-            .iter()
-            .map(|(_, b)| b)
-            .filter(|b| b.persistent())
-            .collect();
-        if persistent.len() as u64 + 1 > u64::from(QCOW2_MAX_BITMAPS) {
+        // Running totals over the set: O(1) whatever the number of bitmaps.
+        let totals = self.set.totals();
+        if totals.persistent as u64 + 1 > u64::from(QCOW2_MAX_BITMAPS) {
             return Err(fail(
                 "Maximum number of persistent bitmaps is already reached".into(),
                 libc::EFBIG,
             ));
         }
-        let dir_size: u64 = persistent
-            .iter()
-            .map(|b| dir_entry_size(b.name().map_or(0, <[u8]>::len)))
-            .sum::<u64>()
-            + dir_entry_size(name.len());
+        let dir_size = totals.persistent_entry_bytes + BitmapDirEntry::size_for_name(name.len());
         if dir_size > QCOW2_MAX_BITMAP_DIRECTORY_SIZE {
             return Err(fail(
                 "Not enough space in the bitmap directory".into(),
@@ -725,7 +717,7 @@ impl Image {
                     b.check(CHECK_DEFAULT)?;
                 }
             }
-            for e in &d.dir.entries {
+            for e in d.dir.entries() {
                 if self.set.find(e.qemu_name()).is_none() {
                     return Err(Error::Precondition(
                         "Cannot resize qcow2 with persistent bitmaps that were not loaded into memory"
@@ -756,9 +748,4 @@ impl Drop for Image {
             crate::warning::warn(&e.to_string());
         }
     }
-}
-
-/// Size of a directory entry with a name of `name_len` bytes and no extra data.
-fn dir_entry_size(name_len: usize) -> u64 {
-    (BitmapDirEntry::FIXED_SIZE as u64 + name_len as u64).next_multiple_of(8)
 }

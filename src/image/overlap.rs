@@ -618,14 +618,14 @@ impl Qcow2File {
                     guard.as_ref(),
                     &fresh,
                     self.dir.ext.as_ref(),
-                    &self.dir.entries,
+                    self.dir.entries(),
                 )
             } else {
                 MetaClusters::build(
                     guard.as_ref(),
                     &self.header_cluster,
                     self.dir.ext.as_ref(),
-                    &self.dir.entries,
+                    self.dir.entries(),
                 )
             }
             .map_err(|e| e.context("Could not check the image's metadata before writing"))?;

@@ -3,6 +3,9 @@
 //! `load.rs` (open), `store.rs` (store, removal), `salvage.rs`, `overlap.rs` (the overlap
 //! check).
 
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+
 use super::alloc::{self, Refcounts};
 use super::header_cluster::HeaderCluster;
 use super::overlap::{self, MetaClusters, Structure};
@@ -13,13 +16,58 @@ use crate::format::bitmap_dir::BitmapDirEntry;
 use crate::format::extension::BitmapsExt;
 use crate::format::MAX_HOST_OFFSET;
 
-/// The bitmap directory as it is on disk now.
+/// The bitmap directory as it is on disk now, with its entries indexed by name.
 #[derive(Clone, Debug, Default)]
 pub(super) struct StoredDirectory {
     /// The extension (None: the image has no bitmaps extension in use).
     pub(super) ext: Option<BitmapsExt>,
     /// The entries, in directory order.
-    pub(super) entries: Vec<BitmapDirEntry>,
+    entries: Vec<BitmapDirEntry>,
+    /// (hash of the name, position) of every entry, sorted: a lookup by name is a binary
+    /// search, and building it is one allocation (the directory is rebuilt at every commit).
+    by_name: Vec<(u64, u32)>,
+    hasher: RandomState,
+}
+
+impl StoredDirectory {
+    pub(super) fn new(ext: Option<BitmapsExt>, entries: Vec<BitmapDirEntry>) -> Self {
+        let hasher = RandomState::new();
+        let mut by_name: Vec<(u64, u32)> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (hasher.hash_one(e.qemu_name()), i as u32))
+            .collect();
+        by_name.sort_unstable();
+        StoredDirectory {
+            ext,
+            entries,
+            by_name,
+            hasher,
+        }
+    }
+
+    /// The entries, in directory order.
+    pub(super) fn entries(&self) -> &[BitmapDirEntry] {
+        &self.entries
+    }
+
+    /// Replaces the entries (same extension).
+    pub(super) fn set_entries(&mut self, entries: Vec<BitmapDirEntry>) {
+        *self = StoredDirectory::new(self.ext, entries);
+    }
+
+    /// The first entry named `name` (QEMU's name, up to the first NUL) whose position passes
+    /// `keep`: O(log n).
+    pub(super) fn position(&self, name: &[u8], keep: impl Fn(usize) -> bool) -> Option<usize> {
+        let h = self.hasher.hash_one(name);
+        let from = self.by_name.partition_point(|&(x, _)| x < h);
+        // Same hash: ascending positions, so the first match is the first in the directory.
+        self.by_name[from..]
+            .iter()
+            .take_while(|&&(x, _)| x == h)
+            .map(|&(_, i)| i as usize)
+            .find(|&i| self.entries[i].qemu_name() == name && keep(i))
+    }
 }
 
 /// The qcow2 file behind an image and what qdirty knows of it (QEMU: the qcow2 driver's

@@ -112,7 +112,7 @@ fn drop_in(storage: &mut dyn Storage) -> Result<DroppedExtension> {
 impl Qcow2File {
     /// Whether directory entry `i` is broken (salvage).
     pub(super) fn is_broken(&self, i: usize) -> bool {
-        self.broken.iter().any(|b| b.0 == i)
+        self.broken.binary_search_by_key(&i, |b| b.0).is_ok()
     }
 
     /// Updates the broken positions after the entries at `removed` (positions before the
@@ -144,7 +144,7 @@ impl Qcow2File {
         }
         let entries: Vec<_> = self
             .dir
-            .entries
+            .entries()
             .iter()
             .enumerate()
             .filter(|(i, _)| !positions.contains(i))
@@ -181,7 +181,7 @@ impl Image {
             .iter()
             .map(|(i, reason)| BrokenBitmap {
                 index: *i,
-                name: d.dir.entries[*i].qemu_name().to_vec(),
+                name: d.dir.entries()[*i].qemu_name().to_vec(),
                 reason: reason.clone(),
             })
             .collect()
@@ -193,7 +193,7 @@ impl Image {
         d.broken
             .iter()
             .map(|b| b.0)
-            .find(|&i| d.dir.entries[i].qemu_name() == name)
+            .find(|&i| d.dir.entries()[i].qemu_name() == name)
     }
 
     /// Removes the broken bitmap at directory position `index` (as listed by

@@ -34,6 +34,7 @@
 //! other metadata (a corrupt table naming the refcount table, an L1 table, another bitmap's
 //! table...) stops the store with an error naming both, and nothing is written.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 
@@ -190,8 +191,10 @@ impl Qcow2File {
     /// Decides what a store writes: which in-memory bitmaps are stored, where their entries go,
     /// and whether each is kept, partly or fully rewritten.
     fn plan_store(&self, set: &BitmapSet, mode: StoreMode) -> Result<StorePlan> {
-        let mut entries = self.dir.entries.clone();
+        let mut entries = self.dir.entries().to_vec();
         let mut jobs: Vec<Job> = Vec::new();
+        // Entries this plan appends, by name (a name not in the stored directory).
+        let mut appended: HashMap<Vec<u8>, usize> = HashMap::new();
         let cs = self.cluster_size();
         for (id, bm) in set.iter_unfolded() {
             if !bm.will_be_stored() || bm.inconsistent() || bm.readonly() {
@@ -211,9 +214,13 @@ impl Qcow2File {
                 name: name.clone(),
                 extra_data: Vec::new(),
             };
-            // Broken entries (salvage) are never ours, whatever their name.
-            let found =
-                (0..entries.len()).find(|&i| entries[i].qemu_name() == name && !self.is_broken(i));
+            // Broken entries (salvage) are never ours, whatever their name. An entry keeps its
+            // name when the plan changes it, so the stored directory's index stays right; the
+            // entries appended come after every stored one.
+            let found = self
+                .dir
+                .position(&name, |i| !self.is_broken(i))
+                .or_else(|| appended.get(&name).copied());
             match found {
                 Some(entry_index) if entries[entry_index].in_use() => {
                     let old = entries[entry_index].clone();
@@ -253,6 +260,7 @@ impl Qcow2File {
                     )));
                 }
                 None => {
+                    appended.insert(name, entries.len());
                     entries.push(fresh);
                     jobs.push(Job {
                         id,
@@ -325,7 +333,7 @@ impl Qcow2File {
         self.begin_update();
         if !any_data {
             // Only flags change (typically: in_use cleared): in place, or nothing at all.
-            if entries != self.dir.entries {
+            if entries != self.dir.entries() {
                 self.update_dir_in_place(entries)?;
             }
             if release {
@@ -657,13 +665,7 @@ impl Qcow2File {
             )));
         }
         allocated.clear();
-        let old = std::mem::replace(
-            &mut self.dir,
-            StoredDirectory {
-                ext: new_ext,
-                entries,
-            },
-        );
+        let old = std::mem::replace(&mut self.dir, StoredDirectory::new(new_ext, entries));
         Ok(match old.ext {
             Some(ext) => vec![(
                 ext.bitmap_directory_offset,
@@ -675,15 +677,13 @@ impl Qcow2File {
 
     /// Removes the stored copy of a bitmap (nothing to do when it is not on disk).
     pub(super) fn remove_from_disk(&mut self, name: &[u8]) -> Result<()> {
-        let Some(entry_index) = (0..self.dir.entries.len())
-            .find(|&i| self.dir.entries[i].qemu_name() == name && !self.is_broken(i))
-        else {
+        let Some(entry_index) = self.dir.position(name, |i| !self.is_broken(i)) else {
             return Ok(());
         };
         if self.read_only {
             return Err(Error::ReadOnlyImage("No write access".into()));
         }
-        let mut entries = self.dir.entries.clone();
+        let mut entries = self.dir.entries().to_vec();
         let removed = entries.remove(entry_index);
         // What the commit will free: checked before anything is written.
         self.begin_update();

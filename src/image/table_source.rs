@@ -2,6 +2,7 @@
 //! on disk, and the [`LazySource`] that reads one bitmap's data clusters (large sequential
 //! reads of contiguous runs). See `bitmap/bits.rs` for the bitmap side.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -183,30 +184,64 @@ impl LazySource for TableSource {
     }
 }
 
-/// The sources handed out, to invalidate those whose tables get freed.
+/// The sources handed out, by table offset, to invalidate those whose tables get freed: each
+/// registration and invalidation is O(1) (amortized) whatever the number of bitmaps.
 #[derive(Default)]
-pub(super) struct Sources(Vec<Weak<TableSource>>);
+pub(super) struct Sources {
+    /// By table offset: (registration number, source).
+    by_table: HashMap<u64, Vec<(u64, Weak<TableSource>)>>,
+    /// Registrations so far.
+    registered: u64,
+    /// Entries held (dropped sources included, until the next sweep).
+    held: usize,
+    /// Entries left by the last sweep.
+    swept: usize,
+}
 
 impl Sources {
     pub(super) fn register(&mut self, s: &Arc<TableSource>) {
-        self.0.retain(|w| w.strong_count() > 0);
-        self.0.push(Arc::downgrade(s));
+        if self.held > 2 * self.swept + 64 {
+            self.sweep();
+        }
+        self.registered += 1;
+        self.held += 1;
+        self.by_table
+            .entry(s.table_offset)
+            .or_default()
+            .push((self.registered, Arc::downgrade(s)));
     }
 
-    /// The sources still in use.
+    /// Drops the entries of sources that no longer exist.
+    fn sweep(&mut self) {
+        self.by_table.retain(|_, v| {
+            v.retain(|(_, w)| w.strong_count() > 0);
+            !v.is_empty()
+        });
+        self.held = self.by_table.values().map(Vec::len).sum();
+        self.swept = self.held;
+    }
+
+    /// The sources still in use, in the order they were registered.
     pub(super) fn live(&self) -> Vec<Arc<TableSource>> {
-        self.0.iter().filter_map(Weak::upgrade).collect()
+        let mut v: Vec<(u64, Arc<TableSource>)> = self
+            .by_table
+            .values()
+            .flatten()
+            .filter_map(|(n, w)| w.upgrade().map(|s| (*n, s)))
+            .collect();
+        v.sort_by_key(|(n, _)| *n);
+        v.into_iter().map(|(_, s)| s).collect()
     }
 
     /// Invalidates every source reading the table at `table_offset`.
     pub(super) fn invalidate(&mut self, table_offset: u64) {
-        self.0.retain(|w| match w.upgrade() {
-            Some(s) if s.table_offset == table_offset => {
-                s.invalidate();
-                false
+        if let Some(v) = self.by_table.remove(&table_offset) {
+            self.held -= v.len();
+            for (_, w) in v {
+                if let Some(s) = w.upgrade() {
+                    s.invalidate();
+                }
             }
-            Some(_) => true,
-            None => false,
-        });
+        }
     }
 }

@@ -391,7 +391,7 @@ fn bitmap_clusters(bytes: &[u8], name: &str) -> [u64; 3] {
     let d = img.file.as_ref().unwrap();
     let e = d
         .dir
-        .entries
+        .entries()
         .iter()
         .find(|e| e.name == name.as_bytes())
         .unwrap();

@@ -16,20 +16,18 @@ impl HBitmap {
         if other.granularity_bits == self.granularity_bits && other.granules == self.granules {
             let mut c = 0;
             while let Some(n) = other.nonempty.find(c) {
-                match other.chunks.get(n) {
-                    Some(Some(src)) => self.or_part(n, src),
-                    Some(None) if other.sp(n).is_some() => {
-                        if let Some(src) = other.sp(n) {
-                            self.or_sparse(n, src);
-                        }
-                    }
-                    Some(None) => {
+                if n >= other.chunks.len() {
+                    return;
+                }
+                match (other.chunks.get(n), other.sp(n)) {
+                    (Some(src), _) => self.or_part(n, src),
+                    (None, Some(src)) => self.or_sparse(n, src),
+                    (None, None) => {
                         let cap = self.cap(n);
                         if cap > 0 {
                             self.fill_chunk(n, 0, cap - 1, true);
                         }
                     }
-                    None => return,
                 }
                 c = n + 1;
             }
@@ -62,7 +60,7 @@ impl HBitmap {
             let dst_full = self.stateless(c) && !self.notfull.get(c);
             if !src_clean && !dst_full {
                 let base = c as u64 * CHUNK_WORDS as u64;
-                let extra = match (&self.chunks[c], &other.chunks[c], other.sp(c)) {
+                let extra = match (self.chunks.get(c), other.chunks.get(c), other.sp(c)) {
                     (Some(d), Some(s), _) => d.words[lo..hi]
                         .iter()
                         .zip(&s.words[lo..hi])
@@ -93,10 +91,10 @@ impl HBitmap {
     /// Chunk `c` |= `src` (a partial chunk of a bitmap of the same shape).
     fn or_part(&mut self, c: usize, src: &Part) {
         self.densify(c);
-        match &mut self.chunks[c] {
+        match self.chunks.get_mut(c) {
             None if !self.notfull.get(c) => {} // already full
             None => {
-                self.chunks[c] = Some(Box::new(src.clone()));
+                self.chunks.put(c, Box::new(src.clone()));
                 self.nonempty.set(c);
                 self.dirty += u64::from(src.count);
                 self.settle(c);
@@ -112,7 +110,7 @@ impl HBitmap {
 
     /// Chunk `c` |= `src` (a sparse chunk of a bitmap of the same shape).
     fn or_sparse(&mut self, c: usize, src: &Sparse) {
-        if let Some(dst) = &mut self.chunks[c] {
+        if let Some(dst) = self.chunks.get_mut(c) {
             let before = dst.count;
             for &(k, v) in &src.entries {
                 dst.or(usize::from(k), v);

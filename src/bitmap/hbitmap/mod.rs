@@ -9,14 +9,16 @@
 //! The bitmap is cut into chunks of [`CHUNK_GRANULES`] (2^16) granules, 1024 bottom words
 //! (8 KiB). A chunk is in one of four states:
 //!
-//! * **clean**: no storage at all (`chunks[c]` is `None`, `nonempty` bit clear);
+//! * **clean**: no storage at all (no `chunks` slot, `nonempty` bit clear);
 //! * **full**: every granule of the chunk dirty, also no storage (`None`, `notfull` bit clear);
 //! * **sparse**: a `Sparse` (chunk.rs) — at most `SPARSE_MAX` (128) non-zero words as a sorted list of
 //!   (word index, word) pairs (16 bytes each, so at most 2 KiB) and the chunk's dirty count,
-//!   in a side table (`sparse[c]`, allocated with the first sparse chunk, freed with the last,
-//!   so that the chunk table stays one pointer per chunk);
+//!   in a side table (`sparse`), so that the chunk table stays one pointer per chunk;
 //! * **partial**: a `Part` (chunk.rs) — the 1024 words plus two small summary levels ("word non-zero",
 //!   "word all ones", and one word above each) and the chunk's dirty count.
+//!
+//! Both tables are paged (paged.rs): a page of 512 slots is allocated with its first chunk
+//! with storage and freed with its last, and a table with no chunk with storage holds nothing.
 //!
 //! Every operation leaves chunks in canonical form: a sparse or partial chunk whose count falls
 //! to zero is freed (clean), one whose count reaches its capacity is freed (full). A first set
@@ -25,8 +27,8 @@
 //! most `SPARSE_BACK` (32) dirty granules makes it sparse again (cheap through its summaries;
 //! the gap between 32 and 128 words avoids flapping). [`HBitmap::load_words_le`] builds sparse
 //! chunks straight from the incoming words (no 8 KiB chunk allocated or touched). So memory
-//! follows the dirt: a clean or fully dirty region of any size costs one table pointer per 2^16
-//! granules, a sparse chunk 16 bytes per non-zero word, and a partial chunk its flat size plus
+//! follows the dirt: a clean or fully dirty region of any size costs no chunk table and a few
+//! bytes of tower per 2^28 granules, a sparse chunk 16 bytes per non-zero word, and a partial chunk its flat size plus
 //! about 3.3% (summaries). Searches in a sparse chunk are binary searches and list walks
 //! (at most 128 entries); other operations on it touch only its list, except those that would
 //! make it dense (a large set, deserialize_part, merging a partial source), which convert it to
@@ -34,7 +36,8 @@
 //!
 //! Above the chunks, two bit vectors over chunk indices, each with "word non-zero" summary levels
 //! (64 times smaller each, up to one word): `nonempty` (chunk has a dirty granule) and `notfull`
-//! (chunk has a clean granule). A search for the next dirty (clean) granule looks in its own
+//! (chunk has a clean granule). Their bit vectors are paged too, a page of 4096 chunks whose
+//! bits are all equal holding no words (tower.rs). A search for the next dirty (clean) granule looks in its own
 //! chunk through the chunk summaries (at most three word reads), then jumps with the `nonempty`
 //! (`notfull`) tower to the next chunk that can contain one, in O(levels) word reads whatever
 //! the distance — so both next_dirty in a sparse bitmap and next_zero in a full one are O(1)-ish,
@@ -68,6 +71,7 @@ use std::fmt;
 
 mod chunk;
 mod merge;
+mod paged;
 mod runs;
 mod search;
 mod serialize;
@@ -77,6 +81,7 @@ mod tests;
 mod tower;
 
 use chunk::{bit_range_mask, Part, Sparse};
+use paged::Paged;
 pub use runs::DirtyRuns;
 use tower::Tower;
 
@@ -106,14 +111,11 @@ pub struct HBitmap {
     /// Net change of `dirty` made by deserialize_* calls since the last deserialize_finish:
     /// like QEMU, the visible count ignores them until the finish.
     deser_delta: i64,
-    /// One slot per chunk (`chunk_count(granules)`): `Some` for partial chunks only.
-    chunks: Vec<Option<Box<Part>>>,
-    /// Empty until the first sparse chunk, then one slot per chunk: `Some` for sparse chunks
-    /// only (their `chunks` slot is `None`). Kept apart so that the chunk table stays one
-    /// pointer per chunk.
-    sparse: Vec<Option<Box<Sparse>>>,
-    /// Number of `Some` slots in `sparse` (the table is freed when it falls to zero).
-    sparse_live: usize,
+    /// One slot per chunk (`chunk_count(granules)`), in use for partial chunks only.
+    chunks: Paged<Part>,
+    /// One slot per chunk, in use for sparse chunks only (their `chunks` slot is empty). Kept
+    /// apart so that the chunk table stays one pointer per chunk.
+    sparse: Paged<Sparse>,
     /// Bit c: chunk c has a dirty granule.
     nonempty: Tower,
     /// Bit c: chunk c has a clean granule (the chunk of a zero-granule bitmap counts as clean).
@@ -157,9 +159,8 @@ impl HBitmap {
             granules,
             dirty: 0,
             deser_delta: 0,
-            chunks: vec![None; n],
-            sparse: Vec::new(),
-            sparse_live: 0,
+            chunks: Paged::new(n),
+            sparse: Paged::new(n),
             nonempty: Tower::new(n, false),
             notfull: Tower::new(n, true),
         }
@@ -196,32 +197,30 @@ impl HBitmap {
         self.dirty_granules() == 0
     }
 
-    /// Heap memory owned by the bitmap in bytes: the chunk table, the chunk towers and the
-    /// storage of partial chunks (allocator overhead not included). O(chunks).
+    /// Heap memory owned by the bitmap in bytes: the chunk tables, the chunk towers and the
+    /// storage of partial and sparse chunks (allocator overhead not included). O(chunks with
+    /// storage, plus the tower's pages).
     pub fn heap_bytes(&self) -> usize {
-        let parts = self.chunks.iter().filter(|c| c.is_some()).count();
-        self.chunks.capacity() * std::mem::size_of::<Option<Box<Part>>>()
-            + parts * std::mem::size_of::<Part>()
-            + self.sparse.capacity() * std::mem::size_of::<Option<Box<Sparse>>>()
+        self.chunks.heap_bytes()
+            + self.chunks.live() * std::mem::size_of::<Part>()
+            + self.sparse.heap_bytes()
             + self
                 .sparse
                 .iter()
-                .flatten()
-                .map(|s| s.heap_bytes())
+                .map(|(_, s)| s.heap_bytes())
                 .sum::<usize>()
             + self.nonempty.heap_bytes()
             + self.notfull.heap_bytes()
     }
 
-    /// Number of chunks with storage (partially dirty chunks, sparse ones included). O(chunks).
+    /// Number of chunks with storage (partially dirty chunks, sparse ones included). O(1).
     pub fn allocated_chunks(&self) -> usize {
-        self.chunks.iter().filter(|c| c.is_some()).count()
-            + self.sparse.iter().filter(|c| c.is_some()).count()
+        self.chunks.live() + self.sparse.live()
     }
 
-    /// Number of sparse chunks (partially dirty chunks kept as a list of words). O(chunks).
+    /// Number of sparse chunks (partially dirty chunks kept as a list of words). O(1).
     pub fn sparse_chunks(&self) -> usize {
-        self.sparse.iter().filter(|c| c.is_some()).count()
+        self.sparse.live()
     }
 
     /// The granules [first, last] intersecting [start, start + bytes), clamped; None if empty.
@@ -242,7 +241,7 @@ impl HBitmap {
             // Fast path: one word of a partial chunk (the common guest write).
             if first >> 6 == last >> 6 {
                 let c = (first >> CHUNK_BITS) as usize;
-                if let Some(Some(p)) = self.chunks.get_mut(c) {
+                if let Some(p) = self.chunks.get_mut(c) {
                     let w = ((first & CHUNK_MASK) >> 6) as usize;
                     let added = p.or(w, bit_range_mask(first & 63, last & 63));
                     if added != 0 {
@@ -262,12 +261,12 @@ impl HBitmap {
             self.fill_granules(first, last, false);
         }
     }
-    /// Clears everything and frees all chunk storage. O(chunks).
+    /// Clears everything and frees all chunk storage: what is left is the memory of an empty
+    /// bitmap. O(chunks with storage, plus the tower's pages).
     pub fn reset_all(&mut self) {
         let n = self.chunks.len();
-        self.chunks = vec![None; n];
-        self.sparse = Vec::new();
-        self.sparse_live = 0;
+        self.chunks.clear();
+        self.sparse.clear();
         self.nonempty = Tower::new(n, false);
         self.notfull = Tower::new(n, true);
         self.dirty = 0;
@@ -280,13 +279,15 @@ impl HBitmap {
         }
         let k = offset >> self.granularity_bits;
         let c = (k >> CHUNK_BITS) as usize;
+        if c >= self.chunks.len() {
+            return false;
+        }
         match self.chunks.get(c) {
-            Some(Some(p)) => (p.words[((k & CHUNK_MASK) >> 6) as usize] >> (k & 63)) & 1 != 0,
-            Some(None) => match self.sp(c) {
+            Some(p) => (p.words[((k & CHUNK_MASK) >> 6) as usize] >> (k & 63)) & 1 != 0,
+            None => match self.sp(c) {
                 Some(s) => (s.word(((k & CHUNK_MASK) >> 6) as usize) >> (k & 63)) & 1 != 0,
                 None => !self.notfull.get(c),
             },
-            None => false,
         }
     }
 
@@ -305,30 +306,17 @@ impl HBitmap {
             // A full last chunk whose capacity grows keeps only its old granules dirty.
             let c = old_n - 1;
             let cap = self.cap(c);
-            if self.chunks[c].is_none() && !self.notfull.get(c) && cap < CHUNK_GRANULES {
-                self.chunks[c] = Some(Part::ones(cap));
+            if !self.chunks.is_some(c) && !self.notfull.get(c) && cap < CHUNK_GRANULES {
+                self.chunks.put(c, Part::ones(cap));
                 self.notfull.set(c);
             }
         }
         self.granules = new_granules;
         let n = chunk_count(new_granules);
-        if !self.sparse.is_empty() {
-            self.sparse.resize(n, None);
-            self.sparse.shrink_to_fit();
-        }
-        if n < old_n {
-            self.chunks.truncate(n);
-            self.chunks.shrink_to_fit();
-        } else if n > old_n {
-            // Zeroed allocation: the new tail of the table costs no resident memory.
-            let mut grown: Vec<Option<Box<Part>>> = vec![None; n];
-            for (slot, part) in grown.iter_mut().zip(self.chunks.drain(..)) {
-                *slot = part;
-            }
-            self.chunks = grown;
-        }
+        self.sparse.resize(n);
+        self.chunks.resize(n);
         let resize = |tower: &mut Tower, fill_new: bool| {
-            let mut bits = std::mem::take(&mut tower.levels[0]);
+            let mut bits = tower.to_bits();
             bits.resize(n.div_ceil(64).max(1), 0);
             if fill_new {
                 for i in old_n.min(n)..n {
@@ -339,7 +327,7 @@ impl HBitmap {
                 bits[n >> 6] &= (1u64 << (n % 64)) - 1;
             }
             bits.truncate(n.div_ceil(64).max(1));
-            *tower = Tower::from_bits(bits);
+            *tower = Tower::from_bits(n, &bits);
         };
         resize(&mut self.nonempty, false);
         resize(&mut self.notfull, true);

@@ -82,7 +82,7 @@ impl DirtyRuns<'_> {
         let lo = self.first.max(base);
         let hi = self.end_g.min(base + CHUNK_GRANULES);
         let (lw, hw) = (((lo - base) >> 6) as usize, ((hi - 1 - base) >> 6) as usize);
-        let Some(Some(p)) = bm.chunks.get(c) else {
+        let Some(p) = bm.chunks.get(c) else {
             if let Some(s) = bm.sp(c) {
                 for &(w, x) in &s.entries[s.lower(lw)..] {
                     let w = usize::from(w);

@@ -11,7 +11,10 @@ impl HBitmap {
             return None;
         }
         let c = (pos >> CHUNK_BITS) as usize;
-        let here = match self.chunks.get(c)? {
+        if c >= self.chunks.len() {
+            return None;
+        }
+        let here = match self.chunks.get(c) {
             Some(p) => p
                 .find(pos & CHUNK_MASK, clean)
                 .map(|l| ((c as u64) << CHUNK_BITS) | l),
@@ -29,8 +32,11 @@ impl HBitmap {
             None => {
                 let tower = if clean { &self.notfull } else { &self.nonempty };
                 let n = tower.find(c + 1)?;
+                if n >= self.chunks.len() {
+                    return None;
+                }
                 let base = (n as u64) << CHUNK_BITS;
-                match self.chunks.get(n)? {
+                match self.chunks.get(n) {
                     Some(p) => base | p.find(0, clean)?,
                     None => match self.sp(n) {
                         Some(s) => base | s.find(0, clean)?,

@@ -62,7 +62,7 @@ impl HBitmap {
             let c = (w / CHUNK_WORDS as u64) as usize;
             let seg_end = ((c as u64 + 1) * CHUNK_WORDS as u64).min(range.end);
             // (The word side first: zip must not consume an output chunk it cannot fill.)
-            match &self.chunks[c] {
+            match self.chunks.get(c) {
                 Some(p) => {
                     let lo = (w % CHUNK_WORDS as u64) as usize;
                     let hi = lo + (seg_end - w) as usize;
@@ -184,7 +184,7 @@ impl HBitmap {
         // A clean or sparse chunk that stays within SPARSE_MAX words is built as a sparse
         // one straight from the incoming words (no 8 KiB chunk allocated or touched).
         let whole = lo == 0 && hi == cap_words;
-        if !(zeros || (whole && ones)) && (whole || self.chunks[c].is_none()) {
+        if !(zeros || (whole && ones)) && (whole || !self.chunks.is_some(c)) {
             let kept = match self.sp(c) {
                 _ if whole => Some(0),
                 Some(s) => Some(
@@ -228,7 +228,7 @@ impl HBitmap {
             }
             if let Some(kept) = kept.filter(|_| fits) {
                 let old = self.chunk_dirty(c);
-                self.chunks[c] = None;
+                self.chunks.take(c);
                 let prev = self.take_sparse(c);
                 let mut entries = Vec::with_capacity(kept + nz);
                 let mut count = 0u32;
@@ -268,7 +268,7 @@ impl HBitmap {
             }
             let old = self.chunk_dirty(c);
             self.take_sparse(c);
-            let mut p = self.chunks[c].take().unwrap_or_else(Part::zeroed);
+            let mut p = self.chunks.take(c).unwrap_or_else(Part::zeroed);
             for (d, s) in p.words[..nw].iter_mut().zip(src.chunks_exact(8)) {
                 let mut a = [0u8; 8];
                 a.copy_from_slice(s);
@@ -278,7 +278,7 @@ impl HBitmap {
             // Words past the capacity are zero already (fresh, or canonical storage).
             p.resummarize_groups(0, GROUPS);
             self.dirty = self.dirty - old + u64::from(p.count);
-            self.chunks[c] = Some(p);
+            self.chunks.put(c, p);
             self.nonempty.set(c);
             self.notfull.set(c);
             return;
@@ -321,7 +321,7 @@ impl HBitmap {
             let c = (w / CHUNK_WORDS as u64) as usize;
             let seg_end = ((c as u64 + 1) * CHUNK_WORDS as u64).min(end);
             let dst = &mut out[(w - first_word) as usize * 8..(seg_end - first_word) as usize * 8];
-            match &self.chunks[c] {
+            match self.chunks.get(c) {
                 Some(p) => {
                     let lo = (w % CHUNK_WORDS as u64) as usize;
                     let hi = lo + (seg_end - w) as usize;
@@ -438,13 +438,13 @@ impl HBitmap {
                 run.1 -= n;
             }
         };
-        for (c, slot) in self.chunks.iter().enumerate() {
+        for c in 0..self.chunks.len() {
             let first = c as u64 * CHUNK_WORDS as u64;
             if first >= total {
                 break;
             }
             let n = (total - first).min(CHUNK_WORDS as u64) as usize;
-            match (slot, self.sp(c)) {
+            match (self.chunks.get(c), self.sp(c)) {
                 (Some(p), _) => {
                     flush(&mut h, &mut run);
                     for (out, w) in buf.chunks_exact_mut(8).zip(&p.words[..n]) {

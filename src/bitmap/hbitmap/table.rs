@@ -8,46 +8,34 @@ impl HBitmap {
     /// The storage of chunk `c` if it is sparse.
     #[inline]
     pub(super) fn sp(&self, c: usize) -> Option<&Sparse> {
-        self.sparse.get(c).and_then(|s| s.as_deref())
+        self.sparse.get(c)
     }
 
     #[inline]
     pub(super) fn sp_mut(&mut self, c: usize) -> Option<&mut Sparse> {
-        self.sparse.get_mut(c).and_then(|s| s.as_deref_mut())
+        self.sparse.get_mut(c)
     }
 
     /// Removes chunk `c`'s sparse storage, if any.
     #[inline]
     pub(super) fn take_sparse(&mut self, c: usize) -> Option<Box<Sparse>> {
-        let s = self.sparse.get_mut(c).and_then(|s| s.take());
-        if s.is_some() {
-            self.sparse_live -= 1;
-            if self.sparse_live == 0 {
-                self.sparse = Vec::new();
-            }
-        }
-        s
+        self.sparse.take(c)
     }
 
-    /// Makes `s` chunk `c`'s storage (its `chunks` slot must be `None`).
+    /// Makes `s` chunk `c`'s storage (it must have no partial storage).
     pub(super) fn put_sparse(&mut self, c: usize, s: Box<Sparse>) {
-        if self.sparse.is_empty() {
-            self.sparse = vec![None; self.chunks.len()];
-        }
-        if self.sparse[c].replace(s).is_none() {
-            self.sparse_live += 1;
-        }
+        self.sparse.put(c, s);
     }
 
     /// True when chunk `c` has no storage (clean or full).
     #[inline]
     pub(super) fn stateless(&self, c: usize) -> bool {
-        self.chunks[c].is_none() && self.sp(c).is_none()
+        !self.chunks.is_some(c) && self.sp(c).is_none()
     }
 
     /// Dirty granules of chunk `c`.
     pub(super) fn chunk_dirty(&self, c: usize) -> u64 {
-        match (&self.chunks[c], self.sp(c)) {
+        match (self.chunks.get(c), self.sp(c)) {
             (Some(p), _) => u64::from(p.count),
             (None, Some(s)) => u64::from(s.count),
             (None, None) if self.notfull.get(c) => 0,
@@ -58,14 +46,14 @@ impl HBitmap {
     /// Turns a sparse chunk `c` into a partial one (nothing for other states).
     pub(super) fn densify(&mut self, c: usize) {
         if let Some(s) = self.take_sparse(c) {
-            self.chunks[c] = Some(s.to_part());
+            self.chunks.put(c, s.to_part());
         }
     }
 
     /// Word `l` (global index `i`) of chunk `c`, whatever its state.
     #[inline]
     pub(super) fn chunk_word(&self, c: usize, l: usize, i: u64) -> u64 {
-        match (&self.chunks[c], self.sp(c)) {
+        match (self.chunks.get(c), self.sp(c)) {
             (Some(p), _) => p.words[l],
             (None, Some(s)) => s.word(l),
             (None, None) => self.stateless_word(c, i),
@@ -92,16 +80,16 @@ impl HBitmap {
     #[inline]
     pub(super) fn settle(&mut self, c: usize) {
         let cap = self.cap(c);
-        let Some(p) = &self.chunks[c] else {
+        let Some(p) = self.chunks.get(c) else {
             self.settle_sparse(c);
             return;
         };
         let n = u64::from(p.count);
         if n == 0 {
-            self.chunks[c] = None;
+            self.chunks.take(c);
             self.nonempty.clear(c);
         } else if n == cap {
-            self.chunks[c] = None;
+            self.chunks.take(c);
             self.notfull.clear(c);
         }
     }
@@ -135,7 +123,7 @@ impl HBitmap {
     #[inline]
     pub(super) fn part_mut(&mut self, c: usize) -> &mut Part {
         self.densify(c);
-        if self.chunks[c].is_none() {
+        if !self.chunks.is_some(c) {
             let part = if self.notfull.get(c) {
                 self.nonempty.set(c);
                 Part::zeroed()
@@ -143,9 +131,9 @@ impl HBitmap {
                 self.notfull.set(c);
                 Part::ones(self.cap(c))
             };
-            self.chunks[c] = Some(part);
+            self.chunks.put(c, part);
         }
-        match &mut self.chunks[c] {
+        match self.chunks.get_mut(c) {
             Some(p) => p,
             None => unreachable!("allocated above"),
         }
@@ -158,7 +146,7 @@ impl HBitmap {
         if lo == 0 && hi + 1 >= cap {
             // The whole chunk: a state change, no storage.
             let before = self.chunk_dirty(c);
-            self.chunks[c] = None;
+            self.chunks.take(c);
             self.take_sparse(c);
             if value {
                 self.dirty += cap - before;
@@ -183,7 +171,7 @@ impl HBitmap {
                 self.settle_sparse(c);
                 return;
             }
-        } else if self.chunks[c].is_none() {
+        } else if !self.chunks.is_some(c) {
             if self.notfull.get(c) != value {
                 // Setting in a full chunk, or clearing in a clean one.
                 return;
@@ -205,10 +193,10 @@ impl HBitmap {
         } else {
             self.dirty -= changed;
             // A partial chunk left with little dirt goes back to sparse.
-            if let Some(p) = &self.chunks[c] {
+            if let Some(p) = self.chunks.get(c) {
                 if p.count > 0 && p.count <= SPARSE_BACK {
                     let s = Box::new(Sparse::from_part(p));
-                    self.chunks[c] = None;
+                    self.chunks.take(c);
                     self.put_sparse(c, s);
                     self.settle_sparse(c);
                     return;

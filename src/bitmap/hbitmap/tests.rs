@@ -1,6 +1,7 @@
 //! Tests of the engine against a model (one bool per granule) and of its invariants.
 
 use super::chunk::{GROUP_MASK, SPARSE_MAX};
+use super::tower::Tower;
 use super::*;
 use crate::bitmap::sha256::{to_hex, Sha256};
 
@@ -146,19 +147,15 @@ fn check_invariants(hb: &HBitmap) {
     assert_eq!(hb.granules, hb.size.div_ceil(1 << hb.granularity_bits));
     let n = chunk_count(hb.granules);
     assert_eq!(hb.chunks.len(), n, "chunk table");
-    assert!(hb.sparse.is_empty() || hb.sparse.len() == n, "sparse table");
-    assert_eq!(hb.sparse_live, hb.sparse_chunks(), "sparse_live");
-    assert_eq!(
-        hb.sparse.is_empty(),
-        hb.sparse_live == 0,
-        "sparse table freed"
-    );
+    assert_eq!(hb.sparse.len(), n, "sparse table");
+    assert_eq!(hb.sparse.live(), hb.sparse.iter().count(), "sparse live");
+    assert_eq!(hb.chunks.live(), hb.chunks.iter().count(), "chunks live");
     let mut dirty = 0u64;
     for c in 0..n {
         let cap = hb.cap(c);
         let (ne, nf) = (hb.nonempty.get(c), hb.notfull.get(c));
         if let Some(s) = hb.sp(c) {
-            assert!(hb.chunks[c].is_none(), "chunk {c} both sparse and partial");
+            assert!(!hb.chunks.is_some(c), "chunk {c} both sparse and partial");
             assert!(ne && nf, "sparse chunk {c} flags");
             assert!(s.entries.len() <= SPARSE_MAX, "sparse chunk {c} too long");
             let mut count = 0u64;
@@ -177,7 +174,7 @@ fn check_invariants(hb: &HBitmap) {
             dirty += count;
             continue;
         }
-        match &hb.chunks[c] {
+        match hb.chunks.get(c) {
             Some(p) => {
                 assert!(ne && nf, "partial chunk {c} flags");
                 let count: u64 = p.words.iter().map(|w| u64::from(w.count_ones())).sum();
@@ -215,16 +212,17 @@ fn check_invariants(hb: &HBitmap) {
     }
     assert_eq!(dirty, hb.dirty, "count");
     for t in [&hb.nonempty, &hb.notfull] {
-        let bits = &t.levels[0];
+        let bits = t.to_bits();
         assert_eq!(bits.len(), n.div_ceil(64).max(1));
         for i in n..bits.len() * 64 {
             assert_eq!((bits[i >> 6] >> (i & 63)) & 1, 0, "tower bit past the end");
         }
         assert_eq!(
-            Tower::from_bits(bits.clone()).levels,
-            t.levels,
+            Tower::from_bits(n, &bits).summary_levels(),
+            t.summary_levels(),
             "tower summaries"
         );
+        assert!(t.pages_canonical(), "tower pages");
     }
 }
 
@@ -1044,6 +1042,102 @@ fn memory_follows_the_dirt() {
         "dense: {}",
         hb.heap_bytes()
     );
+}
+
+/// Memory follows the dirt that is left on a 64 TiB disk at 512 B (2^21 chunks): an empty
+/// bitmap, one after 100 000 random 512-byte writes, after a reset of most of the disk and
+/// after a clear. Behaviour, not timing.
+#[test]
+fn memory_is_given_back_when_the_dirt_goes() {
+    let size = 64u64 << 40;
+    let g = 9;
+    let mut hb = HBitmap::new(size, g);
+    let empty = hb.heap_bytes();
+    // The towers' pages and summaries: a few bytes per 4096 chunks.
+    assert!(empty <= 64 << 10, "empty: {empty}");
+    let mut rng = Rng(0x64);
+    for _ in 0..100_000 {
+        hb.set(rng.below(size / 512) * 512, 512);
+    }
+    check_invariants(&hb);
+    let dirty = hb.heap_bytes();
+    // 100 000 sparse chunks of one word (a list of 16-byte entries each) and the table pages.
+    assert!(dirty <= 40 << 20, "dirty: {dirty}");
+    // A reset of all but the first 1 GiB: the chunks and table pages beyond it go.
+    let kept = hb.next_dirty(0, 1 << 30).is_some();
+    hb.reset(1 << 30, size - (1 << 30));
+    check_invariants(&hb);
+    assert!(
+        hb.heap_bytes() <= empty + (64 << 10),
+        "after reset: {} (empty {empty}, first GiB dirty: {kept})",
+        hb.heap_bytes()
+    );
+    hb.set(0, size);
+    assert_eq!(hb.heap_bytes(), empty, "full");
+    hb.set(12345 * 512, 512);
+    hb.reset(777 * 512, 512);
+    hb.reset_all();
+    check_invariants(&hb);
+    assert_eq!(hb.heap_bytes(), empty, "after clear");
+    assert!(hb.is_empty());
+}
+
+/// The paged towers against a flat model: several pages and a partial last one, random sets
+/// and clears, whole pages filled and emptied; searches, bits, summaries and canonical pages.
+#[test]
+fn tower_pages_against_a_model() {
+    let mut rng = Rng(0x70);
+    for bits in [1usize, 63, 4096, 4097, 3 * 4096 + 77, 5 * 4096] {
+        for ones in [false, true] {
+            let mut t = Tower::new(bits, ones);
+            let mut m = vec![ones; bits];
+            for step in 0..4000 {
+                match rng.below(10) {
+                    0..=3 => {
+                        let i = rng.below(bits as u64 + 2) as usize;
+                        t.set(i);
+                        if i < bits {
+                            m[i] = true;
+                        }
+                    }
+                    4..=7 => {
+                        let i = rng.below(bits as u64 + 2) as usize;
+                        t.clear(i);
+                        if i < bits {
+                            m[i] = false;
+                        }
+                    }
+                    _ => {
+                        // A whole page (or the rest of the vector) one way.
+                        let p = rng.below(bits.div_ceil(4096) as u64) as usize * 4096;
+                        let v = rng.below(2) == 0;
+                        for (i, b) in m.iter_mut().enumerate().take(p + 4096).skip(p) {
+                            if v {
+                                t.set(i);
+                            } else {
+                                t.clear(i);
+                            }
+                            *b = v;
+                        }
+                    }
+                }
+                let pos = rng.below(bits as u64 + 1) as usize;
+                let want = (pos..bits).find(|&i| m[i]);
+                assert_eq!(t.find(pos), want, "bits {bits} ones {ones} step {step}");
+                let i = rng.below(bits as u64) as usize;
+                assert_eq!(t.get(i), m[i]);
+            }
+            let v = t.to_bits();
+            for i in 0..bits {
+                assert_eq!((v[i >> 6] >> (i & 63)) & 1 != 0, m[i]);
+            }
+            assert_eq!(
+                Tower::from_bits(bits, &v).summary_levels(),
+                t.summary_levels()
+            );
+            assert!(t.pages_canonical());
+        }
+    }
 }
 
 #[test]
