@@ -124,11 +124,27 @@ impl BitmapSet {
         let wanted = !self.slots.recording_cursors().is_empty();
         let size = self.size;
         let epochs = &mut self.epochs;
-        self.log.drain(|g, w, mut bits| {
+        self.log.drain(|g, w, words, mut bits| {
             if !wanted {
                 return;
             }
             let base = w * 64;
+            if words > 1 {
+                // A whole piece: one set of its granules, in whole chunks.
+                if base > (u64::MAX >> g) || base << g >= size {
+                    return;
+                }
+                let start = base << g;
+                let granules = words.saturating_mul(64);
+                let len = if granules > (u64::MAX >> g) {
+                    u64::MAX
+                } else {
+                    granules << g
+                };
+                let len = len.min(size - start);
+                epochs.open_layer(size, g).set(start, len);
+                return;
+            }
             while bits != 0 {
                 let s0 = u64::from(bits.trailing_zeros());
                 let run = u64::from((!(bits >> s0)).trailing_zeros());
@@ -1007,6 +1023,34 @@ mod tests {
             }
             set.slots.check();
         }
+    }
+
+    /// One write over a whole 1 TiB disk reaches the bitmaps as whole pieces: every granule
+    /// dirty, the chunks full (no storage), and a write with unaligned ends exact at both.
+    #[test]
+    fn one_write_over_the_whole_disk() {
+        let size = 1u64 << 40;
+        let mut set = BitmapSet::new(size);
+        let fine = set.create(None, 512).unwrap();
+        let coarse = set.create(None, 1 << 16).unwrap();
+        let hook = set.write_hook();
+        hook.set(0, size);
+        for id in [fine, coarse] {
+            let bm = set.current(id).unwrap();
+            assert_eq!(bm.count(), size);
+            assert!(bm.memory() <= 64 << 10, "{}", bm.memory());
+        }
+        for id in [fine, coarse] {
+            set.bitmap_mut(id).unwrap().clear().unwrap();
+        }
+        // From byte 1000 to 5000 bytes before the end.
+        hook.set(1000, size - 6000);
+        let bm = set.current(fine).unwrap();
+        assert_eq!(bm.count(), size - 512 - 9 * 512);
+        assert_eq!(bm.next_dirty(0, size), Some(512));
+        assert_eq!(bm.next_zero(512, size), Some(size - 9 * 512));
+        let bm = set.current(coarse).unwrap();
+        assert_eq!(bm.count(), size);
     }
 
     #[test]
