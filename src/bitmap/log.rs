@@ -38,6 +38,18 @@
 //! retired pieces wait: below) and absorbing a sparse log costs O(pending leaves); a leaf's 64 words
 //! are scanned.
 //!
+//! # Whole pieces
+//!
+//! A write that covers a child of a node entirely (a whole leaf of a mid, a whole mid of a
+//! top) is recorded as a *full* bit of that child in its group, on the pending word's line,
+//! without allocating or touching the child; a write that covers the near mid or a whole top
+//! sets a bit of the layer's own full word. So a range costs in proportion to the pieces it
+//! covers at the coarsest level that fits, at most two partial children per level and 64
+//! children per atomic operation: one write over a whole 1 TiB disk at 512 B sets a few
+//! words. A drain that takes a node's pending word takes its full word right after and hands
+//! each full child to the absorb as one run of whole words, which the epoch sets in whole
+//! chunks.
+//!
 //! # Giving memory back
 //!
 //! When the pieces hold more than [`RETAIN_BYTES`] after a drain, the drain unlinks every
@@ -56,8 +68,9 @@
 //!
 //! # Ordering argument
 //!
-//! Writer: `fetch_or` the data word (skipped when its bits are already set), then for each
-//! pending level bottom-up: load, and `fetch_or` the bit if it is clear. ([`WriteLog::set`]
+//! Writer: `fetch_or` the data word (skipped when its bits are already set), or the full bit of
+//! a whole child (likewise), then for each pending level bottom-up: load, and `fetch_or` the
+//! bit if it is clear. ([`WriteLog::set`]
 //! first tries a straight-line path for a range within one word of an allocated near leaf;
 //! it performs exactly these operations in this order, and gives up to the general path,
 //! which allocates what is missing, before changing anything.) Drainer: `swap(0)` each
@@ -68,7 +81,11 @@
 //! bits; otherwise the writer's checks come after the drainer cleared those bits and the
 //! writer sets them again, for the next drain. No bit is lost. A writer that skipped the data
 //! word saw its bits set: only a drainer's swap removes them, and that swap applies them, so
-//! the argument holds for them as for bits it set itself. On x86-64 the writer's loads are
+//! the argument holds for them as for bits it set itself. Full bits follow the same argument
+//! one level up: the drainer swaps a group's full word after its pending word (and the
+//! layer's full word after the log's pending word), and applies every full bit it takes,
+//! whether or not it took that child's pending bit; a full bit it missed has its pending bit
+//! set again after that swap, for the next drain. On x86-64 the writer's loads are
 //! plain loads and only the data word (and, rarely, a clear pending bit) costs a locked
 //! instruction; two threads share no written cache line unless they write near each other.
 //!
@@ -131,11 +148,16 @@ pub(crate) const RETAIN_BYTES: usize = 256 << 10;
 /// A leaf: 64 words of log bits.
 type Leaf = [AtomicU64; LEAF_WORDS];
 
-/// A pending word alone on its cache line.
+/// A group's pending and full words, alone on their cache line.
 #[repr(align(64))]
-struct Pending(AtomicU64);
+struct Pending {
+    /// Bit i: child i may hold bits, or be full.
+    bits: AtomicU64,
+    /// Bit i: child i is entirely written (whatever it holds, and whether it exists or not).
+    full: AtomicU64,
+}
 
-/// 64 children of a node and their pending word (bit i: child i may hold bits).
+/// 64 children of a node and their pending and full words.
 struct Group<C> {
     pending: Pending,
     children: [AtomicBox<C>; GROUP_SLOTS],
@@ -171,7 +193,10 @@ fn new_leaf() -> Box<Leaf> {
 
 fn new_node<C>() -> Box<Node<C>> {
     boxed(|_| Group {
-        pending: Pending(AtomicU64::new(0)),
+        pending: Pending {
+            bits: AtomicU64::new(0),
+            full: AtomicU64::new(0),
+        },
         children: std::array::from_fn(|_| AtomicBox::new()),
     })
 }
@@ -183,7 +208,7 @@ fn child<C>(node: &Node<C>, i: usize) -> (&AtomicBox<C>, &AtomicU64, u64) {
     let g = &node[i / GROUP_SLOTS];
     (
         &g.children[i % GROUP_SLOTS],
-        &g.pending.0,
+        &g.pending.bits,
         1 << (i % GROUP_SLOTS),
     )
 }
@@ -219,6 +244,17 @@ fn install<'a, C>(
     piece
 }
 
+/// The whole words `a..=b` of a mid whose first word is `base`: whole leaves get their full
+/// bits, the words of a leaf covered in part are set one by one (at most 63 at each end).
+fn or_mid_words(mid: &Mid, guard: &Guard, base: u64, a: u64, b: u64, bytes: &AtomicUsize) {
+    or_node_words(mid, base, LEAF_WORDS_BITS, a, b, |cell, l, h, leaf_base| {
+        let leaf = install(cell, guard, new_leaf, bytes);
+        for w in l..=h {
+            mark(&leaf[(w - leaf_base) as usize], !0);
+        }
+    });
+}
+
 /// Word `w` (relative to the mid) |= mask, then the leaf's bit in the mid.
 fn or_in(mid: &Mid, guard: &Guard, w: u64, mask: u64, bytes: &AtomicUsize) {
     let (cell, pending, bit) = child(mid, (w >> LEAF_WORDS_BITS) as usize);
@@ -227,49 +263,120 @@ fn or_in(mid: &Mid, guard: &Guard, w: u64, mask: u64, bytes: &AtomicUsize) {
     mark(pending, bit);
 }
 
-/// Takes every non-zero word of a leaf (swap(0)): `f(word index, bits)`, `base` the index of
-/// its first word.
-fn drain_leaf(leaf: &Leaf, base: u64, f: &mut impl FnMut(u64, u64)) {
+/// What a drain hands over: `f(first word, number of words, bits)`, each of the words holding
+/// `bits` (all ones when there are several: a whole piece).
+trait Sink: FnMut(u64, u64, u64) {}
+impl<F: FnMut(u64, u64, u64)> Sink for F {}
+
+/// Takes every non-zero word of a leaf (swap(0)), `base` the index of its first word.
+fn drain_leaf(leaf: &Leaf, base: u64, f: &mut impl Sink) {
     for (i, word) in leaf.iter().enumerate() {
         if word.load(SeqCst) != 0 {
             let bits = word.swap(0, SeqCst);
             if bits != 0 {
-                f(base + i as u64, bits);
+                f(base + i as u64, 1, bits);
             }
         }
     }
 }
 
-/// Takes the pending bits of a node (swap(0)) and calls `each(child, index)` for the children
-/// they name that exist.
-fn drain_node<'a, C>(node: &'a Node<C>, guard: &'a Guard, mut each: impl FnMut(&'a C, usize)) {
+/// What a drain of a node finds: a child entirely written, or a child that may hold bits.
+enum Found<'a, C> {
+    Full(usize),
+    Child(&'a C, usize),
+}
+
+/// Takes the pending bits of a node (swap(0)), then its full bits (swap(0), after: see the
+/// ordering argument), and calls `each` with every full child and every existing child the
+/// pending bits name.
+fn drain_node<'a, C>(node: &'a Node<C>, guard: &'a Guard, mut each: impl FnMut(Found<'a, C>)) {
     for (gi, group) in node.iter().enumerate() {
-        if group.pending.0.load(SeqCst) == 0 {
+        if group.pending.bits.load(SeqCst) == 0 {
             continue;
         }
-        let mut taken = group.pending.0.swap(0, SeqCst);
+        let mut taken = group.pending.bits.swap(0, SeqCst);
+        if group.pending.full.load(SeqCst) != 0 {
+            let mut full = group.pending.full.swap(0, SeqCst);
+            while full != 0 {
+                let s = full.trailing_zeros() as usize;
+                full &= full - 1;
+                each(Found::Full(gi * GROUP_SLOTS + s));
+            }
+        }
         while taken != 0 {
             let s = taken.trailing_zeros() as usize;
             taken &= taken - 1;
             if let Some(c) = group.children[s].get(guard) {
-                each(c, gi * GROUP_SLOTS + s);
+                each(Found::Child(c, gi * GROUP_SLOTS + s));
             }
         }
     }
 }
 
 /// The pending words of a mid whose first word is `base`.
-fn drain_mid(mid: &Mid, guard: &Guard, base: u64, f: &mut impl FnMut(u64, u64)) {
-    drain_node(mid, guard, |leaf, i| {
-        drain_leaf(leaf, base + ((i as u64) << LEAF_WORDS_BITS), f)
+fn drain_mid(mid: &Mid, guard: &Guard, base: u64, f: &mut impl Sink) {
+    drain_node(mid, guard, |found| match found {
+        Found::Full(i) => f(
+            base + ((i as u64) << LEAF_WORDS_BITS),
+            LEAF_WORDS as u64,
+            !0,
+        ),
+        Found::Child(leaf, i) => drain_leaf(leaf, base + ((i as u64) << LEAF_WORDS_BITS), f),
     });
 }
 
 /// The pending words of a top whose first word is `base`.
-fn drain_top(top: &Top, guard: &Guard, base: u64, f: &mut impl FnMut(u64, u64)) {
-    drain_node(top, guard, |mid, i| {
-        drain_mid(mid, guard, base + ((i as u64) << MID_WORDS_BITS), f)
+fn drain_top(top: &Top, guard: &Guard, base: u64, f: &mut impl Sink) {
+    drain_node(top, guard, |found| match found {
+        Found::Full(i) => f(
+            base + ((i as u64) << MID_WORDS_BITS),
+            1 << MID_WORDS_BITS,
+            !0,
+        ),
+        Found::Child(mid, i) => drain_mid(mid, guard, base + ((i as u64) << MID_WORDS_BITS), f),
     });
+}
+
+/// Sets the whole words `a..=b` under `node`, whose first word is `base` and whose children
+/// span `2^child_bits` words each: a child covered entirely gets its full bit (64 children
+/// per atomic operation); a child covered in part is handed to `partial(cell, first word,
+/// last word, the child's first word)`, which writes into it; then the pending bits of every
+/// child touched. `a..=b` lies within the node.
+fn or_node_words<C>(
+    node: &Node<C>,
+    base: u64,
+    child_bits: u32,
+    a: u64,
+    b: u64,
+    mut partial: impl FnMut(&AtomicBox<C>, u64, u64, u64),
+) {
+    let start = |c: u64| base + (c << child_bits);
+    let end = |c: u64| start(c) + (1 << child_bits) - 1;
+    let (c0, c1) = ((a - base) >> child_bits, (b - base) >> child_bits);
+    // The first and the last child may be covered in part; those between are whole.
+    let (mut first_whole, mut last_whole) = (c0, c1);
+    if a != start(c0) || b < end(c0) {
+        let (cell, pending, bit) = child(node, c0 as usize);
+        partial(cell, a, b.min(end(c0)), start(c0));
+        mark(pending, bit);
+        first_whole = c0 + 1;
+    }
+    if c1 > c0 && b != end(c1) {
+        let (cell, pending, bit) = child(node, c1 as usize);
+        partial(cell, start(c1), b, start(c1));
+        mark(pending, bit);
+        last_whole = c1 - 1;
+    }
+    let mut c = first_whole;
+    while c <= last_whole && c <= c1 {
+        let gi = c as usize / GROUP_SLOTS;
+        let group_end = last_whole.min((gi as u64 + 1) * GROUP_SLOTS as u64 - 1);
+        let bits = span(c % GROUP_SLOTS as u64, group_end % GROUP_SLOTS as u64);
+        let p = &node[gi].pending;
+        mark(&p.full, bits);
+        mark(&p.bits, bits);
+        c = group_end + 1;
+    }
 }
 
 /// Bytes of a mid and its leaves.
@@ -304,7 +411,14 @@ struct Layer {
     tops: [AtomicBox<Top>; LAYER_TOPS],
     /// Bit t: top t may hold bits.
     far_pending: AtomicU64,
+    /// Bit t: top t is entirely written; bit [`NEAR_FULL`]: the near mid is.
+    full: AtomicU64,
 }
+
+/// In a layer's full word, the bit of the near mid.
+const NEAR_FULL: u64 = 1 << 32;
+/// Words of the near mid.
+const NEAR_WORDS: u64 = 1 << MID_WORDS_BITS;
 
 /// What a retired piece was: its layer and, for a top, its index.
 fn tag(layer: usize, index: usize) -> u64 {
@@ -325,6 +439,67 @@ impl Layer {
             near: AtomicBox::new(),
             tops: std::array::from_fn(|_| AtomicBox::new()),
             far_pending: AtomicU64::new(0),
+            full: AtomicU64::new(0),
+        }
+    }
+
+    /// Sets the whole words `a..=b` (module documentation, 'Whole pieces'); returns the log's
+    /// pending bits for the parts of the layer written (relative to the layer: bit 0 near,
+    /// bit [`FAR_BIT`] far). Words past 2^41 bits are dropped.
+    fn or_words(&self, guard: &Guard, a: u64, b: u64, bytes: &AtomicUsize) -> u64 {
+        let b = b.min((1 << LAYER_WORDS_BITS) - 1);
+        if a > b {
+            return 0;
+        }
+        let mut parts = 0;
+        for t in a >> TOP_WORDS_BITS..=b >> TOP_WORDS_BITS {
+            let (ts, te) = (t << TOP_WORDS_BITS, ((t + 1) << TOP_WORDS_BITS) - 1);
+            let (mut lo, hi) = (a.max(ts), b.min(te));
+            if lo == ts && hi == te {
+                mark(&self.full, 1 << t);
+                parts |= 1 << FAR_BIT;
+                continue;
+            }
+            if lo < NEAR_WORDS {
+                let near_hi = hi.min(NEAR_WORDS - 1);
+                if lo == 0 && near_hi == NEAR_WORDS - 1 {
+                    mark(&self.full, NEAR_FULL);
+                } else {
+                    let mid = install(&self.near, guard, new_node, bytes);
+                    or_mid_words(mid, guard, 0, lo, near_hi, bytes);
+                }
+                parts |= 1;
+                lo = near_hi + 1;
+                if lo > hi {
+                    continue;
+                }
+            }
+            let top = install(&self.tops[t as usize], guard, new_node, bytes);
+            or_node_words(top, ts, MID_WORDS_BITS, lo, hi, |cell, l, h, base| {
+                let mid = install(cell, guard, new_node, bytes);
+                or_mid_words(mid, guard, base, l, h, bytes);
+            });
+            mark(&self.far_pending, 1 << t);
+            parts |= 1 << FAR_BIT;
+        }
+        parts
+    }
+
+    /// Takes the layer's full bits (after the log's pending word: see the ordering argument)
+    /// as runs of whole words.
+    fn drain_full(&self, f: &mut impl Sink) {
+        if self.full.load(SeqCst) == 0 {
+            return;
+        }
+        let mut full = self.full.swap(0, SeqCst);
+        if full & NEAR_FULL != 0 {
+            f(0, NEAR_WORDS, !0);
+            full &= !NEAR_FULL;
+        }
+        while full != 0 {
+            let t = u64::from(full.trailing_zeros());
+            full &= full - 1;
+            f(t << TOP_WORDS_BITS, 1 << TOP_WORDS_BITS, !0);
         }
     }
 
@@ -353,14 +528,14 @@ impl Layer {
     }
 
     /// Takes every pending word of the near mid.
-    fn drain_near(&self, guard: &Guard, f: &mut impl FnMut(u64, u64)) {
+    fn drain_near(&self, guard: &Guard, f: &mut impl Sink) {
         if let Some(mid) = self.near.get(guard) {
             drain_mid(mid, guard, 0, f);
         }
     }
 
     /// The same for the tops.
-    fn drain_far(&self, guard: &Guard, f: &mut impl FnMut(u64, u64)) {
+    fn drain_far(&self, guard: &Guard, f: &mut impl Sink) {
         let mut taken = self.far_pending.swap(0, SeqCst);
         while taken != 0 {
             let t = taken.trailing_zeros() as usize;
@@ -505,16 +680,32 @@ impl WriteLog {
         true
     }
 
-    /// Every other case: several words, the tops, pieces to allocate (the same steps).
+    /// Every other case: several words, the tops, pieces to allocate (the same steps). The
+    /// words covered in part at either end one by one, the whole words between by whole
+    /// pieces (module documentation, 'Whole pieces').
     #[inline(never)]
     fn set_slow(&self, guard: &Guard, layer: &Layer, li: usize, first: u64, last: u64) {
-        let (fw, lw) = (first >> 6, last >> 6);
+        let (mut fw, mut lw) = (first >> 6, last >> 6);
+        let bytes = &self.books.bytes;
         let mut parts = 0;
-        for w in fw..=lw {
-            let lo = if w == fw { first & 63 } else { 0 };
-            let hi = if w == lw { last & 63 } else { 63 };
-            if let Some(part) = layer.or_word(guard, w, span(lo, hi), &self.books.bytes) {
+        let mut word = |w: u64, mask: u64| {
+            if let Some(part) = layer.or_word(guard, w, mask, bytes) {
                 parts |= 1 << (part + li);
+            }
+        };
+        if fw == lw {
+            word(fw, span(first & 63, last & 63));
+        } else {
+            if first & 63 != 0 {
+                word(fw, span(first & 63, 63));
+                fw += 1;
+            }
+            if last & 63 != 63 {
+                word(lw, span(0, last & 63));
+                lw -= 1;
+            }
+            if fw <= lw {
+                parts |= layer.or_words(guard, fw, lw, bytes) << li;
             }
         }
         if parts != 0 {
@@ -534,13 +725,15 @@ impl WriteLog {
         self.has_pending() || self.books.waiting.load(Relaxed)
     }
 
-    /// Takes every logged word out of the log: `f(granularity_bits, word_index, bits)`, where
-    /// bit b of `bits` is log granule `word_index * 64 + b` at granularity
-    /// `1 << granularity_bits`. O(1) when nothing is pending, else O(pending leaves). Writers
+    /// Takes every logged word out of the log: `f(granularity_bits, word_index, words, bits)`:
+    /// the `words` words from `word_index` on each hold `bits` (all ones when `words` > 1: a
+    /// whole piece), bit b of word i being log granule `i * 64 + b` at granularity
+    /// `1 << granularity_bits`. O(1) when nothing is pending, else O(pending leaves and whole
+    /// pieces). Writers
     /// may run meanwhile: what they log after a word was taken waits for the next drain. Then
     /// gives memory back (module documentation): above [`RETAIN_BYTES`] of pieces, every piece
     /// is unlinked, drained once more after the grace period, and freed.
-    pub(crate) fn drain(&self, mut f: impl FnMut(u32, u64, u64)) {
+    pub(crate) fn drain(&self, mut f: impl FnMut(u32, u64, u64, u64)) {
         let mut retired = self
             .books
             .retired
@@ -556,22 +749,23 @@ impl WriteLog {
                 layers &= layers - 1;
                 let g = li as u32 + MIN_GRANULARITY_BITS;
                 let layer = &self.layers[li];
+                layer.drain_full(&mut |w, n, bits| f(g, w, n, bits));
                 if parts & 1 << li != 0 {
-                    layer.drain_near(&guard, &mut |w, bits| f(g, w, bits));
+                    layer.drain_near(&guard, &mut |w, n, bits| f(g, w, n, bits));
                 }
                 if parts & 1 << (FAR_BIT + li) != 0 {
-                    layer.drain_far(&guard, &mut |w, bits| f(g, w, bits));
+                    layer.drain_far(&guard, &mut |w, n, bits| f(g, w, n, bits));
                 }
             }
             // Writers that reached retired pieces before they were unlinked may have written
             // to them since the last drain.
             for (mid, tag) in retired.mids.iter() {
                 let (g, base) = untag(tag, MID_WORDS_BITS);
-                drain_mid(mid, &guard, base, &mut |w, bits| f(g, w, bits));
+                drain_mid(mid, &guard, base, &mut |w, n, bits| f(g, w, n, bits));
             }
             for (top, tag) in retired.tops.iter() {
                 let (g, base) = untag(tag, TOP_WORDS_BITS);
-                drain_top(top, &guard, base, &mut |w, bits| f(g, w, bits));
+                drain_top(top, &guard, base, &mut |w, n, bits| f(g, w, n, bits));
             }
             if self.books.bytes.load(Relaxed) > RETAIN_BYTES && qsbr::reclaim_supported() {
                 for (li, layer) in self.layers.iter().enumerate() {
@@ -589,12 +783,12 @@ impl WriteLog {
                 let mut freed = 0;
                 retired.mids.reclaim(&grace, |mut mid, tag| {
                     let (g, base) = untag(tag, MID_WORDS_BITS);
-                    drain_mid(&mid, &guard, base, &mut |w, bits| f(g, w, bits));
+                    drain_mid(&mid, &guard, base, &mut |w, n, bits| f(g, w, n, bits));
                     freed += mid_bytes(&mut mid);
                 });
                 retired.tops.reclaim(&grace, |mut top, tag| {
                     let (g, base) = untag(tag, TOP_WORDS_BITS);
-                    drain_top(&top, &guard, base, &mut |w, bits| f(g, w, bits));
+                    drain_top(&top, &guard, base, &mut |w, n, bits| f(g, w, n, bits));
                     freed += top_bytes(&mut top);
                 });
                 if freed > 0 {
@@ -660,10 +854,65 @@ impl WriteLog {
 mod tests {
     use super::*;
 
+    /// Every word a drain takes, a whole piece as its words (small logs only).
     fn drained(log: &WriteLog) -> Vec<(u32, u64, u64)> {
         let mut v = Vec::new();
-        log.drain(|g, w, b| v.push((g, w, b)));
+        log.drain(|g, w, n, b| {
+            for i in 0..n {
+                v.push((g, w + i, b));
+            }
+        });
         v
+    }
+
+    /// Granule ranges [first, last] by granularity, sorted and merged.
+    #[derive(Debug, Default, PartialEq, Eq)]
+    struct Ranges(std::collections::BTreeMap<u32, Vec<(u64, u64)>>);
+
+    impl Ranges {
+        fn add(&mut self, g: u32, first: u64, last: u64) {
+            self.0.entry(g).or_default().push((first, last));
+        }
+
+        /// Sorted, overlapping and adjacent ranges merged.
+        fn merged(mut self) -> Ranges {
+            for v in self.0.values_mut() {
+                v.sort_unstable();
+                let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+                for &(a, b) in v.iter() {
+                    match out.last_mut() {
+                        Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+                        _ => out.push((a, b)),
+                    }
+                }
+                *v = out;
+            }
+            self.0.retain(|_, v| !v.is_empty());
+            self
+        }
+
+        /// What a drain takes, as ranges (whole pieces without expanding them).
+        fn drain(log: &WriteLog) -> Ranges {
+            let mut r = Ranges::default();
+            log.drain(|g, w, n, mut bits| {
+                if n > 1 {
+                    assert_eq!(bits, !0, "a whole piece is all ones");
+                    r.add(g, w * 64, (w + n) * 64 - 1);
+                    return;
+                }
+                while bits != 0 {
+                    let s0 = u64::from(bits.trailing_zeros());
+                    let run = u64::from((!(bits >> s0)).trailing_zeros());
+                    r.add(g, w * 64 + s0, w * 64 + s0 + run - 1);
+                    bits = if s0 + run >= 64 {
+                        0
+                    } else {
+                        bits & !(((1u64 << run) - 1) << s0)
+                    };
+                }
+            });
+            r.merged()
+        }
     }
 
     #[test]
@@ -702,15 +951,15 @@ mod tests {
         assert!(log.memory() > 0);
     }
 
-    /// Random ranges at random granularities (near and far mids, one word and many, chunks
-    /// allocated or not, so both paths of `set`) drain to exactly the granules a model marks.
+    /// Random ranges at random granularities (near and far mids, one word and many, whole
+    /// leaves, mids, the near mid and whole tops, pieces allocated or not, so every path of
+    /// `set`) drain to exactly the granules a model marks.
     #[test]
     fn set_matches_a_model() {
-        use std::collections::BTreeMap;
         let mut rng = Rng(0x5eed);
         let size = 1u64 << 52;
         let log = WriteLog::new(size);
-        let mut model: BTreeMap<(u32, u64), u64> = BTreeMap::new();
+        let mut model = Ranges::default();
         let far: Vec<u64> = (0..4).map(|_| rng.below(size)).collect();
         for round in 0..40 {
             for _ in 0..200 {
@@ -723,33 +972,68 @@ mod tests {
                     _ => far[rng.below(4) as usize],
                 };
                 let off = (base + rng.below(1 << (g + 9))).min(size - 1);
-                let len = match rng.below(3) {
+                // In granules: within a word, many words, whole leaves (4096), whole mids
+                // (2^24, the near mid among them) and whole tops (2^36).
+                let len = match rng.below(6) {
                     0 => 1 + rng.below(1 << g),
                     1 => 1 + rng.below(1 << (g + 7)),
-                    _ => 1 + rng.below(1 << (g + 13)),
+                    2 => 1 + rng.below(1 << (g + 13)),
+                    3 => 1 + rng.below(1 << (g + 20)),
+                    4 => 1 + rng.below(1 << (g + 27)),
+                    _ => 1 + rng.below(1u64 << (g + 38).min(51)),
                 };
                 log.set(off, len);
                 let last = (off + len - 1).min(size - 1);
-                for gi in off >> g..=last >> g {
-                    if gi >> 41 == 0 {
-                        *model.entry((g, gi / 64)).or_default() |= 1 << (gi % 64);
-                    }
+                let (first, last) = (off >> g, (last >> g).min((1 << 41) - 1));
+                if first <= last {
+                    model.add(g, first, last);
                 }
             }
             if round % 3 == 0 {
-                let got: BTreeMap<(u32, u64), u64> = drained(&log)
-                    .into_iter()
-                    .map(|(g, w, b)| ((g, w), b))
-                    .collect();
-                assert_eq!(got, std::mem::take(&mut model), "round {round}");
+                let want = std::mem::take(&mut model).merged();
+                assert_eq!(Ranges::drain(&log), want, "round {round}");
                 assert!(!log.has_pending());
             }
         }
-        let got: BTreeMap<(u32, u64), u64> = drained(&log)
-            .into_iter()
-            .map(|(g, w, b)| ((g, w), b))
-            .collect();
-        assert_eq!(got, model);
+        assert_eq!(Ranges::drain(&log), model.merged());
+    }
+
+    /// One write over a whole 1 TiB disk at 512 B: whole pieces, no leaf allocated, and one
+    /// run per whole piece at the drain.
+    #[test]
+    fn a_write_over_a_whole_disk_costs_whole_pieces() {
+        let size = 1u64 << 40;
+        let log = WriteLog::new(size);
+        log.set_granularity_bits(Some(9));
+        let empty = log.memory();
+        log.set(0, size);
+        // The near mid is full, mids 1..127 are full bits of top 0 (the one piece allocated).
+        assert_eq!(log.memory() - empty, NODE_BYTES, "one top");
+        let mut runs = 0;
+        let mut want = Ranges::default();
+        want.add(9, 0, (size >> 9) - 1);
+        let mut got = Ranges::default();
+        log.drain(|g, w, n, bits| {
+            runs += 1;
+            assert_eq!(bits, !0);
+            got.add(g, w * 64, (w + n) * 64 - 1);
+        });
+        assert_eq!(got.merged(), want.merged());
+        assert_eq!(runs, 128, "the near mid and 127 mids of top 0");
+        // Unaligned ends: the words and leaves at either end one by one.
+        log.set(100 * 512 + 7, size - 300 * 512);
+        let mut want = Ranges::default();
+        want.add(9, 100, (size - 200 * 512 - 1 + 7) >> 9);
+        assert_eq!(Ranges::drain(&log), want.merged());
+        // Whole tops: 2^36 granules each at 512 B (32 TiB).
+        let size = 1u64 << 47;
+        let log = WriteLog::new(size);
+        log.set_granularity_bits(Some(9));
+        log.set(0, size);
+        assert_eq!(log.memory(), empty, "whole tops allocate nothing");
+        let mut want = Ranges::default();
+        want.add(9, 0, (size >> 9) - 1);
+        assert_eq!(Ranges::drain(&log), want.merged());
     }
 
     #[test]
@@ -768,10 +1052,18 @@ mod tests {
                 });
             }
             for _ in 0..200 {
-                log.drain(|_, w, b| seen[w as usize] |= b);
+                log.drain(|_, w, n, b| {
+                    for i in w..w + n {
+                        seen[i as usize] |= b;
+                    }
+                });
             }
         });
-        log.drain(|_, w, b| seen[w as usize] |= b);
+        log.drain(|_, w, n, b| {
+            for i in w..w + n {
+                seen[i as usize] |= b;
+            }
+        });
         let ones: u32 = seen.iter().map(|w| w.count_ones()).sum();
         assert_eq!(ones, 3 * (1 << 14));
     }
@@ -906,6 +1198,82 @@ mod tests {
         );
         if qsbr::reclaim_supported() {
             assert!(hook.reclaims() >= reclaims);
+        }
+    }
+
+    /// Writers set whole leaves and whole mids (512 B granularity: a leaf covers 2 MiB, a mid
+    /// 8 GiB), over and over in the same regions so that their full bits race with the drains
+    /// of the same groups, and small far writes that make every absorb unlink and free the
+    /// log's pieces (whose full bits are drained again before they are freed): the bitmap ends
+    /// with exactly the granules written.
+    #[test]
+    fn whole_pieces_and_a_reclaiming_absorber_lose_nothing() {
+        let _x = qsbr::test_exclusive();
+        use std::sync::{Arc, Mutex};
+
+        const DISK: u64 = 1 << 40;
+        const WRITERS: u64 = 3;
+        const WRITES: u64 = 20_000;
+        let mut set = BitmapSet::new(DISK);
+        let id = set.create(Some(b"all"), 512).unwrap();
+        let hook = set.write_hook();
+        let set = Arc::new(Mutex::new(set));
+        // Writers finished.
+        let done = Arc::new(AtomicU64::new(0));
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let (hook, done) = (Arc::clone(&hook), Arc::clone(&done));
+                std::thread::spawn(move || {
+                    let mut rng = Rng(0xf011 + w * 104_729);
+                    let mut writes = Vec::new();
+                    for i in 0..WRITES {
+                        let (off, len) = match i % 16 {
+                            // Whole mids (and the near mid) in the first 64 GiB, often again.
+                            0 => (rng.below(8) << 33, (1 + rng.below(2)) << 33),
+                            // Unaligned ranges over whole leaves of the first 8 GiB.
+                            1..=6 => {
+                                let off = rng.below((8u64 << 30) / 512) * 512 + rng.below(512);
+                                (off, 1 + rng.below(64 << 20))
+                            }
+                            // Small writes anywhere: new pieces for every absorb to free.
+                            _ => (rng.below(DISK / 512) * 512, 1 + rng.below(8192)),
+                        };
+                        hook.set(off, len);
+                        writes.push((off, len));
+                        if i % 16 == 0 {
+                            std::thread::yield_now();
+                        }
+                    }
+                    done.fetch_add(1, SeqCst);
+                    writes
+                })
+            })
+            .collect();
+        let mut absorbs = 0u64;
+        while done.load(SeqCst) < WRITERS {
+            set.lock().unwrap().absorb();
+            absorbs += 1;
+        }
+        let logs: Vec<Vec<(u64, u64)>> = writers.into_iter().map(|h| h.join().unwrap()).collect();
+        let mut set = set.lock().unwrap();
+        let bm = set.current(id).unwrap();
+        let mut want = Ranges::default();
+        for &(off, len) in logs.iter().flatten() {
+            let last = (off + len - 1).min(DISK - 1);
+            want.add(9, off >> 9, last >> 9);
+        }
+        let mut got = Ranges::default();
+        for (s, len) in bm.dirty_runs(0, DISK).unwrap() {
+            got.add(9, s >> 9, (s + len - 1) >> 9);
+        }
+        assert_eq!(got.merged(), want.merged(), "lost or extra granules");
+        eprintln!(
+            "{} writes, {absorbs} absorbs, {} grace periods freed pieces",
+            logs.iter().map(Vec::len).sum::<usize>(),
+            hook.reclaims()
+        );
+        if qsbr::reclaim_supported() {
+            assert!(hook.reclaims() > 0, "no piece was freed meanwhile");
         }
     }
 
@@ -1100,7 +1468,13 @@ mod tests {
                     let mut log = Vec::with_capacity(WRITES as usize);
                     for _ in 0..WRITES {
                         let off = rng.below(SIZE / 512) * 512 + rng.below(2) * 100;
-                        let len = 1 + rng.below(64 << 10);
+                        // Now and then whole leaves (16 MiB at 4 KiB): full bits racing with
+                        // the management calls.
+                        let len = if rng.below(256) == 0 {
+                            1 + rng.below(64 << 20)
+                        } else {
+                            1 + rng.below(64 << 10)
+                        };
                         let v1 = version.load(SeqCst);
                         hook.set(off, len);
                         let v2 = version.load(SeqCst);

@@ -83,6 +83,43 @@ pub struct BitmapSet {
     epochs: Epochs,
 }
 
+/// The byte ranges of what the log hands over (`words` words from word `w` at granularity
+/// `2^g`, each holding `bits`; see `WriteLog::drain`), clamped to a disk of `size` bytes: one
+/// range per run of set bits, one for a whole piece.
+fn logged_runs(size: u64, g: u32, w: u64, words: u64, mut bits: u64, mut f: impl FnMut(u64, u64)) {
+    let base = w.saturating_mul(64);
+    if words > 1 {
+        // A whole piece: one range, set in whole chunks.
+        if base > (u64::MAX >> g) || base << g >= size {
+            return;
+        }
+        let start = base << g;
+        let granules = words.saturating_mul(64);
+        let len = if granules > (u64::MAX >> g) {
+            u64::MAX
+        } else {
+            granules << g
+        };
+        f(start, len.min(size - start));
+        return;
+    }
+    while bits != 0 {
+        let s0 = u64::from(bits.trailing_zeros());
+        let run = u64::from((!(bits >> s0)).trailing_zeros());
+        let granule = base + s0;
+        if granule > (u64::MAX >> g) || granule << g >= size {
+            break;
+        }
+        let start = granule << g;
+        f(start, (run << g).min(size - start));
+        bits = if s0 + run >= 64 {
+            0
+        } else {
+            bits & !(((1u64 << run) - 1) << s0)
+        };
+    }
+}
+
 fn lossy(name: &[u8]) -> String {
     String::from_utf8_lossy(name).into_owned()
 }
@@ -116,34 +153,49 @@ impl BitmapSet {
     /// clamped to the disk. Two loads when nothing is pending. Every `&mut self` method calls it
     /// first. The log then gives back the memory the writes took (log.rs: above
     /// `RETAIN_BYTES`, after a grace period).
+    ///
+    /// When exactly one bitmap records writes and no epoch is pending, the writes go straight
+    /// to it: what its catch-up would give it at once, without an epoch to build and drop.
     pub(crate) fn absorb(&mut self) {
         self.slots.reconcile();
         if !self.log.wants_drain() {
             return;
         }
-        let wanted = !self.slots.recording_cursors().is_empty();
         let size = self.size;
-        let epochs = &mut self.epochs;
-        self.log.drain(|g, w, mut bits| {
-            if !wanted {
-                return;
-            }
-            let base = w * 64;
-            while bits != 0 {
-                let s0 = u64::from(bits.trailing_zeros());
-                let run = u64::from((!(bits >> s0)).trailing_zeros());
-                let granule = base + s0;
-                if granule > (u64::MAX >> g) || granule << g >= size {
-                    break;
+        let sole = if self.epochs.len() == 0 {
+            self.slots.sole_recording()
+        } else {
+            None
+        };
+        if let Some(id) = sole {
+            let bm = self
+                .slots
+                .bitmap_mut(id)
+                .expect("a recording bitmap exists");
+            let granularity_bits = bm.granularity_bits();
+            // The runs are applied after the drain, once the log has given its memory back.
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            self.log.drain(|g, w, words, bits| {
+                // A layer coarser than the bitmap: writes that raced with its creation (see
+                // catch_up).
+                if g <= granularity_bits {
+                    logged_runs(size, g, w, words, bits, |start, len| {
+                        runs.push((start, len))
+                    });
                 }
-                let start = granule << g;
-                let len = (run << g).min(size - start);
-                epochs.open_layer(size, g).set(start, len);
-                bits = if s0 + run >= 64 {
-                    0
-                } else {
-                    bits & !(((1u64 << run) - 1) << s0)
-                };
+            });
+            for (start, len) in runs {
+                bm.mark_write(start, len);
+            }
+            return;
+        }
+        let wanted = !self.slots.recording_cursors().is_empty();
+        let epochs = &mut self.epochs;
+        self.log.drain(|g, w, words, bits| {
+            if wanted {
+                logged_runs(size, g, w, words, bits, |start, len| {
+                    epochs.open_layer(size, g).set(start, len)
+                });
             }
         });
     }
@@ -1007,6 +1059,55 @@ mod tests {
             }
             set.slots.check();
         }
+    }
+
+    /// With one bitmap recording, an absorb gives it the writes at once and builds no epoch;
+    /// a bitmap enabled later does not get them.
+    #[test]
+    fn a_sole_recording_bitmap_takes_the_writes_without_an_epoch() {
+        let size = 1u64 << 30;
+        let mut set = BitmapSet::new(size);
+        let a = set.create(None, 4096).unwrap();
+        let off = set.create(None, 512).unwrap();
+        set.bitmap_mut(off).unwrap().disable().unwrap();
+        let hook = set.write_hook();
+        hook.set(8192, 100);
+        hook.set(1 << 29, 1 << 20);
+        set.absorb();
+        assert_eq!(set.epochs.len(), 0);
+        assert_eq!(set.get_unfolded(a).unwrap().count(), 4096 + (1 << 20));
+        set.bitmap_mut(off).unwrap().enable().unwrap();
+        hook.set(0, 1);
+        assert_eq!(set.current(off).unwrap().count(), 512);
+        assert_eq!(set.current(a).unwrap().count(), 2 * 4096 + (1 << 20));
+    }
+
+    /// One write over a whole 1 TiB disk reaches the bitmaps as whole pieces: every granule
+    /// dirty, the chunks full (no storage), and a write with unaligned ends exact at both.
+    #[test]
+    fn one_write_over_the_whole_disk() {
+        let size = 1u64 << 40;
+        let mut set = BitmapSet::new(size);
+        let fine = set.create(None, 512).unwrap();
+        let coarse = set.create(None, 1 << 16).unwrap();
+        let hook = set.write_hook();
+        hook.set(0, size);
+        for id in [fine, coarse] {
+            let bm = set.current(id).unwrap();
+            assert_eq!(bm.count(), size);
+            assert!(bm.memory() <= 64 << 10, "{}", bm.memory());
+        }
+        for id in [fine, coarse] {
+            set.bitmap_mut(id).unwrap().clear().unwrap();
+        }
+        // From byte 1000 to 5000 bytes before the end.
+        hook.set(1000, size - 6000);
+        let bm = set.current(fine).unwrap();
+        assert_eq!(bm.count(), size - 512 - 9 * 512);
+        assert_eq!(bm.next_dirty(0, size), Some(512));
+        assert_eq!(bm.next_zero(512, size), Some(size - 9 * 512));
+        let bm = set.current(coarse).unwrap();
+        assert_eq!(bm.count(), size);
     }
 
     #[test]

@@ -23,7 +23,7 @@
 //! every index read sees every change, for O(log n) work per call.
 
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 use super::{BitmapId, DirtyBitmap};
@@ -168,6 +168,8 @@ pub(super) struct Slots {
     totals: Totals,
     /// Cursors of the recording bitmaps, with their multiplicity.
     cursors: BTreeMap<u64, usize>,
+    /// The recording bitmaps.
+    recording: HashSet<BitmapId, BuildHasherDefault<IdHasher>>,
     /// Granularities (log2) of the consistent bitmaps, with their multiplicity.
     granularities: BTreeMap<u32, usize>,
     /// Bitmaps that are some bitmap's successor, with their multiplicity.
@@ -194,6 +196,11 @@ impl Slots {
         self.totals.apply(s, add);
         if s.records {
             count(&mut self.cursors, cursor, add);
+            if add {
+                self.recording.insert(id);
+            } else {
+                self.recording.remove(&id);
+            }
         }
         if s.consistent {
             count(&mut self.granularities, s.granularity_bits, add);
@@ -397,6 +404,16 @@ impl Slots {
         self.granularities.keys().next().copied()
     }
 
+    /// The only bitmap that records writes, if exactly one does.
+    pub(super) fn sole_recording(&mut self) -> Option<BitmapId> {
+        self.reconcile();
+        if self.recording.len() == 1 {
+            self.recording.iter().next().copied()
+        } else {
+            None
+        }
+    }
+
     /// The cursors of the recording bitmaps (keys), with their multiplicity.
     pub(super) fn recording_cursors(&mut self) -> &BTreeMap<u64, usize> {
         self.reconcile();
@@ -420,6 +437,7 @@ impl Slots {
         }
         assert_eq!(fresh.totals, self.totals);
         assert_eq!(fresh.cursors, self.cursors);
+        assert_eq!(fresh.recording, self.recording);
         assert_eq!(fresh.granularities, self.granularities);
         assert_eq!(fresh.successors, self.successors);
         let sorted = |m: &HashMap<u64, NameIds, BuildHasherDefault<IdHasher>>| {
