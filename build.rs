@@ -266,9 +266,15 @@ fn main() {
     match linker_supports_symbol_versions(&out_dir) {
         Ok(()) => {
             println!("cargo:rustc-cfg=qdirty_symver");
+            // The linker reads a copy in OUT_DIR: cargo may reuse this script's output for a
+            // build of the same crate from another source folder sharing the target directory
+            // (a pip build from an unpacked sdist), whose own copy of the script may be gone.
+            let map = out_dir.join("qdirty.map");
+            std::fs::copy(manifest_dir().join(VERSION_SCRIPT), &map)
+                .unwrap_or_else(|e| panic!("copy {VERSION_SCRIPT} to {}: {e}", map.display()));
             println!(
                 "cargo:rustc-cdylib-link-arg=-Wl,--version-script={}",
-                manifest_dir().join(VERSION_SCRIPT).display()
+                map.display()
             );
         }
         Err(why) => println!(
