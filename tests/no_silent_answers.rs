@@ -79,6 +79,16 @@ fn extents(b: *const qdirty_bitmap) -> Result<Vec<(u64, u64)>, (i32, String)> {
     }
 }
 
+/// An image held in a fault-injecting storage, opened read-write, and the storage's handle.
+fn open_faulty_rw(bytes: Vec<u8>) -> (Image, qdirty::image::fault::FaultHandle) {
+    let (st, h) = FaultyStorage::new(bytes);
+    let img = OpenOptions::new()
+        .read_write(true)
+        .open_storage(Box::new(st), "img.qcow2")
+        .unwrap();
+    (img, h)
+}
+
 /// A qcow2 image made by qdirty with one persistent enabled bitmap "b" holding `dirty`.
 fn image_with_bitmap(dir: &Path, name: &str, dirty: &[(u64, u64)]) -> std::path::PathBuf {
     let p = dir.join(name);
@@ -310,11 +320,7 @@ fn a_transient_read_error_fails_the_call_and_is_retried() {
 fn unreadable_data_is_never_clean_and_close_reports_what_it_lost() {
     let tmp = TempDir::new("no-silent-close");
     let p = image_with_bitmap(tmp.path(), "img.qcow2", &[(MIB, 4096)]);
-    let (st, h) = FaultyStorage::new(std::fs::read(&p).unwrap());
-    let mut image = OpenOptions::new()
-        .read_write(true)
-        .open_storage(Box::new(st), "img.qcow2")
-        .unwrap();
+    let (mut image, h) = open_faulty_rw(std::fs::read(&p).unwrap());
     let opts = AddOptions {
         persistent: true,
         ..AddOptions::default()
@@ -356,11 +362,7 @@ fn try_close_ok_means_stored() {
     let base = std::fs::read(&p).unwrap();
     let mut failed_stores = 0;
     for k in 0..60 {
-        let (st, h) = FaultyStorage::new(base.clone());
-        let mut image = OpenOptions::new()
-            .read_write(true)
-            .open_storage(Box::new(st), "img.qcow2")
-            .unwrap();
+        let (mut image, h) = open_faulty_rw(base.clone());
         image.set_dirty(30 * MIB, 1);
         h.set_fault(Some(Fault::Error {
             at: h.ops() + k,
@@ -555,11 +557,7 @@ fn a_checkpoint_never_marks_a_recording_bitmap_consistent() {
         ro.bitmap_current(id).unwrap().inconsistent()
     };
     // The clean run: how many ops the checkpoint does.
-    let (st, h) = FaultyStorage::new(base.clone());
-    let mut img = OpenOptions::new()
-        .read_write(true)
-        .open_storage(Box::new(st), "img")
-        .unwrap();
+    let (mut img, h) = open_faulty_rw(base.clone());
     img.set_dirty(40 * MIB, 1);
     let start = h.ops();
     img.store_bitmaps().unwrap();
@@ -569,11 +567,7 @@ fn a_checkpoint_never_marks_a_recording_bitmap_consistent() {
     drop(img);
     for k in 0..=n {
         for unflushed in [Unflushed::Kept, Unflushed::Lost] {
-            let (st, h) = FaultyStorage::new(base.clone());
-            let mut img = OpenOptions::new()
-                .read_write(true)
-                .open_storage(Box::new(st), "img")
-                .unwrap();
+            let (mut img, h) = open_faulty_rw(base.clone());
             img.set_dirty(40 * MIB, 1);
             h.set_fault(Some(Fault::Crash {
                 at: h.ops() + k,
