@@ -60,6 +60,19 @@ extern "C" {
 #define QDIRTY_OPEN_SALVAGE 4u
 
 /**
+ * `qdirty_image_open` / `qdirty_image_open_with_io` flag, with QDIRTY_OPEN_RDWR: durable mode.
+ * The bitmaps are never marked in_use in the image: at every instant they are valid QEMU
+ * bitmaps, each enabled one dirty wherever a guest write may have reached the disk since its
+ * last clear, so that after a crash (process killed, power lost) QEMU and qdirty load them as
+ * consistent. The host calls `qdirty_image_prepare_write` before issuing each guest write and
+ * `qdirty_image_set_dirty` when it completes; every call that changes bitmaps (add, remove,
+ * clear, enable, disable, merge, a committed transaction, ...) is stored before it returns.
+ * Every bitmap's data is read at open. Zones are 64 MiB (`qdirty_image_open_durable` sets
+ * another size). See README.md, 'Durable mode'.
+ */
+#define QDIRTY_OPEN_DURABLE 8u
+
+/**
  * `qdirty_image_add_bitmap` flag: the bitmap is persistent (stored in the image on close).
  */
 #define QDIRTY_BITMAP_PERSISTENT 1u
@@ -519,6 +532,34 @@ int qdirty_image_create(const char *path,
 qdirty_image *qdirty_image_open(const char *path, uint32_t flags, qdirty_error **errp);
 
 /**
+ * Opens an image read-write in durable mode (QDIRTY_OPEN_RDWR | QDIRTY_OPEN_DURABLE) with
+ * zones of `zone_bytes` bytes: a power of two of at least 64 KiB (raised where the disk would
+ * have more than 4,194,304 zones). Smaller zones make the bitmaps left by a crash more exact
+ * and the first writes into each zone more frequent (one write and flush per zone).
+ *
+ * Returns: the image, or NULL on failure (as `qdirty_image_open`; -EINVAL for a zone size
+ * that is not a power of two of at least 64 KiB).
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Ownership: the caller owns the image and frees it with `qdirty_image_close`.
+ * Thread safety: may be called from any thread.
+ *
+ * # Safety
+ * `path` is NULL or a NUL-terminated string. `errp` is NULL or points to a `qdirty_error *`
+ * that is NULL (otherwise the call returns NULL and does nothing).
+ */
+qdirty_image *qdirty_image_open_durable(const char *path, uint64_t zone_bytes, qdirty_error **errp);
+
+/**
+ * The zone size of an image in durable mode, in bytes; 0 for an image in the ordinary mode
+ * or NULL.
+ * Thread safety: may be called from any thread.
+ *
+ * # Safety
+ * `img` is NULL or an open image.
+ */
+uint64_t qdirty_image_zone_bytes(const qdirty_image *img);
+
+/**
  * Closes an image: stores its persistent bitmaps when it was opened read-write (clearing
  * in_use), then frees it together with all its `qdirty_bitmap` handles.
  *
@@ -712,6 +753,36 @@ int qdirty_image_merge_bitmap(qdirty_image *img,
  * `img` is NULL or an open image.
  */
 void qdirty_image_set_dirty(qdirty_image *img, uint64_t offset, uint64_t bytes);
+
+/**
+ * Durable mode (QDIRTY_OPEN_DURABLE): call before issuing a guest write to `[offset, offset +
+ * bytes)`. Returns 0 once every stored bitmap of the image that records writes covers the
+ * range on disk (written and flushed), or a negative errno, and then the write must not be
+ * issued (fail it to the guest). After the write completes, successfully or not, call
+ * `qdirty_image_set_dirty` with the same range, exactly once: that records it exactly and
+ * ends its time "in flight".
+ *
+ * Fast: when the range's zones are covered already (the common case), this costs a few
+ * atomic operations, no lock and no I/O. Otherwise the zones are written into the stored
+ * bitmaps, and threads that find uncovered zones at the same time share one write and one
+ * flush. Ranges past the end of the disk are ignored.
+ *
+ * Without QDIRTY_OPEN_DURABLE: returns 0 and does nothing.
+ *
+ * Returns: 0, or a negative errno: -EINVAL (`img` NULL or not an open image), -EIO, -ENOSPC
+ * and the other errors of writing the image.
+ * Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+ * Thread safety: may be called from any thread, concurrently with itself, the write hook and
+ * any call on the image except `qdirty_image_close`.
+ *
+ * # Safety
+ * `img` is NULL or an open image. `errp` is NULL or points to a `qdirty_error *` that is NULL
+ * (otherwise the call returns -EINVAL and does nothing).
+ */
+int qdirty_image_prepare_write(qdirty_image *img,
+                               uint64_t offset,
+                               uint64_t bytes,
+                               qdirty_error **errp);
 
 /**
  * The next bitmap of the image in QEMU's list order (newest first).

@@ -23,11 +23,13 @@ pub use hbitmap::HBitmap;
 
 mod bits;
 mod touched;
+mod zones;
 use bits::Bits;
 pub use log::WriteLog;
 pub use set::{BitmapId, BitmapInfo, BitmapSet, DirtyIter};
 use touched::Touched;
 pub use view::StateView;
+pub use zones::{ZoneTracker, DEFAULT_ZONE_BYTES, MAX_ZONES, MIN_ZONE_BYTES};
 
 mod view;
 
@@ -846,6 +848,39 @@ impl DirtyBitmap {
             self.bits.mark_bits(src, self.size, self.granularity_bits);
             self.touch_dirty_of(src);
         }
+    }
+
+    /// Records that the stored copy's data clusters covering `[offset, offset + bytes)` differ
+    /// from this bitmap (durable mode wrote zones into them), so that the next store rewrites
+    /// them with the exact bits.
+    pub(crate) fn touch_stored(&mut self, offset: u64, bytes: u64) {
+        self.touch(offset, bytes);
+    }
+
+    /// Records that every data cluster of the stored copy differs from this bitmap.
+    pub(crate) fn touch_stored_all(&mut self) {
+        self.touch_all();
+    }
+
+    /// What durable mode stores for this bitmap: its bits OR those of `successor` (a frozen
+    /// bitmap's successor records the writes it would take back on reclaim), with the byte
+    /// ranges `zones` (writes in flight) dirty. The change tracking is this bitmap's plus the
+    /// clusters the additions touch. The bitmap must be loaded.
+    pub(crate) fn durable_copy(
+        &self,
+        successor: Option<&DirtyBitmap>,
+        zones: &[(u64, u64)],
+    ) -> Result<DirtyBitmap> {
+        self.usable_bits()?;
+        let mut copy = self.clone();
+        copy.touched = self.touched.clone();
+        if let Some(s) = successor {
+            copy.merge_bits(s.usable_bits()?)?;
+        }
+        for &(offset, bytes) in zones {
+            copy.mark_write(offset, bytes);
+        }
+        Ok(copy)
     }
 
     /// A bitmap whose data is still in an image: `source` reads it when first needed.

@@ -81,6 +81,10 @@ pub struct BitmapSet {
     log: Arc<WriteLog>,
     /// Writes absorbed from the log, not yet taken by every bitmap that records them.
     epochs: Epochs,
+    /// Counts the calls that may have changed a bitmap other than by guest writes (every
+    /// `&mut` access, insertion, removal, resize): durable mode stores the bitmaps when it
+    /// moved (see [`BitmapSet::changes`]).
+    changes: u64,
 }
 
 /// The byte ranges of what the log hands over (`words` words from word `w` at granularity
@@ -137,7 +141,15 @@ impl BitmapSet {
             next_id: 1,
             log: Arc::new(WriteLog::new(size)),
             epochs: Epochs::default(),
+            changes: 0,
         }
+    }
+
+    /// A number that moves whenever a bitmap may have changed other than by the write hook:
+    /// `&mut` access to a bitmap, an insertion, a removal, [`BitmapSet::set_dirty`], a resize.
+    /// Reads ([`BitmapSet::current`], iterators, queries) and the hook's writes leave it alone.
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// The lock-free write hook: a handle on the set's [`WriteLog`] that any thread may call
@@ -339,8 +351,20 @@ impl BitmapSet {
         self.slots.iter()
     }
 
+    /// A bitmap by id for reading, up to date with the hook's writes but not loaded when its
+    /// data is still on disk: for readers that answer "every granule dirty" when the data
+    /// cannot be read (see [`DirtyBitmap`]).
+    pub fn current_unloaded(&mut self, id: BitmapId) -> Option<&DirtyBitmap> {
+        if !self.slots.contains(id) {
+            return None;
+        }
+        self.absorb_and_catch_up(id);
+        self.slots.get(id).map(|s| &s.bm)
+    }
+
     /// A bitmap by id, for changes (up to date with the hook's writes first).
     pub fn get_mut(&mut self, id: BitmapId) -> Option<&mut DirtyBitmap> {
+        self.changes += 1;
         if !self.slots.contains(id) {
             return None;
         }
@@ -395,6 +419,7 @@ impl BitmapSet {
 
     /// Inserts a bitmap at the head of the list (newest first).
     pub fn insert(&mut self, bm: DirtyBitmap) -> BitmapId {
+        self.changes += 1;
         self.absorb();
         let id = BitmapId(self.next_id);
         self.next_id += 1;
@@ -454,6 +479,7 @@ impl BitmapSet {
 
     /// Removes a bitmap whatever its state (internal: removal of stored bitmaps, close).
     pub(crate) fn remove_unchecked(&mut self, id: BitmapId) -> Option<DirtyBitmap> {
+        self.changes += 1;
         if !self.slots.contains(id) {
             return None;
         }
@@ -600,6 +626,7 @@ impl BitmapSet {
     /// clean, granules entirely beyond the new end are dropped. Refused (nothing changes) while
     /// any bitmap is busy, frozen or iterated.
     pub fn truncate(&mut self, new_size: u64) -> Result<()> {
+        self.changes += 1;
         self.fold();
         for (_, b) in self.slots.iter() {
             if b.busy() || b.has_successor() || b.active_iterators() > 0 {
@@ -684,7 +711,10 @@ impl BitmapSet {
     /// here, so that the iterator's steps cannot fail.
     pub fn iter_new(&mut self, id: BitmapId) -> Result<DirtyIter> {
         self.current(id)?.usable_bits()?;
-        self.bitmap_mut(id)?.add_iterator(1);
+        // An iterator changes no bit and no flag: not counted in `changes`.
+        if let Some(bm) = self.slots.bitmap_mut(id) {
+            bm.add_iterator(1);
+        }
         Ok(DirtyIter { bitmap: id, pos: 0 })
     }
 
@@ -721,7 +751,7 @@ impl BitmapSet {
 
     /// Gives an iterator back (QEMU: bdrv_dirty_iter_free).
     pub fn iter_free(&mut self, it: DirtyIter) {
-        if let Some(bm) = self.get_mut(it.bitmap) {
+        if let Some(bm) = self.slots.bitmap_mut(it.bitmap) {
             bm.add_iterator(-1);
         }
     }

@@ -151,6 +151,27 @@ pub(crate) unsafe fn errp_in_use(errp: *mut *mut qdirty_error) -> bool {
     !errp.is_null() && unsafe { !(*errp).is_null() }
 }
 
+thread_local! {
+    /// An error found after the body's result was decided (durable mode's store when the image
+    /// lock is released, see `handle::ImageGuard`): it becomes the call's error.
+    static DEFERRED: std::cell::RefCell<Option<FfiError>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Records an error for the current call to return instead of success.
+pub(crate) fn defer_error(e: FfiError) {
+    DEFERRED.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(e);
+        }
+    });
+}
+
+/// Takes the deferred error of the current call.
+pub(crate) fn take_deferred() -> Option<FfiError> {
+    DEFERRED.with(|d| d.borrow_mut().take())
+}
+
 /// Turns the outcome of an `ffi_call!(errp = ..)` body into the C return value.
 ///
 /// `outcome` is `None` when `*errp` was already set on entry: nothing is stored then.
@@ -161,9 +182,13 @@ pub(crate) unsafe fn finish<R: FfiReturn>(
     errp: *mut *mut qdirty_error,
     outcome: std::thread::Result<Option<Result<R::Ok, FfiError>>>,
 ) -> R {
+    let deferred = take_deferred();
     let err = match outcome {
         Ok(None) => return R::failure(libc::EINVAL),
-        Ok(Some(Ok(v))) => return R::success(v),
+        Ok(Some(Ok(v))) => match deferred {
+            None => return R::success(v),
+            Some(e) => e,
+        },
         Ok(Some(Err(e))) => e,
         Err(payload) => FfiError::panic(payload),
     };

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use super::castable::{self, Castable, Children, OwnedByCaller, OwnedByParent};
 use super::error::{cstring_lossy, FfiError};
-use crate::bitmap::{DirtyBitmap, WriteLog};
+use crate::bitmap::{DirtyBitmap, WriteLog, ZoneTracker};
 use crate::image::{BitmapId, Image};
 
 /// An open qcow2 image and its dirty bitmaps.
@@ -87,7 +87,43 @@ const _: fn() = || {
 pub(crate) struct ImageHandle {
     /// The image's write log, shared with its bitmap set: the hook writes here without the lock.
     log: Arc<WriteLog>,
+    /// Durable mode's zones, shared with the image: `qdirty_image_prepare_write` and the hook
+    /// use them without the lock. None in the ordinary mode.
+    zones: Option<Arc<ZoneTracker>>,
     state: Mutex<LockedImage>,
+}
+
+/// The image lock, held: what [`ImageHandle::lock`] gives. When it is released, an image in
+/// durable mode stores what the call changed (`Image::sync_durable`), so that every call
+/// that changes bitmaps is durable when it returns; a failure of that store becomes the
+/// call's error (`boundary::defer_error`).
+pub(crate) struct ImageGuard<'a>(MutexGuard<'a, LockedImage>);
+
+impl std::ops::Deref for ImageGuard<'_> {
+    type Target = LockedImage;
+    fn deref(&self) -> &LockedImage {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ImageGuard<'_> {
+    fn deref_mut(&mut self) -> &mut LockedImage {
+        &mut self.0
+    }
+}
+
+impl Drop for ImageGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        if let Err(e) = self.0.image.sync_durable() {
+            super::boundary::defer_error(FfiError::from(e.context(
+                "The change was made in memory but could not be stored in the image (durable \
+                 mode): a crash now would lose it; qdirty_image_store_bitmaps retries",
+            )));
+        }
+    }
 }
 
 /// Everything behind the image lock.
@@ -111,6 +147,7 @@ impl ImageHandle {
     pub(crate) fn into_raw(image: Image) -> *mut qdirty_image {
         castable::to_raw(ImageHandle {
             log: image.write_hook(),
+            zones: image.zone_tracker(),
             state: Mutex::new(LockedImage {
                 image,
                 handles: Children::default(),
@@ -137,9 +174,16 @@ impl ImageHandle {
     /// # Safety
     /// As [`ImageHandle::from_ptr`].
     #[inline(always)]
-    pub(crate) unsafe fn log_of<'a>(img: *const qdirty_image) -> Option<&'a WriteLog> {
+    pub(crate) unsafe fn hook_of<'a>(
+        img: *const qdirty_image,
+    ) -> Option<(&'a WriteLog, Option<&'a ZoneTracker>)> {
         // SAFETY: caller's contract.
-        unsafe { castable::peek(img) }.map(|h: &ImageHandle| &*h.log)
+        unsafe { castable::peek(img) }.map(|h: &ImageHandle| (&*h.log, h.zones.as_deref()))
+    }
+
+    /// Durable mode's zones (None in the ordinary mode).
+    pub(crate) fn zones(&self) -> Option<&ZoneTracker> {
+        self.zones.as_deref()
     }
 
     /// Takes the handle back from C for closing (EINVAL, and nothing freed, for NULL or a
@@ -157,10 +201,10 @@ impl ImageHandle {
     /// that completed before it: each bitmap takes the absorbed writes when the call reads or
     /// changes it ([`with_bitmap`], the image's `&mut` methods), or all of them at a
     /// [`Image::fold_writes`](crate::Image::fold_writes) (query, store).
-    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, LockedImage>, FfiError> {
+    pub(crate) fn lock(&self) -> Result<ImageGuard<'_>, FfiError> {
         let mut state = self.state.lock().map_err(|_| FfiError::poisoned())?;
         state.image.absorb_writes();
-        Ok(state)
+        Ok(ImageGuard(state))
     }
 
     /// The state, for closing, and whether an earlier panic poisoned the lock.
@@ -286,7 +330,7 @@ pub(crate) unsafe fn with_state<R>(
 /// cannot deadlock each other). The guards come back in address order.
 pub(crate) fn lock_all<'a>(
     images: &[&'a ImageHandle],
-) -> Result<Vec<(&'a ImageHandle, MutexGuard<'a, LockedImage>)>, FfiError> {
+) -> Result<Vec<(&'a ImageHandle, ImageGuard<'a>)>, FfiError> {
     let mut sorted: Vec<&'a ImageHandle> = images.to_vec();
     sorted.sort_by_key(|h| *h as *const ImageHandle as usize);
     sorted.dedup_by(|a, b| a.same(b));
@@ -332,7 +376,10 @@ pub(crate) unsafe fn with_bitmap_unloaded<R>(
     // SAFETY: caller's contract.
     let h = unsafe { BitmapHandle::from_ptr(bm) }?;
     let mut state = h.image()?.lock()?;
-    let b = state.image.bitmap_mut(h.id).ok_or_else(|| h.gone())?;
+    let b = state
+        .image
+        .bitmap_current_unloaded(h.id)
+        .ok_or_else(|| h.gone())?;
     Ok(f(b))
 }
 

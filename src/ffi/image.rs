@@ -9,7 +9,7 @@ use super::boundary::ffi_call;
 use super::error::{qdirty_error, FfiError};
 use super::handle::{qdirty_bitmap, qdirty_image, ImageHandle};
 use super::{
-    QDIRTY_BITMAP_AUTOLOAD, QDIRTY_BITMAP_DISABLED, QDIRTY_BITMAP_PERSISTENT,
+    QDIRTY_BITMAP_AUTOLOAD, QDIRTY_BITMAP_DISABLED, QDIRTY_BITMAP_PERSISTENT, QDIRTY_OPEN_DURABLE,
     QDIRTY_OPEN_FORCE_SHARE, QDIRTY_OPEN_RDWR, QDIRTY_OPEN_SALVAGE,
 };
 use crate::image::{AddOptions, Image, OpenOptions};
@@ -113,7 +113,7 @@ pub unsafe extern "C" fn qdirty_image_open(
     ffi_call!(errp = errp, {
         check_flags(
             flags,
-            QDIRTY_OPEN_RDWR | QDIRTY_OPEN_FORCE_SHARE | QDIRTY_OPEN_SALVAGE,
+            QDIRTY_OPEN_RDWR | QDIRTY_OPEN_FORCE_SHARE | QDIRTY_OPEN_SALVAGE | QDIRTY_OPEN_DURABLE,
             "qdirty_image_open",
         )?;
         // SAFETY: see the function's Safety section.
@@ -122,8 +122,58 @@ pub unsafe extern "C" fn qdirty_image_open(
             .read_write(flags & QDIRTY_OPEN_RDWR != 0)
             .force_share(flags & QDIRTY_OPEN_FORCE_SHARE != 0)
             .salvage(flags & QDIRTY_OPEN_SALVAGE != 0)
+            .durable(flags & QDIRTY_OPEN_DURABLE != 0)
             .open(path)?;
         Ok(ImageHandle::into_raw(image))
+    })
+}
+
+/// Opens an image read-write in durable mode (QDIRTY_OPEN_RDWR | QDIRTY_OPEN_DURABLE) with
+/// zones of `zone_bytes` bytes: a power of two of at least 64 KiB (raised where the disk would
+/// have more than 4,194,304 zones). Smaller zones make the bitmaps left by a crash more exact
+/// and the first writes into each zone more frequent (one write and flush per zone).
+///
+/// Returns: the image, or NULL on failure (as `qdirty_image_open`; -EINVAL for a zone size
+/// that is not a power of two of at least 64 KiB).
+/// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+/// Ownership: the caller owns the image and frees it with `qdirty_image_close`.
+/// Thread safety: may be called from any thread.
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string. `errp` is NULL or points to a `qdirty_error *`
+/// that is NULL (otherwise the call returns NULL and does nothing).
+#[no_mangle]
+pub unsafe extern "C" fn qdirty_image_open_durable(
+    path: *const c_char,
+    zone_bytes: u64,
+    errp: *mut *mut qdirty_error,
+) -> *mut qdirty_image {
+    ffi_call!(errp = errp, {
+        // SAFETY: see the function's Safety section.
+        let path = unsafe { arg_path(path) }?;
+        let image = OpenOptions::new()
+            .read_write(true)
+            .durable(true)
+            .zone_bytes(zone_bytes)
+            .open(path)?;
+        Ok(ImageHandle::into_raw(image))
+    })
+}
+
+/// The zone size of an image in durable mode, in bytes; 0 for an image in the ordinary mode
+/// or NULL.
+/// Thread safety: may be called from any thread.
+///
+/// # Safety
+/// `img` is NULL or an open image.
+#[no_mangle]
+pub unsafe extern "C" fn qdirty_image_zone_bytes(img: *const qdirty_image) -> u64 {
+    ffi_call!({
+        // SAFETY: see the function's Safety section.
+        match unsafe { ImageHandle::from_ptr(img, "img") } {
+            Ok(h) => h.zones().map_or(0, |z| z.zone_bytes()),
+            Err(_) => 0,
+        }
     })
 }
 
@@ -475,8 +525,64 @@ pub unsafe extern "C" fn qdirty_image_merge_bitmap(
 pub unsafe extern "C" fn qdirty_image_set_dirty(img: *mut qdirty_image, offset: u64, bytes: u64) {
     ffi_call!({
         // SAFETY: see the function's Safety section.
-        if let Some(log) = unsafe { ImageHandle::log_of(img) } {
+        if let Some((log, zones)) = unsafe { ImageHandle::hook_of(img) } {
             log.set(offset, bytes);
+            if let Some(z) = zones {
+                crate::image::durable_completion(z, offset, bytes);
+            }
         }
+    })
+}
+
+/// Durable mode (QDIRTY_OPEN_DURABLE): call before issuing a guest write to `[offset, offset +
+/// bytes)`. Returns 0 once every stored bitmap of the image that records writes covers the
+/// range on disk (written and flushed), or a negative errno, and then the write must not be
+/// issued (fail it to the guest). After the write completes, successfully or not, call
+/// `qdirty_image_set_dirty` with the same range, exactly once: that records it exactly and
+/// ends its time "in flight".
+///
+/// Fast: when the range's zones are covered already (the common case), this costs a few
+/// atomic operations, no lock and no I/O. Otherwise the zones are written into the stored
+/// bitmaps, and threads that find uncovered zones at the same time share one write and one
+/// flush. Ranges past the end of the disk are ignored.
+///
+/// Without QDIRTY_OPEN_DURABLE: returns 0 and does nothing.
+///
+/// Returns: 0, or a negative errno: -EINVAL (`img` NULL or not an open image), -EIO, -ENOSPC
+/// and the other errors of writing the image.
+/// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
+/// Thread safety: may be called from any thread, concurrently with itself, the write hook and
+/// any call on the image except `qdirty_image_close`.
+///
+/// # Safety
+/// `img` is NULL or an open image. `errp` is NULL or points to a `qdirty_error *` that is NULL
+/// (otherwise the call returns -EINVAL and does nothing).
+#[no_mangle]
+pub unsafe extern "C" fn qdirty_image_prepare_write(
+    img: *mut qdirty_image,
+    offset: u64,
+    bytes: u64,
+    errp: *mut *mut qdirty_error,
+) -> c_int {
+    ffi_call!(errp = errp, {
+        // SAFETY: see the function's Safety section.
+        let h = unsafe { ImageHandle::from_ptr(img, "img") }?;
+        let Some(zones) = h.zones() else {
+            return Ok(());
+        };
+        if zones.prepare(offset, bytes) {
+            return Ok(());
+        }
+        // Group commit: whoever holds the lock next covers these zones too.
+        zones.push_pending(&zones.uncovered(offset, bytes));
+        let mut state = match h.lock() {
+            Ok(s) => s,
+            Err(e) => {
+                zones.unprepare(offset, bytes);
+                return Err(e);
+            }
+        };
+        state.image.commit_prepared(offset, bytes)?;
+        Ok(())
     })
 }

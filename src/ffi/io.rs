@@ -12,7 +12,7 @@ use super::boundary::ffi_call;
 use super::error::{qdirty_error, FfiError};
 use super::handle::{qdirty_image, ImageHandle};
 use super::image::arg_bytes;
-use super::QDIRTY_OPEN_RDWR;
+use super::{QDIRTY_OPEN_DURABLE, QDIRTY_OPEN_RDWR};
 use crate::image::storage::{ClusterAllocator, Storage};
 use crate::image::OpenOptions;
 
@@ -428,10 +428,11 @@ pub unsafe extern "C" fn qdirty_image_open_with_io(
     errp: *mut *mut qdirty_error,
 ) -> *mut qdirty_image {
     ffi_call!(errp = errp, {
-        if flags & !QDIRTY_OPEN_RDWR != 0 {
+        let known = QDIRTY_OPEN_RDWR | QDIRTY_OPEN_DURABLE;
+        if flags & !known != 0 {
             return Err(FfiError::invalid(format!(
-                "qdirty_image_open_with_io: unknown flags {:#x} (known flags: {QDIRTY_OPEN_RDWR:#x})",
-                flags & !QDIRTY_OPEN_RDWR
+                "qdirty_image_open_with_io: unknown flags {:#x} (known flags: {known:#x})",
+                flags & !known
             )));
         }
         // SAFETY: see the function's Safety section.
@@ -443,6 +444,7 @@ pub unsafe extern "C" fn qdirty_image_open_with_io(
         let storage = CallbackStorage::new(ops, opaque, read_write)?;
         let image = OpenOptions::new()
             .read_write(read_write)
+            .durable(flags & QDIRTY_OPEN_DURABLE != 0)
             .open_storage(Box::new(storage), &name)?;
         Ok(ImageHandle::into_raw(image))
     })

@@ -159,6 +159,17 @@ pub const QDIRTY_OPEN_FORCE_SHARE: u32 = 2u32;
 /// `qdirty_image_drop_bitmaps_extension`. May be combined with the other flags.
 pub const QDIRTY_OPEN_SALVAGE: u32 = 4u32;
 
+/// `qdirty_image_open` / `qdirty_image_open_with_io` flag, with QDIRTY_OPEN_RDWR: durable mode.
+/// The bitmaps are never marked in_use in the image: at every instant they are valid QEMU
+/// bitmaps, each enabled one dirty wherever a guest write may have reached the disk since its
+/// last clear, so that after a crash (process killed, power lost) QEMU and qdirty load them as
+/// consistent. The host calls `qdirty_image_prepare_write` before issuing each guest write and
+/// `qdirty_image_set_dirty` when it completes; every call that changes bitmaps (add, remove,
+/// clear, enable, disable, merge, a committed transaction, ...) is stored before it returns.
+/// Every bitmap's data is read at open. Zones are 64 MiB (`qdirty_image_open_durable` sets
+/// another size). See README.md, 'Durable mode'.
+pub const QDIRTY_OPEN_DURABLE: u32 = 8u32;
+
 /// `qdirty_image_add_bitmap` flag: the bitmap is persistent (stored in the image on close).
 pub const QDIRTY_BITMAP_PERSISTENT: u32 = 1u32;
 

@@ -64,7 +64,7 @@ impl Qcow2File {
             self.prepare_writes()?;
         }
         self.load_bitmaps(set)?;
-        if !self.read_only {
+        if !self.read_only && self.durable.is_none() {
             self.mark_in_use(set)?;
         }
         Ok(())

@@ -10,6 +10,7 @@
 mod alloc;
 pub mod check;
 mod create;
+mod durable;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod fault;
 mod header_cluster;
@@ -32,8 +33,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::bitmap::{
-    self, BitmapInfo, BitmapSet, DirtyBitmap, StateView, WriteLog, CHECK_BUSY, CHECK_DEFAULT,
-    CHECK_RO,
+    self, BitmapInfo, BitmapSet, DirtyBitmap, StateView, WriteLog, ZoneTracker, CHECK_BUSY,
+    CHECK_DEFAULT, CHECK_RO,
 };
 use crate::error::{Error, Result};
 use crate::format::bitmap_dir::BitmapDirEntry;
@@ -80,6 +81,11 @@ pub struct Image {
     /// The process that opened the image. A close in another one (a forked child) stores
     /// nothing and leaves the file and its locks to the opener (see [`Image::close`]).
     owner_pid: u32,
+    /// Durable mode: the set's [`BitmapSet::changes`] at the last store.
+    synced: u64,
+    /// Actions of transactions not yet committed or aborted on this image: durable mode stores
+    /// nothing meanwhile.
+    txn_actions: usize,
 }
 
 impl std::fmt::Debug for Image {
@@ -118,6 +124,7 @@ impl Image {
         read_write: bool,
         salvage: bool,
         shared: bool,
+        durable: Option<u64>,
     ) -> Result<Image> {
         let ctx = || format!("Could not open '{name}'");
         let storage = table_source::SharedStorage::new(storage);
@@ -139,7 +146,17 @@ impl Image {
                 dir: StoredDirectory::default(),
                 salvage,
                 broken: Vec::new(),
+                durable: None,
             };
+            if let Some(zone_bytes) = durable {
+                if !read_write || file.header_cluster.header.version < 3 {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: durable mode needs a read-write open of a qcow2 v3 image",
+                        ctx()
+                    )));
+                }
+                file.durable = Some(Arc::new(bitmap::ZoneTracker::new(file.size(), zone_bytes)));
+            }
             let mut set = BitmapSet::new(file.size());
             if let Err(e) = file.load(&mut set) {
                 // Force-share: what the load read may have been freed and reused meanwhile.
@@ -165,7 +182,14 @@ impl Image {
                     )));
                 }
             }
-            return Ok(Image::assemble(set, Some(file), name));
+            let mut image = Image::assemble(set, Some(file), name);
+            if durable.is_some() {
+                // Durable mode writes zones into the stored copies: the in-memory bitmaps must
+                // not read them back as their own bits.
+                image.load_all_bitmaps().map_err(|e| e.context(ctx()))?;
+                image.synced = image.set.changes();
+            }
+            return Ok(image);
         }
     }
 
@@ -183,6 +207,8 @@ impl Image {
             uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
             closed: false,
             owner_pid: std::process::id(),
+            synced: 0,
+            txn_actions: 0,
         }
     }
 
@@ -321,6 +347,11 @@ impl Image {
                 ))
             }
         };
+        if d.durable.is_some() {
+            let unstored = d.store(set, StoreMode::Durable)?;
+            self.synced = self.set.changes();
+            return unstored.into_result();
+        }
         let unstored = d.store(set, StoreMode::Checkpoint)?;
         if let Err(e) = d.mark_in_use(set) {
             // The stored copies are consistent on disk but the bitmaps go on recording in
@@ -380,7 +411,13 @@ impl Image {
             let made_writable = d
                 .reopen_checks(&self.set)
                 .and_then(|()| d.prepare_writes())
-                .and_then(|()| d.mark_in_use(&self.set));
+                .and_then(|()| {
+                    if d.durable.is_some() {
+                        Ok(())
+                    } else {
+                        d.mark_in_use(&self.set)
+                    }
+                });
             if let Err(e) = made_writable {
                 // A refused reopen leaves the image as it was: read-only.
                 d.read_only = true;
@@ -503,6 +540,13 @@ impl Image {
         self.set.current(id)
     }
 
+    /// A bitmap by id for reading, with every write logged through the hook so far, without
+    /// loading data still on disk (readers answer "every granule dirty" for data they cannot
+    /// read).
+    pub fn bitmap_current_unloaded(&mut self, id: BitmapId) -> Option<&DirtyBitmap> {
+        self.set.current_unloaded(id)
+    }
+
     /// The bitmaps, newest first (QEMU's list order).
     pub fn bitmap_ids(&self) -> Vec<BitmapId> {
         self.set.ids()
@@ -555,6 +599,11 @@ impl Image {
         let bm = self.set.get_mut(id).expect("just created");
         bm.set_enabled_unchecked(!opts.disabled);
         bm.set_persistence(opts.persistent);
+        if let Err(e) = self.sync_durable() {
+            // Durable mode: a bitmap that is not in the image is not added.
+            self.set.remove_unchecked(id);
+            return Err(e);
+        }
         Ok(id)
     }
 
@@ -647,7 +696,7 @@ impl Image {
             self.remove_stored_bitmap(name)?;
         }
         self.set.release(id)?;
-        Ok(())
+        self.sync_durable()
     }
 
     /// Deletes the stored copy of a bitmap from the image; the in-memory bitmap is not touched
@@ -669,7 +718,8 @@ impl Image {
     /// Drops a bitmap from memory only (QEMU: bdrv_release_dirty_bitmap); a stored copy stays
     /// in the image, marked in_use.
     pub fn release_bitmap(&mut self, id: BitmapId) -> Result<()> {
-        self.set.release(id).map(drop)
+        self.set.release(id)?;
+        self.sync_durable()
     }
 
     /// target |= source within this image (QMP block-dirty-bitmap-merge). Granularities may
@@ -679,7 +729,8 @@ impl Image {
         let t = self.set.lookup(target)?;
         let s = self.set.lookup(source)?;
         let src = self.set.current(s)?.clone();
-        self.set.merge(t, &src, false).map(drop)
+        self.set.merge(t, &src, false)?;
+        self.sync_durable()
     }
 
     /// target |= a bitmap of another image (QMP merge with an external source), with every
@@ -694,7 +745,8 @@ impl Image {
         let t = self.set.lookup(target)?;
         let s = src.set.lookup(source)?;
         let s = src.set.current(s)?;
-        self.set.merge(t, s, false).map(drop)
+        self.set.merge(t, s, false)?;
+        self.sync_durable()
     }
 
     /// The guest write hook (QEMU: bdrv_set_dirty): marks the range in every enabled bitmap,
@@ -703,6 +755,98 @@ impl Image {
     /// a lock, use [`Image::write_hook`].
     pub fn set_dirty(&mut self, offset: u64, bytes: u64) {
         self.set.set_dirty(offset, bytes);
+        if let Some(z) = self.zone_tracker() {
+            durable_completion(&z, offset, bytes);
+        }
+    }
+
+    /// Durable mode's zones (None in the ordinary mode): the lock-free side of
+    /// [`Image::prepare_write`] ([`ZoneTracker::prepare`]) and of the write hook
+    /// ([`ZoneTracker::complete`], after [`WriteLog::set`]) for hosts that write from several
+    /// threads.
+    pub fn zone_tracker(&self) -> Option<Arc<ZoneTracker>> {
+        self.file.as_ref().and_then(|d| d.durable.clone())
+    }
+
+    /// Durable mode: call before issuing a guest write to `[offset, offset + bytes)`. Returns
+    /// once every stored bitmap that records covers the range on disk (written and flushed);
+    /// on error the write must not be issued. After the write completes (or fails), the
+    /// host records it with the write hook ([`Image::set_dirty`] or [`WriteLog::set`] +
+    /// [`ZoneTracker::complete`]). Does nothing in the ordinary mode.
+    pub fn prepare_write(&mut self, offset: u64, bytes: u64) -> Result<()> {
+        let Some(z) = self.zone_tracker() else {
+            return Ok(());
+        };
+        if z.prepare(offset, bytes) {
+            return Ok(());
+        }
+        self.commit_prepared(offset, bytes)
+    }
+
+    /// The slow side of [`Image::prepare_write`], with the write already counted in flight
+    /// ([`ZoneTracker::prepare`] answered false): covers its zones that are not covered yet,
+    /// with those other threads queued ([`ZoneTracker::push_pending`]), in one write and one
+    /// flush. On error the write is no longer counted in flight.
+    pub(crate) fn commit_prepared(&mut self, offset: u64, bytes: u64) -> Result<()> {
+        let Some(z) = self.zone_tracker() else {
+            return Ok(());
+        };
+        let r = self.commit_zones(&z, offset, bytes);
+        if r.is_err() {
+            z.unprepare(offset, bytes);
+        }
+        r
+    }
+
+    fn commit_zones(&mut self, z: &ZoneTracker, offset: u64, bytes: u64) -> Result<()> {
+        // Management changes not stored yet (a failed sync) go first: the zones are written
+        // into the stored copies as they will be.
+        self.sync_durable()?;
+        let mut zones = z.uncovered(offset, bytes);
+        zones.extend(z.take_pending());
+        zones.sort_unstable();
+        zones.dedup();
+        if zones.is_empty() {
+            return Ok(());
+        }
+        let ranges: Vec<(u64, u64)> = zones
+            .iter()
+            .map(|&n| {
+                let (s, e) = z.zone_range(n);
+                (s, e - s)
+            })
+            .collect();
+        let d = self.file.as_mut().expect("durable mode has a file");
+        d.mark_zones(&ranges, &mut self.set).map_err(|e| {
+            e.context(format!(
+                "Could not mark a guest write at offset {offset} ({bytes} bytes) in the bitmaps                  of '{}' (durable mode); the write must not be issued",
+                self.name
+            ))
+        })?;
+        z.cover(&zones);
+        Ok(())
+    }
+
+    /// Durable mode: stores the bitmaps if anything but guest writes changed them since the
+    /// last store (a management call), so that the change survives a crash. The image's own
+    /// management methods call it; after changes through [`Image::bitmap_mut`] or
+    /// [`Image::bitmaps_mut`], call it. Does nothing in the ordinary mode, and costs one
+    /// comparison when nothing changed. Stores nothing while a [`Transaction`] has prepared
+    /// actions on the image: its commit or abort stores the outcome.
+    pub fn sync_durable(&mut self) -> Result<()> {
+        if self.set.changes() == self.synced || self.txn_actions > 0 {
+            return Ok(());
+        }
+        let Some(d) = self.file.as_mut().filter(|d| d.durable.is_some()) else {
+            return Ok(());
+        };
+        if d.read_only || d.failed.is_some() {
+            return Ok(());
+        }
+        self.set.fold();
+        let unstored = d.store(&mut self.set, StoreMode::Durable)?;
+        self.synced = self.set.changes();
+        unstored.into_result()
     }
 
     /// Resizes every bitmap after the disk was resized (QEMU: bdrv_dirty_bitmap_truncate, with
@@ -734,7 +878,22 @@ impl Image {
                 )));
             }
         }
-        self.set.truncate(new_size)
+        self.set.truncate(new_size)?;
+        self.sync_durable()
+    }
+}
+
+/// The write hook's side of durable mode: the write is no longer in flight; a completion that
+/// no `prepare_write` announced is reported (the host broke the protocol: that write may be
+/// missing from the stored bitmaps after a crash).
+pub(crate) fn durable_completion(z: &ZoneTracker, offset: u64, bytes: u64) {
+    if !z.complete(offset, bytes) {
+        crate::warning::warn(&format!(
+            "Durable mode: a guest write at offset {offset} ({bytes} bytes) was recorded \
+             without a prepare_write before it ({} such writes so far); after a crash the \
+             stored bitmaps may miss it",
+            z.violations()
+        ));
     }
 }
 

@@ -30,6 +30,8 @@ pub struct OpenOptions {
     read_write: bool,
     force_share: bool,
     salvage: bool,
+    durable: bool,
+    zone_bytes: Option<u64>,
 }
 
 impl OpenOptions {
@@ -70,6 +72,24 @@ impl OpenOptions {
         self
     }
 
+    /// Durable mode (docs/durable.md; read-write opens only): the stored bitmaps are never
+    /// marked in_use and stay valid at every instant, so that after a crash QEMU and qdirty
+    /// load them as consistent. The host calls [`Image::prepare_write`] before issuing each
+    /// guest write and the write hook when it completes; management calls are durable when
+    /// they return. Every bitmap's data is read at open.
+    pub fn durable(&mut self, durable: bool) -> &mut Self {
+        self.durable = durable;
+        self
+    }
+
+    /// The zone size of durable mode: a power of two of at least 64 KiB, raised where the
+    /// disk would have more than [`MAX_ZONES`](crate::bitmap::MAX_ZONES) zones. Default
+    /// [`DEFAULT_ZONE_BYTES`](crate::bitmap::DEFAULT_ZONE_BYTES).
+    pub fn zone_bytes(&mut self, bytes: u64) -> &mut Self {
+        self.zone_bytes = Some(bytes);
+        self
+    }
+
     /// Opens the image file at `path`, taking QEMU's image locks unless
     /// [`force_share`](Self::force_share) is set.
     pub fn open(&self, path: impl AsRef<Path>) -> Result<Image> {
@@ -90,6 +110,8 @@ impl OpenOptions {
             self.read_write,
             self.salvage,
             self.force_share,
+            self.durable
+                .then(|| self.zone_bytes.unwrap_or(crate::bitmap::DEFAULT_ZONE_BYTES)),
         )
     }
 
@@ -98,6 +120,19 @@ impl OpenOptions {
             return Err(Error::InvalidArgument(
                 "force-share is only possible for read-only opens".into(),
             ));
+        }
+        if self.durable && !self.read_write {
+            return Err(Error::InvalidArgument(
+                "durable mode is only possible for read-write opens".into(),
+            ));
+        }
+        if let Some(z) = self.zone_bytes {
+            if !z.is_power_of_two() || z < crate::bitmap::MIN_ZONE_BYTES {
+                return Err(Error::InvalidArgument(format!(
+                    "zone size {z} is not a power of two of at least {} bytes",
+                    crate::bitmap::MIN_ZONE_BYTES
+                )));
+            }
         }
         Ok(())
     }

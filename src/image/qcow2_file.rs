@@ -99,6 +99,9 @@ pub(super) struct Qcow2File {
     /// refuse the image for, with the reason. They are kept in the directory (written back as
     /// they are) until removed, never loaded, and their clusters are never freed.
     pub(super) broken: Vec<(usize, String)>,
+    /// Durable mode (durable.rs): which zones are covered on disk and which have writes in
+    /// flight. None in the ordinary mode.
+    pub(super) durable: Option<std::sync::Arc<crate::bitmap::ZoneTracker>>,
 }
 
 impl Qcow2File {

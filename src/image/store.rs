@@ -68,6 +68,10 @@ pub(super) enum StoreMode {
     /// that reaches the disk before its hook call would be missing from a copy marked
     /// consistent: so no copy is ever marked consistent while its bitmap still records.
     Checkpoint,
+    /// Durable mode (durable.rs): the stored copies are never in_use; each recording bitmap
+    /// is stored with the zones of the writes in flight dirty. The bitmaps stay in memory,
+    /// writable.
+    Durable,
 }
 
 /// Clusters to give back after a commit: (offset, number of clusters).
@@ -201,7 +205,14 @@ impl Qcow2File {
                 continue;
             }
             let name = bm.name().unwrap_or_default().to_vec();
-            let mut flags = if bm.enabled() { BME_FLAG_AUTO } else { 0 };
+            // Durable mode stores a frozen bitmap as recording: its stored copy takes its
+            // successor's writes, as a reclaim would.
+            let recording = if self.durable.is_some() {
+                set.recording(id)
+            } else {
+                bm.enabled()
+            };
+            let mut flags = if recording { BME_FLAG_AUTO } else { 0 };
             if mode == StoreMode::Checkpoint {
                 flags |= BME_FLAG_IN_USE;
             }
@@ -222,7 +233,9 @@ impl Qcow2File {
                 .position(&name, |i| !self.is_broken(i))
                 .or_else(|| appended.get(&name).copied());
             match found {
-                Some(entry_index) if entries[entry_index].in_use() => {
+                // Ours: marked in_use at open, or any entry in durable mode (which loads every
+                // consistent entry and never marks them).
+                Some(entry_index) if entries[entry_index].in_use() || self.durable.is_some() => {
                     let old = entries[entry_index].clone();
                     let n = table_size_for(self.size(), bm.granularity_bits(), cs);
                     let usable = bm.touched().filter(|t| {
@@ -284,10 +297,23 @@ impl Qcow2File {
     /// other bitmaps are stored all the same.
     pub(super) fn store(&mut self, set: &mut BitmapSet, mode: StoreMode) -> Result<Unstored> {
         let release = mode == StoreMode::Close;
-        let plan = self.plan_store(set, mode)?;
+        let mut plan = self.plan_store(set, mode)?;
         if plan.jobs.is_empty() {
             return Ok(Unstored::default());
         }
+        // Durable mode: what is rewritten keeps the zones of the writes in flight dirty.
+        let zones = match self.durable.clone() {
+            Some(tracker) => {
+                if !plan.writes_data() && plan.entries == self.dir.entries() {
+                    // Nothing changes on disk: the covered zones stay covered.
+                    return Ok(Unstored::default());
+                }
+                let zones = self.zones_in_flight(&tracker, set);
+                plan = self.plan_store(set, mode)?;
+                zones
+            }
+            None => Vec::new(),
+        };
         if self.read_only {
             return Err(Error::ReadOnlyImage("No write access".into()));
         }
@@ -380,6 +406,8 @@ impl Qcow2File {
                 let bm = set
                     .get_unfolded(j.id)
                     .ok_or_else(|| Error::Precondition(format!("Bitmap #{} is gone", j.id.0)))?;
+                let staged = self.durable_content(set, j.id, &zones)?;
+                let bm = staged.as_ref().unwrap_or(bm);
                 let (off, size) = self.write_bitmap(bm, old_table, &mut allocated, &mut to_free)?;
                 entries[j.entry_index].table_offset = off;
                 entries[j.entry_index].table_size = size;
@@ -425,6 +453,9 @@ impl Qcow2File {
             if let Some(bm) = set.get_mut_unfolded(j.id) {
                 bm.track_changes(shift, e.table_offset);
             }
+        }
+        if !release {
+            self.mark_durable_extras(set, &zones);
         }
         if release {
             for j in &jobs {

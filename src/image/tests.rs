@@ -438,7 +438,8 @@ fn force_share_open_never_mixes_versions() {
             flip_on,
         })))
     };
-    let open_shared = |st: Racy| Image::open_storage_opts(Box::new(st), "racy", false, false, true);
+    let open_shared =
+        |st: Racy| Image::open_storage_opts(Box::new(st), "racy", false, false, true, None);
     // Reads of an undisturbed open.
     let st = racy(None, Vec::new());
     assert_eq!(runs(&mut open_shared(st.clone()).unwrap(), "b"), want1);

@@ -60,7 +60,10 @@ impl Transaction {
         v
     }
 
-    fn push(&mut self, img: &Image, bitmap: BitmapId, undo: Undo) {
+    fn push(&mut self, img: &mut Image, bitmap: BitmapId, undo: Undo) {
+        // Durable mode stores nothing of the transaction before it ends (see
+        // `Image::sync_durable`): a crash before the commit leaves the image as before it.
+        img.txn_actions += 1;
         self.actions.push(Action {
             image: img.uid(),
             bitmap,
@@ -177,11 +180,12 @@ impl Transaction {
                 .iter_mut()
                 .find(|i| i.uid() == a.image)
                 .expect("checked");
+            img.txn_actions -= 1;
             if let Undo::Remove = a.undo {
                 img.set.remove_unchecked(a.bitmap);
             }
         }
-        Ok(())
+        sync_all(images)
     }
 
     /// Undoes every action, newest first. `images` must hold every image the actions touched;
@@ -193,6 +197,7 @@ impl Transaction {
                 .iter_mut()
                 .find(|i| i.uid() == a.image)
                 .expect("checked");
+            img.txn_actions -= 1;
             match a.undo {
                 Undo::Add => {
                     img.set.remove_unchecked(a.bitmap);
@@ -215,8 +220,22 @@ impl Transaction {
                 }
             }
         }
-        Ok(())
+        sync_all(images)
     }
+}
+
+/// Durable mode: stores what the transaction changed in each image (the first error is
+/// returned after every image was tried).
+fn sync_all(images: &mut [&mut Image]) -> Result<()> {
+    let mut first = Ok(());
+    for img in images.iter_mut() {
+        if let Err(e) = img.sync_durable() {
+            if first.is_ok() {
+                first = Err(e);
+            }
+        }
+    }
+    first
 }
 
 impl Drop for Transaction {
