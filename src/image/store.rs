@@ -357,11 +357,19 @@ impl Qcow2File {
         }
         let any_data = jobs.iter().any(|j| !matches!(j.plan, Plan::Keep));
         self.begin_update();
-        if !any_data {
-            // Only flags change (typically: in_use cleared): in place, or nothing at all.
-            if entries != self.dir.entries() {
-                self.update_dir_in_place(entries)?;
+        if !any_data && entries == self.dir.entries() {
+            if release {
+                for j in &jobs {
+                    set.remove_unchecked(j.id);
+                }
             }
+            return Ok(unstored);
+        }
+        if !any_data && self.durable.is_none() {
+            // Only flags change (typically: in_use cleared): in place. (Not in durable mode:
+            // a crash during the in-place update leaves the bitmaps extension invalid, which
+            // drops every bitmap; a new directory is written instead, below.)
+            self.update_dir_in_place(entries)?;
             if release {
                 for j in &jobs {
                     set.remove_unchecked(j.id);
