@@ -17,7 +17,7 @@ use common::*;
 use qdirty::image::fault::{Fault, FaultHandle, FaultyStorage, Unflushed};
 use qdirty::image::storage::MemStorage;
 use qdirty::image::Transaction;
-use qdirty::{AddOptions, Image, OpenOptions};
+use qdirty::{AddOptions, OpenOptions};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
