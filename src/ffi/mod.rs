@@ -198,8 +198,9 @@ pub use version::{
 pub use image::{
     qdirty_image_add_bitmap, qdirty_image_close, qdirty_image_create, qdirty_image_find_bitmap,
     qdirty_image_first_bitmap, qdirty_image_merge_bitmap, qdirty_image_open,
-    qdirty_image_read_only, qdirty_image_remove_bitmap, qdirty_image_set_dirty, qdirty_image_size,
-    qdirty_image_store_bitmaps,
+    qdirty_image_open_durable, qdirty_image_prepare_write, qdirty_image_read_only,
+    qdirty_image_remove_bitmap, qdirty_image_set_dirty, qdirty_image_size,
+    qdirty_image_store_bitmaps, qdirty_image_zone_bytes,
 };
 
 pub use bitmap::{
