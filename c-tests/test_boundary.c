@@ -852,6 +852,60 @@ static void boundary_open_with_io(const char *dir)
     free(p);
 }
 
+/* Durable mode: its open, the prepare call, the zone size; a completion without a prepare is
+ * reported through the warning handler. */
+static void boundary_durable(const char *dir)
+{
+    qdirty_error *err = NULL;
+    char *p = qt_path(dir, "bnd-durable.qcow2");
+    qdirty_image *img;
+
+    CHECK_PTR(qdirty_image_open_durable(NULL, MIB, &err), EINVAL, err);
+    CHECK(qdirty_image_open_durable(NULL, MIB, NULL) == NULL);
+    EXPECT_I64(qdirty_image_create(p, SIZE, 0, NULL), 0);
+    CHECK_PTR(qdirty_image_open_durable(p, UINT64_MAX, &err), EINVAL, err);
+    CHECK_PTR(qdirty_image_open_durable(p, 0, &err), EINVAL, err);
+    CHECK_PTR(qdirty_image_open_durable(p, 3 * MIB, &err), EINVAL, err);
+    /* Durable mode needs a read-write open. */
+    CHECK_PTR(qdirty_image_open(p, QDIRTY_OPEN_DURABLE, &err), EINVAL, err);
+    EXPECT_U64(qdirty_image_zone_bytes(NULL), 0);
+    CHECK_RC(qdirty_image_prepare_write(NULL, 0, 4096, &err), EINVAL, err);
+    EXPECT_I64(qdirty_image_prepare_write(NULL, UINT64_MAX, UINT64_MAX, NULL), -EINVAL);
+
+    img = CHECK_PTR(qdirty_image_open_durable(p, MIB, &err), 0, err);
+    if (img) {
+        qdirty_bitmap *a =
+            CHECK_PTR(qdirty_image_add_bitmap(img, "a", GRAN, QDIRTY_BITMAP_PERSISTENT, &err), 0,
+                      err);
+        EXPECT_U64(qdirty_image_zone_bytes(img), MIB);
+        /* Empty ranges and ranges past the end: nothing to cover, nothing in flight. */
+        CHECK_RC(qdirty_image_prepare_write(img, UINT64_MAX, UINT64_MAX, &err), 0, err);
+        CHECK_RC(qdirty_image_prepare_write(img, 0, 0, &err), 0, err);
+        /* A range that runs past the end is clamped; its completion matches it. */
+        CHECK_RC(qdirty_image_prepare_write(img, SIZE - 1, UINT64_MAX, &err), 0, err);
+        qdirty_set_warning_handler(count_warning, NULL);
+        warnings = 0;
+        qdirty_image_set_dirty(img, SIZE - 1, UINT64_MAX);
+        EXPECT_I64(warnings, 0);
+        CHECK(qdirty_bitmap_get(a, SIZE - 1));
+        /* A write recorded without its prepare breaks the protocol: reported. */
+        qdirty_image_set_dirty(img, 0, 4096);
+        EXPECT_I64(warnings, 1);
+        CHECK(qdirty_bitmap_get(a, 0));
+        qdirty_set_warning_handler(NULL, NULL);
+        CHECK_RC(qdirty_image_close(img, &err), 0, err);
+    }
+    /* The ordinary mode: no zones, nothing to prepare. */
+    img = CHECK_PTR(qdirty_image_open(p, QDIRTY_OPEN_RDWR, &err), 0, err);
+    if (img) {
+        EXPECT_U64(qdirty_image_zone_bytes(img), 0);
+        CHECK_RC(qdirty_image_prepare_write(img, 0, 4096, &err), 0, err);
+        CHECK_RC(qdirty_image_close(img, &err), 0, err);
+    }
+    unlink(p);
+    free(p);
+}
+
 void test_boundary(const char *dir)
 {
     qdirty_error *err = NULL;
@@ -862,6 +916,7 @@ void test_boundary(const char *dir)
     boundary_create_open(dir);
     boundary_memory();
     boundary_open_with_io(dir);
+    boundary_durable(dir);
 
     CHECK_RC(qdirty_image_create(p, SIZE, 0, &err), 0, err);
     img = CHECK_PTR(qdirty_image_open(p, QDIRTY_OPEN_RDWR, &err), 0, err);

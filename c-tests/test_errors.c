@@ -150,7 +150,7 @@ static void test_bad_arguments(const char *dir)
 
     /* Unknown flag bits. */
     CHECK_PTR(qdirty_image_open(path, 0x80, &err), EINVAL, err);
-    CHECK(qdirty_image_open(path, QDIRTY_OPEN_RDWR | 8u, &err) == NULL);
+    CHECK(qdirty_image_open(path, QDIRTY_OPEN_RDWR | 0x40u, &err) == NULL);
     CHECK(err != NULL && strstr(qdirty_error_message(err), "flag") != NULL);
     qdirty_error_free(err);
     err = NULL;

@@ -174,7 +174,11 @@ fn incremental_backups_from_bitmaps_survive_sigkill() {
             "{ctx}: qemu-img check: {chk}"
         );
         for b in qemu_img_info_bitmaps(&img, false) {
-            assert!(!b.in_use(), "{ctx}: bitmap {} is in use after SIGKILL", b.name);
+            assert!(
+                !b.in_use(),
+                "{ctx}: bitmap {} is in use after SIGKILL",
+                b.name
+            );
         }
         // The incremental backup: the bitmap's extents from the disk over the previous backup.
         let extents = nbd_dirty_extents(&img, "inc");
