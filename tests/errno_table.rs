@@ -143,6 +143,8 @@ struct Host {
     data: Mutex<Vec<u8>>,
     fail_reads: AtomicBool,
     fail_writes: AtomicBool,
+    /// The errno failed writes and flushes return (EIO unless set).
+    write_errno: std::sync::atomic::AtomicI32,
 }
 
 impl Host {
@@ -151,6 +153,7 @@ impl Host {
             data: Mutex::new(bytes),
             fail_reads: AtomicBool::new(false),
             fail_writes: AtomicBool::new(false),
+            write_errno: std::sync::atomic::AtomicI32::new(libc::EIO),
         })
     }
 
@@ -195,7 +198,7 @@ unsafe extern "C" fn h_pwrite(
     // SAFETY: as h_pread.
     let h = unsafe { host(opaque) };
     if h.fail_writes.load(Ordering::SeqCst) {
-        return -libc::EIO;
+        return -h.write_errno.load(Ordering::SeqCst);
     }
     let mut d = h.data.lock().unwrap_or_else(|e| e.into_inner());
     let (off, len) = (off as usize, len as usize);
@@ -211,7 +214,7 @@ unsafe extern "C" fn h_flush(opaque: *mut c_void) -> c_int {
     // SAFETY: as h_pread.
     let h = unsafe { host(opaque) };
     if h.fail_writes.load(Ordering::SeqCst) {
-        -libc::EIO
+        -h.write_errno.load(Ordering::SeqCst)
     } else {
         0
     }
@@ -1028,8 +1031,8 @@ fn on_each(
 /// temporaries that live for the call; `e` points to a NULL error pointer.
 fn rows() -> Vec<Row> {
     use qdirty::ffi::{
-        QDIRTY_BITMAP_PERSISTENT as PERSISTENT, QDIRTY_OPEN_FORCE_SHARE as FS,
-        QDIRTY_OPEN_RDWR as RW,
+        QDIRTY_BITMAP_PERSISTENT as PERSISTENT, QDIRTY_OPEN_DURABLE as DURABLE,
+        QDIRTY_OPEN_FORCE_SHARE as FS, QDIRTY_OPEN_RDWR as RW,
     };
     let mut v = vec![
         // qdirty_image_create
@@ -1111,6 +1114,71 @@ fn rows() -> Vec<Row> {
                 f.file(&with_incompatible(&templates().clean, 2));
             },
             |f, e| null(unsafe { qdirty_image_open(f.path(0).as_ptr(), RW, e) }),
+        ),
+        // qdirty_image_open_durable
+        row("qdirty_image_open_durable", "EINVAL", "NULL path", "path must not be NULL", none, |_, e| {
+            null(unsafe { qdirty_image_open_durable(ptr::null(), MIB, e) })
+        }),
+        row("qdirty_image_open_durable", "EINVAL", "zone size not a power of two", "zone size", |f| {
+            f.file(&templates().clean);
+        }, |f, e| null(unsafe { qdirty_image_open_durable(f.path(0).as_ptr(), 3 * MIB, e) })),
+        row("qdirty_image_open_durable", "EINVAL", "not a qcow2 file", "not in qcow2 format", |f| {
+            f.file(&[0u8; 65536]);
+        }, |f, e| null(unsafe { qdirty_image_open_durable(f.path(0).as_ptr(), MIB, e) })),
+        row(
+            "qdirty_image_open_durable",
+            "EAGAIN",
+            "opened read-write already",
+            "is another process using the image",
+            file_rw,
+            |f, e| null(unsafe { qdirty_image_open_durable(f.path(0).as_ptr(), MIB, e) }),
+        ),
+        row(
+            "qdirty_image_open_durable",
+            "ENOTSUP",
+            "an unknown incompatible feature",
+            "Unsupported qcow2 feature(s)",
+            |f| {
+                f.file(&with_incompatible(&templates().clean, 1 << 30));
+            },
+            |f, e| null(unsafe { qdirty_image_open_durable(f.path(0).as_ptr(), MIB, e) }),
+        ),
+        row(
+            "qdirty_image_open_durable",
+            "EACCES",
+            "a corrupt image",
+            "qemu-img check -r all",
+            |f| {
+                f.file(&with_incompatible(&templates().clean, 2));
+            },
+            |f, e| null(unsafe { qdirty_image_open_durable(f.path(0).as_ptr(), MIB, e) }),
+        ),
+        // qdirty_image_prepare_write
+        row("qdirty_image_prepare_write", "EINVAL", "NULL image", "img must not be NULL", none, |_, e| {
+            rc(unsafe { qdirty_image_prepare_write(ptr::null_mut(), 0, 4096, e) })
+        }),
+        row(
+            "qdirty_image_prepare_write",
+            "EIO",
+            "the zone cannot be written into the bitmaps",
+            "Could not mark a guest write at offset 0",
+            |f| {
+                f.open_host(&templates().clean, RW | DURABLE);
+                f.hosts[0].fail_writes.store(true, Ordering::SeqCst);
+            },
+            |f, e| rc(unsafe { qdirty_image_prepare_write(f.img(0), 0, 4096, e) }),
+        ),
+        row(
+            "qdirty_image_prepare_write",
+            "ENOSPC",
+            "no space for the zone's bits",
+            "Could not mark a guest write at offset 0",
+            |f| {
+                f.open_host(&templates().clean, RW | DURABLE);
+                f.hosts[0].write_errno.store(libc::ENOSPC, Ordering::SeqCst);
+                f.hosts[0].fail_writes.store(true, Ordering::SeqCst);
+            },
+            |f, e| rc(unsafe { qdirty_image_prepare_write(f.img(0), 0, 4096, e) }),
         ),
         // qdirty_image_close
         row("qdirty_image_close", "EINVAL", "NULL image", "img must not be NULL", none, |_, e| {
