@@ -1,6 +1,7 @@
 //! Walk benchmark: reading every dirty extent of a large, sparsely dirty bitmap through the C
 //! ABI, against a naive scan of a flat bit array in the same run.
-//! `cargo bench --bench walk` (plain main, no harness).
+//! `cargo bench --bench walk` (plain main, no harness); optional filter of the walks:
+//! `cargo bench --bench walk -- extents area zero iter`.
 //!
 //! A standalone image of 16 TiB with one 64 KiB-granularity bitmap (2^28 granules), 0.1% of its
 //! granules dirty at random positions (written through the lock-free hook,
@@ -36,7 +37,8 @@ const GRANULARITY: u64 = 64 << 10;
 const DIRTY_ONE_IN: u64 = 1000;
 /// Extents per `qdirty_bitmap_dirty_extents` call.
 const EXTENTS_BUF: usize = 1024;
-/// Walks per figure (the median is kept).
+/// Walks per figure (the median is kept); `QDIRTY_BENCH_WALK_RUNS` changes it (more walks for a
+/// profile).
 const RUNS: usize = 7;
 
 /// What a walk found: the runs, their bytes and an order-sensitive checksum of their bounds.
@@ -239,7 +241,16 @@ fn walk_iter(bm: *mut qdirty_bitmap) -> Walk {
     }
 }
 
+/// The section filter's name of each walk (`cargo bench --bench walk -- area iter`); the
+/// flat scan always runs (the ratios are to it).
+const WALK_KEYS: [&str; 5] = ["flat", "extents", "area", "zero", "iter"];
+
 fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
     let commit = Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
         .output()
@@ -316,18 +327,25 @@ fn main() {
             Box::new(|| walk_iter(bm)),
         ),
     ];
+    let runs = std::env::var("QDIRTY_BENCH_WALK_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(RUNS);
     println!(
         "16 TiB standalone image, 64 KiB granularity ({granules} granules), {dirty} dirty granules \
-         at random ({} runs); median of {RUNS} walks\n",
+         at random ({} runs); median of {runs} walks\n",
         reference.runs
     );
     let mut results = Vec::new();
-    for (name, unit, f) in &walks {
+    for (k, (name, unit, f)) in walks.iter().enumerate() {
+        if k > 0 && !want(WALK_KEYS[k]) {
+            continue;
+        }
         let first = f();
         assert_eq!(first.found, reference, "{name}: first walk");
-        let mut times = Vec::with_capacity(RUNS);
+        let mut times = Vec::with_capacity(runs);
         let mut calls = 0;
-        for _ in 0..RUNS {
+        for _ in 0..runs {
             let t = Instant::now();
             let w = black_box(f());
             times.push(t.elapsed());
