@@ -332,7 +332,10 @@ pub(crate) unsafe fn with_bitmap_unloaded<R>(
     // SAFETY: caller's contract.
     let h = unsafe { BitmapHandle::from_ptr(bm) }?;
     let mut state = h.image()?.lock()?;
-    let b = state.image.bitmap_mut(h.id).ok_or_else(|| h.gone())?;
+    let b = state
+        .image
+        .bitmap_current_unloaded(h.id)
+        .ok_or_else(|| h.gone())?;
     Ok(f(b))
 }
 
