@@ -1,6 +1,8 @@
 //! The two kinds of chunk with storage: partial ([`Part`]: words with summaries) and sparse
 //! ([`Sparse`]: a short list of non-zero words).
 
+use std::sync::atomic::{AtomicU16, Ordering::Relaxed};
+
 use super::CHUNK_WORDS;
 
 /// Groups of 64 words per chunk (bits of the chunk's top summary word).
@@ -251,6 +253,36 @@ pub(super) const SPARSE_MAX: usize = 128;
 /// partial, so only a clear shrink goes back).
 pub(super) const SPARSE_BACK: u32 = 32;
 
+/// Entries a hinted search of a sparse chunk steps over from its hint before it falls back to
+/// a binary search of the rest.
+const HINT_STEPS: usize = 4;
+
+/// The entry of a sparse chunk where its last search stopped: a walk's next search (the end of
+/// the run just found, the next run) starts there and is one or two steps instead of a binary
+/// search over up to [`SPARSE_MAX`] entries. Only a hint: [`Sparse::lower_hinted`] checks it
+/// against the sorted entries before starting from it, so a hint that any change left stale
+/// (entries inserted or removed before it, the list rebuilt or emptied) costs a binary search,
+/// never a wrong answer. A relaxed atomic, because searches take `&self`.
+#[derive(Default)]
+pub(super) struct SearchHint(AtomicU16);
+
+impl SearchHint {
+    #[inline]
+    fn get(&self) -> usize {
+        usize::from(self.0.load(Relaxed))
+    }
+    #[inline]
+    fn set(&self, i: usize) {
+        self.0.store(i as u16, Relaxed);
+    }
+}
+
+impl Clone for SearchHint {
+    fn clone(&self) -> Self {
+        SearchHint(AtomicU16::new(self.0.load(Relaxed)))
+    }
+}
+
 /// The storage of a sparsely dirty chunk: its non-zero words as (word index, word), sorted by
 /// index, at most [`SPARSE_MAX`] of them between operations.
 #[derive(Clone, Default)]
@@ -258,9 +290,43 @@ pub(super) struct Sparse {
     pub(super) entries: Vec<(u16, u64)>,
     /// Set bits in the words.
     pub(super) count: u32,
+    /// Where the last search stopped.
+    pub(super) hint: SearchHint,
 }
 
 impl Sparse {
+    /// A sparse chunk of these entries (sorted by word index, words non-zero) with `count` set
+    /// bits.
+    pub(super) fn new(entries: Vec<(u16, u64)>, count: u32) -> Sparse {
+        Sparse {
+            entries,
+            count,
+            hint: SearchHint::default(),
+        }
+    }
+
+    /// As [`Sparse::lower`], starting from the search hint when every entry before it has a
+    /// smaller word index than `w` (checked on the entry just before it, the entries being
+    /// sorted): up to [`HINT_STEPS`] steps forward, then a binary search of the rest. A hint
+    /// past the answer gives a binary search of the whole list.
+    #[inline]
+    pub(super) fn lower_hinted(&self, w: usize) -> usize {
+        let e = &self.entries;
+        let h = self.hint.get().min(e.len());
+        if h > 0 && usize::from(e[h - 1].0) >= w {
+            return self.lower(w);
+        }
+        let stop = (h + HINT_STEPS).min(e.len());
+        let mut i = h;
+        while i < stop {
+            if usize::from(e[i].0) >= w {
+                return i;
+            }
+            i += 1;
+        }
+        i + e[i..].partition_point(|x| usize::from(x.0) < w)
+    }
+
     /// Index of the first entry with word index >= `w`.
     #[inline]
     pub(super) fn lower(&self, w: usize) -> usize {
@@ -331,30 +397,35 @@ impl Sparse {
 
     /// First local granule >= `pos` that is dirty (`clean` false) or clean (`clean` true), as
     /// [`Part::find`] (words past the chunk are not searched).
+    /// Starts from the search hint ([`Sparse::lower_hinted`]) and leaves it at the entry of
+    /// the answer.
     pub(super) fn find(&self, pos: u64, clean: bool) -> Option<u64> {
         let mut w = (pos >> 6) as usize;
         let mut m = !0u64 << (pos & 63);
-        let mut i = self.lower(w);
+        let start = self.lower_hinted(w);
         if !clean {
-            for &(k, v) in &self.entries[i..] {
+            for (i, &(k, v)) in self.entries.iter().enumerate().skip(start) {
                 let bits = if usize::from(k) == w { v & m } else { v };
                 if bits != 0 {
+                    self.hint.set(i);
                     return Some((u64::from(k) << 6) | u64::from(bits.trailing_zeros()));
                 }
             }
             return None;
         }
+        let mut i = start;
         while w < CHUNK_WORDS {
-            let v = match self.entries.get(i) {
-                Some(&(k, v)) if usize::from(k) == w => {
-                    i += 1;
-                    v
-                }
-                _ => 0,
+            let (v, listed) = match self.entries.get(i) {
+                Some(&(k, v)) if usize::from(k) == w => (v, true),
+                _ => (0, false),
             };
             let bits = !v & m;
             if bits != 0 {
+                self.hint.set(i);
                 return Some(((w as u64) << 6) | u64::from(bits.trailing_zeros()));
+            }
+            if listed {
+                i += 1;
             }
             w += 1;
             m = !0;
@@ -386,10 +457,7 @@ impl Sparse {
                 entries.push((w as u16, p.words[w]));
             }
         }
-        Sparse {
-            entries,
-            count: p.count,
-        }
+        Sparse::new(entries, p.count)
     }
 
     /// Writes the words lo..lo + dst.len() / 8 of the chunk into `dst` (little-endian).
