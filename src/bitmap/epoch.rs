@@ -128,6 +128,7 @@ impl Epochs {
     }
 
     /// Number of epochs held.
+    #[inline]
     pub(crate) fn len(&self) -> usize {
         self.list.len()
     }

@@ -330,7 +330,14 @@ impl Sparse {
     /// Index of the first entry with word index >= `w`.
     #[inline]
     pub(super) fn lower(&self, w: usize) -> usize {
-        self.entries.partition_point(|e| usize::from(e.0) < w)
+        // From the chunk's start (a walk entering the chunk): the first entry, without the
+        // binary search's chain of dependent loads through a list not in cache yet.
+        match self.entries.first() {
+            Some(e) if usize::from(e.0) < w => {
+                self.entries.partition_point(|e| usize::from(e.0) < w)
+            }
+            _ => 0,
+        }
     }
 
     /// Word `w` of the chunk.
@@ -431,6 +438,52 @@ impl Sparse {
             m = !0;
         }
         None
+    }
+
+    /// The first dirty local granule >= `pos` and the first clean one after it (None: dirty
+    /// up to the chunk's end): [`Sparse::find`] for a dirty then a clean granule, with one
+    /// hinted lookup. Leaves the hint at the entry of the run's end.
+    pub(super) fn find_run(&self, pos: u64) -> Option<(u64, Option<u64>)> {
+        let w = (pos >> 6) as usize;
+        let e = &self.entries;
+        let mut i = self.lower_hinted(w);
+        let (k, bits) = loop {
+            let &(k, v) = e.get(i)?;
+            let k = usize::from(k);
+            let bits = if k == w { v & (!0u64 << (pos & 63)) } else { v };
+            if bits != 0 {
+                break (k, bits);
+            }
+            i += 1;
+        };
+        let b = bits.trailing_zeros();
+        let start = ((k as u64) << 6) | u64::from(b);
+        // The end: the first clean bit from the start on, in its word or in the words listed
+        // right after it; a word not listed is clean.
+        let (mut cw, mut v, mut m) = (k, e[i].1, !0u64 << b);
+        loop {
+            let clean = !v & m;
+            if clean != 0 {
+                self.hint.set(i);
+                return Some((
+                    start,
+                    Some(((cw as u64) << 6) | u64::from(clean.trailing_zeros())),
+                ));
+            }
+            cw += 1;
+            i += 1;
+            if cw >= CHUNK_WORDS {
+                self.hint.set(i);
+                return Some((start, None));
+            }
+            match e.get(i) {
+                Some(&(k, x)) if usize::from(k) == cw => (v, m) = (x, !0),
+                _ => {
+                    self.hint.set(i);
+                    return Some((start, Some((cw as u64) << 6)));
+                }
+            }
+        }
     }
 
     /// The same contents as a partial chunk.

@@ -25,6 +25,21 @@ impl ChunkRef<'_> {
             ChunkRef::Clean => clean.then_some(local),
         }
     }
+
+    /// The first dirty local granule >= `local` and the first clean one after it (None:
+    /// dirty up to the chunk's end).
+    #[inline]
+    fn find_run(self, local: u64) -> Option<(u64, Option<u64>)> {
+        match self {
+            ChunkRef::Part(p) => {
+                let s = p.find(local, false)?;
+                Some((s, p.find(s, true)))
+            }
+            ChunkRef::Sparse(s) => s.find_run(local),
+            ChunkRef::Full => Some((local, None)),
+            ChunkRef::Clean => None,
+        }
+    }
 }
 
 impl HBitmap {
@@ -42,9 +57,9 @@ impl HBitmap {
     }
 
     /// First granule index >= `pos` and < `granules` that is dirty (`clean` false) or clean
-    /// (`clean` true), with the chunk it is in.
+    /// (`clean` true).
     #[inline]
-    fn find_with_chunk(&self, pos: u64, clean: bool) -> Option<(u64, ChunkRef<'_>)> {
+    pub(super) fn find(&self, pos: u64, clean: bool) -> Option<u64> {
         if pos >= self.granules {
             return None;
         }
@@ -52,39 +67,49 @@ impl HBitmap {
         if c >= self.chunks.len() {
             return None;
         }
-        let chunk = self.chunk_ref(c);
-        let found = match chunk.find(pos & CHUNK_MASK, clean) {
-            Some(l) => (((c as u64) << CHUNK_BITS) | l, chunk),
+        let found = match self.chunk_ref(c).find(pos & CHUNK_MASK, clean) {
+            Some(l) => ((c as u64) << CHUNK_BITS) | l,
             None => {
                 let tower = if clean { &self.notfull } else { &self.nonempty };
                 let n = tower.find(c + 1)?;
                 if n >= self.chunks.len() {
                     return None;
                 }
-                let chunk = self.chunk_ref(n);
-                (((n as u64) << CHUNK_BITS) | chunk.find(0, clean)?, chunk)
+                ((n as u64) << CHUNK_BITS) | self.chunk_ref(n).find(0, clean)?
             }
         };
-        (found.0 < self.granules).then_some(found)
-    }
-
-    /// First granule index >= `pos` and < `granules` that is dirty (`clean` false) or clean
-    /// (`clean` true).
-    #[inline]
-    pub(super) fn find(&self, pos: u64, clean: bool) -> Option<u64> {
-        self.find_with_chunk(pos, clean).map(|(k, _)| k)
+        (found < self.granules).then_some(found)
     }
 
     /// The first dirty run at or after granule `pos`, as granules [s, e) (e at most
-    /// `granules`): one chunk lookup for the run's start and its end when both are in the same
-    /// chunk (the end's search in a sparse chunk starts at the entry of the start, see
-    /// `Sparse::find`).
+    /// `granules`): its start and, when it ends in the same chunk, its end with one chunk
+    /// lookup (and, in a sparse chunk, one hinted lookup of the entries: `Sparse::find_run`).
     #[inline]
     fn find_run(&self, pos: u64) -> Option<(u64, u64)> {
-        let (s, chunk) = self.find_with_chunk(pos, false)?;
-        let base = s & !CHUNK_MASK;
-        let e = match chunk.find(s & CHUNK_MASK, true) {
-            Some(l) => base | l,
+        if pos >= self.granules {
+            return None;
+        }
+        let c = (pos >> CHUNK_BITS) as usize;
+        if c >= self.chunks.len() {
+            return None;
+        }
+        let (c, (s, e)) = match self.chunk_ref(c).find_run(pos & CHUNK_MASK) {
+            Some(run) => (c, run),
+            None => {
+                let n = self.nonempty.find(c + 1)?;
+                if n >= self.chunks.len() {
+                    return None;
+                }
+                (n, self.chunk_ref(n).find_run(0)?)
+            }
+        };
+        let base = (c as u64) << CHUNK_BITS;
+        let s = base | s;
+        if s >= self.granules {
+            return None;
+        }
+        let e = match e {
+            Some(e) => base | e,
             None => self
                 .find(base + CHUNK_GRANULES, true)
                 .unwrap_or(self.granules),
