@@ -165,3 +165,238 @@ fn every_read_path_sees_the_writes_before_it() {
         ok(qdirty_image_close(b, ptr::null_mut()), "close b");
     }
 }
+
+/// The granules of a model bitmap (`true`: dirty) and the searches of the walks below, computed
+/// from it from scratch.
+struct Model(Vec<bool>);
+
+impl Model {
+    /// The first granule at or after `k` that is dirty (`want`) or clean.
+    fn next(&self, k: u64, want: bool) -> Option<u64> {
+        (k..self.0.len() as u64).find(|&i| self.0[i as usize] == want)
+    }
+    /// The first maximal dirty run at or after granule `k`, in granules [s, e).
+    fn run(&self, k: u64) -> Option<(u64, u64)> {
+        let s = self.next(k, true)?;
+        Some((s, self.next(s, false).unwrap_or(self.0.len() as u64)))
+    }
+    fn fill(&mut self, k: u64, n: u64, v: bool) {
+        let end = (k + n).min(self.0.len() as u64);
+        for i in k.min(end)..end {
+            self.0[i as usize] = v;
+        }
+    }
+    fn dirty(&self) -> usize {
+        self.0.iter().filter(|&&b| b).count()
+    }
+}
+
+/// Walks through the C ABI that continue where their previous call stopped
+/// (`next_dirty_area`, `next_dirty` + `next_zero`, `dirty_extents` with a small buffer, an
+/// iterator), with changes between their calls: writes through the hook around the walkers,
+/// set and reset, merge, clear, truncate, jumps back. Every answer equals the model's search
+/// from scratch, so no call may reuse a position found before a change (the engine's search
+/// hints are checked against the bits, see `Sparse::lower_hinted`).
+#[test]
+fn continuing_walks_see_every_change() {
+    /// Granules per chunk of the engine (several chunks, mostly sparse).
+    const CHUNK: u64 = 1 << 16;
+    let mut size = (4 * CHUNK + 77) * G;
+    let mut err = ptr::null_mut();
+    // SAFETY: plain calls with valid arguments; every pointer below belongs to the open image.
+    let img = unsafe { qdirty_image_new_memory(size, &mut err) };
+    assert!(!img.is_null());
+    let (bm, src) = (add(img, "walked"), add(img, "source"));
+    // SAFETY: as above.
+    ok(
+        unsafe { qdirty_bitmap_disable(src, ptr::null_mut()) },
+        "disable",
+    );
+    let mut m = Model(vec![false; (size / G) as usize]);
+    let mut ms = Model(vec![false; (size / G) as usize]);
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n.max(1)
+    };
+    let write = |m: &mut Model, k: u64, n: u64| {
+        // SAFETY: an open image; the hook clamps to the disk.
+        unsafe { qdirty_image_set_dirty(img, k * G, n * G) };
+        m.fill(k, n, true);
+    };
+    for _ in 0..250 {
+        let k = rnd(m.0.len() as u64);
+        write(&mut m, k, 1 + rnd(3));
+    }
+    // SAFETY: as above.
+    let mut it = unsafe { qdirty_bitmap_iter_new(bm, ptr::null_mut()) };
+    assert!(!it.is_null());
+    // Walker positions in granules: area, next_dirty/next_zero, extents, iterator.
+    let mut at = [0u64; 4];
+    let mut sparse_walk_steps = 0;
+    for op in 0..4000 {
+        let n = m.0.len() as u64;
+        let w = rnd(4) as usize;
+        let ctx = format!("op {op} walker {w} at granule {}", at[w]);
+        match rnd(100) {
+            0..=14 => {
+                let (mut s, mut c) = (0, 0);
+                // SAFETY: as above; two writable outputs.
+                let found = unsafe {
+                    qdirty_bitmap_next_dirty_area(bm, at[0] * G, u64::MAX, u64::MAX, &mut s, &mut c)
+                };
+                let want = m.run(at[0]);
+                assert_eq!(found.then_some((s / G, (s + c) / G)), want, "area {ctx}");
+                at[0] = want.map_or(0, |r| r.1);
+                sparse_walk_steps += 1;
+            }
+            15..=24 => {
+                let off = at[1] * G;
+                // SAFETY: as above.
+                let d = unsafe { qdirty_bitmap_next_dirty(bm, off, u64::MAX) };
+                let want = m.next(at[1], true);
+                assert_eq!(d, want.map_or(-1, |k| (k * G) as i64), "next_dirty {ctx}");
+                at[1] = match want {
+                    Some(k) => {
+                        // SAFETY: as above.
+                        let z = unsafe { qdirty_bitmap_next_zero(bm, k * G, u64::MAX) };
+                        let wz = m.next(k, false);
+                        assert_eq!(z, wz.map_or(-1, |k| (k * G) as i64), "next_zero {ctx}");
+                        wz.unwrap_or(0)
+                    }
+                    None => 0,
+                };
+                sparse_walk_steps += 1;
+            }
+            25..=34 => {
+                let mut buf = [qdirty_extent::default(); 3];
+                let mut got = 0usize;
+                // SAFETY: as above; a buffer of 3 extents.
+                ok(
+                    unsafe {
+                        qdirty_bitmap_dirty_extents(
+                            bm,
+                            at[2] * G,
+                            u64::MAX,
+                            buf.as_mut_ptr(),
+                            3,
+                            &mut got,
+                            ptr::null_mut(),
+                        )
+                    },
+                    "dirty_extents",
+                );
+                let mut want = Vec::new();
+                let mut k = at[2];
+                while let Some((s, e)) = m.run(k).filter(|_| want.len() < 3) {
+                    want.push((s * G, (e - s) * G));
+                    k = e;
+                }
+                let got: Vec<(u64, u64)> =
+                    buf[..got].iter().map(|e| (e.offset, e.length)).collect();
+                assert_eq!(got, want, "dirty_extents {ctx}");
+                at[2] = if got.len() == 3 { k } else { 0 };
+            }
+            35..=49 => {
+                // SAFETY: a live iterator of the open image.
+                let g = unsafe { qdirty_iter_next(it) };
+                let want = m.next(at[3], true);
+                assert_eq!(g, want.map_or(-1, |k| (k * G) as i64), "iter_next {ctx}");
+                match want {
+                    Some(k) => at[3] = k + 1,
+                    None => {
+                        // SAFETY: as above.
+                        ok(unsafe { qdirty_iter_seek(it, 0, ptr::null_mut()) }, "seek");
+                        at[3] = 0;
+                    }
+                }
+            }
+            50..=59 => {
+                let k = (at[w] + rnd(300)).saturating_sub(200).min(n - 1);
+                let wide = rnd(10) == 0;
+                write(&mut m, k, 1 + rnd(if wide { 200 } else { 3 }));
+            }
+            60..=71 => {
+                let k = (at[w] + rnd(300)).saturating_sub(200).min(n - 1);
+                let wide = rnd(5) == 0;
+                let l = (1 + rnd(if wide { 400 } else { 64 })).min(n - k);
+                // SAFETY: as above.
+                ok(
+                    unsafe { qdirty_bitmap_reset_dirty(bm, k * G, l * G, ptr::null_mut()) },
+                    "reset",
+                );
+                m.fill(k, l, false);
+            }
+            72..=74 => {
+                let k = rnd(n);
+                // SAFETY: as above.
+                ok(
+                    unsafe { qdirty_bitmap_set_dirty(src, k * G, G, ptr::null_mut()) },
+                    "set source",
+                );
+                ms.fill(k, 1, true);
+            }
+            75..=76 => {
+                // SAFETY: as above.
+                ok(
+                    unsafe { qdirty_bitmap_merge(bm, src, ptr::null_mut(), ptr::null_mut()) },
+                    "merge",
+                );
+                for (d, &s) in m.0.iter_mut().zip(&ms.0) {
+                    *d |= s;
+                }
+            }
+            77 => {
+                // SAFETY: as above.
+                ok(unsafe { qdirty_bitmap_clear(bm, ptr::null_mut()) }, "clear");
+                m.0.fill(false);
+            }
+            78..=79 => {
+                // Truncation waits for no iterator: a new one starts at 0.
+                // SAFETY: as above; the iterator is freed once.
+                unsafe { qdirty_iter_free(it) };
+                size = (2 * CHUNK + rnd(3 * CHUNK)) * G;
+                // SAFETY: as above.
+                ok(
+                    unsafe { qdirty_image_truncate(img, size, ptr::null_mut()) },
+                    "truncate",
+                );
+                m.0.resize((size / G) as usize, false);
+                ms.0.resize((size / G) as usize, false);
+                // SAFETY: as above.
+                it = unsafe { qdirty_bitmap_iter_new(bm, ptr::null_mut()) };
+                assert!(!it.is_null());
+                at[3] = 0;
+            }
+            80..=89 => {
+                at[w] = rnd(n);
+                if w == 3 {
+                    // SAFETY: as above.
+                    ok(
+                        unsafe { qdirty_iter_seek(it, at[3] * G, ptr::null_mut()) },
+                        "seek",
+                    );
+                }
+            }
+            _ => {
+                if m.dirty() < 150 {
+                    for _ in 0..150 {
+                        let k = rnd(n);
+                        write(&mut m, k, 1 + rnd(3));
+                    }
+                }
+            }
+        }
+        if op % 64 == 0 {
+            assert_eq!(count(bm), m.dirty() as u64 * G, "count {ctx}");
+        }
+    }
+    assert!(sparse_walk_steps > 500);
+    // SAFETY: freed once, before the image is closed once.
+    unsafe {
+        qdirty_iter_free(it);
+        ok(qdirty_image_close(img, ptr::null_mut()), "close");
+    }
+}

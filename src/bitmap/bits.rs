@@ -74,6 +74,7 @@ impl Bits {
 
     /// The bits for readers: loads through `&self` if still on disk (the data is kept on
     /// success; a failure is returned and not remembered, so the next call tries again).
+    #[inline]
     pub(crate) fn try_get(&self, size: u64, granularity_bits: u32) -> Result<&HBitmap> {
         match self {
             Bits::Loaded(h) => Ok(h),

@@ -77,6 +77,7 @@ impl Epochs {
     }
 
     /// Whether a bitmap whose cursor is `cursor` has nothing to take.
+    #[inline]
     pub(crate) fn caught_up(&self, cursor: u64) -> bool {
         self.list.last().is_none_or(|e| e.seq < cursor)
     }
@@ -127,6 +128,7 @@ impl Epochs {
     }
 
     /// Number of epochs held.
+    #[inline]
     pub(crate) fn len(&self) -> usize {
         self.list.len()
     }

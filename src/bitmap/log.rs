@@ -714,6 +714,7 @@ impl WriteLog {
     }
 
     /// Whether some write may be waiting to be drained (one load).
+    #[inline]
     pub(crate) fn has_pending(&self) -> bool {
         self.pending.load(SeqCst) != 0
     }
@@ -721,6 +722,7 @@ impl WriteLog {
     /// Whether a drain has something to do: writes, or retired pieces still to free (two
     /// loads). A write into a retired piece sets the log's pending bits as any other, so
     /// the retired pieces matter here only for the memory.
+    #[inline]
     pub(crate) fn wants_drain(&self) -> bool {
         self.has_pending() || self.books.waiting.load(Relaxed)
     }

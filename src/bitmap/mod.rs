@@ -406,6 +406,7 @@ impl DirtyBitmap {
     /// or its data could not be read now (a warning names the bitmap and the error). Those
     /// readers then answer "every granule dirty": a wrong "clean" would be a silently
     /// incomplete backup, an "all dirty" only a full one.
+    #[inline]
     fn readable(&self) -> Option<&HBitmap> {
         if self.inconsistent {
             return None;

@@ -168,11 +168,16 @@ impl BitmapSet {
     ///
     /// When exactly one bitmap records writes and no epoch is pending, the writes go straight
     /// to it: what its catch-up would give it at once, without an epoch to build and drop.
+    #[inline]
     pub(crate) fn absorb(&mut self) {
         self.slots.reconcile();
-        if !self.log.wants_drain() {
-            return;
+        if self.log.wants_drain() {
+            self.drain_log();
         }
+    }
+
+    /// [`BitmapSet::absorb`] when the log has something to drain.
+    fn drain_log(&mut self) {
         let size = self.size;
         let sole = if self.epochs.len() == 0 {
             self.slots.sole_recording()
@@ -216,15 +221,25 @@ impl BitmapSet {
     /// each epoch rounded outward to its granularity; a layer coarser than the bitmap holds
     /// only writes that raced with its creation, see log.rs, and is skipped), seals the open
     /// epoch and moves its cursor past it. Returns false when there was nothing to do.
+    #[inline]
     fn catch_up(&mut self, id: BitmapId) -> bool {
         self.slots.reconcile();
+        // No epoch: every bitmap has taken every absorbed write (no lookup needed).
+        if self.epochs.len() == 0 {
+            return false;
+        }
+        match self.slots.get(id) {
+            Some(slot) if !self.epochs.caught_up(slot.cursor()) => self.catch_up_behind(id),
+            _ => false,
+        }
+    }
+
+    /// [`BitmapSet::catch_up`] of a bitmap that has epochs to take.
+    fn catch_up_behind(&mut self, id: BitmapId) -> bool {
         let Some(slot) = self.slots.get(id) else {
             return false;
         };
         let (cursor, recording) = (slot.cursor(), records(&slot.bm));
-        if self.epochs.caught_up(cursor) {
-            return false;
-        }
         if recording {
             let bm = self.slots.bitmap_mut(id).expect("looked up above");
             let bitmap_granularity_bits = bm.granularity_bits();
@@ -248,6 +263,7 @@ impl BitmapSet {
     }
 
     /// Absorbs the log, catches bitmap `id` up and compacts the epochs.
+    #[inline]
     fn absorb_and_catch_up(&mut self, id: BitmapId) {
         self.absorb();
         if self.catch_up(id) {
@@ -282,9 +298,23 @@ impl BitmapSet {
     /// inconsistent bitmap is returned as it is (its readers answer "unusable", see
     /// [`DirtyBitmap::dirty_runs`]).
     pub fn current(&mut self, id: BitmapId) -> Result<&DirtyBitmap> {
-        let bm = self.bitmap_mut(id)?;
-        bm.ensure_loaded()?;
-        Ok(bm)
+        let bm = self.current_unloaded(id).ok_or_else(|| no_such(id))?;
+        if !bm.is_loaded() && !bm.inconsistent() {
+            self.bitmap_mut(id)?.ensure_loaded()?;
+        }
+        self.get_unfolded(id).ok_or_else(|| no_such(id))
+    }
+
+    /// A bitmap by id for reading its bits: with every write logged so far that it records (a
+    /// catch-up of this bitmap only), its data not loaded if still on disk (its readers load
+    /// it or answer "unusable"). None when the bitmap does not exist. The read path of the
+    /// per-call searches: it hands the bitmap out for reading only, so the slot indexes have
+    /// nothing to reconcile at the next call, and costs two loads for the log and one lookup
+    /// when nothing is pending.
+    #[inline]
+    pub(crate) fn current_unloaded(&mut self, id: BitmapId) -> Option<&DirtyBitmap> {
+        self.absorb_and_catch_up(id);
+        self.get_unfolded(id)
     }
 
     /// Gives the log the base granularity: the finest among the bitmaps that can ever record
@@ -342,6 +372,7 @@ impl BitmapSet {
     /// A bitmap by id as it is, without the writes the hook logged since its last catch-up:
     /// for the set's and the image's own bookkeeping (states, change tracking, sources), never
     /// for reading bits.
+    #[inline]
     pub(crate) fn get_unfolded(&self, id: BitmapId) -> Option<&DirtyBitmap> {
         self.slots.get(id).map(|s| &s.bm)
     }
@@ -349,17 +380,6 @@ impl BitmapSet {
     /// Every bitmap as it is (see [`BitmapSet::get_unfolded`]), newest first.
     pub(crate) fn iter_unfolded(&self) -> impl Iterator<Item = (BitmapId, &DirtyBitmap)> {
         self.slots.iter()
-    }
-
-    /// A bitmap by id for reading, up to date with the hook's writes but not loaded when its
-    /// data is still on disk: for readers that answer "every granule dirty" when the data
-    /// cannot be read (see [`DirtyBitmap`]).
-    pub fn current_unloaded(&mut self, id: BitmapId) -> Option<&DirtyBitmap> {
-        if !self.slots.contains(id) {
-            return None;
-        }
-        self.absorb_and_catch_up(id);
-        self.slots.get(id).map(|s| &s.bm)
     }
 
     /// A bitmap by id, for changes (up to date with the hook's writes first).
@@ -724,7 +744,9 @@ impl BitmapSet {
     /// longer exists or cannot be read: an iteration that cannot go on never ends as if the
     /// rest were clean.
     pub fn iter_next(&mut self, it: &mut DirtyIter) -> Result<Option<u64>> {
-        let bm = self.current(it.bitmap)?;
+        let bm = self
+            .current_unloaded(it.bitmap)
+            .ok_or_else(|| no_such(it.bitmap))?;
         let g = bm.granularity();
         let Some(at) = bm.usable_bits()?.next_dirty(it.pos, u64::MAX) else {
             return Ok(None);

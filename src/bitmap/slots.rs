@@ -247,7 +247,15 @@ impl Slots {
     }
 
     /// Brings the indexes up to date with the changes made to the pending slot.
+    #[inline]
     pub(super) fn reconcile(&mut self) {
+        if self.pending.is_some() {
+            self.reconcile_pending();
+        }
+    }
+
+    /// [`Slots::reconcile`] when a slot is pending.
+    fn reconcile_pending(&mut self) {
         let Some(id) = self.pending.take() else {
             return;
         };
@@ -283,6 +291,7 @@ impl Slots {
         Some(slot.bm)
     }
 
+    #[inline]
     pub(super) fn get(&self, id: BitmapId) -> Option<&Slot> {
         self.map.get(&id).map(|s| &**s)
     }

@@ -115,18 +115,15 @@ pub unsafe extern "C" fn qdirty_iter_next(iter: *mut qdirty_iter) -> i64 {
             let Some(it) = o.it.as_mut() else {
                 return Ok(-1);
             };
-            if state.image.bitmap(it.bitmap()).is_none() {
-                return Err(FfiError::new(
+            match state.image.bitmaps_mut().iter_next(it) {
+                Ok(next) => Ok(next.and_then(|v| i64::try_from(v).ok()).unwrap_or(-1)),
+                // Looked up only on failure, so that a step costs one lookup of the bitmap.
+                Err(_) if state.image.bitmap(it.bitmap()).is_none() => Err(FfiError::new(
                     libc::ENOENT,
                     "The iterated bitmap no longer exists",
-                ));
+                )),
+                Err(e) => Err(e.into()),
             }
-            Ok(state
-                .image
-                .bitmaps_mut()
-                .iter_next(it)?
-                .and_then(|v| i64::try_from(v).ok())
-                .unwrap_or(-1))
         };
         next().unwrap_or_else(|e| -i64::from(e.errno))
     })

@@ -528,6 +528,7 @@ impl Image {
     /// Takes the writes logged through [`Image::write_hook`] into the image (one set per write,
     /// whatever the number of bitmaps) without giving them to the bitmaps yet: each bitmap
     /// takes them when read or changed through a `&mut` method.
+    #[inline]
     pub(crate) fn absorb_writes(&mut self) {
         self.set.absorb();
     }
@@ -540,10 +541,11 @@ impl Image {
         self.set.current(id)
     }
 
-    /// A bitmap by id for reading, with every write logged through the hook so far, without
-    /// loading data still on disk (readers answer "every granule dirty" for data they cannot
-    /// read).
-    pub fn bitmap_current_unloaded(&mut self, id: BitmapId) -> Option<&DirtyBitmap> {
+    /// A bitmap by id for reading its bits, with every write logged through the hook so far
+    /// (this bitmap only), its data not loaded if still on disk: for the readers that answer
+    /// "every granule dirty" when the data cannot be read. None when it does not exist.
+    #[inline]
+    pub(crate) fn bitmap_current_unloaded(&mut self, id: BitmapId) -> Option<&DirtyBitmap> {
         self.set.current_unloaded(id)
     }
 

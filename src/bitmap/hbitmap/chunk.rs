@@ -1,6 +1,8 @@
 //! The two kinds of chunk with storage: partial ([`Part`]: words with summaries) and sparse
 //! ([`Sparse`]: a short list of non-zero words).
 
+use std::sync::atomic::{AtomicU16, Ordering::Relaxed};
+
 use super::CHUNK_WORDS;
 
 /// Groups of 64 words per chunk (bits of the chunk's top summary word).
@@ -251,6 +253,36 @@ pub(super) const SPARSE_MAX: usize = 128;
 /// partial, so only a clear shrink goes back).
 pub(super) const SPARSE_BACK: u32 = 32;
 
+/// Entries a hinted search of a sparse chunk steps over from its hint before it falls back to
+/// a binary search of the rest.
+const HINT_STEPS: usize = 4;
+
+/// The entry of a sparse chunk where its last search stopped: a walk's next search (the end of
+/// the run just found, the next run) starts there and is one or two steps instead of a binary
+/// search over up to [`SPARSE_MAX`] entries. Only a hint: [`Sparse::lower_hinted`] checks it
+/// against the sorted entries before starting from it, so a hint that any change left stale
+/// (entries inserted or removed before it, the list rebuilt or emptied) costs a binary search,
+/// never a wrong answer. A relaxed atomic, because searches take `&self`.
+#[derive(Default)]
+pub(super) struct SearchHint(AtomicU16);
+
+impl SearchHint {
+    #[inline]
+    fn get(&self) -> usize {
+        usize::from(self.0.load(Relaxed))
+    }
+    #[inline]
+    fn set(&self, i: usize) {
+        self.0.store(i as u16, Relaxed);
+    }
+}
+
+impl Clone for SearchHint {
+    fn clone(&self) -> Self {
+        SearchHint(AtomicU16::new(self.0.load(Relaxed)))
+    }
+}
+
 /// The storage of a sparsely dirty chunk: its non-zero words as (word index, word), sorted by
 /// index, at most [`SPARSE_MAX`] of them between operations.
 #[derive(Clone, Default)]
@@ -258,13 +290,54 @@ pub(super) struct Sparse {
     pub(super) entries: Vec<(u16, u64)>,
     /// Set bits in the words.
     pub(super) count: u32,
+    /// Where the last search stopped.
+    pub(super) hint: SearchHint,
 }
 
 impl Sparse {
+    /// A sparse chunk of these entries (sorted by word index, words non-zero) with `count` set
+    /// bits.
+    pub(super) fn new(entries: Vec<(u16, u64)>, count: u32) -> Sparse {
+        Sparse {
+            entries,
+            count,
+            hint: SearchHint::default(),
+        }
+    }
+
+    /// As [`Sparse::lower`], starting from the search hint when every entry before it has a
+    /// smaller word index than `w` (checked on the entry just before it, the entries being
+    /// sorted): up to [`HINT_STEPS`] steps forward, then a binary search of the rest. A hint
+    /// past the answer gives a binary search of the whole list.
+    #[inline]
+    pub(super) fn lower_hinted(&self, w: usize) -> usize {
+        let e = &self.entries;
+        let h = self.hint.get().min(e.len());
+        if h > 0 && usize::from(e[h - 1].0) >= w {
+            return self.lower(w);
+        }
+        let stop = (h + HINT_STEPS).min(e.len());
+        let mut i = h;
+        while i < stop {
+            if usize::from(e[i].0) >= w {
+                return i;
+            }
+            i += 1;
+        }
+        i + e[i..].partition_point(|x| usize::from(x.0) < w)
+    }
+
     /// Index of the first entry with word index >= `w`.
     #[inline]
     pub(super) fn lower(&self, w: usize) -> usize {
-        self.entries.partition_point(|e| usize::from(e.0) < w)
+        // From the chunk's start (a walk entering the chunk): the first entry, without the
+        // binary search's chain of dependent loads through a list not in cache yet.
+        match self.entries.first() {
+            Some(e) if usize::from(e.0) < w => {
+                self.entries.partition_point(|e| usize::from(e.0) < w)
+            }
+            _ => 0,
+        }
     }
 
     /// Word `w` of the chunk.
@@ -331,35 +404,86 @@ impl Sparse {
 
     /// First local granule >= `pos` that is dirty (`clean` false) or clean (`clean` true), as
     /// [`Part::find`] (words past the chunk are not searched).
+    /// Starts from the search hint ([`Sparse::lower_hinted`]) and leaves it at the entry of
+    /// the answer.
     pub(super) fn find(&self, pos: u64, clean: bool) -> Option<u64> {
         let mut w = (pos >> 6) as usize;
         let mut m = !0u64 << (pos & 63);
-        let mut i = self.lower(w);
+        let start = self.lower_hinted(w);
         if !clean {
-            for &(k, v) in &self.entries[i..] {
+            for (i, &(k, v)) in self.entries.iter().enumerate().skip(start) {
                 let bits = if usize::from(k) == w { v & m } else { v };
                 if bits != 0 {
+                    self.hint.set(i);
                     return Some((u64::from(k) << 6) | u64::from(bits.trailing_zeros()));
                 }
             }
             return None;
         }
+        let mut i = start;
         while w < CHUNK_WORDS {
-            let v = match self.entries.get(i) {
-                Some(&(k, v)) if usize::from(k) == w => {
-                    i += 1;
-                    v
-                }
-                _ => 0,
+            let (v, listed) = match self.entries.get(i) {
+                Some(&(k, v)) if usize::from(k) == w => (v, true),
+                _ => (0, false),
             };
             let bits = !v & m;
             if bits != 0 {
+                self.hint.set(i);
                 return Some(((w as u64) << 6) | u64::from(bits.trailing_zeros()));
+            }
+            if listed {
+                i += 1;
             }
             w += 1;
             m = !0;
         }
         None
+    }
+
+    /// The first dirty local granule >= `pos` and the first clean one after it (None: dirty
+    /// up to the chunk's end): [`Sparse::find`] for a dirty then a clean granule, with one
+    /// hinted lookup. Leaves the hint at the entry of the run's end.
+    pub(super) fn find_run(&self, pos: u64) -> Option<(u64, Option<u64>)> {
+        let w = (pos >> 6) as usize;
+        let e = &self.entries;
+        let mut i = self.lower_hinted(w);
+        let (k, bits) = loop {
+            let &(k, v) = e.get(i)?;
+            let k = usize::from(k);
+            let bits = if k == w { v & (!0u64 << (pos & 63)) } else { v };
+            if bits != 0 {
+                break (k, bits);
+            }
+            i += 1;
+        };
+        let b = bits.trailing_zeros();
+        let start = ((k as u64) << 6) | u64::from(b);
+        // The end: the first clean bit from the start on, in its word or in the words listed
+        // right after it; a word not listed is clean.
+        let (mut cw, mut v, mut m) = (k, e[i].1, !0u64 << b);
+        loop {
+            let clean = !v & m;
+            if clean != 0 {
+                self.hint.set(i);
+                return Some((
+                    start,
+                    Some(((cw as u64) << 6) | u64::from(clean.trailing_zeros())),
+                ));
+            }
+            cw += 1;
+            i += 1;
+            if cw >= CHUNK_WORDS {
+                self.hint.set(i);
+                return Some((start, None));
+            }
+            match e.get(i) {
+                Some(&(k, x)) if usize::from(k) == cw => (v, m) = (x, !0),
+                _ => {
+                    self.hint.set(i);
+                    return Some((start, Some((cw as u64) << 6)));
+                }
+            }
+        }
     }
 
     /// The same contents as a partial chunk.
@@ -386,10 +510,7 @@ impl Sparse {
                 entries.push((w as u16, p.words[w]));
             }
         }
-        Sparse {
-            entries,
-            count: p.count,
-        }
+        Sparse::new(entries, p.count)
     }
 
     /// Writes the words lo..lo + dst.len() / 8 of the chunk into `dst` (little-endian).

@@ -30,7 +30,9 @@
 //! follows the dirt: a clean or fully dirty region of any size costs no chunk table and a few
 //! bytes of tower per 2^28 granules, a sparse chunk 16 bytes per non-zero word, and a partial chunk its flat size plus
 //! about 3.3% (summaries). Searches in a sparse chunk are binary searches and list walks
-//! (at most 128 entries); other operations on it touch only its list, except those that would
+//! (at most 128 entries); a search that continues where the chunk's previous one stopped (a
+//! walk over dirty runs, one call per run) starts from that entry, a hint checked against the
+//! sorted list, so it costs a step or two; other operations on it touch only its list, except those that would
 //! make it dense (a large set, deserialize_part, merging a partial source), which convert it to
 //! a partial chunk first.
 //!

@@ -252,7 +252,7 @@ impl HBitmap {
                         entries.push(e);
                     }
                 }
-                self.put_sparse(c, Box::new(Sparse { entries, count }));
+                self.put_sparse(c, Box::new(Sparse::new(entries, count)));
                 self.dirty = self.dirty - old + u64::from(count);
                 self.nonempty.set(c);
                 self.notfull.set(c);

@@ -1474,3 +1474,101 @@ fn next_zero_fast_on_full_bitmap() {
     assert!(hb.is_empty());
     assert_eq!(hb.next_dirty(0, u64::MAX), None);
 }
+
+/// Walks that continue where their last search stopped (the search hints of sparse chunks),
+/// several walkers at once, with changes between their steps: sets and resets around the
+/// walkers (resets that remove entries before a hint shift the entries under it), clears,
+/// merges, truncation, jumps back. Every answer equals the model's search from scratch. (A
+/// hint used without its check skips or misplaces runs here.)
+#[test]
+fn hinted_walks_against_model() {
+    let mut rng = Rng(0x0057_a1c5);
+    for round in 0..6u64 {
+        let g = [0u32, 9, 16][(round % 3) as usize];
+        let granules = 4 * CHUNK_GRANULES + 77;
+        let size = (granules << g) - rng.below(1 << g);
+        let (mut hb, mut m) = scattered(&mut rng, &Model::new(size, g), 250);
+        let gran = 1u64 << g;
+        let mut walkers = [0u64; 3];
+        let mut sparse_steps = 0u32;
+        for op in 0..3000 {
+            let w = rng.below(walkers.len() as u64) as usize;
+            let pos = walkers[w];
+            let ctx = format!("round {round} op {op} walker {w} at {pos}");
+            let n = m.bits.len() as u64;
+            // A granule around the walker (behind or ahead of it).
+            let near = |rng: &mut Rng| ((pos >> g) + rng.below(300)).saturating_sub(200).min(n);
+            match rng.below(100) {
+                0..=39 => {
+                    let max = if rng.chance(80) {
+                        u64::MAX
+                    } else {
+                        gran * (1 + rng.below(4))
+                    };
+                    let got = hb.next_dirty_area(pos, u64::MAX, max);
+                    assert_eq!(got, m.area(pos, u64::MAX, max), "area {max} {ctx}");
+                    walkers[w] = got.map_or(0, |(a, l)| a + l);
+                }
+                40..=54 => {
+                    // An iterator's step: the next dirty granule, then past it.
+                    let got = hb.next_dirty(pos, u64::MAX);
+                    assert_eq!(got, m.next(pos, u64::MAX, true), "next_dirty {ctx}");
+                    walkers[w] = got.map_or(0, |a| ((a >> g) + 1) << g);
+                }
+                55..=61 => {
+                    let got = hb.next_zero(pos, u64::MAX);
+                    assert_eq!(got, m.next(pos, u64::MAX, false), "next_zero {ctx}");
+                    walkers[w] = got.unwrap_or(0);
+                }
+                62..=65 => walkers[w] = rng.below(m.size + 1),
+                66..=75 => {
+                    let k = near(&mut rng);
+                    let wide = rng.chance(10);
+                    let l = 1 + rng.below(if wide { 200 } else { 3 });
+                    hb.set(k << g, l << g);
+                    m.fill(k << g, l << g, true);
+                }
+                76..=87 => {
+                    let k = near(&mut rng);
+                    let wide = rng.chance(20);
+                    let l = 1 + rng.below(if wide { 400 } else { 64 });
+                    hb.reset(k << g, l << g);
+                    m.fill(k << g, l << g, false);
+                }
+                88..=90 => {
+                    let (other, om) = scattered(&mut rng, &m, 40);
+                    hb.merge_from(&other);
+                    m.merge(&om);
+                }
+                91 => {
+                    hb.reset_all();
+                    m.bits.fill(false);
+                }
+                92..=93 => {
+                    let new_size = (size / 2 + rng.below(size / 2 + 1)).max(1);
+                    hb.truncate(new_size);
+                    m.truncate(new_size);
+                }
+                _ => {
+                    // Dirt back when resets and clears took most of it.
+                    if hb.dirty_granules() < 150 {
+                        let (other, om) = scattered(&mut rng, &m, 150);
+                        hb.merge_from(&other);
+                        m.merge(&om);
+                    }
+                }
+            }
+            sparse_steps += u32::from(hb.sparse_chunks() > 0);
+            if op % 64 == 0 {
+                assert_eq!(hb.dirty_granules(), m.dirty(), "count {ctx}");
+            }
+        }
+        // The walks went mostly through sparse chunks (where the hints are).
+        assert!(
+            sparse_steps > 2400,
+            "round {round}: {sparse_steps} steps with sparse chunks"
+        );
+        check_invariants(&hb);
+        assert_same(&hb, &m);
+    }
+}
