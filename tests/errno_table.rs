@@ -1670,6 +1670,17 @@ fn read_error_rows() -> Vec<Row> {
         unreadable_rw,
         |f, e| rc(unsafe { qdirty_image_truncate(f.img(0), SIZE, e) }),
     ));
+    v.push(row(
+        "qdirty_image_truncate",
+        "ENOTSUP",
+        "an image in durable mode",
+        "in durable mode",
+        |f| {
+            let i = f.file(&templates().clean);
+            f.open(i, qdirty::ffi::QDIRTY_OPEN_RDWR | qdirty::ffi::QDIRTY_OPEN_DURABLE);
+        },
+        |f, e| rc(unsafe { qdirty_image_truncate(f.img(0), SIZE, e) }),
+    ));
     v
 }
 

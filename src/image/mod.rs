@@ -842,8 +842,14 @@ impl Image {
         let Some(d) = self.file.as_mut().filter(|d| d.durable.is_some()) else {
             return Ok(());
         };
-        if d.read_only || d.failed.is_some() {
+        if d.read_only {
             return Ok(());
+        }
+        if let Some(why) = &d.failed {
+            return Err(Error::ReadOnlyImage(format!(
+                "The change cannot be stored in '{}' (durable mode): {why}",
+                self.name
+            )));
         }
         self.set.fold();
         let unstored = d.store(&mut self.set, StoreMode::Durable)?;
@@ -858,6 +864,15 @@ impl Image {
     pub fn truncate(&mut self, new_size: u64) -> Result<()> {
         self.set.fold();
         if let Some(d) = self.file.as_mut() {
+            if d.durable.is_some() {
+                // The zones are cut for the size at open: writes past it would find nothing
+                // to cover.
+                return Err(Error::Unsupported(format!(
+                    "Cannot resize the bitmaps of '{}' in durable mode: close the image, resize \
+                     it, and open it again",
+                    self.name
+                )));
+            }
             for (_, b) in self.set.iter() {
                 if b.persistent() {
                     b.check(CHECK_DEFAULT)?;
