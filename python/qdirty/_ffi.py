@@ -123,6 +123,10 @@ PROTOTYPES: Dict[str, Tuple[object, List[object]]] = {
     "qdirty_image_remove_bitmap": (c_int, [ImageP, c_char_p, ErrorPP]),
     "qdirty_image_merge_bitmap": (c_int, [ImageP, c_char_p, ImageP, c_char_p, ErrorPP]),
     "qdirty_image_set_dirty": (None, [ImageP, c_uint64, c_uint64]),
+    # durable mode
+    "qdirty_image_open_durable": (ImageP, [c_char_p, c_uint64, ErrorPP]),
+    "qdirty_image_prepare_write": (c_int, [ImageP, c_uint64, c_uint64, ErrorPP]),
+    "qdirty_image_zone_bytes": (c_uint64, [ImageP]),
     # embedding: ops is a ``const qdirty_io_ops *`` (declared as an untyped pointer here)
     "qdirty_image_open_with_io": (ImageP, [c_void_p, c_void_p, c_char_p, c_uint32, ErrorPP]),
     # bitmaps
@@ -238,6 +242,7 @@ PROTOTYPES: Dict[str, Tuple[object, List[object]]] = {
 QDIRTY_OPEN_RDWR = 1
 QDIRTY_OPEN_FORCE_SHARE = 2
 QDIRTY_OPEN_SALVAGE = 4
+QDIRTY_OPEN_DURABLE = 8
 QDIRTY_BITMAP_PERSISTENT = 1
 QDIRTY_BITMAP_DISABLED = 2
 QDIRTY_BITMAP_AUTOLOAD = 4

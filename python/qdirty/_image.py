@@ -142,7 +142,13 @@ class Image:
 
     @classmethod
     def open(
-        cls, path: PathLike, rw: bool = False, force_share: bool = False, salvage: bool = False
+        cls,
+        path: PathLike,
+        rw: bool = False,
+        force_share: bool = False,
+        salvage: bool = False,
+        durable: bool = False,
+        zone_bytes: Optional[int] = None,
     ) -> "Image":
         """Opens a qcow2 image and loads its bitmaps. ``rw=True`` opens it read-write: the
         loaded bitmaps are marked in use in the file until :meth:`close` stores them. The image
@@ -153,11 +159,35 @@ class Image:
         or tables: those become :meth:`broken_bitmaps` (removable only, with
         :meth:`remove_broken_bitmap`; their clusters are leaked) and the valid bitmaps load
         normally. QEMU refuses the image until every broken bitmap is removed. A directory
-        broken as a whole still fails, naming :func:`drop_bitmaps_extension`."""
+        broken as a whole still fails, naming :func:`drop_bitmaps_extension`.
+
+        ``durable=True`` (with ``rw=True``) opens it in durable mode (``QDIRTY_OPEN_DURABLE``):
+        the bitmaps are never marked in use in the file and stay valid QEMU bitmaps at every
+        instant, so that after a crash QEMU and qdirty load them as consistent. The host then
+        calls :meth:`prepare_write` before issuing each guest write and :meth:`set_dirty` when
+        it completes; every call that changes bitmaps is stored before it returns.
+        ``zone_bytes`` (durable mode only; a power of two of at least 64 KiB, else QdirtyError
+        EINVAL) is the size of the zones :meth:`prepare_write` covers on disk; None means the
+        library's default (:attr:`zone_bytes` tells the size in use).
+
+        Raises ``ValueError`` before anything is opened for ``durable`` without ``rw``,
+        ``zone_bytes`` without ``durable``, or ``zone_bytes`` with ``salvage`` or
+        ``force_share`` (the C call that takes a zone size takes no other flags)."""
+        if durable and not rw:
+            raise ValueError("durable mode needs a read-write open (rw=True)")
+        if zone_bytes is not None:
+            if not durable:
+                raise ValueError("zone_bytes is only meaningful with durable=True")
+            zone_bytes = uint(zone_bytes, "zone_bytes")
+            if salvage or force_share:
+                raise ValueError("zone_bytes cannot be combined with salvage or force_share")
+            handle = check_ptr(lib.qdirty_image_open_durable, os.fsencode(path), zone_bytes)
+            return cls(handle, path)
         flags = (
             (_ffi.QDIRTY_OPEN_RDWR if rw else 0)
             | (_ffi.QDIRTY_OPEN_FORCE_SHARE if force_share else 0)
             | (_ffi.QDIRTY_OPEN_SALVAGE if salvage else 0)
+            | (_ffi.QDIRTY_OPEN_DURABLE if durable else 0)
         )
         handle = check_ptr(lib.qdirty_image_open, os.fsencode(path), flags)
         return cls(handle, path)
@@ -171,7 +201,9 @@ class Image:
         return cls(handle, None)
 
     @classmethod
-    def open_with_io(cls, host: Any, name: str = "image", rw: bool = False) -> "Image":
+    def open_with_io(
+        cls, host: Any, name: str = "image", rw: bool = False, durable: bool = False
+    ) -> "Image":
         """Opens a qcow2 image whose file a host owns, doing all I/O through ``host``'s
         methods (see :class:`qdirty._io.IoAdapter` for the protocol): ``pread(offset, length)
         -> bytes``, ``pwrite(offset, data)``, ``flush()``, ``get_length() -> int`` and,
@@ -181,9 +213,14 @@ class Image:
         The callbacks are kept alive until the image is closed. They run on the thread that
         calls into qdirty, with the image locked: they must not use this image. An exception
         raised by a callback becomes the ``__cause__`` of the resulting :class:`QdirtyError`.
+
+        ``durable=True`` (with ``rw=True``, else ``ValueError``) opens it in durable mode with
+        the default zone size, as :meth:`open` does.
         """
+        if durable and not rw:
+            raise ValueError("durable mode needs a read-write open (rw=True)")
         io = IoAdapter(host)
-        flags = _ffi.QDIRTY_OPEN_RDWR if rw else 0
+        flags = (_ffi.QDIRTY_OPEN_RDWR if rw else 0) | (_ffi.QDIRTY_OPEN_DURABLE if durable else 0)
         handle = check_ptr(
             lib.qdirty_image_open_with_io, ctypes.addressof(io.ops), None, name.encode("utf-8"), flags, io=io
         )
@@ -337,6 +374,12 @@ class Image:
         return int(lib.qdirty_image_default_granularity(self._h()))
 
     @property
+    def zone_bytes(self) -> int:
+        """The zone size of durable mode in bytes (see :meth:`open`); 0 for an image not in
+        durable mode."""
+        return int(lib.qdirty_image_zone_bytes(self._h()))
+
+    @property
     def has_readonly_bitmaps(self) -> bool:
         """Whether a bitmap is readonly: the host must then refuse guest writes (EPERM)."""
         return bool(lib.qdirty_image_has_readonly_bitmaps(self._h()))
@@ -445,9 +488,24 @@ class Image:
         src = src_image._h() if src_image is not None else None
         self._rc(lib.qdirty_image_merge_bitmap, self._h(), encode_name(target), src, encode_name(source))
 
+    def prepare_write(self, offset: int, length: int) -> None:
+        """Durable mode: call before issuing a guest write to [offset, offset + length). Returns
+        once every stored bitmap that records writes covers the range on disk (written and
+        flushed); raises :class:`QdirtyError` otherwise, and then the write must not be issued
+        (fail it to the guest). After the write completes, successfully or not, call
+        :meth:`set_dirty` with the same range, exactly once.
+
+        Cheap when the range's zones are covered already (no lock, no I/O). Does nothing for an
+        image not in durable mode. May run from I/O threads."""
+        offset, length = uint(offset, "offset"), uint(length, "length")
+        self._rc(lib.qdirty_image_prepare_write, self._h(), offset, length)
+
     def set_dirty(self, offset: int, length: int) -> None:
         """The guest write hook: marks [offset, offset + length) in every enabled bitmap
-        (clamped to the disk size). May run from I/O threads."""
+        (clamped to the disk size). May run from I/O threads. In durable mode it is called
+        when the write completes, with the range of its :meth:`prepare_write`; one without a
+        :meth:`prepare_write` before it gives a :class:`~qdirty.QdirtyWarning` (after a crash the
+        stored bitmaps may miss that write)."""
         offset, length = uint(offset, "offset"), uint(length, "length")
         lib.qdirty_image_set_dirty(self._h(), offset, length)
 

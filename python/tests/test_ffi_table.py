@@ -128,7 +128,7 @@ class PrototypeTableTest(unittest.TestCase):
 
     def test_flags_match_header(self):
         text = read_header()
-        for flag in ("QDIRTY_OPEN_RDWR", "QDIRTY_BITMAP_PERSISTENT", "QDIRTY_BITMAP_DISABLED",
+        for flag in ("QDIRTY_OPEN_RDWR", "QDIRTY_OPEN_DURABLE", "QDIRTY_BITMAP_PERSISTENT", "QDIRTY_BITMAP_DISABLED",
                      "QDIRTY_BITMAP_AUTOLOAD"):
             m = re.search(rf"#define {flag} (\d+)u", text)
             self.assertIsNotNone(m, flag)
