@@ -1856,8 +1856,9 @@ qdirty_image *qdirty_image_new_memory(uint64_t size, qdirty_error **errp);
  * Returns: 0, or a negative errno: -EINVAL (NULL `img`; a bitmap busy, frozen or iterated;
  * stored bitmaps not loaded; a size other than the image's; an inconsistent persistent
  * bitmap), -EBUSY (a busy persistent bitmap of a qcow2 image: QEMU's check runs first there),
- * -EPERM (a readonly persistent bitmap of a qcow2 image), -EFBIG (too many granules), -EIO and
- * other I/O errors.
+ * -EPERM (a readonly persistent bitmap of a qcow2 image), -EFBIG (too many granules),
+ * -ENOTSUP (an image in durable mode: its zones are cut for the size at open; close, resize
+ * and open again), -EIO and other I/O errors.
  * Errors: on failure `*errp` receives the details (when `errp` is not NULL); nothing changed.
  * Thread safety: may be called from any thread; serialized per image.
  *

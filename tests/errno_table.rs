@@ -1677,7 +1677,10 @@ fn read_error_rows() -> Vec<Row> {
         "in durable mode",
         |f| {
             let i = f.file(&templates().clean);
-            f.open(i, qdirty::ffi::QDIRTY_OPEN_RDWR | qdirty::ffi::QDIRTY_OPEN_DURABLE);
+            f.open(
+                i,
+                qdirty::ffi::QDIRTY_OPEN_RDWR | qdirty::ffi::QDIRTY_OPEN_DURABLE,
+            );
         },
         |f, e| rc(unsafe { qdirty_image_truncate(f.img(0), SIZE, e) }),
     ));
