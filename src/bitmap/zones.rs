@@ -95,8 +95,8 @@ impl ZoneTracker {
 
     /// A write to `[offset, offset + bytes)` is about to be issued: counts it in flight in its
     /// zones, and answers whether they are all covered (true: the write may be issued; false:
-    /// the zones must be committed first, see [`ZoneTracker::uncovered`]). No lock, no
-    /// allocation.
+    /// the zones must be covered first, with the write still counted in flight:
+    /// `Image::commit_prepared`). No lock, no allocation.
     #[inline]
     pub fn prepare(&self, offset: u64, bytes: u64) -> bool {
         let Some((first, last)) = self.zones_of(offset, bytes) else {

@@ -785,11 +785,11 @@ impl Image {
         self.commit_prepared(offset, bytes)
     }
 
-    /// The slow side of [`Image::prepare_write`], with the write already counted in flight
+    /// The slow side of [`Image::prepare_write`], for a write already counted in flight
     /// ([`ZoneTracker::prepare`] answered false): covers its zones that are not covered yet,
-    /// with those other threads queued ([`ZoneTracker::push_pending`]), in one write and one
-    /// flush. On error the write is no longer counted in flight.
-    pub(crate) fn commit_prepared(&mut self, offset: u64, bytes: u64) -> Result<()> {
+    /// with those other threads queued, in one write and one flush. On error the write is no
+    /// longer counted in flight and must not be issued.
+    pub fn commit_prepared(&mut self, offset: u64, bytes: u64) -> Result<()> {
         let Some(z) = self.zone_tracker() else {
             return Ok(());
         };
