@@ -14,8 +14,8 @@ from _util import KiB, MiB, TempDirTest, qdirty, qemu_img_bitmaps, qemu_img_chec
 from test_embed import FileHost
 from test_validation import no_c_calls
 
-#: The default zone size of durable mode (include/qdirty.h: "Zones are 64 MiB").
-DEFAULT_ZONE = 64 * MiB
+#: The default zone size of durable mode (include/qdirty.h: "Zones are 16 MiB").
+DEFAULT_ZONE = 16 * MiB
 G = 64 * KiB
 
 #: The host of the crash test: opens the image in durable mode with 1 MiB zones, adds a

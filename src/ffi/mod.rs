@@ -166,7 +166,7 @@ pub const QDIRTY_OPEN_SALVAGE: u32 = 4u32;
 /// consistent. The host calls `qdirty_image_prepare_write` before issuing each guest write and
 /// `qdirty_image_set_dirty` when it completes; every call that changes bitmaps (add, remove,
 /// clear, enable, disable, merge, a committed transaction, ...) is stored before it returns.
-/// Every bitmap's data is read at open. Zones are 64 MiB (`qdirty_image_open_durable` sets
+/// Every bitmap's data is read at open. Zones are 16 MiB (`qdirty_image_open_durable` sets
 /// another size). See README.md, 'Durable mode'.
 pub const QDIRTY_OPEN_DURABLE: u32 = 8u32;
 
