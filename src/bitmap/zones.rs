@@ -14,8 +14,9 @@
 //! sequentially consistent). So either the rewrite sees the write in flight and keeps its zones,
 //! or the write sees its zones uncovered and waits for them to be covered again.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
-use std::sync::Mutex;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Mutex, OnceLock};
 
 /// Zone size of durable mode when the host does not choose one: 16 MiB. With 1% of a 1 TiB
 /// disk written in 1 MiB runs, the first backup after a crash reads 1.1% of the disk when the
@@ -28,8 +29,34 @@ pub const DEFAULT_ZONE_BYTES: u64 = 16 << 20;
 pub const MIN_ZONE_BYTES: u64 = 64 << 10;
 
 /// Most zones a disk is cut into: larger zones are used on disks where the chosen size would
-/// make more (each zone costs 4 bytes of counters and 1 bit).
-pub const MAX_ZONES: u64 = 1 << 22;
+/// make more (each zone costs 1 bit, and 4 bytes of counters per writer thread, up to
+/// [`SHARDS`] threads).
+pub const MAX_ZONES: u64 = 1 << 20;
+
+/// Shards of the in-flight counters: threads beyond this many share them.
+pub const SHARDS: usize = 8;
+
+thread_local! {
+    /// This thread's shard of the in-flight counters (usize::MAX: not chosen yet).
+    static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// The next shard to give a thread.
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+/// This thread's shard.
+#[inline]
+fn shard() -> usize {
+    SHARD.with(|s| {
+        let v = s.get();
+        if v != usize::MAX {
+            return v;
+        }
+        let v = NEXT_SHARD.fetch_add(1, SeqCst) % SHARDS;
+        s.set(v);
+        v
+    })
+}
 
 /// Which zones are covered on disk and which have writes in flight (see the module docs).
 #[derive(Debug)]
@@ -38,8 +65,11 @@ pub struct ZoneTracker {
     size: u64,
     /// One bit per zone: covered on disk.
     covered: Box<[AtomicU64]>,
-    /// Per zone: writes prepared and not yet completed.
-    in_flight: Box<[AtomicU32]>,
+    /// Per zone: writes prepared and not yet completed, as the sum over the shards. Each
+    /// thread counts in its own shard (allocated on first use), so that writer threads do not
+    /// take each other's cache lines on every write; a write completed on another thread than
+    /// the one that prepared it leaves +1 in one shard and -1 in another.
+    in_flight: [OnceLock<Box<[AtomicI32]>>; SHARDS],
     /// Zones other threads found uncovered and wait for: whoever commits next takes them all
     /// (one write and one flush for all of them).
     pending: Mutex<Vec<u64>>,
@@ -60,11 +90,12 @@ impl ZoneTracker {
             shift += 1;
         }
         let zones = size.div_ceil(1u64 << shift).max(1) as usize;
+        debug_assert!(zones as u64 <= MAX_ZONES);
         ZoneTracker {
             zone_shift: shift,
             size,
             covered: (0..zones.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-            in_flight: (0..zones).map(|_| AtomicU32::new(0)).collect(),
+            in_flight: std::array::from_fn(|_| OnceLock::new()),
             pending: Mutex::new(Vec::new()),
             violations: AtomicU64::new(0),
         }
@@ -91,6 +122,25 @@ impl ZoneTracker {
         Some((offset >> self.zone_shift, last >> self.zone_shift))
     }
 
+    /// Shard `i` of the in-flight counters, allocated on first use.
+    #[inline]
+    fn counters(&self, i: usize) -> &[AtomicI32] {
+        self.in_flight[i].get_or_init(|| (0..self.zones()).map(|_| AtomicI32::new(0)).collect())
+    }
+
+    fn zones(&self) -> usize {
+        self.size.div_ceil(1u64 << self.zone_shift).max(1) as usize
+    }
+
+    /// Writes in flight in zone `z`: the sum over the shards.
+    fn in_flight_in(&self, z: u64) -> i64 {
+        self.in_flight
+            .iter()
+            .filter_map(OnceLock::get)
+            .map(|c| i64::from(c[z as usize].load(SeqCst)))
+            .sum()
+    }
+
     #[inline]
     fn is_covered(&self, z: u64) -> bool {
         self.covered[(z / 64) as usize].load(SeqCst) >> (z % 64) & 1 != 0
@@ -105,8 +155,9 @@ impl ZoneTracker {
         let Some((first, last)) = self.zones_of(offset, bytes) else {
             return true;
         };
+        let c = self.counters(shard());
         for z in first..=last {
-            self.in_flight[z as usize].fetch_add(1, SeqCst);
+            c[z as usize].fetch_add(1, SeqCst);
         }
         (first..=last).all(|z| self.is_covered(z))
     }
@@ -114,28 +165,31 @@ impl ZoneTracker {
     /// Undoes [`ZoneTracker::prepare`] for a write that will not be issued.
     pub(crate) fn unprepare(&self, offset: u64, bytes: u64) {
         if let Some((first, last)) = self.zones_of(offset, bytes) {
+            let c = self.counters(shard());
             for z in first..=last {
-                self.in_flight[z as usize].fetch_sub(1, SeqCst);
+                c[z as usize].fetch_sub(1, SeqCst);
             }
         }
     }
 
     /// The write to `[offset, offset + bytes)` completed and was recorded exactly (the hook):
     /// its zones are no longer in flight for it. Answers false, counting a violation, when a
-    /// zone had no prepared write (the host skipped `prepare_write`, or completed a write
-    /// twice).
+    /// zone is not covered and had no write in flight: no `prepare_write` covered the write
+    /// (the host skipped it, or completed a write twice). In a covered zone the write is on
+    /// disk in the bitmaps whatever the host did, and nothing is checked (the check reads
+    /// every thread's counters).
     #[inline]
     pub fn complete(&self, offset: u64, bytes: u64) -> bool {
         let Some((first, last)) = self.zones_of(offset, bytes) else {
             return true;
         };
+        let c = self.counters(shard());
         let mut ok = true;
         for z in first..=last {
-            let c = &self.in_flight[z as usize];
-            if c.fetch_sub(1, SeqCst) == 0 {
-                // Never below zero: a wrapped count would read as "in flight", which is only
-                // cautious, but the count must stay right for the writes that follow.
-                c.fetch_add(1, SeqCst);
+            c[z as usize].fetch_sub(1, SeqCst);
+            if !self.is_covered(z) && self.in_flight_in(z) < 0 {
+                // Back to zero: the count must stay right for the writes that follow.
+                c[z as usize].fetch_add(1, SeqCst);
                 ok = false;
             }
         }
@@ -184,11 +238,20 @@ impl ZoneTracker {
 
     /// The zones with writes in flight now, ascending.
     pub(crate) fn in_flight_zones(&self) -> Vec<u64> {
-        self.in_flight
+        let shards: Vec<&[AtomicI32]> = self
+            .in_flight
             .iter()
-            .enumerate()
-            .filter(|(_, c)| c.load(SeqCst) != 0)
-            .map(|(z, _)| z as u64)
+            .filter_map(|c| c.get().map(|b| &b[..]))
+            .collect();
+        (0..self.zones())
+            .filter(|&z| {
+                shards
+                    .iter()
+                    .map(|c| i64::from(c[z].load(SeqCst)))
+                    .sum::<i64>()
+                    > 0
+            })
+            .map(|z| z as u64)
             .collect()
     }
 
@@ -215,7 +278,7 @@ mod tests {
         assert_eq!(ZoneTracker::new(1 << 40, 3 << 20).zone_bytes(), 4 << 20);
         assert_eq!(ZoneTracker::new(1 << 30, 1).zone_bytes(), MIN_ZONE_BYTES);
         // 1 TiB at 64 KiB would be 2^24 zones.
-        assert_eq!(ZoneTracker::new(1 << 40, 1).zone_bytes(), 256 << 10);
+        assert_eq!(ZoneTracker::new(1 << 40, 1).zone_bytes(), 1 << 20);
         // 1 PiB at 64 KiB would be 2^34 zones.
         let t = ZoneTracker::new(1 << 50, 64 << 10);
         assert_eq!(t.zone_bytes(), (1u64 << 50) / MAX_ZONES);
@@ -232,9 +295,17 @@ mod tests {
         assert!(t.complete(5 << 20, 4096));
         assert!(t.complete(5 << 20, 4096));
         assert!(t.in_flight_zones().is_empty());
-        // A completion without a prepare is a violation and leaves the count at zero.
-        assert!(!t.complete(5 << 20, 4096));
+        // In a covered zone the write is on disk whatever the host did: not checked.
+        assert!(t.complete(5 << 20, 4096));
+        assert!(t.prepare(5 << 20, 4096));
+        assert_eq!(t.violations(), 0);
+        // In a zone not covered, a completion without a prepare is a violation and leaves the
+        // count at zero.
+        assert!(!t.complete(8 << 20, 4096));
         assert_eq!(t.violations(), 1);
+        assert!(!t.prepare(8 << 20, 4096));
+        assert_eq!(t.in_flight_zones(), vec![8]);
+        assert!(t.complete(8 << 20, 4096));
         assert!(t.in_flight_zones().is_empty());
         // A write across two zones counts in both; unprepare gives both back.
         assert!(!t.prepare((7 << 20) - 1, 2));
@@ -246,6 +317,31 @@ mod tests {
         // Past the end of the disk: nothing to track.
         assert!(t.prepare(1 << 30, 4096));
         assert!(t.complete(1 << 30, 4096));
+    }
+
+    /// Writes prepared on one thread and completed on another (an I/O completion thread):
+    /// the counts of both threads' shards add up.
+    #[test]
+    fn writes_completed_on_other_threads_are_counted_right() {
+        let t = ZoneTracker::new(1 << 30, 1 << 20);
+        let threads = 2 * SHARDS;
+        std::thread::scope(|s| {
+            for k in 0..threads as u64 {
+                let t = &t;
+                s.spawn(move || assert!(!t.prepare(k << 20, 4096)));
+            }
+        });
+        assert_eq!(t.in_flight_zones(), (0..threads as u64).collect::<Vec<_>>());
+        std::thread::scope(|s| {
+            let t = &t;
+            s.spawn(move || {
+                for k in 0..threads as u64 {
+                    assert!(t.complete(k << 20, 4096), "zone {k}");
+                }
+            });
+        });
+        assert!(t.in_flight_zones().is_empty());
+        assert_eq!(t.violations(), 0);
     }
 
     #[test]

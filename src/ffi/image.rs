@@ -130,7 +130,7 @@ pub unsafe extern "C" fn qdirty_image_open(
 
 /// Opens an image read-write in durable mode (QDIRTY_OPEN_RDWR | QDIRTY_OPEN_DURABLE) with
 /// zones of `zone_bytes` bytes: a power of two of at least 64 KiB (raised where the disk would
-/// have more than 4,194,304 zones). Smaller zones make the bitmaps left by a crash more exact
+/// have more than 1,048,576 zones). Smaller zones make the bitmaps left by a crash more exact
 /// and the first writes into each zone more frequent (one write and flush per zone).
 ///
 /// Returns: the image, or NULL on failure (as `qdirty_image_open`; -EINVAL for a zone size
