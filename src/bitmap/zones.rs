@@ -156,6 +156,11 @@ impl ZoneTracker {
             return true;
         };
         let c = self.counters(shard());
+        if first == last {
+            // The common case: one zone.
+            c[first as usize].fetch_add(1, SeqCst);
+            return self.is_covered(first);
+        }
         for z in first..=last {
             c[z as usize].fetch_add(1, SeqCst);
         }

@@ -155,6 +155,8 @@ thread_local! {
     /// An error found after the body's result was decided (durable mode's store when the image
     /// lock is released, see `handle::ImageGuard`): it becomes the call's error.
     static DEFERRED: std::cell::RefCell<Option<FfiError>> = const { std::cell::RefCell::new(None) };
+    /// Whether DEFERRED holds an error: one load on every call's way out.
+    static HAS_DEFERRED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Records an error for the current call to return instead of success.
@@ -165,10 +167,16 @@ pub(crate) fn defer_error(e: FfiError) {
             *d = Some(e);
         }
     });
+    HAS_DEFERRED.with(|h| h.set(true));
 }
 
 /// Takes the deferred error of the current call.
+#[inline]
 pub(crate) fn take_deferred() -> Option<FfiError> {
+    if !HAS_DEFERRED.with(std::cell::Cell::get) {
+        return None;
+    }
+    HAS_DEFERRED.with(|h| h.set(false));
     DEFERRED.with(|d| d.borrow_mut().take())
 }
 
