@@ -146,8 +146,10 @@ impl BitmapSet {
     }
 
     /// A number that moves whenever a bitmap may have changed other than by the write hook:
-    /// `&mut` access to a bitmap, an insertion, a removal, [`BitmapSet::set_dirty`], a resize.
-    /// Reads ([`BitmapSet::current`], iterators, queries) and the hook's writes leave it alone.
+    /// `&mut` access to a bitmap, an insertion, a removal, a resize. Reads
+    /// ([`BitmapSet::current`], iterators, queries) and guest writes (the hook,
+    /// [`BitmapSet::set_dirty`]) leave it alone.
+    #[inline]
     pub fn changes(&self) -> u64 {
         self.changes
     }

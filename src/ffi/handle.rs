@@ -113,8 +113,10 @@ impl std::ops::DerefMut for ImageGuard<'_> {
 }
 
 impl Drop for ImageGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        // One comparison for the calls that change nothing (every read).
+        if !self.0.image.has_unsynced_changes() || std::thread::panicking() {
             return;
         }
         if let Err(e) = self.0.image.sync_durable() {

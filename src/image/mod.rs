@@ -829,6 +829,14 @@ impl Image {
         Ok(())
     }
 
+    /// Whether [`Image::sync_durable`] may have something to store (some bitmap changed since
+    /// the last store; always after changes in the ordinary mode, where it stores nothing).
+    /// Cheap: one comparison.
+    #[inline]
+    pub fn has_unsynced_changes(&self) -> bool {
+        self.set.changes() != self.synced
+    }
+
     /// Durable mode: stores the bitmaps if anything but guest writes changed them since the
     /// last store (a management call), so that the change survives a crash. The image's own
     /// management methods call it; after changes through [`Image::bitmap_mut`] or
