@@ -7,7 +7,8 @@
 //! sector) from the data at the bitmap's last clear; the disabled bitmap must hold exactly its
 //! content; every management call that returned must show. qdirty judges every state; QEMU
 //! (`qemu-img check`, `qemu-img info`, `qemu-nbd -B` + `nbdinfo --map`) judges every state
-//! with QDIRTY_CRASH_FULL=1 (CI) and every 5th otherwise.
+//! with QDIRTY_CRASH_FULL=1 (CI) and every 5th otherwise. It runs with qdirty's own allocator
+//! and on the embedding path (a host allocator keeping the refcounts).
 
 mod common;
 
@@ -15,7 +16,7 @@ use std::collections::BTreeMap;
 
 use common::*;
 use qdirty::image::fault::{Fault, FaultHandle, FaultyStorage, Unflushed};
-use qdirty::image::storage::MemStorage;
+use qdirty::image::storage::{ClusterAllocator, MemStorage, Storage};
 use qdirty::image::Transaction;
 use qdirty::{AddOptions, OpenOptions};
 
@@ -80,15 +81,15 @@ fn workload() -> Vec<Step> {
     v
 }
 
-/// The image before the workload: qcow2 (1 KiB clusters) whose guest data lives in data.raw
+/// The image before the workload: qcow2 (1 KiB or 64 KiB clusters) whose guest data lives in data.raw
 /// (raw), with bitmaps made by QEMU: a (64 KiB), b (4 KiB), enabled; d (64 KiB) disabled
 /// with one dirty extent written by QEMU.
-fn base(dir: &TempDir) -> Vec<u8> {
+fn base(dir: &TempDir, cluster_size: u64) -> Vec<u8> {
     let img = dir.path().join("img.qcow2");
     qemu_img_create(
         &img,
         SIZE,
-        "cluster_size=1024,data_file=data.raw,data_file_raw=on",
+        &format!("cluster_size={cluster_size},data_file=data.raw,data_file_raw=on"),
         &[],
     );
     qemu_img_bitmap_add(&img, "d", Some(65536), false);
@@ -127,14 +128,14 @@ struct Truth {
 /// Runs the workload against `storage` until the first error (a crash makes every later write
 /// fail). Returns, per step, the image's op count before and after it, and the data file as
 /// the guest writes left it (every write issued).
-fn run(storage: FaultyStorage, h: &FaultHandle, data0: &[u8]) -> (Vec<(u64, u64)>, Vec<u8>) {
+fn run(storage: Box<dyn Storage>, h: &FaultHandle, data0: &[u8]) -> (Vec<(u64, u64)>, Vec<u8>) {
     let mut spans = Vec::new();
     let mut data = data0.to_vec();
     let mut img = match OpenOptions::new()
         .read_write(true)
         .durable(true)
         .zone_bytes(ZONE)
-        .open_storage(Box::new(storage), "img.qcow2")
+        .open_storage(storage, "img.qcow2")
     {
         Ok(i) => Some(i),
         Err(_) => return (spans, data),
@@ -428,14 +429,119 @@ fn judge(seen: &Seen, t: &Truth, data: &[u8], d_exact: &[Vec<(u64, u64)>]) -> Re
     Ok(())
 }
 
-#[test]
-fn durable_mode_survives_a_crash_at_every_write_and_flush() {
-    if !require_qemu("durable_mode_survives_a_crash_at_every_write_and_flush") {
+/// The host of the embedding path: the image's storage with the host's own cluster allocator,
+/// which keeps the image's 16-bit refcounts itself (in refcount block 0, which covers the
+/// whole file of these images) through the same storage, so that its writes are crash points
+/// too.
+struct HostAllocated {
+    inner: FaultyStorage,
+    refblock: u64,
+    cluster_size: u64,
+}
+
+impl HostAllocated {
+    fn new(inner: FaultyStorage, image: &[u8]) -> Self {
+        let be64 = |at: usize| u64::from_be_bytes(image[at..at + 8].try_into().unwrap());
+        let cluster_size = 1u64 << u32::from_be_bytes(image[20..24].try_into().unwrap());
+        assert_eq!(
+            u32::from_be_bytes(image[96..100].try_into().unwrap()),
+            4,
+            "16-bit refcounts"
+        );
+        let table = be64(48) as usize;
+        HostAllocated {
+            inner,
+            refblock: u64::from_be_bytes(image[table..table + 8].try_into().unwrap()),
+            cluster_size,
+        }
+    }
+
+    fn refcount(&self, c: u64) -> std::io::Result<u16> {
+        let mut b = [0u8; 2];
+        self.inner.read_exact_at(&mut b, self.refblock + 2 * c)?;
+        Ok(u16::from_be_bytes(b))
+    }
+
+    fn set_refcount(&mut self, c: u64, v: u16) -> std::io::Result<()> {
+        assert!(
+            2 * c < self.cluster_size,
+            "the test's host covers refcount block 0 only"
+        );
+        self.inner
+            .write_all_at(&v.to_be_bytes(), self.refblock + 2 * c)
+    }
+}
+
+impl Storage for HostAllocated {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_exact_at(buf, offset)
+    }
+    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_all_at(buf, offset)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        self.inner.size()
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn allocator(&mut self) -> Option<&mut dyn ClusterAllocator> {
+        Some(self)
+    }
+}
+
+impl ClusterAllocator for HostAllocated {
+    fn alloc(&mut self, n: u64, cluster_size: u64) -> std::io::Result<u64> {
+        assert_eq!(cluster_size, self.cluster_size);
+        // First fit above the clusters in use.
+        let (mut start, mut len) = (1, 0);
+        while len < n {
+            if self.refcount(start + len)? != 0 {
+                start += len + 1;
+                len = 0;
+            } else {
+                len += 1;
+            }
+        }
+        for c in start..start + n {
+            self.set_refcount(c, 1)?;
+        }
+        Ok(start * cluster_size)
+    }
+
+    fn free(&mut self, offset: u64, n: u64, cluster_size: u64) -> std::io::Result<()> {
+        for c in offset / cluster_size..offset / cluster_size + n {
+            self.set_refcount(c, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// The path API (qdirty's own allocator, 1 KiB clusters) or the embedding path (the host's
+/// allocator, 64 KiB clusters).
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    Own,
+    Host,
+}
+
+fn storage(path: Path, image: &[u8], fault: Option<Fault>) -> (Box<dyn Storage>, FaultHandle) {
+    let (st, h) = FaultyStorage::new(image.to_vec());
+    h.set_fault(fault);
+    let st: Box<dyn Storage> = match path {
+        Path::Own => Box::new(st),
+        Path::Host => Box::new(HostAllocated::new(st, image)),
+    };
+    (st, h)
+}
+
+fn enumerate(test: &str, path: Path) {
+    if !require_qemu(test) {
         return;
     }
     qdirty::warning::set_warning_handler(Some(Box::new(|_| {})));
     let dir = TempDir::new("durable-crash");
-    let image0 = base(&dir);
+    let image0 = base(&dir, if path == Path::Own { 1024 } else { 65536 });
     let data0 = base_data(&dir);
     // d's exact content: QEMU's write (5 MiB, 128 KiB) and, after the merge, b's bits then.
     let d0 = vec![(5 * MIB, 128 << 10)];
@@ -452,12 +558,12 @@ fn durable_mode_survives_a_crash_at_every_write_and_flush() {
     let d1 = merge_runs(d1);
     let d_exact = vec![d0, d1];
     // The complete run: op count per step.
-    let (st, h) = FaultyStorage::new(image0.clone());
+    let (st, h) = storage(path, &image0, None);
     let (spans, _) = run(st, &h, &data0);
     assert_eq!(
         spans.len(),
         workload().len(),
-        "the workload fails without fault"
+        "{test}: the workload fails without fault"
     );
     let total = h.ops();
     let every = 5;
@@ -470,16 +576,16 @@ fn durable_mode_survives_a_crash_at_every_write_and_flush() {
             (Unflushed::Random(k), 1),
         ];
         for (f, &(unflushed, torn)) in fates.iter().enumerate() {
-            let (st, h) = FaultyStorage::new(image0.clone());
-            h.set_fault(Some(Fault::Crash {
+            let fault = Fault::Crash {
                 at: k,
                 unflushed,
                 torn_sectors: torn,
-            }));
+            };
+            let (st, h) = storage(path, &image0, Some(fault));
             let (_, _) = run(st, &h, &data0);
             let crashed = h.crashed_image().unwrap_or_else(|| h.live_image());
             let (t, data) = truth(&spans, k, &data0);
-            let ctx = format!("crash at op {k} of {total} ({unflushed:?}, torn {torn})");
+            let ctx = format!("{test}: crash at op {k} of {total} ({unflushed:?}, torn {torn})");
             let seen = seen_by_qdirty(&crashed).unwrap_or_else(|e| panic!("{ctx}: {e}"));
             judge(&seen, &t, &data, &d_exact).unwrap_or_else(|e| panic!("{ctx}: qdirty: {e}"));
             if full() || (f == 0 && (k % every == 0 || k == total)) {
@@ -491,9 +597,25 @@ fn durable_mode_survives_a_crash_at_every_write_and_flush() {
             states += 1;
         }
     }
-    eprintln!("durable crash states: {states} (QEMU judged {qemu_states}), {total} ops");
+    eprintln!("{test}: {states} crash states (QEMU judged {qemu_states}), {total} ops");
     assert!(
         total > 20,
-        "the workload wrote too little to test anything: {total} ops"
+        "{test}: the workload wrote too little to test anything: {total} ops"
+    );
+}
+
+#[test]
+fn durable_mode_survives_a_crash_at_every_write_and_flush() {
+    enumerate(
+        "durable_mode_survives_a_crash_at_every_write_and_flush",
+        Path::Own,
+    );
+}
+
+#[test]
+fn durable_mode_with_a_host_allocator_survives_a_crash_at_every_write_and_flush() {
+    enumerate(
+        "durable_mode_with_a_host_allocator_survives_a_crash_at_every_write_and_flush",
+        Path::Host,
     );
 }
