@@ -28,6 +28,17 @@
  * hook / baseline (both measured within a few hundred milliseconds of each other, so a
  * shared machine's load mostly cancels out).
  *
+ * Steady state with management calls (1 bitmap only): a host calls into the image while the
+ * guest writes, and each call absorbs the log. The same writes on 1 thread, with a call after
+ * every K writes, K calibrated to 1 ms and to 10 ms of the mutex baseline's writes in the
+ * warm-up (the same K for every variant, so every variant does the same work between two
+ * calls). The hook's call is qdirty_bitmap_count on its bitmap (it absorbs the log); the mutex
+ * baseline's call takes and releases its mutex (QEMU's count is O(1), kept by its hbitmap, so
+ * what a call costs the writes there is the lock); the atomic baseline's call is a seq_cst
+ * load of one word (nothing to absorb). The clock is read around each batch of K writes: the
+ * writes' time and the calls' time are reported apart ("cadence_*" keys), interleaved with the
+ * other variants round by round, ratios per round.
+ *
  * Usage: write_hook NBITMAPS WRITES_PER_THREAD [ROUNDS]   (ROUNDS defaults to 7)
  * Output: "key value..." lines. */
 #define _GNU_SOURCE /* pthread_attr_setaffinity_np */
@@ -131,6 +142,13 @@ struct job {
     struct flat *flat;
     const uint64_t *offs;
     uint64_t n;
+    /* Cadence runs: the bitmap whose count is the hook's call, the writes between two calls,
+     * the variant, and what was measured (seconds of writes, of calls; calls made). */
+    qdirty_bitmap *bm;
+    uint64_t every;
+    int variant;
+    double write_s, call_s;
+    uint64_t calls;
 };
 
 static void *hook_job(void *arg)
@@ -156,6 +174,63 @@ static void *mutex_flat_job(void *arg)
     struct job *j = arg;
     for (uint64_t i = 0; i < j->n; i++) {
         mutex_flat_set(j->flat, j->offs[i], WRITE);
+    }
+    return NULL;
+}
+
+enum { HOOK, ATOMIC_FLAT, MUTEX_FLAT, VARIANTS };
+
+/* The baselines' management call (see the header comment). */
+static uint64_t flat_call(struct flat *f, int variant)
+{
+    uint64_t v;
+    if (variant == MUTEX_FLAT) {
+        pthread_mutex_lock(&f->mu);
+        v = f->bits[0];
+        pthread_mutex_unlock(&f->mu);
+    } else {
+        v = atomic_load_explicit(&f->atomic_bits[0], memory_order_seq_cst);
+    }
+    return v;
+}
+
+/* The writes of a job with a management call after every `every` writes; the clock is read
+ * around each batch and each call. */
+static void *cadence_job(void *arg)
+{
+    struct job *j = arg;
+    uint64_t sink = 0;
+    j->write_s = j->call_s = 0;
+    j->calls = 0;
+    for (uint64_t i = 0; i < j->n;) {
+        uint64_t end = i + j->every < j->n ? i + j->every : j->n;
+        double t0 = now();
+        switch (j->variant) {
+        case HOOK:
+            for (; i < end; i++) {
+                qdirty_image_set_dirty(j->img, j->offs[i], WRITE);
+            }
+            break;
+        case ATOMIC_FLAT:
+            for (; i < end; i++) {
+                atomic_flat_set(j->flat, j->offs[i], WRITE);
+            }
+            break;
+        default:
+            for (; i < end; i++) {
+                mutex_flat_set(j->flat, j->offs[i], WRITE);
+            }
+        }
+        double t1 = now();
+        sink += j->variant == HOOK ? qdirty_bitmap_count(j->bm) : flat_call(j->flat, j->variant);
+        double t2 = now();
+        j->write_s += t1 - t0;
+        j->call_s += t2 - t1;
+        j->calls++;
+    }
+    /* Keeps the calls' results alive. */
+    if (sink == UINT64_MAX) {
+        fprintf(stderr, "unlikely\n");
     }
     return NULL;
 }
@@ -240,8 +315,6 @@ static void report(const char *key, const double *v, int n)
     printf("\n");
 }
 
-enum { HOOK, ATOMIC_FLAT, MUTEX_FLAT, VARIANTS };
-
 int main(int argc, char **argv)
 {
     if (argc != 3 && argc != 4) {
@@ -289,8 +362,9 @@ int main(int argc, char **argv)
     }
     uint64_t *offs[2] = {random_offsets(n, 1), random_offsets(n, 2)};
     uint64_t *warm = random_offsets(n, 3);
-    struct job jobs[2] = {{img, &flat, offs[0], n}, {img, &flat, offs[1], n}};
-    struct job wjob = {img, &flat, warm, n};
+    struct job jobs[2] = {{img, &flat, offs[0], n, first, 0, 0, 0, 0, 0},
+                          {img, &flat, offs[1], n, first, 0, 0, 0, 0, 0}};
+    struct job wjob = {img, &flat, warm, n, first, 0, 0, 0, 0, 0};
     void *(*fns[VARIANTS])(void *) = {hook_job, atomic_flat_job, mutex_flat_job};
 
     /* Warm-up: the log's chunks get allocated, the bitmaps get their memory, the baselines'
@@ -299,9 +373,10 @@ int main(int argc, char **argv)
     for (int i = 0; i < nbitmaps; i++) {
         (void)qdirty_bitmap_count(all[i]);
     }
+    double mutex_warm_s = 0;
     if (baselines) {
         run(atomic_flat_job, &wjob, 1);
-        run(mutex_flat_job, &wjob, 1);
+        mutex_warm_s = run(mutex_flat_job, &wjob, 1);
     }
 
     double t1[VARIANTS][MAX_ROUNDS], t2[VARIANTS][MAX_ROUNDS];
@@ -337,6 +412,37 @@ int main(int argc, char **argv)
                         fold_all1[r] = now() - a0;
                     }
                 }
+            }
+        }
+    }
+
+    /* Steady state with a management call every 1 ms and every 10 ms (of the mutex baseline's
+     * writes in the warm-up), 1 thread, interleaved round by round. */
+    enum { PERIODS = 2 };
+    static const double period_s[PERIODS] = {1e-3, 10e-3};
+    static const char *const period_name[PERIODS] = {"1ms", "10ms"};
+    uint64_t every[PERIODS];
+    double cw[PERIODS][VARIANTS][MAX_ROUNDS], cc[PERIODS][VARIANTS][MAX_ROUNDS];
+    uint64_t ccalls[PERIODS] = {0, 0};
+    for (int p = 0; p < PERIODS && baselines; p++) {
+        every[p] = (uint64_t)(period_s[p] / (mutex_warm_s / (double)n));
+        every[p] = every[p] < 1 ? 1 : every[p];
+    }
+    for (int r = 0; r < rounds && baselines; r++) {
+        for (int k = 0; k < VARIANTS; k++) {
+            int v = (r + k) % VARIANTS;
+            for (int p = 0; p < PERIODS; p++) {
+                if (v != HOOK) {
+                    memset((void *)flat.atomic_bits, 0, flat.words * sizeof(uint64_t));
+                    memset(flat.bits, 0, flat.words * sizeof(uint64_t));
+                }
+                struct job cj = jobs[0];
+                cj.every = every[p];
+                cj.variant = v;
+                run(cadence_job, &cj, 1);
+                cw[p][v][r] = cj.write_s;
+                cc[p][v][r] = cj.call_s;
+                ccalls[p] = cj.calls;
             }
         }
     }
@@ -387,6 +493,31 @@ int main(int argc, char **argv)
             report(key, br, rounds);
             snprintf(key, sizeof key, "hook_over_%s_1thread", names[v]);
             report(key, rel, rounds);
+        }
+        for (int p = 0; p < PERIODS; p++) {
+            static const char *const vn[VARIANTS] = {"hook", "atomic_flat", "mutex_flat"};
+            char key[96];
+            printf("cadence_%s_writes_between_calls %" PRIu64 "\n", period_name[p], every[p]);
+            printf("cadence_%s_calls %" PRIu64 "\n", period_name[p], ccalls[p]);
+            for (int v = 0; v < VARIANTS; v++) {
+                double w[MAX_ROUNDS], c[MAX_ROUNDS];
+                for (int r = 0; r < rounds; r++) {
+                    w[r] = cw[p][v][r] * 1e9 / (double)n;
+                    c[r] = cc[p][v][r] * 1e6 / (double)ccalls[p];
+                }
+                snprintf(key, sizeof key, "cadence_%s_%s_ns_per_write", period_name[p], vn[v]);
+                report(key, w, rounds);
+                snprintf(key, sizeof key, "cadence_%s_%s_us_per_call", period_name[p], vn[v]);
+                report(key, c, rounds);
+            }
+            for (int v = ATOMIC_FLAT; v <= MUTEX_FLAT; v++) {
+                double rel[MAX_ROUNDS];
+                for (int r = 0; r < rounds; r++) {
+                    rel[r] = cw[p][HOOK][r] / cw[p][v][r];
+                }
+                snprintf(key, sizeof key, "cadence_%s_hook_over_%s", period_name[p], vn[v]);
+                report(key, rel, rounds);
+            }
         }
         free((void *)flat.atomic_bits);
         free(flat.bits);
