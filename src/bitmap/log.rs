@@ -52,7 +52,11 @@
 //!
 //! # Giving memory back
 //!
-//! When the pieces hold more than [`RETAIN_BYTES`] after a drain, the drain unlinks every
+//! When the pieces hold more than [`RETAIN_BYTES`] after a drain, and the drain took fewer
+//! than one non-zero word per [`KEEP_BYTES_PER_WORD`] bytes of pieces (a log written densely
+//! between absorbs keeps its pieces, which the next writes would allocate again at once; the
+//! next absorb drains it even when nothing is pending, and gives them back if that period
+//! wrote sparsely or not at all), the drain unlinks every
 //! piece (each layer's near mid and tops: their pointers become null, and the next write
 //! allocates afresh) and frees them once no writer can still hold them, by quiescent-state
 //! reclamation (src/qsbr.rs): every writer is inside a [`Guard`] while it follows the log's
@@ -62,8 +66,8 @@
 //! written to them after the first drain) and frees them. Pieces whose writers have not left
 //! in time stay in a limbo list: every later drain drains them too (a write that completed
 //! before an operation may sit in one) and frees them at its own grace period. So right after
-//! an absorb the log holds at most [`RETAIN_BYTES`] of pieces plus what writers allocated
-//! meanwhile or still hold. Without membarrier (not Linux, Linux before 4.14, or a seccomp
+//! an absorb the log holds at most [`RETAIN_BYTES`] of pieces, or [`KEEP_BYTES_PER_WORD`] per
+//! word that absorb took, plus what writers allocated meanwhile or still hold. Without membarrier (not Linux, Linux before 4.14, or a seccomp
 //! filter refusing it) pieces are never unlinked and stay until the log is dropped.
 //!
 //! # Ordering argument
@@ -144,6 +148,14 @@ const FAR_BIT: usize = 32;
 /// log written a little between absorbs keeps its pieces, and one written much gives them
 /// back.
 pub(crate) const RETAIN_BYTES: usize = 256 << 10;
+/// Bytes of pieces each word a drain takes lets the log keep: a drain that takes at least one
+/// non-zero word per this many bytes of pieces (one word in eight of the leaves, the nodes
+/// counted) leaves them in place, whatever their size. Such a log is written densely between
+/// absorbs (a host calling every millisecond while the guest writes): giving the pieces back
+/// would only have the next writes allocate them again. Its memory stays within this many
+/// bytes per word of the last drain, and the next drain that takes fewer words (an idle
+/// period among them) gives the pieces back.
+pub(crate) const KEEP_BYTES_PER_WORD: usize = 64;
 
 /// A leaf: 64 words of log bits.
 type Leaf = [AtomicU64; LEAF_WORDS];
@@ -587,7 +599,8 @@ struct Books {
     retired_bytes: AtomicUsize,
     /// Grace periods after which pieces were freed.
     reclaims: AtomicU64,
-    /// Retired pieces wait for a grace period.
+    /// Retired pieces wait for a grace period, or pieces were kept for a dense log: the next
+    /// absorb drains.
     waiting: AtomicBool,
     /// Retired pieces; locked by the drainer only.
     retired: Mutex<Retired>,
@@ -733,9 +746,15 @@ impl WriteLog {
     /// `1 << granularity_bits`. O(1) when nothing is pending, else O(pending leaves and whole
     /// pieces). Writers
     /// may run meanwhile: what they log after a word was taken waits for the next drain. Then
-    /// gives memory back (module documentation): above [`RETAIN_BYTES`] of pieces, every piece
-    /// is unlinked, drained once more after the grace period, and freed.
+    /// gives memory back (module documentation): above [`RETAIN_BYTES`] of pieces not densely
+    /// written, every piece is unlinked, drained once more after the grace period, and freed.
     pub(crate) fn drain(&self, mut f: impl FnMut(u32, u64, u64, u64)) {
+        // Words taken one by one (from leaves), for the choice to keep the pieces.
+        let words = std::cell::Cell::new(0usize);
+        let mut f = |g, w, n, bits| {
+            words.set(words.get() + usize::from(n == 1));
+            f(g, w, n, bits)
+        };
         let mut retired = self
             .books
             .retired
@@ -743,6 +762,8 @@ impl WriteLog {
             .unwrap_or_else(PoisonError::into_inner);
         let retired = &mut *retired;
         let parts = self.pending.swap(0, SeqCst);
+        // Pieces above RETAIN_BYTES kept because this drain found them densely written.
+        let dense;
         {
             let guard = qsbr::pin();
             let mut layers = (parts | parts >> FAR_BIT) & ((1 << LAYERS) - 1);
@@ -769,7 +790,10 @@ impl WriteLog {
                 let (g, base) = untag(tag, TOP_WORDS_BITS);
                 drain_top(top, &guard, base, &mut |w, n, bits| f(g, w, n, bits));
             }
-            if self.books.bytes.load(Relaxed) > RETAIN_BYTES && qsbr::reclaim_supported() {
+            let bytes = self.books.bytes.load(Relaxed);
+            dense =
+                bytes > RETAIN_BYTES && bytes <= words.get().saturating_mul(KEEP_BYTES_PER_WORD);
+            if bytes > RETAIN_BYTES && !dense && qsbr::reclaim_supported() {
                 for (li, layer) in self.layers.iter().enumerate() {
                     layer.near.retire(&mut retired.mids, tag(li, 0));
                     for (t, top) in layer.tops.iter().enumerate() {
@@ -800,7 +824,11 @@ impl WriteLog {
                 }
             }
         }
-        self.books.waiting.store(!retired.is_empty(), Relaxed);
+        // Kept pieces have the next absorb drain even if nothing is pending, so that an idle
+        // period gives them back.
+        self.books
+            .waiting
+            .store(!retired.is_empty() || dense, Relaxed);
         self.books.retired_bytes.store(
             retired.mids.heap_bytes() + retired.tops.heap_bytes(),
             Relaxed,
@@ -1128,6 +1156,56 @@ mod tests {
                 assert!(after <= 1 << 20, "2^{g}: {after} bytes after absorb");
             }
         }
+    }
+
+    /// A log written densely between absorbs (random 4 KiB writes over 1 TiB at 64 KiB, as a
+    /// guest writes between two calls a millisecond apart) keeps its pieces: the next period's
+    /// writes allocate nothing. The first absorb after a period without writes gives them back,
+    /// and every write reaches the bitmap meanwhile.
+    #[test]
+    fn a_densely_written_log_keeps_its_pieces_until_an_idle_period() {
+        let _x = qsbr::test_exclusive();
+        const DISK: u64 = 1 << 40;
+        const WRITES: u64 = 60_000;
+        let mut set = BitmapSet::new(DISK);
+        let id = set.create(Some(b"b"), 1 << 16).unwrap();
+        let hook = set.write_hook();
+        let empty = hook.memory();
+        let mut rng = Rng(0xde45e);
+        let mut granules = std::collections::BTreeSet::new();
+        let mut period = |rng: &mut Rng| {
+            for _ in 0..WRITES {
+                let o = rng.below(DISK / 4096) * 4096;
+                hook.set(o, 4096);
+                granules.insert(o >> 16);
+            }
+        };
+        period(&mut rng);
+        // 2^24 granules: 4096 leaves under the near mid, nearly all of them written.
+        let logging = hook.memory();
+        assert!(logging >= empty + 4000 * LEAF_BYTES, "{logging}");
+        set.absorb();
+        assert_eq!(hook.memory(), logging, "dense pieces given back");
+        period(&mut rng);
+        assert_eq!(hook.memory(), logging, "the second period allocated");
+        set.absorb();
+        assert_eq!(hook.memory(), logging);
+        let bm = set.current(id).unwrap();
+        assert_eq!(bm.count(), granules.len() as u64 * (1 << 16));
+        // A period without writes: the next absorb gives everything back.
+        set.absorb();
+        if qsbr::reclaim_supported() {
+            let mut absorbs = 0;
+            while hook.memory() > empty + 4096 && absorbs < 100 {
+                set.absorb();
+                absorbs += 1;
+            }
+            assert!(hook.memory() <= empty + 4096, "{}", hook.memory());
+        }
+        assert_eq!(
+            set.current(id).unwrap().count(),
+            granules.len() as u64 * (1 << 16)
+        );
     }
 
     /// Writers hammer the hook (near leaves that stay hot, and far ones that allocate) while
