@@ -48,11 +48,20 @@
 //! there is never a grace period: [`reclaim_supported`] says so, and pieces are never freed
 //! before their owner is dropped.
 //!
+//! # Pieces in pages of their own
+//!
+//! An [`AtomicBox`] owns its piece through an [`Owner`]: a [`Box`] (the C allocator), or
+//! [`Pages`], a mapping of its own (mmap, given back with munmap when the piece is dropped).
+//! Large pieces that come and go while long-lived heap blocks are allocated between them (the
+//! write log's nodes, freed after every absorb that gives memory back, among a bitmap's
+//! chunks) would otherwise leave holes in the C allocator's heap that it keeps resident.
+//!
 //! This module holds the crate's only raw-pointer code outside the C ABI: the conversions
-//! between boxes and the pointers an [`AtomicBox`] stores.
+//! between owners and the pointers an [`AtomicBox`] stores.
 
 use std::cell::Cell;
 use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{
     compiler_fence, fence, AtomicBool, AtomicPtr, AtomicU64, Ordering::Acquire, Ordering::Relaxed,
@@ -62,7 +71,7 @@ use std::time::{Duration, Instant};
 
 use once_cell::race::OnceBox;
 
-use crate::sys::{membarrier_available, membarrier_private_expedited};
+use crate::sys::{map_pages, membarrier_available, membarrier_private_expedited, unmap_pages};
 
 /// How long [`synchronize`] waits for readers inside a guard before it gives up (their pieces
 /// stay in limbo for the next attempt).
@@ -269,21 +278,125 @@ pub(crate) fn synchronize() -> Option<Grace> {
     }
 }
 
+/// An owning pointer that an [`AtomicBox`] can store raw and take back.
+pub(crate) trait Owner: DerefMut + Sized {
+    /// The pointer, ownership passed to the caller.
+    fn into_raw(self) -> *mut Self::Target;
+    /// Ownership taken back.
+    ///
+    /// # Safety
+    /// `p` came from `into_raw` of the same type, and nothing uses it afterwards.
+    unsafe fn from_raw(p: *mut Self::Target) -> Self;
+}
+
+impl<T> Owner for Box<T> {
+    fn into_raw(self) -> *mut T {
+        Box::into_raw(self)
+    }
+
+    unsafe fn from_raw(p: *mut T) -> Self {
+        // SAFETY: the caller's contract: `p` came from Box::into_raw.
+        unsafe { Box::from_raw(p) }
+    }
+}
+
+/// A piece in a private anonymous mapping of its own, unmapped when dropped (module
+/// documentation, 'Pieces in pages of their own').
+pub(crate) struct Pages<T> {
+    ptr: NonNull<T>,
+    /// Owns a `T` (drop check).
+    _owns: PhantomData<T>,
+}
+
+// SAFETY: Pages<T> owns its T as a Box<T> does.
+unsafe impl<T: Send> Send for Pages<T> {}
+// SAFETY: as above.
+unsafe impl<T: Sync> Sync for Pages<T> {}
+
+impl<E, const N: usize> Pages<[E; N]> {
+    /// `N` elements built one by one in place (no large temporary on the stack). Aborts, as
+    /// `Box::new` does, when the system has no memory to map.
+    pub(crate) fn from_fn(mut f: impl FnMut(usize) -> E) -> Self {
+        let layout = std::alloc::Layout::new::<[E; N]>();
+        assert!(
+            layout.size() > 0 && layout.align() <= 4096,
+            "page-aligned, non-empty"
+        );
+        let Some(base) = map_pages(layout.size()) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        let ptr = base.cast::<[E; N]>();
+        let first = base.cast::<E>();
+        for i in 0..N {
+            // SAFETY: the mapping holds N elements of E, page-aligned (so aligned for E), and
+            // element i is written once, before anything reads it.
+            unsafe { first.as_ptr().add(i).write(f(i)) };
+        }
+        Pages {
+            ptr,
+            _owns: PhantomData,
+        }
+    }
+}
+
+impl<T> Deref for Pages<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: initialised by `from_fn`, valid until `drop`.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl<T> DerefMut for Pages<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as in `deref`; `&mut self` is exclusive.
+        unsafe { self.ptr.as_mut() }
+    }
+}
+
+impl<T> Drop for Pages<T> {
+    fn drop(&mut self) {
+        // SAFETY: the T is initialised and dropped once, here; then nothing uses the mapping,
+        // which `from_fn` made with exactly this size.
+        unsafe {
+            ptr::drop_in_place(self.ptr.as_ptr());
+            unmap_pages(self.ptr.cast(), std::mem::size_of::<T>());
+        }
+    }
+}
+
+impl<T> Owner for Pages<T> {
+    fn into_raw(self) -> *mut T {
+        let p = self.ptr.as_ptr();
+        std::mem::forget(self);
+        p
+    }
+
+    unsafe fn from_raw(p: *mut T) -> Self {
+        Pages {
+            // SAFETY: the caller's contract: `p` came from `into_raw`, non-null.
+            ptr: unsafe { NonNull::new_unchecked(p) },
+            _owns: PhantomData,
+        }
+    }
+}
+
 /// An atomic, nullable owning pointer that readers follow under a [`Guard`] and its owner
-/// unlinks into a [`Limbo`]. Installing is lock-free: one compare-and-swap from null.
-pub(crate) struct AtomicBox<T> {
+/// unlinks into a [`Limbo`]. Installing is lock-free: one compare-and-swap from null. The
+/// piece is held by an [`Owner`] `O` (a Box unless told).
+pub(crate) struct AtomicBox<T, O: Owner<Target = T> = Box<T>> {
     ptr: AtomicPtr<T>,
-    /// Owns a `T` (drop check), and is neither `Send` nor `Sync` by itself (see below).
-    _owns: PhantomData<*mut T>,
+    /// Owns an `O` (drop check), and is neither `Send` nor `Sync` by itself (see below).
+    _owns: PhantomData<*mut O>,
 }
 
 // SAFETY: an AtomicBox hands out `&T` to any thread (T: Sync) and the thread that frees a `T`
 // may not be the one that made it (T: Send), as for a `Box<T>` shared behind a lock.
-unsafe impl<T: Send + Sync> Send for AtomicBox<T> {}
+unsafe impl<T: Send + Sync, O: Owner<Target = T>> Send for AtomicBox<T, O> {}
 // SAFETY: as above.
-unsafe impl<T: Send + Sync> Sync for AtomicBox<T> {}
+unsafe impl<T: Send + Sync, O: Owner<Target = T>> Sync for AtomicBox<T, O> {}
 
-impl<T> AtomicBox<T> {
+impl<T, O: Owner<Target = T>> AtomicBox<T, O> {
     /// Null.
     pub(crate) const fn new() -> Self {
         AtomicBox {
@@ -310,12 +423,12 @@ impl<T> AtomicBox<T> {
     pub(crate) fn get_or_init<'a>(
         &'a self,
         guard: &'a Guard,
-        make: impl FnOnce() -> Box<T>,
+        make: impl FnOnce() -> O,
     ) -> (&'a T, bool) {
         if let Some(t) = self.get(guard) {
             return (t, false);
         }
-        let new = Box::into_raw(make());
+        let new = make().into_raw();
         match self
             .ptr
             .compare_exchange(ptr::null_mut(), new, SeqCst, Acquire)
@@ -323,8 +436,8 @@ impl<T> AtomicBox<T> {
             // SAFETY: `new` is published, and valid for 'a as in `get`.
             Ok(_) => (unsafe { &*new }, true),
             Err(current) => {
-                // SAFETY: `new` came from Box::into_raw above and was never published.
-                drop(unsafe { Box::from_raw(new) });
+                // SAFETY: `new` came from into_raw above and was never published.
+                drop(unsafe { O::from_raw(new) });
                 // SAFETY: `current` is non-null (the exchange from null failed); valid for 'a as
                 // in `get`.
                 (unsafe { &*current }, false)
@@ -340,7 +453,7 @@ impl<T> AtomicBox<T> {
 
     /// Unlinks the piece (the pointer becomes null) into `limbo`, with `tag` (the owner's note
     /// of what it was). False when there was none.
-    pub(crate) fn retire(&self, limbo: &mut Limbo<T>, tag: u64) -> bool {
+    pub(crate) fn retire(&self, limbo: &mut Limbo<T, O>, tag: u64) -> bool {
         let Some(p) = NonNull::new(self.ptr.swap(ptr::null_mut(), SeqCst)) else {
             return false;
         };
@@ -350,42 +463,45 @@ impl<T> AtomicBox<T> {
     }
 }
 
-impl<T> Default for AtomicBox<T> {
+impl<T, O: Owner<Target = T>> Default for AtomicBox<T, O> {
     fn default() -> Self {
         AtomicBox::new()
     }
 }
 
-impl<T> Drop for AtomicBox<T> {
+impl<T, O: Owner<Target = T>> Drop for AtomicBox<T, O> {
     fn drop(&mut self) {
         let p = *self.ptr.get_mut();
         if !p.is_null() {
-            // SAFETY: as in `get_mut`; the pointer came from Box::into_raw.
-            drop(unsafe { Box::from_raw(p) });
+            // SAFETY: as in `get_mut`; the pointer came from into_raw.
+            drop(unsafe { O::from_raw(p) });
         }
     }
 }
 
 /// Pieces unlinked by [`AtomicBox::retire`], each with its tag: still valid (readers may use
 /// them) until [`Limbo::reclaim`] hands them back after a grace period.
-pub(crate) struct Limbo<T> {
+pub(crate) struct Limbo<T, O: Owner<Target = T> = Box<T>> {
     pieces: Vec<(NonNull<T>, u64)>,
     /// [`GRACE_SEQ`] at the newest retire, None when empty.
     newest: Option<u64>,
+    /// Owns `O`s.
+    _owns: PhantomData<O>,
 }
 
 // SAFETY: as for AtomicBox: the pieces are shared with readers (T: Sync) and freed by the
 // owner's thread (T: Send).
-unsafe impl<T: Send + Sync> Send for Limbo<T> {}
+unsafe impl<T: Send + Sync, O: Owner<Target = T>> Send for Limbo<T, O> {}
 // SAFETY: as above.
-unsafe impl<T: Send + Sync> Sync for Limbo<T> {}
+unsafe impl<T: Send + Sync, O: Owner<Target = T>> Sync for Limbo<T, O> {}
 
-impl<T> Limbo<T> {
+impl<T, O: Owner<Target = T>> Limbo<T, O> {
     /// Empty.
     pub(crate) const fn new() -> Self {
         Limbo {
             pieces: Vec::new(),
             newest: None,
+            _owns: PhantomData,
         }
     }
 
@@ -407,23 +523,23 @@ impl<T> Limbo<T> {
             .map(|&(p, tag)| (unsafe { p.as_ref() }, tag))
     }
 
-    /// Hands every piece to `f` as a box when `grace` covers them all (it started after the
-    /// newest retire); else keeps them and returns false.
-    pub(crate) fn reclaim(&mut self, grace: &Grace, mut f: impl FnMut(Box<T>, u64)) -> bool {
+    /// Hands every piece to `f` as its owner when `grace` covers them all (it started after
+    /// the newest retire); else keeps them and returns false.
+    pub(crate) fn reclaim(&mut self, grace: &Grace, mut f: impl FnMut(O, u64)) -> bool {
         if self.newest.is_some_and(|n| n > grace.covers) {
             return false;
         }
         for (p, tag) in std::mem::take(&mut self.pieces) {
             // SAFETY: unlinked before the grace period started (`newest` <= `covers`), so no
-            // reader holds it any more; it came from Box::into_raw and leaves the limbo here.
-            f(unsafe { Box::from_raw(p.as_ptr()) }, tag);
+            // reader holds it any more; it came from into_raw and leaves the limbo here.
+            f(unsafe { O::from_raw(p.as_ptr()) }, tag);
         }
         self.newest = None;
         true
     }
 }
 
-impl<T> Drop for Limbo<T> {
+impl<T, O: Owner<Target = T>> Drop for Limbo<T, O> {
     /// Frees the pieces after a grace period; leaks them if there is none (never frees a piece
     /// a reader may hold).
     fn drop(&mut self) {
@@ -447,6 +563,28 @@ pub(crate) fn test_exclusive() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// How many of the pages of `[addr, addr + len)` no mapping of this process covers (from
+/// /proc/self/maps; the kernel merges neighbouring anonymous mappings, so a range is no
+/// mapping of its own there).
+#[cfg(all(test, target_os = "linux"))]
+pub(crate) fn unmapped_pages(addr: usize, len: usize) -> usize {
+    let maps: Vec<(usize, usize)> = std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+            Some((
+                usize::from_str_radix(a, 16).ok()?,
+                usize::from_str_radix(b, 16).ok()?,
+            ))
+        })
+        .collect();
+    (addr..addr + len)
+        .step_by(4096)
+        .filter(|&p| !maps.iter().any(|&(a, b)| a <= p && p < b))
+        .count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -463,6 +601,41 @@ mod tests {
             self.alive.store(0, SeqCst);
             self.live.fetch_sub(1, SeqCst);
         }
+    }
+
+    /// A piece in pages of its own is built in place, sits alone in its mapping, drops its
+    /// elements, and gives the mapping back when dropped.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn pages_are_a_mapping_of_their_own_and_given_back() {
+        struct Counted(u64, Arc<AtomicUsize>);
+        impl Drop for Counted {
+            fn drop(&mut self) {
+                self.1.fetch_add(1, SeqCst);
+            }
+        }
+        // 25 pages: a size nothing else in the process maps.
+        const N: usize = 25 * 4096 / 16;
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let p = Pages::<[Counted; N]>::from_fn(|i| Counted(i as u64 * 3, dropped.clone()));
+        assert!(p.iter().enumerate().all(|(i, c)| c.0 == i as u64 * 3));
+        let addr = p.ptr.as_ptr() as usize;
+        assert_eq!(addr % 4096, 0);
+        assert_eq!(unmapped_pages(addr, 25 * 4096), 0);
+        // Stored raw and taken back, as an AtomicBox does.
+        let cell = AtomicBox::<[Counted; N], Pages<_>>::new();
+        let g = pin();
+        let (q, made) = cell.get_or_init(&g, || p);
+        assert!(made && q.as_ptr() as usize == addr);
+        drop(g);
+        drop(cell);
+        assert_eq!(dropped.load(SeqCst), N);
+        // Other threads of the test binary may map pieces in the hole meanwhile, not all of
+        // it.
+        assert!(
+            unmapped_pages(addr, 25 * 4096) > 0,
+            "the mapping is given back"
+        );
     }
 
     #[test]

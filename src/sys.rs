@@ -1,4 +1,5 @@
-//! The operating-system calls qdirty makes beyond std, each behind a safe function (the other
+//! The operating-system calls qdirty makes beyond std, each behind a safe function but
+//! [`unmap_pages`], whose caller vouches that nothing uses the pages any more (the other
 //! direction of the foreign function interface). With the C ABI (src/ffi) and the write log's
 //! memory reclamation (src/qsbr.rs), this is the only place with `unsafe` code.
 //!
@@ -9,6 +10,8 @@
 //!   of the process: it lets the write hook order its accesses with plain stores and a
 //!   compiler fence (no locked instruction) while the one thread that frees memory pays for
 //!   the barrier (src/qsbr.rs explains the protocol).
+//! - mmap(2) and munmap(2) for pieces of memory in pages of their own (src/qsbr.rs), given
+//!   back to the system at once when freed, outside the C allocator's heap.
 //! - malloc_trim(3) (glibc), which gives the free pages the C allocator keeps back to the
 //!   system: after large frees (a bitmap cleared, the write log's pieces reclaimed), so that
 //!   resident memory follows what qdirty holds.
@@ -134,6 +137,41 @@ pub(crate) fn membarrier_private_expedited() -> bool {
     #[cfg(not(target_os = "linux"))]
     {
         false
+    }
+}
+
+// Pages of their own.
+
+/// A private anonymous mapping of `len` bytes (readable, writable, zero-filled, page-aligned),
+/// or None when the system refuses it.
+pub(crate) fn map_pages(len: usize) -> Option<std::ptr::NonNull<u8>> {
+    // SAFETY: a new anonymous mapping at an address of the kernel's choice touches no memory
+    // of ours.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return None;
+    }
+    std::ptr::NonNull::new(p.cast())
+}
+
+/// Gives a mapping of [`map_pages`] back to the system.
+///
+/// # Safety
+/// `p` and `len` are those of one [`map_pages`] mapping, which nothing uses afterwards.
+pub(crate) unsafe fn unmap_pages(p: std::ptr::NonNull<u8>, len: usize) {
+    // SAFETY: the caller's contract. munmap fails only for arguments that are not a mapping,
+    // which the contract excludes.
+    unsafe {
+        libc::munmap(p.as_ptr().cast(), len);
     }
 }
 

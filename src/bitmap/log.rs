@@ -116,7 +116,7 @@ use std::sync::atomic::{
 };
 use std::sync::{Mutex, PoisonError};
 
-use crate::qsbr::{self, AtomicBox, Guard, Limbo};
+use crate::qsbr::{self, AtomicBox, Guard, Limbo, Owner, Pages};
 
 /// log2 of the words in a leaf.
 const LEAF_WORDS_BITS: u32 = 6;
@@ -169,10 +169,23 @@ struct Pending {
     full: AtomicU64,
 }
 
+/// A piece of the log: how it is made and held.
+trait Piece: Sized {
+    /// What holds it: a leaf is a heap block, a node (36 KiB) a mapping of its own, so that
+    /// nodes freed after every absorb leave no holes in the C allocator's heap (src/qsbr.rs,
+    /// 'Pieces in pages of their own').
+    type Own: Owner<Target = Self>;
+    /// A new, empty piece.
+    fn make() -> Self::Own;
+}
+
+/// Where a node keeps a child.
+type Cell<C> = AtomicBox<C, <C as Piece>::Own>;
+
 /// 64 children of a node and their pending and full words.
-struct Group<C> {
+struct Group<C: Piece> {
     pending: Pending,
-    children: [AtomicBox<C>; GROUP_SLOTS],
+    children: [Cell<C>; GROUP_SLOTS],
 }
 
 /// A node of 4096 children, one allocation.
@@ -189,33 +202,31 @@ const LEAF_BYTES: usize = std::mem::size_of::<Leaf>();
 /// Bytes of a mid or a top.
 const NODE_BYTES: usize = std::mem::size_of::<Mid>();
 
-/// `N` elements built on the heap (no large temporary on the stack, where a writer's thread
-/// may have little).
-fn boxed<T, const N: usize>(f: impl FnMut(usize) -> T) -> Box<[T; N]> {
-    let v: Box<[T]> = (0..N).map(f).collect();
-    match v.try_into() {
-        Ok(b) => b,
-        Err(_) => unreachable!("collected exactly N elements"),
+impl Piece for Leaf {
+    type Own = Box<Leaf>;
+    fn make() -> Box<Leaf> {
+        Box::new([const { AtomicU64::new(0) }; LEAF_WORDS])
     }
 }
 
-fn new_leaf() -> Box<Leaf> {
-    Box::new([const { AtomicU64::new(0) }; LEAF_WORDS])
-}
-
-fn new_node<C>() -> Box<Node<C>> {
-    boxed(|_| Group {
-        pending: Pending {
-            bits: AtomicU64::new(0),
-            full: AtomicU64::new(0),
-        },
-        children: std::array::from_fn(|_| AtomicBox::new()),
-    })
+impl<C: Piece> Piece for Node<C> {
+    type Own = Pages<Node<C>>;
+    /// Built group by group in its pages (no large temporary on the stack, where a writer's
+    /// thread may have little).
+    fn make() -> Pages<Node<C>> {
+        Pages::from_fn(|_| Group {
+            pending: Pending {
+                bits: AtomicU64::new(0),
+                full: AtomicU64::new(0),
+            },
+            children: std::array::from_fn(|_| AtomicBox::new()),
+        })
+    }
 }
 
 /// Child `i` of a node, its pending word and bit.
 #[inline(always)]
-fn child<C>(node: &Node<C>, i: usize) -> (&AtomicBox<C>, &AtomicU64, u64) {
+fn child<C: Piece>(node: &Node<C>, i: usize) -> (&Cell<C>, &AtomicU64, u64) {
     let i = i & (NODE_SLOTS - 1);
     let g = &node[i / GROUP_SLOTS];
     (
@@ -243,13 +254,8 @@ fn mark(word: &AtomicU64, bits: u64) {
 /// The piece in `cell`, allocated and installed if missing (its bytes counted in `bytes`,
 /// before the guard ends: a drainer frees it, and uncounts it, only after that).
 #[inline]
-fn install<'a, C>(
-    cell: &'a AtomicBox<C>,
-    guard: &'a Guard,
-    make: fn() -> Box<C>,
-    bytes: &AtomicUsize,
-) -> &'a C {
-    let (piece, made) = cell.get_or_init(guard, make);
+fn install<'a, C: Piece>(cell: &'a Cell<C>, guard: &'a Guard, bytes: &AtomicUsize) -> &'a C {
+    let (piece, made) = cell.get_or_init(guard, C::make);
     if made {
         bytes.fetch_add(std::mem::size_of::<C>(), Relaxed);
     }
@@ -260,7 +266,7 @@ fn install<'a, C>(
 /// bits, the words of a leaf covered in part are set one by one (at most 63 at each end).
 fn or_mid_words(mid: &Mid, guard: &Guard, base: u64, a: u64, b: u64, bytes: &AtomicUsize) {
     or_node_words(mid, base, LEAF_WORDS_BITS, a, b, |cell, l, h, leaf_base| {
-        let leaf = install(cell, guard, new_leaf, bytes);
+        let leaf = install(cell, guard, bytes);
         for w in l..=h {
             mark(&leaf[(w - leaf_base) as usize], !0);
         }
@@ -270,7 +276,7 @@ fn or_mid_words(mid: &Mid, guard: &Guard, base: u64, a: u64, b: u64, bytes: &Ato
 /// Word `w` (relative to the mid) |= mask, then the leaf's bit in the mid.
 fn or_in(mid: &Mid, guard: &Guard, w: u64, mask: u64, bytes: &AtomicUsize) {
     let (cell, pending, bit) = child(mid, (w >> LEAF_WORDS_BITS) as usize);
-    let leaf = install(cell, guard, new_leaf, bytes);
+    let leaf = install(cell, guard, bytes);
     mark(&leaf[w as usize & (LEAF_WORDS - 1)], mask);
     mark(pending, bit);
 }
@@ -301,7 +307,11 @@ enum Found<'a, C> {
 /// Takes the pending bits of a node (swap(0)), then its full bits (swap(0), after: see the
 /// ordering argument), and calls `each` with every full child and every existing child the
 /// pending bits name.
-fn drain_node<'a, C>(node: &'a Node<C>, guard: &'a Guard, mut each: impl FnMut(Found<'a, C>)) {
+fn drain_node<'a, C: Piece>(
+    node: &'a Node<C>,
+    guard: &'a Guard,
+    mut each: impl FnMut(Found<'a, C>),
+) {
     for (gi, group) in node.iter().enumerate() {
         if group.pending.bits.load(SeqCst) == 0 {
             continue;
@@ -354,13 +364,13 @@ fn drain_top(top: &Top, guard: &Guard, base: u64, f: &mut impl Sink) {
 /// per atomic operation); a child covered in part is handed to `partial(cell, first word,
 /// last word, the child's first word)`, which writes into it; then the pending bits of every
 /// child touched. `a..=b` lies within the node.
-fn or_node_words<C>(
+fn or_node_words<C: Piece>(
     node: &Node<C>,
     base: u64,
     child_bits: u32,
     a: u64,
     b: u64,
-    mut partial: impl FnMut(&AtomicBox<C>, u64, u64, u64),
+    mut partial: impl FnMut(&Cell<C>, u64, u64, u64),
 ) {
     let start = |c: u64| base + (c << child_bits);
     let end = |c: u64| start(c) + (1 << child_bits) - 1;
@@ -418,9 +428,9 @@ fn top_bytes(top: &mut Top) -> usize {
 #[repr(align(64))]
 struct Layer {
     /// Words `[0, 2^18)`.
-    near: AtomicBox<Mid>,
+    near: Cell<Mid>,
     /// Words `[2^30 t, 2^30 (t + 1))`, mids past the first (top 0's mid 0 is `near`).
-    tops: [AtomicBox<Top>; LAYER_TOPS],
+    tops: [Cell<Top>; LAYER_TOPS],
     /// Bit t: top t may hold bits.
     far_pending: AtomicU64,
     /// Bit t: top t is entirely written; bit [`NEAR_FULL`]: the near mid is.
@@ -477,7 +487,7 @@ impl Layer {
                 if lo == 0 && near_hi == NEAR_WORDS - 1 {
                     mark(&self.full, NEAR_FULL);
                 } else {
-                    let mid = install(&self.near, guard, new_node, bytes);
+                    let mid = install(&self.near, guard, bytes);
                     or_mid_words(mid, guard, 0, lo, near_hi, bytes);
                 }
                 parts |= 1;
@@ -486,9 +496,9 @@ impl Layer {
                     continue;
                 }
             }
-            let top = install(&self.tops[t as usize], guard, new_node, bytes);
+            let top = install(&self.tops[t as usize], guard, bytes);
             or_node_words(top, ts, MID_WORDS_BITS, lo, hi, |cell, l, h, base| {
-                let mid = install(cell, guard, new_node, bytes);
+                let mid = install(cell, guard, bytes);
                 or_mid_words(mid, guard, base, l, h, bytes);
             });
             mark(&self.far_pending, 1 << t);
@@ -525,14 +535,14 @@ impl Layer {
         }
         let m = w >> MID_WORDS_BITS;
         if m == 0 {
-            let mid = install(&self.near, guard, new_node, bytes);
+            let mid = install(&self.near, guard, bytes);
             or_in(mid, guard, w, mask, bytes);
             return Some(0);
         }
         let t = (w >> TOP_WORDS_BITS) as usize;
-        let top = install(&self.tops[t], guard, new_node, bytes);
+        let top = install(&self.tops[t], guard, bytes);
         let (cell, pending, bit) = child(top, m as usize);
-        let mid = install(cell, guard, new_node, bytes);
+        let mid = install(cell, guard, bytes);
         or_in(mid, guard, w, mask, bytes);
         mark(pending, bit);
         mark(&self.far_pending, 1 << t);
@@ -562,9 +572,9 @@ impl Layer {
 /// Pieces unlinked from the layers, not yet freed (writers may still hold them).
 struct Retired {
     /// Near mids, tagged with their layer.
-    mids: Limbo<Mid>,
+    mids: Limbo<Mid, Pages<Mid>>,
     /// Tops, tagged with their layer and index.
-    tops: Limbo<Top>,
+    tops: Limbo<Top, Pages<Top>>,
 }
 
 impl Retired {
@@ -1063,6 +1073,40 @@ mod tests {
         assert_eq!(log.memory(), empty, "whole tops allocate nothing");
         let mut want = Ranges::default();
         want.add(9, 0, (size >> 9) - 1);
+        assert_eq!(Ranges::drain(&log), want.merged());
+    }
+
+    /// Nodes (mids and tops, 36 KiB) sit in pages of their own, outside the C allocator's
+    /// heap.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn nodes_are_mappings_of_their_own() {
+        let log = WriteLog::new(1 << 50);
+        log.set_granularity_bits(Some(9));
+        log.set(4096, 512);
+        log.set(1 << 45, 512);
+        let g = qsbr::pin();
+        let layer = &log.layers[0];
+        let near = layer.near.get(&g).unwrap();
+        // Granule 2^36 is word 2^30: top 1, its mid 0.
+        let w = 1u64 << 30;
+        let top = layer.tops[(w >> TOP_WORDS_BITS) as usize].get(&g).unwrap();
+        let (cell, _, _) = child(top, (w >> MID_WORDS_BITS) as usize);
+        let mid = cell.get(&g).unwrap();
+        // Page-aligned and mapped: the C allocator's 36 KiB blocks follow a header and are
+        // never page-aligned.
+        for node in [
+            near.as_ptr() as usize,
+            top.as_ptr() as usize,
+            mid.as_ptr() as usize,
+        ] {
+            assert_eq!(node % 4096, 0, "{node:#x}");
+            assert_eq!(qsbr::unmapped_pages(node, NODE_BYTES), 0, "{node:#x}");
+        }
+        drop(g);
+        let mut want = Ranges::default();
+        want.add(9, 8, 8);
+        want.add(9, 1 << 36, 1 << 36);
         assert_eq!(Ranges::drain(&log), want.merged());
     }
 
