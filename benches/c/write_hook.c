@@ -37,7 +37,10 @@
  * what a call costs the writes there is the lock); the atomic baseline's call is a seq_cst
  * load of one word (nothing to absorb). The clock is read around each batch of K writes: the
  * writes' time and the calls' time are reported apart ("cadence_*" keys), interleaved with the
- * other variants round by round, ratios per round.
+ * other variants round by round, ratios per round. Then the same with the calls made by a
+ * second thread (a host's management thread, pinned to the other CPU) every 1 ms and 10 ms of
+ * wall time while the writer runs ("caller_thread_*" keys: the writer's time per write, the
+ * calls' own time per call; both need the second CPU free).
  *
  * Usage: write_hook NBITMAPS WRITES_PER_THREAD [ROUNDS]   (ROUNDS defaults to 7)
  * Output: "key value..." lines. */
@@ -229,6 +232,45 @@ static void *cadence_job(void *arg)
         j->calls++;
     }
     /* Keeps the calls' results alive. */
+    if (sink == UINT64_MAX) {
+        fprintf(stderr, "unlikely\n");
+    }
+    return NULL;
+}
+
+/* A host's management thread: a call every `period_ns` (absolute deadlines) until `stop`. */
+struct caller {
+    struct job *job;
+    long period_ns;
+    _Atomic int stop;
+    double call_s;
+    uint64_t calls;
+};
+
+static void *caller_job(void *arg)
+{
+    struct caller *c = arg;
+    struct timespec next;
+    uint64_t sink = 0;
+    clock_gettime(CLOCK_MONOTONIC, &next);
+    c->call_s = 0;
+    c->calls = 0;
+    while (!atomic_load(&c->stop)) {
+        next.tv_nsec += c->period_ns;
+        while (next.tv_nsec >= 1000000000L) {
+            next.tv_nsec -= 1000000000L;
+            next.tv_sec++;
+        }
+        clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL);
+        if (atomic_load(&c->stop)) {
+            break;
+        }
+        double t0 = now();
+        sink += c->job->variant == HOOK ? qdirty_bitmap_count(c->job->bm)
+                                         : flat_call(c->job->flat, c->job->variant);
+        c->call_s += now() - t0;
+        c->calls++;
+    }
     if (sink == UINT64_MAX) {
         fprintf(stderr, "unlikely\n");
     }
@@ -447,6 +489,50 @@ int main(int argc, char **argv)
         }
     }
 
+    /* The same with the calls made by a second thread (pinned to the other CPU) every 1 ms
+     * and 10 ms of wall time while the writer runs: the writer's time per write. */
+    double tw[PERIODS][VARIANTS][MAX_ROUNDS], tc[PERIODS][VARIANTS][MAX_ROUNDS];
+    uint64_t tcalls[PERIODS][VARIANTS][MAX_ROUNDS];
+    for (int r = 0; r < rounds && baselines; r++) {
+        for (int k = 0; k < VARIANTS; k++) {
+            int v = (r + k) % VARIANTS;
+            for (int p = 0; p < PERIODS; p++) {
+                if (v != HOOK) {
+                    memset((void *)flat.atomic_bits, 0, flat.words * sizeof(uint64_t));
+                    memset(flat.bits, 0, flat.words * sizeof(uint64_t));
+                }
+                struct job cj = jobs[0];
+                cj.variant = v;
+                struct caller c = {&cj, (long)(period_s[p] * 1e9), 0, 0, 0};
+                pthread_t th;
+                pthread_attr_t attr;
+                pthread_attr_init(&attr);
+                if (ncpus > 1) {
+                    cpu_set_t set;
+                    CPU_ZERO(&set);
+                    CPU_SET(cpus[1], &set);
+                    pthread_attr_setaffinity_np(&attr, sizeof set, &set);
+                }
+                if (pthread_create(&th, &attr, caller_job, &c) != 0) {
+                    fprintf(stderr, "pthread_create failed\n");
+                    return 1;
+                }
+                pthread_attr_destroy(&attr);
+                void *(*fn)(void *) = v == HOOK          ? hook_job
+                                      : v == ATOMIC_FLAT ? atomic_flat_job
+                                                         : mutex_flat_job;
+                tw[p][v][r] = run(fn, &cj, 1);
+                atomic_store(&c.stop, 1);
+                pthread_join(th, NULL);
+                tc[p][v][r] = c.call_s;
+                tcalls[p][v][r] = c.calls;
+                if (v == HOOK) {
+                    (void)qdirty_bitmap_count(first);
+                }
+            }
+        }
+    }
+
     double hook1[MAX_ROUNDS], hook2[MAX_ROUNDS], f1[MAX_ROUNDS], hf1[MAX_ROUNDS];
     double fa1[MAX_ROUNDS], hfa1[MAX_ROUNDS];
     double ratio[MAX_ROUNDS], ratio_fold[MAX_ROUNDS];
@@ -516,6 +602,28 @@ int main(int argc, char **argv)
                     rel[r] = cw[p][HOOK][r] / cw[p][v][r];
                 }
                 snprintf(key, sizeof key, "cadence_%s_hook_over_%s", period_name[p], vn[v]);
+                report(key, rel, rounds);
+            }
+            for (int v = 0; v < VARIANTS; v++) {
+                double w[MAX_ROUNDS], c[MAX_ROUNDS];
+                for (int r = 0; r < rounds; r++) {
+                    w[r] = tw[p][v][r] * 1e9 / (double)n;
+                    c[r] = tcalls[p][v][r] ? tc[p][v][r] * 1e6 / (double)tcalls[p][v][r] : 0;
+                }
+                snprintf(key, sizeof key, "caller_thread_%s_%s_ns_per_write", period_name[p],
+                         vn[v]);
+                report(key, w, rounds);
+                snprintf(key, sizeof key, "caller_thread_%s_%s_us_per_call", period_name[p],
+                         vn[v]);
+                report(key, c, rounds);
+            }
+            for (int v = ATOMIC_FLAT; v <= MUTEX_FLAT; v++) {
+                double rel[MAX_ROUNDS];
+                for (int r = 0; r < rounds; r++) {
+                    rel[r] = tw[p][HOOK][r] / tw[p][v][r];
+                }
+                snprintf(key, sizeof key, "caller_thread_%s_hook_over_%s", period_name[p],
+                         vn[v]);
                 report(key, rel, rounds);
             }
         }
