@@ -30,11 +30,11 @@ pub const MIN_ZONE_BYTES: u64 = 64 << 10;
 
 /// Most zones a disk is cut into: larger zones are used on disks where the chosen size would
 /// make more (each zone costs 1 bit, and 4 bytes of counters per writer thread, up to
-/// [`SHARDS`] threads).
+/// 8 threads).
 pub const MAX_ZONES: u64 = 1 << 20;
 
 /// Shards of the in-flight counters: threads beyond this many share them.
-pub const SHARDS: usize = 8;
+pub(crate) const SHARDS: usize = 8;
 
 thread_local! {
     /// This thread's shard of the in-flight counters (usize::MAX: not chosen yet).
