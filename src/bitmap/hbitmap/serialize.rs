@@ -183,11 +183,12 @@ impl HBitmap {
         let limit = SPARSE_MAX.saturating_sub(kept.unwrap_or(SPARSE_MAX));
         // One pass over the words: their OR and AND (to classify the chunk; the last word of
         // the bitmap is compared to its mask separately) and, while a sparse result is still
-        // possible, the non-zero words. A block of 8 words costs one OR and one AND of its
-        // words (a clean block, most of them, nothing more); a block with a set word has all
-        // its words written out and the count advanced past the non-zero ones, without a
-        // branch per word. Up to 7 words past `limit` land in the spare room of the arrays
-        // before the block's end shows the chunk does not fit.
+        // possible, the non-zero words. A block of 8 words costs one OR of its words (and
+        // their AND while every word so far is all ones): a clean block, most of them, costs
+        // nothing more; a block with a set word has all its words written out and the count
+        // advanced past the non-zero ones, without a branch per word. Up to 7 words past
+        // `limit` land in the spare room of the arrays before the block's end shows the chunk
+        // does not fit.
         let body = if hi == cap_words { nw - 1 } else { nw };
         let (mut or, mut and) = (0u64, !0u64);
         let mut at = [0u16; SPARSE_MAX + 8];
@@ -205,7 +206,10 @@ impl HBitmap {
             }
             let block_or = w.iter().fold(0, |x, &v| x | v);
             or |= block_or;
-            and &= w.iter().fold(!0, |x, &v| x & v);
+            // Once a word is not all ones the chunk is not full: no more ANDs.
+            if and == !0 {
+                and &= w.iter().fold(!0, |x, &v| x & v);
+            }
             if collect && block_or != 0 {
                 for (k, &v) in w.iter().enumerate() {
                     at[nz] = (lo + bi * 8 + k) as u16;
