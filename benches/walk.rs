@@ -1,7 +1,7 @@
 //! Walk benchmark: reading every dirty extent of a large, sparsely dirty bitmap through the C
 //! ABI, against a naive scan of a flat bit array in the same run.
 //! `cargo bench --bench walk` (plain main, no harness); optional filter of the walks:
-//! `cargo bench --bench walk -- extents area zero iter`.
+//! `cargo bench --bench walk -- extents area zero iter python`.
 //!
 //! A standalone image of 16 TiB with one 64 KiB-granularity bitmap (2^28 granules), 0.1% of its
 //! granules dirty at random positions (written through the lock-free hook,
@@ -15,11 +15,22 @@
 //! * `qdirty_iter_next` per dirty granule.
 //!
 //! Every walk's runs are checked against the flat scan's (count, bytes, a checksum).
+//!
+//! Python section (filter `python`; `PYTHON` picks the interpreter, default `python3`): the
+//! package's `Bitmap.dirty_extents()` over the same bitmap, rebuilt by benches/walk.py in a child
+//! process (same granules, checked against this side's runs), against the C batch walk above and
+//! a pure Python generator yielding as many tuples. The rounds alternate: one C walk here, then
+//! one Python walk and one tuple loop there; medians of `RUNS` rounds. The figure is
+//! (Python - tuples) / C: what the package adds to the C walk, beyond building the tuples any
+//! Python iterator of runs builds, in C walks.
 
 use std::hint::black_box;
-use std::process::Command;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
 use std::ptr;
 use std::time::{Duration, Instant};
+
+use qdirty_testkit::clib::{lib_dir, root};
 
 use qdirty::ffi::{
     qdirty_bitmap, qdirty_bitmap_dirty_extents, qdirty_bitmap_iter_new, qdirty_bitmap_next_dirty,
@@ -366,7 +377,93 @@ fn main() {
         );
     }
     println!();
+    if want("python") {
+        python_walks(bm, reference, runs);
+    }
     // SAFETY: an open image, closed once (no iterator left).
     let r = unsafe { qdirty_image_close(img, ptr::null_mut()) };
     assert_eq!(r, 0, "close");
+}
+
+/// The Python section: benches/walk.py in a child process, rounds alternating with C walks.
+fn python_walks(bm: *mut qdirty_bitmap, reference: Found, runs: usize) {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let spawned = Command::new(&python)
+        .arg(root().join("benches/walk.py"))
+        .args(
+            [
+                SIZE,
+                GRANULARITY,
+                DIRTY_ONE_IN,
+                reference.runs,
+                reference.bytes,
+                reference.sum,
+            ]
+            .map(|v| v.to_string()),
+        )
+        .env("QDIRTY_LIB", lib_dir().join("libqdirty.so"))
+        .env("PYTHONPATH", root().join("python"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            println!("Python section skipped: cannot run {python} ({e}); set PYTHON\n");
+            return;
+        }
+    };
+    let mut to = child.stdin.take().unwrap();
+    let mut from = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    from.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "benches/walk.py did not start");
+    let (mut c, mut py, mut tuples) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let t = Instant::now();
+        let w = black_box(walk_extents(bm));
+        c.push(t.elapsed());
+        assert_eq!(w.found, reference, "C walk");
+        writeln!(to, "walk").unwrap();
+        to.flush().unwrap();
+        line.clear();
+        from.read_line(&mut line).unwrap();
+        let ns: Vec<u64> = line
+            .split_whitespace()
+            .map(|v| v.parse().unwrap())
+            .collect();
+        assert_eq!(ns.len(), 2, "benches/walk.py answered {line:?}");
+        py.push(Duration::from_nanos(ns[0]));
+        tuples.push(Duration::from_nanos(ns[1]));
+    }
+    drop(to);
+    assert!(child.wait().unwrap().success(), "benches/walk.py failed");
+    let (c, py, tuples) = (median(c), median(py), median(tuples));
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let per_run = |d: Duration| d.as_secs_f64() * 1e9 / reference.runs as f64;
+    println!("Python (`{python}`), rounds alternating with the C walk; median of {runs} rounds\n");
+    println!("| Walk | ms per walk | ns per run |");
+    println!("|---|---|---|");
+    for (name, t) in [
+        (
+            "`qdirty_bitmap_dirty_extents` from Rust (1,024-extent buffer)",
+            c,
+        ),
+        (
+            "Python `Bitmap.dirty_extents()` (default batch of 1,024)",
+            py,
+        ),
+        (
+            "pure Python generator of as many `(offset, length)` tuples",
+            tuples,
+        ),
+    ] {
+        println!("| {name} | {:.2} | {:.1} |", ms(t), per_run(t));
+    }
+    println!(
+        "\n(Python - tuples) / C = {:.2} (Python / C = {:.1})\n",
+        (py.as_secs_f64() - tuples.as_secs_f64()) / c.as_secs_f64(),
+        py.as_secs_f64() / c.as_secs_f64()
+    );
 }

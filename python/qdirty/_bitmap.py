@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import itertools
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Tuple, TypeVar
 
 from . import _ffi
 from ._common import U64_MAX, QdirtyError, addr, check_ptr, check_rc, lib, uint
@@ -26,6 +27,16 @@ CHECK_INCONSISTENT = _ffi.QDIRTY_CHECK_INCONSISTENT
 CHECK_DEFAULT = _ffi.QDIRTY_CHECK_DEFAULT
 #: BUSY | INCONSISTENT: for operations that read or change state (BDRV_BITMAP_ALLOW_RO).
 CHECK_ALLOW_RO = _ffi.QDIRTY_CHECK_ALLOW_RO
+
+
+def _pieces(runs: Iterable[Tuple[int, int]], max_len: int) -> Iterator[Tuple[int, int]]:
+    """``runs`` cut into pieces at most ``max_len`` bytes long, in order."""
+    for off, length in runs:
+        while length > 0:
+            piece = min(length, max_len)
+            yield off, piece
+            off += piece
+            length -= piece
 
 
 @public
@@ -453,25 +464,36 @@ class Bitmap:
     def _dirty_extents(
         self, start: int, stop: int, batch: int, max_len: Optional[int]
     ) -> Iterator[Tuple[int, int]]:
+        # One generator step per batch, none per run: chain walks the batches' zips in C.
+        return itertools.chain.from_iterable(self._extent_batches(start, stop, batch, max_len))
+
+    def _extent_batches(
+        self, start: int, stop: int, batch: int, max_len: Optional[int]
+    ) -> Iterator[Iterable[Tuple[int, int]]]:
+        """The runs of each ``qdirty_bitmap_dirty_extents`` call, as an iterable of tuples.
+
+        The extents are decoded as one list of words (``offset, length, offset, ...``: the
+        ``qdirty_extent`` array seen as native ``uint64_t``), paired by ``zip``: no Python
+        code runs per run unless ``max_len`` cuts it."""
         h = self._p()
         out = (_ffi.Extent * batch)()
+        words = memoryview(out).cast("B").cast("Q")
         n = ctypes.c_size_t()
+        n_ref = ctypes.byref(n)
+        fn = lib.qdirty_bitmap_dirty_extents
         pos = start
         while True:
-            check_rc(lib.qdirty_bitmap_dirty_extents, h, pos, stop, out, batch, ctypes.byref(n))
-            runs = [(int(out[i].offset), int(out[i].length)) for i in range(n.value)]
-            for off, length in runs:
-                if max_len is None:
-                    yield off, length
-                    continue
-                while length > 0:
-                    piece = min(length, max_len)
-                    yield off, piece
-                    off += piece
-                    length -= piece
-            if n.value < batch:
+            check_rc(fn, h, pos, stop, out, batch, n_ref)
+            count = n.value
+            flat = words[: 2 * count].tolist()
+            pairs = iter(flat)
+            runs: Iterable[Tuple[int, int]] = zip(pairs, pairs)
+            if max_len is not None and max(flat[1::2], default=0) > max_len:
+                runs = _pieces(runs, max_len)
+            yield runs
+            if count < batch:
                 return
-            pos = runs[-1][0] + runs[-1][1]
+            pos = flat[-2] + flat[-1]
             if pos >= stop:
                 return
 

@@ -164,68 +164,80 @@ impl HBitmap {
             self.fill_chunk(c, 0, cap - 1, true);
             return;
         }
-        // Classify: OR and AND of the words (the last one compared to its mask separately).
-        let body = if hi == cap_words { nw - 1 } else { nw };
-        let (mut or, mut and) = (0u64, !0u64);
-        for b in src[..body * 8].chunks_exact(8) {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(b);
-            let v = u64::from_le_bytes(a);
-            or |= v;
-            and &= v;
-        }
-        let mut ones = and == !0;
-        if body < nw {
-            let v = word(nw - 1);
-            or |= v;
-            ones &= v == tail_mask;
-        }
-        let zeros = or == 0;
         // A clean or sparse chunk that stays within SPARSE_MAX words is built as a sparse
         // one straight from the incoming words (no 8 KiB chunk allocated or touched).
         let whole = lo == 0 && hi == cap_words;
-        if !(zeros || (whole && ones)) && (whole || !self.chunks.is_some(c)) {
-            let kept = match self.sp(c) {
-                _ if whole => Some(0),
-                Some(s) => Some(
-                    s.entries
-                        .iter()
-                        .filter(|e| usize::from(e.0) < lo || usize::from(e.0) >= hi)
-                        .count(),
-                ),
-                None if self.notfull.get(c) => Some(0),
-                None => None, // full
-            };
-            // The non-zero incoming words, in blocks of 8 words (an all-zero block, most of
-            // them, costs one OR), given up past SPARSE_MAX.
-            let mut found = [(0u16, 0u64); SPARSE_MAX];
-            let mut nz = 0usize;
-            let limit = SPARSE_MAX.saturating_sub(kept.unwrap_or(SPARSE_MAX));
-            let mut fits = kept.is_some();
-            'scan: for (bi, block) in src.chunks(64).enumerate() {
-                if !fits {
-                    break;
-                }
-                let any = block.chunks_exact(8).fold(0u64, |acc, b| {
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(b);
-                    acc | u64::from_le_bytes(a)
-                });
-                if any == 0 {
-                    continue;
-                }
-                for i in bi * 8..bi * 8 + block.len() / 8 {
-                    let v = word(i);
-                    if v != 0 {
-                        if nz == limit {
-                            fits = false;
-                            break 'scan;
-                        }
-                        found[nz] = ((lo + i) as u16, v);
-                        nz += 1;
-                    }
-                }
+        let try_sparse = whole || !self.chunks.is_some(c);
+        let kept = match self.sp(c) {
+            _ if !try_sparse => None,
+            _ if whole => Some(0),
+            Some(s) => Some(
+                s.entries
+                    .iter()
+                    .filter(|e| usize::from(e.0) < lo || usize::from(e.0) >= hi)
+                    .count(),
+            ),
+            None if self.notfull.get(c) => Some(0),
+            None => None, // full
+        };
+        let limit = SPARSE_MAX.saturating_sub(kept.unwrap_or(SPARSE_MAX));
+        // One pass over the words: their OR and AND (to classify the chunk; the last word of
+        // the bitmap is compared to its mask separately) and, while a sparse result is still
+        // possible, the non-zero words. A block of 8 words costs one OR of its words (and
+        // their AND while every word so far is all ones): a clean block, most of them, costs
+        // nothing more; a block with a set word has all its words written out and the count
+        // advanced past the non-zero ones, without a branch per word. Up to 7 words past
+        // `limit` land in the spare room of the arrays before the block's end shows the chunk
+        // does not fit.
+        let body = if hi == cap_words { nw - 1 } else { nw };
+        let (mut or, mut and) = (0u64, !0u64);
+        let mut at = [0u16; SPARSE_MAX + 8];
+        let mut val = [0u64; SPARSE_MAX + 8];
+        let mut nz = 0usize;
+        let mut collect = kept.is_some();
+        let blocks = src[..body * 8].chunks_exact(64);
+        let rest = body - blocks.remainder().len() / 8;
+        for (bi, block) in blocks.enumerate() {
+            let mut w = [0u64; 8];
+            for (d, b) in w.iter_mut().zip(block.chunks_exact(8)) {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(b);
+                *d = u64::from_le_bytes(a);
             }
+            let block_or = w.iter().fold(0, |x, &v| x | v);
+            or |= block_or;
+            // Once a word is not all ones the chunk is not full: no more ANDs.
+            if and == !0 {
+                and &= w.iter().fold(!0, |x, &v| x & v);
+            }
+            if collect && block_or != 0 {
+                for (k, &v) in w.iter().enumerate() {
+                    at[nz] = (lo + bi * 8 + k) as u16;
+                    val[nz] = v;
+                    nz += usize::from(v != 0);
+                }
+                collect = nz <= limit;
+            }
+        }
+        let mut ones = and == !0;
+        for i in rest..nw {
+            let v = word(i);
+            or |= v;
+            if i < body {
+                ones &= v == !0;
+            } else {
+                ones &= v == tail_mask;
+            }
+            if collect && v != 0 {
+                at[nz] = (lo + i) as u16;
+                val[nz] = v;
+                nz += 1;
+                collect = nz <= limit;
+            }
+        }
+        let zeros = or == 0;
+        let fits = collect;
+        if !(zeros || (whole && ones)) && try_sparse {
             if let Some(kept) = kept.filter(|_| fits) {
                 let old = self.chunk_dirty(c);
                 self.chunks.take(c);
@@ -242,9 +254,9 @@ impl HBitmap {
                     count += e.1.count_ones();
                     entries.push(e);
                 }
-                for &e in &found[..nz] {
-                    count += e.1.count_ones();
-                    entries.push(e);
+                for (&i, &v) in at[..nz].iter().zip(&val[..nz]) {
+                    count += v.count_ones();
+                    entries.push((i, v));
                 }
                 for e in pending.into_iter().chain(rest) {
                     if usize::from(e.0) >= hi {
