@@ -5,7 +5,12 @@
  * qdirty_io_ops (qdirty_image_open_with_io), so that qdirty never allocates a cluster behind its
  * back.
  *
- *   host_embed IMAGE BITMAP OFFSET:LENGTH... [-- OFFSET:LENGTH...]
+ *   host_embed [--durable [--crash]] IMAGE BITMAP OFFSET:LENGTH... [-- OFFSET:LENGTH...]
+ *
+ * With --durable the image is opened in durable mode (QDIRTY_OPEN_DURABLE) and every guest write
+ * is announced with qdirty_image_prepare_write before the hook records it; with --crash the
+ * program then dies without closing the image (_exit), as a host killed after the guest's
+ * writes: its bitmaps must be consistent on disk and cover every write.
  *
  * It opens IMAGE (an existing qcow2 v3 file), reads the header and the refcount table and blocks
  * itself, opens the image in qdirty read-write through its callbacks, adds the persistent bitmap
@@ -373,8 +378,17 @@ static int parse_range(const char *s, uint64_t *off, uint64_t *len)
 
 int main(int argc, char **argv)
 {
-    if (argc < 3) {
-        fprintf(stderr, "usage: host_embed IMAGE BITMAP OFFSET:LENGTH... [-- OFFSET:LENGTH...]\n");
+    int durable = 0, crash = 0;
+    while (argc > 1 && (strcmp(argv[1], "--durable") == 0 || strcmp(argv[1], "--crash") == 0)) {
+        if (strcmp(argv[1], "--durable") == 0)
+            durable = 1;
+        else
+            crash = 1;
+        argv++, argc--;
+    }
+    if (argc < 3 || (crash && !durable)) {
+        fprintf(stderr, "usage: host_embed [--durable [--crash]] IMAGE BITMAP OFFSET:LENGTH... "
+                        "[-- OFFSET:LENGTH...]\n");
         return 2;
     }
     struct host h = {0};
@@ -397,7 +411,8 @@ int main(int argc, char **argv)
     };
     qdirty_error *err = NULL;
     /* Load: when the host opens the image, before the guest runs. */
-    qdirty_image *img = qdirty_image_open_with_io(&ops, &h, argv[1], QDIRTY_OPEN_RDWR, &err);
+    uint32_t flags = QDIRTY_OPEN_RDWR | (durable ? QDIRTY_OPEN_DURABLE : 0);
+    qdirty_image *img = qdirty_image_open_with_io(&ops, &h, argv[1], flags, &err);
     if (!img)
         return failed("open", err);
     if (!qdirty_image_add_bitmap(img, argv[2], 0, QDIRTY_BITMAP_PERSISTENT, &err))
@@ -418,7 +433,18 @@ int main(int argc, char **argv)
             fprintf(stderr, "host_embed: bad range '%s' (want OFFSET:LENGTH)\n", argv[i]);
             return 2;
         }
+        /* Durable mode: the bitmaps on disk cover the range before the write is issued (no-op
+         * otherwise); a failure means the guest write must fail. */
+        if (qdirty_image_prepare_write(img, off, len, &err) < 0)
+            return failed("prepare_write", err);
+        /* ... the host issues the guest write here ... */
         qdirty_image_set_dirty(img, off, len);
+    }
+    if (crash) {
+        /* Killed: nothing is closed, stored or flushed any more. */
+        printf("host_embed: crashed after the writes\n");
+        fflush(stdout);
+        _exit(0);
     }
 
     /* Close stores the bitmaps; the host releases the file only afterwards. */

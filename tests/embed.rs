@@ -77,6 +77,11 @@ fn build_host(out_dir: &Path) -> PathBuf {
 
 /// Runs the host on `img`; returns (success, stdout + stderr).
 fn run_host(exe: &Path, img: &Path, args: &[String]) -> (bool, String) {
+    run_host_argv(exe, &[], img, args)
+}
+
+/// Runs the host with options (`--durable`, `--crash`) before the image.
+fn run_host_argv(exe: &Path, opts: &[String], img: &Path, args: &[String]) -> (bool, String) {
     let libdir = lib_dir();
     let mut ld_path = std::ffi::OsString::from(libdir.as_os_str());
     if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
@@ -84,6 +89,7 @@ fn run_host(exe: &Path, img: &Path, args: &[String]) -> (bool, String) {
         ld_path.push(old);
     }
     let out = Command::new(exe)
+        .args(opts)
         .arg(img)
         .args(args)
         .env("LD_LIBRARY_PATH", ld_path)
@@ -165,6 +171,74 @@ fn host_scenario(test: &str, cluster_size: u64, existing: bool) {
             "{test}: extents of 'old'"
         );
     }
+}
+
+/// Durable mode on the embedding path: the host (its own allocator) announces every write with
+/// `qdirty_image_prepare_write`, stores once, and dies without closing the image. QEMU must
+/// find every bitmap consistent, the file without corruption, and each bitmap dirty wherever
+/// the host wrote (whole zones may be dirty: a superset).
+fn host_durable_crash(test: &str, cluster_size: u64) {
+    if !require_tools(test) {
+        return;
+    }
+    let tmp = TempDir::new(test);
+    let exe = build_host(tmp.path());
+    let img = tmp.join("disk.qcow2");
+    let size = 256 * MIB;
+    qemu_img_create(&img, size, &format!("cluster_size={cluster_size}"), &[]);
+    let qemu_writes = [(MIB, 3 * MIB)];
+    qemu_img_bitmap_add(&img, "old", None, false);
+    qemu_io_write(&img, &qemu_writes);
+    let before = [(0u64, 1u64), (100 * MIB + 100, 70_000)];
+    let after = [(17 * MIB, 2 * MIB + 1), (size - 4096, 4096)];
+    let mut args = vec!["new".to_string()];
+    args.extend(before.iter().map(|(o, l)| format!("{o}:{l}")));
+    args.push("--".into());
+    args.extend(after.iter().map(|(o, l)| format!("{o}:{l}")));
+    let opts = ["--durable".to_string(), "--crash".to_string()];
+    let (ok, out) = run_host_argv(&exe, &opts, &img, &args);
+    assert!(ok, "{test}: host_embed failed:\n{out}");
+    assert!(out.contains("crashed after the writes"), "{test}: {out}");
+
+    let c = qemu_img_check(&img);
+    assert!(
+        c.corruptions == 0 && c.check_errors == 0,
+        "{test}: qemu-img check after the crash: {c}"
+    );
+    let got = qemu_img_info_bitmaps(&img, false);
+    assert_eq!(got.len(), 2, "{test}: {got:?}");
+    for b in &got {
+        assert!(
+            !b.in_use() && b.auto(),
+            "{test}: bitmap {} after the crash: {:?}",
+            b.name,
+            b.flags
+        );
+    }
+    let granularity = cluster_size.clamp(4096, 65536);
+    let covers = |name: &str, writes: &[(u64, u64)]| {
+        let dirty = nbd_dirty_extents(&img, name);
+        for r in expected_runs(writes, granularity, size) {
+            assert!(
+                dirty.iter().any(|&(o, l)| o <= r.0 && r.0 + r.1 <= o + l),
+                "{test}: bitmap {name} misses {r:?} after the crash; dirty: {dirty:?}"
+            );
+        }
+    };
+    let marked: Vec<(u64, u64)> = before.iter().chain(after.iter()).copied().collect();
+    covers("new", &marked);
+    let all: Vec<(u64, u64)> = marked.iter().chain(qemu_writes.iter()).copied().collect();
+    covers("old", &all);
+}
+
+#[test]
+fn host_embed_durable_crash_64k() {
+    host_durable_crash("host_embed_durable_crash_64k", 65536);
+}
+
+#[test]
+fn host_embed_durable_crash_4k() {
+    host_durable_crash("host_embed_durable_crash_4k", 4096);
 }
 
 #[test]
