@@ -155,9 +155,12 @@ thread_local! {
     /// An error found after the body's result was decided (durable mode's store when the image
     /// lock is released, see `handle::ImageGuard`): it becomes the call's error.
     static DEFERRED: std::cell::RefCell<Option<FfiError>> = const { std::cell::RefCell::new(None) };
-    /// Whether DEFERRED holds an error: one load on every call's way out.
-    static HAS_DEFERRED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
+
+/// How many threads hold a deferred error: every call's way out reads this one global (a
+/// thread-local lookup is a library call in a shared object), and looks at its own thread's
+/// error only when some thread has one.
+static DEFERRED_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Records an error for the current call to return instead of success.
 pub(crate) fn defer_error(e: FfiError) {
@@ -165,19 +168,22 @@ pub(crate) fn defer_error(e: FfiError) {
         let mut d = d.borrow_mut();
         if d.is_none() {
             *d = Some(e);
+            DEFERRED_THREADS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     });
-    HAS_DEFERRED.with(|h| h.set(true));
 }
 
 /// Takes the deferred error of the current call.
 #[inline]
 pub(crate) fn take_deferred() -> Option<FfiError> {
-    if !HAS_DEFERRED.with(std::cell::Cell::get) {
+    if DEFERRED_THREADS.load(std::sync::atomic::Ordering::Relaxed) == 0 {
         return None;
     }
-    HAS_DEFERRED.with(|h| h.set(false));
-    DEFERRED.with(|d| d.borrow_mut().take())
+    let e = DEFERRED.with(|d| d.borrow_mut().take());
+    if e.is_some() {
+        DEFERRED_THREADS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    e
 }
 
 /// Turns the outcome of an `ffi_call!(errp = ..)` body into the C return value.
