@@ -996,7 +996,7 @@ mod tests {
     /// `set`) drain to exactly the granules a model marks.
     #[test]
     fn set_matches_a_model() {
-        let mut rng = Rng(0x5eed);
+        let mut rng = Rng::new(0x5eed);
         let size = 1u64 << 52;
         let log = WriteLog::new(size);
         let mut model = Ranges::default();
@@ -1152,7 +1152,7 @@ mod tests {
         let id = set.create(Some(b"b"), 1 << g).unwrap();
         let hook = set.write_hook();
         let empty = hook.memory();
-        let mut rng = Rng(0x5eed_1e55);
+        let mut rng = Rng::new(0x5eed_1e55);
         let offsets: Vec<u64> = (0..WRITES).map(|_| rng.below(DISK / 4096) * 4096).collect();
         for &o in &offsets {
             hook.set(o, 4096);
@@ -1215,7 +1215,7 @@ mod tests {
         let id = set.create(Some(b"b"), 1 << 16).unwrap();
         let hook = set.write_hook();
         let empty = hook.memory();
-        let mut rng = Rng(0xde45e);
+        let mut rng = Rng::new(0xde45e);
         let mut granules = std::collections::BTreeSet::new();
         let mut period = |rng: &mut Rng| {
             for _ in 0..WRITES {
@@ -1275,7 +1275,7 @@ mod tests {
             .map(|w| {
                 let (hook, done) = (Arc::clone(&hook), Arc::clone(&done));
                 std::thread::spawn(move || {
-                    let mut rng = Rng(0xabcd_0123 + w * 7919);
+                    let mut rng = Rng::new(0xabcd_0123 + w * 7919);
                     let mut offsets = Vec::new();
                     let mut i = 0u64;
                     while !done.load(Relaxed) {
@@ -1348,7 +1348,7 @@ mod tests {
             .map(|w| {
                 let (hook, done) = (Arc::clone(&hook), Arc::clone(&done));
                 std::thread::spawn(move || {
-                    let mut rng = Rng(0xf011 + w * 104_729);
+                    let mut rng = Rng::new(0xf011 + w * 104_729);
                     let mut writes = Vec::new();
                     for i in 0..WRITES {
                         let (off, len) = match i % 16 {
@@ -1405,18 +1405,7 @@ mod tests {
 
     use crate::bitmap::{BitmapId, BitmapSet};
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n.max(1)
-        }
-    }
+    use qdirty_testkit::Prng as Rng;
 
     fn pick(rng: &mut Rng, ids: &[BitmapId]) -> Option<BitmapId> {
         (!ids.is_empty()).then(|| ids[rng.below(ids.len() as u64) as usize])
@@ -1442,7 +1431,7 @@ mod tests {
     }
 
     fn fan_out_sequence(seed: u64) {
-        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let mut rng = Rng::new(seed);
         let size = 512 * (1 + rng.below(1 << 16)) + rng.below(512);
         let mut a = BitmapSet::new(size);
         let mut b = BitmapSet::new(size);
@@ -1588,7 +1577,7 @@ mod tests {
             .map(|w| {
                 let (hook, version) = (Arc::clone(&hook), Arc::clone(&version));
                 std::thread::spawn(move || {
-                    let mut rng = Rng(0x1234_5678 + w * 77);
+                    let mut rng = Rng::new(0x1234_5678 + w * 77);
                     let mut log = Vec::with_capacity(WRITES as usize);
                     for _ in 0..WRITES {
                         let off = rng.below(SIZE / 512) * 512 + rng.below(2) * 100;
@@ -1612,7 +1601,7 @@ mod tests {
         let manager = {
             let (set, version, done) = (Arc::clone(&set), Arc::clone(&version), Arc::clone(&done));
             std::thread::spawn(move || {
-                let mut rng = Rng(99);
+                let mut rng = Rng::new(99);
                 // t's state in each stable period (index version / 2).
                 let mut t_on = vec![true];
                 let mut temp: Vec<BitmapId> = Vec::new();

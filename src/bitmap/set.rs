@@ -793,15 +793,7 @@ mod tests {
     //! behind.
     use super::*;
 
-    struct Rng(u64);
-    impl Rng {
-        fn below(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0 % n.max(1)
-        }
-    }
+    use qdirty_testkit::Prng as Rng;
 
     fn same_bits(a: &DirtyBitmap, b: &DirtyBitmap, ctx: &str) {
         assert_eq!(a.count(), b.count(), "{ctx} count");
@@ -809,7 +801,7 @@ mod tests {
     }
 
     fn catch_up_sequence(seed: u64) {
-        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let mut rng = Rng::new(seed);
         let size = 512 * (1 + rng.below(1 << 15)) + rng.below(512);
         let mut a = BitmapSet::new(size);
         let mut b = BitmapSet::new(size);
@@ -951,7 +943,7 @@ mod tests {
     /// including flag and name changes made through the `&mut` accessors.
     #[test]
     fn indexes_match_a_scan_of_the_list() {
-        let mut rng = Rng(0x51075);
+        let mut rng = Rng::new(0x51075);
         let size = 1 << 24;
         let mut set = BitmapSet::new(size);
         let names: Vec<Vec<u8>> = (0..6).map(|i| format!("n{i}").into_bytes()).collect();

@@ -5,27 +5,11 @@ use super::tower::Tower;
 use super::*;
 use crate::bitmap::sha256::{to_hex, Sha256};
 
-/// Deterministic xorshift64* PRNG.
-struct Rng(u64);
+use qdirty_testkit::Prng as Rng;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    /// Uniform-ish in [0, n) (0 if n == 0).
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
+/// `percent` % of the time.
+fn chance(rng: &mut Rng, percent: u64) -> bool {
+    rng.below(100) < percent
 }
 
 /// The obviously correct model: one bool per granule.
@@ -319,9 +303,9 @@ fn check_serialization(rng: &mut Rng, hb: &HBitmap, m: &Model) {
         assert_eq!(&buf[..sz as usize], &expect[..], "chunk at {start}");
         assert_eq!(&buf[sz as usize..], &[0xa5; 3], "wrote past the size");
         let range = m.span(start, len);
-        if m.bits[range.clone()].iter().all(|&b| !b) && rng.chance(70) {
+        if m.bits[range.clone()].iter().all(|&b| !b) && chance(rng, 70) {
             copy.deserialize_zeroes(start, len);
-        } else if m.bits[range].iter().all(|&b| b) && rng.chance(70) {
+        } else if m.bits[range].iter().all(|&b| b) && chance(rng, 70) {
             copy.deserialize_ones(start, len);
         } else {
             copy.deserialize_part(&buf, start, len);
@@ -336,7 +320,7 @@ fn check_serialization(rng: &mut Rng, hb: &HBitmap, m: &Model) {
 /// Long random operation sequences against the model.
 fn run_random(g: u32, granules: u64, seed: u64, ops: usize) {
     let gran = 1u64 << g;
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let size = if granules == 0 {
         0
     } else {
@@ -351,7 +335,7 @@ fn run_random(g: u32, granules: u64, seed: u64, ops: usize) {
                 let s = pick_offset(&mut rng, &m);
                 let l = pick_len(&mut rng, &m, s);
                 // Mostly bounded sets so the bitmap does not saturate.
-                let l = if rng.chance(85) {
+                let l = if chance(&mut rng, 85) {
                     l.min(m.size / 8 + gran)
                 } else {
                     l
@@ -372,7 +356,7 @@ fn run_random(g: u32, granules: u64, seed: u64, ops: usize) {
                 m.fill(s, l, false);
             }
             33 => {
-                if rng.chance(30) {
+                if chance(&mut rng, 30) {
                     hb.reset_all();
                     m.bits.fill(false);
                 }
@@ -404,7 +388,7 @@ fn run_random(g: u32, granules: u64, seed: u64, ops: usize) {
             62..=71 => {
                 let s = pick_offset(&mut rng, &m);
                 let e = s.saturating_add(pick_len(&mut rng, &m, s));
-                let e = if rng.chance(20) {
+                let e = if chance(&mut rng, 20) {
                     pick_offset(&mut rng, &m)
                 } else {
                     e
@@ -417,7 +401,7 @@ fn run_random(g: u32, granules: u64, seed: u64, ops: usize) {
                     4 => u64::MAX,
                     _ => rng.below(3 * gran) + 1,
                 };
-                if rng.chance(30) {
+                if chance(&mut rng, 30) {
                     // The run iterator equals repeated next_dirty_area without a cap.
                     let runs: Vec<_> = hb.dirty_runs(s, e).collect();
                     let mut want = Vec::new();
@@ -563,7 +547,7 @@ fn model_words(m: &Model, w0: u64, n: u64) -> Vec<u8> {
 /// of sparse sources, contains_words, store, SHA-256, searches and runs, truncation.
 #[test]
 fn sparse_chunks_against_model() {
-    let mut rng = Rng(0x005b_a75e);
+    let mut rng = Rng::new(0x005b_a75e);
     let (mut saw_sparse, mut saw_dense) = (false, false);
     for round in 0..12u64 {
         let g = [0u32, 9, 16][(round % 3) as usize];
@@ -581,7 +565,7 @@ fn sparse_chunks_against_model() {
                     let c = rng.below(n / CHUNK_GRANULES + 1);
                     for _ in 0..rng.below(80) {
                         let k = c * CHUNK_GRANULES + rng.below(CHUNK_GRANULES);
-                        let wide = rng.chance(10);
+                        let wide = chance(&mut rng, 10);
                         let l = 1 + rng.below(if wide { 300 } else { 3 });
                         hb.set(k << g, l << g);
                         m.fill(k << g, l << g, true);
@@ -591,7 +575,7 @@ fn sparse_chunks_against_model() {
                     // Short or chunk-wide resets (shrinking back to sparse).
                     for _ in 0..rng.below(40) {
                         let k = rng.below(n + 1);
-                        let l = if rng.chance(20) {
+                        let l = if chance(&mut rng, 20) {
                             rng.below(CHUNK_GRANULES)
                         } else {
                             1 + rng.below(200)
@@ -613,7 +597,7 @@ fn sparse_chunks_against_model() {
                     let k = rng.below(300);
                     let (_, src) = scattered(&mut rng, &m, k);
                     let mut bytes = model_words(&src, w0, nw);
-                    if rng.chance(30) {
+                    if chance(&mut rng, 30) {
                         // Garbage past the end of the bitmap (masked off) and a dense word.
                         let l = bytes.len();
                         bytes[l - 8..].fill(0xff);
@@ -676,7 +660,7 @@ fn sparse_chunks_against_model() {
                     check_serialization(&mut rng, &hb, &m);
                 }
                 16 => {
-                    if rng.chance(30) {
+                    if chance(&mut rng, 30) {
                         let new_size = rng.below(2 * size + 1).max(1).min(4 * size);
                         hb.truncate(new_size);
                         m.truncate(new_size);
@@ -843,7 +827,7 @@ fn chunk_states_memory_and_sha256() {
 /// the end, with garbage bytes past the bitmap's end) into random (garbage) targets.
 #[test]
 fn bulk_words_against_deserialize_and_model() {
-    let mut rng = Rng(0xb01c);
+    let mut rng = Rng::new(0xb01c);
     let sizes = [
         1u64,
         64,
@@ -863,7 +847,7 @@ fn bulk_words_against_deserialize_and_model() {
         for _ in 0..rng.below(3) {
             let c = rng.below(granules.div_ceil(CHUNK_GRANULES));
             let (s, l) = ((c * CHUNK_GRANULES) << g, CHUNK_GRANULES << g);
-            let v = rng.chance(50);
+            let v = chance(&mut rng, 50);
             if v {
                 src.set(s, l);
             } else {
@@ -933,18 +917,18 @@ fn bulk_words_against_deserialize_and_model() {
 /// contains_words against the model: random pairs, random word ranges.
 #[test]
 fn contains_words_against_model() {
-    let mut rng = Rng(0xc0de);
+    let mut rng = Rng::new(0xc0de);
     for round in 0..200 {
         let g = [0u32, 9, 16][round % 3];
         let granules = [64u64, 100, CHUNK_GRANULES + 77, 3 * CHUNK_GRANULES][round % 4];
         let size = granules << g;
         let (mut a, mut ma) = random_bitmap(&mut rng, size, g);
-        let (b, mb) = if rng.chance(30) {
+        let (b, mb) = if chance(&mut rng, 30) {
             (a.clone(), Model { ..ma.clone() })
         } else {
             random_bitmap(&mut rng, size, g)
         };
-        if rng.chance(30) {
+        if chance(&mut rng, 30) {
             a.merge_from(&b);
             ma.merge(&mb);
         }
@@ -1019,7 +1003,7 @@ fn memory_follows_the_dirt() {
     let flat = (size >> 16 >> 3) as usize;
     let mut hb = HBitmap::new(size, 16);
     assert!(hb.heap_bytes() <= 64 << 10, "empty: {}", hb.heap_bytes());
-    let mut rng = Rng(77);
+    let mut rng = Rng::new(77);
     for _ in 0..20_000 {
         hb.set(rng.below((100u64 << 30) / 4096) * 4096, 4096);
     }
@@ -1055,7 +1039,7 @@ fn memory_is_given_back_when_the_dirt_goes() {
     let empty = hb.heap_bytes();
     // The towers' pages and summaries: a few bytes per 4096 chunks.
     assert!(empty <= 64 << 10, "empty: {empty}");
-    let mut rng = Rng(0x64);
+    let mut rng = Rng::new(0x64);
     for _ in 0..100_000 {
         hb.set(rng.below(size / 512) * 512, 512);
     }
@@ -1086,7 +1070,7 @@ fn memory_is_given_back_when_the_dirt_goes() {
 /// and clears, whole pages filled and emptied; searches, bits, summaries and canonical pages.
 #[test]
 fn tower_pages_against_a_model() {
-    let mut rng = Rng(0x70);
+    let mut rng = Rng::new(0x70);
     for bits in [1usize, 63, 4096, 4097, 3 * 4096 + 77, 5 * 4096] {
         for ones in [false, true] {
             let mut t = Tower::new(bits, ones);
@@ -1482,7 +1466,7 @@ fn next_zero_fast_on_full_bitmap() {
 /// hint used without its check skips or misplaces runs here.)
 #[test]
 fn hinted_walks_against_model() {
-    let mut rng = Rng(0x0057_a1c5);
+    let mut rng = Rng::new(0x0057_a1c5);
     for round in 0..6u64 {
         let g = [0u32, 9, 16][(round % 3) as usize];
         let granules = 4 * CHUNK_GRANULES + 77;
@@ -1500,7 +1484,7 @@ fn hinted_walks_against_model() {
             let near = |rng: &mut Rng| ((pos >> g) + rng.below(300)).saturating_sub(200).min(n);
             match rng.below(100) {
                 0..=39 => {
-                    let max = if rng.chance(80) {
+                    let max = if chance(&mut rng, 80) {
                         u64::MAX
                     } else {
                         gran * (1 + rng.below(4))
@@ -1523,14 +1507,14 @@ fn hinted_walks_against_model() {
                 62..=65 => walkers[w] = rng.below(m.size + 1),
                 66..=75 => {
                     let k = near(&mut rng);
-                    let wide = rng.chance(10);
+                    let wide = chance(&mut rng, 10);
                     let l = 1 + rng.below(if wide { 200 } else { 3 });
                     hb.set(k << g, l << g);
                     m.fill(k << g, l << g, true);
                 }
                 76..=87 => {
                     let k = near(&mut rng);
-                    let wide = rng.chance(20);
+                    let wide = chance(&mut rng, 20);
                     let l = 1 + rng.below(if wide { 400 } else { 64 });
                     hb.reset(k << g, l << g);
                     m.fill(k << g, l << g, false);
