@@ -31,8 +31,11 @@ fn nonnull<T>(p: *mut T, err: *mut qdirty_error, what: &str) -> *mut T {
     p
 }
 
-/// The bitmaps of a copy of the image as QEMU sees them: name -> (auto, dirty runs).
-fn snapshot(dir: &TempDir, img: &Path) -> Vec<(String, bool, Vec<(u64, u64)>)> {
+/// A bitmap as QEMU sees it: name, auto, dirty runs.
+type Seen = (String, bool, Vec<(u64, u64)>);
+
+/// The bitmaps of a copy of the image as QEMU sees them, by name.
+fn snapshot(dir: &TempDir, img: &Path) -> Vec<Seen> {
     let copy = dir.join("snapshot.qcow2");
     std::fs::copy(img, &copy).unwrap();
     let c = qemu_img_check(&copy);
