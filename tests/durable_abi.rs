@@ -50,10 +50,7 @@ fn snapshot(dir: &TempDir, img: &Path) -> Vec<Seen> {
     out
 }
 
-fn find<'a>(
-    s: &'a [(String, bool, Vec<(u64, u64)>)],
-    name: &str,
-) -> &'a (String, bool, Vec<(u64, u64)>) {
+fn find<'a>(s: &'a [Seen], name: &str) -> &'a Seen {
     s.iter()
         .find(|b| b.0 == name)
         .unwrap_or_else(|| panic!("no bitmap {name} in {s:?}"))
@@ -180,7 +177,7 @@ fn every_management_call_is_in_the_image_when_it_returns() {
         );
 
         // Deserialize (a migration's bitmap data): 64 granules from 40 MiB.
-        let ones = vec![0xffu8; 8];
+        let ones = [0xffu8; 8];
         ok(
             qdirty_bitmap_deserialize_part(
                 ba,
