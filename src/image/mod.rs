@@ -821,7 +821,8 @@ impl Image {
         let d = self.file.as_mut().expect("durable mode has a file");
         d.mark_zones(&ranges, &mut self.set).map_err(|e| {
             e.context(format!(
-                "Could not mark a guest write at offset {offset} ({bytes} bytes) in the bitmaps                  of '{}' (durable mode); the write must not be issued",
+                "Could not mark a guest write at offset {offset} ({bytes} bytes) in the bitmaps \
+                 of '{}' (durable mode); the write must not be issued",
                 self.name
             ))
         })?;
