@@ -694,10 +694,11 @@ impl WriteLog {
         let Some(leaf) = cell.get(guard) else {
             return false;
         };
-        mark(
-            &leaf[w as usize & (LEAF_WORDS - 1)],
-            span(first & 63, last & 63),
-        );
+        // A plain fetch_or, not `mark`'s load-then-or: a random write mostly sets new bits, and
+        // the load would fetch the line shared first, then the or take it exclusive: two
+        // transfers where one does, which two writer threads pay on most writes (BENCHMARKS.md,
+        // 'Write hook from C'). The marks below are mostly set already and stay loads.
+        leaf[w as usize & (LEAF_WORDS - 1)].fetch_or(span(first & 63, last & 63), SeqCst);
         mark(pending, bit);
         mark(&self.pending, 1 << li);
         true
