@@ -22,7 +22,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::ptr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use qdirty::ffi::{
     qdirty_image, qdirty_image_add_bitmap, qdirty_image_close, qdirty_image_open,
@@ -30,33 +30,15 @@ use qdirty::ffi::{
     QDIRTY_BITMAP_PERSISTENT, QDIRTY_OPEN_RDWR,
 };
 use qdirty::{AddOptions, Image, OpenOptions};
+use qdirty_testkit::{bench, Prng};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 const TIB: u64 = 1 << 40;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 fn dir() -> PathBuf {
@@ -118,7 +100,7 @@ fn fresh(d: &Path, name: &str, size: u64) -> PathBuf {
 
 /// Random 4 KiB offsets within the first `span` bytes.
 fn offsets(seed: u64, n: usize, span: u64) -> Vec<u64> {
-    let mut r = Rng(seed | 1);
+    let mut r = Prng::new(seed);
     (0..n).map(|_| r.below(span / 4096) * 4096).collect()
 }
 
@@ -319,7 +301,7 @@ fn section_backup(d: &Path) {
     println!("\n## backup after a crash (1 TiB, 1% written in 1 MiB runs, one bitmap at 64 KiB)\n");
     let runs_total = (TIB / 100 / MIB) as usize;
     let clustered = {
-        let mut r = Rng(99);
+        let mut r = Prng::new(99);
         let mut v = Vec::new();
         while v.len() < runs_total {
             let start = r.below(TIB / MIB - 200);
@@ -332,7 +314,7 @@ fn section_backup(d: &Path) {
         v
     };
     let uniform: Vec<u64> = {
-        let mut r = Rng(77);
+        let mut r = Prng::new(77);
         (0..runs_total).map(|_| r.below(TIB / MIB) * MIB).collect()
     };
     println!("| Zone size | clustered: read after crash | clustered: zone commits | uniform: read after crash | uniform: zone commits |");
@@ -393,7 +375,7 @@ fn section_manage(d: &Path) {
             img.add_bitmap(format!("b{b}").as_bytes(), 65536, opts)
                 .unwrap();
         }
-        let mut r = Rng(5);
+        let mut r = Prng::new(5);
         for _ in 0..(TIB / 100 / MIB) {
             let o = r.below(TIB / MIB) * MIB;
             img.prepare_write(o, MIB).unwrap();
@@ -445,13 +427,10 @@ fn section_manage(d: &Path) {
 
 fn main() {
     qdirty::warning::set_warning_handler(Some(Box::new(|_| {})));
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
+    let sections = bench::sections();
+    let want = |s: &str| bench::wants(&sections, s);
     let d = dir();
-    println!("# durable benchmark (load average at start: {})", loadavg());
+    println!("{}", bench::banner("durable"));
     let t = Instant::now();
     if want("prepare") {
         section_prepare(&d);
@@ -469,7 +448,6 @@ fn main() {
     println!(
         "\n(total {:.1} s, load average at end: {})",
         t.elapsed().as_secs_f64(),
-        loadavg()
+        bench::load_average()
     );
-    let _ = Duration::ZERO;
 }

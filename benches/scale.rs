@@ -27,6 +27,7 @@ use qdirty::ffi::{
     qdirty_image_remove_bitmap, QDIRTY_BITMAP_PERSISTENT, QDIRTY_OPEN_RDWR,
 };
 use qdirty::Image;
+use qdirty_testkit::bench;
 
 const MIB: u64 = 1 << 20;
 const TIB: u64 = 1 << 40;
@@ -401,23 +402,9 @@ fn main() {
         memory_child(every.parse().expect("cadence"));
         return;
     }
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    println!(
-        "# scale benchmark (commit {commit}, load average: {})\n",
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
-    );
+    let sections = bench::sections();
+    let want = |s: &str| bench::wants(&sections, s);
+    println!("{}\n", bench::banner("scale"));
     if want("bitmaps") {
         bench_bitmaps();
     }

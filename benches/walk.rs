@@ -30,6 +30,7 @@ use std::process::{Command, Stdio};
 use std::ptr;
 use std::time::{Duration, Instant};
 
+use qdirty_testkit::bench;
 use qdirty_testkit::clib::{lib_dir, root};
 
 use qdirty::ffi::{
@@ -257,23 +258,9 @@ fn walk_iter(bm: *mut qdirty_bitmap) -> Walk {
 const WALK_KEYS: [&str; 5] = ["flat", "extents", "area", "zero", "iter"];
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    println!(
-        "# walk benchmark (commit {commit}, load average: {})\n",
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
-    );
+    let sections = bench::sections();
+    let want = |s: &str| bench::wants(&sections, s);
+    println!("{}\n", bench::banner("walk"));
 
     let granules = SIZE / GRANULARITY;
     // SAFETY: NULL errp.

@@ -7,7 +7,8 @@
 //!   tables, missing callbacks, short reads, failing callbacks, and a pwrite failing at every
 //!   point of a store, after which the image must still pass `qemu-img check`.
 //!
-//! The QEMU parts print `SKIP ...` when the tools are missing (fail with QDIRTY_REQUIRE_QEMU=1).
+//! The QEMU parts print `SKIP ...` when the tools are missing (fail with QDIRTY_REQUIRE_QEMU=1:
+//! `require_qemu`).
 
 mod common;
 
@@ -25,21 +26,6 @@ use common::*;
 use qdirty::ffi::*;
 
 const MIB: u64 = 1 << 20;
-
-/// The QEMU tools these tests use: true when present, else SKIP (or panic when required).
-fn require_tools(test: &str) -> bool {
-    for tool in ["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"] {
-        if !have_tool(tool) {
-            if std::env::var("QDIRTY_REQUIRE_QEMU").as_deref() == Ok("1") {
-                panic!("{test}: {tool} not installed, and QDIRTY_REQUIRE_QEMU=1");
-            }
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "SKIP {test}: {tool} not installed");
-            return false;
-        }
-    }
-    true
-}
 
 // ------------------------------------------------------------------------------------------
 // Building examples/host_embed.c (as tests/c_suite.rs builds the C tests)
@@ -107,7 +93,7 @@ fn run_host_argv(exe: &Path, opts: &[String], img: &Path, args: &[String]) -> (b
 /// data written by qemu-io, the host adding "new" and marking `before` then (after a store)
 /// `after`; QEMU's tools then judge the file.
 fn host_scenario(test: &str, cluster_size: u64, existing: bool) {
-    if !require_tools(test) {
+    if !require_qemu(test) {
         return;
     }
     let tmp = TempDir::new(test);
@@ -178,7 +164,7 @@ fn host_scenario(test: &str, cluster_size: u64, existing: bool) {
 /// find every bitmap consistent, the file without corruption, and each bitmap dirty wherever
 /// the host wrote (whole zones may be dirty: a superset).
 fn host_durable_crash(test: &str, cluster_size: u64) {
-    if !require_tools(test) {
+    if !require_qemu(test) {
         return;
     }
     let tmp = TempDir::new(test);
@@ -259,7 +245,7 @@ fn host_embed_4k_existing_bitmap() {
 #[test]
 fn host_embed_refuses_other_refcount_widths() {
     let test = "host_embed_refuses_other_refcount_widths";
-    if !require_tools(test) {
+    if !require_qemu(test) {
         return;
     }
     let tmp = TempDir::new(test);

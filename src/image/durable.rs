@@ -234,12 +234,13 @@ impl Qcow2File {
     /// any more; the zones with writes in flight are read; the set takes every write logged
     /// so far; each recording bitmap records the clusters of those zones as changed, so that
     /// the store rewrites them with the zones dirty (see [`Qcow2File::durable_content`]).
-    /// Returns the zones as byte ranges.
+    /// Returns the zones as byte ranges, and whether a bitmap recorded changes for them (its
+    /// store plan must then be made again).
     pub(super) fn zones_in_flight(
         &self,
         tracker: &ZoneTracker,
         set: &mut BitmapSet,
-    ) -> Vec<(u64, u64)> {
+    ) -> (Vec<(u64, u64)>, bool) {
         tracker.uncover_all();
         let zones: Vec<(u64, u64)> = tracker
             .in_flight_zones()
@@ -250,17 +251,18 @@ impl Qcow2File {
             })
             .collect();
         set.fold();
-        self.mark_durable_extras(set, &zones);
-        zones
+        let marked = self.mark_durable_extras(set, &zones);
+        (zones, marked)
     }
 
     /// Durable mode: records as changed, in every stored bitmap that records, the clusters
     /// where its stored copy holds more than its bits: the zones of writes in flight, and for
     /// a frozen bitmap everything (its copy holds its successor's writes too). The next store
-    /// rewrites them.
-    pub(super) fn mark_durable_extras(&self, set: &mut BitmapSet, zones: &[(u64, u64)]) {
+    /// rewrites them. Answers whether it recorded anything.
+    pub(super) fn mark_durable_extras(&self, set: &mut BitmapSet, zones: &[(u64, u64)]) -> bool {
+        let mut marked = false;
         if self.durable.is_none() {
-            return;
+            return marked;
         }
         for id in set.ids() {
             if !set.recording(id) {
@@ -279,7 +281,9 @@ impl Qcow2File {
             if frozen {
                 bm.touch_stored_all();
             }
+            marked |= frozen || !zones.is_empty();
         }
+        marked
     }
 
     /// Durable mode: what to store for bitmap `id` instead of its bits, when it records and

@@ -308,8 +308,10 @@ impl Qcow2File {
                     // Nothing changes on disk: the covered zones stay covered.
                     return Ok(Unstored::default());
                 }
-                let zones = self.zones_in_flight(&tracker, set);
-                plan = self.plan_store(set, mode)?;
+                let (zones, marked) = self.zones_in_flight(&tracker, set);
+                if marked {
+                    plan = self.plan_store(set, mode)?;
+                }
                 zones
             }
             None => Vec::new(),
@@ -463,7 +465,7 @@ impl Qcow2File {
             }
         }
         if !release {
-            self.mark_durable_extras(set, &zones);
+            let _ = self.mark_durable_extras(set, &zones);
         }
         if release {
             for j in &jobs {

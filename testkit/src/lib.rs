@@ -19,6 +19,7 @@
 //! needs qdirty's types lives in `tests/common` (the qdirty side of the harness) and in
 //! `fuzz/targets` (the fuzz targets' bodies).
 
+pub mod bench;
 pub mod clib;
 pub mod json;
 pub mod prng;
