@@ -5,11 +5,28 @@ use super::chunk::{Part, Sparse, GROUPS, SPARSE_MAX};
 use super::{words_for, HBitmap, CHUNK_WORDS};
 use crate::bitmap::sha256::{to_hex, Sha256};
 
-/// The bytes of a full chunk, for `load_words_le`'s full-chunk test.
-static ONES_CHUNK_BYTES: [u8; CHUNK_WORDS * 8] = [0xff; CHUNK_WORDS * 8];
 /// All-zero and all-one bytes of one chunk, fed to SHA-256 for chunks without storage.
 static ZERO_BYTES: [u8; CHUNK_WORDS * 8] = [0; CHUNK_WORDS * 8];
 static ONE_BYTES: [u8; CHUNK_WORDS * 8] = [0xff; CHUNK_WORDS * 8];
+
+/// Whether every byte of `bytes` is 0xff. One pass that ANDs
+/// each 64-byte block into eight accumulators, with no branch per block: the compiler turns it
+/// into one vector load and AND per 16 bytes, half the loads of a comparison against a constant
+/// (which loads both sides), and a full bitmap's load spends most of its time outside the
+/// kernel's copy here.
+fn all_ones(bytes: &[u8]) -> bool {
+    let blocks = bytes.chunks_exact(64);
+    let tail_ones = blocks.remainder().iter().all(|&b| b == 0xff);
+    let mut acc = [!0u64; 8];
+    for block in blocks {
+        for (a, w) in acc.iter_mut().zip(block.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(w);
+            *a &= u64::from_ne_bytes(b);
+        }
+    }
+    tail_ones && acc.iter().fold(!0, |x, &v| x & v) == !0
+}
 
 impl HBitmap {
     /// 64 granules in bytes: every serialization chunk starts at a multiple of this.
@@ -149,17 +166,15 @@ impl HBitmap {
                 v
             }
         };
-        // A whole chunk of all-ones bytes (a full bitmap's chunks): one memcmp against a
-        // constant (the C library's vectorized comparison, faster than the word loop below,
-        // which is compiled for baseline SSE2), tried only when the first and last words are
-        // all ones.
+        // A whole chunk of all-ones bytes (a full bitmap's chunks), tried only when the first
+        // and last words are all ones: see `all_ones`.
         if lo == 0
             && nw == CHUNK_WORDS
             && cap_words == CHUNK_WORDS
             && tail_mask == !0
             && src[..8] == [0xff; 8]
             && src[src.len() - 8..] == [0xff; 8]
-            && src == &ONES_CHUNK_BYTES[..]
+            && all_ones(src)
         {
             self.fill_chunk(c, 0, cap - 1, true);
             return;

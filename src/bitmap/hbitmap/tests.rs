@@ -692,6 +692,45 @@ fn sparse_chunks_against_model() {
     assert!(saw_sparse && saw_dense);
 }
 
+/// A whole chunk of all-ones bytes loads as a full chunk (no storage); one clear bit anywhere
+/// in it, also between the first and last words that are all ones, keeps every other bit and
+/// that bit clear.
+#[test]
+fn full_chunk_load_sees_every_clear_bit() {
+    let g = 9;
+    let size = (3 * CHUNK_GRANULES) << g;
+    let chunk_bytes = CHUNK_WORDS * 8;
+    let mut positions: Vec<usize> = vec![8, 9, 63, 64, 65, 127, 4095, 4096, chunk_bytes - 9];
+    let mut rng = Rng::new(0xa11_0e5);
+    positions.extend((0..40).map(|_| 8 + rng.below((chunk_bytes - 16) as u64) as usize));
+    for &byte in &positions {
+        for bit in [0u8, 5, 7] {
+            let mut bytes = vec![0xffu8; 3 * chunk_bytes];
+            bytes[chunk_bytes + byte] &= !(1 << bit);
+            let mut hb = HBitmap::new(size, g);
+            hb.load_words_le(0, &bytes);
+            hb.deserialize_finish();
+            check_invariants(&hb);
+            let clear = (CHUNK_GRANULES + byte as u64 * 8 + u64::from(bit)) << g;
+            assert_eq!(
+                hb.dirty_granules(),
+                3 * CHUNK_GRANULES - 1,
+                "byte {byte} bit {bit}"
+            );
+            assert!(!hb.get(clear), "byte {byte} bit {bit}");
+            assert!(hb.get(clear - (1 << g)) || clear == CHUNK_GRANULES << g);
+            assert_eq!(
+                hb.allocated_chunks(),
+                1,
+                "only the middle chunk has storage"
+            );
+            let mut out = vec![0u8; bytes.len()];
+            hb.store_words_le(0, &mut out);
+            assert_eq!(out, bytes);
+        }
+    }
+}
+
 /// load_words_le builds sparse chunks from scattered words without a partial chunk, and a
 /// chunk goes partial past SPARSE_MAX words and back to sparse when cleared to a few bits.
 #[test]
