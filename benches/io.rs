@@ -20,7 +20,8 @@
 //!
 //! Environment: QDIRTY_BENCH_RUNS (runs per side, default 5), QDIRTY_BENCH_A_SIZE (16T),
 //! QDIRTY_BENCH_B_SIZE (2T), QDIRTY_BENCH_C_SIZE (100G), QDIRTY_BENCH_C_BITMAPS (1000),
-//! QDIRTY_BENCH_DIR (where the images go; default target/io-bench-PID), QDIRTY_BENCH_ONLY
+//! QDIRTY_BENCH_DIR (where the images go; default target/io-bench-PID; QDIRTY_BENCH_KEEP=1
+//! leaves them there afterwards, for profiling), QDIRTY_BENCH_ONLY
 //! (comma-separated section names: info, load, noop, dirt, ops, bandwidth, many),
 //! QDIRTY_BENCH_SETTLE_S (bandwidth: seconds to wait between freeing the page cache and each
 //! timed write, default 0; 5 lets a VM's free page reporting hand the freed memory back to the
@@ -721,7 +722,9 @@ fn main() {
         sections(&mut b, &tools, &im, &dir);
     }));
     LAUNCHER.with(|l| l.borrow_mut().take());
-    let _ = std::fs::remove_dir_all(&dir);
+    if env_u64("QDIRTY_BENCH_KEEP", 0) == 0 {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     if let Err(e) = result {
         std::panic::resume_unwind(e);
     }

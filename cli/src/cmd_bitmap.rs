@@ -16,6 +16,7 @@ use crate::getopt::{opt, scan, Arity, OptSpec};
 use crate::help::BITMAP_HELP;
 use crate::imgspec::{resolve, Request};
 use crate::open::{open, qemu_text, Opened};
+use crate::out::out;
 use crate::util::{parse_size, Progress, SizeError};
 use crate::{fail, usage_fail, Res};
 
@@ -84,7 +85,7 @@ pub fn run(argv: &[OsString]) -> Res<u8> {
     for (k, v) in &p.opts {
         match *k {
             "help" => {
-                print!("{BITMAP_HELP}");
+                out!("{BITMAP_HELP}");
                 return Ok(0);
             }
             "add" => ops.push(Op::Add),

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use crate::common::*;
 use crate::getopt::{opt, Arity};
 use crate::help::*;
+use crate::out::outln;
 use crate::util::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -169,13 +170,13 @@ fn print_broken(path: &Path, salvage: &SalvageOutcome, json: bool) {
 
 fn print_salvage(salvage: &SalvageOutcome) {
     if let Some(nb) = salvage.dropped {
-        println!(
+        outln!(
             "Dropped the bitmaps extension ({nb} bitmaps recorded); their clusters are leaked \
              ('-r' reclaims them)"
         );
     }
     for b in &salvage.broken {
-        println!(
+        outln!(
             "Broken bitmap '{}' (entry {}): {}",
             b.display_name(),
             b.index,
@@ -183,14 +184,14 @@ fn print_salvage(salvage: &SalvageOutcome) {
         );
     }
     for b in &salvage.removed {
-        println!(
+        outln!(
             "Removed broken bitmap '{}' (entry {}); its clusters are leaked",
             b.display_name(),
             b.index
         );
     }
     if salvage.broken.len() > salvage.removed.len() {
-        println!(
+        outln!(
             "QEMU refuses this image while broken bitmaps remain (the refcounts are checked once \
              they are gone): --salvage --remove-broken removes them"
         );
@@ -267,55 +268,56 @@ fn print_check(
     }
     print_salvage(salvage);
     for n in removed {
-        println!("Removed inconsistent bitmap '{n}'");
+        outln!("Removed inconsistent bitmap '{n}'");
     }
     if r.leaks_fixed > 0 || r.stale_extension_dropped {
-        println!("The following inconsistencies were found and repaired:\n");
-        println!(
+        outln!("The following inconsistencies were found and repaired:\n");
+        outln!(
             "    {} leaked clusters ({} of bitmap structures)",
-            r.leaks_fixed, r.bitmap_leaks_fixed
+            r.leaks_fixed,
+            r.bitmap_leaks_fixed
         );
         if r.stale_extension_dropped {
-            println!("    an invalidated bitmaps extension (dropped)");
+            outln!("    an invalidated bitmaps extension (dropped)");
         }
-        println!();
+        outln!();
     }
     if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
-        println!("No errors were found on the image.");
+        outln!("No errors were found on the image.");
     }
     if r.corruptions > 0 {
-        println!(
+        outln!(
             "\n{} errors were found on the image ({} involve bitmap structures).\nData may be corrupted, or further writes to the image may corrupt it.",
             r.corruptions, r.bitmap_corruptions
         );
         if repair {
-            println!(
+            outln!(
                 "Leaks are not repaired while there are corruptions: use 'qemu-img check -r all'."
             );
         }
     }
     if r.leaks > 0 {
-        println!(
+        outln!(
             "\n{} leaked clusters were found on the image ({} of bitmap structures).\nThis means waste of disk space, but no harm to data.",
             r.leaks, r.bitmap_leaks
         );
     }
     if r.check_errors > 0 {
-        println!(
+        outln!(
             "\n{} internal errors have occurred during the check.",
             r.check_errors
         );
     }
     if r.stale_extension && !r.stale_extension_dropped {
-        println!("A program lacking bitmap support modified this file: its bitmaps are gone ('-r' reclaims their clusters).");
+        outln!("A program lacking bitmap support modified this file: its bitmaps are gone ('-r' reclaims their clusters).");
     }
     for n in &inconsistent {
-        println!("Bitmap '{n}' is inconsistent (in-use): --remove-inconsistent removes it");
+        outln!("Bitmap '{n}' is inconsistent (in-use): --remove-inconsistent removes it");
     }
     // qemu-img's allocation line, with its figures.
     if r.virtual_clusters != 0 && r.allocated_clusters != 0 {
         let pct = |n: u64, of: u64| n as f64 * 100.0 / of as f64;
-        println!(
+        outln!(
             "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
             r.allocated_clusters,
             r.virtual_clusters,
@@ -324,5 +326,5 @@ fn print_check(
             pct(r.compressed_clusters, r.allocated_clusters)
         );
     }
-    println!("Image end offset: {}", r.image_end_offset);
+    outln!("Image end offset: {}", r.image_end_offset);
 }

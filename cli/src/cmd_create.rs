@@ -8,6 +8,7 @@ use qdirty::Image;
 use crate::common::*;
 use crate::getopt::{opt, Arity};
 use crate::help::*;
+use crate::out::outln;
 use crate::util::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ pub fn run(argv: &[OsString]) -> Res<u8> {
     // which announces an image that is there.
     Image::create(path, size, cs).map_err(|e| img_err(path, &e))?;
     if !p.has("quiet") {
-        println!(
+        outln!(
             "Formatting '{}', fmt=qcow2 cluster_size={cluster_size} size={size}",
             path.display()
         );

@@ -16,6 +16,7 @@ use crate::common::*;
 use crate::getopt::{opt, Arity};
 use crate::help::*;
 use crate::imgspec::{resolve, Format, Request};
+use crate::out::outln;
 use crate::util::*;
 
 pub fn run(argv: &[OsString]) -> Res<u8> {
@@ -152,40 +153,40 @@ pub fn run(argv: &[OsString]) -> Res<u8> {
         print_json(&Value::Object(top));
         return Ok(0);
     }
-    println!("image: {}", spec.filename);
-    println!("file format: qcow2 (version {})", info.version);
-    println!(
+    outln!("image: {}", spec.filename);
+    outln!("file format: qcow2 (version {})", info.version);
+    outln!(
         "virtual size: {} ({} bytes)",
         human_size(info.virtual_size),
         info.virtual_size
     );
-    println!("cluster size: {}", info.cluster_size);
-    println!(
+    outln!("cluster size: {}", info.cluster_size);
+    outln!(
         "file length: {} ({} bytes)",
         human_size(info.file_length),
         info.file_length
     );
     if let Some(b) = &info.backing_file {
-        println!("backing file: {b}");
+        outln!("backing file: {b}");
     }
     if info.corrupt {
-        println!("corrupt: true");
+        outln!("corrupt: true");
     }
     if info.stale_bitmaps_extension {
-        println!(
+        outln!(
             "warning: a program lacking bitmap support modified this file: its bitmaps are gone \
              and their clusters leaked ('qdirty check -r' reclaims them)"
         );
     }
     if info.bitmaps.is_empty() {
-        println!("bitmaps: none");
+        outln!("bitmaps: none");
         return Ok(0);
     }
-    println!(
+    outln!(
         "bitmaps size: {} (what `qemu-img measure` reports for copying them)",
         info.bitmaps_measure()
     );
-    println!("bitmaps:");
+    outln!("bitmaps:");
     for (i, b) in info.bitmaps.iter().enumerate() {
         let flags = b.flags().join(", ");
         // In use: under the locks nobody has the image open, so whoever left it so is gone
@@ -203,7 +204,7 @@ pub fn run(argv: &[OsString]) -> Res<u8> {
         if let Some(c) = counts.as_ref().and_then(|c| c[i]) {
             line.push_str(&format!(", dirty {} ({c} bytes)", human_size(c)));
         }
-        println!("{line}");
+        outln!("{line}");
     }
     Ok(0)
 }

@@ -7,6 +7,7 @@ use std::path::Path;
 use qdirty::Image;
 
 use crate::getopt::{scan, OptSpec, Parsed};
+use crate::out::out;
 use crate::util::Progress;
 
 /// A failure: the message (already formatted, possibly several lines as QEMU's hints are) and
@@ -107,7 +108,7 @@ pub fn parse(
 ) -> Res<Option<Parsed>> {
     let (p, err) = scan(argv, specs);
     if p.has("help") {
-        print!("{help}");
+        out!("{help}");
         return Ok(None);
     }
     if let Some(e) = err {

@@ -11,6 +11,7 @@ mod getopt;
 mod help;
 mod imgspec;
 mod open;
+mod out;
 mod util;
 
 use std::ffi::OsString;
@@ -18,6 +19,7 @@ use std::process::ExitCode;
 
 pub use common::{fail, usage_fail, Res};
 use help::USAGE;
+use out::{out, outln};
 
 fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
@@ -38,7 +40,9 @@ fn main() -> ExitCode {
         std::process::exit(2);
     }));
     let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
-    match run(&argv) {
+    let r = run(&argv);
+    out::flush_out();
+    match r {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
             eprintln!("{}", f.text());
@@ -54,11 +58,11 @@ fn run(argv: &[OsString]) -> Res<u8> {
     let rest = &argv[1..];
     match cmd.to_string_lossy().as_ref() {
         "--help" | "-h" | "help" => {
-            print!("{USAGE}");
+            out!("{USAGE}");
             Ok(0)
         }
         "--version" | "-V" => {
-            println!(
+            outln!(
                 "qdirty {} (libqdirty {})",
                 env!("CARGO_PKG_VERSION"),
                 qdirty::VERSION

@@ -129,9 +129,7 @@ pub fn print_json(v: &serde_json::Value) {
     let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
     v.serialize(&mut ser).expect("a JSON value serializes");
     out.push(b'\n');
-    let mut w = std::io::stdout().lock();
-    // A closed stdout (the reader is gone) is not an error worth reporting.
-    let _ = w.write_all(&out).and_then(|()| w.flush());
+    crate::out::write_out_bytes(&out);
 }
 
 /// Whether stderr is a terminal.

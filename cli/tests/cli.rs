@@ -1224,6 +1224,119 @@ fn dump_json_streams_and_stops_quietly_on_a_closed_pipe() {
     assert_eq!(b.get("dirty_bytes").and_then(Json::as_u64), Some(n * 4096));
 }
 
+/// The write end of a pipe whose read end is closed.
+fn closed_pipe() -> Stdio {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array it is given.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both descriptors were just created and are owned here alone.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(r);
+    Stdio::from(w)
+}
+
+/// Every command's standard output: a reader that stops after the first line leaves the
+/// command quiet with its usual exit status; a write that fails otherwise (a full disk behind
+/// the redirection) is reported and exits 1, never taken for output written.
+#[test]
+fn output_to_a_closed_pipe_or_a_full_disk() {
+    let t = TempDir::new("cli-stdout");
+    let img = t.join("a.qcow2");
+    let img_s = img.to_str().unwrap();
+    qd_ok(&["create", "-q", img_s, "1G"], t.path());
+    qd_ok(&["bitmap", "--add", img_s, "b"], t.path());
+    let cases: [&[&str]; 5] = [
+        &["info", img_s],
+        &["info", "--count", "--output=json", img_s],
+        &["check", img_s],
+        &["--help"],
+        &["bitmap", "--help"],
+    ];
+    for args in cases {
+        let full = qd(args, t.path());
+        assert_eq!(code(&full), 0, "{args:?}: {}", text(&full.stderr));
+        let lines = full.stdout.iter().filter(|&&b| b == b'\n').count();
+        assert!(
+            lines >= 2,
+            "{args:?}: more than the one line the reader takes"
+        );
+        // The reader takes one line and closes the pipe; the command writes on.
+        let mut child = Command::new(QDIRTY)
+            .args(args)
+            .current_dir(t.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        use std::io::BufRead;
+        out.read_line(&mut first).unwrap();
+        drop(out);
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(code(&o), 0, "{args:?}: {}", text(&o.stderr));
+        assert!(o.stderr.is_empty(), "{args:?}: {}", text(&o.stderr));
+        assert!(text(&full.stdout).starts_with(&first), "{args:?}");
+        // A pipe closed before the first write: every write meets EPIPE.
+        let o = Command::new(QDIRTY)
+            .args(args)
+            .current_dir(t.path())
+            .stdin(Stdio::null())
+            .stdout(closed_pipe())
+            .output()
+            .unwrap();
+        assert_eq!(code(&o), 0, "{args:?}: {}", text(&o.stderr));
+        assert!(o.stderr.is_empty(), "{args:?}: {}", text(&o.stderr));
+        // /dev/full: every write fails with ENOSPC.
+        let o = Command::new(QDIRTY)
+            .args(args)
+            .current_dir(t.path())
+            .stdin(Stdio::null())
+            .stdout(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open("/dev/full")
+                    .unwrap(),
+            )
+            .output()
+            .unwrap();
+        assert_eq!(code(&o), 1, "{args:?}");
+        assert_eq!(
+            text(&o.stderr),
+            "qdirty: could not write the output: No space left on device (os error 28)\n",
+            "{args:?}"
+        );
+    }
+    // dump streams through its own writer: the same answers.
+    let o = Command::new(QDIRTY)
+        .args(["dump", img_s])
+        .current_dir(t.path())
+        .stdout(closed_pipe())
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    assert!(o.stderr.is_empty(), "{}", text(&o.stderr));
+    let o = Command::new(QDIRTY)
+        .args(["dump", img_s])
+        .current_dir(t.path())
+        .stdout(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .unwrap(),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 1);
+    assert!(
+        text(&o.stderr).contains("No space left on device"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
 /// Waits until some process holds an OFD lock on `p` (QEMU took its image locks).
 fn wait_locked(p: &Path) {
     use std::os::unix::fs::MetadataExt;
