@@ -2122,7 +2122,9 @@ int qdirty_txn_abort(qdirty_txn *txn,
 
 /**
  * Frees a transaction. Actions still prepared (neither committed nor aborted) are aborted
- * first, errors ignored. NULL is a no-op.
+ * first; a failure of that abort (in durable mode, writing the restored bitmaps; the next
+ * call on the image writes them again) goes to the warning handler, and the transaction is
+ * freed all the same. NULL is a no-op.
  *
  * Ownership: takes `txn`; it is invalid afterwards.
  * Thread safety: see `qdirty_txn`; no other thread may use `txn` during or after the call.

@@ -3691,3 +3691,66 @@ fn every_documented_errno_has_a_row() {
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// Messages the warning handler received (the handler is global: tests filter them).
+static WARNINGS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+unsafe extern "C" fn record_warning(msg: *const std::os::raw::c_char, _opaque: *mut c_void) {
+    // SAFETY: qdirty passes a NUL-terminated message valid during the call.
+    let m = unsafe { CStr::from_ptr(msg) }
+        .to_string_lossy()
+        .into_owned();
+    WARNINGS.lock().unwrap_or_else(|e| e.into_inner()).push(m);
+}
+
+/// `qdirty_txn_free` has no error channel: when the abort it runs cannot write the restored
+/// bitmaps (durable mode), the failure reaches the warning handler, the transaction is freed
+/// all the same, and the next call on the image writes them.
+#[test]
+fn txn_free_reports_a_failed_abort() {
+    let tmp = TempDir::new("errno-txn-free");
+    let mut f = Fx::new(tmp.join("fx"));
+    let i = f.open_host(&templates().clean, QDIRTY_OPEN_RDWR | QDIRTY_OPEN_DURABLE);
+    let stored_b = |f: &Fx| {
+        let s = disk_view(None, Some(f.hosts[0].bytes())).expect("the host's bytes open");
+        let q = s.query.expect("query");
+        q.iter()
+            .find(|x| x.0.as_deref() == Some("b"))
+            .map(|x| x.1)
+            .expect("b on disk")
+    };
+    let before = stored_b(&f);
+    assert!(before > 0);
+    // SAFETY: the handler stays valid; the image and the transaction are used as documented.
+    unsafe {
+        qdirty_set_warning_handler(Some(record_warning), ptr::null_mut());
+        let txn = qdirty_txn_new();
+        let mut err = ptr::null_mut();
+        ok(
+            qdirty_txn_clear_bitmap(txn, f.img(i), c("b").as_ptr(), &mut err),
+            "clear b",
+            err,
+        );
+        assert_eq!(qdirty_bitmap_count(f.h("b")), 0);
+        f.hosts[0].fail_writes.store(true, Ordering::SeqCst);
+        qdirty_txn_free(txn);
+        qdirty_set_warning_handler(None, ptr::null_mut());
+        let warned =
+            WARNINGS.lock().unwrap().iter().any(|m| {
+                m.starts_with("Freeing a transaction aborted its actions, and that failed")
+            });
+        assert!(warned, "{:?}", WARNINGS.lock().unwrap());
+        // The abort itself happened in memory.
+        assert_eq!(qdirty_bitmap_count(f.h("b")), before);
+        f.hosts[0].fail_writes.store(false, Ordering::SeqCst);
+        let mut err = ptr::null_mut();
+        let (mut n, mut bytes, mut measure) = (0u64, 0u64, 0u64);
+        ok(
+            qdirty_image_store_space(f.img(i), &mut n, &mut bytes, &mut measure, &mut err),
+            "a call on the image",
+            err,
+        );
+    }
+    assert_eq!(stored_b(&f), before);
+    teardown(f);
+}

@@ -21,7 +21,8 @@
 //!   `-errno`, as above.
 //! - `ffi_call!({ ... })` for infallible-looking functions without `errp` (getters, free
 //!   functions). The body returns the value itself; a panic returns [`OnPanic::on_panic`], the
-//!   same safe default the function documents for NULL arguments.
+//!   same safe default the function documents for NULL arguments. An error deferred while the
+//!   body ran (see [`defer_error`]) goes to the warning handler.
 //!
 //! A panic while an image's mutex is held poisons it; every later call on that image then fails
 //! with "image is unusable after an internal error" instead of touching half-updated state.
@@ -186,6 +187,15 @@ pub(crate) fn take_deferred() -> Option<FfiError> {
     e
 }
 
+/// A function without `errp` has no error channel for a deferred error: it goes to the warning
+/// handler, and never to the next call on the thread.
+#[inline]
+pub(crate) fn warn_deferred() {
+    if let Some(e) = take_deferred() {
+        crate::warning::warn(&e.message);
+    }
+}
+
 /// Turns the outcome of an `ffi_call!(errp = ..)` body into the C return value.
 ///
 /// `outcome` is `None` when `*errp` was already set on entry: nothing is stored then.
@@ -284,13 +294,15 @@ macro_rules! ffi_call {
         unsafe { $crate::ffi::boundary::finish(__errp, __outcome) }
     }};
     ($body:block) => {{
-        match ::std::panic::catch_unwind(::std::panic::AssertUnwindSafe(|| $body)) {
+        let __r = match ::std::panic::catch_unwind(::std::panic::AssertUnwindSafe(|| $body)) {
             Ok(v) => v,
             Err(payload) => {
                 $crate::ffi::boundary::discard_panic(payload);
                 $crate::ffi::boundary::OnPanic::on_panic()
             }
-        }
+        };
+        $crate::ffi::boundary::warn_deferred();
+        __r
     }};
 }
 pub(crate) use ffi_call;

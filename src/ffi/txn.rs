@@ -415,7 +415,9 @@ pub unsafe extern "C" fn qdirty_txn_abort(
 }
 
 /// Frees a transaction. Actions still prepared (neither committed nor aborted) are aborted
-/// first, errors ignored. NULL is a no-op.
+/// first; a failure of that abort (in durable mode, writing the restored bitmaps; the next
+/// call on the image writes them again) goes to the warning handler, and the transaction is
+/// freed all the same. NULL is a no-op.
 ///
 /// Ownership: takes `txn`; it is invalid afterwards.
 /// Thread safety: see `qdirty_txn`; no other thread may use `txn` during or after the call.
@@ -430,7 +432,12 @@ pub unsafe extern "C" fn qdirty_txn_free(txn: *mut qdirty_txn) {
             return;
         };
         if !t.images.is_empty() {
-            let _ = t.finish(false);
+            if let Err(e) = t.finish(false) {
+                crate::warning::warn(&format!(
+                    "Freeing a transaction aborted its actions, and that failed: {}",
+                    e.message
+                ));
+            }
         }
     })
 }
