@@ -83,6 +83,9 @@ pub struct Image {
     owner_pid: u32,
     /// Durable mode: the set's [`BitmapSet::changes`] at the last store.
     synced: u64,
+    /// Whether the image is in durable mode (for [`Image::has_unsynced_changes`], without a
+    /// look at the file).
+    durable: bool,
     /// Actions of transactions not yet committed or aborted on this image: durable mode stores
     /// nothing meanwhile.
     txn_actions: usize,
@@ -188,6 +191,7 @@ impl Image {
                 // not read them back as their own bits.
                 image.load_all_bitmaps().map_err(|e| e.context(ctx()))?;
                 image.synced = image.set.changes();
+                image.durable = true;
             }
             return Ok(image);
         }
@@ -208,6 +212,7 @@ impl Image {
             closed: false,
             owner_pid: std::process::id(),
             synced: 0,
+            durable: false,
             txn_actions: 0,
         }
     }
@@ -830,12 +835,11 @@ impl Image {
         Ok(())
     }
 
-    /// Whether [`Image::sync_durable`] may have something to store (some bitmap changed since
-    /// the last store; always after changes in the ordinary mode, where it stores nothing).
-    /// Cheap: one comparison.
+    /// Whether [`Image::sync_durable`] has something to store: in durable mode, some bitmap
+    /// changed since the last store; never in the ordinary mode. Cheap: two loads.
     #[inline]
     pub fn has_unsynced_changes(&self) -> bool {
-        self.set.changes() != self.synced
+        self.durable && self.set.changes() != self.synced
     }
 
     /// Durable mode: stores the bitmaps if anything but guest writes changed them since the
