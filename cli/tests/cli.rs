@@ -1190,21 +1190,7 @@ fn dump_json_streams_and_stops_quietly_on_a_closed_pipe() {
     );
     // A reader that stops after two lines: no error, exit 0, for both outputs.
     for args in [&["dump", "--output=json", &base][..], &["dump", &base]] {
-        let mut child = Command::new(QDIRTY)
-            .args(args)
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut first = String::new();
-        use std::io::BufRead;
-        out.read_line(&mut first).unwrap();
-        out.read_line(&mut first).unwrap();
-        drop(out);
-        let o = child.wait_with_output().unwrap();
+        let (first, o) = read_lines_then_close(args, &dir, 2);
         assert_eq!(code(&o), 0, "{args:?}: {}", text(&o.stderr));
         assert!(o.stderr.is_empty(), "{args:?}: {}", text(&o.stderr));
         if args.contains(&"--output=json") {
@@ -1222,6 +1208,27 @@ fn dump_json_streams_and_stops_quietly_on_a_closed_pipe() {
         .enumerate()
         .all(|(i, &(o, l))| o == 2 * i as u64 * 4096 && l == 4096));
     assert_eq!(b.get("dirty_bytes").and_then(Json::as_u64), Some(n * 4096));
+}
+
+/// Runs qdirty, reads the first `lines` lines of its standard output, closes the pipe, and
+/// waits for it: what was read, and how it ended.
+fn read_lines_then_close(args: &[&str], cwd: &Path, lines: usize) -> (String, Output) {
+    use std::io::BufRead;
+    let mut child = Command::new(QDIRTY)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut read = String::new();
+    for _ in 0..lines {
+        out.read_line(&mut read).unwrap();
+    }
+    drop(out);
+    (read, child.wait_with_output().unwrap())
 }
 
 /// The write end of a pipe whose read end is closed.
@@ -1262,46 +1269,16 @@ fn output_to_a_closed_pipe_or_a_full_disk() {
             "{args:?}: more than the one line the reader takes"
         );
         // The reader takes one line and closes the pipe; the command writes on.
-        let mut child = Command::new(QDIRTY)
-            .args(args)
-            .current_dir(t.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut first = String::new();
-        use std::io::BufRead;
-        out.read_line(&mut first).unwrap();
-        drop(out);
-        let o = child.wait_with_output().unwrap();
+        let (first, o) = read_lines_then_close(args, t.path(), 1);
         assert_eq!(code(&o), 0, "{args:?}: {}", text(&o.stderr));
         assert!(o.stderr.is_empty(), "{args:?}: {}", text(&o.stderr));
         assert!(text(&full.stdout).starts_with(&first), "{args:?}");
         // A pipe closed before the first write: every write meets EPIPE.
-        let o = Command::new(QDIRTY)
-            .args(args)
-            .current_dir(t.path())
-            .stdin(Stdio::null())
-            .stdout(closed_pipe())
-            .output()
-            .unwrap();
+        let o = run_to(args, t.path(), closed_pipe());
         assert_eq!(code(&o), 0, "{args:?}: {}", text(&o.stderr));
         assert!(o.stderr.is_empty(), "{args:?}: {}", text(&o.stderr));
         // /dev/full: every write fails with ENOSPC.
-        let o = Command::new(QDIRTY)
-            .args(args)
-            .current_dir(t.path())
-            .stdin(Stdio::null())
-            .stdout(
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open("/dev/full")
-                    .unwrap(),
-            )
-            .output()
-            .unwrap();
+        let o = run_to(args, t.path(), dev_full());
         assert_eq!(code(&o), 1, "{args:?}");
         assert_eq!(
             text(&o.stderr),
@@ -1310,31 +1287,33 @@ fn output_to_a_closed_pipe_or_a_full_disk() {
         );
     }
     // dump streams through its own writer: the same answers.
-    let o = Command::new(QDIRTY)
-        .args(["dump", img_s])
-        .current_dir(t.path())
-        .stdout(closed_pipe())
-        .output()
-        .unwrap();
+    let o = run_to(&["dump", img_s], t.path(), closed_pipe());
     assert_eq!(code(&o), 0, "{}", text(&o.stderr));
     assert!(o.stderr.is_empty(), "{}", text(&o.stderr));
-    let o = Command::new(QDIRTY)
-        .args(["dump", img_s])
-        .current_dir(t.path())
-        .stdout(
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open("/dev/full")
-                .unwrap(),
-        )
-        .output()
-        .unwrap();
+    let o = run_to(&["dump", img_s], t.path(), dev_full());
     assert_eq!(code(&o), 1);
     assert!(
         text(&o.stderr).contains("No space left on device"),
         "{}",
         text(&o.stderr)
     );
+}
+
+/// Runs qdirty with standard output going to `stdout`.
+fn run_to(args: &[&str], cwd: &Path, stdout: Stdio) -> Output {
+    Command::new(QDIRTY)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .output()
+        .unwrap()
+}
+
+/// /dev/full, where every write fails with ENOSPC.
+fn dev_full() -> Stdio {
+    let f = std::fs::OpenOptions::new().write(true).open("/dev/full");
+    Stdio::from(f.unwrap())
 }
 
 /// Waits until some process holds an OFD lock on `p` (QEMU took its image locks).
