@@ -9,6 +9,42 @@ use crate::bitmap::sha256::{to_hex, Sha256};
 static ZERO_BYTES: [u8; CHUNK_WORDS * 8] = [0; CHUNK_WORDS * 8];
 static ONE_BYTES: [u8; CHUNK_WORDS * 8] = [0xff; CHUNK_WORDS * 8];
 
+/// The 8 little-endian words of a 64-byte block.
+#[inline(always)]
+fn block_words(block: &[u8]) -> [u64; 8] {
+    let mut w = [0u64; 8];
+    for (d, b) in w.iter_mut().zip(block.chunks_exact(8)) {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        *d = u64::from_le_bytes(a);
+    }
+    w
+}
+
+/// ORs (and with `AND`, ANDs) the words of every 64-byte block into `or` / `and`, and answers
+/// which blocks hold a set bit (bit `i` for block `i`; at most 128 blocks). No data-dependent
+/// branch: the loop keeps its words in registers.
+#[inline(always)]
+fn scan_blocks<const AND: bool>(
+    blocks: std::slice::ChunksExact<'_, u8>,
+    or: &mut u64,
+    and: &mut u64,
+) -> u128 {
+    let mut nonzero = [0u64; 2];
+    let (mut o, mut a) = (*or, *and);
+    for (bi, block) in blocks.enumerate() {
+        let w = block_words(block);
+        let block_or = w.iter().fold(0, |x, &v| x | v);
+        o |= block_or;
+        if AND {
+            a &= w.iter().fold(!0, |x, &v| x & v);
+        }
+        nonzero[(bi >> 6) & 1] |= u64::from(block_or != 0) << (bi & 63);
+    }
+    (*or, *and) = (o, a);
+    u128::from(nonzero[0]) | u128::from(nonzero[1]) << 64
+}
+
 /// Whether every byte of `bytes` is 0xff. One pass that ANDs
 /// each 64-byte block into eight accumulators, with no branch per block: the compiler turns it
 /// into one vector load and AND per 16 bytes, half the loads of a comparison against a constant
@@ -168,10 +204,10 @@ impl HBitmap {
         };
         // A whole chunk of all-ones bytes (a full bitmap's chunks), tried only when the first
         // and last words are all ones: see `all_ones`.
-        if lo == 0
-            && nw == CHUNK_WORDS
-            && cap_words == CHUNK_WORDS
-            && tail_mask == !0
+        // A whole chunk: all ones only if the test below says so.
+        let whole_chunk =
+            lo == 0 && nw == CHUNK_WORDS && cap_words == CHUNK_WORDS && tail_mask == !0;
+        if whole_chunk
             && src[..8] == [0xff; 8]
             && src[src.len() - 8..] == [0xff; 8]
             && all_ones(src)
@@ -196,12 +232,10 @@ impl HBitmap {
             None => None, // full
         };
         let limit = SPARSE_MAX.saturating_sub(kept.unwrap_or(SPARSE_MAX));
-        // One pass over the words: their OR and AND (to classify the chunk; the last word of
-        // the bitmap is compared to its mask separately) and, while a sparse result is still
-        // possible, the non-zero words. A block of 8 words costs one OR of its words (and
-        // their AND while every word so far is all ones): a clean block, most of them, costs
-        // nothing more; a block with a set word has all its words written out and the count
-        // advanced past the non-zero ones, without a branch per word. Up to 7 words past
+        // The words' OR and AND (to classify the chunk; the last word of the bitmap is compared
+        // to its mask separately) and, while a sparse result is still possible, the non-zero
+        // words. A block of 8 words with a set word has all its words written out and the
+        // count advanced past the non-zero ones, without a branch per word. Up to 7 words past
         // `limit` land in the spare room of the arrays before the block's end shows the chunk
         // does not fit.
         let body = if hi == cap_words { nw - 1 } else { nw };
@@ -212,27 +246,26 @@ impl HBitmap {
         let mut collect = kept.is_some();
         let blocks = src[..body * 8].chunks_exact(64);
         let rest = body - blocks.remainder().len() / 8;
-        for (bi, block) in blocks.enumerate() {
-            let mut w = [0u64; 8];
-            for (d, b) in w.iter_mut().zip(block.chunks_exact(8)) {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(b);
-                *d = u64::from_le_bytes(a);
+        // First the blocks' OR and AND, and which blocks hold a set bit (a chunk has at most
+        // 128 blocks): a loop with no data-dependent branch. Then the words of those blocks
+        // only, while a sparse result is possible.
+        let mut nonzero: u128 = if whole_chunk {
+            // Not all ones (tested above): no AND.
+            and = 0;
+            scan_blocks::<false>(blocks, &mut or, &mut and)
+        } else {
+            scan_blocks::<true>(blocks, &mut or, &mut and)
+        };
+        while collect && nonzero != 0 {
+            let bi = nonzero.trailing_zeros() as usize;
+            nonzero &= nonzero - 1;
+            let w = block_words(&src[bi * 64..bi * 64 + 64]);
+            for (k, &v) in w.iter().enumerate() {
+                at[nz] = (lo + bi * 8 + k) as u16;
+                val[nz] = v;
+                nz += usize::from(v != 0);
             }
-            let block_or = w.iter().fold(0, |x, &v| x | v);
-            or |= block_or;
-            // Once a word is not all ones the chunk is not full: no more ANDs.
-            if and == !0 {
-                and &= w.iter().fold(!0, |x, &v| x & v);
-            }
-            if collect && block_or != 0 {
-                for (k, &v) in w.iter().enumerate() {
-                    at[nz] = (lo + bi * 8 + k) as u16;
-                    val[nz] = v;
-                    nz += usize::from(v != 0);
-                }
-                collect = nz <= limit;
-            }
+            collect = nz <= limit;
         }
         let mut ones = and == !0;
         for i in rest..nw {
