@@ -258,8 +258,9 @@ class Image:
         else:
             try:
                 self.close()
-            except QdirtyError:
-                pass  # keep the original exception
+            except QdirtyError as e:
+                # The original exception goes on; this one must not vanish with it.
+                emit(f"closing the image after an exception failed too: {e}")
 
     def __repr__(self) -> str:
         if self.closed:

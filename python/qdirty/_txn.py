@@ -11,7 +11,7 @@ from ._bitmap import Bitmap
 from ._common import Name, QdirtyError, check_ptr, check_rc, encode_name, lib, take_error, uint
 from ._image import Image, bitmap_flags
 from ._state import TxnState, finalize_txn
-from ._warn import public
+from ._warn import emit, public
 
 Target = Union[Image, Bitmap]
 
@@ -168,8 +168,9 @@ class Transaction:
             else:
                 try:
                     self.abort()
-                except QdirtyError:
-                    pass  # keep the original exception
+                except QdirtyError as e:
+                    # The original exception goes on; this one must not vanish with it.
+                    emit(f"aborting the transaction after an exception failed too: {e}")
         finally:
             self.close()
 

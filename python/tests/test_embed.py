@@ -116,6 +116,60 @@ class EmbedTest(TempDirTest):
         self.assertTrue(img.closed)
         host.close()
 
+    def test_with_block_reports_a_failed_close(self):
+        # An exception leaves the block and the close that follows fails too: the exception
+        # goes on, and the failed close reaches the warnings instead of vanishing.
+        p = self.new_image(size=MiB)
+        host = FileHost(p)
+        warnings = []
+        qdirty.set_warning_handler(warnings.append)
+        try:
+            with self.assertRaises(KeyError):
+                with qdirty.Image.open_with_io(host, "full", rw=True) as img:
+                    img.add_bitmap("p", persistent=True).set_dirty(0, 1)
+                    host.fail["pwrite"] = OSError(errno.ENOSPC, "no space")
+                    raise KeyError("the caller's own error")
+            self.assertTrue(img.closed)
+            failed = [w for w in warnings if w.startswith("closing the image after an exception failed too")]
+            self.assertEqual(len(failed), 1, warnings)
+            self.assertIn("No space left on device", failed[0])
+        finally:
+            qdirty.set_warning_handler(None)
+            host.close()
+
+    def test_with_block_reports_a_failed_abort(self):
+        # Durable mode stores the outcome of an abort: when that fails after an exception
+        # left the transaction's block, the exception goes on and the failure is warned.
+        p = self.new_image(size=MiB)
+        with qdirty.Image.open(p, rw=True) as img:
+            img.add_bitmap("b", persistent=True).set_dirty(0, 1)
+        host = FileHost(p)
+        warnings = []
+        qdirty.set_warning_handler(warnings.append)
+        try:
+            img = qdirty.Image.open_with_io(host, "durable", rw=True, durable=True)
+            with self.assertRaises(KeyError):
+                with qdirty.Transaction() as txn:
+                    txn.clear(img, "b")
+                    host.fail["pwrite"] = OSError(errno.EIO, "disk on fire")
+                    raise KeyError("the caller's own error")
+            failed = [w for w in warnings if w.startswith("aborting the transaction after an exception failed too")]
+            self.assertEqual(len(failed), 1, warnings)
+            # While the host fails, every call retries the store and reports its failure,
+            # reads too; once it works, the next call stores the restored bits.
+            with self.assertQdirtyError(errno.EIO):
+                img["b"].get(0)
+            host.fail.clear()
+            self.assertTrue(img["b"].get(0), "the abort gave the bits back")
+            with qdirty.Image.open(p, force_share=True) as peek:
+                self.assertTrue(peek["b"].get(0), "and they are stored")
+            img.close()
+            with qdirty.Image.open(p) as again:
+                self.assertTrue(again["b"].get(0))
+        finally:
+            qdirty.set_warning_handler(None)
+            host.close()
+
     def test_short_read(self):
         p = self.new_image(size=MiB)
         host = FileHost(p)
