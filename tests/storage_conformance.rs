@@ -1,6 +1,8 @@
 //! Every public `Storage` implementation runs the test kit's conformance suite
 //! (`qdirty_testkit::storage`, through tests/common's `Conformance`): the file backend (opened by path, with QEMU's locks, from an open
-//! file, read-only), the in-memory one and the fault-injecting one with no fault armed.
+//! file, read-only), the in-memory one and the fault-injecting one with no fault armed. The
+//! storage of a host's I/O callbacks (`qdirty_image_open_with_io`) is crate-private: it runs
+//! the same suite in src/ffi/io.rs's unit tests, over a host that keeps its bytes in memory.
 
 use std::path::{Path, PathBuf};
 

@@ -300,6 +300,20 @@ impl Storage for CallbackStorage {
         let Some(f) = self.ops.pwrite else {
             return Err(io::Error::from_raw_os_error(libc::EROFS));
         };
+        // A host's offsets are a file's (off_t): the end of the write must fit, or the host
+        // would be handed a range it cannot represent.
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > i64::MAX as u64)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a write of {} bytes at offset {offset} ends past the largest file offset",
+                    buf.len()
+                ),
+            ));
+        }
         // SAFETY: the host's contract: pwrite reads at most `len` bytes from `buf`.
         let rc = unsafe { f(self.opaque, buf.as_ptr().cast(), buf.len() as u64, offset) };
         Self::transfer_result(rc, buf.len(), "the host's pwrite", offset)
@@ -513,6 +527,121 @@ mod tests {
             panic!("accepted")
         };
         assert_eq!(e.errno, libc::ENOTSUP);
+    }
+
+    /// A host over bytes in memory that follows the protocol: what it holds, and what its last
+    /// flush made durable.
+    #[derive(Default)]
+    struct MemHost {
+        data: std::sync::Mutex<Vec<u8>>,
+        flushed: std::sync::Mutex<Vec<u8>>,
+    }
+
+    /// # Safety
+    /// `opaque` is a live `MemHost`.
+    unsafe fn mem_host<'a>(opaque: *mut c_void) -> &'a MemHost {
+        // SAFETY: the caller's contract.
+        unsafe { &*opaque.cast::<MemHost>() }
+    }
+
+    unsafe extern "C" fn mem_pread(
+        opaque: *mut c_void,
+        buf: *mut c_void,
+        len: u64,
+        off: u64,
+    ) -> c_int {
+        // SAFETY: qdirty passes back the MemHost the test gave.
+        let d = unsafe { mem_host(opaque) }.data.lock().unwrap();
+        let (off, len) = (off as usize, len as usize);
+        if off.checked_add(len).is_none_or(|end| end > d.len()) {
+            return -libc::EIO;
+        }
+        // SAFETY: `buf` holds `len` writable bytes; the source range was checked.
+        unsafe { std::ptr::copy_nonoverlapping(d[off..].as_ptr(), buf.cast::<u8>(), len) };
+        0
+    }
+
+    unsafe extern "C" fn mem_pwrite(
+        opaque: *mut c_void,
+        buf: *const c_void,
+        len: u64,
+        off: u64,
+    ) -> c_int {
+        // SAFETY: as mem_pread.
+        let mut d = unsafe { mem_host(opaque) }.data.lock().unwrap();
+        let (off, len) = (off as usize, len as usize);
+        if d.len() < off + len {
+            d.resize(off + len, 0);
+        }
+        // SAFETY: `buf` holds `len` readable bytes; the destination was sized above.
+        unsafe { std::ptr::copy_nonoverlapping(buf.cast::<u8>(), d[off..].as_mut_ptr(), len) };
+        0
+    }
+
+    unsafe extern "C" fn mem_flush(opaque: *mut c_void) -> c_int {
+        // SAFETY: as mem_pread.
+        let h = unsafe { mem_host(opaque) };
+        let now = h.data.lock().unwrap().clone();
+        *h.flushed.lock().unwrap() = now;
+        0
+    }
+
+    unsafe extern "C" fn mem_length(opaque: *mut c_void) -> i64 {
+        // SAFETY: as mem_pread.
+        unsafe { mem_host(opaque) }.data.lock().unwrap().len() as i64
+    }
+
+    /// The storage a host's callbacks make, as the test kit's suite sees it, and the host it
+    /// keeps alive (the callbacks' `opaque`).
+    struct Hosted {
+        storage: CallbackStorage,
+        _host: std::sync::Arc<MemHost>,
+    }
+
+    impl qdirty_testkit::storage::StorageUnderTest for Hosted {
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.storage.read_exact_at(buf, offset)
+        }
+        fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.storage.write_all_at(buf, offset)
+        }
+        fn write_all_vectored_at(&mut self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+            self.storage.write_all_vectored_at(bufs, offset)
+        }
+        fn size(&self) -> io::Result<u64> {
+            self.storage.size()
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.storage.flush()
+        }
+    }
+
+    #[test]
+    fn host_callbacks_conform() {
+        qdirty_testkit::storage::check_storage("CallbackStorage", |bytes| {
+            let host = std::sync::Arc::new(MemHost::default());
+            *host.data.lock().unwrap() = bytes.to_vec();
+            *host.flushed.lock().unwrap() = bytes.to_vec();
+            // SAFETY: all-zero is a valid qdirty_io_ops (an integer and NULL callbacks).
+            let mut ops: qdirty_io_ops = unsafe { std::mem::zeroed() };
+            ops.size = IO_OPS_FIRST_SIZE as u32;
+            ops.pread = Some(mem_pread);
+            ops.pwrite = Some(mem_pwrite);
+            ops.flush = Some(mem_flush);
+            ops.get_length = Some(mem_length);
+            let opaque = std::sync::Arc::as_ptr(&host).cast_mut().cast::<c_void>();
+            let Ok(st) = CallbackStorage::new(ops, opaque, true) else {
+                panic!("refused")
+            };
+            let durable = std::sync::Arc::clone(&host);
+            let hosted = Hosted {
+                storage: st,
+                _host: host,
+            };
+            qdirty_testkit::storage::Subject::with_durable(hosted, move || {
+                durable.flushed.lock().unwrap().clone()
+            })
+        });
     }
 
     /// A host that passes POSIX pread's result through: the bytes read, 0 at the end of the

@@ -32,6 +32,16 @@ pub trait Storage: Send {
     /// shared all-ones buffer for every full cluster, with no copy into a contiguous buffer).
     /// Default: one [`Storage::write_all_at`] per buffer; [`FileStorage`] does vectored writes.
     fn write_all_vectored_at(&mut self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        // Refused whole when it cannot end inside 64 bits (no buffer written).
+        let total = bufs
+            .iter()
+            .try_fold(offset, |end, b| end.checked_add(b.len() as u64));
+        if total.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a vectored write at offset {offset} ends past 2^64"),
+            ));
+        }
         let mut off = offset;
         for b in bufs {
             self.write_all_at(b, off)?;
