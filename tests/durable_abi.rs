@@ -10,26 +10,12 @@ use std::ffi::CString;
 use std::path::Path;
 use std::ptr;
 
+use common::c_error::{nonnull, ok};
 use common::*;
 use qdirty::ffi::*;
 
 const MIB: u64 = 1 << 20;
 const G: u64 = 65536;
-
-fn ok(rc: i32, err: *mut qdirty_error, what: &str) {
-    if rc < 0 {
-        // SAFETY: err was set by the failing call.
-        let m = unsafe { std::ffi::CStr::from_ptr(qdirty_error_message(err)) };
-        panic!("{what}: {rc}: {}", m.to_string_lossy());
-    }
-}
-
-fn nonnull<T>(p: *mut T, err: *mut qdirty_error, what: &str) -> *mut T {
-    if p.is_null() {
-        ok(-1, err, what);
-    }
-    p
-}
 
 /// A bitmap as QEMU sees it: name, auto, dirty runs.
 type Seen = (String, bool, Vec<(u64, u64)>);

@@ -31,10 +31,8 @@ unsafe impl Sync for Img {}
 
 fn check(rc: i32, err: *mut qdirty_error, what: &str) {
     if rc < 0 {
-        // SAFETY: err was set by the failing call.
-        let msg = unsafe { std::ffi::CStr::from_ptr(qdirty_error_message(err)) };
         // Exit (the parent sees a writer that died by itself) rather than panic in one thread.
-        eprintln!("{what}: {rc}: {}", msg.to_string_lossy());
+        eprintln!("{what}: {rc}: {}", common::c_error::message(err));
         std::process::exit(3);
     }
 }

@@ -14,7 +14,7 @@ mod common;
 
 use clib::{lib_dir, link_soname, root};
 use qdirty_testkit::clib;
-use std::ffi::{c_void, CStr, CString};
+use std::ffi::{c_void, CString};
 use std::fs::File;
 use std::os::raw::c_int;
 use std::os::unix::fs::FileExt;
@@ -420,17 +420,8 @@ fn open_io(
 
 fn take_error(err: *mut qdirty_error) -> (i32, String) {
     assert!(!err.is_null(), "a failure without an error object");
-    // SAFETY: a live error from qdirty.
-    let out = unsafe {
-        (
-            qdirty_error_errno(err),
-            CStr::from_ptr(qdirty_error_message(err))
-                .to_string_lossy()
-                .into_owned(),
-        )
-    };
-    unsafe { qdirty_error_free(err) };
-    out
+    let (errno, message, _) = common::c_error::take(err);
+    (errno, message)
 }
 
 fn close(img: *mut qdirty_image) -> Result<(), (i32, String)> {

@@ -30,6 +30,7 @@ use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
+use common::c_error::take;
 use common::TempDir;
 use qdirty::ffi::*;
 use qdirty::{AddOptions, Image};
@@ -477,24 +478,6 @@ impl Fx {
         assert!(!b.is_null(), "add {name}: {}", take(err).1);
         self.h.insert(name, b);
         b
-    }
-}
-
-/// The errno and message of an error, which is freed.
-fn take(err: *mut qdirty_error) -> (i32, String, Option<String>) {
-    if err.is_null() {
-        return (0, "(no error)".into(), None);
-    }
-    // SAFETY: err came from an errp and is freed once, here.
-    unsafe {
-        let m = CStr::from_ptr(qdirty_error_message(err))
-            .to_string_lossy()
-            .into_owned();
-        let hint = qdirty_error_hint(err);
-        let hint = (!hint.is_null()).then(|| CStr::from_ptr(hint).to_string_lossy().into_owned());
-        let e = qdirty_error_errno(err);
-        qdirty_error_free(err);
-        (e, m, hint)
     }
 }
 

@@ -9,6 +9,7 @@ use std::ffi::{CStr, CString};
 use std::path::Path;
 use std::ptr;
 
+use common::c_error::message;
 use common::*;
 use qdirty::ffi::*;
 use qdirty::image::fault::FaultyStorage;
@@ -21,25 +22,12 @@ fn c(s: &str) -> CString {
     CString::new(s).unwrap()
 }
 
-/// The message of an error, and frees it.
-fn take_err(err: *mut qdirty_error) -> String {
-    assert!(!err.is_null(), "an error was reported");
-    // SAFETY: err came from an errp and is freed once, here.
-    unsafe {
-        let m = CStr::from_ptr(qdirty_error_message(err))
-            .to_string_lossy()
-            .into_owned();
-        qdirty_error_free(err);
-        m
-    }
-}
-
 fn open(path: &Path, flags: u32) -> *mut qdirty_image {
     let p = c(path.to_str().unwrap());
     let mut err = ptr::null_mut();
     // SAFETY: plain call with valid arguments.
     let img = unsafe { qdirty_image_open(p.as_ptr(), flags, &mut err) };
-    assert!(!img.is_null(), "open: {}", take_err(err));
+    assert!(!img.is_null(), "open: {}", message(err));
     img
 }
 
@@ -47,7 +35,7 @@ fn close(img: *mut qdirty_image) {
     let mut err = ptr::null_mut();
     // SAFETY: img is open; closed once.
     let rc = unsafe { qdirty_image_close(img, &mut err) };
-    assert_eq!(rc, 0, "close: {}", take_err(err));
+    assert_eq!(rc, 0, "close: {}", message(err));
 }
 
 fn add(img: *mut qdirty_image, name: &str, flags: u32) -> *mut qdirty_bitmap {
@@ -55,7 +43,7 @@ fn add(img: *mut qdirty_image, name: &str, flags: u32) -> *mut qdirty_bitmap {
     let mut err = ptr::null_mut();
     // SAFETY: img is open.
     let b = unsafe { qdirty_image_add_bitmap(img, n.as_ptr(), G as u32, flags, &mut err) };
-    assert!(!b.is_null(), "add {name}: {}", take_err(err));
+    assert!(!b.is_null(), "add {name}: {}", message(err));
     b
 }
 
@@ -69,7 +57,7 @@ fn extents(b: *const qdirty_bitmap) -> Result<Vec<(u64, u64)>, (i32, String)> {
             qdirty_bitmap_dirty_extents(b, start, u64::MAX, out.as_mut_ptr(), 3, &mut n, &mut err)
         };
         if rc != 0 {
-            return Err((rc, take_err(err)));
+            return Err((rc, message(err)));
         }
         all.extend(out[..n].iter().map(|e| (e.offset, e.length)));
         if n < 3 {
@@ -270,17 +258,17 @@ fn an_inconsistent_bitmap_never_reads_as_clean() {
             qdirty_bitmap_status(b, 0, G, &mut len, &mut err),
             -libc::EINVAL
         );
-        assert_eq!(take_err(err), msg);
+        assert_eq!(message(err), msg);
         let mut err = ptr::null_mut();
         assert!(qdirty_bitmap_sha256(b, &mut err).is_null());
-        assert_eq!(take_err(err), msg);
+        assert_eq!(message(err), msg);
         let mut err = ptr::null_mut();
         assert!(qdirty_bitmap_iter_new(b, &mut err).is_null());
         let hint = CStr::from_ptr(qdirty_error_hint(err))
             .to_string_lossy()
             .into_owned();
         assert!(hint.contains("block-dirty-bitmap-remove"), "{hint}");
-        assert_eq!(take_err(err), msg);
+        assert_eq!(message(err), msg);
     }
     close(img);
 }
@@ -408,7 +396,7 @@ fn a_handle_whose_bitmap_is_gone_never_reaches_another() {
         let cbm = add(img, "c", 0);
         let rc = qdirty_bitmap_set_dirty(b, 0, 4096, &mut err);
         assert_eq!(rc, -libc::ENOENT);
-        assert!(take_err(err).contains("'b' no longer exists"));
+        assert!(message(err).contains("'b' no longer exists"));
         assert_eq!(
             qdirty_bitmap_count(cbm),
             0,
@@ -446,7 +434,7 @@ fn close_releases_whatever_errp_holds() {
     let rc = unsafe { qdirty_image_close(img, &mut err) };
     assert_eq!(rc, 0);
     assert_eq!(err, before, "the leftover error is left as it was");
-    take_err(err);
+    message(err);
     // Closed for real: the locks are gone and the bitmaps stored (not in_use).
     let again = Image::open(&p, true).expect("reopen read-write after close");
     drop(again);
@@ -472,7 +460,7 @@ fn remove_with_a_live_iterator_is_busy_and_changes_nothing() {
             qdirty_image_remove_bitmap(img, c("b").as_ptr(), &mut err),
             -libc::EBUSY
         );
-        assert!(take_err(err).contains("iterators"));
+        assert!(message(err).contains("iterators"));
         qdirty_iter_free(it);
     }
     close(img);

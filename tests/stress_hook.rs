@@ -21,6 +21,8 @@
 mod common;
 
 use std::ffi::{CStr, CString};
+
+use common::c_error::{nonnull, ok};
 use std::io::Write as _;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
@@ -64,21 +66,6 @@ fn cstr(s: &str) -> CString {
     CString::new(s).unwrap()
 }
 
-/// Panics with the error's message unless the call succeeded (rc 0, no error).
-fn ok(rc: i32, err: *mut qdirty_error, what: &str) {
-    if rc != 0 || !err.is_null() {
-        let msg = if err.is_null() {
-            "(no error)".to_owned()
-        } else {
-            unsafe { CStr::from_ptr(qdirty_error_message(err)) }
-                .to_string_lossy()
-                .into_owned()
-        };
-        unsafe { qdirty_error_free(err) };
-        panic!("{what} failed: rc {rc}: {msg}");
-    }
-}
-
 fn call(what: &str, f: impl FnOnce(*mut *mut qdirty_error) -> i32) {
     let mut err = ptr::null_mut();
     let rc = f(&mut err);
@@ -87,10 +74,7 @@ fn call(what: &str, f: impl FnOnce(*mut *mut qdirty_error) -> i32) {
 
 fn obj<T>(what: &str, f: impl FnOnce(*mut *mut qdirty_error) -> *mut T) -> *mut T {
     let mut err = ptr::null_mut();
-    let p = f(&mut err);
-    if p.is_null() {
-        ok(-1, err, what);
-    }
+    let p = nonnull(f(&mut err), err, what);
     assert!(err.is_null(), "{what}: success with an error set");
     p
 }

@@ -14,6 +14,8 @@ use qdirty::{DirtyBitmap, Image};
 
 pub use qdirty_testkit::*;
 
+pub mod c_error;
+
 use qdirty_testkit::storage::StorageUnderTest;
 
 /// The dirty runs of a qdirty bitmap over the whole disk ([`DirtyBitmap::dirty_runs`]: maximal
