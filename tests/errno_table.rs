@@ -1142,6 +1142,16 @@ fn rows() -> Vec<Row> {
         }),
         row(
             "qdirty_image_prepare_write",
+            "EINVAL",
+            "a write past the end of the disk",
+            "ends past the end of the disk",
+            |f| {
+                f.open_host(&templates().clean, RW | DURABLE);
+            },
+            |f, e| rc(unsafe { qdirty_image_prepare_write(f.img(0), SIZE - 4096, 8192, e) }),
+        ),
+        row(
+            "qdirty_image_prepare_write",
             "EIO",
             "the zone cannot be written into the bitmaps",
             "Could not mark a guest write at offset 0",

@@ -572,3 +572,69 @@ fn a_checkpoint_never_marks_a_recording_bitmap_consistent() {
         }
     }
 }
+
+/// A guest write past the end of the disk (the host let the guest write to space the disk
+/// gained before it resized the bitmaps) is in no bitmap: it is reported, and resizing the
+/// bitmaps marks the new space it reached dirty in the bitmaps that recorded it, through the
+/// lock-free hook and the direct call alike.
+#[test]
+fn a_write_past_the_end_is_reported_and_taken_when_the_bitmaps_grow() {
+    use std::sync::{Arc, Mutex};
+    let size = 64 * MIB;
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = Arc::clone(&seen);
+    qdirty::warning::set_warning_handler(Some(Box::new(move |m: &str| {
+        sink.lock().unwrap().push(m.to_string())
+    })));
+    let past_end = |seen: &Mutex<Vec<String>>, end: u64| {
+        let want =
+            format!("Guest writes reached offset {end}, past the end of the disk ({size} bytes)");
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.starts_with(&want))
+            .count()
+    };
+    let mut img = Image::new_memory(size);
+    let a = img.add_bitmap(b"a", G, AddOptions::default()).unwrap();
+    let disabled = AddOptions {
+        disabled: true,
+        ..AddOptions::default()
+    };
+    let off = img.add_bitmap(b"off", G, disabled).unwrap();
+    // Through the hook: the part inside the disk is recorded at once, the rest reported at the
+    // next call on the image.
+    img.write_hook().set(size - G, 3 * G);
+    assert_eq!(
+        past_end(&seen, size + 2 * G),
+        0,
+        "nothing reported before a call"
+    );
+    img.query().unwrap();
+    assert_eq!(past_end(&seen, size + 2 * G), 1);
+    // Directly, wholly past the end.
+    img.set_dirty(size + 4 * MIB, G);
+    assert_eq!(past_end(&seen, size + 4 * MIB + G), 1);
+    // A bitmap added afterwards recorded none of it.
+    let late = img.add_bitmap(b"late", G, AddOptions::default()).unwrap();
+    assert_eq!(img.bitmap_current(a).unwrap().count(), G);
+    img.truncate(size + 8 * MIB).unwrap();
+    let runs = |img: &mut Image, id| qdirty_runs(img.bitmap_current(id).unwrap());
+    assert_eq!(
+        runs(&mut img, a),
+        vec![(size - G, 4 * MIB + 2 * G)],
+        "the old last granule, and the new space up to the furthest write's end"
+    );
+    assert!(
+        runs(&mut img, off).is_empty(),
+        "a disabled bitmap recorded nothing"
+    );
+    assert!(
+        runs(&mut img, late).is_empty(),
+        "nor one added after the writes"
+    );
+    // Taken once: growing again adds nothing.
+    img.truncate(size + 16 * MIB).unwrap();
+    assert_eq!(runs(&mut img, a), vec![(size - G, 4 * MIB + 2 * G)]);
+    qdirty::warning::set_warning_handler(None);
+}

@@ -612,6 +612,9 @@ struct Books {
     /// Retired pieces wait for a grace period, or pieces were kept for a dense log: the next
     /// absorb drains.
     waiting: AtomicBool,
+    /// The end of the furthest write that went past the disk's end since the last absorb
+    /// took it (0: none): such writes are in no bitmap (see [`WriteLog::take_past_end`]).
+    past_end: AtomicU64,
     /// Retired pieces; locked by the drainer only.
     retired: Mutex<Retired>,
 }
@@ -646,6 +649,7 @@ impl WriteLog {
                 retired_bytes: AtomicUsize::new(0),
                 reclaims: AtomicU64::new(0),
                 waiting: AtomicBool::new(false),
+                past_end: AtomicU64::new(0),
                 retired: Mutex::new(Retired {
                     mids: Limbo::new(),
                     tops: Limbo::new(),
@@ -663,8 +667,14 @@ impl WriteLog {
     pub fn set(&self, offset: u64, bytes: u64) {
         let g = self.base_granularity_bits.load(SeqCst);
         let size = self.size.load(SeqCst);
-        if g == NO_BASE_GRANULARITY || bytes == 0 || offset >= size {
+        if g == NO_BASE_GRANULARITY || bytes == 0 {
             return;
+        }
+        if offset.saturating_add(bytes) > size {
+            self.note_past_end(offset.saturating_add(bytes));
+            if offset >= size {
+                return;
+            }
         }
         let last = offset.saturating_add(bytes - 1).min(size - 1);
         let li = (g - MIN_GRANULARITY_BITS) as usize;
@@ -743,12 +753,31 @@ impl WriteLog {
         self.pending.load(SeqCst) != 0
     }
 
-    /// Whether a drain has something to do: writes, or retired pieces still to free (two
-    /// loads). A write into a retired piece sets the log's pending bits as any other, so
+    /// A write ending at `end`, past the disk's end: remembered for the next absorb.
+    #[cold]
+    fn note_past_end(&self, end: u64) {
+        self.books.past_end.fetch_max(end, SeqCst);
+    }
+
+    /// The end of the furthest write since the last call that went past the disk's end (0:
+    /// none). The part of such a write beyond the end is in no bitmap: the host resized the
+    /// disk without resizing the bitmaps first.
+    pub(crate) fn take_past_end(&self) -> u64 {
+        if self.books.past_end.load(Relaxed) == 0 {
+            return 0;
+        }
+        self.books.past_end.swap(0, SeqCst)
+    }
+
+    /// Whether a drain has something to do: writes, retired pieces still to free, or a write
+    /// past the disk's end to report (three loads, the last two from one line). A write into a
+    /// retired piece sets the log's pending bits as any other, so
     /// the retired pieces matter here only for the memory.
     #[inline]
     pub(crate) fn wants_drain(&self) -> bool {
-        self.has_pending() || self.books.waiting.load(Relaxed)
+        self.has_pending()
+            || self.books.waiting.load(Relaxed)
+            || self.books.past_end.load(Relaxed) != 0
     }
 
     /// Takes every logged word out of the log: `f(granularity_bits, word_index, words, bits)`:

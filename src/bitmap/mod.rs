@@ -115,6 +115,10 @@ pub struct DirtyBitmap {
     successor: Option<BitmapId>,
     /// Live iterators (they block release and truncate).
     active_iterators: u32,
+    /// The end of the furthest guest write this bitmap recorded that went past its end (0:
+    /// none): the part past the end is in no bit. Growing the bitmap marks the new space up
+    /// to here dirty ([`DirtyBitmap::truncate`]).
+    past_end: u64,
 }
 
 /// The bits of a bitmap taken away by [`DirtyBitmap::clear_with_backup`] or
@@ -152,6 +156,7 @@ impl DirtyBitmap {
             skip_store: false,
             successor: None,
             active_iterators: 0,
+            past_end: 0,
         })
     }
 
@@ -764,17 +769,31 @@ impl DirtyBitmap {
     /// successor and iterators.
     /// Fails only when the data of a lazily loaded bitmap cannot be read (nothing changes then).
     pub(crate) fn truncate(&mut self, new_size: u64) -> Result<()> {
+        let old_size = self.size;
         if !self.inconsistent() {
-            let size = self.size;
             let bits = self.data_mut()?;
-            if bits.size() == size {
+            if bits.size() == old_size {
                 bits.truncate(new_size);
             }
         }
         self.size = new_size;
         // The table size changes: the next store rewrites the bitmap.
         self.touched = None;
+        // Guest writes it recorded past its old end were written before it grew: the new
+        // space they reached is dirty.
+        if self.past_end > old_size && new_size > old_size && !self.inconsistent() {
+            let end = self.past_end.min(new_size);
+            self.mark_write(old_size, end - old_size);
+        }
+        if self.past_end <= new_size {
+            self.past_end = 0;
+        }
         Ok(())
+    }
+
+    /// Records a guest write ending at `end`, past the bitmap's end (see `past_end`).
+    pub(crate) fn note_past_end(&mut self, end: u64) {
+        self.past_end = self.past_end.max(end);
     }
 
     /// Puts back saved bits without checks (transaction abort).
@@ -971,6 +990,7 @@ impl Clone for DirtyBitmap {
             skip_store: self.skip_store,
             successor: self.successor,
             active_iterators: self.active_iterators,
+            past_end: self.past_end,
         }
     }
 }

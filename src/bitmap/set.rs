@@ -178,8 +178,36 @@ impl BitmapSet {
         }
     }
 
+    /// Guest writes reached `end`, past the disk's end: the bitmaps that record writes
+    /// remember it (growing them marks the new space up to there dirty), and the host is
+    /// warned: those writes are in no bitmap until then.
+    #[cold]
+    fn record_past_end(&mut self, end: u64) {
+        let mut recorded = false;
+        let _ = self.slots.update_all(|_, bm| {
+            if records(bm) {
+                bm.note_past_end(end);
+                recorded = true;
+            }
+            Ok::<(), ()>(())
+        });
+        if recorded {
+            crate::warning::warn(&format!(
+                "Guest writes reached offset {end}, past the end of the disk ({} bytes): the \
+                 bitmaps do not cover them. Resize the bitmaps when the disk grows, before the \
+                 guest writes there (qdirty_image_truncate); resizing them now marks the new \
+                 space up to that offset dirty",
+                self.size
+            ));
+        }
+    }
+
     /// [`BitmapSet::absorb`] when the log has something to drain.
     fn drain_log(&mut self) {
+        let past_end = self.log.take_past_end();
+        if past_end > 0 {
+            self.record_past_end(past_end);
+        }
         let size = self.size;
         let sole = if self.epochs.len() == 0 {
             self.slots.sole_recording()
@@ -527,8 +555,14 @@ impl BitmapSet {
     /// are skipped.
     pub fn set_dirty(&mut self, offset: u64, bytes: u64) {
         self.absorb();
-        if offset >= self.size || bytes == 0 {
+        if bytes == 0 {
             return;
+        }
+        if offset.saturating_add(bytes) > self.size {
+            self.record_past_end(offset.saturating_add(bytes));
+            if offset >= self.size {
+                return;
+            }
         }
         let bytes = bytes.min(self.size - offset);
         let _ = self.slots.update_all(|_, bm| {

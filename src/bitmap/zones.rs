@@ -136,6 +136,20 @@ impl ZoneTracker {
         self.covered[(z / 64) as usize].load(SeqCst) >> (z % 64) & 1 != 0
     }
 
+    /// Refuses a guest write that does not end inside the disk: no stored bitmap can cover
+    /// it (the disk grew without the bitmaps), so a crash could lose it.
+    pub fn check_in_disk(&self, offset: u64, bytes: u64) -> crate::Result<()> {
+        match offset.checked_add(bytes) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(crate::Error::InvalidArgument(format!(
+                "Durable mode: a guest write at offset {offset} ({bytes} bytes) ends past the \
+                 end of the disk ({} bytes), where no bitmap can cover it: close the image and \
+                 open it again after the disk grew",
+                self.size
+            ))),
+        }
+    }
+
     /// A write to `[offset, offset + bytes)` is about to be issued: counts it in flight in its
     /// zones, and answers whether they are all covered (true: the write may be issued; false:
     /// the zones must be covered first, with the write still counted in flight:

@@ -504,7 +504,11 @@ pub unsafe extern "C" fn qdirty_image_merge_bitmap(
 
 /// The guest write hook (QEMU's `bdrv_set_dirty`): marks `[offset, offset + bytes)` in every
 /// enabled bitmap of the image and in no disabled one (nor readonly nor inconsistent), rounded
-/// outward to each bitmap's granularity and clamped to the disk size.
+/// outward to each bitmap's granularity and clamped to the disk size. A write past the end of
+/// the disk (the host let the guest write to space the disk gained before resizing the
+/// bitmaps with `qdirty_image_truncate`) is in no bitmap: the next call on the image reports
+/// it through the warning handler, and the bitmaps that recorded it mark the new space up to
+/// its end dirty when they are resized.
 ///
 /// Lock-free and O(1) in the number of bitmaps: the range goes into the image's write log with
 /// atomic word operations, and the next call that locks the image (any other function on it or
@@ -544,12 +548,13 @@ pub unsafe extern "C" fn qdirty_image_set_dirty(img: *mut qdirty_image, offset: 
 /// Fast: when the range's zones are covered already (the common case), this costs a few
 /// atomic operations, no lock and no I/O. Otherwise the zones are written into the stored
 /// bitmaps, and threads that find uncovered zones at the same time share one write and one
-/// flush. Ranges past the end of the disk are ignored.
+/// flush. A range that does not end inside the disk is refused (-EINVAL): no bitmap could
+/// cover it (the disk grew: close the image and open it again).
 ///
 /// Without QDIRTY_OPEN_DURABLE: returns 0 and does nothing.
 ///
-/// Returns: 0, or a negative errno: -EINVAL (`img` NULL or not an open image), -EIO, -ENOSPC
-/// and the other errors of writing the image.
+/// Returns: 0, or a negative errno: -EINVAL (`img` NULL or not an open image, a range past the
+/// end of the disk), -EIO, -ENOSPC and the other errors of writing the image.
 /// Errors: on failure `*errp` receives the details (when `errp` is not NULL).
 /// Thread safety: may be called from any thread, concurrently with itself, the write hook and
 /// any call on the image except `qdirty_image_close`.
@@ -570,6 +575,7 @@ pub unsafe extern "C" fn qdirty_image_prepare_write(
         let Some(zones) = h.zones() else {
             return Ok(());
         };
+        zones.check_in_disk(offset, bytes)?;
         if zones.prepare(offset, bytes) {
             return Ok(());
         }

@@ -784,6 +784,7 @@ impl Image {
         let Some(z) = self.zone_tracker() else {
             return Ok(());
         };
+        z.check_in_disk(offset, bytes)?;
         if z.prepare(offset, bytes) {
             return Ok(());
         }
