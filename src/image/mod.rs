@@ -757,9 +757,11 @@ impl Image {
     }
 
     /// The guest write hook (QEMU: bdrv_set_dirty): marks the range in every enabled bitmap,
-    /// clamped to the disk size. Disabled, readonly and inconsistent bitmaps are skipped. This
-    /// one needs `&mut self` and marks each bitmap directly; for writes from I/O threads without
-    /// a lock, use [`Image::write_hook`].
+    /// clamped to the disk size. Disabled, readonly and inconsistent bitmaps are skipped. A
+    /// write reaching past the end is reported through the warning handler, and the bitmaps
+    /// that recorded it mark the new space up to its end dirty when [`Image::truncate`] grows
+    /// them. This one needs `&mut self` and marks each bitmap directly; for writes from I/O
+    /// threads without a lock, use [`Image::write_hook`].
     pub fn set_dirty(&mut self, offset: u64, bytes: u64) {
         self.set.set_dirty(offset, bytes);
         if let Some(z) = self.zone_tracker() {
