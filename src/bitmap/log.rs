@@ -659,8 +659,8 @@ impl WriteLog {
     }
 
     /// The guest write hook: logs `[offset, offset + bytes)` clamped to the disk size, rounded
-    /// outward to the base granularity (a write reaching past the end is remembered for the
-    /// next absorb to report: [`WriteLog::take_past_end`]). Lock-free (atomic word operations, a plain store on
+    /// outward to the base granularity; a write reaching past the end is remembered for the
+    /// next absorb, which reports it. Lock-free (atomic word operations, a plain store on
     /// entry and on exit); allocates only the first time a 512-byte leaf of the log (or a node
     /// above it) is touched since the last absorb gave memory back. Does nothing while the set
     /// has no bitmap.
