@@ -164,8 +164,9 @@ typedef struct qdirty_backup qdirty_backup;
  * Ownership: borrowed from its image; never freed by the caller. The pointer stays safe to
  * pass until the image is closed: once its bitmap is gone (removed, released, abdicated,
  * removed by a committed transaction), every call on it fails with -ENOENT (getters without
- * an error channel return NULL / false / 0 / -1) and never touches another bitmap. Finding
- * the same bitmap twice returns the same pointer.
+ * an error channel return NULL / false / 0 / -1, and report the gone bitmap through the
+ * warning handler: that answer says nothing about the disk) and never touches another
+ * bitmap. Finding the same bitmap twice returns the same pointer.
  * Thread safety: as its image (calls are serialized by the image's lock).
  * Methods: qdirty_bitmap_next, qdirty_bitmap_name, qdirty_bitmap_granularity,
  * qdirty_bitmap_size, qdirty_bitmap_enabled, qdirty_bitmap_persistent,

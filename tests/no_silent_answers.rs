@@ -22,6 +22,30 @@ fn c(s: &str) -> CString {
     CString::new(s).unwrap()
 }
 
+/// Held by the tests that set the (process-wide) warning handler, so that they do not take
+/// each other's warnings.
+static WARNING_HANDLER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Sends the library's warnings (through the C ABI's handler) to the returned list.
+fn capture_warnings() -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::sync::{Arc, Mutex, OnceLock};
+    static SEEN: OnceLock<Arc<Mutex<Vec<String>>>> = OnceLock::new();
+    unsafe extern "C" fn record(msg: *const std::os::raw::c_char, _: *mut std::ffi::c_void) {
+        // SAFETY: qdirty passes a NUL-terminated message valid during the call.
+        let m = unsafe { CStr::from_ptr(msg) }
+            .to_string_lossy()
+            .into_owned();
+        if let Some(seen) = SEEN.get() {
+            seen.lock().unwrap().push(m);
+        }
+    }
+    let seen = Arc::clone(SEEN.get_or_init(Arc::default));
+    seen.lock().unwrap().clear();
+    // SAFETY: `record` stays valid for the whole process.
+    unsafe { qdirty_set_warning_handler(Some(record), ptr::null_mut()) };
+    seen
+}
+
 fn open(path: &Path, flags: u32) -> *mut qdirty_image {
     let p = c(path.to_str().unwrap());
     let mut err = ptr::null_mut();
@@ -402,8 +426,25 @@ fn a_handle_whose_bitmap_is_gone_never_reaches_another() {
             0,
             "c untouched through b's handle"
         );
+        // The getters without an error channel give their documented default, and say why
+        // through the warning handler (a NULL handle, their documented no-op, says nothing).
+        let held = WARNING_HANDLER.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = capture_warnings();
         assert!(qdirty_bitmap_name(b).is_null());
         assert_eq!(qdirty_bitmap_count(b), 0);
+        assert_eq!(qdirty_bitmap_next_dirty(b, 0, 1 << 30), -1);
+        assert!(!qdirty_bitmap_get(b, 0));
+        assert_eq!(qdirty_bitmap_count(ptr::null()), 0);
+        qdirty_set_warning_handler(None, ptr::null_mut());
+        drop(held);
+        let gone = "Bitmap 'b' no longer exists in its image (a call without an error channel \
+                    gave its default answer)";
+        let got = seen.lock().unwrap().clone();
+        assert_eq!(got.iter().filter(|m| *m == gone).count(), 4, "{got:?}");
+        assert!(
+            got.iter().all(|m| !m.contains("must not be NULL")),
+            "{got:?}"
+        );
         let mut err = ptr::null_mut();
         assert_eq!(qdirty_bitmap_clear(b, &mut err), -libc::ENOENT);
         qdirty_error_free(err);
@@ -581,6 +622,7 @@ fn a_checkpoint_never_marks_a_recording_bitmap_consistent() {
 fn a_write_past_the_end_is_reported_and_taken_when_the_bitmaps_grow() {
     use std::sync::{Arc, Mutex};
     let size = 64 * MIB;
+    let _held = WARNING_HANDLER.lock().unwrap_or_else(|e| e.into_inner());
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let sink = Arc::clone(&seen);
     qdirty::warning::set_warning_handler(Some(Box::new(move |m: &str| {

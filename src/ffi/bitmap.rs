@@ -3,7 +3,7 @@
 use std::ffi::CString;
 use std::os::raw::{c_char, c_int};
 
-use super::boundary::ffi_call;
+use super::boundary::{ffi_call, or_default};
 use super::error::{qdirty_error, FfiError};
 use super::handle::{
     qdirty_bitmap, with_bitmap, with_bitmap_mut, with_bitmap_unloaded, BitmapHandle,
@@ -12,7 +12,8 @@ use super::handle::{
 super::symbol_versions::symbol_versions!("bitmap");
 
 /// Reads one property of a bitmap, up to date with the hook's writes; `default` when the
-/// handle is NULL, not a bitmap, or its bitmap is gone. A bitmap that is unusable
+/// handle is NULL, not a bitmap, or its bitmap is gone (warned about but for NULL:
+/// [`or_default`]). A bitmap that is unusable
 /// (inconsistent, or its data unreadable now) answers as `DirtyBitmap`'s readers do: every
 /// granule dirty.
 ///
@@ -24,7 +25,7 @@ unsafe fn read<R>(
     f: impl FnOnce(&crate::DirtyBitmap) -> R,
 ) -> R {
     // SAFETY: caller's contract.
-    unsafe { with_bitmap_unloaded(bm, f) }.unwrap_or(default)
+    or_default(unsafe { with_bitmap_unloaded(bm, f) }, default)
 }
 
 /// The next bitmap of the image in QEMU's list order (newest first).
@@ -50,7 +51,7 @@ pub unsafe extern "C" fn qdirty_bitmap_next(bm: *mut qdirty_bitmap) -> *mut qdir
                 None => std::ptr::null_mut(),
             })
         };
-        next().unwrap_or(std::ptr::null_mut())
+        or_default(next(), std::ptr::null_mut())
     })
 }
 
@@ -68,10 +69,8 @@ pub unsafe extern "C" fn qdirty_bitmap_next(bm: *mut qdirty_bitmap) -> *mut qdir
 pub unsafe extern "C" fn qdirty_bitmap_name(bm: *const qdirty_bitmap) -> *const c_char {
     ffi_call!({
         // SAFETY: see the function's Safety section.
-        unsafe { with_bitmap(bm, |_, h| Ok(h.name.get().map(|n| n.as_ptr()))) }
-            .ok()
-            .flatten()
-            .unwrap_or(std::ptr::null())
+        let name = unsafe { with_bitmap(bm, |_, h| Ok(h.name.get().map(|n| n.as_ptr()))) };
+        or_default(name, None).unwrap_or(std::ptr::null())
     })
 }
 

@@ -3,7 +3,7 @@
 
 use std::os::raw::c_int;
 
-use super::boundary::ffi_call;
+use super::boundary::{ffi_call, or_default};
 use super::error::qdirty_error;
 use super::handle::{
     qdirty_bitmap, with_bitmap, with_bitmap_mut, with_bitmap_unloaded, with_state,
@@ -39,13 +39,13 @@ const _: () = assert!(
 );
 
 /// Reads one flag (the data is not loaded for it); `false` when the handle is NULL, not a
-/// bitmap, or its bitmap is gone.
+/// bitmap, or its bitmap is gone (warned about but for NULL: [`or_default`]).
 ///
 /// # Safety
 /// `bm` is NULL or a bitmap pointer still owned by an open image.
 unsafe fn flag(bm: *const qdirty_bitmap, f: impl FnOnce(&crate::DirtyBitmap) -> bool) -> bool {
     // SAFETY: caller's contract.
-    unsafe { with_bitmap_unloaded(bm, f) }.unwrap_or(false)
+    or_default(unsafe { with_bitmap_unloaded(bm, f) }, false)
 }
 
 /// QEMU's gatekeeper (`bdrv_dirty_bitmap_check`): may the bitmap be used by an operation that
@@ -271,7 +271,8 @@ pub unsafe extern "C" fn qdirty_bitmap_set_inconsistent(
 pub unsafe extern "C" fn qdirty_bitmap_recording(bm: *const qdirty_bitmap) -> bool {
     ffi_call!({
         // SAFETY: see the function's Safety section.
-        unsafe { with_state(bm, |s, _, id| Ok(s.image.bitmaps().recording(id))) }.unwrap_or(false)
+        let r = unsafe { with_state(bm, |s, _, id| Ok(s.image.bitmaps().recording(id))) };
+        or_default(r, false)
     })
 }
 

@@ -187,6 +187,26 @@ pub(crate) fn take_deferred() -> Option<FfiError> {
     e
 }
 
+/// The answer of a call without an error channel: the value, or on failure the default its
+/// documentation gives. A NULL argument is the documented no-op; any other failure (a bitmap
+/// that no longer exists, a pointer that is not a live object, an image unusable after an
+/// internal error) also goes to the warning handler: the default says nothing about the disk,
+/// and a host reading through a stale handle must learn it.
+pub(crate) fn or_default<T>(r: Result<T, FfiError>, default: T) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            if !e.null {
+                crate::warning::warn(&format!(
+                    "{} (a call without an error channel gave its default answer)",
+                    e.message
+                ));
+            }
+            default
+        }
+    }
+}
+
 /// A function without `errp` has no error channel for a deferred error: it goes to the warning
 /// handler, and never to the next call on the thread.
 #[inline]

@@ -40,6 +40,8 @@ pub(crate) struct FfiError {
     pub(crate) message: String,
     pub(crate) hint: Option<String>,
     pub(crate) errno: c_int,
+    /// A NULL argument: the documented no-op of the calls without an error channel.
+    pub(crate) null: bool,
 }
 
 impl FfiError {
@@ -49,6 +51,7 @@ impl FfiError {
             message: message.into(),
             hint: None,
             errno,
+            null: false,
         }
     }
 
@@ -59,7 +62,10 @@ impl FfiError {
 
     /// A NULL pointer where an argument was required.
     pub(crate) fn null_arg(what: &str) -> Self {
-        Self::invalid(format!("{what} must not be NULL"))
+        FfiError {
+            null: true,
+            ..Self::invalid(format!("{what} must not be NULL"))
+        }
     }
 
     /// A caught panic.
@@ -81,6 +87,7 @@ impl From<crate::Error> for FfiError {
             message: e.to_string(),
             hint: e.hint().map(str::to_owned),
             errno: if errno > 0 { errno } else { libc::EIO },
+            null: false,
         }
     }
 }

@@ -5,7 +5,7 @@ use std::os::raw::{c_char, c_int};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use super::boundary::ffi_call;
+use super::boundary::{ffi_call, or_default};
 use super::error::{qdirty_error, FfiError};
 use super::handle::{qdirty_bitmap, qdirty_image, ImageHandle};
 use super::{
@@ -170,10 +170,8 @@ pub unsafe extern "C" fn qdirty_image_open_durable(
 pub unsafe extern "C" fn qdirty_image_zone_bytes(img: *const qdirty_image) -> u64 {
     ffi_call!({
         // SAFETY: see the function's Safety section.
-        match unsafe { ImageHandle::from_ptr(img, "img") } {
-            Ok(h) => h.zones().map_or(0, |z| z.zone_bytes()),
-            Err(_) => 0,
-        }
+        let h = unsafe { ImageHandle::from_ptr(img, "img") };
+        or_default(h.map(|h| h.zones().map_or(0, |z| z.zone_bytes())), 0)
     })
 }
 
@@ -273,7 +271,7 @@ pub unsafe extern "C" fn qdirty_image_size(img: *const qdirty_image) -> u64 {
                 .image
                 .size())
         };
-        size().unwrap_or(0)
+        or_default(size(), 0)
     })
 }
 
@@ -294,7 +292,7 @@ pub unsafe extern "C" fn qdirty_image_read_only(img: *const qdirty_image) -> boo
                 .image
                 .read_only())
         };
-        ro().unwrap_or(false)
+        or_default(ro(), false)
     })
 }
 
@@ -320,7 +318,7 @@ pub unsafe extern "C" fn qdirty_image_first_bitmap(img: *mut qdirty_image) -> *m
                 None => std::ptr::null_mut(),
             })
         };
-        first().unwrap_or(std::ptr::null_mut())
+        or_default(first(), std::ptr::null_mut())
     })
 }
 
@@ -350,7 +348,7 @@ pub unsafe extern "C" fn qdirty_image_find_bitmap(
                 None => std::ptr::null_mut(),
             })
         };
-        find().unwrap_or(std::ptr::null_mut())
+        or_default(find(), std::ptr::null_mut())
     })
 }
 

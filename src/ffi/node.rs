@@ -3,7 +3,7 @@
 
 use std::os::raw::{c_char, c_int};
 
-use super::boundary::ffi_call;
+use super::boundary::{ffi_call, or_default};
 use super::error::{qdirty_error, FfiError};
 use super::handle::{qdirty_image, ImageHandle};
 use super::image::{arg_bytes, check_flags};
@@ -123,7 +123,7 @@ pub unsafe extern "C" fn qdirty_image_default_granularity(img: *const qdirty_ima
             let h = unsafe { ImageHandle::from_ptr(img, "img") }?;
             Ok(u32::try_from(h.lock()?.image.default_granularity()).unwrap_or(0))
         };
-        g().unwrap_or(0)
+        or_default(g(), 0)
     })
 }
 
@@ -144,7 +144,7 @@ pub unsafe extern "C" fn qdirty_image_has_readonly_bitmaps(img: *const qdirty_im
             let h = unsafe { ImageHandle::from_ptr(img, "img") }?;
             Ok(h.lock()?.image.bitmaps().has_readonly())
         };
-        ro().unwrap_or(false)
+        or_default(ro(), false)
     })
 }
 

@@ -3,7 +3,7 @@
 
 use std::os::raw::c_int;
 
-use super::boundary::ffi_call;
+use super::boundary::{ffi_call, or_default};
 use super::error::{qdirty_error, FfiError};
 use super::handle::{qdirty_bitmap, with_bitmap, with_bitmap_mut};
 
@@ -22,7 +22,10 @@ super::symbol_versions::symbol_versions!("serialize");
 pub unsafe extern "C" fn qdirty_bitmap_serialization_align(bm: *const qdirty_bitmap) -> u64 {
     ffi_call!({
         // SAFETY: see the function's Safety section.
-        unsafe { with_bitmap(bm, |b, _| Ok(b.serialization_align())) }.unwrap_or(0)
+        or_default(
+            unsafe { with_bitmap(bm, |b, _| Ok(b.serialization_align())) },
+            0,
+        )
     })
 }
 
