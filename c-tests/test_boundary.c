@@ -878,20 +878,28 @@ static void boundary_durable(const char *dir)
             CHECK_PTR(qdirty_image_add_bitmap(img, "a", GRAN, QDIRTY_BITMAP_PERSISTENT, &err), 0,
                       err);
         EXPECT_U64(qdirty_image_zone_bytes(img), MIB);
-        /* Empty ranges and ranges past the end: nothing to cover, nothing in flight. */
-        CHECK_RC(qdirty_image_prepare_write(img, UINT64_MAX, UINT64_MAX, &err), 0, err);
+        /* Empty ranges: nothing to cover, nothing in flight. */
         CHECK_RC(qdirty_image_prepare_write(img, 0, 0, &err), 0, err);
-        /* A range that runs past the end is clamped; its completion matches it. */
-        CHECK_RC(qdirty_image_prepare_write(img, SIZE - 1, UINT64_MAX, &err), 0, err);
+        CHECK_RC(qdirty_image_prepare_write(img, UINT64_MAX, 0, &err), 0, err);
+        /* A range that does not end inside the disk: no bitmap could cover it. */
+        CHECK_RC(qdirty_image_prepare_write(img, UINT64_MAX, UINT64_MAX, &err), EINVAL, err);
+        CHECK_RC(qdirty_image_prepare_write(img, SIZE - 1, UINT64_MAX, &err), EINVAL, err);
+        CHECK_RC(qdirty_image_prepare_write(img, SIZE - 1, 2, &err), EINVAL, err);
+        /* The last byte: its completion matches it. */
+        CHECK_RC(qdirty_image_prepare_write(img, SIZE - 1, 1, &err), 0, err);
         qdirty_set_warning_handler(count_warning, NULL);
         warnings = 0;
-        qdirty_image_set_dirty(img, SIZE - 1, UINT64_MAX);
+        qdirty_image_set_dirty(img, SIZE - 1, 1);
         EXPECT_I64(warnings, 0);
         CHECK(qdirty_bitmap_get(a, SIZE - 1));
         /* A write recorded without its prepare breaks the protocol: reported. */
         qdirty_image_set_dirty(img, 0, 4096);
         EXPECT_I64(warnings, 1);
         CHECK(qdirty_bitmap_get(a, 0));
+        /* A write past the end is in no bitmap: reported at the next call. */
+        qdirty_image_set_dirty(img, SIZE, 4096);
+        CHECK(!qdirty_bitmap_get(a, SIZE));
+        EXPECT_I64(warnings, 2);
         qdirty_set_warning_handler(NULL, NULL);
         CHECK_RC(qdirty_image_close(img, &err), 0, err);
     }

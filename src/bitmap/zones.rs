@@ -140,6 +140,7 @@ impl ZoneTracker {
     /// it (the disk grew without the bitmaps), so a crash could lose it.
     pub fn check_in_disk(&self, offset: u64, bytes: u64) -> crate::Result<()> {
         match offset.checked_add(bytes) {
+            _ if bytes == 0 => Ok(()),
             Some(end) if end <= self.size => Ok(()),
             _ => Err(crate::Error::InvalidArgument(format!(
                 "Durable mode: a guest write at offset {offset} ({bytes} bytes) ends past the \
@@ -183,10 +184,13 @@ impl ZoneTracker {
 
     /// The write to `[offset, offset + bytes)` completed and was recorded exactly (the hook):
     /// its zones are no longer in flight for it. Answers false, counting a violation, when a
-    /// zone is not covered and had no write in flight: no `prepare_write` covered the write
-    /// (the host skipped it, or completed a write twice). In a covered zone the write is on
-    /// disk in the bitmaps whatever the host did, and nothing is checked (the check reads
-    /// every thread's counters).
+    /// zone had no write in flight: no `prepare_write` covered the write (the host skipped
+    /// it, or completed a write twice). The count is put back then: left one short, it would
+    /// hide a later write in flight in that zone from the next store, which a crash could
+    /// then lose. A zone not covered is always checked (every thread's counters are read);
+    /// a covered one only when this thread's counter goes below zero (the completions of
+    /// writes prepared on other threads, and the violations), so that a host completing
+    /// writes on the thread that prepared them reads one counter per zone.
     #[inline]
     pub fn complete(&self, offset: u64, bytes: u64) -> bool {
         let Some((first, last)) = self.zones_of(offset, bytes) else {
@@ -195,8 +199,8 @@ impl ZoneTracker {
         let c = self.counters(shard());
         let mut ok = true;
         for z in first..=last {
-            c[z as usize].fetch_sub(1, SeqCst);
-            if !self.is_covered(z) && self.in_flight_in(z) < 0 {
+            let was = c[z as usize].fetch_sub(1, SeqCst);
+            if (was <= 0 || !self.is_covered(z)) && self.in_flight_in(z) < 0 {
                 // Back to zero: the count must stay right for the writes that follow.
                 c[z as usize].fetch_add(1, SeqCst);
                 ok = false;
@@ -304,14 +308,18 @@ mod tests {
         assert!(t.complete(5 << 20, 4096));
         assert!(t.complete(5 << 20, 4096));
         assert!(t.in_flight_zones().is_empty());
-        // In a covered zone the write is on disk whatever the host did: not checked.
-        assert!(t.complete(5 << 20, 4096));
+        // In a covered zone too, a completion with no write in flight is found (it takes this
+        // thread's count below zero) and the count is put back: the next write in flight
+        // there shows.
+        assert!(!t.complete(5 << 20, 4096));
+        assert_eq!(t.violations(), 1);
         assert!(t.prepare(5 << 20, 4096));
-        assert_eq!(t.violations(), 0);
+        assert_eq!(t.in_flight_zones(), vec![5]);
+        assert!(t.complete(5 << 20, 4096));
         // In a zone not covered, a completion without a prepare is a violation and leaves the
         // count at zero.
         assert!(!t.complete(8 << 20, 4096));
-        assert_eq!(t.violations(), 1);
+        assert_eq!(t.violations(), 2);
         assert!(!t.prepare(8 << 20, 4096));
         assert_eq!(t.in_flight_zones(), vec![8]);
         assert!(t.complete(8 << 20, 4096));
