@@ -138,17 +138,29 @@ impl ZoneTracker {
 
     /// Refuses a guest write that does not end inside the disk: no stored bitmap can cover
     /// it (the disk grew without the bitmaps), so a crash could lose it.
+    #[inline]
     pub fn check_in_disk(&self, offset: u64, bytes: u64) -> crate::Result<()> {
-        match offset.checked_add(bytes) {
-            _ if bytes == 0 => Ok(()),
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(crate::Error::InvalidArgument(format!(
-                "Durable mode: a guest write at offset {offset} ({bytes} bytes) ends past the \
-                 end of the disk ({} bytes), where no bitmap can cover it: close the image and \
-                 open it again after the disk grew",
-                self.size
-            ))),
+        if bytes == 0
+            || offset
+                .checked_add(bytes)
+                .is_some_and(|end| end <= self.size)
+        {
+            Ok(())
+        } else {
+            Err(self.past_end_error(offset, bytes))
         }
+    }
+
+    /// [`ZoneTracker::check_in_disk`]'s refusal, off the fast path.
+    #[cold]
+    #[inline(never)]
+    fn past_end_error(&self, offset: u64, bytes: u64) -> crate::Error {
+        crate::Error::InvalidArgument(format!(
+            "Durable mode: a guest write at offset {offset} ({bytes} bytes) ends past the end \
+             of the disk ({} bytes), where no bitmap can cover it: close the image and open it \
+             again after the disk grew",
+            self.size
+        ))
     }
 
     /// A write to `[offset, offset + bytes)` is about to be issued: counts it in flight in its
