@@ -46,6 +46,18 @@ class TempDirTest(QdirtyTest):
         qdirty.Image.create(p, size, cluster_size)
         return p
 
+    def in_use_copy(self, size: int = 4 * MiB) -> str:
+        """An image whose persistent bitmap "b" (first byte dirty) is in use: a copy taken while
+        qdirty had the image open read-write, as a crash leaves it."""
+        p = self.new_image(size=size)
+        copy = self.path("copy.qcow2")
+        with qdirty.Image.open(p, rw=True) as img:
+            img.add_bitmap("b", persistent=True).set_dirty(0, 1)
+        with qdirty.Image.open(p, rw=True):
+            with open(p, "rb") as src, open(copy, "wb") as dst:
+                dst.write(src.read())
+        return copy
+
 
 class _ErrnoContext:
     def __init__(self, test: unittest.TestCase, errno_value: int) -> None:

@@ -118,13 +118,7 @@ class DirtyExtentsTest(TempDirTest):
 
 class DirtyExtentsErrorsTest(TempDirTest):
     def test_in_use_bitmap_fails_in_the_call(self):
-        p = self.new_image(size=4 * MiB)
-        copy = self.path("copy.qcow2")
-        with qdirty.Image.open(p, rw=True) as img:
-            img.add_bitmap("b", persistent=True).set_dirty(0, 1)
-        with qdirty.Image.open(p, rw=True):
-            with open(p, "rb") as src, open(copy, "wb") as dst:
-                dst.write(src.read())
+        copy = self.in_use_copy()
         with qdirty.Image.open(copy) as img:
             bm = img["b"]
             # No check before the call: the C function refuses by itself.

@@ -132,13 +132,7 @@ class UnusableBitmapTest(TempDirTest):
 
     def test_in_use_bitmap_left_by_a_copy(self):
         # The same without QEMU: a copy taken while qdirty had the image open read-write.
-        p = self.new_image(size=4 * MiB)
-        copy = self.path("copy.qcow2")
-        with qdirty.Image.open(p, rw=True) as img:
-            img.add_bitmap("b", persistent=True).set_dirty(0, 1)
-        with qdirty.Image.open(p, rw=True):
-            with open(p, "rb") as src, open(copy, "wb") as dst:
-                dst.write(src.read())
+        copy = self.in_use_copy()
         with qdirty.Image.open(copy) as img:
             self.assert_reads_refused(img["b"], errno.EINVAL, INCONSISTENT)
 
