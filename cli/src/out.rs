@@ -2,7 +2,8 @@
 //! (`qdirty info IMG | head -1`) has what it wanted: the rest of the output is dropped and the
 //! command goes on to its usual exit status, as `dump` does. Any other write error (a full
 //! disk behind a redirection, EIO) is reported, and the command exits with status 1: output
-//! that could not be written is never taken for output that was.
+//! that could not be written is never taken for output that was. That exit is immediate, so
+//! the commands print only while no image is open read-write (each closes its image first).
 
 use std::fmt::Arguments;
 use std::io::{ErrorKind, Write};
