@@ -671,8 +671,9 @@ impl WriteLog {
         if g == NO_BASE_GRANULARITY || bytes == 0 {
             return;
         }
-        if offset.saturating_add(bytes) > size {
-            self.note_past_end(offset.saturating_add(bytes));
+        let end = offset.saturating_add(bytes);
+        if end > size {
+            self.note_past_end(end);
             if offset >= size {
                 return;
             }

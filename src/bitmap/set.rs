@@ -558,8 +558,9 @@ impl BitmapSet {
         if bytes == 0 {
             return;
         }
-        if offset.saturating_add(bytes) > self.size {
-            self.record_past_end(offset.saturating_add(bytes));
+        let end = offset.saturating_add(bytes);
+        if end > self.size {
+            self.record_past_end(end);
             if offset >= self.size {
                 return;
             }

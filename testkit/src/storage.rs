@@ -254,6 +254,19 @@ pub fn check_storage<S: StorageUnderTest>(what: &str, mut fresh: impl FnMut(&[u8
             );
             assert_holds(&s, &model, &format!("{ctx}, after a write at {at}"));
         }
+        // A vectored write whose first buffer would fit but whose whole does not: refused
+        // whole, the first buffer not written either.
+        let (first, second) = (bytes(2), bytes(8));
+        assert!(
+            s.write_all_vectored_at(&[&first, &second], u64::MAX - 3)
+                .is_err(),
+            "{ctx}: a vectored write of 2 + 8 bytes at 2^64 - 4 succeeded"
+        );
+        assert_holds(
+            &s,
+            &model,
+            &format!("{ctx}, after a vectored write at 2^64 - 4"),
+        );
 
         // Flush: what survives the storage is what reads see.
         s.flush()

@@ -45,20 +45,17 @@ fn scan_blocks<const AND: bool>(
     u128::from(nonzero[0]) | u128::from(nonzero[1]) << 64
 }
 
-/// Whether every byte of `bytes` is 0xff. One pass that ANDs
-/// each 64-byte block into eight accumulators, with no branch per block: the compiler turns it
-/// into one vector load and AND per 16 bytes, half the loads of a comparison against a constant
-/// (which loads both sides), and a full bitmap's load spends most of its time outside the
-/// kernel's copy here.
+/// Whether every byte of `bytes` is 0xff. One pass that ANDs each 64-byte block into eight
+/// accumulators, with no branch per block: the compiler turns it into one vector load and AND
+/// per 16 bytes, half the loads of a comparison against a constant (which loads both sides),
+/// and a full bitmap's load spends most of its time outside the kernel's copy here.
 fn all_ones(bytes: &[u8]) -> bool {
     let blocks = bytes.chunks_exact(64);
     let tail_ones = blocks.remainder().iter().all(|&b| b == 0xff);
     let mut acc = [!0u64; 8];
     for block in blocks {
-        for (a, w) in acc.iter_mut().zip(block.chunks_exact(8)) {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(w);
-            *a &= u64::from_ne_bytes(b);
+        for (a, w) in acc.iter_mut().zip(block_words(block)) {
+            *a &= w;
         }
     }
     tail_ones && acc.iter().fold(!0, |x, &v| x & v) == !0
@@ -204,7 +201,6 @@ impl HBitmap {
         };
         // A whole chunk of all-ones bytes (a full bitmap's chunks), tried only when the first
         // and last words are all ones: see `all_ones`.
-        // A whole chunk: all ones only if the test below says so.
         let whole_chunk =
             lo == 0 && nw == CHUNK_WORDS && cap_words == CHUNK_WORDS && tail_mask == !0;
         if whole_chunk
