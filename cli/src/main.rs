@@ -1,5 +1,7 @@
 //! `qdirty`: qemu-img bitmap compatible bitmap changes, plus what qemu-img cannot do offline
 //! (listing without loading, dumping dirty extents, checking bitmap refcounts).
+// Standard output goes through `out` (its errors are handled there): no `print!` elsewhere.
+#![deny(clippy::print_stdout)]
 
 mod cmd_bitmap;
 mod cmd_check;
